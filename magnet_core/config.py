@@ -1,0 +1,86 @@
+"""Hyperparameter models and the reference code's per-dataset presets."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ModelConfig(BaseModel):
+    """Architecture of one MAGNET model (encoders, attention, GNN decoder)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden: int = Field(256, gt=0, description="encoder, attention and GNN width")
+    heads: int = Field(8, gt=0, description="attention heads; must divide hidden")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout in encoders and decoder")
+    gnn_layers: int = Field(2, ge=1)
+    negative_slope: float = Field(0.2, ge=0.0, description="LeakyReLU slope in the encoders")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "ModelConfig":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """Optimiser, schedule and loss weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(2.12e-4, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    epochs: int = Field(200, ge=1)
+    lr_step: int = Field(20, ge=1, description="StepLR step size (epochs)")
+    lr_gamma: float = Field(0.8, gt=0, le=1)
+    kl_weight: float = Field(0.1, ge=0)
+
+
+class GraphConfig(BaseModel):
+    """How the patient graph is sparsified."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sparsity: float = Field(0.8, ge=0.0, lt=1.0, description="drop similarities below this quantile")
+
+
+class Preset(BaseModel):
+    """A named bundle of the three configs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+    graph: GraphConfig
+
+
+# Values from the MAGNET reference configs (configs/MAGNET_{OV,BRCA,BLCA}.yaml).
+PRESETS: dict[str, Preset] = {
+    "ov": Preset(
+        name="ov",
+        model=ModelConfig(hidden=256, heads=8, dropout=0.2),
+        train=TrainConfig(lr=2.12e-4, weight_decay=1e-3),
+        graph=GraphConfig(sparsity=0.8),
+    ),
+    "brca": Preset(
+        name="brca",
+        model=ModelConfig(hidden=128, heads=2, dropout=0.1),
+        train=TrainConfig(lr=3.2e-4, weight_decay=1e-3),
+        graph=GraphConfig(sparsity=0.6),
+    ),
+    "blca": Preset(
+        name="blca",
+        model=ModelConfig(hidden=256, heads=8, dropout=0.2),
+        train=TrainConfig(lr=1.7e-4, weight_decay=1e-3),
+        graph=GraphConfig(sparsity=0.6),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Return a preset by (case-insensitive) name, with a clear error for unknown names."""
+    key = name.lower()
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[key]

@@ -1,0 +1,91 @@
+"""The consortium manifest: modalities, their feature names and order, the label set, and shared preprocessing."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .data import DataError
+
+
+class ModalitySpec(BaseModel):
+    """One modality: its feature names in the order the model expects, and optional preprocessing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    features: list[str] = Field(min_length=1)
+    # Consortium-wide preprocessing (from `magnet-fl prepare`), applied by every site in this order:
+    impute_means: list[float] | None = Field(None, description="per-feature value used for missing cells")
+    scale_min: list[float] | None = Field(None, description="per-feature minimum for min-max scaling")
+    scale_max: list[float] | None = Field(None, description="per-feature maximum for min-max scaling")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModalitySpec":
+        seen = set()
+        for f in self.features:
+            if f in seen:
+                raise ValueError(f"modality {self.name!r}: feature {f!r} is listed twice")
+            seen.add(f)
+        for key in ("impute_means", "scale_min", "scale_max"):
+            values = getattr(self, key)
+            if values is not None and len(values) != len(self.features):
+                raise ValueError(f"modality {self.name!r}: {key} has {len(values)} values for "
+                                 f"{len(self.features)} features")
+        return self
+
+
+class ConsortiumManifest(BaseModel):
+    """What every site's data must look like before it may train with the consortium."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "consortium"
+    classes: list[str] = Field(min_length=2, description="class names; labels are their indices 0..C-1")
+    label_column: str = "Class"
+    modalities: list[ModalitySpec] = Field(min_length=1)
+    missing_feature: Literal["error", "impute"] = Field(
+        "error", description="a site lacking a listed feature: refuse, or fill it with impute_means")
+
+    @model_validator(mode="after")
+    def _unique_modalities(self) -> "ConsortiumManifest":
+        names = [m.name for m in self.modalities]
+        if len(set(names)) != len(names):
+            raise ValueError(f"modality names must be unique, got {names}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def modality(self, name: str) -> ModalitySpec:
+        for m in self.modalities:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConsortiumManifest":
+        """Read and validate a TOML manifest; errors name the file."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise DataError(f"{path}: manifest not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise DataError(f"{path}: not valid TOML ({exc})") from None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise DataError(f"{path}: invalid manifest:\n{exc}") from None
+
+    def save(self, path: str | Path) -> Path:
+        import tomli_w
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(tomli_w.dumps(self.model_dump(exclude_none=True)))
+        return path

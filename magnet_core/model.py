@@ -1,0 +1,158 @@
+"""MAGNET layers: modality encoders, masked patient-modality attention, edge-aware SAGE decoder."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import Linear
+from torch_geometric.nn.conv import MessagePassing
+from torch_geometric.nn.inits import glorot
+
+from .config import ModelConfig
+
+
+def _linear(i: int, o: int, bias: bool = True) -> Linear:
+    return Linear(i, o, bias=bias, weight_initializer="glorot", bias_initializer="zeros")
+
+
+class ModalityEncoder(nn.Module):
+    """Two-layer MLP ``Linear -> LeakyReLU -> Dropout -> Linear`` mapping one modality to the shared width."""
+
+    def __init__(self, in_dims: int, hidden: int, dropout: float = 0.0, negative_slope: float = 0.2):
+        super().__init__()
+        self.net = nn.Sequential(
+            _linear(in_dims, hidden), nn.LeakyReLU(negative_slope), nn.Dropout(dropout), _linear(hidden, hidden)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class PatientModalityAttention(nn.Module):
+    r"""Patient-modality multi-head attention with a hard availability mask.
+
+    For patient i, head h and modality m with projected embedding :math:`z_{imh}`:
+
+    .. math::
+        \alpha_{ihm} = \frac{M_{im}\exp(a_h^\top z_{imh})}{\sum_{m'} M_{im'}\exp(a_h^\top z_{im'h})},\qquad
+        f_i = W_o\,\big\Vert_h \sum_m \alpha_{ihm} z_{imh}
+
+    so a missing modality (:math:`M_{im}=0`) gets weight exactly 0 and the available ones sum to 1 per head.
+    """
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
+        self.heads, self.head_dims = heads, hidden // heads
+        self.lin_proj = _linear(hidden, hidden, bias=False)
+        self.att = nn.Parameter(torch.empty(heads, 1, self.head_dims))
+        self.out_proj = _linear(hidden, hidden, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.lin_proj.reset_parameters()
+        self.out_proj.reset_parameters()
+        glorot(self.att)
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``x``: (n, M, hidden), ``mask``: (n, M) bool/0-1. Returns fused (n, hidden) and weights (n, heads, M)."""
+        n, num_mod, hidden = x.shape
+        z = self.lin_proj(x).view(n, num_mod, self.heads, self.head_dims).permute(0, 2, 1, 3)  # n,H,M,d
+        scores = (z @ self.att.transpose(-1, -2)).squeeze(-1)  # n,H,M
+        avail = mask.bool().unsqueeze(1)  # n,1,M
+        scores = scores.masked_fill(~avail, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        # Patients with no modality at all would give NaN; zero them (such patients are dropped at load time).
+        weights = torch.where(avail, weights, torch.zeros_like(weights))
+        fused = (weights.unsqueeze(-1) * z).sum(dim=2).reshape(n, hidden)
+        return self.out_proj(fused), weights
+
+
+class EdgeSAGEConv(MessagePassing):
+    r"""Edge-aware GraphSAGE layer (MAGNET's decoder convolution).
+
+    .. math::
+        \tilde{x}_j = \mathrm{ReLU}(W_s x_j + b_s),\quad
+        m_{ji} = \mathrm{ReLU}(W_m [\tilde{x}_j \,\Vert\, w_{ji}] + b_m),\quad
+        x_i' = W_l \,\mathrm{mean}_{j \in \mathcal{N}(i)} m_{ji} + b_l + W_r x_i
+
+    where :math:`w_{ji}` is the edge weight (patient similarity).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, edge_dim: int = 1, aggr: str = "mean"):
+        super().__init__(aggr=aggr)
+        self.in_channels, self.out_channels, self.edge_dim = in_channels, out_channels, edge_dim
+        self.lin_src = _linear(in_channels, in_channels)
+        self.lin_msg = _linear(in_channels + edge_dim, in_channels)
+        self.lin_l = _linear(in_channels, out_channels)
+        self.lin_r = _linear(in_channels, out_channels, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for lin in (self.lin_src, self.lin_msg, self.lin_l, self.lin_r):
+            lin.reset_parameters()
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
+        src = self.lin_src(x).relu()
+        # W_m [x_j || w] = W_x x_j + W_w w: project once per node, not once per edge (same result, O(n) matmuls).
+        w_x, w_e = self.lin_msg.weight.split([self.in_channels, self.edge_dim], dim=1)
+        proj = src @ w_x.T + self.lin_msg.bias
+        out = self.propagate(edge_index, x=proj, edge_weight=edge_weight.view(-1, self.edge_dim), w_e=w_e)
+        return self.lin_l(out) + self.lin_r(x)
+
+    def message(self, x_j: Tensor, edge_weight: Tensor, w_e: Tensor) -> Tensor:
+        return torch.addmm(x_j, edge_weight, w_e.T).relu_()
+
+
+class MAGNET(nn.Module):
+    """Encoders (one per modality, keyed by name) -> masked attention -> EdgeSAGE layers -> MLP head."""
+
+    def __init__(self, in_dims: dict[str, int], num_classes: int, cfg: ModelConfig = ModelConfig()):
+        super().__init__()
+        self.modalities = list(in_dims)
+        self.cfg = cfg
+        h = cfg.hidden
+        self.encoders = nn.ModuleDict(
+            {m: ModalityEncoder(d, h, cfg.dropout, cfg.negative_slope) for m, d in in_dims.items()}
+        )
+        self.attention = PatientModalityAttention(h, cfg.heads)
+        self.convs = nn.ModuleList([EdgeSAGEConv(h, h) for _ in range(cfg.gnn_layers)])
+        self.head_hidden = _linear(h, h)
+        self.head_out = _linear(h, num_classes)
+
+    def fuse(self, xs: Sequence[Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Encode each available modality and fuse per patient: (n, hidden), attention (n, heads, M)."""
+        # Every row is encoded (a dense matmul is cheaper than gather/scatter); rows of missing modalities get
+        # attention weight exactly 0, so they contribute neither to the output nor to any gradient.
+        emb = torch.stack([self.encoders[name](x) for name, x in zip(self.modalities, xs)], dim=1)
+        return self.attention(emb, mask)
+
+    def forward(self, xs: Sequence[Tensor], mask: Tensor, edge_index: Tensor, edge_weight: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        """Logits (n, C) and fused embeddings (n, hidden)."""
+        fused, _ = self.fuse(xs, mask)
+        x = fused
+        p = self.cfg.dropout
+        for conv in self.convs:
+            x = F.dropout(conv(x, edge_index, edge_weight).relu(), p=p, training=self.training)
+        x = F.dropout(self.head_hidden(x).relu(), p=p, training=self.training)
+        return self.head_out(x), fused
+
+    # --- helpers for federated aggregation -------------------------------------------------------------
+    @staticmethod
+    def encoder_modality(param_name: str) -> str | None:
+        """``"encoders.<m>.…"`` -> m; None for shared parameters (attention, GNN, head)."""
+        if param_name.startswith("encoders."):
+            return param_name.split(".", 2)[1]
+        return None
+
+
+def build_model(in_dims: dict[str, int], num_classes: int, cfg: ModelConfig, seed: int) -> MAGNET:
+    """A freshly initialised model; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    return MAGNET(in_dims, num_classes, cfg)

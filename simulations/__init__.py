@@ -1,0 +1,1 @@
+"""Consortium scenarios, runners (centralized, federated, studies) and the magnet-fl command line."""

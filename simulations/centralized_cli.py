@@ -1,0 +1,35 @@
+"""``magnet-fl centralized``: the paper's protocol on pooled data, one model per seed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from magnet_core.config import PRESETS, get_preset
+from magnet_core.data import available_seeds, detect_layout
+
+from .cli import existing_dir, parse_seeds
+from .centralized import run_centralized
+
+DEFAULT_SEEDS = [10, 20, 30, 40, 50]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=existing_dir, default=None,
+                   help="cohort folder (MAGNET split layout or labels.csv + modality files); "
+                        "omitted: a generated cohort")
+    p.add_argument("--seeds", type=parse_seeds, default=None, help="comma-separated seeds (default 10,20,30,40,50)")
+    p.add_argument("--preset", default="ov", choices=sorted(PRESETS), help="hyperparameter preset (default ov)")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's 200 epochs")
+    p.add_argument("--out", type=Path, required=True, help="output directory for results.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    seeds = args.seeds or DEFAULT_SEEDS
+    if args.data is not None and detect_layout(args.data) == "split":
+        have = available_seeds(args.data)
+        missing = [s for s in seeds if s not in have]
+        if missing:
+            raise FileNotFoundError(f"{args.data}: no split folder for seed(s) {missing} (available: {have})")
+    run_centralized(args.data, seeds, get_preset(args.preset), args.out, epochs=args.epochs)
+    return 0

@@ -1,0 +1,55 @@
+"""Shared output helpers: results tables, JSON files and the generated-data banner."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=False, highlight=False)
+
+TABLE_METRICS = ("mcc", "acc", "f1", "auroc", "auprc")
+
+
+def fmt(stat: Mapping[str, Any] | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def print_summary(title: str, rows: Mapping[str, Mapping[str, Mapping[str, Any]]], groups=("", "paired_", "unpaired_")
+                  ) -> None:
+    """One row per method (or one row when ``rows`` has a single entry), one column per metric."""
+    table = Table(title=title)
+    table.add_column("method")
+    table.add_column("patients")
+    for m in TABLE_METRICS:
+        table.add_column(m)
+    for method, metrics in rows.items():
+        for g in groups:
+            if not any(f"{g}{m}" in metrics for m in TABLE_METRICS):
+                continue
+            table.add_row(method, g.rstrip("_") or "all", *[fmt(metrics.get(f"{g}{m}")) for m in TABLE_METRICS])
+    console.print(table)
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _clean(obj.item())
+    return obj
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(dict(payload)), indent=2) + "\n")
+    return path
