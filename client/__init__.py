@@ -1,0 +1,1 @@
+"""Flower ClientApp: a hospital site that trains MAGNET on its own patients."""

@@ -1,0 +1,84 @@
+"""magnet-fl ClientApp: a site loads only its own patients, trains locally and evaluates with counts."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from magnet_core.config import get_preset
+
+from .site import SiteRuntime
+
+app = ClientApp()
+
+# Sites (data, graphs, model) are built once per process and reused across rounds.
+_SITES: dict[tuple, SiteRuntime] = {}
+
+
+def site_for(config: ConfigRecord, context: Context) -> SiteRuntime:
+    """This node's site: a deployment data directory (node_config data-dir) or a simulated partition."""
+    preset = get_preset(str(config["preset"]))
+    seed = int(config["seed"])
+    node = context.node_config
+    if "data-dir" in node:
+        from .site_validation import load_site_cohort  # deployment only
+        from magnet_core.manifest import ConsortiumManifest
+
+        key = ("dir", str(node["data-dir"]), str(node.get("manifest", "")), seed, preset.name)
+        if key not in _SITES:
+            manifest = ConsortiumManifest.load(str(node["manifest"]))
+            cohort = load_site_cohort(str(node["data-dir"]), manifest, seed)
+            name = str(node.get("site-name", f"node{context.node_id}"))
+            _SITES[key] = SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity)
+        return _SITES[key]
+    from simulations.consortium import load_consortium
+
+    pid = int(node["partition-id"])
+    key = ("sim", str(config["data-path"]), str(config["scenario"]), seed, pid, preset.name)
+    if key not in _SITES:
+        _, sites = load_consortium(str(config["data-path"]), str(config["scenario"]), seed)
+        _SITES[key] = SiteRuntime.build(f"site{pid}", sites[pid], preset.model, preset.graph.sparsity)
+    return _SITES[key]
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def numpy_to_arrays(params: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local epochs from the received global weights; reply weights + per-modality training counts."""
+    config = msg.content["config"]
+    site = site_for(config, context)
+    preset = get_preset(str(config["preset"]))
+    params, stats = site.fit(arrays_to_numpy(msg.content["arrays"]), preset.train, int(config["local-epochs"]),
+                             int(config["server-round"]), int(config["seed"]))
+    metrics = {"num-examples": site.train.n, "loss": float(stats.get("loss", float("nan")))}
+    metrics.update({f"count-{m}": c for m, c in site.modality_counts.items()})
+    content = RecordDict({"arrays": numpy_to_arrays(params), "metrics": MetricRecord(metrics),
+                          "site": ConfigRecord({"name": site.name})})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on local test patients; reply confusion counts and score histograms only."""
+    config = msg.content["config"]
+    site = site_for(config, context)
+    counts = site.evaluate_counts(arrays_to_numpy(msg.content["arrays"]), int(config.get("histogram-bins", 1000)))
+    metrics: dict = {"num-examples": counts.num}
+    for group, cm in counts.confusion.items():
+        metrics[f"cm-{group}"] = cm.astype(np.int64).ravel().tolist()
+    for group, hist in counts.histogram.items():
+        metrics[f"hist-{group}"] = hist.astype(np.int64).ravel().tolist()
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+    return Message(content=content, reply_to=msg)

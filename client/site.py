@@ -1,0 +1,80 @@
+"""A site's runtime: its patients and graphs (built once), local training and count-based evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from magnet_core.aggregate import EvalCounts
+from magnet_core.config import ModelConfig, TrainConfig
+from magnet_core.data import Cohort
+from magnet_core.metrics import DEFAULT_BINS, confusion_counts, score_histogram
+from magnet_core.model import MAGNET
+from magnet_core.train import PatientSet, make_optimizer, predict_proba, split_sets, train_epochs
+
+
+def in_dims_of(cohort: Cohort) -> dict[str, int]:
+    return {m: int(cohort.X[m].shape[1]) for m in cohort.modalities}
+
+
+@dataclasses.dataclass
+class SiteRuntime:
+    """Everything a site keeps between rounds. Graphs never join patients of two sites or of train and test."""
+
+    name: str
+    cohort: Cohort
+    train: PatientSet
+    test: PatientSet
+    model: MAGNET
+
+    @classmethod
+    def build(cls, name: str, cohort: Cohort, model_cfg: ModelConfig, sparsity: float) -> "SiteRuntime":
+        train, test = split_sets(cohort, sparsity)
+        return cls(name, cohort, train, test, MAGNET(in_dims_of(cohort), cohort.num_classes, model_cfg))
+
+    @property
+    def modality_counts(self) -> dict[str, int]:
+        return self.train.modality_counts(self.cohort.modalities)
+
+    def set_params(self, params: dict[str, np.ndarray]) -> None:
+        state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in params.items()}
+        self.model.load_state_dict(state, strict=True)
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+    def fit(self, params: dict[str, np.ndarray], cfg: TrainConfig, local_epochs: int, server_round: int,
+            seed: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Train ``local_epochs`` from the global ``params``. The learning rate follows the global StepLR
+        schedule ((round - 1) * local_epochs epochs done so far); the RNG is seeded by (seed, round, site)."""
+        self.set_params(params)
+        done = (server_round - 1) * local_epochs
+        lr = cfg.lr * cfg.lr_gamma ** (done // cfg.lr_step)
+        opt, _ = make_optimizer(self.model, cfg.model_copy(update={"lr": lr}))
+        torch.manual_seed(seed * 100_003 + server_round * 1_009 + _stable_hash(self.name))
+        if self.train.n == 0:
+            return self.get_params(), {"loss": float("nan")}
+        stats = train_epochs(self.model, self.train, cfg, local_epochs, optimizer=opt, scheduler=None)
+        return self.get_params(), stats
+
+    def evaluate_counts(self, params: dict[str, np.ndarray], bins: int = DEFAULT_BINS) -> EvalCounts:
+        """Confusion matrices (all / paired / unpaired test patients) and binary score histograms."""
+        self.set_params(params)
+        c = self.cohort.num_classes
+        if self.test.n == 0:
+            zero = np.zeros((c, c), dtype=np.int64)
+            hist = {g: np.zeros((2, bins), np.int64) for g in ("all", "paired", "unpaired")} if c == 2 else {}
+            return EvalCounts(self.name, {g: zero.copy() for g in ("all", "paired", "unpaired")}, hist)
+        probs = predict_proba(self.model, self.test).numpy()
+        y, paired = self.test.y.numpy(), self.test.paired.numpy()
+        pred = probs.argmax(axis=1)
+        groups = {"all": np.ones_like(paired), "paired": paired, "unpaired": ~paired}
+        confusion = {g: confusion_counts(y[s], pred[s], c) for g, s in groups.items()}
+        histogram = {g: score_histogram(y[s], probs[s, 1], bins) for g, s in groups.items()} if c == 2 else {}
+        return EvalCounts(self.name, confusion, histogram)
+
+
+def _stable_hash(text: str) -> int:
+    return sum((i + 1) * ord(ch) for i, ch in enumerate(text)) % 100_000

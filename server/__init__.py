@@ -1,0 +1,1 @@
+"""Flower ServerApp: modality-aware aggregation, update validation and exact global evaluation."""

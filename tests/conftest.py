@@ -1,0 +1,33 @@
+"""Shared fixtures: where the real TCGA data live, and a failure (not a skip) in CI when they are absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path:
+    return Path(os.environ.get("MAGNET_FL_DATA", REPO.parent / "shared" / "data")).expanduser()
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """Root of the real data; in CI (CI=true) its absence is a failure, elsewhere a skip with the reason."""
+    root = _data_root()
+    if not (root / "tcga-ov-magnet").is_dir():
+        msg = f"real TCGA data not found at {root} (set MAGNET_FL_DATA)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ov_path(data_root: Path) -> Path:
+    return data_root / "tcga-ov-magnet"
