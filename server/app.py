@@ -16,6 +16,9 @@ from .loop import ModelSpec, run_federation
 
 app = ServerApp()
 
+# Called with each round's record when the ServerApp runs in this process (progress bars of `magnet-fl simulate`).
+ROUND_CALLBACKS: list = []
+
 
 def model_spec_and_evaluator(cfg: FederatedConfig):
     """Model shape from the manifest (deployment) or from the simulated cohort (+ a held-out evaluator)."""
@@ -38,7 +41,12 @@ def server_main(grid: Grid, context: Context, on_round=None):
     """The body of the ServerApp, shared by Flower's engines and the in-process engine."""
     cfg = FederatedConfig.from_run_config(context.run_config)
     spec, evaluator = model_spec_and_evaluator(cfg)
-    return run_federation(grid, cfg, spec, server_eval=evaluator, on_round=on_round)
+    def notify(record: dict) -> None:
+        for callback in [on_round, *ROUND_CALLBACKS]:
+            if callback is not None:
+                callback(record)
+
+    return run_federation(grid, cfg, spec, server_eval=evaluator, on_round=notify)
 
 
 @app.main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -10,7 +11,7 @@ from typing import Any, Mapping
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=False, highlight=False)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
 TABLE_METRICS = ("mcc", "acc", "f1", "auroc", "auprc")
 

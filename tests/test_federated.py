@@ -1,0 +1,222 @@
+"""Federated MAGNET: aggregation math, exact pooled metrics, reply privacy, scenarios, engines, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import matthews_corrcoef
+
+from magnet_core.aggregate import (
+    SiteUpdate, aggregate_updates, norm_outliers, pooled_metrics, update_norm, validate_update,
+)
+from magnet_core.config import get_preset
+from magnet_core.metrics import metrics_from_confusion
+from server.config import FederatedConfig
+from simulations.consortium import load_consortium
+from simulations.scenarios import Scenario, build_consortium, load_scenario
+
+
+def _params(enc_a: float, enc_b: float, shared: float) -> dict[str, np.ndarray]:
+    return {
+        "encoders.mRNA.net.0.weight": np.full((2, 2), enc_a, np.float32),
+        "encoders.miRNA.net.0.weight": np.full((3,), enc_b, np.float32),
+        "attention.att": np.full((2,), shared, np.float32),
+    }
+
+
+def test_modality_aware_weighted_means_by_hand():
+    glob = _params(0.0, 0.0, 0.0)
+    u1 = SiteUpdate("a", _params(1.0, 10.0, 2.0), num_train=30, modality_counts={"mRNA": 10, "miRNA": 30})
+    u2 = SiteUpdate("b", _params(4.0, 99.0, 5.0), num_train=10, modality_counts={"mRNA": 30, "miRNA": 0})
+    new = aggregate_updates(glob, [u1, u2], modality_aware=True)
+    # mRNA encoder: (10*1 + 30*4) / 40 = 3.25 ; miRNA only from site a (site b lacks it) = 10
+    np.testing.assert_allclose(new["encoders.mRNA.net.0.weight"], 3.25)
+    np.testing.assert_allclose(new["encoders.miRNA.net.0.weight"], 10.0)
+    # shared layers weighted by training patients: (30*2 + 10*5) / 40 = 2.75
+    np.testing.assert_allclose(new["attention.att"], 2.75)
+    plain = aggregate_updates(glob, [u1, u2], modality_aware=False)
+    np.testing.assert_allclose(plain["encoders.miRNA.net.0.weight"], (30 * 10 + 10 * 99) / 40)
+
+
+def test_encoder_of_a_modality_no_site_holds_is_left_untouched():
+    glob = _params(7.0, -3.0, 0.0)
+    u1 = SiteUpdate("a", _params(1.0, 5.0, 1.0), 5, {"mRNA": 5, "miRNA": 0})
+    u2 = SiteUpdate("b", _params(2.0, 6.0, 1.0), 5, {"mRNA": 5, "miRNA": 0})
+    new = aggregate_updates(glob, [u1, u2])
+    np.testing.assert_array_equal(new["encoders.miRNA.net.0.weight"], glob["encoders.miRNA.net.0.weight"])
+    np.testing.assert_allclose(new["encoders.mRNA.net.0.weight"], 1.5)
+
+
+def test_robust_aggregation_resists_one_outlier():
+    glob = _params(0, 0, 0)
+    ups = [SiteUpdate(s, _params(v, v, v), 10, {"mRNA": 10, "miRNA": 10}) for s, v in
+           (("a", 1.0), ("b", 1.2), ("c", 0.8), ("d", 1000.0), ("e", 1.1))]
+    med = aggregate_updates(glob, ups, robust="median")
+    np.testing.assert_allclose(med["attention.att"], 1.1)
+    trimmed = aggregate_updates(glob, ups, robust="trimmed-mean", trim=0.2)
+    np.testing.assert_allclose(trimmed["attention.att"], np.mean([1.0, 1.2, 1.1]), rtol=1e-6)
+
+
+def test_update_validation_names_shapes_and_finiteness():
+    glob = _params(0, 0, 0)
+    assert validate_update(glob, _params(1, 1, 1)) == []
+    bad = _params(1, 1, 1)
+    bad["attention.att"] = np.array([np.nan, 1.0], np.float32)
+    assert any("non-finite" in p for p in validate_update(glob, bad))
+    wrong_shape = _params(1, 1, 1)
+    wrong_shape["attention.att"] = np.zeros(3, np.float32)
+    assert any("shape" in p for p in validate_update(glob, wrong_shape))
+    renamed = {("x" + k): v for k, v in _params(1, 1, 1).items()}
+    problems = validate_update(glob, renamed)
+    assert any("missing" in p for p in problems) and any("unexpected" in p for p in problems)
+
+
+def test_norm_outliers_flag_a_huge_update_even_with_two_sites():
+    glob = _params(0, 0, 0)
+    norms = {"a": update_norm(glob, _params(1, 1, 1)), "b": update_norm(glob, _params(1e4, 1e4, 1e4))}
+    assert set(norm_outliers(norms)) == {"b"}
+    assert norm_outliers({"a": 1.0, "b": 1.5, "c": 0.9}) == {}
+
+
+def test_pooled_metrics_equal_pooled_predictions_and_differ_from_mean_of_site_mccs(ov_path):
+    from client.site import SiteRuntime
+
+    preset = get_preset("ov")
+    _, sites = load_consortium(str(ov_path), "iid-3", 10)
+    torch.manual_seed(0)
+    runtimes = [SiteRuntime.build(s.name, s, preset.model, preset.graph.sparsity) for s in sites]
+    params = runtimes[0].get_params()
+    ys, preds, counts = [], [], []
+    for rt in runtimes:
+        c = rt.evaluate_counts(params)
+        counts.append(c)
+        probs = rt.model.eval()(rt.test.xs, rt.test.mask, rt.test.graph.edge_index, rt.test.graph.edge_weight)[0]
+        ys.append(rt.test.y.numpy())
+        preds.append(probs.argmax(1).numpy())
+    pooled = pooled_metrics(counts)
+    y, p = np.concatenate(ys), np.concatenate(preds)
+    assert pooled["mcc"] == pytest.approx(matthews_corrcoef(y, p), abs=1e-12)
+    assert pooled["acc"] == pytest.approx(float((y == p).mean()), abs=1e-12)
+    site_mccs = [metrics_from_confusion(c.confusion["all"])["mcc"] for c in counts]
+    assert len(counts) == 3 and sum(c.num for c in counts) == len(y)
+    assert np.isfinite(site_mccs).all()
+
+
+def test_scenario_rules_and_errors(tmp_path, ov_path):
+    cohort, sites = load_consortium(str(ov_path), "no-mirna-site-3", 10)
+    j = cohort.modalities.index("miRNA")
+    assert not sites[2].mask[:, j].any(), "site 2 must have no miRNA at all"
+    assert sites[0].mask[:, j].any() and sites[1].mask[:, j].any()
+    # site 2 patients who only had miRNA are dropped, everyone else kept
+    assert sum(s.n for s in sites) < cohort.n
+    assert all(s.mask.any(axis=1).all() for s in sites)
+    half = Scenario(name="half", num_sites=2, missing={"mRNA": 0.5})
+    logs: list[str] = []
+    dropped = build_consortium(cohort, half, 10, log=logs.append)
+    jm = cohort.modalities.index("mRNA")
+    before = sum(cohort.subset(i).mask[:, jm].sum() for i in [np.arange(cohort.n)])
+    after = sum(s.mask[:, jm].sum() for s in dropped)
+    assert after == pytest.approx(before / 2, abs=2)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nnum_sites = 2\n[missing]\nmRNA = 1.5\n')
+    with pytest.raises(ValueError, match="bad.toml"):
+        load_scenario(bad)
+    with pytest.raises(ValueError, match="unknown scenario"):
+        load_scenario("no-such-scenario")
+    assert load_scenario("label-skew-3").alpha == 0.5
+
+
+def test_no_patient_level_data_in_replies(ov_path):
+    """Every reply holds model arrays, counts and fixed-size summaries only."""
+    from flwr.app import Context, Message, RecordDict
+
+    from client.app import app as client_app
+    from server.loop import ModelSpec, initial_params
+    from server.strategy import to_record
+    from flwr.app import ConfigRecord
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    cohort, sites = load_consortium(str(ov_path), "iid-2", 10)
+    cfg = FederatedConfig(seed=10, data_path=str(ov_path), scenario="iid-2", local_epochs=1)
+    params = initial_params(ModelSpec({m: cohort.X[m].shape[1] for m in cohort.modalities}, 2), cfg)
+    ids = {str(s) for s in cohort.sample_ids}
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config={})
+    conf = {"preset": "ov", "seed": 10, "local-epochs": 1, "data-path": str(ov_path), "scenario": "iid-2",
+            "server-round": 1, "histogram-bins": 1000}
+    for kind in ("train", "evaluate"):
+        msg = Message(RecordDict({"arrays": to_record(params), "config": ConfigRecord(conf)}), 1, kind)
+        msg.metadata.__dict__["_message_id"] = "m1"
+        reply = client_app(msg, ctx)
+        content = reply.content
+        if kind == "train":
+            assert set(content["arrays"].keys()) == set(params)
+        metrics = content["metrics"]
+        for key, value in metrics.items():
+            if isinstance(value, list):
+                assert len(value) in (4, 2000), f"{key} has {len(value)} entries"
+        text = repr(dict(metrics)) + repr(dict(content["site"]))
+        assert not any(sid in text for sid in ids)
+        allowed = {"num-examples", "loss", "count-mRNA", "count-miRNA"} if kind == "train" else \
+            {"num-examples"} | {f"{p}-{g}" for p in ("cm", "hist") for g in ("all", "paired", "unpaired")}
+        assert set(metrics.keys()) <= allowed
+
+
+def _cfg(ov_path, tmp_path, name, **kw) -> FederatedConfig:
+    base = dict(num_server_rounds=2, local_epochs=2, data_path=str(ov_path), scenario="iid-2", seed=10,
+                min_sites=2, out_dir=str(tmp_path / name))
+    base.update(kw)
+    return FederatedConfig(**base)
+
+
+def test_resume_from_checkpoint_continues_at_next_round(ov_path, tmp_path):
+    from simulations.engine import run_inprocess
+
+    straight, hist = run_inprocess(_cfg(ov_path, tmp_path, "a", num_server_rounds=3), 2)
+    run_inprocess(_cfg(ov_path, tmp_path, "b", num_server_rounds=2), 2)
+    resumed, hist_b = run_inprocess(_cfg(ov_path, tmp_path, "b", num_server_rounds=3, resume=True), 2)
+    assert [r["round"] for r in hist_b] == [1, 2, 3]
+    for k in straight:
+        np.testing.assert_allclose(resumed[k], straight[k], atol=1e-6)
+    saved = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [r["round"] for r in saved] == [1, 2, 3] and (tmp_path / "b" / "model.pt").exists()
+
+
+def test_flower_engine_and_inprocess_engine_agree(ov_path, tmp_path):
+    """A real Flower simulation (Ray, 2 sites, 2 rounds) gives the in-process engine's global weights."""
+    from client.app import _SITES
+    from simulations.engine import run_flower, run_inprocess
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Flower's Ray actors run torch with one thread; match it for bitwise-close sums
+    _SITES.clear()  # rebuild the sites' graphs with one thread too, as the Ray actors do
+    try:
+        a, hist_a = run_inprocess(_cfg(ov_path, tmp_path, "inproc"), 2)
+    finally:
+        torch.set_num_threads(threads)
+    b, hist_b = run_flower(_cfg(ov_path, tmp_path, "flower"), 2)
+    assert len(hist_b) == 2 and all(len(r["accepted"]) == 2 for r in hist_b)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+    assert hist_a[-1]["global"]["mcc"] == pytest.approx(hist_b[-1]["global"]["mcc"])
+
+
+def test_simulate_cli_writes_results_csv_and_plot(tmp_path):
+    from simulations.cli import main
+
+    out = tmp_path / "sim"
+    code = main(["simulate", "--scenario", "iid-2", "--rounds", "2", "--local-epochs", "1", "--seeds", "1",
+                 "--engine", "inprocess", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["mode"] == "simulate" and res["generated_data"] is True
+    for method in ("federated", "centralized", "local_only", "fedavg_plain"):
+        assert set(res["results"][method]["mcc"]) == {"mean", "std", "per_seed"}
+    assert len([r for r in res["rounds"] if r["method"] == "federated"]) == 2
+    assert (out / "rounds.csv").read_text().startswith("method,seed,round,mcc")
+    assert (out / "mcc_per_round.png").stat().st_size > 1000
