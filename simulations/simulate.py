@@ -161,6 +161,9 @@ def plot_rounds(path: Path, rounds: list[dict], results: dict, title: str) -> No
         stat = results.get(method, {}).get("mcc")
         if stat and stat.get("mean") is not None:
             ax.axhline(stat["mean"], color=color, ls="--", label=f"{method.replace('_', '-')} (final)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("global test MCC (pooled exactly)")
     ax.set_title(title, fontsize=9)
