@@ -39,9 +39,10 @@ def site_for(config: ConfigRecord, context: Context) -> SiteRuntime:
     from simulations.consortium import load_consortium
 
     pid = int(node["partition-id"])
-    key = ("sim", str(config["data-path"]), str(config["scenario"]), seed, pid, preset.name)
+    modalities = str(config.get("modalities", ""))
+    key = ("sim", str(config["data-path"]), str(config["scenario"]), modalities, seed, pid, preset.name)
     if key not in _SITES:
-        _, sites = load_consortium(str(config["data-path"]), str(config["scenario"]), seed)
+        _, sites = load_consortium(str(config["data-path"]), str(config["scenario"]), seed, modalities)
         _SITES[key] = SiteRuntime.build(f"site{pid}", sites[pid], preset.model, preset.graph.sparsity)
     return _SITES[key]
 

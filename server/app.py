@@ -32,7 +32,7 @@ def model_spec_and_evaluator(cfg: FederatedConfig):
 
     from .evaluation import held_out_evaluator
 
-    cohort, _ = load_consortium(cfg.data_path, cfg.scenario, cfg.seed)
+    cohort, _ = load_consortium(cfg.data_path, cfg.scenario, cfg.seed, cfg.modalities)
     spec = ModelSpec({m: int(cohort.X[m].shape[1]) for m in cohort.modalities}, cohort.num_classes)
     return spec, held_out_evaluator(cohort, get_preset(cfg.preset)) if cfg.server_eval else None
 

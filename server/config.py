@@ -31,6 +31,7 @@ class FederatedConfig(BaseModel):
     # simulation: where sites come from (empty data-path = generated cohort)
     data_path: str = ""
     scenario: str = "iid-3"
+    modalities: str = Field("", description="comma-separated subset of the data's modalities ('' = all)")
     # deployment: the consortium manifest (modalities, features, classes)
     manifest: str = ""
     server_eval: bool = True

@@ -95,7 +95,7 @@ def run_federation(
         start = done + 1
         log(INFO, "resuming from %s after round %d", out / CHECKPOINT, done)
     base = {"preset": cfg.preset, "seed": cfg.seed, "local-epochs": cfg.local_epochs, "data-path": cfg.data_path,
-            "scenario": cfg.scenario, "histogram-bins": cfg.histogram_bins}
+            "scenario": cfg.scenario, "modalities": cfg.modalities, "histogram-bins": cfg.histogram_bins}
     for rnd in range(start, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
         msgs = strategy.configure_train(rnd, to_record(params), ConfigRecord(dict(base)), grid)

@@ -11,11 +11,31 @@ from .scenarios import build_consortium, load_scenario
 
 
 @functools.lru_cache(maxsize=8)
-def load_consortium(data_path: str, scenario: str, seed: int) -> tuple[Cohort, tuple[Cohort, ...]]:
-    """(pooled cohort, sites) for a data path ("" = generated cohort), scenario name/file and seed."""
-    cohort = make_generated_cohort(seed=seed) if not data_path else load_for_seed(data_path, seed, log=_quiet)
+def load_consortium(data_path: str, scenario: str, seed: int, modalities: str = ""
+                    ) -> tuple[Cohort, tuple[Cohort, ...]]:
+    """(pooled cohort, sites) for a data path ("" = generated cohort), scenario name/file, seed and an optional
+    comma-separated subset of modalities."""
+    wanted = [m for m in modalities.split(",") if m] or None
+    if not data_path:
+        cohort = make_generated_cohort(seed=seed)
+        if wanted:
+            cohort = select_modalities(cohort, wanted)
+    else:
+        cohort = load_for_seed(data_path, seed, modalities=wanted, log=_quiet)
     sites = build_consortium(cohort, load_scenario(scenario), seed, log=_quiet)
     return cohort, tuple(sites)
+
+
+def select_modalities(cohort: Cohort, wanted: list[str]) -> Cohort:
+    """The cohort restricted to ``wanted`` modalities; patients left with none are dropped."""
+    import dataclasses
+
+    import numpy as np
+
+    cols = [cohort.modalities.index(m) for m in wanted]
+    reduced = dataclasses.replace(cohort, modalities=list(wanted), features={m: cohort.features[m] for m in wanted},
+                                  X={m: cohort.X[m] for m in wanted}, mask=cohort.mask[:, cols])
+    return reduced.subset(np.flatnonzero(reduced.mask.any(axis=1)))
 
 
 def _quiet(*_args, **_kwargs) -> None:

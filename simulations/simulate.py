@@ -78,44 +78,76 @@ def site_counts(sites: list[SiteRuntime], params_for) -> list[EvalCounts]:
     return [s.evaluate_counts(params_for(s)) for s in sites]
 
 
-def run_seed(args: argparse.Namespace, seed: int, methods: list[str], progress: Progress, task) -> tuple[dict, list]:
-    preset = get_preset(args.preset)
-    data_path = str(args.data) if args.data else ""
-    _, sites = load_consortium(data_path, args.scenario, seed)
-    runtimes = [fresh_runtime(s.name, s, preset, seed) for s in sites]
-    epochs = args.rounds * args.local_epochs
+@dataclasses.dataclass
+class RunSpec:
+    """One consortium run: the data, scenario, seed and training budget shared by every method."""
+
+    data_path: str  # "" = generated cohort
+    scenario: str  # built-in name or TOML file
+    seed: int
+    preset: str = "ov"
+    rounds: int = 20
+    local_epochs: int = 10
+    modalities: str = ""  # comma-separated subset ("" = all)
+    engine: str = "inprocess"
+    out_dir: Path = Path("runs/simulate")
+
+
+def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tuple[dict, list, dict]:
+    """Run the requested methods on the same sites; returns (metrics per method, per-round rows, seconds per
+    method). ``advance(n)`` is called with the number of rounds (or round-equivalents) completed."""
+    preset = get_preset(spec.preset)
+    _, sites = load_consortium(spec.data_path, spec.scenario, spec.seed, spec.modalities)
+    runtimes = [fresh_runtime(s.name, s, preset, spec.seed) for s in sites]
+    epochs = spec.rounds * spec.local_epochs
     results: dict[str, dict] = {}
     rounds: list[dict] = []
+    seconds: dict[str, float] = {}
 
     if "centralized" in methods:
-        pooled = fresh_runtime("pooled", concat_cohorts(list(sites)), preset, seed)
-        params = train_alone(pooled, preset, epochs, seed)
+        t0 = time.perf_counter()
+        pooled = fresh_runtime("pooled", concat_cohorts(list(sites)), preset, spec.seed)
+        params = train_alone(pooled, preset, epochs, spec.seed)
         results["centralized"] = pooled_metrics(site_counts(runtimes, lambda s: params))
-        progress.advance(task, args.rounds)
+        seconds["centralized"] = time.perf_counter() - t0
+        advance(spec.rounds)
     if "local_only" in methods:
+        t0 = time.perf_counter()
         own = {}
         for s in runtimes:
-            alone = fresh_runtime(s.name, s.cohort, preset, seed)
-            own[s.name] = train_alone(alone, preset, epochs, seed)
+            alone = fresh_runtime(s.name, s.cohort, preset, spec.seed)
+            own[s.name] = train_alone(alone, preset, epochs, spec.seed)
         results["local_only"] = pooled_metrics(site_counts(runtimes, lambda s: own[s.name]))
-        progress.advance(task, args.rounds)
+        seconds["local_only"] = time.perf_counter() - t0
+        advance(spec.rounds)
     for method, aggregation in (("federated", "modality-aware"), ("fedavg_plain", "fedavg")):
         if method not in methods:
             continue
-        cfg = FederatedConfig(num_server_rounds=args.rounds, local_epochs=args.local_epochs, preset=preset.name,
-                              aggregation=aggregation, seed=seed, data_path=data_path, scenario=args.scenario,
-                              min_sites=len(sites), out_dir=str(args.out / "runs" / f"{method}-seed{seed}"))
-        progress.update(task, description=f"seed {seed} {method}")
-        history = run_engine(args.engine, cfg, len(sites), on_round=lambda r: progress.advance(task))
+        cfg = FederatedConfig(num_server_rounds=spec.rounds, local_epochs=spec.local_epochs, preset=preset.name,
+                              aggregation=aggregation, seed=spec.seed, data_path=spec.data_path,
+                              scenario=spec.scenario, modalities=spec.modalities, min_sites=len(sites),
+                              out_dir=str(spec.out_dir / "runs" / f"{method}-seed{spec.seed}"))
+        t0 = time.perf_counter()
+        history = run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1))
+        seconds[method] = time.perf_counter() - t0
         results[method] = history[-1]["global"]
         results[method + "_server"] = history[-1].get("server", {})
         for rec in history:
             g = rec["global"]
-            rounds.append({"method": method, "seed": seed, "round": rec["round"],
+            rounds.append({"method": method, "seed": spec.seed, "round": rec["round"],
                            **{k: g.get(k) for k in ("mcc", "acc", "f1", "auroc", "auprc")},
                            "server_mcc": rec.get("server", {}).get("mcc"), "train_loss": rec.get("train_loss"),
                            "sites_aggregated": len(rec["accepted"]), "sites_rejected": len(rec["rejected"]),
                            "seconds": rec["seconds"]})
+    return results, rounds, seconds
+
+
+def run_seed(args: argparse.Namespace, seed: int, methods: list[str], progress: Progress, task) -> tuple[dict, list]:
+    spec = RunSpec(data_path=str(args.data) if args.data else "", scenario=args.scenario, seed=seed,
+                   preset=args.preset, rounds=args.rounds, local_epochs=args.local_epochs, engine=args.engine,
+                   out_dir=args.out)
+    progress.update(task, description=f"seed {seed}")
+    results, rounds, _ = run_methods(spec, methods, advance=lambda n: progress.advance(task, n))
     return results, rounds
 
 
