@@ -14,6 +14,17 @@ from magnet_core.config import get_preset
 
 from .site import SiteRuntime
 
+def optional_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``fixedclipping_mod`` when the server asks for clipping (differential privacy on), else a no-op."""
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    config = msg.content.config_records.get("config")
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 app = ClientApp()
 
 # Sites (data, graphs, model) are built once per process and reused across rounds.
@@ -55,7 +66,7 @@ def numpy_to_arrays(params: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
 
 
-@app.train()
+@app.train(mods=[optional_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the received global weights; reply weights + per-modality training counts."""
     config = msg.content["config"]
@@ -63,11 +74,25 @@ def train(msg: Message, context: Context) -> Message:
     preset = get_preset(str(config["preset"]))
     params, stats = site.fit(arrays_to_numpy(msg.content["arrays"]), preset.train, int(config["local-epochs"]),
                              int(config["server-round"]), int(config["seed"]))
+    params = poison_for_testing(params, context)
     metrics = {"num-examples": site.train.n, "loss": float(stats.get("loss", float("nan")))}
     metrics.update({f"count-{m}": c for m, c in site.modality_counts.items()})
     content = RecordDict({"arrays": numpy_to_arrays(params), "metrics": MetricRecord(metrics),
                           "site": ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)
+
+
+def poison_for_testing(params: dict[str, np.ndarray], context: Context) -> dict[str, np.ndarray]:
+    """node_config ``test-poison`` = "nan" | "scale": corrupt this site's update, to test the server's defences.
+    Never set it on a real site."""
+    mode = str(context.node_config.get("test-poison", ""))
+    if mode == "nan":
+        params = dict(params)
+        name = next(k for k in params if k.startswith("attention"))
+        params[name] = np.full_like(params[name], np.nan)
+    elif mode == "scale":
+        params = {k: v * 1e4 if v.dtype.kind == "f" else v for k, v in params.items()}
+    return params
 
 
 @app.evaluate()

@@ -40,6 +40,13 @@ def model_spec_and_evaluator(cfg: FederatedConfig):
 def server_main(grid: Grid, context: Context, on_round=None):
     """The body of the ServerApp, shared by Flower's engines and the in-process engine."""
     cfg = FederatedConfig.from_run_config(context.run_config)
+    if not cfg.data_path and not cfg.manifest:
+        from flwr.common.logger import log
+        from logging import WARNING
+
+        from magnet_core.synthetic import GENERATED_NOTICE
+
+        log(WARNING, "data-path is empty: sites use a %s", GENERATED_NOTICE)
     spec, evaluator = model_spec_and_evaluator(cfg)
     def notify(record: dict) -> None:
         for callback in [on_round, *ROUND_CALLBACKS]:

@@ -54,6 +54,20 @@ def collect(grid: Grid, messages: Iterable[Message], timeout: float, min_replies
     return replies
 
 
+def with_differential_privacy(strategy: MagnetFedAvg, cfg: FederatedConfig):
+    """Wrap in Flower's client-side fixed-clipping DP strategy when ``dp-clip-norm`` > 0 (sites clip with
+    ``fixedclipping_mod``, the server adds Gaussian noise of std noise_multiplier * clip / sites)."""
+    if cfg.dp_clip_norm <= 0:
+        return strategy
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    log(INFO, "differential privacy on: clipping norm %s, noise multiplier %s", cfg.dp_clip_norm,
+        cfg.dp_noise_multiplier)
+    return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=cfg.dp_noise_multiplier,
+                                                       clipping_norm=cfg.dp_clip_norm,
+                                                       num_sampled_clients=cfg.min_sites)
+
+
 def initial_params(spec: ModelSpec, cfg: FederatedConfig) -> dict[str, np.ndarray]:
     model = build_model(spec.in_dims, spec.num_classes, get_preset(cfg.preset).model, cfg.seed)
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
@@ -88,7 +102,8 @@ def run_federation(
     """Run (or resume) ``cfg.num_server_rounds`` rounds; returns final global params and per-round history."""
     out = Path(cfg.out_dir)
     modalities = list(spec.in_dims)
-    strategy = MagnetFedAvg(cfg, modalities)
+    magnet = MagnetFedAvg(cfg, modalities)
+    strategy = with_differential_privacy(magnet, cfg)
     params, history, start = initial_params(spec, cfg), [], 1
     if cfg.resume and (ckpt := load_checkpoint(out)) is not None:
         done, params, history = ckpt
@@ -105,10 +120,12 @@ def run_federation(
         t_train = time.perf_counter() - t0
         msgs = strategy.configure_evaluate(rnd, to_record(params), ConfigRecord(dict(base)), grid)
         strategy.aggregate_evaluate(rnd, collect(grid, msgs, cfg.round_timeout, cfg.min_sites, grace))
-        rep = strategy.report
+        rep = magnet.report
         record = {"round": rnd, "train_seconds": t_train, "seconds": time.perf_counter() - t0,
                   "accepted": rep.accepted, "rejected": rep.rejected, "failed": rep.failed,
-                  "train_loss": rep.train_loss, "global": rep.global_metrics, "sites": rep.site_metrics}
+                  "train_loss": rep.train_loss, "global": rep.global_metrics, "sites": rep.site_metrics,
+                  "dp": {"clipping_norm": cfg.dp_clip_norm, "noise_multiplier": cfg.dp_noise_multiplier}
+                  if cfg.dp_clip_norm > 0 else None}
         if server_eval is not None:
             record["server"] = server_eval(params)
         history.append(record)

@@ -22,10 +22,13 @@ class InProcessGrid(Grid):
     simulation engine. Messages are handled in node-id order, synchronously, when pushed.
     """
 
-    def __init__(self, client_app, num_nodes: int, run_config: dict | None = None):
+    def __init__(self, client_app, num_nodes: int, run_config: dict | None = None,
+                 node_configs: dict[int, dict] | None = None):
         self.client_app = client_app
+        extra = node_configs or {}
         self.contexts = {
-            i + 1: Context(run_id=1, node_id=i + 1, node_config={"partition-id": i, "num-partitions": num_nodes},
+            i + 1: Context(run_id=1, node_id=i + 1,
+                           node_config={"partition-id": i, "num-partitions": num_nodes, **extra.get(i, {})},
                            state=RecordDict(), run_config=dict(run_config or {}))
             for i in range(num_nodes)
         }
@@ -60,9 +63,10 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_inprocess(cfg: FederatedConfig, num_sites: int, on_round: Callable[[dict], None] | None = None
-                  ) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Drive the very same ServerApp body and ClientApp handlers in this process."""
+def run_inprocess(cfg: FederatedConfig, num_sites: int, on_round: Callable[[dict], None] | None = None,
+                  node_configs: dict[int, dict] | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Drive the very same ServerApp body and ClientApp handlers in this process (``node_configs``: extra
+    node_config per partition id)."""
     from client.app import app as client_app
     from server.app import server_main
 
@@ -71,7 +75,7 @@ def run_inprocess(cfg: FederatedConfig, num_sites: int, on_round: Callable[[dict
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     run_config = cfg.to_run_config()
-    grid = InProcessGrid(client_app, num_sites, run_config)
+    grid = InProcessGrid(client_app, num_sites, run_config, node_configs)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     return server_main(grid, ctx, on_round=on_round)
 

@@ -220,3 +220,30 @@ def test_simulate_cli_writes_results_csv_and_plot(tmp_path):
     assert len([r for r in res["rounds"] if r["method"] == "federated"]) == 2
     assert (out / "rounds.csv").read_text().startswith("method,seed,round,mcc")
     assert (out / "mcc_per_round.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("poison", ["nan", "scale"])
+def test_poisoned_update_is_rejected_and_named(ov_path, tmp_path, poison, caplog):
+    from simulations.engine import run_inprocess
+
+    cfg = _cfg(ov_path, tmp_path, f"poison-{poison}", scenario="iid-3", min_sites=2, num_server_rounds=1)
+    with caplog.at_level("WARNING", logger="flwr"):
+        params, hist = run_inprocess(cfg, 3, node_configs={1: {"test-poison": poison}})
+    assert hist[0]["accepted"] == ["site0", "site2"]
+    assert set(hist[0]["rejected"]) == {"site1"}
+    reason = hist[0]["rejected"]["site1"]
+    assert ("non-finite" in reason) if poison == "nan" else ("update norm" in reason)
+    assert "REJECTED update from node 2 (site1)" in caplog.text
+    assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_differential_privacy_clips_and_adds_noise(ov_path, tmp_path, caplog):
+    from simulations.engine import run_inprocess
+
+    plain, _ = run_inprocess(_cfg(ov_path, tmp_path, "nodp", num_server_rounds=1), 2)
+    with caplog.at_level("INFO", logger="flwr"):
+        noisy, hist = run_inprocess(_cfg(ov_path, tmp_path, "dp", num_server_rounds=1, dp_clip_norm=0.5,
+                                         dp_noise_multiplier=0.1), 2)
+    assert hist[0]["dp"] == {"clipping_norm": 0.5, "noise_multiplier": 0.1}
+    assert "clipped" in caplog.text and "noise" in caplog.text
+    assert any(not np.allclose(plain[k], noisy[k]) for k in plain)
