@@ -328,14 +328,21 @@ def stratified_split(cohort: Cohort, seed: int, ratios: tuple[float, float, floa
         if len(idx) < 5:  # too few to split three ways: keep them for training
             split[idx] = "train"
             continue
-        strat = y if _min_count(y) >= 2 else None
-        tr, rest = train_test_split(idx, test_size=ratios[1] + ratios[2], stratify=strat, random_state=seed)
-        y_rest = cohort.labels[rest]
-        strat_rest = y_rest if _min_count(y_rest) >= 2 else None
-        va, te = train_test_split(rest, test_size=ratios[2] / (ratios[1] + ratios[2]), stratify=strat_rest,
-                                  random_state=seed)
+        tr, rest = _split(idx, y, ratios[1] + ratios[2], seed)
+        va, te = _split(rest, cohort.labels[rest], ratios[2] / (ratios[1] + ratios[2]), seed)
         split[tr], split[va], split[te] = "train", "val", "test"
     return dataclasses.replace(cohort, split=split.astype(str))
+
+
+def _split(idx: np.ndarray, y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified when every class can be represented on both sides, otherwise a plain random split."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        return train_test_split(idx, test_size=test_size, stratify=y if _min_count(y) >= 2 else None,
+                                random_state=seed)
+    except ValueError:  # too few patients per class for a stratified split of this size
+        return train_test_split(idx, test_size=test_size, random_state=seed)
 
 
 def _min_count(y: np.ndarray) -> int:
