@@ -42,18 +42,16 @@ def masked_cosine_similarity(xs: Sequence[Tensor], mask: Tensor, eps: float = 1e
     all as matrix products; the diagonal is 0.
     """
     S = mask.to(torch.float32)
-    n = S.size(0)
-    dot = torch.zeros(n, n)
-    sq = torch.zeros(n, S.size(1))
-    for m, x in enumerate(xs):
-        x = x.to(torch.float32) * S[:, m : m + 1]
-        dot += (x @ x.T) * torch.outer(S[:, m], S[:, m])
-        sq[:, m] = (x * x).sum(dim=1)
+    # Rows of missing modalities are zeroed, so G_m[i, j] vanishes unless both hold m, and the sum over m of
+    # the Gram matrices is one matmul of the concatenated features.
+    X = torch.cat([x.to(torch.float32) * S[:, m : m + 1] for m, x in enumerate(xs)], dim=1)
+    sq = torch.stack([(X_m * X_m).sum(dim=1) for X_m in X.split([x.size(1) for x in xs], dim=1)], dim=1)
+    dot = X @ X.T
     norm_i_sq = (S * sq) @ S.T  # [i, j] = sum_m S_im S_jm s_m[i]
-    denom = norm_i_sq.clamp_min(0).sqrt() * norm_i_sq.T.clamp_min(0).sqrt() + eps
-    sim = (dot / denom).abs()
-    shared = (S @ S.T) > 0
-    sim = torch.where(shared, sim, torch.zeros_like(sim))
+    root = norm_i_sq.sqrt_()
+    denom = root * root.T + eps
+    sim = dot.div_(denom).abs_()
+    sim.masked_fill_((S @ S.T) == 0, 0.0)  # no shared modality: no similarity
     sim.fill_diagonal_(0.0)
     return sim
 
