@@ -40,7 +40,7 @@ def model_spec_and_evaluator(cfg: FederatedConfig):
 def server_main(grid: Grid, context: Context, on_round=None):
     """The body of the ServerApp, shared by Flower's engines and the in-process engine."""
     cfg = FederatedConfig.from_run_config(context.run_config)
-    if not cfg.data_path and not cfg.manifest:
+    if (not cfg.data_path or cfg.data_path.startswith("generated:")) and not cfg.manifest:
         from flwr.common.logger import log
         from logging import WARNING
 

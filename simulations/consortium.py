@@ -13,11 +13,13 @@ from .scenarios import build_consortium, load_scenario
 @functools.lru_cache(maxsize=8)
 def load_consortium(data_path: str, scenario: str, seed: int, modalities: str = ""
                     ) -> tuple[Cohort, tuple[Cohort, ...]]:
-    """(pooled cohort, sites) for a data path ("" = generated cohort), scenario name/file, seed and an optional
+    """(pooled cohort, sites) for a data path ("" or "generated:N" = a generated cohort of 300 or N patients),
+    scenario name/file, seed and an optional
     comma-separated subset of modalities."""
     wanted = [m for m in modalities.split(",") if m] or None
-    if not data_path:
-        cohort = make_generated_cohort(seed=seed)
+    if not data_path or data_path.startswith("generated:"):
+        size = int(data_path.split(":", 1)[1]) if data_path else 300
+        cohort = make_generated_cohort(n=size, seed=seed)
         if wanted:
             cohort = select_modalities(cohort, wanted)
     else:

@@ -80,8 +80,12 @@ def run_inprocess(cfg: FederatedConfig, num_sites: int, on_round: Callable[[dict
     return server_main(grid, ctx, on_round=on_round)
 
 
-def run_flower(cfg: FederatedConfig, num_sites: int, verbose: bool = False) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Run through Flower's simulation engine (Ray); results are read back from the run's output directory."""
+def run_flower(cfg: FederatedConfig, num_sites: int, verbose: bool = False, ray_address: str | None = None,
+               cpus_per_site: float = 1.0) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Run through Flower's simulation engine (Ray); results are read back from the run's output directory.
+
+    ``ray_address`` ("HOST:PORT" or "auto") joins an existing Ray cluster instead of starting a local one; the
+    ClientApp actors are then spread over the cluster's nodes (``cpus_per_site`` CPUs each)."""
     import torch
     from flwr.simulation import run_simulation
 
@@ -92,9 +96,14 @@ def run_flower(cfg: FederatedConfig, num_sites: int, verbose: bool = False) -> t
     os.environ[ENV_OVERRIDE] = json.dumps(cfg.to_run_config())
     try:
         t0 = time.perf_counter()
+        init_args = {"log_to_driver": verbose}
+        if ray_address:
+            init_args["address"] = ray_address
+        else:
+            init_args["include_dashboard"] = False
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"log_to_driver": verbose, "include_dashboard": False}},
+                       backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+                                       "init_args": init_args},
                        verbose_logging=verbose)
         _ = time.perf_counter() - t0
     finally:
