@@ -116,6 +116,14 @@ def _read_table(path: Path) -> pd.DataFrame:
     return df
 
 
+def duplicate_header_names(path: Path) -> list[str]:
+    """Column names given more than once in the file's header (pandas would silently rename them)."""
+    sep = "\t" if ".tsv" in path.name else ","
+    header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0].tolist()[1:]
+    names = [str(h).strip() for h in header]
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 def _check_unique_ids(df: pd.DataFrame, path: Path, what: str = "sample id") -> None:
     dup = df.index[df.index.duplicated()]
     if len(dup):
@@ -130,9 +138,9 @@ def read_modality(path: str | Path) -> pd.DataFrame:
     if df.shape[1] == 0:
         raise DataError(f"{path}: no feature columns (expected samples x features, first column = sample id)")
     _check_unique_ids(df, path)
-    dup_cols = df.columns[df.columns.duplicated()]
-    if len(dup_cols):
-        raise DataError(f"{path}: duplicate feature names: {', '.join(map(str, dup_cols[:5]))}")
+    dup_cols = duplicate_header_names(path)
+    if dup_cols:
+        raise DataError(f"{path}: duplicate feature names: {', '.join(dup_cols[:5])}")
     numeric = df.apply(pd.to_numeric, errors="coerce")
     bad = numeric.isna() & df.notna()
     if bad.any().any():

@@ -174,3 +174,10 @@ def test_classification_metrics_and_summary():
     assert s["mcc"]["mean"] == pytest.approx(0.3) and s["mcc"]["std"] == pytest.approx(0.1)
     assert s["auroc"]["mean"] == 0.6 and s["auroc"]["per_seed"] == [None, 0.6]
     json.dumps(s)
+
+
+def test_duplicate_feature_names_are_refused(tmp_path):
+    _write_site(tmp_path)
+    (tmp_path / "mRNA.csv").write_text("sampleID,a,a\np1,1,2\np2,3,4\n")
+    with pytest.raises(DataError, match="mRNA.csv: duplicate feature names: a"):
+        load_cohort_dir(tmp_path)
