@@ -153,8 +153,9 @@ def read_modality(path: str | Path) -> pd.DataFrame:
     finite = np.isfinite(values)
     if not finite.all():
         r, c = np.argwhere(~finite)[0]
+        what = "missing (empty or NA)" if np.isnan(values[r, c]) else f"non-finite ({values[r, c]})"
         raise DataError(
-            f"{path}: non-finite value ({values[r, c]}) at sample {df.index[r]!r}, column {df.columns[c]!r}"
+            f"{path}: {what} value at sample {df.index[r]!r}, column {df.columns[c]!r}"
             f" ({int((~finite).sum())} such cells)"
         )
     return numeric.astype(np.float32)

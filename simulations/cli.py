@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
-    except (DataError, FileNotFoundError, PermissionError) as exc:
+    except (DataError, FileNotFoundError, FileExistsError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # pydantic ValidationError is a ValueError: bad config / scenario / manifest

@@ -1,0 +1,140 @@
+"""Provisioning (CA, SuperLink certificate, site bundles) and site data validation against the manifest."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from client.site_validation import load_site_cohort, validate_site
+from magnet_core.data import DataError, load_cohort_dir
+from magnet_core.manifest import ConsortiumManifest, ModalitySpec
+from server.pki import init_ca, issue_server_cert, make_site
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_pki_ca_server_certificate_and_site_bundle(tmp_path):
+    pki = tmp_path / "pki"
+    out = _cli("pki", "init", "--dir", str(pki))
+    assert out.returncode == 0, out.stderr
+    out2 = _cli("pki", "server", "--dir", str(pki), "--host", "fl.example.org", "--host", "10.1.2.3")
+    out3 = _cli("pki", "site", "hospital-a", "--dir", str(pki), "--superlink", "fl.example.org:9092")
+    assert out2.returncode == 0 and out3.returncode == 0
+    for text in (out.stdout, out2.stdout, out3.stdout):
+        assert "PRIVATE KEY" not in text
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((pki / "server.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"fl.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
+    ips = set(san.get_values_for_type(x509.IPAddress))
+    assert {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.1.2.3")} <= ips
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in eku
+    bundle = pki / "sites" / "hospital-a"
+    for secret in (pki / "ca.key", pki / "server.key", bundle / "node_auth_key"):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    # the key files load exactly as flower-supernode and `flwr supernode register` load them
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    key = load_ssh_private_key((bundle / "node_auth_key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    pub = load_ssh_public_key((bundle / "node_auth_key.pub").read_bytes())
+    assert pub.public_numbers() == key.public_key().public_numbers()
+    assert (bundle / "ca.crt").read_bytes() == (pki / "ca.crt").read_bytes()
+    assert "hospital-a," in (pki / "registered_sites.csv").read_text()
+    again = _cli("pki", "init", "--dir", str(pki))
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+def _manifest(root, **kw) -> ConsortiumManifest:
+    mods = [ModalitySpec(name=m, features=list(pd.read_csv(root / f"{m}.csv.gz", index_col=0, nrows=1).columns))
+            for m in ("mRNA", "miRNA", "protein")]
+    return ConsortiumManifest(name="brca", classes=["Basal", "Her2", "LumA"], modalities=mods, **kw)
+
+
+def test_real_site_validates_and_reports_missing_protein(data_root):
+    root = data_root / "tcga-brca-mixomics"
+    report, _ = validate_site(root, _manifest(root))
+    assert report.ok, report.errors
+    assert report.summary["patients"] == 220 and report.summary["modalities"]["protein"] == 150
+    assert report.summary["patterns"]["mRNA+miRNA"] == 70
+    cohort = load_site_cohort(root, _manifest(root), seed=10)
+    assert cohort.n == 220 and cohort.modalities == ["mRNA", "miRNA", "protein"]
+    assert set(cohort.split) == {"train", "test"}  # mixOmics' own split.csv
+
+
+def _site(tmp_path, root, edit):
+    site = tmp_path / "site"
+    site.mkdir()
+    labels = pd.read_csv(root / "labels.csv", index_col=0)
+    frames = {m: pd.read_csv(root / f"{m}.csv.gz", index_col=0) for m in ("mRNA", "miRNA")}
+    edit(labels, frames)
+    labels.to_csv(site / "labels.csv")
+    for m, f in frames.items():
+        f.to_csv(site / f"{m}.csv")
+    return site
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "manifest feature(s) missing"),
+    ("order", "not in the manifest's order"),
+    ("text", "non-numeric value 'high'"),
+    ("inf", "non-finite (inf) value"),
+    ("dup", "duplicate sample ids"),
+    ("label", "is not a class of the consortium"),
+])
+def test_bad_site_data_fail_with_a_clear_message(tmp_path, data_root, case, expected):
+    root = data_root / "tcga-brca-mixomics"
+
+    def edit(labels, frames):
+        m = frames["mRNA"]
+        if case == "missing":
+            frames["mRNA"] = m.drop(columns=m.columns[3])
+        elif case == "order":
+            cols = list(m.columns)
+            cols[0], cols[1] = cols[1], cols[0]
+            frames["mRNA"] = m[cols]
+        elif case == "text":
+            frames["mRNA"] = m.astype(object)
+            frames["mRNA"].iat[2, 4] = "high"
+        elif case == "inf":
+            m.iat[1, 1] = np.inf
+        elif case == "dup":
+            frames["mRNA"] = pd.concat([m, m.iloc[:1]])
+        elif case == "label":
+            labels.iloc[0, 0] = 7
+
+    site = _site(tmp_path, root, edit)
+    report, _ = validate_site(site, _manifest(root))
+    assert not report.ok and any(expected in e for e in report.errors), report.errors
+    assert any("no protein file" in w for w in report.warnings)  # a modality absent entirely is allowed
+    proc = _cli("validate-site", str(site), "--manifest", str(_write(tmp_path, _manifest(root))))
+    assert proc.returncode == 1 and expected.split("'")[0] in proc.stdout and "Traceback" not in proc.stdout
+    with pytest.raises(DataError, match="failed validation"):
+        load_site_cohort(site, _manifest(root), seed=1)
+
+
+def _write(tmp_path, manifest):
+    return manifest.save(tmp_path / "manifest.toml")
+
+
+def test_clean_site_cli_exit_zero(tmp_path, data_root):
+    root = data_root / "tcga-brca-mixomics"
+    site = _site(tmp_path, root, lambda labels, frames: None)
+    proc = _cli("validate-site", str(site), "--manifest", str(_write(tmp_path, _manifest(root))))
+    assert proc.returncode == 0, proc.stdout
+    assert "patients" in proc.stdout and "220" in proc.stdout
+    assert load_cohort_dir(site, log=lambda *a: None).n == 220
