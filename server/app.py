@@ -53,7 +53,7 @@ def server_main(grid: Grid, context: Context, on_round=None):
             if callback is not None:
                 callback(record)
 
-    return run_federation(grid, cfg, spec, server_eval=evaluator, on_round=notify)
+    return run_federation(grid, cfg, spec, server_eval=evaluator, on_round=notify, grace=cfg.straggler_grace)
 
 
 @app.main()

@@ -26,6 +26,7 @@ class FederatedConfig(BaseModel):
     min_sites: int = Field(2, ge=1, description="minimum sites per round (train and evaluate)")
     fraction_train: float = Field(1.0, gt=0, le=1)
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in one round")
+    straggler_grace: float = Field(30.0, ge=0, description="once min-sites replied, wait this long for the rest")
     norm_ratio: float = Field(10.0, gt=1, description="reject updates whose norm exceeds this x others' median")
     histogram_bins: int = Field(1000, ge=10)
     # simulation: where sites come from (empty data-path = generated cohort)
