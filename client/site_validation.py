@@ -129,6 +129,17 @@ def validate_site(folder: str | Path, manifest: ConsortiumManifest) -> tuple[Sit
     return report, tables
 
 
+def manifest_fill_values(spec) -> np.ndarray:
+    """Values for features a prepared site lacks: the consortium mean, in the scaled units of prepared data."""
+    if spec.impute_means is None:
+        return np.zeros(len(spec.features))
+    mean = np.asarray(spec.impute_means, dtype=np.float64)
+    if spec.scale_min is None or spec.scale_max is None:
+        return mean
+    lo, hi = np.asarray(spec.scale_min), np.asarray(spec.scale_max)
+    return (mean - lo) / np.where(hi > lo, hi - lo, 1.0)
+
+
 def load_site_cohort(folder: str | Path, manifest: ConsortiumManifest, seed: int) -> Cohort:
     """Validate, then build the site's Cohort with the manifest's modalities and feature order."""
     report, tables = validate_site(folder, manifest)
@@ -144,7 +155,7 @@ def load_site_cohort(folder: str | Path, manifest: ConsortiumManifest, seed: int
     for j, s in enumerate(specs):
         if s.name in tables:
             frame = tables[s.name].reindex(index=labels.index, columns=s.features)
-            fill = np.asarray(s.impute_means if s.impute_means is not None else np.zeros(len(s.features)))
+            fill = manifest_fill_values(s)
             x = frame.to_numpy(dtype=np.float64)
             x = np.where(np.isnan(x), fill, x)
         else:

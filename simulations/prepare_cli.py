@@ -1,82 +1,157 @@
-"""``magnet-fl prepare``: raw site matrices -> consortium-ready cohorts + manifest, locally or through Flower."""
+"""``magnet-fl prepare``: raw site matrices -> consortium-ready cohorts + manifest, in-process or through Flower."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import tomllib
 from pathlib import Path
+
+from magnet_core.data import DataError
 
 from .cli import existing_dir
 from .reporting import console
 
+# command-line flag -> PrepareConfig field (a flag given on the command line overrides --config)
+_FIELDS = {"name": "name", "seed": "seed", "n_features": "n_features", "max_missing": "max_missing_fraction",
+           "variance_ddof": "variance_ddof", "missing_feature": "missing_feature", "orientation": "orientation",
+           "label_column": "label_column"}
+
+
+def _pairs(kind):
+    def parse(text: str) -> dict:
+        try:
+            return {k.strip(): kind(v) for k, v in (p.split("=", 1) for p in text.split(",") if p.strip())}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected MODALITY=VALUE[,MODALITY=VALUE...], got {text!r}") from None
+    return parse
+
+
+def _modality_file(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"--modality expects NAME=FILE, got {text!r}")
+    return name.strip(), Path(path.strip()).expanduser()
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--site", dest="sites", type=existing_dir, action="append", required=True,
-                   help="a raw site folder (labels.csv + one matrix per modality, optional split.csv); repeat per site")
-    p.add_argument("--out", type=Path, required=True, help="writes manifest.toml and one prepared folder per site")
+    src = p.add_argument_group("sites (repeat --site for a consortium; or one site from explicit files)")
+    src.add_argument("--site", dest="sites", type=existing_dir, action="append", default=[],
+                     help="raw site folder: labels.csv + one matrix per modality (CSV/TSV, optionally .gz, either "
+                          "orientation) + optional split.csv (train/val/test)")
+    src.add_argument("--labels", type=Path, help="labels file of a site given by explicit files")
+    src.add_argument("--modality", type=_modality_file, action="append", default=[], metavar="NAME=FILE",
+                     help="a raw matrix of that site (repeat per modality)")
+    src.add_argument("--split-file", type=Path, help="that site's split file (default: seeded stratified split)")
+    src.add_argument("--site-name", default=None, help="that site's name (default: the labels file's folder)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="writes manifest.toml, prepare_report.json, decisions/ and one prepared folder per site")
     p.add_argument("--federated", action="store_true",
-                   help="exchange statistics through Flower's simulation engine (one SuperNode per site)")
-    p.add_argument("--name", default="consortium")
-    p.add_argument("--classes", default="", help="comma-separated class names (labels are their indices)")
-    p.add_argument("--seed", type=int, default=10, help="seed of the per-site 70/10/20 split (without split.csv)")
-    p.add_argument("--n-features", type=int, default=1000)
-    p.add_argument("--max-missing", type=float, default=0.1, help="drop features missing in more patients")
-    p.add_argument("--variance-threshold", default="", help="per modality, e.g. 'mRNA=0.03,DNA=0.04'")
-    p.add_argument("--missing-feature", choices=("impute", "error"), default="impute",
-                   help="a site lacking a kept feature: fill it with the consortium mean, or refuse")
-    p.add_argument("--orientation", choices=("auto", "samples-x-features", "features-x-samples"), default="auto")
+                   help="run the statistics protocol through Flower's simulation engine (one SuperNode per site); "
+                        "default: the same ServerApp/ClientApp code in this process")
+    t = p.add_argument_group("thresholds (defaults: MAGNET's; a flag overrides --config)")
+    t.add_argument("--config", type=Path, help="TOML file of PrepareConfig fields")
+    t.add_argument("--name", default=None, help="consortium name in the manifest")
+    t.add_argument("--classes", default=None, help="comma-separated class names (text labels map to their index)")
+    t.add_argument("--seed", type=int, default=None, help="seed of each site's 70/10/20 split (default 10)")
+    t.add_argument("--n-features", type=int, default=None, help="features kept per modality by ANOVA F (1000)")
+    t.add_argument("--features-per-modality", type=_pairs(int), default=None, metavar="M=K,...",
+                   help="per-modality override of --n-features")
+    t.add_argument("--max-missing", type=float, default=None, help="drop features missing in more patients (0.1)")
+    t.add_argument("--variance-threshold", type=_pairs(float), default=None, metavar="M=V,...",
+                   help="per modality minimum scaled variance, e.g. DNA=0.04,mRNA=0.03 (constant features are "
+                        "always dropped)")
+    t.add_argument("--variance-ddof", type=int, choices=(0, 1), default=None)
+    t.add_argument("--missing-feature", choices=("impute", "error"), default=None,
+                   help="a site lacking a kept feature: fill it with the consortium mean, or refuse (manifest)")
+    t.add_argument("--orientation", choices=("auto", "samples-x-features", "features-x-samples"), default=None)
+    t.add_argument("--label-column", default=None)
+    t.add_argument("--no-split-file", action="store_true", help="ignore sites' split.csv; split by --seed")
+    t.add_argument("--clip", action="store_true", help="clip scaled test values to [0, 1]")
+    p.add_argument("--verbose", action="store_true", help="Flower's logs")
+
+
+def build_config(args: argparse.Namespace):
+    from magnet_core.preprocess import PrepareConfig
+
+    values: dict = {}
+    if args.config is not None:
+        try:
+            values = tomllib.loads(args.config.read_text())
+        except FileNotFoundError:
+            raise DataError(f"{args.config}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise DataError(f"{args.config}: not valid TOML ({exc})") from None
+    for flag, field in _FIELDS.items():
+        if getattr(args, flag) is not None:
+            values[field] = getattr(args, flag)
+    if args.classes is not None:
+        values["class_names"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if args.features_per_modality is not None:
+        values["n_features_per_modality"] = args.features_per_modality
+    if args.variance_threshold is not None:
+        values["variance_threshold"] = args.variance_threshold
+    if args.no_split_file:
+        values["use_split_file"] = False
+    if args.clip:
+        values["clip"] = True
+    return PrepareConfig.model_validate(values)
+
+
+def build_sites(args: argparse.Namespace):
+    from magnet_core.preprocess import SiteSpec
+
+    from .prepare_federated import site_specs
+
+    specs = site_specs(args.sites, args.out)
+    if args.labels is not None or args.modality:
+        if args.labels is None or not args.modality:
+            raise DataError("a site from explicit files needs --labels and at least one --modality NAME=FILE")
+        for path in [args.labels, *(p for _, p in args.modality), *([args.split_file] if args.split_file else [])]:
+            if not path.is_file():
+                raise DataError(f"{path}: file not found")
+        name = args.site_name or args.labels.resolve().parent.name
+        if name in {s.name for s in specs}:
+            raise DataError(f"two sites are named {name!r}; give --site-name")
+        specs.append(SiteSpec(name=name, out_dir=str(args.out / name), labels=str(args.labels),
+                              modalities={m: str(p) for m, p in args.modality}, split=str(args.split_file) if args.split_file else None))
+    elif args.split_file is not None or args.site_name is not None:
+        raise DataError("--split-file and --site-name describe a site given by --labels/--modality")
+    if not specs:
+        raise DataError("no site: give --site FOLDER (repeatable) or --labels FILE --modality NAME=FILE")
+    return specs
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.prepare_config import PrepareRunConfig
+    from rich.table import Table
 
-    cfg = PrepareRunConfig(site_dirs=",".join(str(s) for s in args.sites), out_dir=str(args.out), name=args.name,
-                           classes=args.classes, seed=args.seed, n_features=args.n_features,
-                           max_missing_fraction=args.max_missing, variance_threshold=args.variance_threshold,
-                           missing_feature=args.missing_feature, orientation=args.orientation)
-    summary = run_prepare(cfg, len(args.sites), federated=args.federated)
-    for m, info in summary["modalities"].items():
-        console.print(f"{m}: {info['features']} features kept ({info['dropped_missing']} dropped for missing "
-                      f"values, {info['dropped_variance']} for low variance)")
+    from .prepare_federated import make_run, run_flower, run_inprocess
+
+    cfg = build_config(args)
+    run_ = make_run(build_sites(args), args.out, cfg)
+    summary = run_flower(run_, verbose=args.verbose) if args.federated else run_inprocess(run_)
+    table = Table(title=f"consortium preprocessing ({len(run_.sites)} site(s), training patients only)")
+    for col in ("modality", "features in", "> missing", "low variance", "below top-k F", "kept", "training patients"):
+        table.add_column(col)
+    for m, r in summary["modalities"].items():
+        table.add_row(m, str(r["features_in"]), str(r["dropped_missing"]), str(r["dropped_variance"]),
+                      str(r["dropped_f"]), str(r["features"]), str(r["training_patients"]))
+    console.print(table)
     for site in summary["sites"]:
-        for m, info in site["modalities"].items():
+        prepared = site.get("prepared")
+        if prepared is None:
+            continue
+        for m, info in prepared.items():
+            if not isinstance(info, dict):
+                continue
             if info.get("absent"):
-                console.print(f"[yellow]{site['site']}: has no {m} matrix (modality absent, allowed)[/]")
-            elif info["lacking_features_imputed"]:
-                console.print(f"[yellow]{site['site']}: {m} lacks {len(info['lacking_features_imputed'])} kept "
-                              f"feature(s), filled with the consortium mean: {info['lacking_features_imputed'][:5]}[/]")
-    console.print(f"wrote {args.out}/manifest.toml, prepare_report.json and {len(args.sites)} prepared site folder(s)")
-    return 0
-
-
-def run_prepare(cfg, num_sites: int, federated: bool = False) -> dict:
-    """Run the statistics protocol with the same ServerApp/ClientApp code, in-process or through Flower."""
-    from client.prepare_app import app as client_app
-    from server.prepare_app import app as server_app, prepare_main
-    from server.prepare_config import ENV_OVERRIDE
-
-    if federated:
-        from flwr.simulation import run_simulation
-
-        os.environ[ENV_OVERRIDE] = cfg.model_dump_json()
-        try:
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
-                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                           "init_args": {"log_to_driver": False, "include_dashboard": False}})
-        finally:
-            os.environ.pop(ENV_OVERRIDE, None)
-        report = Path(cfg.out_dir) / "prepare_report.json"
-        if not report.exists():
-            raise RuntimeError("federated preparation failed; see the log above")
-        return json.loads(report.read_text())
-    from flwr.app import Context, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from .engine import InProcessGrid
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    grid = InProcessGrid(client_app, num_sites)
-    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
-    return prepare_main(grid, ctx)
+                console.print(f"{site['site']}: no {m} matrix (modality absent at this site, allowed)")
+            elif info.get("lacking_features"):
+                console.print(f"[yellow]{site['site']}: {m} lacks {len(info['lacking_features'])} consortium "
+                              f"feature(s), filled with the consortium mean (missing_feature = 'impute'): "
+                              f"{', '.join(info['lacking_features'][:5])}[/]")
+        console.print(f"{site['site']}: {site['patients']} patients ({site['training_patients']} training) -> "
+                      f"{prepared['out_dir']}")
+    for name, reason in summary["refused"].items():
+        console.print(f"[red]{name}: not prepared: {reason}[/]")
+    console.print(f"manifest: {summary['manifest']} ({summary['wall_seconds']:.1f} s)")
+    return 0 if not summary["refused"] else 2

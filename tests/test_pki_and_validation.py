@@ -138,3 +138,19 @@ def test_clean_site_cli_exit_zero(tmp_path, data_root):
     assert proc.returncode == 0, proc.stdout
     assert "patients" in proc.stdout and "220" in proc.stdout
     assert load_cohort_dir(site, log=lambda *a: None).n == 220
+
+
+def test_absent_feature_is_filled_with_the_scaled_consortium_mean(tmp_path, data_root):
+    root = data_root / "tcga-brca-mixomics"
+    base = _manifest(root)
+    spec = base.modality("mRNA")
+    n = len(spec.features)
+    mrna = spec.model_copy(update={"impute_means": [5.0] * n, "scale_min": [0.0] * n, "scale_max": [10.0] * n})
+    manifest = base.model_copy(update={"missing_feature": "impute",
+                                       "modalities": [mrna, base.modality("miRNA"), base.modality("protein")]})
+    dropped = spec.features[3]
+    site = _site(tmp_path, root, lambda labels, frames: frames.__setitem__("mRNA", frames["mRNA"].drop(columns=dropped)))
+    report, _ = validate_site(site, manifest)
+    assert report.ok and any("filled with the consortium mean" in w for w in report.warnings)
+    cohort = load_site_cohort(site, manifest, seed=1)
+    assert np.allclose(cohort.X["mRNA"][:, 3], 0.5)
