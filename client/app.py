@@ -7,10 +7,11 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from magnet_core.config import get_preset
+from magnet_core.data import DataError
 
 from .site import SiteRuntime
 
@@ -66,11 +67,22 @@ def numpy_to_arrays(params: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
 
 
+DATA_ERROR_CODE = 4001  # the site's data failed validation; the reason names the file and the problem
+
+
+def data_error_reply(msg: Message, exc: Exception) -> Message:
+    """A clear error reply instead of a crash (the server logs it with this node's id)."""
+    return Message(Error(code=DATA_ERROR_CODE, reason=f"site data rejected: {exc}"), reply_to=msg)
+
+
 @app.train(mods=[optional_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the received global weights; reply weights + per-modality training counts."""
     config = msg.content["config"]
-    site = site_for(config, context)
+    try:
+        site = site_for(config, context)
+    except DataError as exc:
+        return data_error_reply(msg, exc)
     preset = get_preset(str(config["preset"]))
     params, stats = site.fit(arrays_to_numpy(msg.content["arrays"]), preset.train, int(config["local-epochs"]),
                              int(config["server-round"]), int(config["seed"]))
@@ -99,7 +111,10 @@ def poison_for_testing(params: dict[str, np.ndarray], context: Context) -> dict[
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on local test patients; reply confusion counts and score histograms only."""
     config = msg.content["config"]
-    site = site_for(config, context)
+    try:
+        site = site_for(config, context)
+    except DataError as exc:
+        return data_error_reply(msg, exc)
     counts = site.evaluate_counts(arrays_to_numpy(msg.content["arrays"]), int(config.get("histogram-bins", 1000)))
     metrics: dict = {"num-examples": counts.num}
     for group, cm in counts.confusion.items():

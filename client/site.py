@@ -12,11 +12,7 @@ from magnet_core.config import ModelConfig, TrainConfig
 from magnet_core.data import Cohort
 from magnet_core.metrics import DEFAULT_BINS, confusion_counts, score_histogram
 from magnet_core.model import MAGNET
-from magnet_core.train import PatientSet, make_optimizer, predict_proba, split_sets, train_epochs
-
-
-def in_dims_of(cohort: Cohort) -> dict[str, int]:
-    return {m: int(cohort.X[m].shape[1]) for m in cohort.modalities}
+from magnet_core.train import PatientSet, in_dims_of, make_optimizer, predict_proba, split_sets, train_epochs
 
 
 @dataclasses.dataclass

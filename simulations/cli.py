@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # pydantic ValidationError is a ValueError: bad config / scenario / manifest
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("MAGNET_FL_DEBUG"):
+            raise
+        print(f"error: {exc} (set MAGNET_FL_DEBUG=1 for a traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -247,3 +247,33 @@ def test_differential_privacy_clips_and_adds_noise(ov_path, tmp_path, caplog):
     assert hist[0]["dp"] == {"clipping_norm": 0.5, "noise_multiplier": 0.1}
     assert "clipped" in caplog.text and "noise" in caplog.text
     assert any(not np.allclose(plain[k], noisy[k]) for k in plain)
+
+
+def test_site_with_invalid_data_replies_a_clear_error(tmp_path, data_root):
+    """Deployment-style node_config: the ClientApp validates the site's folder and replies an error, no crash."""
+    import pandas as pd
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import DATA_ERROR_CODE, app as client_app
+    from magnet_core.manifest import ConsortiumManifest, ModalitySpec
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    root = data_root / "tcga-brca-mixomics"
+    site = tmp_path / "site"
+    site.mkdir()
+    pd.read_csv(root / "labels.csv", index_col=0).to_csv(site / "labels.csv")
+    mrna = pd.read_csv(root / "mRNA.csv.gz", index_col=0)
+    manifest = ConsortiumManifest(classes=["Basal", "Her2", "LumA"],
+                                  modalities=[ModalitySpec(name="mRNA", features=list(mrna.columns))])
+    mrna.iloc[:, ::-1].to_csv(site / "mRNA.csv")  # features in the wrong order
+    path = manifest.save(tmp_path / "manifest.toml")
+    ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(site), "manifest": str(path)},
+                  state=RecordDict(), run_config={})
+    msg = Message(RecordDict({"config": ConfigRecord({"preset": "brca", "seed": 1, "local-epochs": 1,
+                                                      "server-round": 1})}), 7, "train")
+    msg.metadata.__dict__["_message_id"] = "m1"
+    reply = client_app(msg, ctx)
+    assert reply.has_error() and reply.error.code == DATA_ERROR_CODE
+    assert "not in the manifest's order" in reply.error.reason and "mRNA.csv" in reply.error.reason
