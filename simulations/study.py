@@ -194,6 +194,9 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
                 vals = [m[m["cell"] == c]["mcc_mean"].mean() for c in cells]
                 errs = [m[m["cell"] == c]["mcc_std"].mean() for c in cells]
                 ax.bar(pos, vals, width=0.2, yerr=errs, capsize=3, color=colors[method], label=labels[method])
+        xs_all = pd.to_numeric(sub["x"], errors="coerce")
+        if numeric and (xs_all > 0).all() and xs_all.max() / xs_all.min() >= 100:
+            ax.set_xscale("log")  # e.g. Dirichlet alpha from 0.1 to 100
         if not numeric:
             ax.set_xticks(np.arange(len(cells)))
             ax.set_xticklabels([str(sub[sub["cell"] == c]["x"].iloc[0]) for c in cells], rotation=15, fontsize=8)
