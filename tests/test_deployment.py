@@ -38,7 +38,7 @@ class Processes:
     def __init__(self, logdir: Path, env: dict):
         self.logdir, self.env, self.procs = logdir, env, {}
 
-    def start(self, name: str, cmd: list[str], limit: int = 600) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], limit: int = 1200) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "w")
         proc = subprocess.Popen(["timeout", str(limit), *cmd], stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                 start_new_session=True, cwd=REPO)
@@ -167,9 +167,9 @@ def test_deployment_on_loopback(data_root, tmp_path):
         started = _run(["flwr", "run", str(REPO), "consortium", "--run-config", run_config], env)
         assert started.returncode == 0, started.stdout + started.stderr
         run_id = re.search(r"run (\d+)", started.stdout).group(1)
-        _wait(lambda: _rounds_done(out) >= 1, 240, "round 1")
+        _wait(lambda: _rounds_done(out) >= 1, 360, "round 1")
         procs.kill("supernode-b")  # a site drops out during round 2
-        _wait(lambda: _rounds_done(out) >= 2, 240, "round 2 without site-b")
+        _wait(lambda: _rounds_done(out) >= 2, 420, "round 2 without site-b")
         stopped = _run(["flwr", "stop", run_id, "consortium"], env)  # the coordinator's run goes down
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         log1 = _run(["flwr", "log", run_id, "consortium", "--show"], env).stdout
