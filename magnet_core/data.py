@@ -181,8 +181,10 @@ def read_labels(path: str | Path, column: str | None = None) -> pd.Series:
     bad = numeric.isna() | (numeric.notna() & (numeric != np.round(numeric)))
     if bad.any():
         sid = raw.index[bad.to_numpy()][0]
+        value = raw.loc[sid]
+        shown = repr(value) if isinstance(value, str) else str(value)  # as written, not numpy's repr
         raise DataError(
-            f"{path}: label {raw.loc[sid]!r} of sample {sid!r} in column {col!r} is not an integer class"
+            f"{path}: label {shown} of sample {sid!r} in column {col!r} is not an integer class"
             f" ({int(bad.sum())} such rows)"
         )
     return numeric.astype(np.int64).rename("Class")

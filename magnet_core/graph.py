@@ -44,7 +44,7 @@ def masked_cosine_similarity(xs: Sequence[Tensor], mask: Tensor, eps: float = 1e
     S = mask.to(torch.float32)
     # Rows of missing modalities are zeroed, so G_m[i, j] vanishes unless both hold m, and the sum over m of
     # the Gram matrices is one matmul of the concatenated features.
-    X = torch.cat([x.to(torch.float32) * S[:, m : m + 1] for m, x in enumerate(xs)], dim=1)
+    X = torch.cat([torch.where(S[:, m : m + 1] > 0, x.to(torch.float32), 0.0) for m, x in enumerate(xs)], dim=1)
     sq = torch.stack([(X_m * X_m).sum(dim=1) for X_m in X.split([x.size(1) for x in xs], dim=1)], dim=1)
     dot = X @ X.T
     norm_i_sq = (S * sq) @ S.T  # [i, j] = sum_m S_im S_jm s_m[i]

@@ -77,7 +77,7 @@ def _exact_scores(xs: Sequence[Tensor], mask: Tensor, idx: Tensor, chunk: int = 
     n, c = idx.shape
     out = torch.full((n, c), -1.0)
     S = mask.to(torch.float32)
-    xs = [x.to(torch.float32) for x in xs]
+    xs = [torch.where(S[:, m : m + 1] > 0, x.to(torch.float32), 0.0) for m, x in enumerate(xs)]  # ignore masked rows
     sq = [(x * x).sum(dim=1) for x in xs]
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(n, start + chunk))

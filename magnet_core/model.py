@@ -129,7 +129,9 @@ class MAGNET(nn.Module):
         """Encode each available modality and fuse per patient: (n, hidden), attention (n, heads, M)."""
         # Every row is encoded (a dense matmul is cheaper than gather/scatter); rows of missing modalities get
         # attention weight exactly 0, so they contribute neither to the output nor to any gradient.
-        emb = torch.stack([self.encoders[name](x) for name, x in zip(self.modalities, xs)], dim=1)
+        avail = mask.bool()
+        emb = torch.stack([self.encoders[name](torch.where(avail[:, m : m + 1], x, 0.0))
+                           for m, (name, x) in enumerate(zip(self.modalities, xs))], dim=1)
         return self.attention(emb, mask)
 
     def forward(self, xs: Sequence[Tensor], mask: Tensor, edge_index: Tensor, edge_weight: Tensor

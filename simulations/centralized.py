@@ -59,7 +59,7 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
             progress.console.print(f"seed {seed}: test MCC {metrics['mcc']:.3f}  acc {metrics['acc']:.3f}")
     wall = time.perf_counter() - t0
     summary = summarize(per_seed)
-    title = f"MAGNET centralized on {info.get('cohort')} ({len(seeds)} seeds, preset {preset.name})"
+    title = f"MAGNET centralized on {'generated cohort' if generated else Path(data).name} ({len(seeds)} seeds, preset {preset.name})"
     if generated:
         title += f" — {GENERATED_NOTICE}"
     print_summary(title, {"centralized": summary})

@@ -202,3 +202,18 @@ def test_kl_is_zero_when_embedding_similarity_matches_and_loss_combines():
     total, parts = magnet_loss(logits, y, ei, torch.tensor([0.9, 0.1]), emb, kl_weight=0.1)
     assert float(total) == pytest.approx(parts["ce"] + 0.1 * parts["kl"], rel=1e-6)
     assert parts["kl"] > 0
+
+
+def test_nan_in_rows_of_missing_modalities_is_ignored():
+    torch.manual_seed(0)
+    xs, mask = _random_modalities(n=20, seed=5)
+    missing = torch.nonzero(~mask[:, 1]).flatten()
+    assert len(missing) > 0
+    dirty = [x.clone() for x in xs]
+    dirty[1][missing] = float("nan")
+    torch.testing.assert_close(masked_cosine_similarity(dirty, mask), masked_cosine_similarity(xs, mask))
+    model = MAGNET({f"m{i}": x.size(1) for i, x in enumerate(xs)}, 2, ModelConfig(hidden=8, heads=2)).eval()
+    g = build_patient_graph(xs, mask, None, 0.5)
+    clean_logits, _ = model(xs, mask, g.edge_index, g.edge_weight)
+    dirty_logits, _ = model(dirty, mask, g.edge_index, g.edge_weight)
+    torch.testing.assert_close(dirty_logits, clean_logits)
