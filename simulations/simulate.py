@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="ov", choices=sorted(PRESETS))
     p.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
                    help="flower: Flower's simulation engine (Ray); inprocess: same code, no transport")
+    p.add_argument("--ray-address", default=None,
+                   help="HOST:PORT of an existing Ray cluster for --engine flower (default: start a local one)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--out", type=Path, required=True)
@@ -91,6 +93,7 @@ class RunSpec:
     modalities: str = ""  # comma-separated subset ("" = all)
     engine: str = "inprocess"
     out_dir: Path = Path("runs/simulate")
+    ray_address: str | None = None
 
 
 def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tuple[dict, list, dict]:
@@ -128,7 +131,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
                               scenario=spec.scenario, modalities=spec.modalities, min_sites=len(sites),
                               out_dir=str(spec.out_dir / "runs" / f"{method}-seed{spec.seed}"))
         t0 = time.perf_counter()
-        history = run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1))
+        history = run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1), ray_address=spec.ray_address)
         seconds[method] = time.perf_counter() - t0
         results[method] = history[-1]["global"]
         results[method + "_server"] = history[-1].get("server", {})
@@ -145,13 +148,14 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
 def run_seed(args: argparse.Namespace, seed: int, methods: list[str], progress: Progress, task) -> tuple[dict, list]:
     spec = RunSpec(data_path=str(args.data) if args.data else "", scenario=args.scenario, seed=seed,
                    preset=args.preset, rounds=args.rounds, local_epochs=args.local_epochs, engine=args.engine,
-                   out_dir=args.out)
+                   out_dir=args.out, ray_address=args.ray_address)
     progress.update(task, description=f"seed {seed}")
     results, rounds, _ = run_methods(spec, methods, advance=lambda n: progress.advance(task, n))
     return results, rounds
 
 
-def run_engine(engine: str, cfg: FederatedConfig, num_sites: int, on_round) -> list[dict]:
+def run_engine(engine: str, cfg: FederatedConfig, num_sites: int, on_round, ray_address: str | None = None
+               ) -> list[dict]:
     from server import app as server_app
 
     from .engine import run_flower, run_inprocess
@@ -160,7 +164,7 @@ def run_engine(engine: str, cfg: FederatedConfig, num_sites: int, on_round) -> l
         return run_inprocess(cfg, num_sites, on_round=on_round)[1]
     server_app.ROUND_CALLBACKS.append(on_round)
     try:
-        return run_flower(cfg, num_sites)[1]
+        return run_flower(cfg, num_sites, ray_address=ray_address)[1]
     finally:
         server_app.ROUND_CALLBACKS.remove(on_round)
 
