@@ -177,7 +177,7 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
     paths = []
     numeric = pd.to_numeric(summary["x"], errors="coerce").notna().all()
     groups = [g for g in summary["group"].unique()]
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(5.2 * len(groups), 8.5), 4.3), squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups):
         sub = summary[summary["group"] == group]
         cells = list(dict.fromkeys(sub["cell"]))
