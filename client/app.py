@@ -7,11 +7,12 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Error, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Error, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from magnet_core.config import get_preset
 from magnet_core.data import DataError
+from server.strategy import to_numpy, to_record  # the one ArrayRecord <-> numpy conversion
 
 from .site import SiteRuntime
 
@@ -59,14 +60,6 @@ def site_for(config: ConfigRecord, context: Context) -> SiteRuntime:
     return _SITES[key]
 
 
-def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def numpy_to_arrays(params: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
-
-
 DATA_ERROR_CODE = 4001  # the site's data failed validation; the reason names the file and the problem
 
 
@@ -84,12 +77,12 @@ def train(msg: Message, context: Context) -> Message:
     except DataError as exc:
         return data_error_reply(msg, exc)
     preset = get_preset(str(config["preset"]))
-    params, stats = site.fit(arrays_to_numpy(msg.content["arrays"]), preset.train, int(config["local-epochs"]),
+    params, stats = site.fit(to_numpy(msg.content["arrays"]), preset.train, int(config["local-epochs"]),
                              int(config["server-round"]), int(config["seed"]))
     params = poison_for_testing(params, context)
     metrics = {"num-examples": site.train.n, "loss": float(stats.get("loss", float("nan")))}
     metrics.update({f"count-{m}": c for m, c in site.modality_counts.items()})
-    content = RecordDict({"arrays": numpy_to_arrays(params), "metrics": MetricRecord(metrics),
+    content = RecordDict({"arrays": to_record(params), "metrics": MetricRecord(metrics),
                           "site": ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)
 
@@ -115,7 +108,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         site = site_for(config, context)
     except DataError as exc:
         return data_error_reply(msg, exc)
-    counts = site.evaluate_counts(arrays_to_numpy(msg.content["arrays"]), int(config.get("histogram-bins", 1000)))
+    counts = site.evaluate_counts(to_numpy(msg.content["arrays"]), int(config.get("histogram-bins", 1000)))
     metrics: dict = {"num-examples": counts.num}
     for group, cm in counts.confusion.items():
         metrics[f"cm-{group}"] = cm.astype(np.int64).ravel().tolist()
