@@ -34,8 +34,9 @@ class ModelSpec:
 
 def collect(grid: Grid, messages: Iterable[Message], timeout: float, min_replies: int,
             grace: float = 30.0) -> list[Message]:
-    """Send and wait for replies; stop at ``timeout``, or ``grace`` seconds after ``min_replies`` have arrived
-    (so one dead site delays a round by at most ``grace`` once enough sites have answered)."""
+    """Send and wait for replies; stop at ``timeout``, or ``grace`` seconds after ``min_replies`` successful
+    replies have arrived (so one dead site delays a round by at most ``grace`` once enough sites have answered;
+    error replies, e.g. the SuperLink's for a node that went away, are returned but do not count)."""
     ids = set(grid.push_messages(list(messages)))
     replies: list[Message] = []
     start, enough_at = time.monotonic(), None
@@ -44,7 +45,7 @@ def collect(grid: Grid, messages: Iterable[Message], timeout: float, min_replies
             replies.append(msg)
             ids.discard(msg.metadata.reply_to_message_id)
         now = time.monotonic()
-        if enough_at is None and len(replies) >= min_replies:
+        if enough_at is None and sum(not m.has_error() for m in replies) >= min_replies:
             enough_at = now
         if not ids or now - start > timeout or (enough_at is not None and now - enough_at > grace):
             break

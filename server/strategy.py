@@ -29,10 +29,14 @@ def to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def _site_name(msg: Message) -> str:
-    try:
-        return str(msg.content["site"]["name"])
-    except KeyError:
-        return f"node{msg.metadata.src_node_id}"
+    """The site's name from its reply; ``node<id>`` for error replies (a site's failure, or the SuperLink's
+    reply for a node that went away), which carry no content."""
+    if not msg.has_error() and msg.has_content():
+        try:
+            return str(msg.content["site"]["name"])
+        except (KeyError, TypeError, ValueError):
+            pass
+    return f"node{msg.metadata.src_node_id}"
 
 
 @dataclasses.dataclass
@@ -130,7 +134,7 @@ class MagnetFedAvg(FedAvg):
                 continue
             try:
                 sites.append(parse_eval_counts(site, msg.content["metrics"]))
-            except (KeyError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError) as exc:
                 log(WARNING, "round %d: ignoring malformed evaluation from %s (%s)", server_round, site, exc)
         if not sites:
             return None

@@ -85,6 +85,22 @@ def _rounds_done(out: Path) -> int:
         return 0
 
 
+def _dump_logs(procs: Processes, env: dict, scope: dict) -> None:
+    """On failure, print what the processes logged so that a failure in CI can be diagnosed from its output."""
+    for name in ["superlink", "supernode-a", "supernode-b", "supernode-c"]:
+        path = procs.logdir / f"{name}.log"
+        if path.exists():
+            lines = path.read_text(errors="replace").splitlines()
+            print(f"----- last 60 lines of {name}.log -----", *lines[-60:], sep="\n")
+    for var in ("run_id", "run2"):
+        if var in scope:
+            try:
+                shown = _run(["flwr", "log", scope[var], "consortium", "--show"], env, timeout=60)
+            except subprocess.TimeoutExpired:
+                continue
+            print(f"----- flwr log {var} -----", *shown.stdout.splitlines()[-80:], sep="\n")
+
+
 def _prepare_sites(data_root: Path, work: Path) -> tuple[list[Path], Path]:
     """Three site folders from the (already normalised) mixOmics cohort, and a manifest of its features."""
     from magnet_core.manifest import ConsortiumManifest, ModalitySpec
@@ -179,6 +195,9 @@ def test_deployment_on_loopback(data_root, tmp_path):
         run2 = re.search(r"run (\d+)", resumed.stdout).group(1)
         _wait(lambda: (out / "history.json").exists(), 480, "the resumed run to finish")
         log2 = _run(["flwr", "log", run2, "consortium", "--show"], env).stdout
+    except BaseException:
+        _dump_logs(procs, env, locals())
+        raise
     finally:
         procs.stop_all()
 

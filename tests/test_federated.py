@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -79,6 +80,95 @@ def test_norm_outliers_flag_a_huge_update_even_with_two_sites():
     norms = {"a": update_norm(glob, _params(1, 1, 1)), "b": update_norm(glob, _params(1e4, 1e4, 1e4))}
     assert set(norm_outliers(norms)) == {"b"}
     assert norm_outliers({"a": 1.0, "b": 1.5, "c": 0.9}) == {}
+
+
+def _instruction(node: int, kind: str):
+    from flwr.app import Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    msg = Message(RecordDict(), node, kind)
+    msg.metadata.__dict__["_message_id"] = f"instruction-{node}-{kind}"
+    return msg
+
+
+def _reply(instruction, content: dict | None = None, error: str | None = None):
+    from flwr.app import Error, Message, RecordDict
+
+    if error is not None:
+        reply = Message(Error(code=0, reason=error), reply_to=instruction)
+    else:
+        reply = Message(RecordDict(content or {}), reply_to=instruction)
+    reply.metadata.__dict__["_src_node_id"] = instruction.metadata.dst_node_id
+    return reply
+
+
+def test_error_replies_are_reported_as_failures_not_crashes():
+    """A site's error reply (bad data, a crash, or the SuperLink's reply for a node that went away) has no content;
+    the round goes on with the other sites and the failure is recorded under the node id."""
+    from flwr.app import ConfigRecord, MetricRecord
+
+    from server.strategy import MagnetFedAvg, to_record
+
+    strategy = MagnetFedAvg(FederatedConfig(min_sites=1), ["mRNA", "miRNA"])
+    strategy.current = _params(0, 0, 0)
+    good = _reply(_instruction(1, "train"), {
+        "arrays": to_record(_params(1, 1, 1)), "site": ConfigRecord({"name": "site-a"}),
+        "metrics": MetricRecord({"num-examples": 10, "count-mRNA": 10, "count-miRNA": 5, "loss": 0.5})})
+    failed = _reply(_instruction(2, "train"), error="node unavailable")
+    new, _ = strategy.aggregate_train(1, [failed, good])
+    np.testing.assert_allclose(new["attention.att"].numpy(), 1.0)
+    assert strategy.report.accepted == ["site-a"] and strategy.report.failed == {"node2": "node unavailable"}
+
+    cm = MetricRecord({"cm-all": [3, 1, 2, 4]})
+    evaluated = _reply(_instruction(1, "evaluate"), {"metrics": cm, "site": ConfigRecord({"name": "site-a"})})
+    metrics = strategy.aggregate_evaluate(1, [_reply(_instruction(2, "evaluate"), error="crashed"), evaluated])
+    assert metrics["acc"] == pytest.approx(0.7)
+    assert set(strategy.report.site_metrics) == {"site-a"}
+
+
+class _ScriptedGrid:
+    """A grid whose replies arrive at scripted times: {node: (seconds, error or None)}."""
+
+    def __init__(self, script: dict[int, tuple[float, str | None]]):
+        self.script, self.sent, self.t0 = script, {}, 0.0
+
+    def push_messages(self, messages):
+        import time
+
+        self.t0 = time.monotonic()
+        self.sent = {m.metadata.message_id: m for m in messages}
+        return list(self.sent)
+
+    def pull_messages(self, ids):
+        import time
+
+        now = time.monotonic() - self.t0
+        out = []
+        for mid in ids:
+            msg = self.sent[mid]
+            delay, error = self.script[msg.metadata.dst_node_id]
+            if now >= delay:
+                out.append(_reply(msg, {} if error is None else None, error))
+        return out
+
+
+def test_collect_waits_for_enough_successful_replies_and_bounds_stragglers():
+    from server.loop import collect
+
+    def instructions():
+        return [_instruction(n, "train") for n in (1, 2, 3)]
+
+    # node 3 is gone: the SuperLink's error reply arrives at once and must not count towards min_replies
+    grid = _ScriptedGrid({1: (0.0, None), 2: (0.6, None), 3: (0.0, "node unavailable")})
+    replies = collect(grid, instructions(), timeout=5.0, min_replies=2, grace=0.2)
+    assert sorted(m.metadata.src_node_id for m in replies if not m.has_error()) == [1, 2]
+    # a straggler delays the round by at most `grace` once enough sites answered
+    grid = _ScriptedGrid({1: (0.0, None), 2: (0.0, None), 3: (60.0, None)})
+    start = time.monotonic()
+    replies = collect(grid, instructions(), timeout=30.0, min_replies=2, grace=0.3)
+    assert len(replies) == 2 and time.monotonic() - start < 5.0
 
 
 def test_pooled_metrics_equal_pooled_predictions_and_differ_from_mean_of_site_mccs(ov_path):
