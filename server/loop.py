@@ -33,11 +33,18 @@ class ModelSpec:
 
 
 def collect(grid: Grid, messages: Iterable[Message], timeout: float, min_replies: int,
-            grace: float = 30.0) -> list[Message]:
+            grace: float = 30.0, destinations: dict[str, int] | None = None) -> list[Message]:
     """Send and wait for replies; stop at ``timeout``, or ``grace`` seconds after ``min_replies`` successful
     replies have arrived (so one dead site delays a round by at most ``grace`` once enough sites have answered;
-    error replies, e.g. the SuperLink's for a node that went away, are returned but do not count)."""
-    ids = set(grid.push_messages(list(messages)))
+    error replies, e.g. the SuperLink's for a node that went away, are returned but do not count).
+    ``destinations``, if given, receives message id -> addressed node for every message sent."""
+    messages = list(messages)
+    pushed = list(grid.push_messages(messages))  # the grid sets each message's id
+    if destinations is not None:
+        destinations.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages})
+    ids = {mid for mid in pushed if mid}
+    if len(ids) < len(messages):
+        log(WARNING, "%d message(s) could not be sent", len(messages) - len(ids))
     replies: list[Message] = []
     start, enough_at = time.monotonic(), None
     while ids:
@@ -115,12 +122,14 @@ def run_federation(
     for rnd in range(start, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
         msgs = strategy.configure_train(rnd, to_record(params), ConfigRecord(dict(base)), grid)
-        new, _ = strategy.aggregate_train(rnd, collect(grid, msgs, cfg.round_timeout, cfg.min_sites, grace))
+        replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, grace, magnet.destinations)
+        new, _ = strategy.aggregate_train(rnd, replies)
         if new is not None:
             params = to_numpy(new)
         t_train = time.perf_counter() - t0
         msgs = strategy.configure_evaluate(rnd, to_record(params), ConfigRecord(dict(base)), grid)
-        strategy.aggregate_evaluate(rnd, collect(grid, msgs, cfg.round_timeout, cfg.min_sites, grace))
+        replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, grace, magnet.destinations)
+        strategy.aggregate_evaluate(rnd, replies)
         rep = magnet.report
         record = {"round": rnd, "train_seconds": t_train, "seconds": time.perf_counter() - t0,
                   "accepted": rep.accepted, "rejected": rep.rejected, "failed": rep.failed,

@@ -28,15 +28,19 @@ def to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
 
 
-def _site_name(msg: Message) -> str:
-    """The site's name from its reply; ``node<id>`` for error replies (a site's failure, or the SuperLink's
-    reply for a node that went away), which carry no content."""
+def _site_name(msg: Message, destinations: dict[str, int] | None = None) -> str:
+    """The site's name from its reply; ``node<id>`` of the addressed node for error replies (a site's failure, or
+    the SuperLink's reply for a node that went away, whose sender is the SuperLink), which carry no content."""
     if not msg.has_error() and msg.has_content():
         try:
             return str(msg.content["site"]["name"])
         except (KeyError, TypeError, ValueError):
             pass
-    return f"node{msg.metadata.src_node_id}"
+    return f"node{_node_id(msg, destinations)}"
+
+
+def _node_id(msg: Message, destinations: dict[str, int] | None = None) -> int:
+    return (destinations or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
 
 @dataclasses.dataclass
@@ -66,19 +70,22 @@ class MagnetFedAvg(FedAvg):
         self.modalities = modalities
         self.current: dict[str, np.ndarray] = {}
         self.report = RoundReport()
+        # message id -> addressed node, filled by `server.loop.collect` (error replies may come from the SuperLink)
+        self.destinations: dict[str, int] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         self.current = to_numpy(arrays)
         self.report = RoundReport()
+        self.destinations.clear()
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, drop bad ones (logged with node id), aggregate the rest."""
         candidates: list[tuple[SiteUpdate, int, float]] = []
-        for msg in sorted(replies, key=_site_name):
-            node, site = msg.metadata.src_node_id, _site_name(msg)
+        for msg in sorted(replies, key=self._site):
+            node, site = _node_id(msg, self.destinations), self._site(msg)
             if msg.has_error():
                 self.report.failed[site] = str(msg.error.reason)
                 log(WARNING, "round %d: node %d (%s) failed: %s", server_round, node, site, msg.error.reason)
@@ -120,6 +127,9 @@ class MagnetFedAvg(FedAvg):
             metrics["train-loss"] = self.report.train_loss
         return to_record(new), metrics
 
+    def _site(self, msg: Message) -> str:
+        return _site_name(msg, self.destinations)
+
     def _reject(self, server_round: int, node: int, site: str, reason: str) -> None:
         self.report.rejected[site] = reason
         log(WARNING, "round %d: REJECTED update from node %d (%s): %s", server_round, node, site, reason)
@@ -127,8 +137,8 @@ class MagnetFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Sum confusion matrices / histograms over sites: metrics exactly as if test patients were pooled."""
         sites = []
-        for msg in sorted(replies, key=_site_name):
-            site = _site_name(msg)
+        for msg in sorted(replies, key=self._site):
+            site = self._site(msg)
             if msg.has_error():
                 self.report.failed.setdefault(site, str(msg.error.reason))
                 continue

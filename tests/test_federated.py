@@ -117,6 +117,8 @@ def test_error_replies_are_reported_as_failures_not_crashes():
         "arrays": to_record(_params(1, 1, 1)), "site": ConfigRecord({"name": "site-a"}),
         "metrics": MetricRecord({"num-examples": 10, "count-mRNA": 10, "count-miRNA": 5, "loss": 0.5})})
     failed = _reply(_instruction(2, "train"), error="node unavailable")
+    failed.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node that went away
+    strategy.destinations = {"instruction-2-train": 2}  # filled by server.loop.collect
     new, _ = strategy.aggregate_train(1, [failed, good])
     np.testing.assert_allclose(new["attention.att"].numpy(), 1.0)
     assert strategy.report.accepted == ["site-a"] and strategy.report.failed == {"node2": "node unavailable"}
@@ -138,7 +140,7 @@ class _ScriptedGrid:
         import time
 
         self.t0 = time.monotonic()
-        self.sent = {m.metadata.message_id: m for m in messages}
+        self.sent = {m.metadata.message_id: m for m in messages}  # ids set by _instruction, as a grid would
         return list(self.sent)
 
     def pull_messages(self, ids):
@@ -162,8 +164,10 @@ def test_collect_waits_for_enough_successful_replies_and_bounds_stragglers():
 
     # node 3 is gone: the SuperLink's error reply arrives at once and must not count towards min_replies
     grid = _ScriptedGrid({1: (0.0, None), 2: (0.6, None), 3: (0.0, "node unavailable")})
-    replies = collect(grid, instructions(), timeout=5.0, min_replies=2, grace=0.2)
+    destinations = {}
+    replies = collect(grid, instructions(), timeout=5.0, min_replies=2, grace=0.2, destinations=destinations)
     assert sorted(m.metadata.src_node_id for m in replies if not m.has_error()) == [1, 2]
+    assert destinations == {f"instruction-{n}-train": n for n in (1, 2, 3)}
     # a straggler delays the round by at most `grace` once enough sites answered
     grid = _ScriptedGrid({1: (0.0, None), 2: (0.0, None), 3: (60.0, None)})
     start = time.monotonic()
