@@ -208,7 +208,9 @@ def test_deployment_on_loopback(data_root, tmp_path):
         # the killed site rejoins with the same key once the SuperLink has marked it offline (<= ~60 s)
         _rejoin(procs, "supernode-b", supernode_command(bundles["b"], sites[1], manifest, _free_port()), 240)
 
-        resumed = _run(["flwr", "run", str(REPO), "consortium", "--run-config", run_config + " resume=true"], env)
+        # all three sites are up again: the resumed run waits for all of them (no straggler cut-off for site-b)
+        resumed_config = run_config.replace("min-sites=2", "min-sites=3") + " resume=true"
+        resumed = _run(["flwr", "run", str(REPO), "consortium", "--run-config", resumed_config], env)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         run2 = re.search(r"run (\d+)", resumed.stdout).group(1)
         _wait(lambda: (out / "history.json").exists(), 480, "the resumed run to finish")
