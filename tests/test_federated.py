@@ -82,13 +82,14 @@ def test_norm_outliers_flag_a_huge_update_even_with_two_sites():
     assert norm_outliers({"a": 1.0, "b": 1.5, "c": 0.9}) == {}
 
 
-def _instruction(node: int, kind: str):
+def _instruction(node: int, kind: str, content: dict | None = None):
+    """A server message to ``node`` as a grid would push it (its id set), outside any Flower run."""
     from flwr.app import Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    msg = Message(RecordDict(), node, kind)
+    msg = Message(RecordDict(content or {}), node, kind)
     msg.metadata.__dict__["_message_id"] = f"instruction-{node}-{kind}"
     return msg
 
@@ -225,16 +226,13 @@ def test_scenario_rules_and_errors(tmp_path, ov_path):
 
 def test_no_patient_level_data_in_replies(ov_path):
     """Every reply holds model arrays, counts and fixed-size summaries only."""
-    from flwr.app import Context, Message, RecordDict
+    from flwr.app import Context, RecordDict
 
     from client.app import app as client_app
     from server.loop import ModelSpec, initial_params
     from server.strategy import to_record
     from flwr.app import ConfigRecord
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     cohort, sites = load_consortium(str(ov_path), "iid-2", 10)
     cfg = FederatedConfig(seed=10, data_path=str(ov_path), scenario="iid-2", local_epochs=1)
     params = initial_params(ModelSpec({m: cohort.X[m].shape[1] for m in cohort.modalities}, 2), cfg)
@@ -244,8 +242,7 @@ def test_no_patient_level_data_in_replies(ov_path):
     conf = {"preset": "ov", "seed": 10, "local-epochs": 1, "data-path": str(ov_path), "scenario": "iid-2",
             "server-round": 1, "histogram-bins": 1000}
     for kind in ("train", "evaluate"):
-        msg = Message(RecordDict({"arrays": to_record(params), "config": ConfigRecord(conf)}), 1, kind)
-        msg.metadata.__dict__["_message_id"] = "m1"
+        msg = _instruction(1, kind, {"arrays": to_record(params), "config": ConfigRecord(conf)})
         reply = client_app(msg, ctx)
         content = reply.content
         if kind == "train":
@@ -346,14 +343,11 @@ def test_differential_privacy_clips_and_adds_noise(ov_path, tmp_path, caplog):
 def test_site_with_invalid_data_replies_a_clear_error(tmp_path, data_root):
     """Deployment-style node_config: the ClientApp validates the site's folder and replies an error, no crash."""
     import pandas as pd
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import ConfigRecord, Context, RecordDict
 
     from client.app import DATA_ERROR_CODE, app as client_app
     from magnet_core.manifest import ConsortiumManifest, ModalitySpec
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     root = data_root / "tcga-brca-mixomics"
     site = tmp_path / "site"
     site.mkdir()
@@ -365,9 +359,8 @@ def test_site_with_invalid_data_replies_a_clear_error(tmp_path, data_root):
     path = manifest.save(tmp_path / "manifest.toml")
     ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(site), "manifest": str(path)},
                   state=RecordDict(), run_config={})
-    msg = Message(RecordDict({"config": ConfigRecord({"preset": "brca", "seed": 1, "local-epochs": 1,
-                                                      "server-round": 1})}), 7, "train")
-    msg.metadata.__dict__["_message_id"] = "m1"
+    msg = _instruction(7, "train", {"config": ConfigRecord({"preset": "brca", "seed": 1, "local-epochs": 1,
+                                                             "server-round": 1})})
     reply = client_app(msg, ctx)
     assert reply.has_error() and reply.error.code == DATA_ERROR_CODE
     assert "not in the manifest's order" in reply.error.reason and "mRNA.csv" in reply.error.reason
