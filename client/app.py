@@ -14,7 +14,7 @@ from magnet_core.config import get_preset
 from magnet_core.data import DataError
 from server.strategy import to_numpy, to_record  # the one ArrayRecord <-> numpy conversion
 
-from .site import SiteRuntime
+from magnet_core.site import SiteRuntime
 
 def optional_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower's ``fixedclipping_mod`` when the server asks for clipping (differential privacy on), else a no-op."""
@@ -39,7 +39,7 @@ def site_for(config: ConfigRecord, context: Context) -> SiteRuntime:
     seed = int(config["seed"])
     node = context.node_config
     if "data-dir" in node:
-        from .site_validation import load_site_cohort  # deployment only
+        from magnet_core.site_validation import load_site_cohort  # deployment only
         from magnet_core.manifest import ConsortiumManifest
 
         key = ("dir", str(node["data-dir"]), str(node.get("manifest", "")), seed, preset.name)
@@ -49,7 +49,7 @@ def site_for(config: ConfigRecord, context: Context) -> SiteRuntime:
             name = str(node.get("site-name", f"node{context.node_id}"))
             _SITES[key] = SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity)
         return _SITES[key]
-    from simulations.consortium import load_consortium
+    from magnet_core.consortium import load_consortium
 
     pid = int(node["partition-id"])
     modalities = str(config.get("modalities", ""))

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from magnet_core.manifest import ConsortiumManifest
 
-from .site_validation import SiteReport, validate_site
+from magnet_core.site_validation import SiteReport, validate_site
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

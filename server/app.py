@@ -28,7 +28,7 @@ def model_spec_and_evaluator(cfg: FederatedConfig):
         manifest = ConsortiumManifest.load(cfg.manifest)
         spec = ModelSpec({m.name: len(m.features) for m in manifest.modalities}, manifest.num_classes)
         return spec, None
-    from simulations.consortium import load_consortium
+    from magnet_core.consortium import load_consortium
 
     from .evaluation import held_out_evaluator
 

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         cmd = superlink_command(args.pki, args.state, args.host, args.port)
     else:
         if not args.skip_validation:
-            from client.site_validation import validate_site
+            from magnet_core.site_validation import validate_site
             from magnet_core.manifest import ConsortiumManifest
 
             report, _ = validate_site(args.data, ConsortiumManifest.load(args.manifest))

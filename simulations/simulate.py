@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client.site import SiteRuntime
+from magnet_core.site import SiteRuntime
 from magnet_core.aggregate import EvalCounts, pooled_metrics
 from magnet_core.config import PRESETS, Preset, get_preset
 from magnet_core.data import Cohort
@@ -22,9 +22,9 @@ from magnet_core.train import make_optimizer, train_epochs
 from server.config import FederatedConfig
 
 from .cli import existing_dir, parse_seeds
-from .consortium import load_consortium
+from magnet_core.consortium import load_consortium
 from .reporting import console, print_summary, write_json
-from .scenarios import load_scenario
+from magnet_core.scenarios import load_scenario
 
 METHODS = ("federated", "centralized", "local_only", "fedavg_plain")
 ROUND_FIELDS = ("method", "seed", "round", "mcc", "acc", "f1", "auroc", "auprc", "server_mcc", "train_loss",

@@ -20,7 +20,7 @@ from magnet_core.data import DataError, detect_layout
 
 from .cli import existing_dir
 from .reporting import console, write_json
-from .scenarios import Scenario
+from magnet_core.scenarios import Scenario
 from .simulate import METHODS, RunSpec, run_methods
 
 BUILTIN_DIR = Path(__file__).parent / "studies"

@@ -16,8 +16,8 @@ from magnet_core.aggregate import (
 from magnet_core.config import get_preset
 from magnet_core.metrics import metrics_from_confusion
 from server.config import FederatedConfig
-from simulations.consortium import load_consortium
-from simulations.scenarios import Scenario, build_consortium, load_scenario
+from magnet_core.consortium import load_consortium
+from magnet_core.scenarios import Scenario, build_consortium, load_scenario
 
 
 def _params(enc_a: float, enc_b: float, shared: float) -> dict[str, np.ndarray]:
@@ -177,7 +177,7 @@ def test_collect_waits_for_enough_successful_replies_and_bounds_stragglers():
 
 
 def test_pooled_metrics_equal_pooled_predictions_and_differ_from_mean_of_site_mccs(ov_path):
-    from client.site import SiteRuntime
+    from magnet_core.site import SiteRuntime
 
     preset = get_preset("ov")
     _, sites = load_consortium(str(ov_path), "iid-3", 10)

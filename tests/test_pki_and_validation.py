@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from client.site_validation import load_site_cohort, validate_site
+from magnet_core.site_validation import load_site_cohort, validate_site
 from magnet_core.data import DataError, load_cohort_dir
 from magnet_core.manifest import ConsortiumManifest, ModalitySpec
 from server.pki import init_ca, issue_server_cert, make_site

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.site_validation import load_site_cohort, validate_site
+from magnet_core.site_validation import load_site_cohort, validate_site
 from magnet_core.data import DataError
 from magnet_core.manifest import ConsortiumManifest
 from magnet_core.preprocess import STAT_FIELDS, PrepareConfig, load_raw_site_dir, prepare_pooled_decisions
