@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .data import DataError
 
+DEFAULT_MIN_COUNT = 5  # the consortium's minimum number of patients behind anything a site releases
+MIN_COUNT_FLOOR = 3  # a manifest may not set k below this
+
 
 class ModalitySpec(BaseModel):
     """One modality: its feature names in the order the model expects, and optional preprocessing."""
@@ -49,6 +52,9 @@ class ConsortiumManifest(BaseModel):
     modalities: list[ModalitySpec] = Field(min_length=1)
     missing_feature: Literal["error", "impute"] = Field(
         "error", description="a site lacking a listed feature: refuse, or fill it with impute_means")
+    min_count: int = Field(
+        DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,
+        description="k: a site releases no statistic that describes fewer than k patients")
 
     @model_validator(mode="after")
     def _unique_modalities(self) -> "ConsortiumManifest":
