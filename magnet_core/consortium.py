@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
+from magnet_core.contract import Enrolment, SiteFacts
 from magnet_core.data import Cohort, load_for_seed
 from magnet_core.synthetic import make_generated_cohort
 
@@ -26,6 +28,22 @@ def load_consortium(data_path: str, scenario: str, seed: int, modalities: str = 
         cohort = load_for_seed(data_path, seed, modalities=wanted, log=_quiet)
     sites = build_consortium(cohort, load_scenario(scenario), seed, log=_quiet)
     return cohort, tuple(sites)
+
+
+def site_name(partition_id: int) -> str:
+    """The name of simulated site ``partition_id``."""
+    return f"site{partition_id}"
+
+
+def enrolment_of(sites: Sequence[Cohort]) -> Enrolment:
+    """What each simulated site enrols with: its training (train + val) and test patients, per modality."""
+    facts = {}
+    for pid, site in enumerate(sites):
+        train = site.split_indices("train", "val")
+        facts[site_name(pid)] = SiteFacts(
+            train=int(train.size), test=int(site.split_indices("test").size),
+            modalities={m: int(site.mask[train, j].sum()) for j, m in enumerate(site.modalities)})
+    return Enrolment(sites=facts)
 
 
 def select_modalities(cohort: Cohort, wanted: list[str]) -> Cohort:

@@ -12,6 +12,9 @@ from .data import DataError
 
 DEFAULT_MIN_COUNT = 5  # the consortium's minimum number of patients behind anything a site releases
 MIN_COUNT_FLOOR = 3  # a manifest may not set k below this
+DEFAULT_MAX_ABSENT_FEATURES = 0.1  # a site may lack (and fill) at most this share of a modality's features
+DEFAULT_SCALE_TOLERANCE = 1.0  # prepared values may lie this far outside [0, 1] (test patients are not clipped)
+DEFAULT_MAX_OUT_OF_RANGE = 0.01  # share of a modality's cells allowed beyond that tolerance
 
 
 class ModalitySpec(BaseModel):
@@ -41,6 +44,16 @@ class ModalitySpec(BaseModel):
         return self
 
 
+class EnrolledSite(BaseModel):
+    """What a site enrolled with (from its validate-site report): upper bounds the coordinator checks replies by."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train: int = Field(ge=0, strict=True, description="training patients (train + validation split)")
+    test: int = Field(ge=0, strict=True, description="test patients")
+    modalities: dict[str, int] = Field(default_factory=dict, description="training patients holding each modality")
+
+
 class ConsortiumManifest(BaseModel):
     """What every site's data must look like before it may train with the consortium."""
 
@@ -52,9 +65,22 @@ class ConsortiumManifest(BaseModel):
     modalities: list[ModalitySpec] = Field(min_length=1)
     missing_feature: Literal["error", "impute"] = Field(
         "error", description="a site lacking a listed feature: refuse, or fill it with impute_means")
+    max_absent_features: float = Field(
+        DEFAULT_MAX_ABSENT_FEATURES, ge=0, le=1,
+        description="with missing_feature = 'impute': refuse a site lacking more than this share of a modality's "
+                    "features (a renamed or another consortium's file would otherwise be all consortium means)")
+    scale_tolerance: float = Field(
+        DEFAULT_SCALE_TOLERANCE, ge=0,
+        description="prepared (min-max scaled) values may lie this far outside [0, 1]")
+    max_out_of_range: float = Field(
+        DEFAULT_MAX_OUT_OF_RANGE, ge=0, le=1,
+        description="refuse a modality with more than this share of cells beyond scale_tolerance (raw, unscaled "
+                    "values); fewer are reported as a warning")
     min_count: int = Field(
         DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,
         description="k: a site releases no statistic that describes fewer than k patients")
+    sites: dict[str, EnrolledSite] = Field(
+        default_factory=dict, description="enrolled sites by name; replies are bounded by these counts")
 
     @model_validator(mode="after")
     def _unique_modalities(self) -> "ConsortiumManifest":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -34,15 +35,19 @@ class SiteRuntime:
     def modality_counts(self) -> dict[str, int]:
         return self.train.modality_counts(self.cohort.modalities)
 
-    def set_params(self, params: dict[str, np.ndarray]) -> None:
-        state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in params.items()}
+    def set_params(self, params: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        """Load weights given as numpy arrays or tensors (copied; the caller's objects are not shared)."""
+        state = {k: torch.as_tensor(np.asarray(v)).clone() for k, v in params.items()}
         self.model.load_state_dict(state, strict=True)
 
     def get_params(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
 
-    def fit(self, params: dict[str, np.ndarray], cfg: TrainConfig, local_epochs: int, server_round: int,
-            seed: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def fit(self, params: Mapping[str, np.ndarray | torch.Tensor], cfg: TrainConfig, local_epochs: int,
+            server_round: int, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Train ``local_epochs`` from the global ``params``. The learning rate follows the global StepLR
         schedule ((round - 1) * local_epochs epochs done so far); the RNG is seeded by (seed, round, site)."""
         self.set_params(params)
@@ -51,11 +56,12 @@ class SiteRuntime:
         opt, _ = make_optimizer(self.model, cfg.model_copy(update={"lr": lr}))
         torch.manual_seed(seed * 100_003 + server_round * 1_009 + _stable_hash(self.name))
         if self.train.n == 0:
-            return self.get_params(), {"loss": float("nan")}
+            return self.get_state(), {"loss": float("nan")}
         stats = train_epochs(self.model, self.train, cfg, local_epochs, optimizer=opt, scheduler=None)
-        return self.get_params(), stats
+        return self.get_state(), stats
 
-    def evaluate_counts(self, params: dict[str, np.ndarray], bins: int = DEFAULT_BINS) -> EvalCounts:
+    def evaluate_counts(self, params: Mapping[str, np.ndarray | torch.Tensor], bins: int = DEFAULT_BINS
+                        ) -> EvalCounts:
         """Confusion matrices (all / paired / unpaired test patients) and binary score histograms."""
         self.set_params(params)
         c = self.cohort.num_classes

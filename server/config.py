@@ -1,14 +1,18 @@
-"""The federated run configuration: one pydantic model read once from Flower's run config."""
+"""The federated run configuration: one pydantic model read once from Flower's run config (its defaults are the
+project's defaults; pyproject's [tool.flwr.app.config] mirrors them and a test keeps the two equal)."""
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-ENV_OVERRIDE = "MAGNET_FL_RUN_CONFIG"  # JSON with run-config keys; used by `magnet-fl simulate`
+from magnet_core.contract import MAX_HISTOGRAM_BINS, fingerprint
+from magnet_core.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
+
+
+class RunConfigError(ValueError):
+    """The run configuration is invalid, or does not match the run it should resume."""
 
 
 class FederatedConfig(BaseModel):
@@ -16,39 +20,56 @@ class FederatedConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_server_rounds: int = Field(20, ge=1)
-    local_epochs: int = Field(10, ge=1)
+    num_server_rounds: int = Field(20, ge=1, le=10_000)
+    local_epochs: int = Field(10, ge=1, le=1000)
     preset: str = "ov"
     aggregation: Literal["modality-aware", "fedavg"] = "modality-aware"
     robust: Literal["mean", "trimmed-mean", "median"] = "mean"
     trim: float = Field(0.2, ge=0, lt=0.5)
-    seed: int = 10
+    seed: int = Field(10, ge=0, lt=2**31)
     min_sites: int = Field(2, ge=1, description="minimum sites per round (train and evaluate)")
     fraction_train: float = Field(1.0, gt=0, le=1)
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in one round")
     straggler_grace: float = Field(30.0, ge=0, description="once min-sites replied, wait this long for the rest")
-    norm_ratio: float = Field(10.0, gt=1, description="reject updates whose norm exceeds this x others' median")
-    histogram_bins: int = Field(1000, ge=10)
+    norm_ratio: float = Field(10.0, gt=1, description="reject a step > this x (or < 1/this x) the reference norm")
+    update_max_ratio: float = Field(0.5, gt=0, description="reject a step longer than this x the global norm")
+    update_min_ratio: float = Field(1e-4, ge=0, description="reject a step shorter than this x the global norm")
+    histogram_bins: int = Field(1000, ge=2, le=MAX_HISTOGRAM_BINS)
+    min_count: int = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,
+                           description="k (simulation; a deployment takes it from the manifest)")
     # simulation: where sites come from (empty data-path = generated cohort)
     data_path: str = ""
     scenario: str = "iid-3"
     modalities: str = Field("", description="comma-separated subset of the data's modalities ('' = all)")
-    # deployment: the consortium manifest (modalities, features, classes)
+    # deployment: the consortium manifest (modalities, features, classes, enrolled sites)
     manifest: str = ""
     server_eval: bool = True
     out_dir: str = "runs/flwr-run"
     resume: bool = False
+    overwrite: bool = Field(False, description="replace an existing run in out-dir instead of refusing")
     # differential privacy (client-side fixed clipping); 0 = off
     dp_clip_norm: float = Field(0.0, ge=0)
     dp_noise_multiplier: float = Field(0.0, ge=0)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederatedConfig":
-        """Flower run config (kebab-case) overlaid with the JSON in $MAGNET_FL_RUN_CONFIG, if set."""
-        merged = dict(run_config)
-        if os.environ.get(ENV_OVERRIDE):
-            merged.update(json.loads(os.environ[ENV_OVERRIDE]))
-        return cls.model_validate({k.replace("-", "_"): v for k, v in merged.items()})
+        """From Flower's run config (kebab-case keys); a clear error names every bad key."""
+        try:
+            return cls.model_validate({k.replace("-", "_"): v for k, v in run_config.items()})
+        except ValidationError as exc:
+            bad = "; ".join(f"{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+            raise RunConfigError(f"invalid run config: {bad}") from None
 
     def to_run_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
+
+    # Settings that may change between a run and its resumption (how long to wait, where to write, how many
+    # rounds in total); everything else defines the run.
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({"num_server_rounds", "round_timeout", "straggler_grace", "out_dir", "resume",
+                                   "overwrite", "min_sites", "fraction_train"})
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if k not in self.RESUMABLE_CHANGES}
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.identity())

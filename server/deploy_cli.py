@@ -1,31 +1,154 @@
-"""``magnet-fl deploy``: start the coordinator's SuperLink or a site's SuperNode with TLS, node auth and no
-telemetry or runtime dependency installation; write the flwr connection settings; register sites."""
+"""``magnet-fl deploy``: run the coordinator's SuperLink with a closed control plane or a site's SuperNode (TLS,
+node authentication, no telemetry, no runtime dependency installation); write the flwr connection; register sites.
+
+Flower 1.41 serves its Fleet, Control and Runtime (ServerAppIo) APIs on one HTTP port. ``deploy superlink`` runs
+that same SuperLink application on two sockets: the control address (loopback only) serves every API to the
+coordinator's own flwr CLI and ServerApp; the Fleet address, the only one facing the sites, answers
+``/v1/fleet/*`` and refuses every other path before Flower sees the request.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import ipaddress
+import json
 import os
+import re
+import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import tomli_w
+from cryptography.hazmat.primitives import serialization
 
-from .pki import CA_CERT, SERVER_CERT, SERVER_KEY, SiteBundle
+from .pki import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, SiteBundle, split_host_port
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z-]*")  # every Fleet route: POST /v1/fleet/<name>
+DEFAULT_FLEET, DEFAULT_CONTROL_PORT = "0.0.0.0:9092", 9093
+ISOLATION = "subprocess"  # SuperLink starts the ServerApp, SuperNode the ClientApp, each in a child process
 
 
-def superlink_command(pki: Path, state: Path, host: str = "0.0.0.0", port: int = 9091) -> list[str]:
-    """flower-superlink with TLS from the consortium PKI, SuperNode authentication and a persistent state DB."""
+def check_superlink_dir(pki: Path) -> None:
+    """The SuperLink's folder holds its TLS files and the CA certificate, and no CA private key (by name or by
+    content: a renamed copy of the CA key is recognised by its public key)."""
+    def refuse(path: Path) -> None:
+        raise PermissionError(f"{path}: the consortium CA's private key is inside {pki}, the folder the SuperLink "
+                              f"reads; keep it apart (PKI_DIR/ca, offline) and give --pki PKI_DIR/superlink")
+
+    for path in sorted(pki.rglob(CA_KEY)) if pki.is_dir() else []:
+        refuse(path)
     for f in (CA_CERT, SERVER_CERT, SERVER_KEY):
         if not (pki / f).exists():
-            raise FileNotFoundError(f"{pki / f} missing: run `magnet-fl pki init` and `magnet-fl pki server` first")
-    return ["flower-superlink", "--ssl-ca-certfile", str(pki / CA_CERT), "--ssl-certfile", str(pki / SERVER_CERT),
+            raise FileNotFoundError(f"{pki / f} missing: give the folder made by `magnet-fl pki server` "
+                                    f"(PKI_DIR/superlink)")
+    from cryptography import x509
+
+    ca_public = x509.load_pem_x509_certificate((pki / CA_CERT).read_bytes()).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for path in sorted(p for p in pki.rglob("*") if p.is_file() and p.stat().st_size < 1_000_000):
+        if _holds_private_key_of(path.read_bytes(), ca_public):
+            refuse(path)
+
+
+def _holds_private_key_of(data: bytes, public_der: bytes) -> bool:
+    if b"PRIVATE KEY" not in data:
+        return False
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        return False
+    return key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo) == public_der
+
+
+def control_host_port(port: int) -> tuple[str, int]:
+    return "127.0.0.1", port
+
+
+def flower_superlink_args(pki: Path, state: Path, control_port: int) -> list[str]:
+    """flower-superlink's own flags: TLS from the consortium PKI, SuperNode authentication, subprocess isolation,
+    no runtime dependency installation, a persistent state DB; its HTTP host is the loopback control address."""
+    host, port = control_host_port(control_port)
+    return ["--ssl-ca-certfile", str(pki / CA_CERT), "--ssl-certfile", str(pki / SERVER_CERT),
             "--ssl-keyfile", str(pki / SERVER_KEY), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", host, "--port", str(port),
-            "--database", str(state / "superlink.db")]
+            "--disable-runtime-dependency-installation", "--isolation", ISOLATION,
+            "--host", host, "--port", str(port), "--database", str(state / "superlink.db")]
+
+
+class FleetOnlyGate:
+    """ASGI wrapper: a request that arrived on any socket other than the control port may reach only the Fleet API
+    (``POST /v1/fleet/<name>``); Control, Runtime, docs and every other path or method get 403 (fail closed)."""
+
+    def __init__(self, app, control_port: int):
+        self.app, self.control_port = app, control_port
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            server = scope.get("server") or (None, None)
+            fleet_call = scope["type"] == "http" and scope.get("method") == "POST" and bool(
+                FLEET_PATH.fullmatch(scope.get("path", "")))
+            if server[1] != self.control_port and not fleet_call:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                body = json.dumps({"detail": "Forbidden: this address serves only the Fleet API (SuperNodes); "
+                                             "the Control and Runtime APIs are on the coordinator's loopback "
+                                             "interface"}).encode()
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise PermissionError(f"cannot listen on {what} {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def serve_superlink(pki: Path, state: Path, fleet: str, control_port: int) -> int:
+    """Run Flower's SuperLink application (built by Flower from its own flags) on the control and Fleet sockets."""
+    import uvicorn
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+    from flwr.superlink.main import create_app
+
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the package re-exports a function
+
+    fleet_host, fleet_port = split_host_port(fleet, "--fleet-address")
+    control_host, control_port = control_host_port(control_port)
+    if fleet_port == control_port:
+        raise ValueError(f"--fleet-address port {fleet_port} equals --control-port; give two different ports")
+    sockets = [_bind(control_host, control_port, "the control address"),
+               _bind(fleet_host, fleet_port, "the Fleet address")]
+    argv, sys.argv = sys.argv, ["flower-superlink", *flower_superlink_args(pki, state, control_port)]
+    try:
+        config = fs._parse_superlink_lifespan_config()  # Flower's own parsing and checks of its flags
+    finally:
+        sys.argv = argv
+    app = create_app(config, fs.SuperLinkLifespan)
+    print(f"SuperLink: Fleet API (sites) on {fleet_host}:{fleet_port}; Control and Runtime APIs on "
+          f"{control_host}:{control_port} only", flush=True)
+    server = uvicorn.Server(uvicorn.Config(
+        FleetOnlyGate(app, control_port), ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
+        access_log=True, log_config=get_uvicorn_log_config(console_handler.level), workers=1, lifespan="on"))
+    server.run(sockets=sockets)
+    return 0
 
 
 def load_bundle(bundle: Path) -> SiteBundle:
@@ -35,16 +158,35 @@ def load_bundle(bundle: Path) -> SiteBundle:
     return SiteBundle.model_validate(tomllib.loads(path.read_text()))
 
 
-def supernode_command(bundle: Path, data: Path, manifest: Path, port: int = 9094,
-                      extra_node_config: str = "") -> list[str]:
-    """flower-supernode for one site: TLS against the consortium CA, its node-auth key, its local data."""
+def site_private_key(bundle: Path, key: Path | None) -> Path:
+    """The site's own private key (default: next to the bundle files), checked against the registered public key."""
     site = load_bundle(bundle)
+    path = key if key is not None else bundle / site.auth_private_key
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: give --key, the node_auth_key made at this site by "
+                                f"`magnet-fl pki site-key` (or copy the bundle's files into that folder)")
+    try:
+        private = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not an OpenSSH private key ({exc})") from None
+    registered = serialization.load_ssh_public_key((bundle / site.auth_public_key).read_bytes())
+    if private.public_key().public_numbers() != registered.public_numbers():  # type: ignore[union-attr]
+        raise ValueError(f"{path} does not belong to the public key registered for site {site.site!r} "
+                         f"({bundle / site.auth_public_key})")
+    return path
+
+
+def supernode_command(bundle: Path, data: Path, manifest: Path, port: int = 9094, extra_node_config: str = "",
+                      key: Path | None = None) -> list[str]:
+    """flower-supernode for one site: TLS against the consortium CA, its own key, its local data."""
+    site = load_bundle(bundle)
+    private = site_private_key(bundle, key)
     node_config = f"data-dir='{data}' manifest='{manifest}' site-name='{site.site}'"
     if extra_node_config:
         node_config += f" {extra_node_config}"
     return ["flower-supernode", "--root-certificates", str(bundle / site.ca_certificate),
-            "--superlink", site.superlink, "--auth-supernode-private-key", str(bundle / site.auth_private_key),
-            "--port", str(port), "--node-config", node_config]
+            "--superlink", site.superlink, "--auth-supernode-private-key", str(private),
+            "--isolation", ISOLATION, "--port", str(port), "--node-config", node_config]
 
 
 def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path) -> Path:
@@ -59,34 +201,61 @@ def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path) ->
     return path
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
-    a = sub.add_parser("superlink", help="coordinator: run the SuperLink (TLS + SuperNode auth)")
-    a.add_argument("--pki", type=Path, required=True)
+    a = sub.add_parser("superlink", help="coordinator: run the SuperLink (TLS, SuperNode auth, closed control plane)")
+    a.add_argument("--pki", type=Path, required=True, help="the SuperLink's folder, PKI_DIR/superlink (no CA key)")
     a.add_argument("--state", type=Path, required=True, help="directory for the SuperLink's state database")
-    a.add_argument("--host", default="0.0.0.0")
-    a.add_argument("--port", type=int, default=9091)
-    a.add_argument("--print", action="store_true", help="print the command instead of running it")
-    b = sub.add_parser("connection", help="coordinator: write the flwr CLI connection to the SuperLink")
-    b.add_argument("--pki", type=Path, required=True)
-    b.add_argument("--address", required=True, help="HOST:PORT of the SuperLink")
+    a.add_argument("--fleet-address", default=DEFAULT_FLEET,
+                   help=f"HOST:PORT the sites connect to, the only API facing the network (default {DEFAULT_FLEET})")
+    a.add_argument("--control-port", type=_port, default=DEFAULT_CONTROL_PORT,
+                   help=f"port of the Control and Runtime APIs, always on 127.0.0.1 (default {DEFAULT_CONTROL_PORT})")
+    a.add_argument("--print", action="store_true", help="print the command (for a service unit) instead of running")
+    b = sub.add_parser("connection", help="coordinator: write the flwr CLI connection to the local Control API")
+    b.add_argument("--pki", type=Path, required=True, help="the SuperLink's folder (its ca.crt is used)")
+    b.add_argument("--address", default=f"127.0.0.1:{DEFAULT_CONTROL_PORT}",
+                   help=f"HOST:PORT of the Control API (default 127.0.0.1:{DEFAULT_CONTROL_PORT})")
     b.add_argument("--name", default="consortium")
     b.add_argument("--flwr-home", type=Path, default=Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")))
     c = sub.add_parser("register", help="coordinator: register a site's public key with the SuperLink")
     c.add_argument("--bundle", type=Path, required=True)
     c.add_argument("--connection", default="consortium")
     d = sub.add_parser("supernode", help="site: run this site's SuperNode on its local data")
-    d.add_argument("--bundle", type=Path, required=True, help="the folder made by `magnet-fl pki site`")
+    d.add_argument("--bundle", type=Path, required=True, help="the site's folder: bundle files from the coordinator "
+                                                              "+ the key pair made by `magnet-fl pki site-key`")
+    d.add_argument("--key", type=Path, default=None, help="the site's private key (default BUNDLE/node_auth_key)")
     d.add_argument("--data", type=Path, required=True, help="the site's prepared data folder")
     d.add_argument("--manifest", type=Path, required=True)
-    d.add_argument("--port", type=int, default=9094, help="local ClientApp API port")
+    d.add_argument("--port", type=_port, default=9094, help="local ClientApp API port")
     d.add_argument("--skip-validation", action="store_true")
-    d.add_argument("--print", action="store_true")
+    d.add_argument("--print", action="store_true", help="print the flower-supernode command instead of running it")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _magnet_fl() -> list[str]:
+    exe = shutil.which("magnet-fl")
+    return [exe] if exe else [sys.executable, "-m", "simulations.cli"]
 
 
 def run(args: argparse.Namespace) -> int:
     env = {**os.environ, **FLOWER_ENV}
     if args.deploy_command == "connection":
+        host, _ = split_host_port(args.address, "--address")
+        if not _is_loopback(host):
+            print(f"warning: {args.address} is not a loopback address; the SuperLink serves its Control API on "
+                  f"127.0.0.1 only (use an SSH tunnel from another machine)", file=sys.stderr)
         path = write_connection(args.flwr_home, args.name, args.address, args.pki / CA_CERT)
         print(f"wrote connection {args.name!r} -> {args.address} to {path}")
         return 0
@@ -96,22 +265,30 @@ def run(args: argparse.Namespace) -> int:
                "--name", site.site]
         return subprocess.run(cmd, env=env, check=False).returncode
     if args.deploy_command == "superlink":
-        args.state.mkdir(parents=True, exist_ok=True)
-        cmd = superlink_command(args.pki, args.state, args.host, args.port)
-    else:
-        if not args.skip_validation:
-            from magnet_core.site_validation import validate_site
-            from magnet_core.manifest import ConsortiumManifest
+        pki, state = args.pki.resolve(), args.state.resolve()
+        check_superlink_dir(pki)
+        split_host_port(args.fleet_address, "--fleet-address")
+        if args.print:
+            print(shlex.join([*_magnet_fl(), "deploy", "superlink", "--pki", str(pki), "--state", str(state),
+                              "--fleet-address", args.fleet_address, "--control-port", str(args.control_port)]))
+            return 0
+        state.mkdir(parents=True, exist_ok=True)
+        os.environ.update(FLOWER_ENV)
+        return serve_superlink(pki, state, args.fleet_address, args.control_port)
+    if not args.skip_validation:
+        from magnet_core.manifest import ConsortiumManifest
+        from magnet_core.site_validation import validate_site
 
-            report, _ = validate_site(args.data, ConsortiumManifest.load(args.manifest))
-            if not report.ok:
-                print("site data failed validation (run `magnet-fl validate-site` for the summary):", file=sys.stderr)
-                for e in report.errors:
-                    print(f"- {e}", file=sys.stderr)
-                return 1
-        cmd = supernode_command(args.bundle, args.data.resolve(), args.manifest.resolve(), args.port)
-    if args.print:
-        print(" ".join(cmd))
+        report, _ = validate_site(args.data, ConsortiumManifest.load(args.manifest))
+        if not report.ok:
+            print("site data failed validation (run `magnet-fl validate-site` for the summary):", file=sys.stderr)
+            for e in report.errors:
+                print(f"- {e}", file=sys.stderr)
+            return 1
+    cmd = supernode_command(args.bundle.resolve(), args.data.resolve(), args.manifest.resolve(), args.port,
+                            key=args.key.resolve() if args.key else None)
+    if args.print:  # one line that pastes and runs, with the same environment
+        print(shlex.join(["env", *(f"{k}={v}" for k, v in FLOWER_ENV.items()), *cmd]))
         return 0
     os.execvpe(cmd[0], cmd, env)  # replace this process: its pid is the Flower process's pid
     return 0  # pragma: no cover

@@ -1,13 +1,14 @@
-"""The federated round loop: train, validate, aggregate, evaluate, checkpoint; resumable after a restart."""
+"""The federated round loop: train, check, aggregate, evaluate, checkpoint; resumable after a restart."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -15,13 +16,21 @@ from flwr.app import ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from magnet_core.aggregate import ScreenMemory
 from magnet_core.config import get_preset
+from magnet_core.contract import Enrolment, RoundConfig, RoundRecord
 from magnet_core.model import build_model
 
-from .config import FederatedConfig
+from .config import FederatedConfig, RunConfigError
 from .strategy import MagnetFedAvg, to_numpy, to_record
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "magnet-fl-checkpoint/2"
+RUN_FILES = (CHECKPOINT, "history.json", "model.pt")
+
+
+class CheckpointError(RunConfigError):
+    """A checkpoint that cannot be used: damaged, foreign, or from a different run."""
 
 
 @dataclasses.dataclass
@@ -81,77 +90,163 @@ def initial_params(spec: ModelSpec, cfg: FederatedConfig) -> dict[str, np.ndarra
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
+# ------------------------------------------------------------------------------------------- files, atomically
+
+
+def atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder and rename: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_history(out: Path, history: list[dict]) -> None:
+    atomic_write_bytes(out / "history.json", lambda p: p.write_text(json.dumps(history, indent=1)))
+
+
 def save_checkpoint(out: Path, round_done: int, params: dict[str, np.ndarray], history: list[dict],
-                    cfg: FederatedConfig) -> None:
-    """Atomically write params + history after a completed round."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save({"round": round_done, "params": {k: torch.from_numpy(v) for k, v in params.items()},
-                "history": history, "config": cfg.model_dump()}, tmp)
-    tmp.replace(out / CHECKPOINT)
+                    cfg: FederatedConfig, memory: ScreenMemory) -> None:
+    """Params, history, the run's identity and the update screen's memory after a completed round. Only
+    tensors, numbers, strings and lists/dicts of them: loadable with ``weights_only=True``."""
+    state = {
+        "format": CHECKPOINT_FORMAT, "round": round_done, "fingerprint": cfg.fingerprint(),
+        "config": json.loads(json.dumps(cfg.identity())),
+        "params": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()},
+        "history": history,
+        "memory": {"norms": memory.norms,
+                   "direction": None if memory.direction is None else torch.from_numpy(memory.direction)},
+    }
+    atomic_write_bytes(out / CHECKPOINT, lambda p: torch.save(state, p))
 
 
-def load_checkpoint(out: Path) -> tuple[int, dict[str, np.ndarray], list[dict]] | None:
+def load_checkpoint(out: Path, cfg: FederatedConfig, template: dict[str, np.ndarray]
+                    ) -> tuple[int, dict[str, np.ndarray], list[dict], ScreenMemory] | None:
+    """The checkpoint in ``out`` (None if there is none), loaded without unpickling code and checked: format,
+    the run it belongs to (fingerprint; differing settings are named), arrays against the model's."""
     path = out / CHECKPOINT
     if not path.exists():
         return None
-    state = torch.load(path, weights_only=False)
-    return int(state["round"]), {k: v.numpy() for k, v in state["params"].items()}, list(state["history"])
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a damaged checkpoint, never a crash
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{path}: damaged or not a magnet-fl checkpoint ({type(exc).__name__}: "
+                              f"{first[:200]}); remove it or set overwrite=true to start over") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} file; remove it or set overwrite=true")
+    if state.get("fingerprint") != cfg.fingerprint():
+        stored = state.get("config") if isinstance(state.get("config"), dict) else {}
+        now = json.loads(json.dumps(cfg.identity()))
+        diff = [f"{k.replace('_', '-')}: checkpoint {stored.get(k)!r}, now {now.get(k)!r}"
+                for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
+        raise CheckpointError(f"{path} belongs to a different run; refusing to resume ("
+                              + ("; ".join(diff) if diff else "fingerprint differs") + ")")
+    try:
+        rnd = int(state["round"])
+        params = {k: v.numpy() for k, v in state["params"].items()}
+        history = [RoundRecord.model_validate(r).dump() for r in state["history"]]
+        mem = state.get("memory") or {}
+        memory = ScreenMemory(norms=[[float(v) for v in r] for r in mem.get("norms", [])],
+                              direction=None if mem.get("direction") is None else mem["direction"].numpy())
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: damaged checkpoint content ({type(exc).__name__}: {exc})") from None
+    bad = sorted(set(params) ^ set(template)) or [k for k in template
+                                                   if params[k].shape != template[k].shape
+                                                   or params[k].dtype != template[k].dtype]
+    if bad:
+        raise CheckpointError(f"{path}: arrays do not fit the model ({bad[:3]})")
+    if not all(np.isfinite(v).all() for v in params.values()):
+        raise CheckpointError(f"{path}: non-finite weights")
+    return rnd, params, history, memory
+
+
+def prepare_out_dir(out: Path, cfg: FederatedConfig) -> None:
+    """Refuse to mix runs: an out-dir holding a run is continued only with resume=true, replaced only with
+    overwrite=true."""
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if not existing or cfg.resume:
+        return
+    if not cfg.overwrite:
+        raise RunConfigError(f"{out} already holds a run ({', '.join(existing)}); set resume=true to continue it "
+                             f"or overwrite=true to replace it")
+    for name in existing:
+        (out / name).unlink()
+    log(WARNING, "overwrite=true: removed the previous run's %s from %s", ", ".join(existing), out)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def round_config(cfg: FederatedConfig, rnd: int, min_count: int) -> ConfigRecord:
+    return ConfigRecord(RoundConfig(
+        server_round=rnd, seed=cfg.seed, preset=cfg.preset, local_epochs=cfg.local_epochs,
+        histogram_bins=cfg.histogram_bins, min_count=min_count, data_path=cfg.data_path, scenario=cfg.scenario,
+        modalities=cfg.modalities).encode())
 
 
 def run_federation(
     grid: Grid,
     cfg: FederatedConfig,
     spec: ModelSpec,
+    enrolment: Enrolment | None,
     server_eval: Callable[[dict[str, np.ndarray]], dict] | None = None,
     on_round: Callable[[dict], None] | None = None,
-    grace: float = 30.0,
+    min_count: int | None = None,
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Run (or resume) ``cfg.num_server_rounds`` rounds; returns final global params and per-round history."""
     out = Path(cfg.out_dir)
-    modalities = list(spec.in_dims)
-    magnet = MagnetFedAvg(cfg, modalities)
-    strategy = with_differential_privacy(magnet, cfg)
-    params, history, start = initial_params(spec, cfg), [], 1
-    if cfg.resume and (ckpt := load_checkpoint(out)) is not None:
-        done, params, history = ckpt
+    prepare_out_dir(out, cfg)
+    k = cfg.min_count if min_count is None else min_count
+    params, history, start, memory = initial_params(spec, cfg), [], 1, ScreenMemory()
+    if cfg.resume and (ckpt := load_checkpoint(out, cfg, params)) is not None:
+        done, params, history, memory = ckpt
         start = done + 1
         log(INFO, "resuming from %s after round %d", out / CHECKPOINT, done)
-    base = {"preset": cfg.preset, "seed": cfg.seed, "local-epochs": cfg.local_epochs, "data-path": cfg.data_path,
-            "scenario": cfg.scenario, "modalities": cfg.modalities, "histogram-bins": cfg.histogram_bins}
+    elif cfg.resume:
+        log(WARNING, "resume=true but %s holds no checkpoint: starting at round 1", out)
+    magnet = MagnetFedAvg(cfg, list(spec.in_dims), spec.num_classes, enrolment, memory)
+    strategy = with_differential_privacy(magnet, cfg)
+    fp = cfg.fingerprint()
     for rnd in range(start, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
-        msgs = strategy.configure_train(rnd, to_record(params), ConfigRecord(dict(base)), grid)
-        replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, grace, magnet.destinations)
+        msgs = strategy.configure_train(rnd, to_record(params), round_config(cfg, rnd, k), grid)
+        replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, cfg.straggler_grace, magnet.destinations)
         new, _ = strategy.aggregate_train(rnd, replies)
         if new is not None:
             params = to_numpy(new)
         t_train = time.perf_counter() - t0
-        msgs = strategy.configure_evaluate(rnd, to_record(params), ConfigRecord(dict(base)), grid)
-        replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, grace, magnet.destinations)
+        msgs = strategy.configure_evaluate(rnd, to_record(params), round_config(cfg, rnd, k), grid)
+        replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, cfg.straggler_grace, magnet.destinations)
         strategy.aggregate_evaluate(rnd, replies)
-        rep = magnet.report
-        record = {"round": rnd, "train_seconds": t_train, "seconds": time.perf_counter() - t0,
-                  "accepted": rep.accepted, "rejected": rep.rejected, "failed": rep.failed,
-                  "train_loss": rep.train_loss, "global": rep.global_metrics, "sites": rep.site_metrics,
-                  "dp": {"clipping_norm": cfg.dp_clip_norm, "noise_multiplier": cfg.dp_noise_multiplier}
-                  if cfg.dp_clip_norm > 0 else None}
-        if server_eval is not None:
-            record["server"] = server_eval(params)
-        history.append(record)
-        save_checkpoint(out, rnd, params, history, cfg)
+        rep = magnet.report  # one report per round: training and evaluation outcomes together
+        record = RoundRecord(
+            round=rnd, train_seconds=t_train, seconds=time.perf_counter() - t0, accepted=rep.accepted,
+            rejected=rep.rejected, failed=rep.failed, nodes=rep.nodes, train_loss=rep.train_loss,
+            global_metrics=rep.global_metrics, sites=rep.site_metrics, withheld=rep.withheld,
+            pooled_over={"sites": rep.pooled_sites, "patients": rep.pooled_patients}, screening=rep.screening,
+            dp={"clipping_norm": cfg.dp_clip_norm, "noise_multiplier": cfg.dp_noise_multiplier}
+            if cfg.dp_clip_norm > 0 else None,
+            server=server_eval(params) if server_eval is not None else None, config_fingerprint=fp)
+        history.append(_jsonable(record.dump()))
+        save_checkpoint(out, rnd, params, history, cfg, magnet.memory)
+        write_history(out, history)
         mcc = rep.global_metrics.get("mcc")
-        log(INFO, "round %d/%d: global MCC %s, %d site(s) aggregated, %.1fs", rnd, cfg.num_server_rounds,
-            "n/a" if mcc is None else f"{mcc:.3f}", len(rep.accepted), record["seconds"])
+        log(INFO, "round %d/%d: global MCC %s over %d site(s) / %d patients, %d update(s) aggregated, %.1fs",
+            rnd, cfg.num_server_rounds, "n/a" if mcc is None else f"{mcc:.3f}", len(rep.pooled_sites),
+            rep.pooled_patients, len(rep.accepted), record.seconds)
         if on_round is not None:
-            on_round(record)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: torch.from_numpy(v) for k, v in params.items()}, out / "model.pt")
-    (out / "history.json").write_text(json.dumps(_jsonable(history), indent=1))
+            on_round(history[-1])
+    atomic_write_bytes(out / "model.pt", lambda p: torch.save({k: torch.from_numpy(v) for k, v in params.items()}, p))
+    write_history(out, history)
     return params, history
 
 
-def _jsonable(obj):
+def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -1,4 +1,4 @@
-"""Consortium PKI with `cryptography`: a CA, the SuperLink's TLS certificate and sites' node-auth key pairs."""
+"""Consortium PKI with `cryptography`: CA, SuperLink TLS, model-signing key, site public keys and site bundles."""
 
 from __future__ import annotations
 
@@ -13,15 +13,26 @@ import re
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Coordinator layout under one PKI root (e.g. ./pki). Each folder is read by one party only:
+#   ca/        ca.key + ca.crt       the consortium CA; keep offline, nothing running reads it
+#   superlink/ ca.crt, server.pem, server.key   the only folder `magnet-fl deploy superlink --pki` reads
+#   signing/   model_signing.key + model_signing.crt   the coordinator's model-package signing key
+#   sites/<name>/  ca.crt, site.toml, node_auth_key.pub   a site's bundle (public material only)
+#   registered_sites.csv   site name -> OpenSSH public key, what `flwr supernode register` is given
+CA_DIR, SUPERLINK_DIR, SIGNING_DIR, SITES_DIR = "ca", "superlink", "signing", "sites"
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SERVER_KEY, SERVER_CERT = "server.key", "server.pem"
-REGISTRY = "registered_sites.csv"  # site name, OpenSSH public key: what `flwr supernode register` is given per site
+SIGNING_KEY, SIGNING_CERT = "model_signing.key", "model_signing.crt"
+SITE_KEY, SITE_PUB = "node_auth_key", "node_auth_key.pub"  # made at the site by `magnet-fl pki site-key`
+REGISTRY = "registered_sites.csv"
 
+_NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)  # what Flower's node authentication accepts
 _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"^(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?$")
 
@@ -39,32 +50,43 @@ def parse_host(host: str) -> x509.GeneralName:
     return x509.DNSName(text.rstrip(".").lower())
 
 
+def check_site_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+        raise ValueError(f"site name {value!r} must start with a letter or digit and contain only letters, "
+                         f"digits, '.', '_' and '-' (at most 64 characters; it names a folder)")
+    return value
+
+
+def split_host_port(value: str, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port), with a clear error."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} {value!r} must be HOST:PORT, e.g. fl.example.org:9092")
+    parse_host(host)  # raises with a clear message for a malformed host
+    return host.strip("[]"), int(port)
+
+
 class SiteBundle(BaseModel):
-    """Connection settings handed to a site with its keys (written as site.toml in the bundle)."""
+    """Connection settings handed to a site (written as site.toml in its bundle, next to ca.crt)."""
 
     model_config = ConfigDict(extra="forbid")
 
     site: str = Field(description="site name; also the bundle's folder name")
     superlink: str = Field(description="HOST:PORT of the SuperLink's Fleet API (default port 9092)")
     ca_certificate: str = CA_CERT
-    auth_private_key: str = "node_auth_key"
-    auth_public_key: str = "node_auth_key.pub"
+    auth_public_key: str = Field(SITE_PUB, description="the public key the coordinator registered for this site")
+    auth_private_key: str = Field(SITE_KEY, description="file name of the site's own private key (made at the "
+                                                        "site by `magnet-fl pki site-key`; never in the bundle)")
 
     @field_validator("site")
     @classmethod
     def _site_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
-            raise ValueError(f"site name {value!r} must start with a letter or digit and contain only letters, "
-                             f"digits, '.', '_' and '-' (at most 64 characters; it names a folder)")
-        return value
+        return check_site_name(value)
 
     @field_validator("superlink")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        host, sep, port = value.strip().rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"superlink address {value!r} must be HOST:PORT, e.g. fl.example.org:9092")
-        parse_host(host)  # raises with a clear message for a malformed host
+        split_host_port(value, "superlink address")
         return value.strip()
 
 
@@ -76,6 +98,18 @@ def write_private(path: Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     os.chmod(path, 0o600)  # in case the umask removed bits we want (it cannot add any)
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _refuse_existing(paths: list[Path], force: bool, what: str) -> None:
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{existing[0]} exists; refusing to overwrite {what} (use --force)")
 
 
 def _name(cn: str) -> x509.Name:
@@ -96,38 +130,56 @@ def _key_usage(**on: bool) -> x509.KeyUsage:
     return x509.KeyUsage(**{f: on.get(f, False) for f in fields})
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _pem_key(key) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
 def init_ca(pki: Path, name: str = "magnet-fl consortium CA", days: int = 3650, force: bool = False) -> Path:
-    """Create the consortium CA (EC P-384 key + self-signed certificate); refuses to replace one unless ``force``."""
-    pki = Path(pki)
-    if ((pki / CA_KEY).exists() or (pki / CA_CERT).exists()) and not force:
-        raise FileExistsError(f"{pki / CA_KEY} exists; refusing to overwrite the consortium CA (use --force; "
-                              f"every certificate and bundle it issued would have to be reissued)")
-    pki.mkdir(parents=True, exist_ok=True)
+    """Create the consortium CA (EC P-384 key + self-signed certificate) in ``pki/ca``; refuses to replace one
+    unless ``force``. Returns the CA certificate's path."""
+    ca_dir = Path(pki) / CA_DIR
+    _refuse_existing([ca_dir / CA_KEY, ca_dir / CA_CERT], force,
+                     "the consortium CA (every certificate and bundle it issued would have to be reissued)")
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (_builder(_name(name), _name(name), key.public_key(), days)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA384()))
-    write_private(pki / CA_KEY, _pem_key(key))
-    (pki / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return pki / CA_CERT
+    write_private(_private_dir(ca_dir) / CA_KEY, _pem_key(key))
+    (ca_dir / CA_CERT).write_bytes(_pem(cert))
+    return ca_dir / CA_CERT
+
+
+def ca_certificate(pki: Path) -> Path:
+    path = Path(pki) / CA_DIR / CA_CERT
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `magnet-fl pki init --dir {pki}` first")
+    return path
 
 
 def _load_ca(pki: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    ca_dir = Path(pki) / CA_DIR
     for f in (CA_KEY, CA_CERT):
-        if not (pki / f).exists():
-            raise FileNotFoundError(f"{pki / f} not found: run `magnet-fl pki init --dir {pki}` first")
-    key = serialization.load_pem_private_key((pki / CA_KEY).read_bytes(), password=None)
-    cert = x509.load_pem_x509_certificate((pki / CA_CERT).read_bytes())
+        if not (ca_dir / f).exists():
+            raise FileNotFoundError(f"{ca_dir / f} not found: run `magnet-fl pki init --dir {pki}` first")
+    key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
+    cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
     if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
-        raise ValueError(f"{pki / CA_KEY} does not belong to {pki / CA_CERT}")
+        raise ValueError(f"{ca_dir / CA_KEY} does not belong to {ca_dir / CA_CERT}")
     return key, cert  # type: ignore[return-value]
+
+
+def _issued(ca_key, ca_cert: x509.Certificate, cn: str, public_key, days: int) -> x509.CertificateBuilder:
+    return (_builder(_name(cn), ca_cert.subject, public_key, days)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
 
 
 def san_entries(hosts: list[str]) -> list[x509.GeneralName]:
@@ -140,29 +192,82 @@ def san_entries(hosts: list[str]) -> list[x509.GeneralName]:
     return out
 
 
-def issue_server_cert(pki: Path, hosts: list[str], days: int = 825) -> Path:
-    """The SuperLink's TLS certificate, signed by the consortium CA, with SANs for every host."""
+def issue_server_cert(pki: Path, hosts: list[str], days: int = 825, force: bool = False) -> Path:
+    """The SuperLink's TLS certificate, signed by the consortium CA, with SANs for every host, written with a copy
+    of the CA certificate to ``pki/superlink`` (the only folder the SuperLink reads). Returns that folder."""
     pki = Path(pki)
     sans = san_entries(hosts)  # validate the hosts before touching any file
+    out = pki / SUPERLINK_DIR
+    _refuse_existing([out / SERVER_KEY, out / SERVER_CERT], force, "the SuperLink's TLS key and certificate")
     ca_key, ca_cert = _load_ca(pki)
     key = ec.generate_private_key(ec.SECP384R1())
-    cert = (_builder(_name("magnet-fl SuperLink"), ca_cert.subject, key.public_key(), days)
+    cert = (_issued(ca_key, ca_cert, "magnet-fl SuperLink", key.public_key(), days)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(_key_usage(digital_signature=True, key_agreement=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA384()))
-    write_private(pki / SERVER_KEY, _pem_key(key))
-    (pki / SERVER_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return pki / SERVER_CERT
+    write_private(_private_dir(out) / SERVER_KEY, _pem_key(key))
+    (out / SERVER_CERT).write_bytes(_pem(cert))
+    (out / CA_CERT).write_bytes(_pem(ca_cert))
+    return out
+
+
+def issue_signing_key(pki: Path, days: int = 825, force: bool = False) -> tuple[Path, Path]:
+    """The coordinator's model-package signing key (Ed25519, PKCS#8 PEM, 0600) and its certificate, signed by the
+    consortium CA for code / content signing, in ``pki/signing``. Returns (private key path, certificate path)."""
+    out = Path(pki) / SIGNING_DIR
+    _refuse_existing([out / SIGNING_KEY, out / SIGNING_CERT], force, "the model-signing key and certificate")
+    ca_key, ca_cert = _load_ca(pki)
+    key = ed25519.Ed25519PrivateKey.generate()
+    cert = (_issued(ca_key, ca_cert, "magnet-fl model signing", key.public_key(), days)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+            .add_extension(_key_usage(digital_signature=True, content_commitment=True), critical=True)
+            .sign(ca_key, hashes.SHA384()))
+    write_private(_private_dir(out) / SIGNING_KEY, _pem_key(key))
+    (out / SIGNING_CERT).write_bytes(_pem(cert))
+    return out / SIGNING_KEY, out / SIGNING_CERT
 
 
 def ssh_fingerprint(public_openssh: bytes) -> str:
     """``SHA256:...`` as ``ssh-keygen -lf`` shows it: lets the coordinator check a key received out of band."""
     blob = base64.b64decode(public_openssh.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def make_site_key(out: Path, comment: str = "magnet-fl site", force: bool = False) -> tuple[Path, Path]:
+    """At the site: its node-authentication key pair (EC P-384, OpenSSH format as flower-supernode reads it).
+    The private key (0600, folder 0700) never leaves the site; only the ``.pub`` file is sent to the coordinator."""
+    out = Path(out)
+    _refuse_existing([out / SITE_KEY, out / SITE_PUB], force,
+                     "this site's key pair (its registration at the SuperLink would no longer match)")
+    key = ec.generate_private_key(ec.SECP384R1())
+    write_private(_private_dir(out) / SITE_KEY,
+                  key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption()))
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    comment = re.sub(r"\s+", "-", comment.strip()) or "magnet-fl-site"
+    (out / SITE_PUB).write_bytes(public + f" {comment}\n".encode())
+    return out / SITE_KEY, out / SITE_PUB
+
+
+def load_site_public_key(path: Path) -> str:
+    """A site's OpenSSH public key (``ecdsa-sha2-nistp384 AAAA...``) read and checked; a private key is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such public key file")
+    data = path.read_bytes()
+    if b"PRIVATE KEY" in data:
+        raise ValueError(f"{path} holds a PRIVATE key: the site must keep it and send only its .pub file; "
+                         f"treat this key as exposed and ask the site to make a new one (`magnet-fl pki site-key`)")
+    try:
+        key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"{path} is not an OpenSSH public key ({exc}); send the node_auth_key.pub made by "
+                         f"`magnet-fl pki site-key`") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, _NIST_CURVES):
+        raise ValueError(f"{path}: Flower's node authentication needs an EC key on a NIST curve (P-256/384/521), "
+                         f"got {type(key).__name__}")
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
 def registered_sites(pki: Path) -> dict[str, str]:
@@ -182,28 +287,28 @@ def _write_registry(pki: Path, sites: dict[str, str]) -> None:
     (pki / REGISTRY).write_text(buf.getvalue())
 
 
-def make_site(pki: Path, site: str, superlink: str, force: bool = False) -> Path:
-    """A site's node-authentication key pair (EC P-384, OpenSSH format as flower-supernode reads it) and a bundle
-    directory with the CA certificate and connection settings. Returns the bundle directory."""
+def make_site(pki: Path, site: str, public_key: Path, superlink: str, force: bool = False) -> Path:
+    """At the coordinator: record a site's public key and write its bundle (CA certificate, connection settings and
+    the registered public key; no private key). Returns the bundle directory."""
     import tomli_w
 
     pki = Path(pki)
     settings = SiteBundle(site=site, superlink=superlink)  # validates the name before it becomes a path
-    _load_ca(pki)
-    bundle_dir = pki / "sites" / site
-    if (bundle_dir / settings.auth_private_key).exists() and not force:
-        raise FileExistsError(f"{bundle_dir}: site {site!r} already has keys (use --force to replace them)")
-    bundle_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(bundle_dir, 0o700)
-    key = ec.generate_private_key(ec.SECP384R1())
-    write_private(bundle_dir / settings.auth_private_key,
-                  key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                    serialization.NoEncryption()))
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    (bundle_dir / settings.auth_public_key).write_bytes(public + f" {site}\n".encode())
-    (bundle_dir / CA_CERT).write_bytes((pki / CA_CERT).read_bytes())
-    (bundle_dir / "site.toml").write_text(tomli_w.dumps(settings.model_dump()))
+    public = load_site_public_key(public_key)
+    ca_cert = ca_certificate(pki)
     sites = registered_sites(pki)
-    sites[site] = public.decode()
+    if site in sites and not force:
+        raise FileExistsError(f"site {site!r} is already registered in {pki / REGISTRY} "
+                              f"(use --force to replace its public key)")
+    other = [name for name, key in sites.items() if key == public and name != site]
+    if other:
+        raise ValueError(f"{public_key}: this public key is already registered for site {other[0]!r}; "
+                         f"every site needs its own key pair")
+    bundle_dir = pki / SITES_DIR / site
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    (bundle_dir / settings.auth_public_key).write_text(f"{public} {site}\n")
+    (bundle_dir / CA_CERT).write_bytes(ca_cert.read_bytes())
+    (bundle_dir / "site.toml").write_text(tomli_w.dumps(settings.model_dump()))
+    sites[site] = public
     _write_registry(pki, sites)
     return bundle_dir

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 import tomllib
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Mapping
-
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
@@ -24,7 +21,7 @@ from magnet_core.preprocess import (
 )
 
 app = ServerApp()
-ENV_OVERRIDE = "MAGNET_FL_PREPARE_RUN"  # JSON with PrepareRun fields; how in-process drivers pass the run
+RUN_KEY = "prepare-run"  # run-config key holding a whole PrepareRun as JSON (how simulation drivers pass it)
 
 
 class PrepareRun(BaseModel):
@@ -44,14 +41,14 @@ class PrepareRun(BaseModel):
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "PrepareRun":
-        """Flower run config (kebab-case; ``prepare-config`` = a TOML file of thresholds), overlaid with the JSON
-        in $MAGNET_FL_PREPARE_RUN when set."""
+        """Flower run config (kebab-case; ``prepare-config`` = a TOML file of thresholds; ``prepare-run`` = a
+        whole PrepareRun as JSON, which then takes precedence)."""
+        if isinstance(run_config.get(RUN_KEY), str):
+            return cls.model_validate_json(run_config[RUN_KEY])
         raw = {k.replace("-", "_"): v for k, v in run_config.items()}
         if isinstance(raw.get("prepare_config"), str):
             raw["prepare"] = tomllib.loads(Path(raw.pop("prepare_config")).read_text())
         raw = {k: v for k, v in raw.items() if k in cls.model_fields}
-        if os.environ.get(ENV_OVERRIDE):
-            raw.update(json.loads(os.environ[ENV_OVERRIDE]))
         return cls.model_validate(raw)
 
 

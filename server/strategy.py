@@ -1,4 +1,4 @@
-"""MagnetFedAvg: Flower's FedAvg with update validation, modality-aware aggregation and exact pooled metrics."""
+"""MagnetFedAvg: Flower's FedAvg that checks every reply against the contract and its own facts, by node id."""
 
 from __future__ import annotations
 
@@ -13,14 +13,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from magnet_core.aggregate import (
-    EvalCounts, SiteUpdate, aggregate_updates, metrics_from_counts, norm_outliers, pooled_metrics, update_norm,
-    validate_update,
+    ScreenMemory, ScreenRules, SiteUpdate, aggregate_updates, flat_delta, metrics_from_counts, pooled_metrics,
+    screen_updates, validate_update,
+)
+from magnet_core.contract import (
+    ContractError, Enrolment, EvalReply, SiteFacts, TrainReply, check_eval_against, check_train_against,
 )
 
 from .config import FederatedConfig
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Arrays of a record; Flower deserialises with allow_pickle=False."""
     return {k: v.numpy() for k, v in record.items()}
 
 
@@ -28,37 +32,54 @@ def to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
 
 
-def _site_name(msg: Message, destinations: dict[str, int] | None = None) -> str:
-    """The site's name from its reply; ``node<id>`` of the addressed node for error replies (a site's failure, or
-    the SuperLink's reply for a node that went away, whose sender is the SuperLink), which carry no content."""
-    if not msg.has_error() and msg.has_content():
-        try:
-            return str(msg.content["site"]["name"])
-        except (KeyError, TypeError, ValueError):
-            pass
-    return f"node{_node_id(msg, destinations)}"
-
-
-def _node_id(msg: Message, destinations: dict[str, int] | None = None) -> int:
-    return (destinations or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-
-
 @dataclasses.dataclass
 class RoundReport:
-    """What happened in one round, for the history (no patient-level data)."""
+    """What happened in one round, for the history (no patient-level data). Keys are site labels."""
 
     accepted: list[str] = dataclasses.field(default_factory=list)
     rejected: dict[str, str] = dataclasses.field(default_factory=dict)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    nodes: dict[str, int] = dataclasses.field(default_factory=dict)
     train_loss: float | None = None
     global_metrics: dict = dataclasses.field(default_factory=dict)
+    pooled_sites: list[str] = dataclasses.field(default_factory=list)
+    pooled_patients: int = 0
+    withheld: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     site_metrics: dict = dataclasses.field(default_factory=dict)
+    screening: dict = dataclasses.field(default_factory=dict)
+
+
+class SiteRegistry:
+    """Node id <-> site name. A name belongs to the first node that uses it for the rest of the run (unless that
+    node has left the federation); a node keeps its first name. Every decision is keyed by node id."""
+
+    def __init__(self) -> None:
+        self.by_node: dict[int, str] = {}
+
+    def bind(self, node: int, name: str, live_nodes: set[int] | None = None) -> str | None:
+        """None if ``node`` may speak as ``name``, else the reason it may not."""
+        if node in self.by_node:
+            if self.by_node[node] != name:
+                return f"node {node} enrolled as {self.by_node[node]!r} and now calls itself {name!r}"
+            return None
+        for other, other_name in list(self.by_node.items()):
+            if other_name == name:
+                if live_nodes is not None and other not in live_nodes:
+                    del self.by_node[other]  # the site rejoined under a new node id
+                    break
+                return f"site name {name!r} already belongs to node {other}"
+        self.by_node[node] = name
+        return None
+
+    def label(self, node: int) -> str:
+        return self.by_node.get(node, f"node{node}")
 
 
 class MagnetFedAvg(FedAvg):
-    """FedAvg whose aggregation is modality-aware (or plain), validated and optionally robust."""
+    """FedAvg whose aggregation is modality-aware (or plain), whose every reply is checked, optionally robust."""
 
-    def __init__(self, cfg: FederatedConfig, modalities: list[str]):
+    def __init__(self, cfg: FederatedConfig, modalities: list[str], num_classes: int,
+                 enrolment: Enrolment | None = None, memory: ScreenMemory | None = None):
         super().__init__(
             fraction_train=cfg.fraction_train,
             fraction_evaluate=1.0,
@@ -68,105 +89,164 @@ class MagnetFedAvg(FedAvg):
         )
         self.cfg = cfg
         self.modalities = modalities
+        self.num_classes = num_classes
+        self.enrolment = enrolment
+        self.memory = memory or ScreenMemory()
+        self.rules = ScreenRules(max_to_global=cfg.update_max_ratio, min_to_global=cfg.update_min_ratio,
+                                 peer_ratio=cfg.norm_ratio)
+        self.registry = SiteRegistry()
         self.current: dict[str, np.ndarray] = {}
         self.report = RoundReport()
         # message id -> addressed node, filled by `server.loop.collect` (error replies may come from the SuperLink)
         self.destinations: dict[str, int] = {}
+        self.live_nodes: set[int] | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         self.current = to_numpy(arrays)
         self.report = RoundReport()
         self.destinations.clear()
+        self.live_nodes = set(grid.get_node_ids())
         return super().configure_train(server_round, arrays, config, grid)
+
+    # ---------------------------------------------------------------------------------------------- helpers
+
+    def node_of(self, msg: Message) -> int:
+        """The node a reply answers for: the one the server addressed (its own record), else the sender."""
+        return self.destinations.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
+    def _facts(self, name: str) -> SiteFacts | None:
+        if self.enrolment is None:
+            return SiteFacts(train=2**62, test=2**62)  # no enrolment known: only the contract's own checks
+        return self.enrolment.sites.get(name)
+
+    def _claim(self, node: int, name: str) -> str | None:
+        return self.registry.bind(node, name, self.live_nodes)
+
+    def _failed(self, server_round: int, node: int, msg: Message) -> None:
+        label = self.registry.label(node)
+        self.report.failed[label] = f"node {node}: {msg.error.reason}"
+        self.report.nodes[label] = node
+        log(WARNING, "round %d: node %d (%s) failed: %s", server_round, node, label, msg.error.reason)
+
+    def _reject(self, server_round: int, node: int, reason: str, what: str = "update") -> None:
+        label = self.registry.label(node)
+        self.report.rejected[label] = f"node {node}: {reason}"
+        self.report.nodes[label] = node
+        log(WARNING, "round %d: REJECTED %s from node %d (%s): %s", server_round, what, node, label, reason)
+
+    # --------------------------------------------------------------------------------------------- training
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply, drop bad ones (logged with node id), aggregate the rest."""
-        candidates: list[tuple[SiteUpdate, int, float]] = []
-        for msg in sorted(replies, key=self._site):
-            node, site = _node_id(msg, self.destinations), self._site(msg)
+        """Check every reply (contract, enrolment, arrays, step size and direction), drop bad ones (logged with
+        node id and reason), aggregate the rest."""
+        candidates: dict[int, tuple[TrainReply, dict[str, np.ndarray]]] = {}
+        seen: set[int] = set()
+        for msg in sorted(replies, key=self.node_of):
+            node = self.node_of(msg)
+            if node in seen:
+                self._reject(server_round, node, "more than one reply in a round")
+                candidates.pop(node, None)
+                continue
+            seen.add(node)
             if msg.has_error():
-                self.report.failed[site] = str(msg.error.reason)
-                log(WARNING, "round %d: node %d (%s) failed: %s", server_round, node, site, msg.error.reason)
+                self._failed(server_round, node, msg)
                 continue
             try:
-                params = to_numpy(msg.content["arrays"])
-                metrics = msg.content["metrics"]
-                counts = {m: int(metrics.get(f"count-{m}", 0)) for m in self.modalities}
-                num = int(metrics["num-examples"])
-                loss = float(metrics.get("loss", float("nan")))
-            except (KeyError, TypeError, ValueError) as exc:
-                self._reject(server_round, node, site, f"malformed reply ({exc})")
+                content = msg.content
+                reply = TrainReply.decode(content["metrics"], content["site"], self.modalities)
+                params = to_numpy(content["arrays"])
+            except ContractError as exc:
+                self._reject(server_round, node, str(exc))
                 continue
-            problems = validate_update(self.current, params)
+            except Exception as exc:  # noqa: BLE001 - a reply of the wrong shape must not end the run
+                self._reject(server_round, node, f"malformed reply ({type(exc).__name__}: {exc})")
+                continue
+            problems = [p for p in [self._claim(node, reply.site)] if p]
+            problems += check_train_against(reply, self._facts(reply.site)) if not problems else []
+            problems += validate_update(self.current, params) if not problems else []
             if problems:
-                self._reject(server_round, node, site, "; ".join(problems))
+                self._reject(server_round, node, "; ".join(problems))
                 continue
-            candidates.append((SiteUpdate(site, params, num, counts), node, loss))
-        norms = {u.site: update_norm(self.current, u.params) for u, _, _ in candidates}
-        outliers = norm_outliers(norms, self.cfg.norm_ratio)
-        updates, losses, weights = [], [], []
-        for update, node, loss in candidates:
-            if update.site in outliers:
-                self._reject(server_round, node, update.site, outliers[update.site])
+            candidates[node] = (reply, params)
+        deltas = {node: flat_delta(self.current, params) for node, (_, params) in candidates.items()}
+        rejected, norms = screen_updates(self.current, deltas, self.memory, self.rules)
+        self.report.screening = {
+            "global_norm": float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in self.current.values()))),
+            "step_norms": {self.registry.label(n): v for n, v in norms.items()},
+            "direction_reference": self.memory.direction is not None,
+        }
+        for node, reason in rejected.items():
+            self._reject(server_round, node, reason)
+        updates, losses, weights, accepted_norms = [], [], [], []
+        for node, (reply, params) in candidates.items():
+            if node in rejected:
                 continue
-            updates.append(update)
-            self.report.accepted.append(update.site)
-            if np.isfinite(loss):
-                losses.append(loss)
-                weights.append(update.num_train)
+            updates.append(SiteUpdate(reply.site, params, reply.num_examples, dict(reply.modality_counts)))
+            self.report.accepted.append(reply.site)
+            self.report.nodes[reply.site] = node
+            accepted_norms.append(norms[node])
+            if reply.loss is not None:
+                losses.append(reply.loss)
+                weights.append(reply.num_examples)
         if not updates:
             log(WARNING, "round %d: no usable update; the global model is unchanged", server_round)
             return None, None
         new = aggregate_updates(self.current, updates, modality_aware=self.cfg.aggregation == "modality-aware",
                                 robust=self.cfg.robust, trim=self.cfg.trim)
+        self.memory.remember(accepted_norms, flat_delta(self.current, new), self.rules.history_rounds)
         self.report.train_loss = float(np.average(losses, weights=weights)) if losses else None
         metrics = MetricRecord({"sites-accepted": len(updates), "sites-rejected": len(self.report.rejected)})
         if self.report.train_loss is not None:
             metrics["train-loss"] = self.report.train_loss
         return to_record(new), metrics
 
-    def _site(self, msg: Message) -> str:
-        return _site_name(msg, self.destinations)
-
-    def _reject(self, server_round: int, node: int, site: str, reason: str) -> None:
-        self.report.rejected[site] = reason
-        log(WARNING, "round %d: REJECTED update from node %d (%s): %s", server_round, node, site, reason)
+    # ------------------------------------------------------------------------------------------- evaluation
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sum confusion matrices / histograms over sites: metrics exactly as if test patients were pooled."""
-        sites = []
-        for msg in sorted(replies, key=self._site):
-            site = self._site(msg)
+        """Check each evaluation reply, then sum confusion matrices / histograms over the good ones: metrics
+        exactly as if those sites' test patients were pooled."""
+        good: list[EvalReply] = []
+        seen: set[int] = set()
+        for msg in sorted(replies, key=self.node_of):
+            node = self.node_of(msg)
+            if node in seen:
+                self._reject(server_round, node, "more than one evaluation reply", "evaluation")
+                good = [r for r in good if self.report.nodes.get(r.site) != node]
+                continue
+            seen.add(node)
             if msg.has_error():
-                self.report.failed.setdefault(site, str(msg.error.reason))
+                self._failed(server_round, node, msg)
                 continue
             try:
-                sites.append(parse_eval_counts(site, msg.content["metrics"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                log(WARNING, "round %d: ignoring malformed evaluation from %s (%s)", server_round, site, exc)
-        if not sites:
+                content = msg.content
+                reply = EvalReply.decode(content["metrics"], content["site"], self.num_classes,
+                                         self.cfg.histogram_bins)
+            except ContractError as exc:
+                self._reject(server_round, node, str(exc), "evaluation")
+                continue
+            except Exception as exc:  # noqa: BLE001
+                self._reject(server_round, node, f"malformed reply ({type(exc).__name__}: {exc})", "evaluation")
+                continue
+            problems = [p for p in [self._claim(node, reply.site)] if p]
+            problems += check_eval_against(reply, self._facts(reply.site)) if not problems else []
+            if problems:
+                self._reject(server_round, node, "; ".join(problems), "evaluation")
+                continue
+            self.report.nodes[reply.site] = node
+            if reply.withheld:
+                self.report.withheld[reply.site] = list(reply.withheld)
+            good.append(reply)
+        pooled = [r for r in good if "all" in r.confusion]
+        self.report.pooled_sites = [r.site for r in pooled]
+        self.report.pooled_patients = sum(r.num_examples for r in pooled)
+        if not pooled:
             return None
-        self.report.global_metrics = pooled_metrics(sites)
-        self.report.site_metrics = {s.site: {"num": s.num, **metrics_from_counts(s.confusion, s.histogram)}
-                                    for s in sites}
+        counts = [r.counts() for r in pooled]
+        self.report.global_metrics = pooled_metrics(counts)
+        self.report.site_metrics = {c.site: {"num": c.num, **metrics_from_counts(c.confusion, c.histogram)}
+                                    for c in counts}
+        log(INFO, "round %d: global metrics pooled over %d site(s), %d patients", server_round, len(pooled),
+            self.report.pooled_patients)
         return MetricRecord({k: float(v) for k, v in self.report.global_metrics.items() if v is not None})
-
-
-def parse_eval_counts(site: str, metrics: MetricRecord) -> EvalCounts:
-    """EvalCounts from an evaluate reply (square confusion matrices, 2-row histograms)."""
-    confusion, histogram = {}, {}
-    for key, value in metrics.items():
-        if key.startswith("cm-"):
-            flat = np.asarray(value, dtype=np.int64)
-            c = int(round(np.sqrt(flat.size)))
-            if c * c != flat.size:
-                raise ValueError(f"{key} is not a square matrix")
-            confusion[key[3:]] = flat.reshape(c, c)
-        elif key.startswith("hist-"):
-            flat = np.asarray(value, dtype=np.int64)
-            histogram[key[5:]] = flat.reshape(2, -1)
-    if "all" not in confusion:
-        raise ValueError("no cm-all in evaluation reply")
-    return EvalCounts(site, confusion, histogram)

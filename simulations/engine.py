@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
 from typing import Callable, Iterable
 
@@ -12,7 +11,7 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
-from server.config import ENV_OVERRIDE, FederatedConfig
+from server.config import FederatedConfig
 
 
 class InProcessGrid(Grid):
@@ -24,6 +23,11 @@ class InProcessGrid(Grid):
 
     def __init__(self, client_app, num_nodes: int, run_config: dict | None = None,
                  node_configs: dict[int, dict] | None = None):
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # messages created outside a SuperLink need a task identity, as in Flower's own legacy simulation API
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
         self.client_app = client_app
         extra = node_configs or {}
         self.contexts = {
@@ -70,10 +74,6 @@ def run_inprocess(cfg: FederatedConfig, num_sites: int, on_round: Callable[[dict
     from client.app import app as client_app
     from server.app import server_main
 
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     run_config = cfg.to_run_config()
     grid = InProcessGrid(client_app, num_sites, run_config, node_configs)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
@@ -81,37 +81,91 @@ def run_inprocess(cfg: FederatedConfig, num_sites: int, on_round: Callable[[dict
 
 
 def run_flower(cfg: FederatedConfig, num_sites: int, verbose: bool = False, ray_address: str | None = None,
-               cpus_per_site: float = 1.0) -> tuple[dict[str, np.ndarray], list[dict]]:
+               cpus_per_site: float = 1.0, on_round: Callable[[dict], None] | None = None
+               ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Run through Flower's simulation engine (Ray); results are read back from the run's output directory.
 
-    ``ray_address`` ("HOST:PORT" or "auto") joins an existing Ray cluster instead of starting a local one; the
-    ClientApp actors are then spread over the cluster's nodes (``cpus_per_site`` CPUs each)."""
+    The ServerApp gets ``cfg`` as its Flower run config (the ClientApps get everything they need in each round's
+    message). ``on_round`` is called with each new round record, read from the run's history.json as the
+    ServerApp writes it. ``ray_address`` ("HOST:PORT" or "auto") joins an existing Ray cluster instead of
+    starting a local one; the ClientApp actors are then spread over the cluster's nodes (``cpus_per_site`` CPUs
+    each)."""
     import torch
-    from flwr.simulation import run_simulation
 
     from client.app import app as client_app
     from server.app import app as server_app
 
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    os.environ[ENV_OVERRIDE] = json.dumps(cfg.to_run_config())
+    history_path = os.path.join(cfg.out_dir, "history.json")
+    watcher = _HistoryWatcher(history_path, on_round) if on_round is not None else None
     try:
-        t0 = time.perf_counter()
-        init_args = {"log_to_driver": verbose}
-        if ray_address:
-            init_args["address"] = ray_address
-        else:
-            init_args["include_dashboard"] = False
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
-                       backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-                                       "init_args": init_args},
-                       verbose_logging=verbose)
-        _ = time.perf_counter() - t0
+        run_flower_app(server_app, client_app, cfg.to_run_config(), num_sites, verbose, ray_address, cpus_per_site)
     finally:
-        os.environ.pop(ENV_OVERRIDE, None)
-    out = cfg.out_dir
-    history_path = os.path.join(out, "history.json")
-    if not os.path.exists(history_path):
-        raise RuntimeError(f"Flower simulation ended without writing {history_path}; see the log above")
-    params = {k: v.numpy() for k, v in torch.load(os.path.join(out, "model.pt")).items()}
+        if watcher is not None:
+            watcher.stop()
+    if not os.path.exists(os.path.join(cfg.out_dir, "model.pt")):
+        raise RuntimeError(f"Flower simulation ended without writing {cfg.out_dir}/model.pt; see the log above")
+    params = {k: v.numpy() for k, v in torch.load(os.path.join(cfg.out_dir, "model.pt"),
+                                                   weights_only=True).items()}
     with open(history_path) as fh:
         return params, json.load(fh)
+
+
+def run_flower_app(server_app, client_app, run_config: dict, num_sites: int, verbose: bool = False,
+                   ray_address: str | None = None, cpus_per_site: float = 1.0) -> None:
+    """Run a ServerApp/ClientApp pair on Flower's simulation engine with ``run_config`` as the ServerApp's Flower
+    run config (no environment variables, no module globals)."""
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation  # the public wrapper takes no run config
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    init_args = {"log_to_driver": verbose}
+    if ray_address:
+        init_args["address"] = ray_address
+    else:
+        init_args["include_dashboard"] = False
+    _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app, server_app=server_app, server_app_context=context, run=run,
+                    backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+                                    "init_args": init_args},
+                    verbose_logging=verbose)
+
+
+class _HistoryWatcher:
+    """Calls ``on_round`` for each round record that appears in a history.json written atomically per round."""
+
+    def __init__(self, path: str, on_round: Callable[[dict], None], interval: float = 0.2):
+        import threading
+
+        self.path, self.on_round, self.interval, self.seen = path, on_round, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        try:
+            with open(self.path) as fh:
+                history = json.load(fh)
+        except (OSError, ValueError):
+            return
+        for record in history[self.seen:]:
+            self.on_round(record)
+        self.seen = max(self.seen, len(history))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()

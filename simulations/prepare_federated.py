@@ -55,23 +55,16 @@ def run_inprocess(run, node_configs: dict[int, dict] | None = None) -> dict:
 def run_flower(run, verbose: bool = False, cpus_per_site: float = 1.0) -> dict:
     """Through Flower's simulation engine: one SuperNode per site (Ray actors), the ServerApp in this process.
     Results are read back from the run's output directory."""
-    from flwr.simulation import run_simulation
-
     from client.prepare_app import app as client_app
-    from server.prepare_app import ENV_OVERRIDE, app as server_app
+    from server.prepare_app import RUN_KEY, app as server_app
+
+    from .engine import run_flower_app
 
     report = Path(run.out_dir) / "prepare_report.json"
     report.unlink(missing_ok=True)
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    os.environ[ENV_OVERRIDE] = run.model_dump_json()
     t0 = time.perf_counter()
-    try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=run.expected_sites(),
-                       backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-                                       "init_args": {"log_to_driver": verbose, "include_dashboard": False}},
-                       verbose_logging=verbose)
-    finally:
-        os.environ.pop(ENV_OVERRIDE, None)
+    run_flower_app(server_app, client_app, {RUN_KEY: run.model_dump_json()}, run.expected_sites(), verbose,
+                   cpus_per_site=cpus_per_site)
     wall = time.perf_counter() - t0
     if not report.exists():
         raise RuntimeError(f"the Flower run ended without writing {report}; see the log above")

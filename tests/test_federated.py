@@ -11,13 +11,14 @@ import torch
 from sklearn.metrics import matthews_corrcoef
 
 from magnet_core.aggregate import (
-    SiteUpdate, aggregate_updates, norm_outliers, pooled_metrics, update_norm, validate_update,
+    SiteUpdate, aggregate_updates, pooled_metrics, validate_update,
 )
 from magnet_core.config import get_preset
 from magnet_core.metrics import metrics_from_confusion
 from server.config import FederatedConfig
 from magnet_core.consortium import load_consortium
 from magnet_core.scenarios import Scenario, build_consortium, load_scenario
+from flower_messages import instruction as _instruction, reply as _reply
 
 
 def _params(enc_a: float, enc_b: float, shared: float) -> dict[str, np.ndarray]:
@@ -75,36 +76,6 @@ def test_update_validation_names_shapes_and_finiteness():
     assert any("missing" in p for p in problems) and any("unexpected" in p for p in problems)
 
 
-def test_norm_outliers_flag_a_huge_update_even_with_two_sites():
-    glob = _params(0, 0, 0)
-    norms = {"a": update_norm(glob, _params(1, 1, 1)), "b": update_norm(glob, _params(1e4, 1e4, 1e4))}
-    assert set(norm_outliers(norms)) == {"b"}
-    assert norm_outliers({"a": 1.0, "b": 1.5, "c": 0.9}) == {}
-
-
-def _instruction(node: int, kind: str, content: dict | None = None):
-    """A server message to ``node`` as a grid would push it (its id set), outside any Flower run."""
-    from flwr.app import Message, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    msg = Message(RecordDict(content or {}), node, kind)
-    msg.metadata.__dict__["_message_id"] = f"instruction-{node}-{kind}"
-    return msg
-
-
-def _reply(instruction, content: dict | None = None, error: str | None = None):
-    from flwr.app import Error, Message, RecordDict
-
-    if error is not None:
-        reply = Message(Error(code=0, reason=error), reply_to=instruction)
-    else:
-        reply = Message(RecordDict(content or {}), reply_to=instruction)
-    reply.metadata.__dict__["_src_node_id"] = instruction.metadata.dst_node_id
-    return reply
-
-
 def test_error_replies_are_reported_as_failures_not_crashes():
     """A site's error reply (bad data, a crash, or the SuperLink's reply for a node that went away) has no content;
     the round goes on with the other sites and the failure is recorded under the node id."""
@@ -112,19 +83,20 @@ def test_error_replies_are_reported_as_failures_not_crashes():
 
     from server.strategy import MagnetFedAvg, to_record
 
-    strategy = MagnetFedAvg(FederatedConfig(min_sites=1), ["mRNA", "miRNA"])
-    strategy.current = _params(0, 0, 0)
+    strategy = MagnetFedAvg(FederatedConfig(min_sites=1), ["mRNA", "miRNA"], 2)
+    strategy.current = _params(1, 1, 1)
     good = _reply(_instruction(1, "train"), {
-        "arrays": to_record(_params(1, 1, 1)), "site": ConfigRecord({"name": "site-a"}),
+        "arrays": to_record(_params(1.01, 1.01, 1.01)), "site": ConfigRecord({"name": "site-a"}),
         "metrics": MetricRecord({"num-examples": 10, "count-mRNA": 10, "count-miRNA": 5, "loss": 0.5})})
     failed = _reply(_instruction(2, "train"), error="node unavailable")
     failed.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node that went away
     strategy.destinations = {"instruction-2-train": 2}  # filled by server.loop.collect
     new, _ = strategy.aggregate_train(1, [failed, good])
-    np.testing.assert_allclose(new["attention.att"].numpy(), 1.0)
-    assert strategy.report.accepted == ["site-a"] and strategy.report.failed == {"node2": "node unavailable"}
+    np.testing.assert_allclose(new["attention.att"].numpy(), 1.01)
+    assert strategy.report.accepted == ["site-a"]
+    assert strategy.report.failed == {"node2": "node 2: node unavailable"}
 
-    cm = MetricRecord({"cm-all": [3, 1, 2, 4]})
+    cm = MetricRecord({"num-examples": 10, "cm-all": [3, 1, 2, 4]})
     evaluated = _reply(_instruction(1, "evaluate"), {"metrics": cm, "site": ConfigRecord({"name": "site-a"})})
     metrics = strategy.aggregate_evaluate(1, [_reply(_instruction(2, "evaluate"), error="crashed"), evaluated])
     assert metrics["acc"] == pytest.approx(0.7)
@@ -324,6 +296,7 @@ def test_poisoned_update_is_rejected_and_named(ov_path, tmp_path, poison, caplog
     assert set(hist[0]["rejected"]) == {"site1"}
     reason = hist[0]["rejected"]["site1"]
     assert ("non-finite" in reason) if poison == "nan" else ("update norm" in reason)
+    assert reason.startswith("node 2: ")
     assert "REJECTED update from node 2 (site1)" in caplog.text
     assert all(np.isfinite(v).all() for v in params.values())
 
@@ -359,8 +332,10 @@ def test_site_with_invalid_data_replies_a_clear_error(tmp_path, data_root):
     path = manifest.save(tmp_path / "manifest.toml")
     ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(site), "manifest": str(path)},
                   state=RecordDict(), run_config={})
-    msg = _instruction(7, "train", {"config": ConfigRecord({"preset": "brca", "seed": 1, "local-epochs": 1,
-                                                             "server-round": 1})})
+    from magnet_core.contract import RoundConfig
+
+    config = RoundConfig(server_round=1, seed=1, preset="brca", local_epochs=1, histogram_bins=100)
+    msg = _instruction(7, "train", {"config": ConfigRecord(config.encode())})
     reply = client_app(msg, ctx)
     assert reply.has_error() and reply.error.code == DATA_ERROR_CODE
     assert "not in the manifest's order" in reply.error.reason and "mRNA.csv" in reply.error.reason

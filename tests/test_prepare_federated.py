@@ -158,7 +158,7 @@ def test_flower_simulation_with_three_supernodes_equals_in_process(data_root, tm
     inproc = run_inprocess(make_run(site_specs(dirs, tmp_path / "inproc"), tmp_path / "inproc", cfg))
     flower = run_flower(make_run(site_specs(dirs, tmp_path / "flower"), tmp_path / "flower", cfg))
     print(f"federated preparation through Flower (3 supernodes): {flower['wall_seconds']:.1f} s")
-    assert flower["status"] == "ok" and flower["wall_seconds"] < 60
+    assert flower["status"] == "ok"
     assert ConsortiumManifest.load(tmp_path / "flower" / "manifest.toml") == ConsortiumManifest.load(
         tmp_path / "inproc" / "manifest.toml")
     files = [p for p in (tmp_path / "inproc").rglob("*") if p.is_file() and p.name != "prepare_report.json"]

@@ -1,0 +1,342 @@
+"""The wire contract between sites and coordinator: typed round config, replies and round records (no flwr)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+
+from .aggregate import EvalCounts
+from .config import PRESETS
+from .manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
+from .manifest import EnrolledSite as SiteFacts
+
+GROUPS = ("all", "paired", "unpaired")  # test-patient groups an evaluation reply may report
+MAX_HISTOGRAM_BINS = 1000  # the most score-histogram bins a site will ever send
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Flower's client-side clipping mod reads this key from the round config (flwr.supercore.differential_privacy)
+FLOWER_CLIPPING_KEY = "clipping_norm"
+
+Flat = dict[str, Any]  # what one Flower ConfigRecord / MetricRecord carries: str -> scalar or list of scalars
+
+
+class ContractError(ValueError):
+    """A message that breaks the contract: unknown key, wrong type, out of range or inconsistent."""
+
+
+def _errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "message"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _site_name(v: str) -> str:
+    if not SITE_NAME.match(v):
+        raise ValueError("site name must be 1-64 characters of A-Z a-z 0-9 . _ - (starting alphanumeric)")
+    return v
+
+
+def _strict_keys(record: Mapping[str, Any], allowed: set[str], what: str) -> None:
+    unknown = sorted(set(record) - allowed)
+    if unknown:
+        raise ContractError(f"{what}: unknown key(s) {unknown[:5]}")
+
+
+def _validated(cls, data: dict, what: str):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ContractError(f"{what}: {_errors(exc)}") from None
+
+
+# ----------------------------------------------------------------------------------------------- round config
+
+
+class RoundConfig(BaseModel):
+    """What the coordinator asks of a site in one round (train or evaluate)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    server_round: StrictInt = Field(ge=1, description="1-based round number")
+    seed: StrictInt = Field(ge=0, lt=2**31, description="run seed; the site's RNG is seeded from it, the round and its name")
+    preset: str = Field(description="hyperparameter preset (model width, learning rate, graph sparsity)")
+    local_epochs: StrictInt = Field(ge=1, le=1000, description="local epochs per round")
+    histogram_bins: StrictInt = Field(ge=2, le=MAX_HISTOGRAM_BINS, description="score-histogram bins (binary tasks)")
+    min_count: StrictInt = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,
+                                 description="k: no released statistic may describe fewer than k patients")
+    # simulation only: where a simulated site finds its partition (a deployed site reads its node config instead)
+    data_path: str = Field("", max_length=4096)
+    scenario: str = Field("", max_length=4096)
+    modalities: str = Field("", max_length=4096, description="comma-separated subset of modalities ('' = all)")
+    clipping_norm: float | None = Field(None, gt=0, description="differential privacy: clip the update to this norm")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v.lower() not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; known: {sorted(PRESETS)}")
+        return v.lower()
+
+    def encode(self) -> Flat:
+        out = {k.replace("_", "-"): v for k, v in self.model_dump(exclude={"clipping_norm"}).items()}
+        if self.clipping_norm is not None:
+            out[FLOWER_CLIPPING_KEY] = float(self.clipping_norm)
+        return out
+
+    @classmethod
+    def decode(cls, record: Mapping[str, Any]) -> "RoundConfig":
+        keys = {k.replace("_", "-") for k in cls.model_fields if k != "clipping_norm"} | {FLOWER_CLIPPING_KEY}
+        _strict_keys(record, keys, "round config")
+        data = {(k if k == FLOWER_CLIPPING_KEY else k.replace("-", "_")): v for k, v in record.items()}
+        return _validated(cls, data, "round config")
+
+
+# ------------------------------------------------------------------------------------------------ train reply
+
+
+class TrainReply(BaseModel):
+    """A site's training reply besides its weights: who it says it is, and how many patients trained what."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    site: str = Field(description="the site's name (a label; the coordinator decides by node id)")
+    num_examples: StrictInt = Field(ge=1, description="training patients")
+    modality_counts: dict[str, StrictInt] = Field(description="training patients holding each modality")
+    loss: float | None = Field(None, description="mean training loss of the last local epoch")
+
+    _name = field_validator("site")(classmethod(lambda cls, v: _site_name(v)))
+
+    @field_validator("loss")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("loss must be finite")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainReply":
+        for m, c in self.modality_counts.items():
+            if not 0 <= c <= self.num_examples:
+                raise ValueError(f"count of modality {m!r} is {c}, outside 0..num-examples ({self.num_examples})")
+        if self.modality_counts and max(self.modality_counts.values()) == 0:
+            raise ValueError("no training patient holds any modality")
+        return self
+
+    def encode(self) -> tuple[Flat, Flat]:
+        """(metrics record, site record)."""
+        metrics: Flat = {"num-examples": self.num_examples}
+        if self.loss is not None:
+            metrics["loss"] = float(self.loss)
+        metrics.update({f"count-{m}": int(c) for m, c in self.modality_counts.items()})
+        return metrics, {"name": self.site}
+
+    @classmethod
+    def decode(cls, metrics: Mapping[str, Any], site: Mapping[str, Any], modalities: Sequence[str]) -> "TrainReply":
+        _strict_keys(site, {"name"}, "site record")
+        _strict_keys(metrics, {"num-examples", "loss"} | {f"count-{m}" for m in modalities}, "train metrics")
+        absent = [m for m in modalities if f"count-{m}" not in metrics]
+        if absent:
+            raise ContractError(f"train metrics: no count for modality(ies) {absent}")
+        data = {"site": site.get("name"), "num_examples": metrics.get("num-examples"),
+                "modality_counts": {m: metrics[f"count-{m}"] for m in modalities}, "loss": metrics.get("loss")}
+        return _validated(cls, data, "train reply")
+
+
+# ------------------------------------------------------------------------------------------- evaluation reply
+
+
+class EvalReply(BaseModel):
+    """A site's evaluation as counts: confusion matrices per group and, for binary tasks, score histograms.
+
+    Groups the site withheld (fewer than k test patients) are listed in ``withheld`` and carry nothing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    site: str
+    num_examples: StrictInt = Field(ge=0, description="test patients behind the released 'all' group")
+    confusion: dict[Literal["all", "paired", "unpaired"], list[list[StrictInt]]] = Field(default_factory=dict)
+    histogram: dict[Literal["all", "paired", "unpaired"], list[list[StrictInt]]] = Field(default_factory=dict)
+    withheld: list[Literal["all", "paired", "unpaired"]] = Field(default_factory=list)
+
+    _name = field_validator("site")(classmethod(lambda cls, v: _site_name(v)))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EvalReply":
+        overlap = set(self.withheld) & (set(self.confusion) | set(self.histogram))
+        if overlap:
+            raise ValueError(f"group(s) {sorted(overlap)} are both withheld and released")
+        if set(self.histogram) - set(self.confusion):
+            raise ValueError("a histogram without its confusion matrix")
+        if "all" not in self.confusion and "all" not in self.withheld:
+            raise ValueError("neither a confusion matrix for 'all' nor 'all' withheld")
+        for g, cm in self.confusion.items():
+            a = np.asarray(cm, dtype=np.int64)
+            if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 2:
+                raise ValueError(f"cm-{g} is not a square matrix of at least 2 classes")
+            if (a < 0).any():
+                raise ValueError(f"cm-{g} has negative counts")
+            hist = self.histogram.get(g)
+            if hist is not None:
+                h = np.asarray(hist, dtype=np.int64)
+                if a.shape[0] != 2 or h.ndim != 2 or h.shape[0] != 2:
+                    raise ValueError(f"hist-{g} must be 2 rows (negatives, positives) of a binary task")
+                if (h < 0).any():
+                    raise ValueError(f"hist-{g} has negative counts")
+                if not np.array_equal(h.sum(axis=1), a.sum(axis=1)):
+                    raise ValueError(f"hist-{g} class totals {h.sum(axis=1).tolist()} differ from cm-{g}'s "
+                                     f"{a.sum(axis=1).tolist()}")
+        sizes = {np.asarray(cm).shape for cm in self.confusion.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"confusion matrices of different sizes {sorted(sizes)}")
+        if "all" in self.confusion:
+            total = int(np.asarray(self.confusion["all"]).sum())
+            if total != self.num_examples:
+                raise ValueError(f"cm-all holds {total} patients but num-examples is {self.num_examples}")
+            if "paired" in self.confusion and "unpaired" in self.confusion:
+                parts = np.asarray(self.confusion["paired"]) + np.asarray(self.confusion["unpaired"])
+                if not np.array_equal(parts, np.asarray(self.confusion["all"])):
+                    raise ValueError("cm-paired + cm-unpaired differ from cm-all")
+        return self
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(next(iter(self.confusion.values()))) if self.confusion else None
+
+    def encode(self) -> tuple[Flat, Flat]:
+        metrics: Flat = {"num-examples": self.num_examples}
+        for g, cm in self.confusion.items():
+            metrics[f"cm-{g}"] = [int(v) for row in cm for v in row]
+        for g, h in self.histogram.items():
+            metrics[f"hist-{g}"] = [int(v) for row in h for v in row]
+        for g in self.withheld:
+            metrics[f"withheld-{g}"] = 1
+        return metrics, {"name": self.site}
+
+    @classmethod
+    def decode(cls, metrics: Mapping[str, Any], site: Mapping[str, Any], num_classes: int, bins: int
+               ) -> "EvalReply":
+        _strict_keys(site, {"name"}, "site record")
+        allowed = {"num-examples"} | {f"{p}-{g}" for p in ("cm", "hist", "withheld") for g in GROUPS}
+        _strict_keys(metrics, allowed, "evaluation metrics")
+        confusion, histogram, withheld = {}, {}, []
+        for g in GROUPS:
+            if f"cm-{g}" in metrics:
+                confusion[g] = _matrix(metrics[f"cm-{g}"], num_classes, num_classes, f"cm-{g}")
+            if f"hist-{g}" in metrics:
+                if num_classes != 2:
+                    raise ContractError(f"evaluation metrics: hist-{g} in a {num_classes}-class task")
+                histogram[g] = _matrix(metrics[f"hist-{g}"], 2, bins, f"hist-{g}")
+            if f"withheld-{g}" in metrics:
+                if metrics[f"withheld-{g}"] != 1:
+                    raise ContractError(f"evaluation metrics: withheld-{g} must be 1")
+                withheld.append(g)
+        data = {"site": site.get("name"), "num_examples": metrics.get("num-examples"), "confusion": confusion,
+                "histogram": histogram, "withheld": withheld}
+        return _validated(cls, data, "evaluation reply")
+
+    def counts(self) -> EvalCounts:
+        """The released counts as arrays, for pooling."""
+        return EvalCounts(self.site, {g: np.asarray(cm, dtype=np.int64) for g, cm in self.confusion.items()},
+                          {g: np.asarray(h, dtype=np.int64) for g, h in self.histogram.items()})
+
+    @classmethod
+    def from_counts(cls, counts: EvalCounts, withheld: Sequence[str] = ()) -> "EvalReply":
+        conf = {g: np.asarray(cm).astype(int).tolist() for g, cm in counts.confusion.items()}
+        hist = {g: np.asarray(h).astype(int).tolist() for g, h in counts.histogram.items()}
+        num = int(np.asarray(counts.confusion["all"]).sum()) if "all" in counts.confusion else 0
+        return cls(site=counts.site, num_examples=num, confusion=conf, histogram=hist, withheld=list(withheld))
+
+
+def _matrix(value: Any, rows: int, cols: int, key: str) -> list[list[int]]:
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise ContractError(f"evaluation metrics: {key} must be a list of integers")
+    if len(value) != rows * cols:
+        raise ContractError(f"evaluation metrics: {key} has {len(value)} values, expected {rows} x {cols}")
+    return [value[r * cols:(r + 1) * cols] for r in range(rows)]
+
+
+# --------------------------------------------------------------------------------- what the coordinator holds
+
+
+class Enrolment(BaseModel):
+    """Every site the coordinator accepts replies from, by name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sites: dict[str, SiteFacts]
+
+
+def check_train_against(reply: TrainReply, facts: SiteFacts | None) -> list[str]:
+    """Problems of a (contract-valid) training reply against what the site enrolled with."""
+    if facts is None:
+        return [f"site {reply.site!r} is not enrolled"]
+    problems = []
+    if reply.num_examples > facts.train:
+        problems.append(f"num-examples {reply.num_examples} exceeds the {facts.train} training patients "
+                        f"site {reply.site!r} enrolled with")
+    for m, c in reply.modality_counts.items():
+        bound = facts.modalities.get(m, facts.train)
+        if c > bound:
+            problems.append(f"count-{m} {c} exceeds the enrolled {bound}")
+    return problems
+
+
+def check_eval_against(reply: EvalReply, facts: SiteFacts | None) -> list[str]:
+    """Problems of a (contract-valid) evaluation reply against the site's enrolled test size."""
+    if facts is None:
+        return [f"site {reply.site!r} is not enrolled"]
+    total = max((int(np.asarray(cm).sum()) for cm in reply.confusion.values()), default=0)
+    if total > facts.test:
+        return [f"reports {total} test patients, more than the {facts.test} site {reply.site!r} enrolled with"]
+    return []
+
+
+# ------------------------------------------------------------------------------------------------ run records
+
+
+class PooledOver(BaseModel):
+    """Which evaluation replies a global metric was pooled from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sites: list[str] = Field(default_factory=list)
+    patients: int = 0
+
+
+class RoundRecord(BaseModel):
+    """One round of a federated run, as written to history.json (no patient-level data)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    round: int = Field(ge=1)
+    seconds: float
+    train_seconds: float
+    accepted: list[str] = Field(default_factory=list, description="sites whose update was aggregated")
+    rejected: dict[str, str] = Field(default_factory=dict, description="site -> reason (incl. node id)")
+    failed: dict[str, str] = Field(default_factory=dict, description="site -> error reply / timeout")
+    nodes: dict[str, int] = Field(default_factory=dict, description="site label -> node id")
+    train_loss: float | None = None
+    global_metrics: dict[str, float | None] = Field(default_factory=dict, alias="global")
+    pooled_over: PooledOver = Field(default_factory=PooledOver)
+    withheld: dict[str, list[str]] = Field(default_factory=dict, description="site -> groups it withheld (< k)")
+    sites: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
+    screening: dict[str, Any] = Field(default_factory=dict, description="the update checks applied this round")
+    dp: dict[str, Any] | None = None
+    server: dict[str, float | None] | None = None
+    config_fingerprint: str = ""
+
+    def dump(self) -> dict:
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a run's settings (what must match to resume)."""
+    text = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,305 @@
+"""Attacks on the coordinator, played by dishonest or broken sites against the real ServerApp loop and strategy.
+
+Honest sites run the real ClientApp; an attacker's reply is the honest reply altered on its way to the server.
+Every attack must end without a crash, with the bad reply rejected and named by node id, and with the global model
+inside the range of the honest sites' weights (or unchanged when no honest site remains)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.app import app as client_app
+from server.app import server_main
+from server.config import FederatedConfig
+from simulations.engine import InProcessGrid
+
+Attack = Callable[[Message, Message, int], Message]  # (instruction, honest reply, round) -> reply sent
+
+
+def _arrays(msg: Message) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in msg.content["arrays"].items()}
+
+
+def _record(params: dict[str, np.ndarray]) -> ArrayRecord:
+    from flwr.app import Array
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+
+
+def _forge(instruction: Message, honest: Message, *, arrays=None, metrics=None, site=None) -> Message:
+    """The honest reply with some of its records replaced."""
+    content = RecordDict()
+    if "arrays" in honest.content or arrays is not None:
+        content["arrays"] = arrays if arrays is not None else honest.content["arrays"]
+    content["metrics"] = MetricRecord(metrics) if metrics is not None else honest.content["metrics"]
+    content["site"] = ConfigRecord(site) if site is not None else honest.content["site"]
+    reply = Message(content, reply_to=instruction)
+    reply.metadata.__dict__["_src_node_id"] = instruction.metadata.dst_node_id
+    return reply
+
+
+class AttackGrid(InProcessGrid):
+    """In-process grid whose attacking nodes alter their honest replies; records what honest sites trained."""
+
+    def __init__(self, num_nodes: int, run_config: dict, attacks: dict[int, Attack]):
+        super().__init__(client_app, num_nodes, run_config)
+        self.attacks = attacks
+        self.trained: dict[tuple[int, int], dict[str, np.ndarray]] = {}  # (round, node) -> honest weights
+        self.sent: dict[int, dict[str, np.ndarray]] = {}  # round -> global weights sent for training
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            node = msg.metadata.dst_node_id
+            rnd = int(msg.content["config"]["server-round"])
+            reply = self.client_app(msg, self.contexts[node])
+            if msg.metadata.message_type == "train" and not reply.has_error():
+                self.sent[rnd] = _arrays(msg)
+                self.trained[(rnd, node)] = _arrays(reply)
+            if node in self.attacks:
+                reply = self.attacks[node](msg, reply, rnd)
+            self._replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+
+def _run(tmp_path: Path, num_sites: int, attacks: dict[int, Attack], rounds: int = 1, **overrides):
+    scenario = tmp_path / f"iid-{num_sites}.toml"
+    scenario.write_text(f'name = "iid-{num_sites}"\nnum_sites = {num_sites}\npartition = "iid"\n')
+    settings = dict(num_server_rounds=rounds, local_epochs=2, data_path="generated:200", scenario=str(scenario),
+                    min_sites=1, server_eval=False, seed=3, out_dir=str(tmp_path / "run"), histogram_bins=20)
+    cfg = FederatedConfig(**{**settings, **overrides})
+    grid = AttackGrid(num_sites, cfg.to_run_config(), attacks)
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+    params, history = server_main(grid, ctx)
+    return grid, {k: np.asarray(v) for k, v in params.items()}, history
+
+
+def _named(record: dict, node: int, kind: str = "rejected") -> str:
+    """The reason recorded for ``node`` (every rejection and failure says which node it was)."""
+    hits = [r for r in record[kind].values() if r.startswith(f"node {node}:")]
+    assert hits, f"node {node} not in {kind}: {record[kind]}"
+    return hits[0]
+
+
+def _within_honest_range(grid: AttackGrid, params: dict[str, np.ndarray], rnd: int, attackers: set[int]):
+    honest = [w for (r, node), w in grid.trained.items() if r == rnd and node not in attackers]
+    if not honest:  # nobody honest trained: the global model must be the one sent this round
+        for k, v in grid.sent[rnd].items():
+            np.testing.assert_array_equal(params[k], v)
+        return
+    for k, v in params.items():
+        stack = np.stack([w[k] for w in honest])
+        tol = 1e-6 * (1 + np.abs(stack).max())
+        assert np.all(v >= stack.min(axis=0) - tol) and np.all(v <= stack.max(axis=0) + tol), k
+
+
+# --------------------------------------------------------------------------------------------------- counts
+
+
+def _metrics_with(**changes) -> Attack:
+    def attack(instruction: Message, honest: Message, rnd: int) -> Message:
+        if instruction.metadata.message_type != "train":
+            return honest
+        metrics = dict(honest.content["metrics"])
+        for key, value in changes.items():
+            key = key.replace("_", "-")
+            if value is None:
+                metrics.pop(key, None)
+            else:
+                metrics[key] = value(metrics) if callable(value) else value
+        return _forge(instruction, honest, metrics=metrics)
+
+    return attack
+
+
+COUNT_ATTACKS = {
+    "huge num-examples": _metrics_with(num_examples=10**6),
+    "negative num-examples": _metrics_with(num_examples=-99),
+    "zero num-examples": _metrics_with(num_examples=0),
+    "float num-examples": _metrics_with(num_examples=50.0),
+    "modality count above num-examples": _metrics_with(count_mRNA=lambda m: m["num-examples"] + 5),
+    "modality count above enrolment": _metrics_with(num_examples=lambda m: m["num-examples"],
+                                                    count_DNA=lambda m: m["num-examples"]),
+    "count for an unknown modality": _metrics_with(count_protein=7),
+    "no count for a modality": _metrics_with(count_miRNA=None),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(COUNT_ATTACKS))
+def test_lying_counts_are_rejected_by_node(tmp_path, attack):
+    grid, params, history = _run(tmp_path, 3, {2: COUNT_ATTACKS[attack]})
+    record = history[0]
+    reason = _named(record, 2)
+    assert len(record["accepted"]) == 2 and "site1" not in record["accepted"], record
+    assert reason
+    _within_honest_range(grid, params, 1, {2})
+
+
+# --------------------------------------------------------------------------------------------- identities
+
+
+def _claim(name: str, scale: float | None = None) -> Attack:
+    def attack(instruction: Message, honest: Message, rnd: int) -> Message:
+        arrays = None
+        if scale is not None and instruction.metadata.message_type == "train":
+            arrays = _record({k: v * scale for k, v in _arrays(honest).items()})
+        return _forge(instruction, honest, arrays=arrays, site={"name": name})
+
+    return attack
+
+
+def test_a_site_cannot_shadow_another_sites_name(tmp_path):
+    """Node 3 speaks as site0 (node 1's name) and sends a 1e4-scaled update: refused as node 3, and node 1's
+    honest update still counts."""
+    grid, params, history = _run(tmp_path, 3, {3: _claim("site0", scale=1e4)})
+    record = history[0]
+    reason = _named(record, 3)
+    assert "site0" in record["accepted"] and "site1" in record["accepted"], record
+    assert "node 1" in reason or "norm" in reason
+    _within_honest_range(grid, params, 1, {3})
+
+
+def test_a_site_cannot_change_its_name_between_rounds(tmp_path):
+    def rename_later(instruction, honest, rnd):
+        return _forge(instruction, honest, site={"name": "site9"}) if rnd == 2 else honest
+
+    grid, params, history = _run(tmp_path, 2, {2: rename_later}, rounds=2)
+    assert "now calls itself 'site9'" in _named(history[1], 2)
+    assert history[1]["accepted"] == ["site0"]
+
+
+# ---------------------------------------------------------------------------------------------- updates
+
+
+def _update(kind: str, from_round: int = 1) -> Attack:
+    def attack(instruction: Message, honest: Message, rnd: int) -> Message:
+        if instruction.metadata.message_type != "train" or rnd < from_round:
+            return honest
+        sent, mine = _arrays(instruction), _arrays(honest)
+        if kind == "scaled":
+            forged = {k: v * np.float32(1e4) for k, v in mine.items()}
+        elif kind == "sign-flipped":
+            forged = {k: (2 * sent[k] - mine[k]).astype(mine[k].dtype) for k in mine}
+        elif kind == "zero":  # the global model sent back unchanged: a free rider
+            forged = sent
+        else:
+            raise AssertionError(kind)
+        return _forge(instruction, honest, arrays=_record(forged))
+
+    return attack
+
+
+@pytest.mark.parametrize("num_sites", [1, 2, 5])
+@pytest.mark.parametrize("kind", ["scaled", "sign-flipped", "zero"])
+def test_bad_updates_are_rejected_with_one_two_and_five_sites(tmp_path, kind, num_sites):
+    """With 5 sites the attacker's peers expose it from round 1. With 1 or 2 sites a sign flip can only be
+    judged against the last aggregate step, so that attacker starts in round 2."""
+    start = 2 if kind == "sign-flipped" and num_sites < 3 else 1
+    grid, params, history = _run(tmp_path, num_sites, {1: _update(kind, start)}, rounds=2)
+    for record in history[start - 1:]:
+        _named(record, 1)
+        assert "site0" not in record["accepted"]
+        assert len(record["accepted"]) == num_sites - 1
+    _within_honest_range(grid, params, 2, {1})
+
+
+def test_a_zero_colluder_does_not_switch_off_the_norm_check(tmp_path):
+    """One site sends the global model back unchanged, another a 1e4-scaled update: both are refused."""
+    grid, params, history = _run(tmp_path, 3, {1: _update("zero"), 2: _update("scaled")})
+    record = history[0]
+    assert "barely differs" in _named(record, 1) and "norm" in _named(record, 2)
+    assert record["accepted"] == ["site2"]
+    _within_honest_range(grid, params, 1, {1, 2})
+
+
+# ------------------------------------------------------------------------------------------- evaluations
+
+
+def _eval_metrics(change: Callable[[dict], dict]) -> Attack:
+    def attack(instruction: Message, honest: Message, rnd: int) -> Message:
+        if instruction.metadata.message_type != "evaluate":
+            return honest
+        return _forge(instruction, honest, metrics=change(dict(honest.content["metrics"])))
+
+    return attack
+
+
+EVAL_ATTACKS = {
+    "extra cm key": lambda m: {**m, "cm-everyone": m["cm-all"]},
+    "3x3 matrix in a 2-class run": lambda m: {**m, "cm-all": [1, 0, 0, 0, 1, 0, 0, 0, 1], "num-examples": 3},
+    "negative counts": lambda m: {**m, "cm-all": [-5, m["cm-all"][1], m["cm-all"][2], m["cm-all"][3] + 5]},
+    "inflated counts": lambda m: {k: ([v * 1000 for v in val] if isinstance(val, list) else val * 1000)
+                                  for k, val in m.items()},
+    "histogram of the wrong size": lambda m: {**m, "hist-all": m["hist-all"][:-2]},
+    "paired and unpaired do not add up": lambda m: {**m, "cm-paired": m["cm-all"]},
+}
+
+
+@pytest.mark.parametrize("attack", sorted(EVAL_ATTACKS))
+def test_bad_evaluation_replies_are_dropped_and_named(tmp_path, attack):
+    grid, params, history = _run(tmp_path, 3, {2: _eval_metrics(EVAL_ATTACKS[attack])})
+    record = history[0]
+    _named(record, 2)
+    assert sorted(record["pooled_over"]["sites"]) == ["site0", "site2"], record["pooled_over"]
+    assert record["global"]["mcc"] is not None and set(record["sites"]) == {"site0", "site2"}
+    assert record["pooled_over"]["patients"] == sum(s["num"] for s in record["sites"].values())
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+class _Payload:
+    """Unpickling this runs code: it creates a marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "PWNED"
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"round": 1, "params": {}, "history": [], "evil": _Payload(str(marker))}, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="checkpoint"):
+        _run(tmp_path, 2, {}, resume=True)
+    assert not marker.exists()
+    with open(out / "checkpoint.pt", "wb") as fh:  # a plain pickle, not even a torch file
+        pickle.dump(_Payload(str(marker)), fh)
+    with pytest.raises(ValueError, match="damaged or not a magnet-fl checkpoint"):
+        _run(tmp_path, 2, {}, resume=True)
+    assert not marker.exists()
+
+
+def test_damaged_and_foreign_checkpoints_are_refused_with_a_clear_message(tmp_path):
+    _run(tmp_path, 2, {}, rounds=1)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    with pytest.raises(ValueError, match=r"different run.*seed: checkpoint 3, now 4"):
+        _run(tmp_path, 2, {}, rounds=2, resume=True, seed=4)
+    with pytest.raises(ValueError, match=r"different run.*preset: checkpoint 'ov', now 'brca'"):
+        _run(tmp_path, 2, {}, rounds=2, resume=True, preset="brca")
+    ckpt.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="damaged or not a magnet-fl checkpoint"):
+        _run(tmp_path, 2, {}, rounds=2, resume=True)
+    ckpt.write_bytes(good)
+    with pytest.raises(ValueError, match="already holds a run"):  # resume=false never overwrites silently
+        _run(tmp_path, 2, {}, rounds=2)
+    assert ckpt.read_bytes() == good
+    _, _, history = _run(tmp_path, 2, {}, rounds=2, resume=True)  # the same run resumes
+    assert [r["round"] for r in history] == [1, 2]
+    _, _, history = _run(tmp_path, 2, {}, rounds=1, overwrite=True)  # or is replaced when asked
+    assert [r["round"] for r in history] == [1]
