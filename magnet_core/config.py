@@ -78,6 +78,9 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+DEFAULT_PRESET = "ov"  # the paper's TCGA-OV settings; every command's default
+
+
 def get_preset(name: str) -> Preset:
     """Return a preset by (case-insensitive) name, with a clear error for unknown names."""
     key = name.lower()

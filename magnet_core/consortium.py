@@ -35,15 +35,17 @@ def site_name(partition_id: int) -> str:
     return f"site{partition_id}"
 
 
+def enrolled_site(site: Cohort) -> SiteFacts:
+    """What a site enrols with: its training (train + val) and test patients, and training patients per modality
+    (the upper bounds the coordinator checks its replies by; a deployed site's manifest entry)."""
+    train = site.split_indices("train", "val")
+    return SiteFacts(train=int(train.size), test=int(site.split_indices("test").size),
+                     modalities={m: int(site.mask[train, j].sum()) for j, m in enumerate(site.modalities)})
+
+
 def enrolment_of(sites: Sequence[Cohort]) -> Enrolment:
-    """What each simulated site enrols with: its training (train + val) and test patients, per modality."""
-    facts = {}
-    for pid, site in enumerate(sites):
-        train = site.split_indices("train", "val")
-        facts[site_name(pid)] = SiteFacts(
-            train=int(train.size), test=int(site.split_indices("test").size),
-            modalities={m: int(site.mask[train, j].sum()) for j, m in enumerate(site.modalities)})
-    return Enrolment(sites=facts)
+    """What each simulated site enrols with."""
+    return Enrolment(sites={site_name(pid): enrolled_site(site) for pid, site in enumerate(sites)})
 
 
 def select_modalities(cohort: Cohort, wanted: list[str]) -> Cohort:

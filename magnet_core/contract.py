@@ -6,15 +6,17 @@ import hashlib
 import json
 import math
 import re
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from .aggregate import EvalCounts
 from .config import PRESETS
 from .manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
 from .manifest import EnrolledSite as SiteFacts
+
+if TYPE_CHECKING:
+    from .aggregate import EvalCounts
 
 GROUPS = ("all", "paired", "unpaired")  # test-patient groups an evaluation reply may report
 MAX_HISTOGRAM_BINS = 1000  # the most score-histogram bins a site will ever send
@@ -241,13 +243,15 @@ class EvalReply(BaseModel):
                 "histogram": histogram, "withheld": withheld}
         return _validated(cls, data, "evaluation reply")
 
-    def counts(self) -> EvalCounts:
+    def counts(self) -> "EvalCounts":
         """The released counts as arrays, for pooling."""
+        from .aggregate import EvalCounts
+
         return EvalCounts(self.site, {g: np.asarray(cm, dtype=np.int64) for g, cm in self.confusion.items()},
                           {g: np.asarray(h, dtype=np.int64) for g, h in self.histogram.items()})
 
     @classmethod
-    def from_counts(cls, counts: EvalCounts, withheld: Sequence[str] = ()) -> "EvalReply":
+    def from_counts(cls, counts: "EvalCounts", withheld: Sequence[str] = ()) -> "EvalReply":
         conf = {g: np.asarray(cm).astype(int).tolist() for g, cm in counts.confusion.items()}
         hist = {g: np.asarray(h).astype(int).tolist() for g, h in counts.histogram.items()}
         num = int(np.asarray(counts.confusion["all"]).sum()) if "all" in counts.confusion else 0

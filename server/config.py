@@ -7,7 +7,9 @@ from typing import Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from magnet_core.config import DEFAULT_PRESET
 from magnet_core.contract import MAX_HISTOGRAM_BINS, fingerprint
+from magnet_core.metrics import DEFAULT_BINS
 from magnet_core.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
 
 
@@ -22,7 +24,7 @@ class FederatedConfig(BaseModel):
 
     num_server_rounds: int = Field(20, ge=1, le=10_000)
     local_epochs: int = Field(10, ge=1, le=1000)
-    preset: str = "ov"
+    preset: str = DEFAULT_PRESET
     aggregation: Literal["modality-aware", "fedavg"] = "modality-aware"
     robust: Literal["mean", "trimmed-mean", "median"] = "mean"
     trim: float = Field(0.2, ge=0, lt=0.5)
@@ -34,7 +36,7 @@ class FederatedConfig(BaseModel):
     norm_ratio: float = Field(10.0, gt=1, description="reject a step > this x (or < 1/this x) the reference norm")
     update_max_ratio: float = Field(0.5, gt=0, description="reject a step longer than this x the global norm")
     update_min_ratio: float = Field(1e-4, ge=0, description="reject a step shorter than this x the global norm")
-    histogram_bins: int = Field(1000, ge=2, le=MAX_HISTOGRAM_BINS)
+    histogram_bins: int = Field(DEFAULT_BINS, ge=2, le=MAX_HISTOGRAM_BINS)
     min_count: int = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,
                            description="k (simulation; a deployment takes it from the manifest)")
     # simulation: where sites come from (empty data-path = generated cohort)

@@ -42,7 +42,7 @@ class ModelSpec:
 
 
 def collect(grid: Grid, messages: Iterable[Message], timeout: float, min_replies: int,
-            grace: float = 30.0, destinations: dict[str, int] | None = None) -> list[Message]:
+            grace: float, destinations: dict[str, int] | None = None) -> list[Message]:
     """Send and wait for replies; stop at ``timeout``, or ``grace`` seconds after ``min_replies`` successful
     replies have arrived (so one dead site delays a round by at most ``grace`` once enough sites have answered;
     error replies, e.g. the SuperLink's for a node that went away, are returned but do not count).

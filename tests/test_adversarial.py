@@ -74,6 +74,10 @@ class AttackGrid(InProcessGrid):
 
 
 def _run(tmp_path: Path, num_sites: int, attacks: dict[int, Attack], rounds: int = 1, **overrides):
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     scenario = tmp_path / f"iid-{num_sites}.toml"
     scenario.write_text(f'name = "iid-{num_sites}"\nnum_sites = {num_sites}\npartition = "iid"\n')
     settings = dict(num_server_rounds=rounds, local_epochs=2, data_path="generated:200", scenario=str(scenario),

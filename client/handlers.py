@@ -1,0 +1,78 @@
+"""What a site does for one message, without Flower: find its data, train or evaluate, build the typed reply."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from magnet_core.config import get_preset
+from magnet_core.contract import EvalReply, RoundConfig, TrainReply
+from magnet_core.site import SiteRuntime
+
+# Sites (data, graphs, model) are built once per process and reused across rounds.
+_SITES: dict[tuple, SiteRuntime] = {}
+
+
+def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> SiteRuntime:
+    """This node's site: a deployment data directory (node_config data-dir) or a simulated partition."""
+    preset = get_preset(cfg.preset)
+    if "data-dir" in node_config:
+        from magnet_core.manifest import ConsortiumManifest
+        from magnet_core.site_validation import load_site_cohort
+
+        key = ("dir", str(node_config["data-dir"]), str(node_config.get("manifest", "")), cfg.seed, preset.name)
+        if key not in _SITES:
+            manifest = ConsortiumManifest.load(str(node_config["manifest"]))
+            cohort = load_site_cohort(str(node_config["data-dir"]), manifest, cfg.seed)
+            name = str(node_config.get("site-name", f"node{node_id}"))
+            _SITES[key] = SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity)
+        return _SITES[key]
+    from magnet_core.consortium import load_consortium, site_name
+
+    pid = int(node_config["partition-id"])
+    key = ("sim", cfg.data_path, cfg.scenario, cfg.modalities, cfg.seed, pid, preset.name)
+    if key not in _SITES:
+        _, sites = load_consortium(cfg.data_path, cfg.scenario, cfg.seed, cfg.modalities)
+        _SITES[key] = SiteRuntime.build(site_name(pid), sites[pid], preset.model, preset.graph.sparsity)
+    return _SITES[key]
+
+
+def forget_sites() -> None:
+    """Drop every cached site (their data changed, or a test wants a cold start)."""
+    _SITES.clear()
+
+
+def train_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, state: Mapping[str, torch.Tensor]
+               ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """Local epochs from the global weights: (metrics record, site record, new weights)."""
+    site = site_for(cfg, node_config, node_id)
+    new, stats = site.fit(state, get_preset(cfg.preset).train, cfg.local_epochs, cfg.server_round, cfg.seed)
+    new = poison_for_testing(new, node_config)
+    loss = stats.get("loss")
+    reply = TrainReply(site=site.name, num_examples=site.train.n, modality_counts=site.modality_counts,
+                       loss=float(loss) if loss is not None and math.isfinite(loss) else None)
+    metrics, name = reply.encode()
+    return metrics, name, new
+
+
+def evaluate_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int,
+                  state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """The global model on the site's test patients: (metrics record of counts, site record)."""
+    site = site_for(cfg, node_config, node_id)
+    counts = site.evaluate_counts(state, cfg.histogram_bins)
+    return EvalReply.from_counts(counts).encode()
+
+
+def poison_for_testing(state: dict[str, torch.Tensor], node_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """node_config ``test-poison`` = "nan" | "scale": corrupt this site's update, to test the server's defences
+    in deployment tests. Never set it on a real site."""
+    mode = str(node_config.get("test-poison", ""))
+    if mode == "nan":
+        state = dict(state)
+        name = next(k for k in state if k.startswith("attention"))
+        state[name] = torch.full_like(state[name], float("nan"))
+    elif mode == "scale":
+        state = {k: v * 1e4 if v.is_floating_point() else v for k, v in state.items()}
+    return state
