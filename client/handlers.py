@@ -61,7 +61,7 @@ def evaluate_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int
                   state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
     """The global model on the site's test patients: (metrics record of counts, site record)."""
     site = site_for(cfg, node_config, node_id)
-    counts = site.evaluate_counts(state, cfg.histogram_bins)
+    counts = site.evaluate_counts(state, cfg.histogram_bins, cfg.test_graph)
     return EvalReply.from_counts(counts).encode()
 
 

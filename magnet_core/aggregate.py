@@ -7,7 +7,7 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
-from .metrics import metrics_from_confusion, ranking_from_histogram
+from .metrics import empty_ranking, metrics_from_confusion, ranking_from_histogram
 from .model import MAGNET
 
 Params = dict[str, np.ndarray]
@@ -214,7 +214,7 @@ def metrics_from_counts(confusion: dict[str, np.ndarray], histogram: dict[str, n
         else:
             vals = dict(metrics_from_confusion(cm))
         hist = histogram.get(group)
-        vals.update(ranking_from_histogram(hist) if hist is not None else {"auroc": None, "auprc": None})
+        vals.update(ranking_from_histogram(hist) if hist is not None else empty_ranking())
         out.update({f"{prefix}{k}": v for k, v in vals.items()})
     return out
 

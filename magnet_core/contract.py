@@ -71,6 +71,8 @@ class RoundConfig(BaseModel):
     preset: str = Field(description="hyperparameter preset (model width, learning rate, graph sparsity)")
     local_epochs: StrictInt = Field(ge=1, le=1000, description="local epochs per round")
     histogram_bins: StrictInt = Field(ge=2, le=MAX_HISTOGRAM_BINS, description="score-histogram bins (binary tasks)")
+    test_graph: Literal["among-test", "attach-to-train"] = Field(
+        "among-test", description="evaluation: a graph among the test patients (paper) or attached to training ones")
     min_count: StrictInt = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,
                                  description="k: no released statistic may describe fewer than k patients")
     # simulation only: where a simulated site finds its partition (a deployed site reads its node config instead)

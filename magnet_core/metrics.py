@@ -1,14 +1,15 @@
-"""Classification metrics, computable exactly from summed confusion matrices and score histograms."""
+"""Classification metrics from summed confusion matrices (exact) and score histograms (exact bounds)."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Literal, Mapping
 
 import numpy as np
 
 METRICS = ("acc", "f1", "mcc", "auroc", "auprc")
 DEFAULT_BINS = 1000
+LOGIT_RANGE = 20.0  # logit-scale histograms cover log-odds in [-20, 20] (float32 probabilities saturate near 16.6)
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -45,20 +46,50 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
     return {"acc": float(acc), "f1": float(f1), "mcc": float(mcc)}
 
 
-def score_histogram(y_true: np.ndarray, score: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
-    """(2, bins) counts of the positive-class score for negatives (row 0) and positives (row 1)."""
-    idx = np.clip((np.asarray(score, dtype=np.float64) * bins).astype(np.int64), 0, bins - 1)
+def score_histogram(y_true: np.ndarray, score: np.ndarray, bins: int = DEFAULT_BINS,
+                    scale: Literal["probability", "logit"] = "probability") -> np.ndarray:
+    """(2, bins) counts of the positive-class score for negatives (row 0) and positives (row 1).
+
+    ``scale="probability"``: equal bins on [0, 1]. ``scale="logit"``: equal bins on log(s / (1 - s)) clipped to
+    +-LOGIT_RANGE, which separates the confident scores a trained model gives (near 0 and 1, where equal probability
+    bins put many patients in one bin). Either way the bin is monotone in the score, so the bounds of
+    :func:`ranking_from_histogram` hold; both give the same histogram shape."""
+    s = np.asarray(score, dtype=np.float64)
+    if scale == "logit":
+        with np.errstate(divide="ignore"):
+            logit = np.log(s) - np.log1p(-s)
+        s = (np.clip(logit, -LOGIT_RANGE, LOGIT_RANGE) + LOGIT_RANGE) / (2 * LOGIT_RANGE)
+    elif scale != "probability":
+        raise ValueError(f"scale must be 'probability' or 'logit', got {scale!r}")
+    idx = np.clip((s * bins).astype(np.int64), 0, bins - 1)
     hist = np.zeros((2, bins), dtype=np.int64)
     np.add.at(hist, (np.asarray(y_true, dtype=np.int64), idx), 1)
     return hist
 
 
+RANKING_KEYS = ("auroc", "auprc", "auroc_low", "auroc_high", "auprc_low", "auprc_high")
+
+
+def empty_ranking() -> dict[str, float | None]:
+    """Every ranking key set to None (one class only, or no histogram: multi-class tasks)."""
+    return {k: None for k in RANKING_KEYS}
+
+
 def ranking_from_histogram(hist: np.ndarray) -> dict[str, float | None]:
-    """AUROC and average precision from score histograms (scores in one bin count as ties)."""
+    """AUROC and average precision from score histograms (scores in one bin count as ties), with exact bounds.
+
+    Scores in different bins are ordered exactly (bins are monotone in the score); only the order inside a bin is
+    unknown. ``auroc_low``/``auroc_high`` are the least and greatest AUROC over every ordering of the scores inside
+    each bin (ties included): a (positive, negative) pair sharing a bin counts 0 or 1 instead of 1/2, so the width
+    is (sum_b pos_b * neg_b) / (P * N), and 0 when no positive and negative share a bin. ``auprc_low``/
+    ``auprc_high`` bound scikit-learn's average precision (mean over positives of the precision at their score,
+    tied scores sharing one threshold) over the same orderings: see :func:`auprc_bounds`. The exact pooled values
+    of the raw scores always lie within the bounds.
+    """
     neg, pos = np.asarray(hist[0], dtype=np.float64)[::-1], np.asarray(hist[1], dtype=np.float64)[::-1]
     n_neg, n_pos = neg.sum(), pos.sum()
     if n_neg == 0 or n_pos == 0:
-        return {"auroc": None, "auprc": None}
+        return empty_ranking()
     tps, fps = np.cumsum(pos), np.cumsum(neg)
     tpr = np.concatenate([[0.0], tps / n_pos])
     fpr = np.concatenate([[0.0], fps / n_neg])
@@ -67,7 +98,35 @@ def ranking_from_histogram(hist: np.ndarray) -> dict[str, float | None]:
     precision = tps[nonempty] / (tps[nonempty] + fps[nonempty])
     recall = tpr[1:][nonempty]
     auprc = float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
-    return {"auroc": auroc, "auprc": auprc}
+    half_width = 0.5 * float(np.dot(pos, neg)) / (n_pos * n_neg)
+    low_ap, high_ap = auprc_bounds(hist)
+    return {"auroc": auroc, "auprc": auprc,
+            "auroc_low": max(0.0, auroc - half_width), "auroc_high": min(1.0, auroc + half_width),
+            "auprc_low": min(low_ap, auprc), "auprc_high": max(high_ap, auprc)}
+
+
+def auprc_bounds(hist: np.ndarray) -> tuple[float, float]:
+    """Least and greatest average precision over all orderings (ties included) of the scores inside each bin.
+
+    Average precision is (1/P) * sum over positives of TP(>= s)/count(>= s) at the positive's score s; a positive
+    in a bin with p positives and n negatives, below T positives and A patients of higher bins, has precision
+    (T + q)/(A + q + k) with q >= its rank among the bin's positives and 0 <= k <= n negatives of the bin at or above
+    it. As T <= A this is at most (T + p)/(A + p) (all p positives tied, above the bin's negatives) and at least
+    (T + j)/(A + n + j) for the j-th positive (the bin's negatives first, then its positives one by one); bins do not
+    interact. The bounds coincide only when every bin that holds a positive holds nothing else."""
+    neg, pos = np.asarray(hist[0], dtype=np.float64)[::-1], np.asarray(hist[1], dtype=np.float64)[::-1]
+    n_pos = pos.sum()
+    if n_pos == 0 or neg.sum() == 0:
+        return float("nan"), float("nan")
+    above_pos = np.cumsum(pos) - pos  # T_b: positives in higher-score bins
+    above_all = np.cumsum(pos + neg) - pos - neg  # A_b: patients in higher-score bins
+    has = pos > 0
+    high = float(np.sum(pos[has] * (above_pos[has] + pos[has]) / (above_all[has] + pos[has]))) / n_pos
+    counts = pos[has].astype(np.int64)
+    bin_of = np.repeat(np.arange(counts.size), counts)
+    j = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + 1.0  # 1..p_b within a bin
+    low = float(np.sum((above_pos[has][bin_of] + j) / (above_all[has][bin_of] + neg[has][bin_of] + j))) / n_pos
+    return low, high
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, float | None]:

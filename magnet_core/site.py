@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Literal, Mapping
 
 import numpy as np
 import torch
@@ -16,6 +16,10 @@ from magnet_core.model import MAGNET
 from magnet_core.train import PatientSet, in_dims_of, make_optimizer, predict_proba, split_sets, train_epochs
 
 
+TestGraph = Literal["among-test", "attach-to-train"]
+TEST_GRAPHS = ("among-test", "attach-to-train")
+
+
 @dataclasses.dataclass
 class SiteRuntime:
     """Everything a site keeps between rounds. Graphs never join patients of two sites or of train and test."""
@@ -25,11 +29,13 @@ class SiteRuntime:
     train: PatientSet
     test: PatientSet
     model: MAGNET
+    sparsity: float = 0.8
+    _reference: object | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def build(cls, name: str, cohort: Cohort, model_cfg: ModelConfig, sparsity: float) -> "SiteRuntime":
         train, test = split_sets(cohort, sparsity)
-        return cls(name, cohort, train, test, MAGNET(in_dims_of(cohort), cohort.num_classes, model_cfg))
+        return cls(name, cohort, train, test, MAGNET(in_dims_of(cohort), cohort.num_classes, model_cfg), sparsity)
 
     @property
     def modality_counts(self) -> dict[str, int]:
@@ -60,22 +66,37 @@ class SiteRuntime:
         stats = train_epochs(self.model, self.train, cfg, local_epochs, optimizer=opt, scheduler=None)
         return self.get_state(), stats
 
-    def evaluate_counts(self, params: Mapping[str, np.ndarray | torch.Tensor], bins: int = DEFAULT_BINS
-                        ) -> EvalCounts:
-        """Confusion matrices (all / paired / unpaired test patients) and binary score histograms."""
+    def evaluate_counts(self, params: Mapping[str, np.ndarray | torch.Tensor], bins: int = DEFAULT_BINS,
+                        test_graph: TestGraph = "among-test") -> EvalCounts:
+        """Confusion matrices (all / paired / unpaired test patients) and binary score histograms (log-odds bins).
+
+        ``test_graph``: "among-test" (the paper's rule: one graph among the site's test patients) or
+        "attach-to-train" (the deployment rule: each test patient attached to the site's training patients by the
+        same masked cosine and quantile rule, never changing their edges; see magnet_core.inductive)."""
         self.set_params(params)
         c = self.cohort.num_classes
         if self.test.n == 0:
             zero = np.zeros((c, c), dtype=np.int64)
             hist = {g: np.zeros((2, bins), np.int64) for g in ("all", "paired", "unpaired")} if c == 2 else {}
             return EvalCounts(self.name, {g: zero.copy() for g in ("all", "paired", "unpaired")}, hist)
-        probs = predict_proba(self.model, self.test).numpy()
+        probs = self.test_probabilities(test_graph)
         y, paired = self.test.y.numpy(), self.test.paired.numpy()
         pred = probs.argmax(axis=1)
         groups = {"all": np.ones_like(paired), "paired": paired, "unpaired": ~paired}
         confusion = {g: confusion_counts(y[s], pred[s], c) for g, s in groups.items()}
-        histogram = {g: score_histogram(y[s], probs[s, 1], bins) for g, s in groups.items()} if c == 2 else {}
+        histogram = ({g: score_histogram(y[s], probs[s, 1], bins, scale="logit") for g, s in groups.items()}
+                     if c == 2 else {})
         return EvalCounts(self.name, confusion, histogram)
+
+    def test_probabilities(self, test_graph: TestGraph = "among-test") -> np.ndarray:
+        """Class probabilities of the site's test patients under the current weights."""
+        if test_graph == "among-test":
+            return predict_proba(self.model, self.test).numpy()
+        from .inductive import AttachRule, Reference, predict_new
+
+        if self._reference is None:
+            self._reference = Reference.from_patient_set(self.train, self.sparsity)
+        return predict_new(self.model, self._reference, self.test.xs, self.test.mask, AttachRule()).probs
 
 
 def _stable_hash(text: str) -> int:

@@ -47,7 +47,7 @@ def server_main(grid: Grid, context: Context, on_round=None):
     if (not cfg.data_path or cfg.data_path.startswith("generated:")) and not cfg.manifest:
         from magnet_core.synthetic import GENERATED_NOTICE
 
-        log(WARNING, "data-path is empty: sites use a %s", GENERATED_NOTICE)
+        log(WARNING, "no real data (data-path %r): sites use a %s", cfg.data_path, GENERATED_NOTICE)
     spec, enrolment, k, evaluator = model_spec_enrolment_and_evaluator(cfg)
     return run_federation(grid, cfg, spec, enrolment, server_eval=evaluator, on_round=on_round, min_count=k)
 

@@ -37,6 +37,8 @@ class FederatedConfig(BaseModel):
     update_max_ratio: float = Field(0.5, gt=0, description="reject a step longer than this x the global norm")
     update_min_ratio: float = Field(1e-4, ge=0, description="reject a step shorter than this x the global norm")
     histogram_bins: int = Field(DEFAULT_BINS, ge=2, le=MAX_HISTOGRAM_BINS)
+    test_graph: Literal["among-test", "attach-to-train"] = Field(
+        "among-test", description="test-graph rule of the sites' evaluation (reported in every result)")
     min_count: int = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,
                            description="k (simulation; a deployment takes it from the manifest)")
     # simulation: where sites come from (empty data-path = generated cohort)

@@ -4,7 +4,7 @@ node authentication, no telemetry, no runtime dependency installation); write th
 Flower 1.41 serves its Fleet, Control and Runtime (ServerAppIo) APIs on one HTTP port. ``deploy superlink`` runs
 that same SuperLink application on two sockets: the control address (loopback only) serves every API to the
 coordinator's own flwr CLI and ServerApp; the Fleet address, the only one facing the sites, answers
-``/v1/fleet/*`` and refuses every other path before Flower sees the request.
+``POST /v1/fleet/<call>`` and refuses every other request before Flower sees it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .pki import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, SiteBundle, split_hos
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z-]*")  # every Fleet route: POST /v1/fleet/<name>
 DEFAULT_FLEET, DEFAULT_CONTROL_PORT = "0.0.0.0:9092", 9093
+CONTROL_HOST = "127.0.0.1"  # Control + Runtime APIs: loopback only, not configurable
 ISOLATION = "subprocess"  # SuperLink starts the ServerApp, SuperNode the ClientApp, each in a child process
 
 
@@ -67,18 +68,13 @@ def _holds_private_key_of(data: bytes, public_der: bytes) -> bool:
                                          serialization.PublicFormat.SubjectPublicKeyInfo) == public_der
 
 
-def control_host_port(port: int) -> tuple[str, int]:
-    return "127.0.0.1", port
-
-
 def flower_superlink_args(pki: Path, state: Path, control_port: int) -> list[str]:
     """flower-superlink's own flags: TLS from the consortium PKI, SuperNode authentication, subprocess isolation,
     no runtime dependency installation, a persistent state DB; its HTTP host is the loopback control address."""
-    host, port = control_host_port(control_port)
     return ["--ssl-ca-certfile", str(pki / CA_CERT), "--ssl-certfile", str(pki / SERVER_CERT),
             "--ssl-keyfile", str(pki / SERVER_KEY), "--enable-supernode-auth",
             "--disable-runtime-dependency-installation", "--isolation", ISOLATION,
-            "--host", host, "--port", str(port), "--database", str(state / "superlink.db")]
+            "--host", CONTROL_HOST, "--port", str(control_port), "--database", str(state / "superlink.db")]
 
 
 class FleetOnlyGate:
@@ -109,15 +105,18 @@ class FleetOnlyGate:
 
 
 def _bind(host: str, port: int, what: str) -> socket.socket:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise PermissionError(f"cannot listen on {what} {host}:{port}: {exc.strerror or exc}") from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise PermissionError(f"cannot listen on {what} {host}:{port}: {exc.strerror}") from None
+        raise PermissionError(f"cannot listen on {what} {host}:{port}: {exc.strerror or exc}") from None
     return sock
 
 
@@ -131,11 +130,14 @@ def serve_superlink(pki: Path, state: Path, fleet: str, control_port: int) -> in
     fs = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the package re-exports a function
 
     fleet_host, fleet_port = split_host_port(fleet, "--fleet-address")
-    control_host, control_port = control_host_port(control_port)
     if fleet_port == control_port:
         raise ValueError(f"--fleet-address port {fleet_port} equals --control-port; give two different ports")
-    sockets = [_bind(control_host, control_port, "the control address"),
-               _bind(fleet_host, fleet_port, "the Fleet address")]
+    control = _bind(CONTROL_HOST, control_port, "the control address")
+    try:
+        sockets = [control, _bind(fleet_host, fleet_port, "the Fleet address")]
+    except PermissionError:
+        control.close()
+        raise
     argv, sys.argv = sys.argv, ["flower-superlink", *flower_superlink_args(pki, state, control_port)]
     try:
         config = fs._parse_superlink_lifespan_config()  # Flower's own parsing and checks of its flags
@@ -143,7 +145,7 @@ def serve_superlink(pki: Path, state: Path, fleet: str, control_port: int) -> in
         sys.argv = argv
     app = create_app(config, fs.SuperLinkLifespan)
     print(f"SuperLink: Fleet API (sites) on {fleet_host}:{fleet_port}; Control and Runtime APIs on "
-          f"{control_host}:{control_port} only", flush=True)
+          f"{CONTROL_HOST}:{control_port} only", flush=True)
     server = uvicorn.Server(uvicorn.Config(
         FleetOnlyGate(app, control_port), ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
         access_log=True, log_config=get_uvicorn_log_config(console_handler.level), workers=1, lifespan="on"))

@@ -185,7 +185,8 @@ def prepare_out_dir(out: Path, cfg: FederatedConfig) -> None:
 def round_config(cfg: FederatedConfig, rnd: int, min_count: int) -> ConfigRecord:
     return ConfigRecord(RoundConfig(
         server_round=rnd, seed=cfg.seed, preset=cfg.preset, local_epochs=cfg.local_epochs,
-        histogram_bins=cfg.histogram_bins, min_count=min_count, data_path=cfg.data_path, scenario=cfg.scenario,
+        histogram_bins=cfg.histogram_bins, test_graph=cfg.test_graph, min_count=min_count,
+        data_path=cfg.data_path, scenario=cfg.scenario,
         modalities=cfg.modalities).encode())
 
 

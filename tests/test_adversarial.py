@@ -80,7 +80,7 @@ def _run(tmp_path: Path, num_sites: int, attacks: dict[int, Attack], rounds: int
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     scenario = tmp_path / f"iid-{num_sites}.toml"
     scenario.write_text(f'name = "iid-{num_sites}"\nnum_sites = {num_sites}\npartition = "iid"\n')
-    settings = dict(num_server_rounds=rounds, local_epochs=2, data_path="generated:200", scenario=str(scenario),
+    settings = dict(num_server_rounds=rounds, local_epochs=1, data_path="generated:160", scenario=str(scenario),
                     min_sites=1, server_eval=False, seed=3, out_dir=str(tmp_path / "run"), histogram_bins=20)
     cfg = FederatedConfig(**{**settings, **overrides})
     grid = AttackGrid(num_sites, cfg.to_run_config(), attacks)

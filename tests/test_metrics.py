@@ -10,8 +10,8 @@ import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, matthews_corrcoef, roc_auc_score
 
 from magnet_core.metrics import (
-    classification_metrics, confusion_counts, metrics_from_confusion, metrics_with_groups, ranking_from_histogram,
-    score_histogram, summarize,
+    RANKING_KEYS, auprc_bounds, classification_metrics, confusion_counts, empty_ranking, metrics_from_confusion,
+    metrics_with_groups, ranking_from_histogram, score_histogram, summarize,
 )
 
 
@@ -79,6 +79,8 @@ def test_histogram_ranking_equals_sklearn_for_distinct_scores(seed, n, bins):
     r = ranking_from_histogram(hist)
     assert r["auroc"] == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
     assert r["auprc"] == pytest.approx(average_precision_score(y, scores), abs=1e-12)
+    for k in ("auroc", "auprc"):  # one patient per bin: nothing is uncertain
+        assert r[f"{k}_low"] == pytest.approx(r[k], abs=1e-12) and r[f"{k}_high"] == pytest.approx(r[k], abs=1e-12)
 
 
 def test_histogram_ranking_with_tied_scores_and_summed_sites():
@@ -90,9 +92,93 @@ def test_histogram_ranking_with_tied_scores_and_summed_sites():
     r = ranking_from_histogram(sum(score_histogram(y[s], scores[s], bins) for s in np.array_split(np.arange(400), 3)))
     assert r["auroc"] == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
     assert r["auprc"] == pytest.approx(average_precision_score(y, scores), abs=1e-12)
-    assert ranking_from_histogram(score_histogram(np.zeros(5, int), scores[:5])) == {"auroc": None, "auprc": None}
+    assert ranking_from_histogram(score_histogram(np.zeros(5, int), scores[:5])) == empty_ranking()
+    assert set(empty_ranking()) == set(RANKING_KEYS) and all(v is None for v in empty_ranking().values())
     edge = score_histogram(np.array([0, 1, 1]), np.array([0.0, 1.0, 0.9999]), bins=10)
     assert edge[0, 0] == 1 and edge[1, 9] == 2  # a score of exactly 1.0 falls in the last bin
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_histogram_bounds_contain_the_exact_pooled_ranking_of_clustered_scores(seed):
+    """Scores clustered near 0.5 share bins (the binned AUROC is off); the bounds must hold the raw-score values."""
+    rng = np.random.default_rng(seed)
+    widths = []
+    for draw in range(100):
+        n = int(rng.integers(20, 120))
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        scores = np.clip(0.5 + rng.normal(0.0, 0.01, n) + 0.004 * y, 0.0, 1.0)
+        if draw % 4 == 0:
+            scores = np.round(scores, 3)  # exact ties too, as saturated probabilities give
+        sites = np.array_split(rng.permutation(n), 3)
+        hist = sum(score_histogram(y[s], scores[s]) for s in sites)  # pooled from three sites
+        r = ranking_from_histogram(hist)
+        auroc, ap = roc_auc_score(y, scores), average_precision_score(y, scores)
+        assert r["auroc_low"] - 1e-12 <= auroc <= r["auroc_high"] + 1e-12, (draw, r, auroc)
+        low, high = auprc_bounds(hist)
+        assert low - 1e-12 <= ap <= high + 1e-12, (draw, low, high, ap)
+        assert r["auprc_low"] <= low + 1e-15 and r["auprc_high"] >= high - 1e-15
+        assert r["auroc_low"] <= r["auroc"] <= r["auroc_high"] and r["auprc_low"] <= r["auprc"] <= r["auprc_high"]
+        # the half-width is exactly the share of (positive, negative) pairs sharing a bin, halved
+        shared = float((hist[0] * hist[1]).sum()) / (hist[0].sum() * hist[1].sum())
+        assert r["auroc_high"] - r["auroc_low"] == pytest.approx(shared, abs=1e-12)
+        widths.append(shared)
+    assert max(widths) > 0.01  # the clustered draws really are uncertain (the old "exact" claim was wrong)
+
+
+def test_histogram_bounds_are_tight_when_no_positive_and_negative_share_a_bin():
+    rng = np.random.default_rng(7)
+    bins = 50
+    # positives only in even bins, negatives only in odd bins; several patients per bin, ties inside a bin
+    y = rng.integers(0, 2, 300)
+    scores = (2 * rng.integers(0, bins // 2, 300) + (1 - y) + rng.uniform(0.1, 0.9, 300)) / bins
+    r = ranking_from_histogram(score_histogram(y, scores, bins))
+    assert r["auroc_low"] == r["auroc_high"] == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    assert r["auroc"] == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    # average precision also depends on the order of positives sharing a bin (ties count differently)
+    ap = average_precision_score(y, scores)
+    assert r["auprc_low"] - 1e-12 <= ap <= r["auprc_high"] + 1e-12 and r["auprc_high"] > r["auprc_low"]
+
+
+def test_logit_scale_histogram_keeps_confident_scores_apart():
+    """A trained model's scores pile up near 0 and 1: equal probability bins lose their order, log-odds bins keep it,
+    and the bounds of both contain the exact AUROC of the raw scores."""
+    rng = np.random.default_rng(9)
+    n = 200
+    y = rng.integers(0, 2, n)
+    z = rng.normal(0.0, 6.0, n) + 2.0 * y
+    scores = (1 / (1 + np.exp(-z))).astype(np.float32).astype(np.float64)  # float32 probabilities, as sites have
+    auroc = roc_auc_score(y, scores)
+    widths = {}
+    for scale in ("probability", "logit"):
+        r = ranking_from_histogram(score_histogram(y, scores, scale=scale))
+        assert r["auroc_low"] - 1e-12 <= auroc <= r["auroc_high"] + 1e-12, scale
+        assert r["auprc_low"] - 1e-12 <= average_precision_score(y, scores) <= r["auprc_high"] + 1e-12, scale
+        widths[scale] = r["auroc_high"] - r["auroc_low"]
+    assert widths["probability"] > 0.01 and widths["logit"] < widths["probability"] / 5, widths
+    edge = score_histogram(np.array([0, 1, 1, 0]), np.array([0.0, 1.0, 0.5, 1e-30]), bins=10, scale="logit")
+    assert edge[0, 0] == 2 and edge[1, 9] == 1 and edge[1, 5] == 1  # 0 and 1 land in the end bins, 0.5 mid-way
+    with pytest.raises(ValueError, match="scale"):
+        score_histogram(y, scores, scale="rank")
+
+
+def test_histogram_bounds_are_attained_by_some_ordering_inside_bins():
+    """Every placement of the scores inside their bins (ties included) stays within the bounds and reaches both."""
+    import itertools
+
+    y = np.array([1, 1, 0, 1, 0])
+    bin_of = np.array([0, 0, 0, 1, 1])
+    hist = np.zeros((2, 2), np.int64)
+    np.add.at(hist, (y, bin_of), 1)
+    r = ranking_from_histogram(hist)
+    aurocs, aps = [], []
+    for inside in itertools.product((0.0, 0.25, 0.5), repeat=len(y)):  # 243 placements, with ties
+        scores = bin_of + np.array(inside)
+        pos, neg = scores[y == 1][:, None], scores[y == 0][None, :]
+        aurocs.append(float(((pos > neg) + 0.5 * (pos == neg)).mean()))  # Mann-Whitney, ties count 1/2
+        aps.append(average_precision_score(y, scores))
+    assert min(aurocs) == pytest.approx(r["auroc_low"]) and max(aurocs) == pytest.approx(r["auroc_high"])
+    assert min(aps) == pytest.approx(r["auprc_low"]) and max(aps) == pytest.approx(r["auprc_high"])
 
 
 def test_classification_metrics_and_paired_unpaired_groups():
