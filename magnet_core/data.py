@@ -10,13 +10,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from . import tables as reader
+from .tables import DataError
+
 MODALITY_SUFFIXES = (".csv.gz", ".csv", ".tsv.gz", ".tsv")
 LABEL_FILE_RE = re.compile(r"^label_(train|val|test)_(paired|unpaired)\.(csv|tsv)(\.gz)?$")
 SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """A user-facing problem with input data; the message names the file and what is wrong."""
 
 
 @dataclasses.dataclass
@@ -105,23 +104,13 @@ def _modality_files(folder: Path) -> dict[str, Path]:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    sep = "\t" if ".tsv" in path.name else ","
-    try:
-        df = pd.read_csv(path, sep=sep, index_col=0)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
-        raise DataError(f"{path}: cannot be read as a table ({exc})") from None
-    df.index = df.index.map(lambda s: str(s).strip())
-    return df
+    """A table through the one reader (:func:`magnet_core.tables.read_table`)."""
+    return reader.read_table(path)
 
 
 def duplicate_header_names(path: Path) -> list[str]:
     """Column names given more than once in the file's header (pandas would silently rename them)."""
-    sep = "\t" if ".tsv" in path.name else ","
-    header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0].tolist()[1:]
-    names = [str(h).strip() for h in header]
-    return sorted({n for n in names if names.count(n) > 1})
+    return sorted(set(reader.duplicates(reader.read_header(path)[1:])))
 
 
 def _check_unique_ids(df: pd.DataFrame, path: Path, what: str = "sample id") -> None:
@@ -132,38 +121,15 @@ def _check_unique_ids(df: pd.DataFrame, path: Path, what: str = "sample id") -> 
 
 
 def read_modality(path: str | Path) -> pd.DataFrame:
-    """Read a samples x features matrix; reject duplicate ids, non-numeric and non-finite cells."""
+    """Read a samples x features matrix (float32); reject duplicate ids and names, and any cell that is not a
+    finite number within float32 (the first one is named by line and column)."""
     path = Path(path)
-    df = _read_table(path)
-    if df.shape[1] == 0:
-        raise DataError(f"{path}: no feature columns (expected samples x features, first column = sample id)")
+    df = reader.read_table(path)
     _check_unique_ids(df, path)
-    dup_cols = duplicate_header_names(path)
+    dup_cols = reader.duplicates(df.columns)
     if dup_cols:
         raise DataError(f"{path}: duplicate feature names: {', '.join(dup_cols[:5])}")
-    numeric = df.apply(pd.to_numeric, errors="coerce")
-    bad = numeric.isna() & df.notna()
-    if bad.any().any():
-        row, col = _first_true(bad)
-        raise DataError(
-            f"{path}: non-numeric value {df.loc[row, col]!r} at sample {row!r}, column {col!r}"
-            f" ({int(bad.values.sum())} such cells)"
-        )
-    values = numeric.to_numpy(dtype=np.float64)
-    finite = np.isfinite(values)
-    if not finite.all():
-        r, c = np.argwhere(~finite)[0]
-        what = "missing (empty or NA)" if np.isnan(values[r, c]) else f"non-finite ({values[r, c]})"
-        raise DataError(
-            f"{path}: {what} value at sample {df.index[r]!r}, column {df.columns[c]!r}"
-            f" ({int((~finite).sum())} such cells)"
-        )
-    return numeric.astype(np.float32)
-
-
-def _first_true(frame: pd.DataFrame) -> tuple[str, str]:
-    r, c = np.argwhere(frame.to_numpy())[0]
-    return frame.index[r], frame.columns[c]
+    return reader.numeric_values(df, path).astype(np.float32)
 
 
 def read_labels(path: str | Path, column: str | None = None) -> pd.Series:
@@ -233,6 +199,7 @@ def assemble_cohort(
     for m, df in tables.items():
         overlap = df.index.intersection(labels.index)
         if len(overlap) == 0:
+            reader.orientation(df, sources[m], labels.index, "samples-x-features", label_source)
             raise DataError(
                 f"{sources[m]}: none of its {len(df)} sample ids matches a labelled sample in {label_source}"
                 f" (first ids: {', '.join(df.index[:3])} vs {', '.join(labels.index[:3])})"
@@ -346,9 +313,15 @@ def stratified_split(cohort: Cohort, seed: int, ratios: tuple[float, float, floa
 
 
 def _split(idx: np.ndarray, y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified when every class can be represented on both sides, otherwise a plain random split."""
+    """Stratified when every class can be represented on both sides, otherwise a plain random split; a group
+    too small for two non-empty sides goes wholly to the side its size rounds to."""
     from sklearn.model_selection import train_test_split
 
+    n_test = int(np.ceil(test_size * len(idx)))
+    if n_test >= len(idx):
+        return idx[:0], idx
+    if n_test == 0:
+        return idx, idx[:0]
     try:
         return train_test_split(idx, test_size=test_size, stratify=y if _min_count(y) >= 2 else None,
                                 random_state=seed)

@@ -8,9 +8,7 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import gzip
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
@@ -18,9 +16,10 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from . import tables
 from .data import SPLITS, Cohort, DataError, stratified_split
-
-Orientation = Literal["auto", "samples-x-features", "features-x-samples"]
+from .manifest import DEFAULT_MAX_ABSENT_FEATURES
+from .tables import Orientation
 RAW_SUFFIXES = (".csv", ".tsv", ".txt")
 STAT_FIELDS = ("n_per_class", "count", "total", "total_sq", "minimum", "maximum")
 
@@ -40,6 +39,9 @@ class PrepareConfig(BaseModel):
     n_features_per_modality: dict[str, int] = Field(default_factory=dict, description="per-modality override")
     missing_feature: Literal["error", "impute"] = Field(
         "impute", description="a site lacking a kept feature: fill it with the consortium mean, or refuse")
+    max_absent_features: float = Field(
+        DEFAULT_MAX_ABSENT_FEATURES, ge=0, le=1,
+        description="refuse a site lacking more than this share of a modality's kept features (manifest)")
     seed: int = Field(10, description="seed of each site's stratified train/val/test split")
     split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
     use_split_file: bool = Field(True, description="use a site's split.csv instead of the seeded split")
@@ -69,110 +71,41 @@ class PrepareConfig(BaseModel):
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def _read_header(path: Path) -> tuple[list[str], str]:
-    """The first line's cells and the separator (tab when the line holds one, else comma)."""
-    try:
-        opener = gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path,
-                                                                                                 encoding="utf-8")
-        with opener as fh:
-            line = fh.readline()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot be read as a text table ({exc})") from None
-    if not line.strip():
-        raise DataError(f"{path}: empty file")
-    sep = "\t" if "\t" in line else ","
-    return [c.strip() for c in next(csv.reader([line.rstrip("\r\n")], delimiter=sep))], sep
-
-
 def read_raw_table(path: str | Path) -> pd.DataFrame:
-    """A table as written (first column = row ids, first line = column names), cells parsed as numbers where
-    possible. Duplicate column names are kept as they are (pandas would rename them) so they can be reported."""
-    path = Path(path)
-    header, sep = _read_header(path)
-    try:
-        body = pd.read_csv(path, sep=sep, header=None, skiprows=1, index_col=0, dtype={0: str}, low_memory=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot be read as a table ({exc})") from None
-    if body.shape[1] == 0:
-        raise DataError(f"{path}: a single column; expected ids in the first column and values after it")
-    if len(header) == body.shape[1] + 1:
-        columns = header[1:]
-    elif len(header) == body.shape[1]:  # R-style header without a cell above the row ids
-        columns = header
-    else:
-        raise DataError(f"{path}: the header has {len(header)} cells but the rows have {body.shape[1] + 1}")
-    empty = [j for j, c in enumerate(columns) if not c]
-    if empty:
-        raise DataError(f"{path}: empty name in header cell {empty[0] + 1 + (len(header) > len(columns))}")
-    body.columns = pd.Index(columns, dtype=object)
-    body.index = pd.Index([str(s).strip() for s in body.index], dtype=object)
-    return body
-
-
-def _check_cells(table: pd.DataFrame, path: Path, transposed: bool) -> None:
-    """Numbers or empty / NA cells only; no infinities. Positions are given as in the file."""
-    for j, col in enumerate(table.columns):
-        values = table.iloc[:, j]
-        if values.dtype.kind in "fiub":
-            bad = np.isinf(values.to_numpy(dtype=np.float64))
-            kind = "infinite"
-        else:
-            numeric = pd.to_numeric(values, errors="coerce")
-            bad = (numeric.isna() & values.notna()).to_numpy() | np.isinf(numeric.to_numpy(dtype=np.float64))
-            kind = "non-numeric"
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            row_id, value = table.index[i], values.iloc[i]
-            sample, feature = (col, row_id) if transposed else (row_id, col)
-            what = "infinite" if kind == "infinite" or str(value).strip().lower().lstrip("+-") in (
-                "inf", "infinity") else "non-numeric"
-            raise DataError(f"{path}: {what} value {value!r} at sample {sample!r}, feature {feature!r} (file row "
-                            f"{i + 2}, column {j + 2}; {int(bad.sum())} such cells in that column). Missing values "
-                            f"must be empty or NA")
+    """A table as written, through the one reader (:func:`magnet_core.tables.read_table`): first column = row
+    ids, first line = column names (duplicates kept so they can be reported), cells parsed as numbers where
+    possible."""
+    return tables.read_table(path)
 
 
 def read_raw_matrix(path: str | Path, label_ids: Iterable[str], orientation: Orientation = "auto",
                     label_source: str = "the labels file") -> pd.DataFrame:
-    """A raw matrix as samples x features (float64, NaN = missing cell); text cells and infinities refused.
+    """A raw matrix as samples x features (float64, NaN = missing cell); text cells, infinities and values beyond
+    float32 refused, named by file line and column.
 
     ``auto`` orientation: whichever axis holds the labelled sample ids. The orientation found is kept in
     ``frame.attrs["orientation"]``."""
     path = Path(path)
-    table = read_raw_table(path)
-    ids = set(map(str, label_ids))
-    rows_hit = sum(1 for s in table.index if s in ids)
-    cols_hit = sum(1 for s in table.columns if s in ids)
-    if rows_hit == 0 and cols_hit == 0:
-        raise DataError(f"{path}: neither its row ids nor its column names match the labelled samples of "
-                        f"{label_source} (first rows {list(table.index[:3])}, first columns "
-                        f"{list(table.columns[:3])}, first labelled ids {sorted(ids)[:3]})")
-    if orientation == "samples-x-features" and rows_hit == 0:
-        raise DataError(f"{path}: wrong orientation: orientation 'samples-x-features' was given but no row id is "
-                        f"a labelled sample while {cols_hit} column names are: the file is features x samples; "
-                        "use orientation 'features-x-samples' or 'auto'")
-    if orientation == "features-x-samples" and cols_hit == 0:
-        raise DataError(f"{path}: wrong orientation: orientation 'features-x-samples' was given but no column "
-                        f"name is a labelled sample while {rows_hit} row ids are: the file is samples x features; "
-                        "use orientation 'samples-x-features' or 'auto'")
-    if orientation == "auto":
-        orientation = "samples-x-features" if rows_hit >= cols_hit else "features-x-samples"
-    transposed = orientation == "features-x-samples"
+    table = tables.read_table(path)
+    other = {"samples-x-features": "features-x-samples", "features-x-samples": "samples-x-features"}
+    hint = f"use orientation '{other.get(orientation, 'auto')}' or 'auto'"
+    tables.orientation(table, path, label_ids, "auto", label_source)  # neither axis matches: refused here
+    transposed = tables.orientation(table, path, label_ids, orientation, label_source, hint=hint)
     samples, features = (table.columns, table.index) if transposed else (table.index, table.columns)
     for axis, what in ((samples, "sample ids"), (features, "feature names")):
-        dup = axis[axis.duplicated()]
-        if len(dup):
-            raise DataError(f"{path}: duplicate {what} ({len(dup)}): {', '.join(map(str, dup[:5]))}")
-    _check_cells(table, path, transposed)
-    if any(t.kind not in "fiub" for t in table.dtypes):  # columns holding NA-like text or numbers as text
-        table = table.apply(lambda s: s if s.dtype.kind in "fiub" else pd.to_numeric(s, errors="coerce"))
-    values = table.to_numpy(dtype=np.float64)
+        dup = tables.duplicates(axis)
+        if dup:
+            count = int(pd.Index(axis).duplicated().sum())
+            raise DataError(f"{path}: duplicate {what} ({count}): {', '.join(dup[:5])}")
+    problems, values = tables.cell_problems(table, path, allow_missing=True, transposed=transposed)
+    if problems:
+        raise DataError(problems[0])
+    x = values.to_numpy()
     if transposed:
-        values = values.T
-    frame = pd.DataFrame(values, index=pd.Index(list(map(str, samples)), dtype=object),
+        x = x.T
+    frame = pd.DataFrame(x, index=pd.Index(list(map(str, samples)), dtype=object),
                          columns=pd.Index(list(map(str, features)), dtype=object))
-    frame.attrs["orientation"] = orientation
+    frame.attrs["orientation"] = "features-x-samples" if transposed else "samples-x-features"
     return frame
 
 
@@ -637,12 +570,14 @@ def class_names(num_classes: int, cfg: PrepareConfig) -> list[str]:
     return list(cfg.class_names) if cfg.class_names else [f"class{k}" for k in range(num_classes)]
 
 
-def build_manifest(preps: dict[str, ModalityPrep], classes: list[str], missing_feature: str, name: str):
-    """The consortium manifest (features in order + imputation + scaling) that site validation and training use."""
+def build_manifest(preps: dict[str, ModalityPrep], classes: list[str], missing_feature: str, name: str,
+                   **fields):
+    """The consortium manifest (features in order + imputation + scaling) that site validation and training use;
+    ``fields``: further manifest fields (e.g. ``max_absent_features``)."""
     from .manifest import ConsortiumManifest, ModalitySpec
 
     return ConsortiumManifest(
-        name=name, classes=classes, missing_feature=missing_feature,
+        name=name, classes=classes, missing_feature=missing_feature, **fields,
         modalities=[ModalitySpec(name=m, features=p.features, impute_means=p.impute_means.tolist(),
                                  scale_min=p.scale_min.tolist(), scale_max=p.scale_max.tolist())
                     for m, p in preps.items() if p.features])
@@ -652,10 +587,17 @@ def build_manifest(preps: dict[str, ModalityPrep], classes: list[str], missing_f
 
 
 def apply_preparation(frame: pd.DataFrame, prep: ModalityPrep, missing_feature: str = "impute",
-                      source: str = "", clip: bool = False) -> tuple[pd.DataFrame, list[str]]:
+                      source: str = "", clip: bool = False, max_absent: float | None = None
+                      ) -> tuple[pd.DataFrame, list[str]]:
     """Impute, scale and select one site's matrix with the consortium's decisions; returns the prepared matrix
-    (features in manifest order) and the consortium features this site lacks (filled or refused)."""
+    (features in manifest order) and the consortium features this site lacks (filled or refused). A site lacking
+    more than the share ``max_absent`` of the features is refused (None: no limit)."""
     lacking = [f for f in prep.features if f not in frame.columns]
+    if lacking and max_absent is not None and len(lacking) > max_absent * len(prep.features) + 1e-9:
+        raise DataError(f"{source}: lacks {len(lacking)} of {len(prep.features)} consortium features "
+                        f"({len(lacking) / len(prep.features):.0%}), e.g. {lacking[:5]}; at most "
+                        f"{max_absent:.0%} may be filled with consortium means (max_absent_features): renamed "
+                        "columns or another consortium's file?")
     if lacking and missing_feature == "error":
         raise DataError(f"{source}: lacks {len(lacking)} consortium feature(s), e.g. {lacking[:5]}, and the "
                         "manifest says missing_feature = 'error' (set it to 'impute' to fill them with the "
@@ -680,7 +622,8 @@ def apply_manifest(site: RawSite, manifest, clip: bool = False) -> tuple[dict[st
         frame = site.frames[spec.name]
         prep = ModalityPrep.from_spec(spec)
         out[spec.name], lacking = apply_preparation(frame, prep, manifest.missing_feature,
-                                                    f"site {site.name!r}, {spec.name}", clip)
+                                                    f"site {site.name!r}, {spec.name}", clip,
+                                                    manifest.max_absent_features)
         held = frame.reindex(columns=[f for f in spec.features if f in frame.columns])
         x = out[spec.name].to_numpy()
         outside = (x < -1e-6) | (x > 1 + 1e-6)
@@ -718,4 +661,6 @@ def prepare_pooled_decisions(sites: Sequence[RawSite], cfg: PrepareConfig):
     num_classes = len(cfg.class_names) if cfg.class_names else max(s.num_classes for s in sites)
     combined = combine_sites([site_statistics(s, num_classes) for s in sites])
     preps = derive_all(combined, cfg)
-    return build_manifest(preps, class_names(num_classes, cfg), cfg.missing_feature, cfg.name), preps, combined
+    manifest = build_manifest(preps, class_names(num_classes, cfg), cfg.missing_feature, cfg.name,
+                              max_absent_features=cfg.max_absent_features)
+    return manifest, preps, combined

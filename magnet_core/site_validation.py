@@ -9,13 +9,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from magnet_core.data import (
-    MODALITY_SUFFIXES, SPLITS, Cohort, DataError, _modality_files, _read_table, duplicate_header_names,
-    stratified_split,
-)
+from magnet_core import tables
+from magnet_core.data import MODALITY_SUFFIXES, SPLITS, Cohort, DataError, _modality_files, stratified_split
 from magnet_core.manifest import ConsortiumManifest, ModalitySpec
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = tables.FLOAT32_MAX
 
 
 class SiteReport(BaseModel):
@@ -72,7 +70,7 @@ def _read_labels(path: Path, manifest: ConsortiumManifest, report: SiteReport) -
     Also returns the ids whose label is invalid (already reported as errors)."""
     none = (None, pd.Index([]))
     try:
-        df = _read_table(path)
+        df = tables.read_table(path)
     except DataError as exc:
         report.errors.append(str(exc))
         return none
@@ -114,30 +112,39 @@ def _read_labels(path: Path, manifest: ConsortiumManifest, report: SiteReport) -
     return labels[~labels.index.duplicated()], df.index[not_int | unknown]
 
 
-def _check_matrix(path: Path, spec: ModalitySpec, manifest: ConsortiumManifest,
-                  report: SiteReport) -> pd.DataFrame | None:
-    """One modality file: ids, header (missing / extra / order) and every manifest feature's cells."""
+def _check_matrix(path: Path, spec: ModalitySpec, manifest: ConsortiumManifest, report: SiteReport,
+                  label_ids: pd.Index | None = None, label_path: Path | None = None) -> pd.DataFrame | None:
+    """One modality file: ids, orientation, header (missing / extra / order), every manifest feature's cells and,
+    for prepared data, their range."""
     try:
-        df = _read_table(path)
-        dup_cols = duplicate_header_names(path)
+        df = tables.read_table(path)
     except DataError as exc:
         report.errors.append(str(exc))
         return None
-    df.columns = [str(c).strip() for c in df.columns]
-    if df.shape[1] == 0:
-        report.errors.append(f"{path}: no feature columns (expected samples x features, first column = sample id)")
-        return None
     _check_ids(path, df, report)
+    if label_ids is not None and len(label_ids):
+        try:
+            tables.orientation(df, path, label_ids, "samples-x-features", str(label_path or "labels.csv"),
+                               hint="write one row per sample (samples x features)")
+        except DataError as exc:
+            report.errors.append(str(exc))
+            return None
+    dup_cols = tables.duplicates(df.columns)
     if dup_cols:
         report.errors.append(f"{path}: duplicate feature names in the header: {_few(dup_cols)}")
     expected = spec.features
     wanted = set(expected)
-    missing = [f for f in expected if f not in df.columns]
+    missing = [f for f in expected if f not in set(df.columns)]
     extra = [c for c in df.columns if c not in wanted]
     if missing:
         msg = (f"{path}: {len(missing)} manifest feature(s) missing for modality {spec.name!r}, "
                f"e.g. {_few(missing)}")
-        if manifest.missing_feature == "impute" and spec.impute_means is not None:
+        share = len(missing) / len(expected)
+        if manifest.missing_feature == "impute" and share > manifest.max_absent_features + 1e-12:
+            report.errors.append(msg + f" ({share:.0%} of its {len(expected)} features; the manifest fills at most "
+                                       f"{manifest.max_absent_features:.0%} (max_absent_features): renamed columns "
+                                       "or another consortium's file?)")
+        elif manifest.missing_feature == "impute" and spec.impute_means is not None:
             report.warnings.append(msg + " (filled with the consortium mean, as the manifest allows)")
         elif manifest.missing_feature == "impute":
             report.errors.append(msg + f" (the manifest allows imputation but gives no impute_means for {spec.name!r})")
@@ -154,36 +161,42 @@ def _check_matrix(path: Path, spec: ModalitySpec, manifest: ConsortiumManifest,
                              f"{present[first]!r}, the manifest expects {order[first]!r} there "
                              f"(write the columns in the manifest's order)")
     cols = [i for i, c in enumerate(df.columns) if c in wanted]
-    part = df.iloc[:, cols]
-    numeric = part.apply(pd.to_numeric, errors="coerce")
-    bad = (numeric.isna() & part.notna()).to_numpy(dtype=bool)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        report.errors.append(f"{_where(path, df, int(r), cols[c])}: non-numeric value {part.iat[r, c]!r} "
-                             f"({int(bad.sum())} such cells)")
-    values = numeric.to_numpy(dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        nonfinite = (~np.isfinite(values) | (np.abs(values) > FLOAT32_MAX)) & ~bad
-    if nonfinite.any():
-        r, c = np.argwhere(nonfinite)[0]
-        v = values[r, c]
-        what = ("missing (empty or NA)" if np.isnan(v) else f"non-finite ({v})" if not np.isfinite(v)
-                else f"too large for float32 ({v})")
-        report.errors.append(f"{_where(path, df, int(r), cols[c])}: {what} value ({int(nonfinite.sum())} such "
-                             f"cells; prepared site data must be complete and finite)")
-    numeric.index = df.index
+    problems, numeric = tables.cell_problems(df, path, columns=cols)
+    report.errors.extend(problems)
+    if not problems:
+        _check_range(path, spec, manifest, numeric, cols, report)
     return numeric[~numeric.index.duplicated()]
+
+
+def _check_range(path: Path, spec: ModalitySpec, manifest: ConsortiumManifest, values: pd.DataFrame,
+                 cols: list[int], report: SiteReport) -> None:
+    """Prepared values are min-max scaled with the manifest's ranges: [0, 1] for training patients, a little
+    beyond for others. Many cells far outside mean raw (unscaled) data."""
+    if spec.scale_min is None or spec.scale_max is None or values.size == 0:
+        return
+    x = values.to_numpy()
+    tol = manifest.scale_tolerance
+    with np.errstate(invalid="ignore"):
+        outside = (x < -tol) | (x > 1 + tol)
+    n = int(outside.sum())
+    if not n:
+        return
+    i, j = (int(v) for v in np.argwhere(outside)[0])
+    share = n / max(int(np.isfinite(x).sum()), 1)
+    msg = (f"{tables.locate(path, values, i, j, False, cols[j] - j)}: value {x[i, j]:g} lies outside the prepared "
+           f"range [0, 1] by more than scale_tolerance {tol:g}, as do {n} of {x.size} cells ({share:.1%})")
+    if share > manifest.max_out_of_range:
+        report.errors.append(msg + f", more than max_out_of_range {manifest.max_out_of_range:.0%}: raw, unscaled "
+                                   "values? prepare them with the consortium's manifest (magnet-fl prepare)")
+    else:
+        report.warnings.append(msg + f" (allowed up to max_out_of_range {manifest.max_out_of_range:.0%})")
 
 
 def _read_split(path: Path, report: SiteReport) -> pd.Series | None:
     try:
-        df = _read_table(path)
+        df = tables.read_table(path)
     except DataError as exc:
         report.errors.append(str(exc))
-        return None
-    df.columns = [str(c).strip() for c in df.columns]
-    if df.shape[1] == 0:
-        report.errors.append(f"{path}: no split column (expected: sample id, split)")
         return None
     col = "split" if "split" in df.columns else df.columns[0]
     _check_ids(path, df, report)
@@ -229,7 +242,8 @@ def validate_site(folder: str | Path, manifest: ConsortiumManifest) -> tuple[Sit
         if spec.name not in files:
             report.warnings.append(f"{folder}: no {spec.name} file: this site has no {spec.name} at all (allowed)")
             continue
-        frame = _check_matrix(files[spec.name], spec, manifest, report)
+        frame = _check_matrix(files[spec.name], spec, manifest, report,
+                              None if labels is None else labels.index.append(invalid), label_path)
         if frame is not None:
             tables[spec.name] = frame
     split = None

@@ -96,7 +96,8 @@ def decide(per_site: list[dict[str, FeatureStats]], num_classes: int, cfg: Prepa
     """Combined statistics -> the consortium's decisions and manifest (pure; also used by in-process checks)."""
     combined = combine_sites(per_site)
     preps = derive_all(combined, cfg)
-    manifest = build_manifest(preps, class_names(num_classes, cfg), cfg.missing_feature, cfg.name)
+    manifest = build_manifest(preps, class_names(num_classes, cfg), cfg.missing_feature, cfg.name,
+                              max_absent_features=cfg.max_absent_features)
     return manifest, preps, combined
 
 

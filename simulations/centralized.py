@@ -36,24 +36,33 @@ def evaluate_centralized(cohort: Cohort, preset: Preset, seed: int, epochs: int 
 
 
 def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, out: Path,
-                    epochs: int | None = None) -> dict:
-    """Run every seed with a progress bar, print the table and write ``out/results.json``."""
+                    epochs: int | None = None, shown_as: Path | None = None) -> dict:
+    """Read every seed's cohort first (bad data stop the run before any training), then train each seed with a
+    progress bar, print the table and write ``out/results.json`` (``shown_as``: the path to print instead of
+    ``out``, when ``out`` is a staging folder). ``results.json`` records the epochs that ran."""
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     generated = data is None
     if generated:
         console.print(f"[bold yellow]Using a {GENERATED_NOTICE}; pass --data PATH for real data.[/]")
     load = cohort_loader(data)
-    n_epochs = epochs or preset.train.epochs
+    cohorts = {seed: load(seed) for seed in seeds}
+    if epochs is not None:  # what runs is what is recorded
+        preset = preset.model_copy(update={"train": preset.train.model_copy(update={"epochs": epochs})})
+    n_epochs = preset.train.epochs
     per_seed, info = [], {}
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         task = progress.add_task("centralized", total=len(seeds) * n_epochs)
         for seed in seeds:
-            cohort = load(seed)
+            cohort = cohorts.pop(seed)
             info = {"cohort": cohort.name, "generated": cohort.generated, **cohort.availability()}
             progress.update(task, description=f"seed {seed}")
-            metrics = evaluate_centralized(cohort, preset, seed, epochs,
+            metrics = evaluate_centralized(cohort, preset, seed, None,
                                            on_epoch=lambda e, s: progress.advance(task))
             per_seed.append(metrics)
             progress.console.print(f"seed {seed}: test MCC {metrics['mcc']:.3f}  acc {metrics['acc']:.3f}")
@@ -70,9 +79,12 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
         "cohort": info,
         "preset": preset.model_dump(),
         "seeds": seeds,
+        "epochs": n_epochs,
         "metrics": summary,
         "wall_seconds": wall,
     }
     path = write_json(out / "results.json", payload)
+    if shown_as is not None:
+        path = Path(shown_as) / path.relative_to(out)
     console.print(f"wrote {path} ({wall:.1f} s)" + (f" — {GENERATED_NOTICE}" if generated else ""))
     return payload

@@ -8,8 +8,9 @@ from pathlib import Path
 from magnet_core.config import PRESETS, get_preset
 from magnet_core.data import available_seeds, detect_layout
 
-from .cli import existing_dir, parse_seeds
+from .cli import existing_dir, parse_seeds, positive_int
 from .centralized import run_centralized
+from .outputs import check_output, run_staged
 
 DEFAULT_SEEDS = [10, 20, 30, 40, 50]
 
@@ -20,16 +21,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "omitted: a generated cohort")
     p.add_argument("--seeds", type=parse_seeds, default=None, help="comma-separated seeds (default 10,20,30,40,50)")
     p.add_argument("--preset", default="ov", choices=sorted(PRESETS), help="hyperparameter preset (default ov)")
-    p.add_argument("--epochs", type=int, default=None, help="override the preset's 200 epochs")
+    p.add_argument("--epochs", type=positive_int, default=None, help="override the preset's 200 epochs")
     p.add_argument("--out", type=Path, required=True, help="output directory for results.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --out (default: refuse a folder that holds results)")
 
 
 def run(args: argparse.Namespace) -> int:
     seeds = args.seeds or DEFAULT_SEEDS
+    check_output(args.out, args.overwrite)
     if args.data is not None and detect_layout(args.data) == "split":
         have = available_seeds(args.data)
         missing = [s for s in seeds if s not in have]
         if missing:
             raise FileNotFoundError(f"{args.data}: no split folder for seed(s) {missing} (available: {have})")
-    run_centralized(args.data, seeds, get_preset(args.preset), args.out, epochs=args.epochs)
-    return 0
+
+    def staged(inner: argparse.Namespace) -> int:
+        run_centralized(inner.data, seeds, get_preset(inner.preset), inner.out, epochs=inner.epochs,
+                        shown_as=inner.out_final)
+        return 0
+
+    return run_staged(args, "centralized", staged)

@@ -18,21 +18,63 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulations.simulate", "simulate a federated consortium and compare with centralized/local-only"),
     "study": ("simulations.study", "run a missingness study grid (scenarios x methods x seeds)"),
     "validate-site": ("client.validate_cli", "check a site's data against the consortium manifest"),
+    "predict": ("client.predict_cli", "score new patients with a consortium model package"),
     "prepare": ("simulations.prepare_cli", "preprocess raw site matrices (locally or federated)"),
     "pki": ("server.pki_cli", "consortium PKI: CA, SuperLink TLS certificate, site bundles"),
     "deploy": ("server.deploy_cli", "start a SuperLink (coordinator) or SuperNode (site) with the right flags"),
+    "site-worker": ("client.worker", "run a site's persistent worker (keeps data, graphs and libraries loaded)"),
+    "report": ("simulations.report_cli", "write the HTML report of a run"),
 }
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"10,20,30"`` -> [10, 20, 30], with a clear error."""
+    """``"10,20,30"`` -> [10, 20, 30]; non-integers, negative seeds, repeats and an empty list are refused."""
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not seeds:
-        raise argparse.ArgumentTypeError("--seeds is empty")
+        raise argparse.ArgumentTypeError(f"no seed given (got {text!r})")
+    negative = [s for s in seeds if s < 0]
+    if negative:
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {negative}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"seed {', '.join(map(str, repeated))} given more than once (it would run "
+                                         "twice and count twice in the mean)")
     return seeds
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (epochs, rounds, sites)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def comma_list(choices: tuple[str, ...]):
+    """An argparse type: a comma-separated, non-empty subset of ``choices`` (repeats dropped, order kept),
+    returned as the same comma-separated text."""
+    def parse(text: str) -> str:
+        items = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+        if not items:
+            raise argparse.ArgumentTypeError(f"none given (got {text!r}); choose from {','.join(choices)}")
+        unknown = [x for x in items if x not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {','.join(choices)}")
+        return ",".join(items)
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``error: magnet-fl CMD: ...``) instead of usage + message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def existing_dir(text: str) -> Path:
@@ -43,7 +85,7 @@ def existing_dir(text: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magnet-fl", description=__doc__)
+    parser = Parser(prog="magnet-fl", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         if importlib.util.find_spec(module) is None:
@@ -64,8 +106,12 @@ def _requested_command() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    importlib.import_module("magnet_core.threads").apply_thread_policy()  # before torch loads (threads, PASSIVE)
     parser = build_parser()
-    args = parser.parse_args()
+    try:
+        args = parser.parse_args()
+    except SystemExit as exc:  # --help (0) or a bad argument (2, one line printed)
+        return int(exc.code or 0)
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2

@@ -8,13 +8,14 @@ from pathlib import Path
 
 from magnet_core.data import DataError
 
-from .cli import existing_dir
+from .cli import existing_dir, positive_int
+from .outputs import check_output, relocate_paths, run_staged
 from .reporting import console
 
 # command-line flag -> PrepareConfig field (a flag given on the command line overrides --config)
 _FIELDS = {"name": "name", "seed": "seed", "n_features": "n_features", "max_missing": "max_missing_fraction",
            "variance_ddof": "variance_ddof", "missing_feature": "missing_feature", "orientation": "orientation",
-           "label_column": "label_column"}
+           "label_column": "label_column", "max_absent_features": "max_absent_features"}
 
 
 def _pairs(kind):
@@ -45,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--site-name", default=None, help="that site's name (default: the labels file's folder)")
     p.add_argument("--out", type=Path, required=True,
                    help="writes manifest.toml, prepare_report.json, decisions/ and one prepared folder per site")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the previous preparation in --out as a whole (no stale site folders remain; "
+                        "default: refuse a folder that holds results)")
     p.add_argument("--federated", action="store_true",
                    help="run the statistics protocol through Flower's simulation engine (one SuperNode per site); "
                         "default: the same ServerApp/ClientApp code in this process")
@@ -53,10 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--name", default=None, help="consortium name in the manifest")
     t.add_argument("--classes", default=None, help="comma-separated class names (text labels map to their index)")
     t.add_argument("--seed", type=int, default=None, help="seed of each site's 70/10/20 split (default 10)")
-    t.add_argument("--n-features", type=int, default=None, help="features kept per modality by ANOVA F (1000)")
+    t.add_argument("--n-features", type=positive_int, default=None,
+                   help="features kept per modality by ANOVA F (1000)")
     t.add_argument("--features-per-modality", type=_pairs(int), default=None, metavar="M=K,...",
                    help="per-modality override of --n-features")
     t.add_argument("--max-missing", type=float, default=None, help="drop features missing in more patients (0.1)")
+    t.add_argument("--max-absent-features", type=float, default=None,
+                   help="refuse a site lacking more than this share of a modality's kept features (0.1; manifest)")
     t.add_argument("--variance-threshold", type=_pairs(float), default=None, metavar="M=V,...",
                    help="per modality minimum scaled variance, e.g. DNA=0.04,mRNA=0.03 (constant features are "
                         "always dropped)")
@@ -122,13 +129,24 @@ def build_sites(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the arguments, the output folder and every site's raw files (one line naming the file on the first
+    problem), then run the preparation into a staging folder that replaces ``--out`` only when every site was
+    prepared (a refused site or a failure leaves the previous preparation as it was)."""
+    cfg = build_config(args)
+    check_output(args.out, args.overwrite)
+    for spec in build_sites(args):  # the door: unreadable or malformed raw data stop here, before any work
+        spec.load(cfg, log=lambda *_: None)
+    return run_staged(args, "prepare", lambda inner: _prepare(inner, cfg), relocate=("prepare_report.json",))
+
+
+def _prepare(args: argparse.Namespace, cfg) -> int:
     from rich.table import Table
 
     from .prepare_federated import make_run, run_flower, run_inprocess
 
-    cfg = build_config(args)
     run_ = make_run(build_sites(args), args.out, cfg)
     summary = run_flower(run_, verbose=args.verbose) if args.federated else run_inprocess(run_)
+    summary = relocate_paths(summary, args.out, args.out_final)
     table = Table(title=f"consortium preprocessing ({len(run_.sites)} site(s), training patients only)")
     for col in ("modality", "features in", "> missing", "low variance", "below top-k F", "kept", "training patients"):
         table.add_column(col)
@@ -153,5 +171,8 @@ def run(args: argparse.Namespace) -> int:
                       f"{prepared['out_dir']}")
     for name, reason in summary["refused"].items():
         console.print(f"[red]{name}: not prepared: {reason}[/]")
+    if summary["refused"]:
+        console.print(f"[red]{len(summary['refused'])} site(s) refused: nothing written to {args.out_final}[/]")
+        return 2
     console.print(f"manifest: {summary['manifest']} ({summary['wall_seconds']:.1f} s)")
-    return 0 if not summary["refused"] else 2
+    return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import math
 from pathlib import Path
@@ -51,6 +52,14 @@ def _clean(obj: Any) -> Any:
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
+    """Write atomically: a temporary file beside ``path``, then one rename (a reader never sees half a file)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(dict(payload)), indent=2) + "\n")
+    text = json.dumps(_clean(dict(payload)), indent=2) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from magnet_core.site import SiteRuntime
+from magnet_core.site import TEST_GRAPHS, SiteRuntime
 from magnet_core.aggregate import EvalCounts, pooled_metrics
 from magnet_core.config import PRESETS, Preset, get_preset
 from magnet_core.data import Cohort
@@ -21,7 +21,8 @@ from magnet_core.synthetic import GENERATED_NOTICE
 from magnet_core.train import make_optimizer, train_epochs
 from server.config import FederatedConfig
 
-from .cli import existing_dir, parse_seeds
+from .cli import comma_list, existing_dir, parse_seeds, positive_int
+from .outputs import check_output, run_staged
 from magnet_core.consortium import load_consortium
 from .reporting import console, print_summary, write_json
 from magnet_core.scenarios import load_scenario
@@ -34,17 +35,21 @@ ROUND_FIELDS = ("method", "seed", "round", "mcc", "acc", "f1", "auroc", "auprc",
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=existing_dir, default=None, help="cohort folder; omitted: a generated cohort")
     p.add_argument("--scenario", default="iid-3", help="built-in scenario name or a scenario TOML file")
-    p.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
-    p.add_argument("--local-epochs", type=int, default=10, help="local epochs per round (default 10)")
+    p.add_argument("--rounds", type=positive_int, default=20, help="federated rounds (default 20)")
+    p.add_argument("--local-epochs", type=positive_int, default=10, help="local epochs per round (default 10)")
     p.add_argument("--seeds", type=parse_seeds, default=[10, 20, 30, 40, 50])
     p.add_argument("--preset", default="ov", choices=sorted(PRESETS))
+    p.add_argument("--test-graph", choices=TEST_GRAPHS, default=RunSpec.test_graph,
+                   help="evaluation graph: among-test (the paper's) or attach-to-train (deployment rule)")
     p.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
                    help="flower: Flower's simulation engine (Ray); inprocess: same code, no transport")
     p.add_argument("--ray-address", default=None,
                    help="HOST:PORT of an existing Ray cluster for --engine flower (default: start a local one)")
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", default=",".join(METHODS), type=comma_list(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --out (default: refuse a folder that holds results)")
 
 
 def concat_cohorts(parts: list[Cohort]) -> Cohort:
@@ -76,8 +81,8 @@ def fresh_runtime(name: str, cohort: Cohort, preset: Preset, seed: int) -> SiteR
     return SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity)
 
 
-def site_counts(sites: list[SiteRuntime], params_for) -> list[EvalCounts]:
-    return [s.evaluate_counts(params_for(s)) for s in sites]
+def site_counts(sites: list[SiteRuntime], params_for, test_graph: str = "among-test") -> list[EvalCounts]:
+    return [s.evaluate_counts(params_for(s), test_graph=test_graph) for s in sites]
 
 
 @dataclasses.dataclass
@@ -87,13 +92,14 @@ class RunSpec:
     data_path: str  # "" = generated cohort
     scenario: str  # built-in name or TOML file
     seed: int
-    preset: str = "ov"
-    rounds: int = 20
-    local_epochs: int = 10
+    preset: str = FederatedConfig.model_fields["preset"].default
+    rounds: int = FederatedConfig.model_fields["num_server_rounds"].default
+    local_epochs: int = FederatedConfig.model_fields["local_epochs"].default
     modalities: str = ""  # comma-separated subset ("" = all)
     engine: str = "inprocess"
     out_dir: Path = Path("runs/simulate")
     ray_address: str | None = None
+    test_graph: str = FederatedConfig.model_fields["test_graph"].default
 
 
 def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tuple[dict, list, dict]:
@@ -111,7 +117,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         t0 = time.perf_counter()
         pooled = fresh_runtime("pooled", concat_cohorts(list(sites)), preset, spec.seed)
         params = train_alone(pooled, preset, epochs, spec.seed)
-        results["centralized"] = pooled_metrics(site_counts(runtimes, lambda s: params))
+        results["centralized"] = pooled_metrics(site_counts(runtimes, lambda s: params, spec.test_graph))
         seconds["centralized"] = time.perf_counter() - t0
         advance(spec.rounds)
     if "local_only" in methods:
@@ -120,7 +126,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         for s in runtimes:
             alone = fresh_runtime(s.name, s.cohort, preset, spec.seed)
             own[s.name] = train_alone(alone, preset, epochs, spec.seed)
-        results["local_only"] = pooled_metrics(site_counts(runtimes, lambda s: own[s.name]))
+        results["local_only"] = pooled_metrics(site_counts(runtimes, lambda s: own[s.name], spec.test_graph))
         seconds["local_only"] = time.perf_counter() - t0
         advance(spec.rounds)
     for method, aggregation in (("federated", "modality-aware"), ("fedavg_plain", "fedavg")):
@@ -129,17 +135,18 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         cfg = FederatedConfig(num_server_rounds=spec.rounds, local_epochs=spec.local_epochs, preset=preset.name,
                               aggregation=aggregation, seed=spec.seed, data_path=spec.data_path,
                               scenario=spec.scenario, modalities=spec.modalities, min_sites=len(sites),
-                              out_dir=str(spec.out_dir / "runs" / f"{method}-seed{spec.seed}"))
+                              out_dir=str(spec.out_dir / "runs" / f"{method}-seed{spec.seed}"), overwrite=True,
+                              test_graph=spec.test_graph)
         t0 = time.perf_counter()
         history = run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1), ray_address=spec.ray_address)
         seconds[method] = time.perf_counter() - t0
         results[method] = history[-1]["global"]
-        results[method + "_server"] = history[-1].get("server", {})
+        results[method + "_server"] = history[-1].get("server") or {}
         for rec in history:
             g = rec["global"]
             rounds.append({"method": method, "seed": spec.seed, "round": rec["round"],
                            **{k: g.get(k) for k in ("mcc", "acc", "f1", "auroc", "auprc")},
-                           "server_mcc": rec.get("server", {}).get("mcc"), "train_loss": rec.get("train_loss"),
+                           "server_mcc": (rec.get("server") or {}).get("mcc"), "train_loss": rec.get("train_loss"),
                            "sites_aggregated": len(rec["accepted"]), "sites_rejected": len(rec["rejected"]),
                            "seconds": rec["seconds"]})
     return results, rounds, seconds
@@ -148,7 +155,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
 def run_seed(args: argparse.Namespace, seed: int, methods: list[str], progress: Progress, task) -> tuple[dict, list]:
     spec = RunSpec(data_path=str(args.data) if args.data else "", scenario=args.scenario, seed=seed,
                    preset=args.preset, rounds=args.rounds, local_epochs=args.local_epochs, engine=args.engine,
-                   out_dir=args.out, ray_address=args.ray_address)
+                   out_dir=args.out, ray_address=args.ray_address, test_graph=args.test_graph)
     progress.update(task, description=f"seed {seed}")
     results, rounds, _ = run_methods(spec, methods, advance=lambda n: progress.advance(task, n))
     return results, rounds
@@ -156,17 +163,11 @@ def run_seed(args: argparse.Namespace, seed: int, methods: list[str], progress: 
 
 def run_engine(engine: str, cfg: FederatedConfig, num_sites: int, on_round, ray_address: str | None = None
                ) -> list[dict]:
-    from server import app as server_app
-
     from .engine import run_flower, run_inprocess
 
     if engine == "inprocess":
         return run_inprocess(cfg, num_sites, on_round=on_round)[1]
-    server_app.ROUND_CALLBACKS.append(on_round)
-    try:
-        return run_flower(cfg, num_sites, ray_address=ray_address)[1]
-    finally:
-        server_app.ROUND_CALLBACKS.remove(on_round)
+    return run_flower(cfg, num_sites, ray_address=ray_address, on_round=on_round)[1]
 
 
 def write_rounds_csv(path: Path, rounds: list[dict]) -> None:
@@ -213,8 +214,14 @@ def plot_rounds(path: Path, rounds: list[dict], results: dict, title: str) -> No
 def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = sorted(set(methods) - set(METHODS))
-    if bad:
-        raise ValueError(f"--methods: unknown {bad}; choose from {list(METHODS)}")
+    if bad or not methods:
+        raise ValueError(f"--methods: unknown {bad or 'none given'}; choose from {list(METHODS)}")
+    if not getattr(args, "_staged", False):  # checks before any work, then the run writes into a staging folder
+        check_output(args.out, args.overwrite)
+        load_scenario(args.scenario)
+        for seed in args.seeds:  # every seed's data and sites are read (and cached) before any training
+            load_consortium(str(args.data) if args.data else "", args.scenario, seed, "")
+        return run_staged(args, "simulate", run)
     scenario = load_scenario(args.scenario)
     generated = args.data is None
     if generated:
@@ -247,13 +254,22 @@ def run(args: argparse.Namespace) -> int:
     payload = {
         "mode": "simulate", "scenario": scenario.model_dump(), "data": "generated" if generated else str(args.data),
         "generated_data": generated, "engine": args.engine, "preset": args.preset, "seeds": args.seeds,
+        "methods": methods,
         "rounds_config": {"rounds": args.rounds, "local_epochs": args.local_epochs},
-        "evaluation": "each site's test patients with its own graph; metrics from summed confusion matrices",
+        "test_graph": args.test_graph,
+        "evaluation": (f"each site scores its own test patients (test graph rule {args.test_graph!r}); global "
+                       "metrics from summed confusion matrices; AUROC/AUPRC from summed score histograms with "
+                       "their exact bounds (auroc_low/auroc_high, auprc_low/auprc_high)"),
         "results": results, "server_side_held_out": server, "rounds": rounds, "wall_seconds": wall,
     }
     write_json(args.out / "results.json", payload)
     write_rounds_csv(args.out / "rounds.csv", rounds)
     plot_rounds(args.out / "mcc_per_round.png", rounds, results, title)
-    console.print(f"wrote {args.out}/results.json, rounds.csv, mcc_per_round.png ({wall:.1f} s)"
+    shown = getattr(args, "out_final", args.out)  # the staging folder is renamed to --out when the run succeeds
+    console.print(f"wrote {shown}/results.json, rounds.csv, mcc_per_round.png ({wall:.1f} s)"
+                  + (f" — {GENERATED_NOTICE}" if generated else ""))
+    from magnet_core.report import write_report  # the run's self-contained HTML report
+
+    console.print(f"report: {write_report(args.out, shown_as=getattr(args, 'out_final', args.out))}"
                   + (f" — {GENERATED_NOTICE}" if generated else ""))
     return 0

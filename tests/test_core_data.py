@@ -47,7 +47,7 @@ def test_patients_with_no_modality_are_dropped_with_a_count(tmp_path):
     assert any("dropped 1 labelled sample" in line for line in logs)
 
 
-@pytest.mark.parametrize("value, match", [("abc", "non-numeric value 'abc' at sample 'p2', column 'c'"),
+@pytest.mark.parametrize("value, match", [("abc", "line 3 \\(sample 'p2'\\), column 4 'c': non-numeric value 'abc'"),
                                           (np.inf, "non-finite \\(inf\\) value"), (np.nan, "missing \\(empty or NA\\) value")])
 def test_bad_cells_are_named(tmp_path, value, match):
     mrna = pd.DataFrame(np.random.default_rng(0).random((3, 4)), index=["p1", "p2", "p3"], columns=list("abcd"))

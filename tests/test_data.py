@@ -87,11 +87,12 @@ def test_unlabelled_modality_rows_are_reported_and_ignored(tmp_path):
 
 
 @pytest.mark.parametrize("cell, expected", [
-    ("high", "non-numeric value 'high' at sample 'p3', column 'g2'"),
-    ("1.2.3", "non-numeric value '1.2.3' at sample 'p3', column 'g2'"),
-    (np.inf, "non-finite (inf) value at sample 'p3', column 'g2'"),
-    (-np.inf, "non-finite (-inf) value at sample 'p3', column 'g2'"),
-    (np.nan, "missing (empty or NA) value at sample 'p3', column 'g2'"),
+    ("high", "line 4 (sample 'p3'), column 3 'g2': non-numeric value 'high' (1 such cells)"),
+    ("1.2.3", "line 4 (sample 'p3'), column 3 'g2': non-numeric value '1.2.3'"),
+    (np.inf, "line 4 (sample 'p3'), column 3 'g2': non-finite (inf) value"),
+    (-np.inf, "line 4 (sample 'p3'), column 3 'g2': non-finite (-inf) value"),
+    (np.nan, "line 4 (sample 'p3'), column 3 'g2': missing (empty or NA) value"),
+    (1e300, "line 4 (sample 'p3'), column 3 'g2': too large for float32: value 1e+300 (float32 holds up to 3.4e+38; 1 such cells)"),
 ])
 def test_bad_cell_names_file_sample_and_column(tmp_path, cell, expected):
     write_cohort(tmp_path, mrna=_mrna_with(cell))

@@ -17,7 +17,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from magnet_core.site_validation import load_site_cohort, validate_site
 from magnet_core.data import DataError, load_cohort_dir
 from magnet_core.manifest import ConsortiumManifest, ModalitySpec
-from server.pki import init_ca, issue_server_cert, make_site
 
 
 def _cli(*args):
@@ -26,16 +25,18 @@ def _cli(*args):
 
 
 def test_pki_ca_server_certificate_and_site_bundle(tmp_path):
-    pki = tmp_path / "pki"
+    pki, at_site = tmp_path / "pki", tmp_path / "hospital-a"
     out = _cli("pki", "init", "--dir", str(pki))
     assert out.returncode == 0, out.stderr
     out2 = _cli("pki", "server", "--dir", str(pki), "--host", "fl.example.org", "--host", "10.1.2.3")
-    out3 = _cli("pki", "site", "hospital-a", "--dir", str(pki), "--superlink", "fl.example.org:9092")
-    assert out2.returncode == 0 and out3.returncode == 0
-    for text in (out.stdout, out2.stdout, out3.stdout):
+    out3 = _cli("pki", "site-key", "--out", str(at_site), "--name", "hospital-a")  # at the site
+    out4 = _cli("pki", "site", "--name", "hospital-a", "--public-key", str(at_site / "node_auth_key.pub"),
+                "--dir", str(pki), "--superlink", "fl.example.org:9092")  # at the coordinator
+    assert out2.returncode == 0 and out3.returncode == 0 and out4.returncode == 0, out4.stderr
+    for text in (out.stdout, out2.stdout, out3.stdout, out4.stdout):
         assert "PRIVATE KEY" not in text
-    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
-    cert = x509.load_pem_x509_certificate((pki / "server.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((pki / "ca" / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((pki / "superlink" / "server.pem").read_bytes())
     cert.verify_directly_issued_by(ca)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"fl.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
@@ -44,16 +45,18 @@ def test_pki_ca_server_certificate_and_site_bundle(tmp_path):
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ExtendedKeyUsageOID.SERVER_AUTH in eku
     bundle = pki / "sites" / "hospital-a"
-    for secret in (pki / "ca.key", pki / "server.key", bundle / "node_auth_key"):
+    for secret in (pki / "ca" / "ca.key", pki / "superlink" / "server.key", at_site / "node_auth_key"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    assert not (pki / "superlink" / "ca.key").exists()  # the SuperLink's folder holds no CA key
     # the key files load exactly as flower-supernode and `flwr supernode register` load them
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-    key = load_ssh_private_key((bundle / "node_auth_key").read_bytes(), None)
+    key = load_ssh_private_key((at_site / "node_auth_key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     pub = load_ssh_public_key((bundle / "node_auth_key.pub").read_bytes())
     assert pub.public_numbers() == key.public_key().public_numbers()
-    assert (bundle / "ca.crt").read_bytes() == (pki / "ca.crt").read_bytes()
+    assert sorted(p.name for p in bundle.iterdir()) == ["ca.crt", "node_auth_key.pub", "site.toml"]  # no private key
+    assert (bundle / "ca.crt").read_bytes() == (pki / "ca" / "ca.crt").read_bytes()
     assert "hospital-a," in (pki / "registered_sites.csv").read_text()
     again = _cli("pki", "init", "--dir", str(pki))
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr and "Traceback" not in again.stderr
@@ -149,7 +152,11 @@ def test_absent_feature_is_filled_with_the_scaled_consortium_mean(tmp_path, data
     manifest = base.model_copy(update={"missing_feature": "impute",
                                        "modalities": [mrna, base.modality("miRNA"), base.modality("protein")]})
     dropped = spec.features[3]
-    site = _site(tmp_path, root, lambda labels, frames: frames.__setitem__("mRNA", frames["mRNA"].drop(columns=dropped)))
+    def prepared_without(labels, frames):  # prepared data are min-max scaled to [0, 1]
+        m = frames["mRNA"]
+        frames["mRNA"] = ((m - m.min()) / (m.max() - m.min())).drop(columns=dropped)
+
+    site = _site(tmp_path, root, prepared_without)
     report, _ = validate_site(site, manifest)
     assert report.ok and any("filled with the consortium mean" in w for w in report.warnings)
     cohort = load_site_cohort(site, manifest, seed=1)

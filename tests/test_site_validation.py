@@ -111,15 +111,23 @@ def test_missing_feature_is_filled_when_the_manifest_allows_it(tmp_path):
     mrna = base.modality("mRNA").model_copy(update={"impute_means": [1.0, 2.0, 3.0, 4.0],
                                                     "scale_min": [0.0, 0.0, 0.0, 0.0],
                                                     "scale_max": [4.0, 4.0, 4.0, 4.0]})
-    allowed = base.model_copy(update={"missing_feature": "impute",
+    allowed = base.model_copy(update={"missing_feature": "impute", "max_absent_features": 0.25,
                                       "modalities": [mrna, base.modality("miRNA"), base.modality("protein")]})
-    site = _site(tmp_path, lambda lab, fr: fr.__setitem__("mRNA", fr["mRNA"].drop(columns="KRT5")))
+    def prepared_without_krt5(lab, fr):  # prepared data are scaled to [0, 1]
+        fr["mRNA"] = ((fr["mRNA"] - fr["mRNA"].min()) / (fr["mRNA"].max() - fr["mRNA"].min())).drop(columns="KRT5")
+
+    site = _site(tmp_path, prepared_without_krt5)
+    default_share = allowed.model_copy(update={"max_absent_features": 0.1})
+    report, _ = validate_site(site, default_share)  # 1 of 4 features (25%) absent: more than the default 10%
+    assert report.errors == [f"{site / 'mRNA.csv.gz'}: 1 manifest feature(s) missing for modality 'mRNA', e.g. "
+                             "'KRT5' (25% of its 4 features; the manifest fills at most 10% (max_absent_features): "
+                             "renamed columns or another consortium's file?)"]
     report, _ = validate_site(site, allowed)
     assert report.ok and any("'KRT5' (filled with the consortium mean" in w for w in report.warnings)
     cohort = load_site_cohort(site, allowed, seed=1)
     np.testing.assert_allclose(cohort.X["mRNA"][:, 2], 0.75)  # (3 - 0) / (4 - 0), in the prepared (scaled) units
     # imputation allowed but no means to impute with: refused
-    no_means = base.model_copy(update={"missing_feature": "impute"})
+    no_means = base.model_copy(update={"missing_feature": "impute", "max_absent_features": 0.25})
     report, _ = validate_site(site, no_means)
     assert any("gives no impute_means for 'mRNA'" in e for e in report.errors)
 
