@@ -43,8 +43,20 @@ def handle(msg: Message, context: Context, kind: str) -> Message:
         cfg = RoundConfig.decode(msg.content["config"])
     except (ContractError, KeyError) as exc:
         return error_reply(msg, CONTRACT_ERROR_CODE, f"round config rejected: {exc}")
-    from magnet_core.data import DataError
+    if "worker-socket" in context.node_config:  # deployment: the site's persistent worker trains (no torch here)
+        from .worker_link import WORKER_ERROR_CODE, WorkerFailure, forward
 
+        try:
+            arrays = msg.content["arrays"] if "arrays" in msg.content else None
+            metrics, site, new = forward(kind, msg.content["config"], arrays, context.node_id, context.node_config)
+        except WorkerFailure as exc:
+            code = {"data": DATA_ERROR_CODE, "contract": CONTRACT_ERROR_CODE}.get(exc.kind, WORKER_ERROR_CODE)
+            return error_reply(msg, code, exc.reason)
+        return reply_with(msg, metrics, site, new)
+    from magnet_core.data import DataError
+    from magnet_core.threads import apply_thread_policy
+
+    apply_thread_policy()  # before torch loads: passive OpenMP waits, threads from the CPUs this node may use
     from .handlers import evaluate_site, site_for, train_site
 
     try:

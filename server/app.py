@@ -43,6 +43,9 @@ def model_spec_enrolment_and_evaluator(cfg: FederatedConfig):
 
 def server_main(grid: Grid, context: Context, on_round=None):
     """The body of the ServerApp, shared by Flower's engines and the in-process engine."""
+    from magnet_core.threads import apply_thread_policy
+
+    apply_thread_policy()  # the server evaluates and aggregates with torch/numpy: no spinning OpenMP threads
     cfg = FederatedConfig.from_run_config(context.run_config)
     if (not cfg.data_path or cfg.data_path.startswith("generated:")) and not cfg.manifest:
         from magnet_core.synthetic import GENERATED_NOTICE

@@ -250,20 +250,21 @@ def test_resume_from_checkpoint_continues_at_next_round(ov_path, tmp_path):
     assert [r["round"] for r in saved] == [1, 2, 3] and (tmp_path / "b" / "model.pt").exists()
 
 
-def test_flower_engine_and_inprocess_engine_agree(ov_path, tmp_path):
+def test_flower_engine_and_inprocess_engine_agree(ov_path, tmp_path, monkeypatch):
     """A real Flower simulation (Ray, 2 sites, 2 rounds) gives the in-process engine's global weights."""
-    from client.app import _SITES
+    from client.handlers import forget_sites
     from simulations.engine import run_flower, run_inprocess
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # Flower's Ray actors run torch with one thread; match it for bitwise-close sums
-    _SITES.clear()  # rebuild the sites' graphs with one thread too, as the Ray actors do
+    monkeypatch.setenv("MAGNET_FL_THREADS", "1")  # the thread policy of every app: one torch thread, both engines
+    forget_sites()  # rebuild the sites' graphs with one thread too, as the Ray actors do
     try:
         a, hist_a = run_inprocess(_cfg(ov_path, tmp_path, "inproc"), 2)
+        b, hist_b = run_flower(_cfg(ov_path, tmp_path, "flower"), 2)
     finally:
         torch.set_num_threads(threads)
-    b, hist_b = run_flower(_cfg(ov_path, tmp_path, "flower"), 2)
     assert len(hist_b) == 2 and all(len(r["accepted"]) == 2 for r in hist_b)
+    print(f"max |in-process - Flower| weight difference: {max(float(np.abs(a[k] - b[k]).max()) for k in a):.3g}")
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
     assert hist_a[-1]["global"]["mcc"] == pytest.approx(hist_b[-1]["global"]["mcc"])
