@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", type=Path, help="the site's data folder (labels.csv + one matrix per modality, "
                                           "optional split.csv)")
     p.add_argument("--manifest", type=Path, required=True, help="the consortium manifest (TOML)")
+    p.add_argument("--enrol", metavar="SITE_NAME", default=None,
+                   help="also print this site's enrolment entry for the manifest ([sites.SITE_NAME]: patient "
+                        "counts the coordinator bounds the site's replies by; counts only, no patient data)")
 
 
 def summary_table(report: SiteReport, manifest: ConsortiumManifest, title: str) -> Table:
@@ -55,4 +58,21 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]{len(report.errors)} problem(s) would corrupt training: fix them before joining.[/]")
         return 1
     console.print("[green]site data are consistent with the manifest[/]")
+    if args.enrol:
+        console.print(enrolment_entry(args.dir, manifest, args.enrol), markup=False)
     return 0
+
+
+def enrolment_entry(folder: Path, manifest: ConsortiumManifest, name: str) -> str:
+    """The manifest lines that enrol this site: training/test sizes and per-modality bounds, valid for any seed."""
+    import tomli_w
+
+    from magnet_core.consortium import enrolled_site
+    from magnet_core.contract import SITE_NAME
+    from magnet_core.site_validation import load_site_cohort
+
+    if not SITE_NAME.match(name):
+        raise ValueError(f"--enrol: site name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ - "
+                         "(starting alphanumeric)")
+    facts = enrolled_site(load_site_cohort(folder, manifest, seed=0), any_seed=True)
+    return "# add to the consortium manifest:\n" + tomli_w.dumps({"sites": {name: facts.model_dump()}})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import numpy as np
+
 from magnet_core.contract import Enrolment, SiteFacts
 from magnet_core.data import Cohort, load_for_seed
 from magnet_core.synthetic import make_generated_cohort
@@ -35,12 +37,16 @@ def site_name(partition_id: int) -> str:
     return f"site{partition_id}"
 
 
-def enrolled_site(site: Cohort) -> SiteFacts:
+def enrolled_site(site: Cohort, any_seed: bool = False) -> SiteFacts:
     """What a site enrols with: its training (train + val) and test patients, and training patients per modality
-    (the upper bounds the coordinator checks its replies by; a deployed site's manifest entry)."""
+    (the upper bounds the coordinator checks its replies by). ``any_seed``: bounds that hold whichever seed
+    splits the site (a deployed site's manifest entry): a modality's bound is then every patient holding it,
+    capped by the training size (split sizes depend only on the number of patients)."""
     train = site.split_indices("train", "val")
+    rows = np.arange(site.mask.shape[0]) if any_seed else train
     return SiteFacts(train=int(train.size), test=int(site.split_indices("test").size),
-                     modalities={m: int(site.mask[train, j].sum()) for j, m in enumerate(site.modalities)})
+                     modalities={m: int(min(site.mask[rows, j].sum(), train.size))
+                                 for j, m in enumerate(site.modalities)})
 
 
 def enrolment_of(sites: Sequence[Cohort]) -> Enrolment:
