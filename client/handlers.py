@@ -9,6 +9,9 @@ import torch
 
 from magnet_core.config import get_preset
 from magnet_core.contract import EvalReply, RoundConfig, TrainReply
+from magnet_core.metrics import DEFAULT_BINS
+from magnet_core.privacy import DEFAULT_MAX_BINS as SITE_MAX_BINS
+from magnet_core.privacy import release_eval
 from magnet_core.site import SiteRuntime
 
 # Sites (data, graphs, model) are built once per process and reused across rounds.
@@ -59,10 +62,23 @@ def train_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, s
 
 def evaluate_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int,
                   state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """The global model on the site's test patients: (metrics record of counts, site record)."""
+    """The global model on the site's test patients: (metrics record of counts, site record), released under the
+    minimum count k (the larger of the coordinator's and the site's own manifest's) with at most
+    SITE_MAX_BINS score bins, whatever the coordinator asks."""
     site = site_for(cfg, node_config, node_id)
-    counts = site.evaluate_counts(state, cfg.histogram_bins, cfg.test_graph)
-    return EvalReply.from_counts(counts).encode()
+    counts = site.evaluate_counts(state, DEFAULT_BINS, cfg.test_graph)
+    k = max(cfg.min_count, site_min_count(node_config))
+    release = release_eval(counts, k, max_bins=min(cfg.histogram_bins, SITE_MAX_BINS))
+    return EvalReply.from_release(release).encode()
+
+
+def site_min_count(node_config: Mapping[str, Any]) -> int:
+    """The k of the site's own consortium manifest (deployment); the floor otherwise."""
+    from magnet_core.manifest import MIN_COUNT_FLOOR, ConsortiumManifest
+
+    if "manifest" in node_config:
+        return ConsortiumManifest.load(str(node_config["manifest"])).min_count
+    return MIN_COUNT_FLOOR
 
 
 def poison_for_testing(state: dict[str, torch.Tensor], node_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from .manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
 from .manifest import EnrolledSite as SiteFacts
 
 if TYPE_CHECKING:
-    from .aggregate import EvalCounts
+    from .privacy import EvalRelease
 
 GROUPS = ("all", "paired", "unpaired")  # test-patient groups an evaluation reply may report
 MAX_HISTOGRAM_BINS = 1000  # the most score-histogram bins a site will ever send
@@ -156,17 +156,41 @@ class TrainReply(BaseModel):
 # ------------------------------------------------------------------------------------------- evaluation reply
 
 
+class Histogram(BaseModel):
+    """A released score histogram: bin ``edges`` (B + 1 values from 0 to 1, 0.5 among them: the decision
+    threshold) and ``counts`` (2 x B: negatives, positives)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    edges: list[float]
+    counts: list[list[StrictInt]]
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Histogram":
+        e = np.asarray(self.edges, dtype=np.float64)
+        c = np.asarray(self.counts, dtype=np.int64)
+        if c.ndim != 2 or c.shape[0] != 2 or c.shape[1] < 1:
+            raise ValueError("histogram counts must be 2 rows (negatives, positives) of at least one bin")
+        if e.shape != (c.shape[1] + 1,) or not np.all(np.isfinite(e)):
+            raise ValueError(f"histogram edges must be {c.shape[1] + 1} finite values for {c.shape[1]} bins")
+        if e[0] != 0.0 or e[-1] != 1.0 or np.any(np.diff(e) <= 0) or not np.any(np.isclose(e, 0.5)):
+            raise ValueError("histogram edges must rise strictly from 0 to 1 with 0.5 among them")
+        if (c < 0).any():
+            raise ValueError("histogram has negative counts")
+        return self
+
+
 class EvalReply(BaseModel):
-    """A site's evaluation as counts: confusion matrices per group and, for binary tasks, score histograms.
+    """A site's evaluation as counts released under the minimum count k: confusion matrices per group and, for
+    binary tasks, score histograms with merged bins. Groups the site withheld (fewer than k test patients, or
+    one that would reveal such a group by difference) are listed in ``withheld`` and carry nothing."""
 
-    Groups the site withheld (fewer than k test patients) are listed in ``withheld`` and carry nothing."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     site: str
-    num_examples: StrictInt = Field(ge=0, description="test patients behind the released 'all' group")
+    num_examples: StrictInt = Field(ge=0, description="test patients behind the released 'all' group (0 if withheld)")
     confusion: dict[Literal["all", "paired", "unpaired"], list[list[StrictInt]]] = Field(default_factory=dict)
-    histogram: dict[Literal["all", "paired", "unpaired"], list[list[StrictInt]]] = Field(default_factory=dict)
+    histogram: dict[Literal["all", "paired", "unpaired"], Histogram] = Field(default_factory=dict)
     withheld: list[Literal["all", "paired", "unpaired"]] = Field(default_factory=list)
 
     _name = field_validator("site")(classmethod(lambda cls, v: _site_name(v)))
@@ -188,11 +212,9 @@ class EvalReply(BaseModel):
                 raise ValueError(f"cm-{g} has negative counts")
             hist = self.histogram.get(g)
             if hist is not None:
-                h = np.asarray(hist, dtype=np.int64)
-                if a.shape[0] != 2 or h.ndim != 2 or h.shape[0] != 2:
-                    raise ValueError(f"hist-{g} must be 2 rows (negatives, positives) of a binary task")
-                if (h < 0).any():
-                    raise ValueError(f"hist-{g} has negative counts")
+                h = np.asarray(hist.counts, dtype=np.int64)
+                if a.shape[0] != 2:
+                    raise ValueError(f"hist-{g} in a {a.shape[0]}-class task")
                 if not np.array_equal(h.sum(axis=1), a.sum(axis=1)):
                     raise ValueError(f"hist-{g} class totals {h.sum(axis=1).tolist()} differ from cm-{g}'s "
                                      f"{a.sum(axis=1).tolist()}")
@@ -207,36 +229,41 @@ class EvalReply(BaseModel):
                 parts = np.asarray(self.confusion["paired"]) + np.asarray(self.confusion["unpaired"])
                 if not np.array_equal(parts, np.asarray(self.confusion["all"])):
                     raise ValueError("cm-paired + cm-unpaired differ from cm-all")
+        elif self.num_examples != 0:
+            raise ValueError("num-examples must be 0 when 'all' is withheld")
         return self
-
-    @property
-    def num_classes(self) -> int | None:
-        return len(next(iter(self.confusion.values()))) if self.confusion else None
 
     def encode(self) -> tuple[Flat, Flat]:
         metrics: Flat = {"num-examples": self.num_examples}
         for g, cm in self.confusion.items():
             metrics[f"cm-{g}"] = [int(v) for row in cm for v in row]
         for g, h in self.histogram.items():
-            metrics[f"hist-{g}"] = [int(v) for row in h for v in row]
+            metrics[f"hist-{g}"] = [int(v) for row in h.counts for v in row]
+            metrics[f"edges-{g}"] = [float(v) for v in h.edges]
         for g in self.withheld:
             metrics[f"withheld-{g}"] = 1
         return metrics, {"name": self.site}
 
     @classmethod
-    def decode(cls, metrics: Mapping[str, Any], site: Mapping[str, Any], num_classes: int, bins: int
+    def decode(cls, metrics: Mapping[str, Any], site: Mapping[str, Any], num_classes: int, max_bins: int
                ) -> "EvalReply":
         _strict_keys(site, {"name"}, "site record")
-        allowed = {"num-examples"} | {f"{p}-{g}" for p in ("cm", "hist", "withheld") for g in GROUPS}
+        allowed = {"num-examples"} | {f"{p}-{g}" for p in ("cm", "hist", "edges", "withheld") for g in GROUPS}
         _strict_keys(metrics, allowed, "evaluation metrics")
         confusion, histogram, withheld = {}, {}, []
         for g in GROUPS:
             if f"cm-{g}" in metrics:
                 confusion[g] = _matrix(metrics[f"cm-{g}"], num_classes, num_classes, f"cm-{g}")
+            if (f"hist-{g}" in metrics) != (f"edges-{g}" in metrics):
+                raise ContractError(f"evaluation metrics: hist-{g} and edges-{g} come together")
             if f"hist-{g}" in metrics:
                 if num_classes != 2:
                     raise ContractError(f"evaluation metrics: hist-{g} in a {num_classes}-class task")
-                histogram[g] = _matrix(metrics[f"hist-{g}"], 2, bins, f"hist-{g}")
+                edges = metrics[f"edges-{g}"]
+                if not isinstance(edges, list) or not 3 <= len(edges) <= max_bins + 1:
+                    raise ContractError(f"evaluation metrics: edges-{g} must list 3 to {max_bins + 1} bin edges")
+                histogram[g] = {"edges": edges, "counts": _matrix(metrics[f"hist-{g}"], 2, len(edges) - 1,
+                                                                  f"hist-{g}")}
             if f"withheld-{g}" in metrics:
                 if metrics[f"withheld-{g}"] != 1:
                     raise ContractError(f"evaluation metrics: withheld-{g} must be 1")
@@ -245,19 +272,24 @@ class EvalReply(BaseModel):
                 "histogram": histogram, "withheld": withheld}
         return _validated(cls, data, "evaluation reply")
 
-    def counts(self) -> "EvalCounts":
-        """The released counts as arrays, for pooling."""
-        from .aggregate import EvalCounts
+    def release(self, k: int) -> "EvalRelease":
+        """As magnet_core.privacy's release (for its k checks and pooling)."""
+        from .privacy import EvalRelease, ReleasedHistogram
 
-        return EvalCounts(self.site, {g: np.asarray(cm, dtype=np.int64) for g, cm in self.confusion.items()},
-                          {g: np.asarray(h, dtype=np.int64) for g, h in self.histogram.items()})
+        return EvalRelease(self.site, k, {g: np.asarray(cm, dtype=np.int64) for g, cm in self.confusion.items()},
+                           {g: ReleasedHistogram(np.asarray(h.edges, dtype=np.float64),
+                                                 np.asarray(h.counts, dtype=np.int64))
+                            for g, h in self.histogram.items()},
+                           {g: "withheld by the site" for g in self.withheld})
 
     @classmethod
-    def from_counts(cls, counts: "EvalCounts", withheld: Sequence[str] = ()) -> "EvalReply":
-        conf = {g: np.asarray(cm).astype(int).tolist() for g, cm in counts.confusion.items()}
-        hist = {g: np.asarray(h).astype(int).tolist() for g, h in counts.histogram.items()}
-        num = int(np.asarray(counts.confusion["all"]).sum()) if "all" in counts.confusion else 0
-        return cls(site=counts.site, num_examples=num, confusion=conf, histogram=hist, withheld=list(withheld))
+    def from_release(cls, release: "EvalRelease") -> "EvalReply":
+        conf = {g: np.asarray(cm).astype(int).tolist() for g, cm in release.confusion.items()}
+        hist = {g: {"edges": [float(e) for e in h.edges], "counts": np.asarray(h.counts).astype(int).tolist()}
+                for g, h in release.histogram.items()}
+        num = int(np.asarray(release.confusion["all"]).sum()) if "all" in release.confusion else 0
+        return cls(site=release.site, num_examples=num, confusion=conf, histogram=hist,
+                   withheld=[g for g in GROUPS if g in release.withheld])
 
 
 def _matrix(value: Any, rows: int, cols: int, key: str) -> list[list[int]]:

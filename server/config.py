@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from magnet_core.config import DEFAULT_PRESET
 from magnet_core.contract import MAX_HISTOGRAM_BINS, fingerprint
-from magnet_core.metrics import DEFAULT_BINS
+from magnet_core.privacy import DEFAULT_MAX_BINS
 from magnet_core.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
 
 
@@ -36,7 +36,8 @@ class FederatedConfig(BaseModel):
     norm_ratio: float = Field(10.0, gt=1, description="reject a step > this x (or < 1/this x) the reference norm")
     update_max_ratio: float = Field(0.5, gt=0, description="reject a step longer than this x the global norm")
     update_min_ratio: float = Field(1e-4, ge=0, description="reject a step shorter than this x the global norm")
-    histogram_bins: int = Field(DEFAULT_BINS, ge=2, le=MAX_HISTOGRAM_BINS)
+    histogram_bins: int = Field(DEFAULT_MAX_BINS, ge=2, le=MAX_HISTOGRAM_BINS,
+                                description="most score-histogram bins a site may release (sites cap it too)")
     test_graph: Literal["among-test", "attach-to-train"] = Field(
         "among-test", description="test-graph rule of the sites' evaluation (reported in every result)")
     min_count: int = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,

@@ -210,7 +210,7 @@ def run_federation(
         log(INFO, "resuming from %s after round %d", out / CHECKPOINT, done)
     elif cfg.resume:
         log(WARNING, "resume=true but %s holds no checkpoint: starting at round 1", out)
-    magnet = MagnetFedAvg(cfg, list(spec.in_dims), spec.num_classes, enrolment, memory)
+    magnet = MagnetFedAvg(cfg, list(spec.in_dims), spec.num_classes, enrolment, memory, min_count=k)
     strategy = with_differential_privacy(magnet, cfg)
     fp = cfg.fingerprint()
     for rnd in range(start, cfg.num_server_rounds + 1):

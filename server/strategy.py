@@ -13,12 +13,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from magnet_core.aggregate import (
-    ScreenMemory, ScreenRules, SiteUpdate, aggregate_updates, flat_delta, metrics_from_counts, pooled_metrics,
-    screen_updates, validate_update,
+    ScreenMemory, ScreenRules, SiteUpdate, aggregate_updates, flat_delta, screen_updates, validate_update,
 )
 from magnet_core.contract import (
     ContractError, Enrolment, EvalReply, SiteFacts, TrainReply, check_eval_against, check_train_against,
 )
+from magnet_core.privacy import check_eval_release, pool_releases
 
 from .config import FederatedConfig
 
@@ -79,7 +79,8 @@ class MagnetFedAvg(FedAvg):
     """FedAvg whose aggregation is modality-aware (or plain), whose every reply is checked, optionally robust."""
 
     def __init__(self, cfg: FederatedConfig, modalities: list[str], num_classes: int,
-                 enrolment: Enrolment | None = None, memory: ScreenMemory | None = None):
+                 enrolment: Enrolment | None = None, memory: ScreenMemory | None = None,
+                 min_count: int | None = None):
         super().__init__(
             fraction_train=cfg.fraction_train,
             fraction_evaluate=1.0,
@@ -90,6 +91,7 @@ class MagnetFedAvg(FedAvg):
         self.cfg = cfg
         self.modalities = modalities
         self.num_classes = num_classes
+        self.min_count = cfg.min_count if min_count is None else min_count
         self.enrolment = enrolment
         self.memory = memory or ScreenMemory()
         self.rules = ScreenRules(max_to_global=cfg.update_max_ratio, min_to_global=cfg.update_min_ratio,
@@ -205,8 +207,9 @@ class MagnetFedAvg(FedAvg):
     # ------------------------------------------------------------------------------------------- evaluation
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Check each evaluation reply, then sum confusion matrices / histograms over the good ones: metrics
-        exactly as if those sites' test patients were pooled."""
+        """Check each evaluation reply (contract, enrolment, minimum count k), then pool the good ones: confusion
+        matrices summed (metrics exactly those of the pooled predictions of the sites that released a group),
+        AUROC as an interval from the sites' merged score bins."""
         good: list[EvalReply] = []
         seen: set[int] = set()
         for msg in sorted(replies, key=self.node_of):
@@ -231,6 +234,8 @@ class MagnetFedAvg(FedAvg):
                 continue
             problems = [p for p in [self._claim(node, reply.site)] if p]
             problems += check_eval_against(reply, self._facts(reply.site)) if not problems else []
+            problems += check_eval_release(reply.release(self.min_count), self.cfg.histogram_bins) \
+                if not problems else []
             if problems:
                 self._reject(server_round, node, "; ".join(problems), "evaluation")
                 continue
@@ -243,10 +248,11 @@ class MagnetFedAvg(FedAvg):
         self.report.pooled_patients = sum(r.num_examples for r in pooled)
         if not pooled:
             return None
-        counts = [r.counts() for r in pooled]
-        self.report.global_metrics = pooled_metrics(counts)
-        self.report.site_metrics = {c.site: {"num": c.num, **metrics_from_counts(c.confusion, c.histogram)}
-                                    for c in counts}
+        result = pool_releases([r.release(self.min_count) for r in good])
+        self.report.global_metrics = result["metrics"]
+        self.report.site_metrics = {r.site: {"num": r.num_examples,
+                                             **pool_releases([r.release(self.min_count)])["metrics"]}
+                                    for r in pooled}
         log(INFO, "round %d: global metrics pooled over %d site(s), %d patients", server_round, len(pooled),
             self.report.pooled_patients)
         return MetricRecord({k: float(v) for k, v in self.report.global_metrics.items() if v is not None})

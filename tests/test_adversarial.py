@@ -243,11 +243,30 @@ EVAL_ATTACKS = {
     "extra cm key": lambda m: {**m, "cm-everyone": m["cm-all"]},
     "3x3 matrix in a 2-class run": lambda m: {**m, "cm-all": [1, 0, 0, 0, 1, 0, 0, 0, 1], "num-examples": 3},
     "negative counts": lambda m: {**m, "cm-all": [-5, m["cm-all"][1], m["cm-all"][2], m["cm-all"][3] + 5]},
-    "inflated counts": lambda m: {k: ([v * 1000 for v in val] if isinstance(val, list) else val * 1000)
+    "inflated counts": lambda m: {k: val if k.startswith(("edges-", "withheld-")) else
+                                  ([v * 1000 for v in val] if isinstance(val, list) else val * 1000)
                                   for k, val in m.items()},
-    "histogram of the wrong size": lambda m: {**m, "hist-all": m["hist-all"][:-2]},
+    "histogram of the wrong size": lambda m: {k: (v[:-2] if k.startswith("hist-") else v) for k, v in m.items()},
+    "a histogram bin isolating one patient": lambda m: _split_first_bin(m),
     "paired and unpaired do not add up": lambda m: {**m, "cm-paired": m["cm-all"]},
 }
+
+
+def _split_first_bin(metrics: dict) -> dict:
+    """Cut the site's first released score bin so that it holds a single patient (below k)."""
+    out = dict(metrics)
+    key = next(k for k in sorted(metrics) if k.startswith("hist-"))
+    g = key[len("hist-"):]
+    edges, counts = list(metrics[f"edges-{g}"]), list(metrics[key])
+    b = len(edges) - 1
+    neg, pos = counts[:b], counts[b:]
+    first = "neg" if neg[0] else "pos"
+    one = [1, 0] if first == "neg" else [0, 1]
+    neg = [one[0], neg[0] - one[0], *neg[1:]]
+    pos = [one[1], pos[0] - one[1], *pos[1:]]
+    out[f"edges-{g}"] = [edges[0], edges[0] + (edges[1] - edges[0]) / 2, *edges[1:]]
+    out[key] = neg + pos
+    return out
 
 
 @pytest.mark.parametrize("attack", sorted(EVAL_ATTACKS))

@@ -220,13 +220,15 @@ def test_no_patient_level_data_in_replies(ov_path):
         if kind == "train":
             assert set(content["arrays"].keys()) == set(params)
         metrics = content["metrics"]
-        for key, value in metrics.items():
+        for key, value in metrics.items():  # fixed-size summaries: 2 x 2 matrices, at most 20 merged score bins
             if isinstance(value, list):
-                assert len(value) in (4, 2000), f"{key} has {len(value)} entries"
+                assert len(value) == 4 or (key.startswith("hist-") and len(value) <= 40) or \
+                    (key.startswith("edges-") and len(value) <= 21), f"{key} has {len(value)} entries"
         text = repr(dict(metrics)) + repr(dict(content["site"]))
         assert not any(sid in text for sid in ids)
         allowed = {"num-examples", "loss", "count-mRNA", "count-miRNA"} if kind == "train" else \
-            {"num-examples"} | {f"{p}-{g}" for p in ("cm", "hist") for g in ("all", "paired", "unpaired")}
+            {"num-examples"} | {f"{p}-{g}" for p in ("cm", "hist", "edges", "withheld")
+                                for g in ("all", "paired", "unpaired")}
         assert set(metrics.keys()) <= allowed
 
 
@@ -340,3 +342,43 @@ def test_site_with_invalid_data_replies_a_clear_error(tmp_path, data_root):
     reply = client_app(msg, ctx)
     assert reply.has_error() and reply.error.code == DATA_ERROR_CODE
     assert "not in the manifest's order" in reply.error.reason and "mRNA.csv" in reply.error.reason
+
+
+def test_a_site_releases_no_statistic_of_fewer_than_k_patients(tmp_path):
+    """The ClientApp's actual evaluation reply: a site whose test patients number fewer than k withholds every
+    group; a larger site's released histogram bins each hold >= k patients."""
+    from flwr.app import ConfigRecord
+
+    from client.app import app as client_app
+    from magnet_core.contract import RoundConfig
+    from magnet_core.model import build_model
+    from flwr.app import ArrayRecord, Context, RecordDict
+
+    scenario = tmp_path / "tiny-site.toml"
+    scenario.write_text('name = "tiny"\nnum_sites = 2\npartition = "size-skew"\nsizes = [0.04, 1.0]\n')
+    from magnet_core.consortium import load_consortium
+
+    cohort, sites = load_consortium("generated:200", str(scenario), 5)
+    assert sites[0].split_indices("test").size < 5 <= sites[1].split_indices("test").size
+    model = build_model({m: cohort.X[m].shape[1] for m in cohort.modalities}, 2, get_preset("ov").model, 5)
+    config = RoundConfig(server_round=1, seed=5, preset="ov", local_epochs=1, histogram_bins=1000, min_count=5,
+                         data_path="generated:200", scenario=str(scenario))
+    for pid in (0, 1):
+        ctx = Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+        msg = _instruction(pid + 1, "evaluate", {"config": ConfigRecord(config.encode()),
+                                                 "arrays": ArrayRecord(model.state_dict())})
+        metrics = dict(client_app(msg, ctx).content["metrics"])
+        if pid == 0:
+            assert metrics == {"num-examples": 0, "withheld-all": 1, "withheld-paired": 1, "withheld-unpaired": 1} \
+                or all(k.startswith("withheld-") or k == "num-examples" for k in metrics), metrics
+            assert metrics["num-examples"] == 0
+        else:
+            hists = [k for k in metrics if k.startswith("hist-")]
+            assert hists and all(len(metrics[f"edges-{k[5:]}"]) - 1 <= 20 for k in hists)  # bins capped at the site
+            for key in hists:
+                counts = np.asarray(metrics[key]).reshape(2, -1).sum(axis=0)
+                edges = np.asarray(metrics[f"edges-{key[5:]}"])
+                whole_side = np.isclose(edges[:-1], 0) & np.isclose(edges[1:], 0.5) | \
+                    np.isclose(edges[:-1], 0.5) & np.isclose(edges[1:], 1)
+                assert ((counts >= 5) | whole_side).all(), (key, counts)
