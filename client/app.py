@@ -73,13 +73,22 @@ def handle(msg: Message, context: Context, kind: str) -> Message:
         return error_reply(msg, DATA_ERROR_CODE, f"site data rejected: {exc}")
 
 
+def logged(msg: Message, context: Context, kind: str) -> Message:
+    """``handle`` plus the site's own log of what it received and sent (node config ``site-log-dir``)."""
+    reply = handle(msg, context, kind)
+    from .site_log import record
+
+    record(msg, reply, context.node_config)
+    return reply
+
+
 @app.train(mods=[optional_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the received global weights; reply weights + per-modality training counts."""
-    return handle(msg, context, "train")
+    return logged(msg, context, "train")
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on local test patients; reply confusion counts and score histograms only."""
-    return handle(msg, context, "evaluate")
+    return logged(msg, context, "evaluate")

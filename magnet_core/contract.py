@@ -102,6 +102,12 @@ class RoundConfig(BaseModel):
         return _validated(cls, data, "round config")
 
 
+def round_of(record: Mapping[str, Any] | None) -> int:
+    """The round number a config record names (0 when it names none), for logs of messages of any validity."""
+    value = (record or {}).get("server-round", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 # ------------------------------------------------------------------------------------------------ train reply
 
 

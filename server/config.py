@@ -52,6 +52,7 @@ class FederatedConfig(BaseModel):
     out_dir: str = "runs/flwr-run"
     resume: bool = False
     overwrite: bool = Field(False, description="replace an existing run in out-dir instead of refusing")
+    report: bool = Field(True, description="write out-dir/report.html after every round")
     # differential privacy (client-side fixed clipping); 0 = off
     dp_clip_norm: float = Field(0.0, ge=0)
     dp_noise_multiplier: float = Field(0.0, ge=0)
@@ -71,7 +72,7 @@ class FederatedConfig(BaseModel):
     # Settings that may change between a run and its resumption (how long to wait, where to write, how many
     # rounds in total); everything else defines the run.
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({"num_server_rounds", "round_timeout", "straggler_grace", "out_dir", "resume",
-                                   "overwrite", "min_sites", "fraction_train"})
+                                   "overwrite", "min_sites", "fraction_train", "report"})
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if k not in self.RESUMABLE_CHANGES}

@@ -277,6 +277,9 @@ def run(args: argparse.Namespace) -> int:
         state.mkdir(parents=True, exist_ok=True)
         os.environ.update(FLOWER_ENV)
         return serve_superlink(pki, state, args.fleet_address, args.control_port)
+    # the bundle and the site's key first (cheap, clear errors), then the data
+    cmd = supernode_command(args.bundle.resolve(), args.data.resolve(), args.manifest.resolve(), args.port,
+                            key=args.key.resolve() if args.key else None)
     if not args.skip_validation:
         from magnet_core.manifest import ConsortiumManifest
         from magnet_core.site_validation import validate_site
@@ -287,8 +290,6 @@ def run(args: argparse.Namespace) -> int:
             for e in report.errors:
                 print(f"- {e}", file=sys.stderr)
             return 1
-    cmd = supernode_command(args.bundle.resolve(), args.data.resolve(), args.manifest.resolve(), args.port,
-                            key=args.key.resolve() if args.key else None)
     if args.print:  # one line that pastes and runs, with the same environment
         print(shlex.join(["env", *(f"{k}={v}" for k, v in FLOWER_ENV.items()), *cmd]))
         return 0

@@ -236,6 +236,7 @@ def run_federation(
         history.append(_jsonable(record.dump()))
         save_checkpoint(out, rnd, params, history, cfg, magnet.memory)
         write_history(out, history)
+        refresh_report(out, cfg)
         mcc = rep.global_metrics.get("mcc")
         log(INFO, "round %d/%d: global MCC %s over %d site(s) / %d patients, %d update(s) aggregated, %.1fs",
             rnd, cfg.num_server_rounds, "n/a" if mcc is None else f"{mcc:.3f}", len(rep.pooled_sites),
@@ -244,7 +245,20 @@ def run_federation(
             on_round(history[-1])
     atomic_write_bytes(out / "model.pt", lambda p: torch.save({k: torch.from_numpy(v) for k, v in params.items()}, p))
     write_history(out, history)
+    refresh_report(out, cfg)
     return params, history
+
+
+def refresh_report(out: Path, cfg: FederatedConfig) -> None:
+    """Rewrite the run's HTML report (a report problem is logged, never ends the run)."""
+    if not cfg.report:
+        return
+    try:
+        from magnet_core.report import write_report
+
+        write_report(out)
+    except Exception as exc:  # noqa: BLE001 - the report is a view of the run, not part of it
+        log(WARNING, "could not write %s/report.html: %s", out, exc)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -34,7 +34,9 @@ ROUND_FIELDS = ("method", "seed", "round", "mcc", "acc", "f1", "auroc", "auprc",
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=existing_dir, default=None, help="cohort folder; omitted: a generated cohort")
-    p.add_argument("--scenario", default="iid-3", help="built-in scenario name or a scenario TOML file")
+    p.add_argument("--scenario", default=None,
+                   help="built-in scenario name or a scenario TOML file (default: demo-3 on the generated cohort, "
+                        "iid-3 with --data)")
     p.add_argument("--rounds", type=positive_int, default=20, help="federated rounds (default 20)")
     p.add_argument("--local-epochs", type=positive_int, default=10, help="local epochs per round (default 10)")
     p.add_argument("--seeds", type=parse_seeds, default=[10, 20, 30, 40, 50])
@@ -136,7 +138,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
                               aggregation=aggregation, seed=spec.seed, data_path=spec.data_path,
                               scenario=spec.scenario, modalities=spec.modalities, min_sites=len(sites),
                               out_dir=str(spec.out_dir / "runs" / f"{method}-seed{spec.seed}"), overwrite=True,
-                              test_graph=spec.test_graph)
+                              test_graph=spec.test_graph, report=False)
         t0 = time.perf_counter()
         history = run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1), ray_address=spec.ray_address)
         seconds[method] = time.perf_counter() - t0
@@ -216,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
     bad = sorted(set(methods) - set(METHODS))
     if bad or not methods:
         raise ValueError(f"--methods: unknown {bad or 'none given'}; choose from {list(METHODS)}")
+    if args.scenario is None:
+        args.scenario = "demo-3" if args.data is None else "iid-3"
     if not getattr(args, "_staged", False):  # checks before any work, then the run writes into a staging folder
         check_output(args.out, args.overwrite)
         load_scenario(args.scenario)

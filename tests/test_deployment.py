@@ -1,8 +1,10 @@
-"""Real deployment on loopback: PKI, a TLS SuperLink with SuperNode authentication, three SuperNodes on real data.
+"""Real deployment on loopback: PKI with site-held keys, a TLS SuperLink (closed control plane, SuperNode
+authentication) started by `magnet-fl deploy superlink`, three SuperNodes on real data.
 
-Checks that an unregistered SuperNode is refused, a SuperNode killed during a round does not stop the run and
-rejoins later with the same key, a restarted run resumes from the checkpoint at the next round, malformed site data fail validation, and a poisoned
-update is rejected and named in the log. Every process is bounded by `timeout` and stopped by its pid.
+Checks that bundles carry no private key, that an outsider holding ca.crt and its own key cannot register a node,
+list runs, start a run or join, a SuperNode killed during a round does not stop the run and rejoins later with the
+same key, a restarted run resumes from the checkpoint at the next round, malformed site data fail validation, and a
+poisoned update is rejected and named in the log. Every process is bounded by `timeout` and stopped by its pid.
 """
 
 from __future__ import annotations
@@ -85,6 +87,16 @@ def _rounds_done(out: Path) -> int:
         return 0
 
 
+def _finished(out: Path, rounds: int) -> bool:
+    """The run wrote its final model and a history of ``rounds`` rounds (history.json is rewritten every round)."""
+    import json
+
+    try:
+        return (out / "model.pt").exists() and len(json.loads((out / "history.json").read_text())) == rounds
+    except (OSError, ValueError):
+        return False
+
+
 def _rejoin(procs: Processes, name: str, cmd: list[str], timeout: float) -> None:
     """Restart a killed SuperNode until the SuperLink accepts it again, as a service manager would."""
     deadline = time.monotonic() + timeout
@@ -116,6 +128,66 @@ def _dump_logs(procs: Processes, env: dict, scope: dict) -> None:
             print(f"----- flwr log {var} -----", *shown.stdout.splitlines()[-80:], sep="\n")
 
 
+def _pem_blocks(path: Path) -> list[str]:
+    """Every private-key block (PEM or OpenSSH) in a file."""
+    return re.findall(r"-----BEGIN [A-Z ]*PRIVATE KEY-----", path.read_text(errors="replace"))
+
+
+def _assert_no_site_private_key(pki: Path, site_dirs: dict[str, Path]) -> None:
+    """Bundles hold no private key; the coordinator's folder holds only its own keys (CA, SuperLink TLS) and no
+    byte of any site's private key."""
+    coordinator = [p for p in pki.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in coordinator if _pem_blocks(p)) == ["ca.key", "server.key"]
+    assert not [p for p in (pki / "sites").rglob("*") if p.is_file() and _pem_blocks(p)]
+    for d in site_dirs.values():
+        assert [p.name for p in d.iterdir() if _pem_blocks(p)] == ["node_auth_key"]  # the one the site made
+        body = "".join((d / "node_auth_key").read_text().splitlines()[1:-1])
+        for p in coordinator:
+            text = p.read_text(errors="replace").replace("\n", "")
+            assert body[20:80] not in text, p
+
+
+def _listen_addresses(pid: int, port: int) -> set[str]:
+    """Local addresses a process tree listens on at ``port``."""
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {c.laddr.ip for p in procs for c in p.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def _one_line(text: str) -> str:
+    """Rich panels and colour codes removed, whitespace collapsed: an error as one quotable line."""
+    return " ".join(re.sub(r"[\u2500-\u257f]|\x1b\[[0-9;]*m", " ", text).split())
+
+
+def _outsider_is_refused(procs: Processes, outsider: Path, env: dict, data: Path, manifest: Path) -> None:
+    """An outsider with ca.crt and its own fresh key, reaching the Fleet address, cannot register a node, list runs,
+    start a run, or join with a SuperNode. Each refusal is printed for the record."""
+    from server.deploy_cli import supernode_command
+
+    forbidden = "Forbidden: this address serves only the Fleet API"
+    attempts = {"register a node": ["flwr", "supernode", "register", str(outsider / "node_auth_key.pub"), "outsider"],
+                "list runs": ["flwr", "ls", "outsider"],
+                "start a run": ["flwr", "run", str(REPO), "outsider"]}
+    for what, cmd in attempts.items():
+        tried = _run(cmd, env)
+        said = _one_line(tried.stdout + tried.stderr)
+        print(f"OUTSIDER {what}: `{' '.join(cmd[:3])} ...` exit {tried.returncode}: {said}")
+        assert tried.returncode != 0 and forbidden in said, said
+    node = _run(["timeout", "90", *supernode_command(outsider, data, manifest, _free_port()), "--max-retries", "1"],
+                env, timeout=120)
+    said = _one_line(node.stdout + node.stderr)
+    print(f"OUTSIDER join as a SuperNode: exit {node.returncode}: "
+          f"{said[said.find('Failed to activate'):][:120] if 'Failed to activate' in said else said[-300:]}")
+    assert node.returncode != 0 and "Failed to activate SuperNode" in said
+    logged = [line for line in procs.log("superlink").splitlines() if "No SuperNode found with the given" in line]
+    assert logged
+    line = _one_line(logged[0])
+    print(f"OUTSIDER join, SuperLink log: {line[:line.find('public key:') + 11]} ... "
+          f"{line[line.find('exception:'):]}")
+
+
 def _prepare_sites(data_root: Path, work: Path) -> tuple[list[Path], Path]:
     """Three site folders from the (already normalised) mixOmics cohort, and a manifest of its features."""
     from magnet_core.manifest import ConsortiumManifest, ModalitySpec
@@ -139,6 +211,7 @@ def _prepare_sites(data_root: Path, work: Path) -> tuple[list[Path], Path]:
 def test_deployment_on_loopback(data_root, tmp_path):
     if shutil.which("timeout") is None:
         pytest.fail("coreutils `timeout` is required to bound the processes this test starts")
+    t0 = time.monotonic()
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_HOME": str(tmp_path / "flwr-home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     cli = [sys.executable, "-m", "simulations.cli"]
@@ -153,42 +226,65 @@ def test_deployment_on_loopback(data_root, tmp_path):
     checked = _run([*cli, "validate-site", str(bad), "--manifest", str(manifest)], env)
     assert checked.returncode == 1 and "non-numeric value 'not-a-number'" in checked.stdout
 
+    # PKI in-process (its CLI is tested in tests/test_pki.py; a process per call costs seconds here): each site
+    # makes its own key pair and sends only the public key; the coordinator registers it and issues the bundle
+    # (ca.crt, site.toml, the registered public key), which the site copies next to its private key
+    from server.pki import init_ca, issue_server_cert, make_site, make_site_key
+
     pki = tmp_path / "pki"
-    port = _free_port()
-    for args in (["init"], ["server", "--host", "localhost"]):
-        assert _run([*cli, "pki", *args, "--dir", str(pki)], env).returncode == 0
-    for s in "abcd":
-        assert _run([*cli, "pki", "site", f"site-{s}", "--dir", str(pki), "--superlink", f"127.0.0.1:{port}"],
-                    env).returncode == 0
-    bundles = {s: pki / "sites" / f"site-{s}" for s in "abcd"}
+    fleet, control = _free_port(), _free_port()
+    init_ca(pki)
+    issue_server_cert(pki, ["localhost"])
+    site_dirs = {s: tmp_path / "at-site" / f"site-{s}" for s in "abc"}
+    for s, d in site_dirs.items():
+        make_site_key(d, comment=f"site-{s}")
+        for f in make_site(pki, f"site-{s}", d / "node_auth_key.pub", f"127.0.0.1:{fleet}").iterdir():
+            shutil.copy(f, d / f.name)
+    _assert_no_site_private_key(pki, site_dirs)
+
+    # the outsider: on the sites' network (reaches only the Fleet address), holds ca.crt and its own fresh key
+    from server.deploy_cli import write_connection
+
+    outsider = tmp_path / "outsider"
+    make_site_key(outsider, comment="outsider")
+    shutil.copy(site_dirs["a"] / "ca.crt", outsider / "ca.crt")
+    (outsider / "site.toml").write_text(f'site = "outsider"\nsuperlink = "127.0.0.1:{fleet}"\n')
+    outsider_env = {**env, "FLWR_HOME": str(outsider / "flwr-home")}
+    write_connection(outsider / "flwr-home", "outsider", f"127.0.0.1:{fleet}", outsider / "ca.crt")
 
     procs = Processes(tmp_path, env)
     try:
-        procs.start("superlink", [*cli, "deploy", "superlink", "--pki", str(pki), "--state", str(tmp_path / "state"),
-                                  "--host", "127.0.0.1", "--port", str(port)])
+        procs.start("superlink", [*cli, "deploy", "superlink", "--pki", str(pki / "superlink"),
+                                  "--state", str(tmp_path / "state"), "--fleet-address", f"127.0.0.1:{fleet}",
+                                  "--control-port", str(control)])
 
         def listening():
             with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
+                return s.connect_ex(("127.0.0.1", fleet)) == 0
         _wait(listening, 60, "the SuperLink to listen")
-        assert _run([*cli, "deploy", "connection", "--pki", str(pki), "--address", f"127.0.0.1:{port}",
-                     "--flwr-home", env["FLWR_HOME"]], env).returncode == 0
-        for s in "abc":  # site-d is never registered
-            reg = _run([*cli, "deploy", "register", "--bundle", str(bundles[s])], env)
-            assert reg.returncode == 0, reg.stdout + reg.stderr
+        t_up = time.monotonic() - t0
+        assert _listen_addresses(procs.procs["superlink"].pid, control) == {"127.0.0.1"}  # Control: loopback only
+        assert _run([*cli, "deploy", "connection", "--pki", str(pki / "superlink"), "--address",
+                     f"127.0.0.1:{control}", "--flwr-home", env["FLWR_HOME"]], env).returncode == 0
+        registering = [subprocess.Popen(["timeout", "120", *cli, "deploy", "register", "--bundle", str(site_dirs[s])],
+                                        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                       for s in "abc"]
+        for reg in registering:
+            said, _ = reg.communicate(timeout=150)  # `timeout` ends it first
+            assert reg.returncode == 0, said
 
         from server.deploy_cli import supernode_command
 
-        for i, s in enumerate("abc"):
+        # site-a is started from the line `deploy supernode --print` prints, pasted into a shell
+        printed = _run([*cli, "deploy", "supernode", "--bundle", str(site_dirs["a"]), "--data", str(sites[0]),
+                        "--manifest", str(manifest), "--port", str(_free_port()), "--skip-validation", "--print"], env)
+        assert printed.returncode == 0, printed.stderr
+        procs.start("supernode-a", ["bash", "-c", f"exec {printed.stdout.strip()}"])
+        for i, s in enumerate("bc", start=1):
             extra = "test-poison='scale'" if s == "c" else ""  # a huge-norm update every round
-            procs.start(f"supernode-{s}", supernode_command(bundles[s], sites[i], manifest, _free_port(), extra))
-        refused = _run(["timeout", "90", *supernode_command(bundles["d"], sites[0], manifest, _free_port()),
-                        "--max-retries", "1"], env, timeout=120)
-        assert refused.returncode != 0
-        assert "No SuperNode found with the given public key" in procs.log("superlink")
-        assert "Failed to activate SuperNode" in refused.stdout + refused.stderr
+            procs.start(f"supernode-{s}", supernode_command(site_dirs[s], sites[i], manifest, _free_port(), extra))
 
-        invalid = _run([*cli, "deploy", "supernode", "--bundle", str(bundles["a"]), "--data", str(bad),
+        invalid = _run([*cli, "deploy", "supernode", "--bundle", str(site_dirs["a"]), "--data", str(bad),
                         "--manifest", str(manifest)], env)
         assert invalid.returncode == 1 and "failed validation" in invalid.stderr
 
@@ -198,6 +294,7 @@ def test_deployment_on_loopback(data_root, tmp_path):
         started = _run(["flwr", "run", str(REPO), "consortium", "--run-config", run_config], env)
         assert started.returncode == 0, started.stdout + started.stderr
         run_id = re.search(r"run (\d+)", started.stdout).group(1)
+        _outsider_is_refused(procs, outsider, outsider_env, sites[0], manifest)  # while round 1 trains
         _wait(lambda: _rounds_done(out) >= 1, 360, "round 1")
         procs.kill("supernode-b")  # a site drops out during round 2
         _wait(lambda: _rounds_done(out) >= 2, 420, "round 2 without site-b")
@@ -206,14 +303,14 @@ def test_deployment_on_loopback(data_root, tmp_path):
         log1 = _run(["flwr", "log", run_id, "consortium", "--show"], env).stdout
 
         # the killed site rejoins with the same key once the SuperLink has marked it offline (<= ~60 s)
-        _rejoin(procs, "supernode-b", supernode_command(bundles["b"], sites[1], manifest, _free_port()), 240)
+        _rejoin(procs, "supernode-b", supernode_command(site_dirs["b"], sites[1], manifest, _free_port()), 240)
 
         # all three sites are up again: the resumed run waits for all of them (no straggler cut-off for site-b)
         resumed_config = run_config.replace("min-sites=2", "min-sites=3") + " resume=true"
         resumed = _run(["flwr", "run", str(REPO), "consortium", "--run-config", resumed_config], env)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         run2 = re.search(r"run (\d+)", resumed.stdout).group(1)
-        _wait(lambda: (out / "history.json").exists(), 480, "the resumed run to finish")
+        _wait(lambda: _finished(out, 3), 480, "the resumed run to finish")
         log2 = _run(["flwr", "log", run2, "consortium", "--show"], env).stdout
     except BaseException:
         _dump_logs(procs, env, locals())
@@ -225,12 +322,13 @@ def test_deployment_on_loopback(data_root, tmp_path):
 
     history = json.loads((out / "history.json").read_text())
     assert [r["round"] for r in history] == [1, 2, 3]
-    assert history[0]["accepted"] == ["site-a", "site-b"]
+    assert sorted(history[0]["accepted"]) == ["site-a", "site-b"]  # in the order the replies arrived
     assert history[1]["accepted"] == ["site-a"]  # site-b was killed; the round completed without it
     for r in history[:2]:  # the poisoned site, named in every round of the first run
         assert "update norm" in r["rejected"]["site-c"], r
-    assert history[2]["accepted"] == ["site-a", "site-b"]  # site-b rejoined; the resumed run used it
+    assert sorted(history[2]["accepted"]) == ["site-a", "site-b"]  # site-b rejoined; the resumed run used it
     assert "REJECTED update from node" in log1 and "(site-c)" in log1
     assert "resuming from" in log2 and "after round 2" in log2
     seconds = [round(r["seconds"], 1) for r in history]
-    print(f"seconds per round: {seconds}; training part: {[round(r['train_seconds'], 1) for r in history]}")
+    print(f"seconds per round: {seconds}; training part: {[round(r['train_seconds'], 1) for r in history]}; "
+          f"SuperLink up after {t_up:.0f} s; whole test {time.monotonic() - t0:.0f} s")

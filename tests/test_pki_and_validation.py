@@ -24,14 +24,19 @@ def _cli(*args):
                           timeout=120)
 
 
-def test_pki_ca_server_certificate_and_site_bundle(tmp_path):
+def test_pki_ca_server_certificate_and_site_bundle(tmp_path, capsys):
     pki, at_site = tmp_path / "pki", tmp_path / "hospital-a"
-    out = _cli("pki", "init", "--dir", str(pki))
+    out = _cli("pki", "init", "--dir", str(pki))  # the console entry point, in a process of its own
     assert out.returncode == 0, out.stderr
-    out2 = _cli("pki", "server", "--dir", str(pki), "--host", "fl.example.org", "--host", "10.1.2.3")
-    out3 = _cli("pki", "site-key", "--out", str(at_site), "--name", "hospital-a")  # at the site
-    out4 = _cli("pki", "site", "--name", "hospital-a", "--public-key", str(at_site / "node_auth_key.pub"),
-                "--dir", str(pki), "--superlink", "fl.example.org:9092")  # at the coordinator
+    from simulations.cli import main
+
+    def pki_cli(*args):  # the same entry point in this process (a process per call costs seconds)
+        code = main(["pki", *args])
+        return subprocess.CompletedProcess(args, code, capsys.readouterr().out, "")
+    out2 = pki_cli("server", "--dir", str(pki), "--host", "fl.example.org", "--host", "10.1.2.3")
+    out3 = pki_cli("site-key", "--out", str(at_site), "--name", "hospital-a")  # at the site
+    out4 = pki_cli("site", "--name", "hospital-a", "--public-key", str(at_site / "node_auth_key.pub"),
+                   "--dir", str(pki), "--superlink", "fl.example.org:9092")  # at the coordinator
     assert out2.returncode == 0 and out3.returncode == 0 and out4.returncode == 0, out4.stderr
     for text in (out.stdout, out2.stdout, out3.stdout, out4.stdout):
         assert "PRIVATE KEY" not in text
@@ -58,8 +63,9 @@ def test_pki_ca_server_certificate_and_site_bundle(tmp_path):
     assert sorted(p.name for p in bundle.iterdir()) == ["ca.crt", "node_auth_key.pub", "site.toml"]  # no private key
     assert (bundle / "ca.crt").read_bytes() == (pki / "ca" / "ca.crt").read_bytes()
     assert "hospital-a," in (pki / "registered_sites.csv").read_text()
-    again = _cli("pki", "init", "--dir", str(pki))
-    assert again.returncode == 2 and "refusing to overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert main(["pki", "init", "--dir", str(pki)]) == 2
+    again = capsys.readouterr().err
+    assert "refusing to overwrite" in again and "Traceback" not in again
 
 
 def _manifest(root, **kw) -> ConsortiumManifest:

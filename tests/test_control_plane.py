@@ -1,0 +1,197 @@
+"""Closed control plane and site-side commands of `magnet-fl deploy`, without starting Flower (fast).
+
+The live check (an outsider on the Fleet address cannot register, list or run) is in tests/test_deployment.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from server.deploy_cli import DEFAULT_CONTROL_PORT, FleetOnlyGate, flower_superlink_args, supernode_command
+from server.pki import SITE_KEY, SITE_PUB, init_ca, issue_server_cert, make_site, make_site_key
+
+CONTROL, FLEET = 9093, 9092
+
+
+async def _flower(scope, receive, send):  # stands for Flower's app: answers 200
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+
+
+def _call(gate, method: str, path: str, port: int | None, kind: str = "http") -> int:
+    """Status the gate answers (200 = passed to Flower's app)."""
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": kind, "method": method, "path": path, "server": ("127.0.0.1", port) if port else None}
+    asyncio.run(gate(scope, None, send))
+    if kind == "websocket" and sent and sent[0]["type"] == "websocket.close":
+        return 403
+    return sent[0]["status"]
+
+
+def test_fleet_socket_serves_only_fleet_calls_and_the_control_socket_everything():
+    gate = FleetOnlyGate(_flower, CONTROL)
+    for path in ("/v1/fleet/activate-node", "/v1/fleet/pull-messages", "/v1/fleet/push-object"):
+        assert _call(gate, "POST", path, FLEET) == 200, path
+    refused = [("POST", "/v1/control/register-node"), ("POST", "/v1/control/list-runs"),
+               ("POST", "/v1/control/start-run"), ("POST", "/v1/runtime/pull-messages"), ("GET", "/docs"),
+               ("GET", "/openapi.json"), ("GET", "/health"), ("GET", "/v1/fleet/pull-messages"),
+               ("POST", "/v1/fleet/../control/list-runs"), ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+               ("POST", "/v1/fleet"), ("POST", "//v1/control/list-runs"), ("POST", "/v1/fleet/pull-messages/x")]
+    for method, path in refused:
+        assert _call(gate, method, path, FLEET) == 403, (method, path)
+        assert _call(gate, method, path, None) == 403, (method, path)  # unknown socket: closed
+        assert _call(gate, method, path, CONTROL) == 200, (method, path)  # loopback control socket: everything
+    assert _call(gate, "GET", "/v1/control/stream-logs", FLEET, kind="websocket") == 403
+
+
+def test_the_refusal_is_a_json_message_the_flwr_cli_shows():
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/control/list-runs", "server": ("0.0.0.0", FLEET)}
+    asyncio.run(FleetOnlyGate(_flower, CONTROL)(scope, None, send))
+    assert sent[0]["status"] == 403
+    assert "serves only the Fleet API" in json.loads(sent[1]["body"])["detail"]
+
+
+def test_flower_flags_bind_control_and_runtime_to_loopback(tmp_path):
+    args = flower_superlink_args(tmp_path / "superlink", tmp_path / "state", DEFAULT_CONTROL_PORT)
+    flags = dict(zip(args[::2], args[1::2]))
+    assert args.count("--enable-supernode-auth") == 1 and "--disable-runtime-dependency-installation" in args
+    assert flags["--host"] == "127.0.0.1" and flags["--port"] == str(DEFAULT_CONTROL_PORT)
+    assert flags["--isolation"] == "subprocess" and "--insecure" not in args
+
+
+@pytest.fixture()
+def deploy(capsys):
+    from simulations.cli import main
+
+    def call(*args):
+        capsys.readouterr()
+        try:
+            code = main(["deploy", *map(str, args)])
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return call
+
+
+@pytest.fixture()
+def pki(tmp_path):
+    root = tmp_path / "coordinator pki"  # a space in every path: the printed commands must quote it
+    init_ca(root)
+    issue_server_cert(root, ["localhost"])
+    return root
+
+
+def test_superlink_refuses_a_folder_holding_the_ca_key(pki, tmp_path, deploy):
+    state = tmp_path / "state"
+    for folder in (pki, pki / "ca"):
+        out = deploy("superlink", "--pki", folder, "--state", state, "--print")
+        assert out.returncode == 2 and "private key is inside" in out.stderr and "Traceback" not in out.stderr
+    # renamed, the CA key is still recognised by its public key
+    shutil.copy(pki / "ca" / "ca.key", pki / "superlink" / "backup.pem")
+    out = deploy("superlink", "--pki", pki / "superlink", "--state", state, "--print")
+    assert out.returncode == 2 and "backup.pem" in out.stderr
+    (pki / "superlink" / "backup.pem").unlink()
+    out = deploy("superlink", "--pki", pki / "superlink", "--state", state, "--print")
+    assert out.returncode == 0, out.stderr
+    line = shlex.split(out.stdout)
+    assert line[line.index("--pki") + 1] == str((pki / "superlink").resolve())
+    assert line[line.index("--fleet-address") + 1] == "0.0.0.0:9092" and "--control-port" in line
+    assert not state.exists()  # --print touches nothing
+    bad = deploy("superlink", "--pki", pki / "superlink", "--state", state, "--fleet-address", "fl.example.org")
+    assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+
+
+def _site(pki, tmp_path, name="hospital a"):
+    """A site folder as the guide describes: its own key pair plus the bundle files the coordinator sent."""
+    at_site = tmp_path / f"at {name}"
+    make_site_key(at_site, comment=name)
+    bundle = make_site(pki, name.replace(" ", "-"), at_site / SITE_PUB, "127.0.0.1:9092")
+    for f in bundle.iterdir():
+        shutil.copy(f, at_site / f.name)
+    return at_site
+
+
+def test_supernode_print_is_a_line_a_shell_runs_unchanged(pki, tmp_path, deploy):
+    at_site = _site(pki, tmp_path)
+    data, manifest = tmp_path / "site data", tmp_path / "my manifest.toml"
+    data.mkdir()
+    manifest.write_text("")
+    out = deploy("supernode", "--bundle", at_site, "--data", data, "--manifest", manifest, "--skip-validation",
+                 "--print")
+    assert out.returncode == 0, out.stderr
+    expected = supernode_command(at_site.resolve(), data.resolve(), manifest.resolve(), 9094)
+    # pasted into bash, with the program replaced by one that prints the argv it receives
+    echo = f"{shlex.quote(sys.executable)} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
+    line = out.stdout.strip()
+    assert line.startswith("env FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 ")
+    pasted = subprocess.run(["bash", "-c", line.replace(" flower-supernode ", f" {echo} ", 1)],
+                            capture_output=True, text=True, timeout=60)
+    assert pasted.returncode == 0, pasted.stderr
+    assert json.loads(pasted.stdout) == expected[1:]
+    assert f"data-dir='{data.resolve()}'" in expected[expected.index("--node-config") + 1]
+    assert expected[expected.index("--auth-supernode-private-key") + 1] == str((at_site / SITE_KEY).resolve())
+
+
+def test_supernode_refuses_a_missing_or_foreign_private_key(pki, tmp_path, deploy):
+    at_site = _site(pki, tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    common = ("--data", data, "--manifest", tmp_path / "m.toml", "--skip-validation", "--print")
+    (at_site / SITE_KEY).rename(tmp_path / "elsewhere")
+    out = deploy("supernode", "--bundle", at_site, *common)
+    assert out.returncode == 2 and "node_auth_key missing: give --key" in out.stderr
+    assert deploy("supernode", "--bundle", at_site, "--key", tmp_path / "elsewhere", *common).returncode == 0
+    make_site_key(tmp_path / "other", comment="other")
+    out = deploy("supernode", "--bundle", at_site, "--key", tmp_path / "other" / SITE_KEY, *common)
+    assert out.returncode == 2 and "does not belong to the public key registered for site 'hospital-a'" in out.stderr
+
+
+def test_connection_to_a_remote_control_address_is_flagged(pki, tmp_path, deploy):
+    out = deploy("connection", "--pki", pki / "superlink", "--address", "10.1.2.3:9093", "--flwr-home", tmp_path)
+    assert out.returncode == 0 and "not a loopback address" in out.stderr
+    out = deploy("connection", "--pki", pki / "superlink", "--flwr-home", tmp_path / "home")
+    assert out.returncode == 0 and "127.0.0.1:9093" in (tmp_path / "home" / "config.toml").read_text()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_superlink_address_mistakes_are_one_clear_line(pki, tmp_path, deploy):
+    link, state = pki / "superlink", tmp_path / "state"
+    same = deploy("superlink", "--pki", link, "--state", state, "--fleet-address", "127.0.0.1:9093",
+                  "--control-port", "9093")
+    assert same.returncode == 2 and "equals --control-port" in same.stderr
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        free = _free_port()
+        out = deploy("superlink", "--pki", link, "--state", state, "--fleet-address", f"127.0.0.1:{port}",
+                     "--control-port", free)
+        assert out.returncode == 2 and f"cannot listen on the Fleet address 127.0.0.1:{port}" in out.stderr
+        out = deploy("superlink", "--pki", link, "--state", state, "--fleet-address", f"127.0.0.1:{free}",
+                     "--control-port", port)
+        assert out.returncode == 2 and f"cannot listen on the control address 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in same.stderr + out.stderr
