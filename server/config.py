@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from magnet_core.config import DEFAULT_PRESET
 from magnet_core.contract import MAX_HISTOGRAM_BINS, fingerprint
@@ -53,9 +53,14 @@ class FederatedConfig(BaseModel):
     resume: bool = False
     overwrite: bool = Field(False, description="replace an existing run in out-dir instead of refusing")
     report: bool = Field(True, description="write out-dir/report.html after every round")
-    # differential privacy (client-side fixed clipping); 0 = off
+    # differential privacy at site level: each site clips its update to dp-clip-norm (0 = off); the coordinator
+    # averages the clipped updates with uniform weights per block and adds Gaussian noise of std
+    # dp-noise-multiplier * dp-clip-norm / (sites averaged)
     dp_clip_norm: float = Field(0.0, ge=0)
     dp_noise_multiplier: float = Field(0.0, ge=0)
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) reported every round")
+    dp_noise_seed: int = Field(-1, ge=-1, description="-1: noise from the OS (secret); >= 0: seeded, reproducible "
+                                                      "(simulations only: whoever knows the seed can remove it)")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederatedConfig":
@@ -73,6 +78,12 @@ class FederatedConfig(BaseModel):
     # rounds in total); everything else defines the run.
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({"num_server_rounds", "round_timeout", "straggler_grace", "out_dir", "resume",
                                    "overwrite", "min_sites", "fraction_train", "report"})
+
+    @model_validator(mode="after")
+    def _dp_needs_the_mean(self) -> "FederatedConfig":
+        if self.dp_clip_norm > 0 and self.robust != "mean":
+            raise ValueError("differential privacy bounds each site's influence on a mean: use robust='mean'")
+        return self
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if k not in self.RESUMABLE_CHANGES}

@@ -71,20 +71,6 @@ def collect(grid: Grid, messages: Iterable[Message], timeout: float, min_replies
     return replies
 
 
-def with_differential_privacy(strategy: MagnetFedAvg, cfg: FederatedConfig):
-    """Wrap in Flower's client-side fixed-clipping DP strategy when ``dp-clip-norm`` > 0 (sites clip with
-    ``fixedclipping_mod``, the server adds Gaussian noise of std noise_multiplier * clip / sites)."""
-    if cfg.dp_clip_norm <= 0:
-        return strategy
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
-    log(INFO, "differential privacy on: clipping norm %s, noise multiplier %s", cfg.dp_clip_norm,
-        cfg.dp_noise_multiplier)
-    return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=cfg.dp_noise_multiplier,
-                                                       clipping_norm=cfg.dp_clip_norm,
-                                                       num_sampled_clients=cfg.min_sites)
-
-
 def initial_params(spec: ModelSpec, cfg: FederatedConfig) -> dict[str, np.ndarray]:
     model = build_model(spec.in_dims, spec.num_classes, get_preset(cfg.preset).model, cfg.seed)
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
@@ -110,7 +96,7 @@ def write_history(out: Path, history: list[dict]) -> None:
 
 
 def save_checkpoint(out: Path, round_done: int, params: dict[str, np.ndarray], history: list[dict],
-                    cfg: FederatedConfig, memory: ScreenMemory) -> None:
+                    cfg: FederatedConfig, memory: ScreenMemory, accountant: dict | None = None) -> None:
     """Params, history, the run's identity and the update screen's memory after a completed round. Only
     tensors, numbers, strings and lists/dicts of them: loadable with ``weights_only=True``."""
     state = {
@@ -120,12 +106,13 @@ def save_checkpoint(out: Path, round_done: int, params: dict[str, np.ndarray], h
         "history": history,
         "memory": {"norms": memory.norms,
                    "direction": None if memory.direction is None else torch.from_numpy(memory.direction)},
+        "accountant": accountant,
     }
     atomic_write_bytes(out / CHECKPOINT, lambda p: torch.save(state, p))
 
 
 def load_checkpoint(out: Path, cfg: FederatedConfig, template: dict[str, np.ndarray]
-                    ) -> tuple[int, dict[str, np.ndarray], list[dict], ScreenMemory] | None:
+                    ) -> tuple[int, dict[str, np.ndarray], list[dict], ScreenMemory, Any] | None:
     """The checkpoint in ``out`` (None if there is none), loaded without unpickling code and checked: format,
     the run it belongs to (fingerprint; differing settings are named), arrays against the model's."""
     path = out / CHECKPOINT
@@ -153,6 +140,11 @@ def load_checkpoint(out: Path, cfg: FederatedConfig, template: dict[str, np.ndar
         mem = state.get("memory") or {}
         memory = ScreenMemory(norms=[[float(v) for v in r] for r in mem.get("norms", [])],
                               direction=None if mem.get("direction") is None else mem["direction"].numpy())
+        accountant = None
+        if state.get("accountant") is not None:
+            from magnet_core.dp import PrivacyAccountant
+
+            accountant = PrivacyAccountant.from_dict(state["accountant"])
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{path}: damaged checkpoint content ({type(exc).__name__}: {exc})") from None
     bad = sorted(set(params) ^ set(template)) or [k for k in template
@@ -162,7 +154,7 @@ def load_checkpoint(out: Path, cfg: FederatedConfig, template: dict[str, np.ndar
         raise CheckpointError(f"{path}: arrays do not fit the model ({bad[:3]})")
     if not all(np.isfinite(v).all() for v in params.values()):
         raise CheckpointError(f"{path}: non-finite weights")
-    return rnd, params, history, memory
+    return rnd, params, history, memory, accountant
 
 
 def prepare_out_dir(out: Path, cfg: FederatedConfig) -> None:
@@ -183,11 +175,12 @@ def prepare_out_dir(out: Path, cfg: FederatedConfig) -> None:
 
 
 def round_config(cfg: FederatedConfig, rnd: int, min_count: int) -> ConfigRecord:
+    """The typed round configuration; with DP on, it asks sites to clip their update (Flower's clipping mod)."""
     return ConfigRecord(RoundConfig(
         server_round=rnd, seed=cfg.seed, preset=cfg.preset, local_epochs=cfg.local_epochs,
         histogram_bins=cfg.histogram_bins, test_graph=cfg.test_graph, min_count=min_count,
-        data_path=cfg.data_path, scenario=cfg.scenario,
-        modalities=cfg.modalities).encode())
+        data_path=cfg.data_path, scenario=cfg.scenario, modalities=cfg.modalities,
+        clipping_norm=cfg.dp_clip_norm if cfg.dp_clip_norm > 0 else None).encode())
 
 
 def run_federation(
@@ -203,38 +196,38 @@ def run_federation(
     out = Path(cfg.out_dir)
     prepare_out_dir(out, cfg)
     k = cfg.min_count if min_count is None else min_count
-    params, history, start, memory = initial_params(spec, cfg), [], 1, ScreenMemory()
+    params, history, start, memory, accountant = initial_params(spec, cfg), [], 1, ScreenMemory(), None
     if cfg.resume and (ckpt := load_checkpoint(out, cfg, params)) is not None:
-        done, params, history, memory = ckpt
+        done, params, history, memory, accountant = ckpt
         start = done + 1
         log(INFO, "resuming from %s after round %d", out / CHECKPOINT, done)
     elif cfg.resume:
         log(WARNING, "resume=true but %s holds no checkpoint: starting at round 1", out)
-    magnet = MagnetFedAvg(cfg, list(spec.in_dims), spec.num_classes, enrolment, memory, min_count=k)
-    strategy = with_differential_privacy(magnet, cfg)
+    magnet = MagnetFedAvg(cfg, list(spec.in_dims), spec.num_classes, enrolment, memory, min_count=k,
+                          accountant=accountant)
     fp = cfg.fingerprint()
     for rnd in range(start, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
-        msgs = strategy.configure_train(rnd, to_record(params), round_config(cfg, rnd, k), grid)
+        msgs = magnet.configure_train(rnd, to_record(params), round_config(cfg, rnd, k), grid)
         replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, cfg.straggler_grace, magnet.destinations)
-        new, _ = strategy.aggregate_train(rnd, replies)
+        new, _ = magnet.aggregate_train(rnd, replies)
         if new is not None:
             params = to_numpy(new)
         t_train = time.perf_counter() - t0
-        msgs = strategy.configure_evaluate(rnd, to_record(params), round_config(cfg, rnd, k), grid)
+        msgs = magnet.configure_evaluate(rnd, to_record(params), round_config(cfg, rnd, k), grid)
         replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, cfg.straggler_grace, magnet.destinations)
-        strategy.aggregate_evaluate(rnd, replies)
+        magnet.aggregate_evaluate(rnd, replies)
         rep = magnet.report  # one report per round: training and evaluation outcomes together
         record = RoundRecord(
             round=rnd, train_seconds=t_train, seconds=time.perf_counter() - t0, accepted=rep.accepted,
             rejected=rep.rejected, failed=rep.failed, nodes=rep.nodes, train_loss=rep.train_loss,
             global_metrics=rep.global_metrics, sites=rep.site_metrics, withheld=rep.withheld,
             pooled_over={"sites": rep.pooled_sites, "patients": rep.pooled_patients}, screening=rep.screening,
-            dp={"clipping_norm": cfg.dp_clip_norm, "noise_multiplier": cfg.dp_noise_multiplier}
-            if cfg.dp_clip_norm > 0 else None,
+            dp=rep.dp if cfg.dp_clip_norm > 0 else None,
             server=server_eval(params) if server_eval is not None else None, config_fingerprint=fp)
         history.append(_jsonable(record.dump()))
-        save_checkpoint(out, rnd, params, history, cfg, magnet.memory)
+        save_checkpoint(out, rnd, params, history, cfg, magnet.memory,
+                        magnet.accountant.to_dict() if magnet.dp is not None else None)
         write_history(out, history)
         refresh_report(out, cfg)
         mcc = rep.global_metrics.get("mcc")

@@ -47,6 +47,7 @@ class RoundReport:
     withheld: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     site_metrics: dict = dataclasses.field(default_factory=dict)
     screening: dict = dataclasses.field(default_factory=dict)
+    dp: dict | None = None
 
 
 class SiteRegistry:
@@ -80,7 +81,7 @@ class MagnetFedAvg(FedAvg):
 
     def __init__(self, cfg: FederatedConfig, modalities: list[str], num_classes: int,
                  enrolment: Enrolment | None = None, memory: ScreenMemory | None = None,
-                 min_count: int | None = None):
+                 min_count: int | None = None, accountant=None):
         super().__init__(
             fraction_train=cfg.fraction_train,
             fraction_evaluate=1.0,
@@ -97,6 +98,13 @@ class MagnetFedAvg(FedAvg):
         self.rules = ScreenRules(max_to_global=cfg.update_max_ratio, min_to_global=cfg.update_min_ratio,
                                  peer_ratio=cfg.norm_ratio)
         self.registry = SiteRegistry()
+        self.dp = None
+        if cfg.dp_clip_norm > 0:
+            from magnet_core.dp import DPConfig, PrivacyAccountant
+
+            self.dp = DPConfig(clip_norm=cfg.dp_clip_norm, noise_multiplier=cfg.dp_noise_multiplier,
+                               delta=cfg.dp_delta)
+            self.accountant = accountant or PrivacyAccountant(cfg.dp_delta)
         self.current: dict[str, np.ndarray] = {}
         self.report = RoundReport()
         # message id -> addressed node, filled by `server.loop.collect` (error replies may come from the SuperLink)
@@ -195,14 +203,40 @@ class MagnetFedAvg(FedAvg):
         if not updates:
             log(WARNING, "round %d: no usable update; the global model is unchanged", server_round)
             return None, None
-        new = aggregate_updates(self.current, updates, modality_aware=self.cfg.aggregation == "modality-aware",
-                                robust=self.cfg.robust, trim=self.cfg.trim)
+        if self.dp is not None:
+            new = self._dp_aggregate(server_round, updates)
+        else:
+            new = aggregate_updates(self.current, updates, modality_aware=self.cfg.aggregation == "modality-aware",
+                                    robust=self.cfg.robust, trim=self.cfg.trim)
         self.memory.remember(accepted_norms, flat_delta(self.current, new), self.rules.history_rounds)
         self.report.train_loss = float(np.average(losses, weights=weights)) if losses else None
         metrics = MetricRecord({"sites-accepted": len(updates), "sites-rejected": len(self.report.rejected)})
         if self.report.train_loss is not None:
             metrics["train-loss"] = self.report.train_loss
         return to_record(new), metrics
+
+    def _dp_aggregate(self, server_round: int, updates: list[SiteUpdate]) -> dict[str, np.ndarray]:
+        """Site-level DP: every accepted update clipped to C (the sites clip; clipping again here is a no-op for
+        honest sites and binds a dishonest one), averaged with uniform weights per block (an encoder over the
+        sites holding its modality, shared layers over all), Gaussian noise of std z * C on each block's sum, so
+        one site moves a block's mean by at most C / (sites averaged) against noise z * C / (sites averaged)."""
+        from magnet_core.dp import dp_aggregate, dp_site_vector, effective_noise_multiplier, noise_rng
+        from magnet_core.secagg import UpdateLayout
+
+        layout = UpdateLayout.from_params(self.current)
+        modality_aware = self.cfg.aggregation == "modality-aware"
+        vectors = [dp_site_vector(layout, u.params, self.current,
+                                  u.modality_counts if modality_aware else dict.fromkeys(layout.modalities, 1),
+                                  self.dp)[0] for u in updates]
+        seed = self.cfg.dp_noise_seed
+        rng = noise_rng(None if seed < 0 else seed * 100_003 + server_round)
+        new = dp_aggregate(layout, self.current, vectors, self.dp, rng)
+        spent = self.accountant.add_round(effective_noise_multiplier(self.dp, len(updates)))
+        self.report.dp = {"clip_norm": self.dp.clip_norm, "noise_multiplier": self.dp.noise_multiplier,
+                          "sites_averaged": len(updates), **spent}
+        log(INFO, "round %d: DP: %d clipped update(s) averaged, noise std %.3g x C; spent epsilon %.3g at "
+            "delta %g", server_round, len(updates), self.dp.noise_multiplier, spent["epsilon"], self.dp.delta)
+        return new
 
     # ------------------------------------------------------------------------------------------- evaluation
 

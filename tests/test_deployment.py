@@ -205,6 +205,13 @@ def _prepare_sites(data_root: Path, work: Path) -> tuple[list[Path], Path]:
         sites.append(d)
     manifest = ConsortiumManifest(name="brca", classes=["Basal", "Her2", "LumA"],
                                   modalities=[ModalitySpec(name=m, features=list(df.columns)) for m, df in mods.items()])
+    # each site enrols with its patient counts (what `validate-site --enrol` prints); the server bounds replies by them
+    from magnet_core.consortium import enrolled_site
+    from magnet_core.site_validation import load_site_cohort
+
+    enrolment = {f"site-{s}": enrolled_site(load_site_cohort(d, manifest, 0), any_seed=True)
+                 for s, d in zip("abc", sites)}
+    manifest = manifest.model_copy(update={"sites": enrolment})
     return sites, manifest.save(work / "manifest.toml")
 
 

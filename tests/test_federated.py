@@ -309,10 +309,16 @@ def test_differential_privacy_clips_and_adds_noise(ov_path, tmp_path, caplog):
 
     plain, _ = run_inprocess(_cfg(ov_path, tmp_path, "nodp", num_server_rounds=1), 2)
     with caplog.at_level("INFO", logger="flwr"):
-        noisy, hist = run_inprocess(_cfg(ov_path, tmp_path, "dp", num_server_rounds=1, dp_clip_norm=0.5,
-                                         dp_noise_multiplier=0.1), 2)
-    assert hist[0]["dp"] == {"clipping_norm": 0.5, "noise_multiplier": 0.1}
-    assert "clipped" in caplog.text and "noise" in caplog.text
+        noisy, hist = run_inprocess(_cfg(ov_path, tmp_path, "dp", num_server_rounds=2, dp_clip_norm=0.5,
+                                         dp_noise_multiplier=1.0, dp_noise_seed=7), 2)
+    dp = hist[-1]["dp"]
+    assert dp["clip_norm"] == 0.5 and dp["noise_multiplier"] == 1.0 and dp["sites_averaged"] == 2
+    # two rounds of the Gaussian mechanism with multiplier 1 compose to mu-GDP with mu = sqrt(2)
+    from magnet_core.dp import exact_epsilon
+
+    assert dp["rounds"] == 2 and dp["epsilon"] == pytest.approx(exact_epsilon([1.0, 1.0], 1e-5))
+    assert hist[0]["dp"]["epsilon"] < dp["epsilon"]  # spent privacy grows every round
+    assert "clipped" in caplog.text and "noise std" in caplog.text
     assert any(not np.allclose(plain[k], noisy[k]) for k in plain)
 
 
