@@ -53,6 +53,11 @@ class FederatedConfig(BaseModel):
     resume: bool = False
     overwrite: bool = Field(False, description="replace an existing run in out-dir instead of refusing")
     report: bool = Field(True, description="write out-dir/report.html after every round")
+    # secure aggregation (the coordinator learns only sums; per-site update checks then cannot run: sites clip)
+    secagg: bool = Field(False, description="aggregate with secure aggregation (pairwise + self masks)")
+    secagg_max_dropouts: int = Field(1, ge=0, description="sites that may drop after masking without losing the sum")
+    secagg_clip_norm: float = Field(1.0, gt=0, description="under secure aggregation each site clips its update "
+                                                          "to this norm (the coordinator cannot check norms)")
     # differential privacy at site level: each site clips its update to dp-clip-norm (0 = off); the coordinator
     # averages the clipped updates with uniform weights per block and adds Gaussian noise of std
     # dp-noise-multiplier * dp-clip-norm / (sites averaged)
@@ -83,6 +88,8 @@ class FederatedConfig(BaseModel):
     def _dp_needs_the_mean(self) -> "FederatedConfig":
         if self.dp_clip_norm > 0 and self.robust != "mean":
             raise ValueError("differential privacy bounds each site's influence on a mean: use robust='mean'")
+        if self.secagg and self.robust != "mean":
+            raise ValueError("secure aggregation reveals only the sum: robust aggregation needs individual updates")
         return self
 
     def identity(self) -> dict[str, Any]:

@@ -208,11 +208,19 @@ def run_federation(
     fp = cfg.fingerprint()
     for rnd in range(start, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
-        msgs = magnet.configure_train(rnd, to_record(params), round_config(cfg, rnd, k), grid)
-        replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, cfg.straggler_grace, magnet.destinations)
-        new, _ = magnet.aggregate_train(rnd, replies)
-        if new is not None:
-            params = to_numpy(new)
+        if cfg.secagg:  # masked vectors only: the coordinator learns the sums it needs and nothing of one site
+            from .secure import secure_train_round
+
+            new_params = secure_train_round(grid, magnet, params, rnd, round_config(cfg, rnd, k), cfg)
+            if new_params is not None:
+                params = new_params
+        else:
+            msgs = magnet.configure_train(rnd, to_record(params), round_config(cfg, rnd, k), grid)
+            replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, cfg.straggler_grace,
+                              magnet.destinations)
+            new, _ = magnet.aggregate_train(rnd, replies)
+            if new is not None:
+                params = to_numpy(new)
         t_train = time.perf_counter() - t0
         msgs = magnet.configure_evaluate(rnd, to_record(params), round_config(cfg, rnd, k), grid)
         replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, cfg.straggler_grace, magnet.destinations)
