@@ -235,6 +235,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--data", type=Path, required=True, help="the site's prepared data folder")
     d.add_argument("--manifest", type=Path, required=True)
     d.add_argument("--port", type=_port, default=9094, help="local ClientApp API port")
+    d.add_argument("--log-dir", type=Path, default=None,
+                   help="keep the site's own record of what it sent and received (site_log.jsonl; "
+                        "`magnet-fl report LOG_DIR` shows it)")
     d.add_argument("--skip-validation", action="store_true")
     d.add_argument("--print", action="store_true", help="print the flower-supernode command instead of running it")
 
@@ -278,8 +281,9 @@ def run(args: argparse.Namespace) -> int:
         os.environ.update(FLOWER_ENV)
         return serve_superlink(pki, state, args.fleet_address, args.control_port)
     # the bundle and the site's key first (cheap, clear errors), then the data
+    log_dir = f"site-log-dir='{args.log_dir.resolve()}'" if args.log_dir else ""
     cmd = supernode_command(args.bundle.resolve(), args.data.resolve(), args.manifest.resolve(), args.port,
-                            key=args.key.resolve() if args.key else None)
+                            log_dir, key=args.key.resolve() if args.key else None)
     if not args.skip_validation:
         from magnet_core.manifest import ConsortiumManifest
         from magnet_core.site_validation import validate_site
