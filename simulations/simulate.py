@@ -13,7 +13,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from magnet_core.site import TEST_GRAPHS, SiteRuntime
-from magnet_core.aggregate import EvalCounts, pooled_metrics
+from magnet_core.aggregate import EvalCounts
 from magnet_core.config import PRESETS, Preset, get_preset
 from magnet_core.data import Cohort
 from magnet_core.metrics import summarize
@@ -87,6 +87,16 @@ def site_counts(sites: list[SiteRuntime], params_for, test_graph: str = "among-t
     return [s.evaluate_counts(params_for(s), test_graph=test_graph) for s in sites]
 
 
+def released_metrics(counts: list[EvalCounts]) -> dict:
+    """Global metrics of the references computed exactly as the federated ones: each site's counts released under
+    the minimum count k with at most the site's cap of score bins, then pooled (AUROC as an interval)."""
+    from magnet_core.privacy import DEFAULT_MAX_BINS, pool_releases, release_eval
+
+    k = FederatedConfig.model_fields["min_count"].default
+    bins = min(FederatedConfig.model_fields["histogram_bins"].default, DEFAULT_MAX_BINS)
+    return pool_releases([release_eval(c, k, bins) for c in counts])["metrics"]
+
+
 @dataclasses.dataclass
 class RunSpec:
     """One consortium run: the data, scenario, seed and training budget shared by every method."""
@@ -119,7 +129,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         t0 = time.perf_counter()
         pooled = fresh_runtime("pooled", concat_cohorts(list(sites)), preset, spec.seed)
         params = train_alone(pooled, preset, epochs, spec.seed)
-        results["centralized"] = pooled_metrics(site_counts(runtimes, lambda s: params, spec.test_graph))
+        results["centralized"] = released_metrics(site_counts(runtimes, lambda s: params, spec.test_graph))
         seconds["centralized"] = time.perf_counter() - t0
         advance(spec.rounds)
     if "local_only" in methods:
@@ -128,7 +138,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         for s in runtimes:
             alone = fresh_runtime(s.name, s.cohort, preset, spec.seed)
             own[s.name] = train_alone(alone, preset, epochs, spec.seed)
-        results["local_only"] = pooled_metrics(site_counts(runtimes, lambda s: own[s.name], spec.test_graph))
+        results["local_only"] = released_metrics(site_counts(runtimes, lambda s: own[s.name], spec.test_graph))
         seconds["local_only"] = time.perf_counter() - t0
         advance(spec.rounds)
     for method, aggregation in (("federated", "modality-aware"), ("fedavg_plain", "fedavg")):
