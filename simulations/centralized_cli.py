@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from magnet_core.config import PRESETS, get_preset
+from magnet_core.config import DEFAULT_PRESET, PRESETS, get_preset
 from magnet_core.data import available_seeds, detect_layout
 
 from .cli import existing_dir, parse_seeds, positive_int
@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cohort folder (MAGNET split layout or labels.csv + modality files); "
                         "omitted: a generated cohort")
     p.add_argument("--seeds", type=parse_seeds, default=None, help="comma-separated seeds (default 10,20,30,40,50)")
-    p.add_argument("--preset", default="ov", choices=sorted(PRESETS), help="hyperparameter preset (default ov)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"hyperparameter preset (default {DEFAULT_PRESET})")
     p.add_argument("--epochs", type=positive_int, default=None, help="override the preset's 200 epochs")
     p.add_argument("--out", type=Path, required=True, help="output directory for results.json")
     p.add_argument("--overwrite", action="store_true",

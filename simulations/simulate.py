@@ -37,10 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", default=None,
                    help="built-in scenario name or a scenario TOML file (default: demo-3 on the generated cohort, "
                         "iid-3 with --data)")
-    p.add_argument("--rounds", type=positive_int, default=20, help="federated rounds (default 20)")
-    p.add_argument("--local-epochs", type=positive_int, default=10, help="local epochs per round (default 10)")
+    p.add_argument("--rounds", type=positive_int, default=RunSpec.rounds,
+                   help=f"federated rounds (default {RunSpec.rounds})")
+    p.add_argument("--local-epochs", type=positive_int, default=RunSpec.local_epochs,
+                   help=f"local epochs per round (default {RunSpec.local_epochs})")
     p.add_argument("--seeds", type=parse_seeds, default=[10, 20, 30, 40, 50])
-    p.add_argument("--preset", default="ov", choices=sorted(PRESETS))
+    p.add_argument("--preset", default=RunSpec.preset, choices=sorted(PRESETS))
     p.add_argument("--test-graph", choices=TEST_GRAPHS, default=RunSpec.test_graph,
                    help="evaluation graph: among-test (the paper's) or attach-to-train (deployment rule)")
     p.add_argument("--engine", choices=("flower", "inprocess"), default="flower",

@@ -288,7 +288,8 @@ def test_deployment_on_loopback(data_root, tmp_path):
         assert printed.returncode == 0, printed.stderr
         procs.start("supernode-a", ["bash", "-c", f"exec {printed.stdout.strip()}"])
         for i, s in enumerate("bc", start=1):
-            extra = "test-poison='scale'" if s == "c" else ""  # a huge-norm update every round
+            # site-c: a huge-norm update every round, and its own log of what crossed its boundary
+            extra = f"test-poison='scale' site-log-dir='{tmp_path / 'log-c'}'" if s == "c" else ""
             procs.start(f"supernode-{s}", supernode_command(site_dirs[s], sites[i], manifest, _free_port(), extra))
 
         invalid = _run([*cli, "deploy", "supernode", "--bundle", str(site_dirs["a"]), "--data", str(bad),
@@ -336,6 +337,12 @@ def test_deployment_on_loopback(data_root, tmp_path):
     assert sorted(history[2]["accepted"]) == ["site-a", "site-b"]  # site-b rejoined; the resumed run used it
     assert "REJECTED update from node" in log1 and "(site-c)" in log1
     assert "resuming from" in log2 and "after round 2" in log2
+    from magnet_core.report import write_report
+
+    report = (out / "report.html").read_text()  # the coordinator's report, refreshed by the ServerApp every round
+    assert "site-c" in report and "update norm" in report and "http://" not in report and "https://" not in report
+    site_view = write_report(tmp_path / "log-c").read_text()  # site-c's own view: what it sent and received
+    assert "site-c" in site_view and "arrays/" in site_view
     seconds = [round(r["seconds"], 1) for r in history]
     print(f"seconds per round: {seconds}; training part: {[round(r['train_seconds'], 1) for r in history]}; "
           f"SuperLink up after {t_up:.0f} s; whole test {time.monotonic() - t0:.0f} s")
