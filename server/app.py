@@ -19,8 +19,8 @@ app = ServerApp()
 
 
 def model_spec_enrolment_and_evaluator(cfg: FederatedConfig):
-    """Model shape, enrolled sites, k and an optional held-out evaluator: from the manifest (deployment) or from
-    the simulated consortium (simulation)."""
+    """Model shape, enrolled sites, k, an optional held-out evaluator and the manifest the model package records:
+    from the manifest (deployment) or from the simulated consortium (simulation)."""
     if cfg.manifest:
         from magnet_core.manifest import ConsortiumManifest
 
@@ -30,7 +30,7 @@ def model_spec_enrolment_and_evaluator(cfg: FederatedConfig):
         if enrolment is None:
             log(WARNING, "the manifest %s enrols no sites: replies are checked against the contract only, "
                 "not against enrolled patient counts", cfg.manifest)
-        return spec, enrolment, manifest.min_count, None
+        return spec, enrolment, manifest.min_count, None, manifest
     from magnet_core.consortium import enrolment_of, load_consortium
 
     from .evaluation import held_out_evaluator
@@ -38,7 +38,9 @@ def model_spec_enrolment_and_evaluator(cfg: FederatedConfig):
     cohort, sites = load_consortium(cfg.data_path, cfg.scenario, cfg.seed, cfg.modalities)
     spec = ModelSpec({m: int(cohort.X[m].shape[1]) for m in cohort.modalities}, cohort.num_classes)
     evaluator = held_out_evaluator(cohort, get_preset(cfg.preset)) if cfg.server_eval else None
-    return spec, enrolment_of(sites), cfg.min_count, evaluator
+    from magnet_core.package import manifest_from_cohort
+
+    return spec, enrolment_of(sites), cfg.min_count, evaluator, manifest_from_cohort(cohort)
 
 
 def server_main(grid: Grid, context: Context, on_round=None):
@@ -51,8 +53,9 @@ def server_main(grid: Grid, context: Context, on_round=None):
         from magnet_core.synthetic import GENERATED_NOTICE
 
         log(WARNING, "no real data (data-path %r): sites use a %s", cfg.data_path, GENERATED_NOTICE)
-    spec, enrolment, k, evaluator = model_spec_enrolment_and_evaluator(cfg)
-    return run_federation(grid, cfg, spec, enrolment, server_eval=evaluator, on_round=on_round, min_count=k)
+    spec, enrolment, k, evaluator, manifest = model_spec_enrolment_and_evaluator(cfg)
+    return run_federation(grid, cfg, spec, enrolment, server_eval=evaluator, on_round=on_round, min_count=k,
+                          manifest=manifest)
 
 
 @app.main()

@@ -53,6 +53,10 @@ class FederatedConfig(BaseModel):
     resume: bool = False
     overwrite: bool = Field(False, description="replace an existing run in out-dir instead of refusing")
     report: bool = Field(True, description="write out-dir/report.html after every round")
+    # the signed model package written at the end (model.magnet): the coordinator's signing key and certificate
+    # (`magnet-fl pki signing-key`: PKI/signing/model_signing.key and .crt); empty = no package
+    signing_key: str = ""
+    signing_cert: str = ""
     # secure aggregation (the coordinator learns only sums; per-site update checks then cannot run: sites clip)
     secagg: bool = Field(False, description="aggregate with secure aggregation (pairwise + self masks)")
     secagg_max_dropouts: int = Field(1, ge=0, description="sites that may drop after masking without losing the sum")
@@ -82,7 +86,8 @@ class FederatedConfig(BaseModel):
     # Settings that may change between a run and its resumption (how long to wait, where to write, how many
     # rounds in total); everything else defines the run.
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({"num_server_rounds", "round_timeout", "straggler_grace", "out_dir", "resume",
-                                   "overwrite", "min_sites", "fraction_train", "report"})
+                                   "overwrite", "min_sites", "fraction_train", "report", "signing_key",
+                                                        "signing_cert"})
 
     @model_validator(mode="after")
     def _dp_needs_the_mean(self) -> "FederatedConfig":

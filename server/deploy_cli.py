@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -239,7 +240,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the site's own record of what it sent and received (site_log.jsonl; "
                         "`magnet-fl report LOG_DIR` shows it)")
     d.add_argument("--skip-validation", action="store_true")
+    d.add_argument("--worker", action="store_true",
+                   help="start a persistent site worker beside the SuperNode: it keeps the data, graphs and torch "
+                        "loaded, and each message is handed to it over a private Unix socket")
+    d.add_argument("--worker-socket", type=Path, default=None,
+                   help="the worker's socket (default BUNDLE/worker/worker.sock); without --worker, the SuperNode "
+                        "uses a worker you run yourself (`magnet-fl site-worker`, e.g. as a service)")
+    d.add_argument("--worker-timeout", type=float, default=600.0,
+                   help="seconds one message may take at the worker before the site replies an error (default 600)")
     d.add_argument("--print", action="store_true", help="print the flower-supernode command instead of running it")
+
+
+def start_worker(worker: list[str], sock: Path, env: dict, timeout: float = 300.0) -> subprocess.Popen:
+    """Start the site worker, which exits with this process (whose pid becomes the SuperNode's after exec), and
+    wait until it listens on ``sock`` (a new socket, not the stale file of a worker that died)."""
+    def identity():
+        try:
+            st = os.stat(sock)
+            return st.st_ino, st.st_ctime_ns
+        except OSError:
+            return None
+
+    stale = identity()
+    proc = subprocess.Popen([*worker, "--exit-with", str(os.getpid())], env=env)
+    deadline = time.monotonic() + timeout
+    while identity() in (None, stale):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the site worker exited with code {proc.returncode} before listening on {sock} "
+                               f"(its log is above)")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise RuntimeError(f"the site worker did not listen on {sock} within {timeout:.0f} s")
+        time.sleep(0.2)
+    print(f"site worker (pid {proc.pid}) listens on {sock}", flush=True)
+    return proc
 
 
 def _is_loopback(host: str) -> bool:
@@ -281,9 +315,15 @@ def run(args: argparse.Namespace) -> int:
         os.environ.update(FLOWER_ENV)
         return serve_superlink(pki, state, args.fleet_address, args.control_port)
     # the bundle and the site's key first (cheap, clear errors), then the data
-    log_dir = f"site-log-dir='{args.log_dir.resolve()}'" if args.log_dir else ""
-    cmd = supernode_command(args.bundle.resolve(), args.data.resolve(), args.manifest.resolve(), args.port,
-                            log_dir, key=args.key.resolve() if args.key else None)
+    bundle, data, manifest = args.bundle.resolve(), args.data.resolve(), args.manifest.resolve()
+    sock = (args.worker_socket or bundle / "worker" / "worker.sock").absolute() \
+        if args.worker or args.worker_socket else None
+    extra = [f"site-log-dir='{args.log_dir.resolve()}'" if args.log_dir else "",
+             f"worker-socket='{sock}' worker-timeout={float(args.worker_timeout)}" if sock else ""]
+    cmd = supernode_command(bundle, data, manifest, args.port, " ".join(e for e in extra if e),
+                            key=args.key.resolve() if args.key else None)
+    worker = [*_magnet_fl(), "site-worker", "--socket", str(sock), "--data", str(data), "--manifest", str(manifest),
+              "--site-name", load_bundle(bundle).site] if args.worker else []
     if not args.skip_validation:
         from magnet_core.manifest import ConsortiumManifest
         from magnet_core.site_validation import validate_site
@@ -295,7 +335,16 @@ def run(args: argparse.Namespace) -> int:
                 print(f"- {e}", file=sys.stderr)
             return 1
     if args.print:  # one line that pastes and runs, with the same environment
-        print(shlex.join(["env", *(f"{k}={v}" for k, v in FLOWER_ENV.items()), *cmd]))
+        line = shlex.join(["env", *(f"{k}={v}" for k, v in FLOWER_ENV.items()), *cmd])
+        if worker:  # in that shell $$ is the shell's pid, which `exec` hands to the SuperNode
+            line = f"{shlex.join(worker)} --exit-with $$ & exec {line}"
+        print(line)
         return 0
+    if worker:
+        try:
+            start_worker(worker, sock, env)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     os.execvpe(cmd[0], cmd, env)  # replace this process: its pid is the Flower process's pid
     return 0  # pragma: no cover

@@ -191,6 +191,7 @@ def run_federation(
     server_eval: Callable[[dict[str, np.ndarray]], dict] | None = None,
     on_round: Callable[[dict], None] | None = None,
     min_count: int | None = None,
+    manifest=None,
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Run (or resume) ``cfg.num_server_rounds`` rounds; returns final global params and per-round history."""
     out = Path(cfg.out_dir)
@@ -246,8 +247,26 @@ def run_federation(
             on_round(history[-1])
     atomic_write_bytes(out / "model.pt", lambda p: torch.save({k: torch.from_numpy(v) for k, v in params.items()}, p))
     write_history(out, history)
+    if cfg.signing_key and manifest is not None:
+        write_model_package(out, params, history, cfg, manifest)
     refresh_report(out, cfg)
     return params, history
+
+
+def write_model_package(out: Path, params: dict[str, np.ndarray], history: list[dict], cfg: FederatedConfig,
+                        manifest) -> Path:
+    """The signed, self-describing model package: weights, manifest, classes, preset, run settings and fingerprint,
+    round, global metrics, versions (magnet_core.package); a site verifies it before use."""
+    from magnet_core.package import write_package
+
+    preset = get_preset(cfg.preset)
+    last = history[-1] if history else {}
+    metrics = {k: v for k, v in (last.get("global") or {}).items() if isinstance(v, (int, float))}
+    path = write_package(out / "model.magnet", params, manifest=manifest, preset=cfg.preset, model_cfg=preset.model,
+                         graph_cfg=preset.graph, run_config=cfg.identity(), signing_key=Path(cfg.signing_key),
+                         signing_cert=Path(cfg.signing_cert), round=last.get("round"), metrics=metrics)
+    log(INFO, "wrote the signed model package %s", path)
+    return path
 
 
 def refresh_report(out: Path, cfg: FederatedConfig) -> None:

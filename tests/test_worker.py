@@ -1,0 +1,283 @@
+"""The persistent site worker: same replies as the in-process ClientApp, a private socket, clear errors when it is
+dead or hung, restart on the same socket, reload after a data change, and survival of malformed requests.
+
+One real worker process (``magnet-fl site-worker``) serves a small site cut from tcga-brca-mixomics; every process
+is stopped by its pid."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from client.app import app as client_app
+from client.worker_link import MAGIC, WORKER_ERROR_CODE, WorkerFailure, ping, wait_ready
+from flower_messages import instruction
+
+REPO = Path(__file__).resolve().parents[1]
+MODALITIES = ("mRNA", "miRNA", "protein")
+
+
+def _site(data_root: Path, folder: Path) -> tuple[Path, Path]:
+    """One site: 90 patients of tcga-brca-mixomics, the first 40 features of each modality, and its manifest."""
+    from magnet_core.manifest import ConsortiumManifest, ModalitySpec
+
+    root = data_root / "tcga-brca-mixomics"
+    labels = pd.read_csv(root / "labels.csv", index_col=0)
+    patients = sorted(np.random.default_rng(0).permutation(labels.index)[:90])
+    data = folder / "site"
+    data.mkdir(parents=True)
+    labels.loc[patients].to_csv(data / "labels.csv")
+    specs = []
+    for m in MODALITIES:
+        df = pd.read_csv(root / f"{m}.csv.gz", index_col=0).iloc[:, :40]
+        df.loc[df.index.intersection(patients)].to_csv(data / f"{m}.csv")
+        specs.append(ModalitySpec(name=m, features=list(df.columns)))
+    manifest = ConsortiumManifest(name="brca", classes=["Basal", "Her2", "LumA"], modalities=specs)
+    return data, manifest.save(folder / "manifest.toml")
+
+
+class Worker:
+    """A `magnet-fl site-worker` process, started and stopped by pid; it exits by itself if this test process
+    ends first (--exit-with)."""
+
+    def __init__(self, data: Path, manifest: Path, sock: Path, log: Path):
+        self.data, self.manifest, self.sock, self.log = data, manifest, sock, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> dict:
+        env = {**os.environ, "MAGNET_FL_THREADS": "1", "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "simulations.cli", "site-worker", "--socket", str(self.sock),
+                 "--data", str(self.data), "--manifest", str(self.manifest), "--exit-with", str(os.getpid())],
+                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        status = wait_ready(self.sock, 120, self.proc)
+        assert status["pid"] == self.proc.pid
+        return status
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def worker(data_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("worker")
+    data, manifest = _site(data_root, folder)
+    w = Worker(data, manifest, folder / "run" / "worker.sock", folder / "worker.log")
+    w.start()
+    try:
+        yield w
+    finally:
+        w.kill()
+
+
+def _message(kind: str, server_round: int = 1, clipping_norm: float | None = None):
+    from magnet_core.config import get_preset
+    from magnet_core.contract import RoundConfig
+    from magnet_core.model import MAGNET
+
+    torch.manual_seed(0)
+    model = MAGNET({m: 40 for m in MODALITIES}, 3, get_preset("brca").model)
+    config = RoundConfig(server_round=server_round, seed=3, preset="brca", local_epochs=1, histogram_bins=100,
+                         clipping_norm=clipping_norm)
+    return instruction(7, kind, {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(config.encode())})
+
+
+def _context(w: Worker, **extra) -> Context:
+    node = {"data-dir": str(w.data), "manifest": str(w.manifest), "site-name": "site-a", **extra}
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+
+
+def _arrays(reply) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in reply.content["arrays"].items()}
+
+
+def test_worker_replies_equal_in_process_replies(worker, monkeypatch):
+    """Train, train with Flower's DP clipping mod, and evaluate through forwarder + worker give exactly the
+    in-process ClientApp's replies (1 torch thread on both sides)."""
+    from client.handlers import forget_sites
+
+    messages = {"train": lambda: _message("train"), "evaluate": lambda: _message("evaluate"),
+                "clipped": lambda: _message("train", server_round=2, clipping_norm=0.05)}
+    via = {k: client_app(m(), _context(worker, **{"worker-socket": str(worker.sock)})) for k, m in messages.items()}
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("MAGNET_FL_THREADS", "1")  # the in-process path applies the thread policy itself
+    torch.set_num_threads(1)
+    forget_sites()
+    try:
+        here = {k: client_app(m(), _context(worker)) for k, m in messages.items()}
+    finally:
+        torch.set_num_threads(threads)
+        forget_sites()
+    for k in messages:
+        assert not via[k].has_error(), via[k].error.reason
+        assert dict(via[k].content["metrics"]) == dict(here[k].content["metrics"])
+        assert dict(via[k].content["site"]) == dict(here[k].content["site"]) == {"name": "site-a"}
+    for k in ("train", "clipped"):
+        a, b = _arrays(via[k]), _arrays(here[k])
+        assert list(a) == list(b)
+        for name in a:
+            assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), (k, name)
+    sent = {k: v.numpy() for k, v in messages["clipped"]().content["arrays"].items()}
+    update = np.sqrt(sum(float(((v - sent[n]) ** 2).sum()) for n, v in _arrays(via["clipped"]).items()))
+    assert update == pytest.approx(0.05, rel=1e-3)  # the mod clipped the worker's update (it was larger)
+    assert "arrays" not in via["evaluate"].content
+    assert "train message (round 1, seed 3, node 7) answered" in worker.text()
+
+
+def test_socket_is_private_and_single_owner(worker, tmp_path, capsys):
+    from client.worker import bind_private_socket
+
+    assert stat.S_IMODE(os.stat(worker.sock.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.lstat(worker.sock).st_mode) == 0o600
+    with pytest.raises(FileExistsError, match="another site worker"):  # the live worker holds the socket
+        bind_private_socket(worker.sock)
+    assert ping(worker.sock)["data"] == str(worker.data.resolve())
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o750)
+    with pytest.raises(PermissionError, match="group or other users can open it"):
+        bind_private_socket(shared / "w.sock")
+    from simulations.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        code = main(["site-worker", "--socket", str(shared / "w.sock"), "--data", str(worker.data), "--manifest",
+                     str(worker.manifest)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 2 and "chmod 700" in capsys.readouterr().err and not (shared / "w.sock").exists()
+    # a fresh directory is created 0700 and the socket 0600
+    sock, lock = bind_private_socket(tmp_path / "fresh" / "w.sock")
+    try:
+        assert stat.S_IMODE(os.stat(tmp_path / "fresh").st_mode) == 0o700
+        assert stat.S_IMODE(os.lstat(tmp_path / "fresh" / "w.sock").st_mode) == 0o600
+    finally:
+        sock.close()
+        os.close(lock)
+
+
+def _raw(path: Path, data: bytes) -> dict:
+    """Send raw bytes, read the worker's answer header."""
+    from client.worker_link import recv_frame
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(path))
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        header, _ = recv_frame(s)
+    return header
+
+
+def _frame(header: dict, payload: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return MAGIC + struct.pack(">I", len(text)) + text + payload
+
+
+def test_malformed_requests_get_error_answers_and_worker_survives(worker):
+    good = _message("train")
+    config = dict(good.content["config"])
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"x": 1}], dtype=object), allow_pickle=True)  # needs pickle to load: refused
+    meta = {"name": "w", "dtype": "object", "shape": [1], "stype": "numpy.ndarray", "nbytes": len(pickled.getvalue())}
+    cases = {
+        "bad magic": b"GET / HTTP/1.1\r\n\r\n",
+        "header too large": MAGIC + struct.pack(">I", 50_000_000),
+        "not json": MAGIC + struct.pack(">I", 5) + b"{oops",
+        "truncated": _frame({"kind": "train", "arrays": [{**meta, "nbytes": 1000}]}, b"x" * 10),
+        "payload too large": _frame({"kind": "train", "arrays": [{**meta, "nbytes": 1 << 40}]}),
+        "unknown kind": _frame({"kind": "shell"}),
+        "bad config": _frame({"kind": "train", "config": {"server-round": "one"}, "node_id": 7, "node_config": {}}),
+        "pickled array": _frame({"kind": "train", "config": config, "node_id": 7, "node_config": {},
+                                 "has_arrays": True, "arrays": [meta]}, pickled.getvalue()),
+        "foreign data dir": _frame({"kind": "evaluate", "config": config, "node_id": 7,
+                                    "node_config": {"data-dir": "/etc"}, "has_arrays": True}),
+    }
+    expected = {"bad magic": "bad magic", "header too large": "exceeds", "not json": "not valid JSON",
+                "truncated": "connection closed", "payload too large": "more than the limit",
+                "unknown kind": "unknown request kind", "bad config": "round config rejected",
+                "pickled array": "not a valid .npy array", "foreign data dir": "is not the folder this site worker serves"}
+    for name, data in cases.items():
+        answer = _raw(worker.sock, data)
+        assert answer["ok"] is False and expected[name] in answer["reason"], (name, answer)
+    # a client that connects and sends nothing, then leaves
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(worker.sock))
+    assert worker.proc.poll() is None and ping(worker.sock)["ok"]
+    reply = client_app(_message("evaluate"), _context(worker, **{"worker-socket": str(worker.sock)}))
+    assert not reply.has_error()
+
+
+def test_data_change_reloads_the_site(worker):
+    ctx = _context(worker, **{"worker-socket": str(worker.sock)})
+    before = client_app(_message("train"), ctx)
+    labels = pd.read_csv(worker.data / "labels.csv", index_col=0)
+    try:
+        labels.iloc[:-6].to_csv(worker.data / "labels.csv")  # six patients leave the site
+        after = client_app(_message("train"), ctx)
+    finally:
+        labels.to_csv(worker.data / "labels.csv")
+    assert not after.has_error(), after.error.reason
+    assert after.content["metrics"]["num-examples"] < before.content["metrics"]["num-examples"]
+    assert "data or manifest changed" in worker.text()
+    # data that no longer validate: a clear data error, and the worker keeps serving
+    protein = (worker.data / "protein.csv").read_text()
+    (worker.data / "protein.csv").write_text(protein.replace("\n", "\nnot-a-patient,oops\n", 1))
+    try:
+        bad = client_app(_message("evaluate"), ctx)
+    finally:
+        (worker.data / "protein.csv").write_text(protein)
+    assert bad.has_error() and bad.error.code == 4001 and "site data rejected" in bad.error.reason
+    assert ping(worker.sock)["ok"]
+
+
+def test_dead_or_hung_worker_gives_a_clear_error_then_a_restart_takes_over(worker):
+    ctx = _context(worker, **{"worker-socket": str(worker.sock), "worker-timeout": 3.0,
+                              "worker-connect-timeout": 1.0})
+    worker.signal(signal.SIGSTOP)  # hung: the forwarder gives up after worker-timeout
+    try:
+        t0 = time.monotonic()
+        hung = client_app(_message("train"), ctx)
+        waited = time.monotonic() - t0
+    finally:
+        worker.signal(signal.SIGCONT)
+    assert hung.has_error() and hung.error.code == WORKER_ERROR_CODE
+    assert f"site worker not reachable at {worker.sock}" in hung.error.reason and "3 s" in hung.error.reason
+    assert 2.5 < waited < 20
+    worker.kill()  # dead: the stale socket file stays behind
+    assert worker.sock.exists()
+    t0 = time.monotonic()
+    dead = client_app(_message("train"), ctx)
+    assert 0.9 < time.monotonic() - t0 < 6  # retried for worker-connect-timeout, then gave up
+    assert dead.has_error() and dead.error.code == WORKER_ERROR_CODE
+    assert f"site worker not reachable at {worker.sock}: connection refused" in dead.error.reason
+    with pytest.raises(WorkerFailure, match="not reachable"):
+        ping(worker.sock, timeout=0.5)
+    status = worker.start()  # a new worker on the same path removes the stale socket and serves
+    assert status["pid"] != os.getpid() and "removed the stale socket" in worker.text()
+    again = client_app(_message("train"), _context(worker, **{"worker-socket": str(worker.sock)}))
+    assert not again.has_error(), again.error.reason
