@@ -62,7 +62,8 @@ def select_modalities(cohort: Cohort, wanted: list[str]) -> Cohort:
 
     cols = [cohort.modalities.index(m) for m in wanted]
     reduced = dataclasses.replace(cohort, modalities=list(wanted), features={m: cohort.features[m] for m in wanted},
-                                  X={m: cohort.X[m] for m in wanted}, mask=cohort.mask[:, cols])
+                                  X={m: cohort.X[m] for m in wanted}, mask=cohort.mask[:, cols],
+                                  paired=cohort.mask[:, cols].all(axis=1))
     return reduced.subset(np.flatnonzero(reduced.mask.any(axis=1)))
 
 

@@ -13,18 +13,40 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from magnet_core.data import DataError, detect_layout
+from magnet_core.scenarios import Scenario
 
+from . import statistics as st
 from .cli import existing_dir
 from .reporting import console, write_json
-from magnet_core.scenarios import Scenario
 from .simulate import METHODS, RunSpec, run_methods
 
 BUILTIN_DIR = Path(__file__).parent / "studies"
 METRIC_COLUMNS = ("mcc", "acc", "f1", "auroc", "auprc", "paired_mcc", "unpaired_mcc")
+SUMMARY_METRICS = ("mcc", "acc", "f1", "paired_mcc", "unpaired_mcc")
+DEFAULT_SEEDS = (10, 20, 30, 40, 50)
+# Reference methods (no federated training). Every other method of simulate.METHODS is a trained method and is
+# compared with both references and with the baseline strategy, so a new strategy ("fedprox", "fedadam",
+# "personalized", ...) needs only its entry in simulate.METHODS; a label and colour below are optional.
+REFERENCES = ("local_only", "centralized")
+BASELINE = "fedavg_plain"
+METHOD_LABELS = {"federated": "modality-aware FedAvg", "fedavg_plain": "plain FedAvg", "centralized": "centralized",
+                 "local_only": "local-only"}
+METHOD_COLORS = {"centralized": "tab:green", "local_only": "tab:red", "fedavg_plain": "tab:orange",
+                 "federated": "tab:blue"}
+COMPARISON_COLUMNS = ["kind", "label", "cell", "cell_b", "method", "method_b", "metric", "n", "mean_diff", "std_diff",
+                      "ci_low", "ci_high", "p_value", "units", "verdict"]
+CELL_WORDS = ("higher", "lower")  # cell contrasts: the same method scores higher / lower in cell a than in b
+FINDINGS = "## Findings (generated from the per-seed results)"
+STATISTICS_NOTE = ("Per cell: mean, sample standard deviation (ddof = 1) and a 95% t interval for the mean over "
+                   "seeds (n = number of finished seeds). Methods are compared paired by seed (a seed fixes the "
+                   "train/test split and the sites, the same for every method of a cell): the mean of the per-seed "
+                   "MCC differences with its 95% t interval and a two-sided paired t-test (scipy.stats.ttest_rel). "
+                   "A method \"helps\" or \"hurts\" only where that interval excludes 0; otherwise the report says "
+                   "no difference was detected.")
 
 
 class Cell(BaseModel):
@@ -41,8 +63,19 @@ class Cell(BaseModel):
     scenario: dict[str, Any]
 
 
+class Contrast(BaseModel):
+    """Two cells compared per method, paired by seed (e.g. concentrated minus even missingness)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    a: str = Field(description="cell id (minuend)")
+    b: str = Field(description="cell id (subtrahend)")
+    label: str = ""
+    methods: list[str] = Field(default_factory=list, description="methods to compare (default: all of the study's)")
+
+
 class Study(BaseModel):
-    """A study: shared settings plus its cells."""
+    """A study: shared settings, its cells and optional cell-vs-cell contrasts."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -53,10 +86,30 @@ class Study(BaseModel):
     preset: str = "ov"
     rounds: int = Field(20, ge=1)
     local_epochs: int = Field(10, ge=1)
-    seeds: list[int] = Field(default_factory=lambda: [10, 20, 30], min_length=1)
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1)
+    methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1,
+                               description="names from simulations.simulate.METHODS")
     x_label: str = "x"
+    target_gap: float | None = Field(None, ge=0, description="per cell, report whether the best trained method is at "
+                                     "or above local-only and within this MCC of centralized")
     cells: list[Cell] = Field(min_length=1)
+    contrasts: list[Contrast] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Study":
+        ids = [c.id for c in self.cells]
+        for what, values in (("cell ids", ids), ("seeds", self.seeds), ("methods", self.methods)):
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"{what} must be unique; repeated: {repeated}")
+        for k, con in enumerate(self.contrasts):
+            for side in (con.a, con.b):
+                if side not in ids:
+                    raise ValueError(f"contrasts[{k}] names cell {side!r}; the cells are {ids}")
+            extra = sorted(set(con.methods) - set(self.methods))
+            if extra:
+                raise ValueError(f"contrasts[{k}] names methods {extra} that the study does not run")
+        return self
 
     def scenario_of(self, cell: Cell) -> Scenario:
         return Scenario.model_validate({"name": f"{self.name}/{cell.id}", **cell.scenario})
@@ -95,6 +148,10 @@ def resolve_dataset(data: Path, name: str) -> Path:
     return data
 
 
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
 # ------------------------------------------------------------------------------------------------ running
 
 
@@ -110,8 +167,7 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
     cell_dir = out / "cells" / cell.id
     cell_dir.mkdir(parents=True, exist_ok=True)
     scenario_file = cell_dir / "scenario.toml"
-    scenario = study.scenario_of(cell).model_dump(exclude_none=True)
-    scenario["sites"] = {str(k): v for k, v in scenario["sites"].items()}  # TOML keys are strings
+    scenario = study.scenario_of(cell).model_dump(mode="json", exclude_none=True)  # TOML keys are strings
     scenario_file.write_text(tomli_w.dumps(scenario))
     dataset = cell.dataset or study.dataset
     spec = RunSpec(data_path=str(resolve_dataset(data, dataset)), scenario=str(scenario_file), seed=seed,
@@ -152,16 +208,72 @@ def tidy_frame(study: Study, out: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# ------------------------------------------------------------------------------------------------ statistics
+
+
 def summary_frame(df: pd.DataFrame) -> pd.DataFrame:
-    grouped = df.groupby(["cell", "group", "x", "method"], sort=False)
-    agg = grouped.agg(mcc_mean=("mcc", "mean"), mcc_std=("mcc", lambda v: float(np.std(v))),
-                      acc_mean=("acc", "mean"), f1_mean=("f1", "mean"), seeds=("seed", "count"),
-                      failures=("error", lambda v: int((v != "").sum())),
-                      seconds_per_round=("seconds_per_round", "mean"))
-    return agg.reset_index()
+    """Per (cell, method): mean, sample std, 95% t interval and n of each metric, plus failures and cost."""
+    keys = ["cell", "group", "x", "method"]
+    summary = st.summarize_groups(df, keys, SUMMARY_METRICS)
+    extra = df.groupby(keys, sort=False).agg(seeds=("seed", "count"),
+                                             failures=("error", lambda v: int((v.fillna("") != "").sum())),
+                                             seconds_per_round=("seconds_per_round", "mean")).reset_index()
+    return summary.merge(extra, on=keys, how="left")
+
+
+def method_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """(a, b) comparisons within a cell: every trained method vs each reference, and vs the baseline strategy."""
+    trained = [m for m in methods if m not in REFERENCES]
+    pairs: list[tuple[str, str]] = []
+    for m in trained:
+        pairs += [(m, ref) for ref in REFERENCES if ref in methods]
+        if m != BASELINE and BASELINE in methods:
+            pairs.append((m, BASELINE))
+    if not trained and set(REFERENCES) <= set(methods):
+        pairs.append(REFERENCES)
+    return pairs
+
+
+def comparisons_frame(study: Study, df: pd.DataFrame, metric: str = "mcc") -> pd.DataFrame:
+    """Paired differences by seed: between methods within each cell, and between the two cells of each contrast
+    for each method."""
+    rows: list[dict] = []
+
+    def add(kind: str, label: str, cell: str, cell_b: str, method: str, method_b: str, a: pd.DataFrame,
+            b: pd.DataFrame) -> None:
+        c = st.paired_comparison(st.values_by_unit(a, metric), st.values_by_unit(b, metric))
+        rows.append({"kind": kind, "label": label, "cell": cell, "cell_b": cell_b, "method": method,
+                     "method_b": method_b, "metric": metric, **c.to_dict()})
+
+    if df.empty:
+        return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    for cell in study.cells:
+        sub = df[df["cell"] == cell.id]
+        for a, b in method_pairs(study.methods):
+            add("methods", "", cell.id, cell.id, a, b, sub[sub["method"] == a], sub[sub["method"] == b])
+    for con in study.contrasts:
+        for m in con.methods or study.methods:
+            add("cells", con.label or f"{con.a} vs {con.b}", con.a, con.b, m, m,
+                df[(df["cell"] == con.a) & (df["method"] == m)], df[(df["cell"] == con.b) & (df["method"] == m)])
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def _comparison(row: pd.Series) -> st.PairedComparison:
+    return st.PairedComparison(int(row["n"]), row["mean_diff"], row["std_diff"], row["ci_low"], row["ci_high"],
+                               row["p_value"], tuple(row["units"]))
+
+
+def _cell_stats(row: pd.Series, metric: str = "mcc") -> st.CellStats:
+    return st.CellStats(int(row[f"{metric}_n"]), row[f"{metric}_mean"], row[f"{metric}_std"],
+                        row[f"{metric}_ci_low"], row[f"{metric}_ci_high"])
 
 
 # ------------------------------------------------------------------------------------------------ figures
+
+
+def _half_width(frame: pd.DataFrame) -> pd.Series:
+    """Error bar: half the 95% t interval (0 where there is none, e.g. a single seed)."""
+    return (frame["mcc_mean"] - frame["mcc_ci_low"]).fillna(0.0)
 
 
 def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
@@ -170,10 +282,9 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"centralized": "tab:green", "local_only": "tab:red", "fedavg_plain": "tab:orange",
-              "federated": "tab:blue"}
-    labels = {"federated": "modality-aware FedAvg", "fedavg_plain": "plain FedAvg", "centralized": "centralized",
-              "local_only": "local-only"}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {m: METHOD_COLORS.get(m, cycle[i % len(cycle)]) for i, m in enumerate(study.methods)}
+    width = 0.8 / len(study.methods)
     paths = []
     numeric = pd.to_numeric(summary["x"], errors="coerce").notna().all()
     groups = [g for g in summary["group"].unique()]
@@ -186,14 +297,13 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
             if m.empty:
                 continue
             if numeric:
-                xs = pd.to_numeric(m["x"])
-                ax.errorbar(xs, m["mcc_mean"], yerr=m["mcc_std"], marker="o", capsize=3, color=colors[method],
-                            label=labels[method])
+                ax.errorbar(pd.to_numeric(m["x"]), m["mcc_mean"], yerr=_half_width(m), marker="o", capsize=3,
+                            color=colors[method], label=method_label(method))
             else:
-                pos = np.arange(len(cells)) + (i - (len(study.methods) - 1) / 2) * 0.2
+                pos = np.arange(len(cells)) + (i - (len(study.methods) - 1) / 2) * width
                 vals = [m[m["cell"] == c]["mcc_mean"].mean() for c in cells]
-                errs = [m[m["cell"] == c]["mcc_std"].mean() for c in cells]
-                ax.bar(pos, vals, width=0.2, yerr=errs, capsize=3, color=colors[method], label=labels[method])
+                errs = [_half_width(m[m["cell"] == c]).mean() for c in cells]
+                ax.bar(pos, vals, width=width, yerr=errs, capsize=3, color=colors[method], label=method_label(method))
         xs_all = pd.to_numeric(sub["x"], errors="coerce")
         if numeric and (xs_all > 0).all() and xs_all.max() / xs_all.min() >= 100:
             ax.set_xscale("log")  # e.g. Dirichlet alpha from 0.1 to 100
@@ -204,7 +314,7 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_title(group or study.name, fontsize=10)
         ax.axhline(0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"test MCC (mean ± std over {len(study.seeds)} seeds)")
+    axes[0][0].set_ylabel(f"test MCC (mean and 95% CI, {len(study.seeds)} seeds)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{study.name}: {study.description}", fontsize=10)
     fig.tight_layout()
@@ -212,13 +322,13 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     paths.append(path)
-    fed = summary[summary["method"].isin(["federated", "fedavg_plain"])]
-    if study.name == "extensibility" and not fed.empty:
+    trained = summary[~summary["method"].isin(REFERENCES)]
+    if study.name == "extensibility" and not trained.empty:
         fig, ax = plt.subplots(figsize=(5, 3.6))
-        for method in ("federated", "fedavg_plain"):
-            m = fed[fed["method"] == method]
+        for method in [m for m in study.methods if m not in REFERENCES]:
+            m = trained[trained["method"] == method]
             ax.plot(m["x"].astype(str), m["seconds_per_round"], marker="o", color=colors[method],
-                    label=labels[method])
+                    label=method_label(method))
         ax.set_xlabel(study.x_label)
         ax.set_ylabel("seconds per round")
         ax.grid(alpha=0.3)
@@ -234,60 +344,111 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def headline(study: Study, summary: pd.DataFrame) -> list[str]:
-    """Findings computed from the summary: per cell, the ranking and the key differences, in plain words."""
+def headline(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame) -> list[str]:
+    """Markdown bullets generated from the numbers: per cell, each method's MCC (mean ± sample std, 95% CI, n) and
+    every paired comparison ("helps"/"hurts" only where its interval excludes 0); then the cell contrasts."""
     lines = []
     for cell in study.cells:
         sub = summary[summary["cell"] == cell.id].set_index("method")
         if sub.empty:
             continue
-
-        def stat(m: str) -> str:
-            if m not in sub.index or pd.isna(sub.loc[m, "mcc_mean"]):
-                return "n/a"
-            return f"{sub.loc[m, 'mcc_mean']:.3f} ± {sub.loc[m, 'mcc_std']:.3f}"
-
-        parts = [f"{m.replace('_', '-')} {stat(m)}" for m in study.methods]
-        text = f"**{cell.id}** ({study.x_label} = {cell.x}{', ' + cell.group if cell.group else ''}): " + ", ".join(parts)
-        if {"federated", "fedavg_plain"} <= set(sub.index):
-            d = sub.loc["federated", "mcc_mean"] - sub.loc["fedavg_plain", "mcc_mean"]
-            if not pd.isna(d):
-                text += f"; modality-aware minus plain FedAvg: {d:+.3f}"
-        if {"federated", "local_only"} <= set(sub.index):
-            d = sub.loc["federated", "mcc_mean"] - sub.loc["local_only", "mcc_mean"]
-            if not pd.isna(d):
-                text += f"; federated minus local-only: {d:+.3f}"
+        parts = [f"{method_label(m)} {st.fmt_stats(_cell_stats(sub.loc[m]))}" for m in study.methods if m in sub.index]
+        where = f"{study.x_label} = {cell.x}{', ' + cell.group if cell.group else ''}"
+        text = f"- **{cell.id}** ({where}): MCC " + "; ".join(parts)
         failures = int(sub["failures"].sum())
         if failures:
             text += f"; **{failures} failed run(s)** (see cells/{cell.id}/error-seed*.txt)"
         lines.append(text)
+        comp = comparisons[(comparisons["kind"] == "methods") & (comparisons["cell"] == cell.id)]
+        for _, row in comp[comp["n"] > 0].iterrows():
+            lines.append("  - " + st.comparison_sentence(method_label(row["method"]), method_label(row["method_b"]),
+                                                         _comparison(row)))
+        target = target_sentence(study, sub, comp) if study.target_gap is not None else None
+        if target:
+            lines.append("  - " + target)
+    contrasts = comparisons[(comparisons["kind"] == "cells") & (comparisons["n"] > 0)]
+    for label, group in contrasts.groupby("label", sort=False):
+        first = group.iloc[0]
+        lines.append(f"- **{label}** (cell {first['cell']} vs cell {first['cell_b']}, same method, paired by seed):")
+        for _, row in group.iterrows():
+            lines.append("  - " + st.comparison_sentence(f"{method_label(row['method'])}, {row['cell']}",
+                                                         row["cell_b"], _comparison(row), words=CELL_WORDS))
     return lines
 
 
-def write_report(study: Study, df: pd.DataFrame, summary: pd.DataFrame, figures: list[Path], out: Path,
+def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame) -> str | None:
+    """Whether the best trained method (highest mean MCC) is at or above local-only and within ``target_gap`` of
+    centralized, judged on the mean paired differences, shown with their intervals."""
+    trained = [m for m in study.methods
+               if m not in REFERENCES and m in sub.index and st.is_finite(sub.loc[m, "mcc_mean"])]
+    if not trained or not set(REFERENCES) <= set(study.methods):
+        return None
+    best = max(trained, key=lambda m: sub.loc[m, "mcc_mean"])
+    diffs = {}
+    for ref in REFERENCES:
+        row = comp[(comp["method"] == best) & (comp["method_b"] == ref)]
+        if row.empty or not st.is_finite(row["mean_diff"].iloc[0]):
+            return None
+        diffs[ref] = _comparison(row.iloc[0])
+    met = diffs["local_only"].mean_diff >= 0 and diffs["centralized"].mean_diff >= -study.target_gap
+    return (f"target (at or above local-only and within {study.target_gap:.2f} of centralized, on the means) "
+            f"{'**met**' if met else '**not met**'} by the best trained method, {method_label(best)}: "
+            f"vs local-only {st.fmt_difference(diffs['local_only'])}; "
+            f"vs centralized {st.fmt_difference(diffs['centralized'])}")
+
+
+def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame, figures: list[Path], out: Path,
                  data_note: str) -> Path:
     table = summary.copy()
-    table["MCC"] = [f"{a:.3f} ± {b:.3f}" if not pd.isna(a) else "failed" for a, b in
-                    zip(table["mcc_mean"], table["mcc_std"])]
-    table["acc"] = table["acc_mean"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-    table["s/round"] = table["seconds_per_round"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-    cols = ["cell", "group", "x", "method", "MCC", "acc", "seeds", "failures", "s/round"]
+    table["method"] = table["method"].map(method_label)
+    table["MCC mean ± sd"] = [f"{_f(a)} ± {_f(b)}" if st.is_finite(a) else "failed"
+                              for a, b in zip(table["mcc_mean"], table["mcc_std"])]
+    table["MCC 95% CI"] = [_interval(lo, hi) for lo, hi in zip(table["mcc_ci_low"], table["mcc_ci_high"])]
+    table["n"] = table["mcc_n"]
+    table["paired MCC"] = table["paired_mcc_mean"].map(_f)
+    table["unpaired MCC"] = table["unpaired_mcc_mean"].map(_f)
+    table["acc"] = table["acc_mean"].map(_f)
+    table["s/round"] = table["seconds_per_round"].map(lambda v: f"{v:.2f}" if st.is_finite(v) else "")
+    cols = ["cell", "group", "x", "method", "MCC mean ± sd", "MCC 95% CI", "n", "paired MCC", "unpaired MCC", "acc",
+            "failures", "s/round"]
     md = [f"# Study `{study.name}`", "", study.description, ""]
     if study.question:
         md += [f"**Question.** {study.question}", ""]
     md += [f"**Setup.** Data: {data_note}. Preset `{study.preset}`, {study.rounds} rounds x {study.local_epochs} local "
            f"epochs (centralized and local-only train {study.rounds * study.local_epochs} epochs), seeds "
            f"{study.seeds}. Every method is scored on each site's own test patients with the site's own test graph; "
-           "global metrics come from summed confusion matrices (exactly the pooled predictions).", "",
-           "## Findings (mean ± std over seeds)", ""]
-    md += [f"- {line}" for line in headline(study, summary)] + [""]
+           "global metrics come from summed confusion matrices (exactly the pooled predictions). Paired / unpaired "
+           "MCC: test patients with all / not all of the cell's modalities after the simulated missingness.", "",
+           f"**Statistics.** {STATISTICS_NOTE} This report makes {len(comparisons)} comparisons; each interval is a "
+           "95% interval on its own (no correction for multiplicity), so about one in twenty comparisons without a "
+           "real difference is expected to read \"helps\" or \"hurts\" by chance.", "", FINDINGS, ""]
+    md += headline(study, summary, comparisons) + [""]
     md += [f"![{p.stem}]({p.name})" for p in figures] + [""]
-    md += ["## Table", "", _markdown_table(table[cols]), "",
-           f"Per-seed rows: `{study.name}_tidy.csv`; summary: `{study.name}_summary.json`. Rerun with the same "
-           "command to resume; finished cells are not run again.", ""]
+    md += ["## Table", "", _markdown_table(table[cols]), ""]
+    if (comparisons["n"] > 0).any():
+        comp = comparisons[comparisons["n"] > 0].copy()
+        comp["a"] = [f"{method_label(m)} @ {c}" for m, c in zip(comp["method"], comp["cell"])]
+        comp["b"] = [f"{method_label(m)} @ {c}" for m, c in zip(comp["method_b"], comp["cell_b"])]
+        comp["a − b"] = comp["mean_diff"].map(lambda v: _f(v, sign=True))
+        comp["95% CI"] = [_interval(lo, hi, sign=True) for lo, hi in zip(comp["ci_low"], comp["ci_high"])]
+        comp["p (paired t)"] = comp["p_value"].map(lambda v: ("< 0.001" if v < 0.001 else f"{v:.3f}")
+                                                    if st.is_finite(v) else "")
+        md += ["## Paired comparisons (MCC)", "",
+               _markdown_table(comp[["a", "b", "n", "a − b", "95% CI", "p (paired t)", "verdict"]]), ""]
+    md += [f"Per-seed rows: `{study.name}_tidy.csv`; summary (mean, sample std, 95% CI and n per cell and method, and "
+           f"every paired comparison): `{study.name}_summary.json`. Rerun with the same command to resume; finished "
+           "cells are not run again.", ""]
     path = out / f"{study.name}_report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def _f(v: Any, sign: bool = False) -> str:
+    return "" if not st.is_finite(v) else (f"{v:+.3f}" if sign else f"{v:.3f}")
+
+
+def _interval(lo: Any, hi: Any, sign: bool = False) -> str:
+    return f"{_f(lo, sign)} to {_f(hi, sign)}" if st.is_finite(lo) and st.is_finite(hi) else ""
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -295,6 +456,34 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     sep = "|" + "---|" * len(frame.columns)
     rows = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([head, sep, *rows])
+
+
+def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wall_seconds: float = float("nan")
+                  ) -> Path:
+    """Tidy CSV (per-seed rows), summary JSON (mean, std, CI, n and the comparisons), figures and the report."""
+    df.to_csv(out / f"{study.name}_tidy.csv", index=False)
+    summary = summary_frame(df)
+    comparisons = comparisons_frame(study, df)
+    write_json(out / f"{study.name}_summary.json",
+               {"study": study.name, "seeds": study.seeds, "methods": study.methods, "statistics": STATISTICS_NOTE,
+                "rows": summary.to_dict(orient="records"), "comparisons": comparisons.to_dict(orient="records"),
+                "wall_seconds": wall_seconds})
+    figures = plot_study(study, summary, out)
+    return write_report(study, summary, comparisons, figures, out, data_note)
+
+
+def reanalyse(study: Study, tidy_csv: Path, out: Path, data_note: str, drop_groups: bool = False) -> Path:
+    """Rewrite summary, figures and report from an existing tidy CSV (no training). ``drop_groups`` blanks the
+    paired/unpaired columns, e.g. for runs made before the paired flag was recomputed after missingness."""
+    df = pd.read_csv(tidy_csv, keep_default_na=False, na_values=[""])
+    df["error"] = df["error"].fillna("")
+    df["group"] = df["group"].fillna("")
+    if drop_groups:
+        df[["paired_mcc", "unpaired_mcc"]] = np.nan
+    study = study.model_copy(update={"seeds": sorted(int(s) for s in df["seed"].unique())})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.toml").write_text(tomli_w.dumps(study.model_dump(mode="json", exclude_none=True)))
+    return write_outputs(study, df, out, data_note)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -318,7 +507,7 @@ def run(args: argparse.Namespace) -> int:
         study = study.model_copy(update={"seeds": parse_seeds(args.seeds)})
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study.toml").write_text(tomli_w.dumps(study.model_dump(exclude_none=True)))
+    (out / "study.toml").write_text(tomli_w.dumps(study.model_dump(mode="json", exclude_none=True)))
     for cell in study.cells:
         resolve_dataset(args.data, cell.dataset or study.dataset)
     total = len(study.cells) * len(study.seeds) * len(study.methods) * study.rounds
@@ -326,23 +515,20 @@ def run(args: argparse.Namespace) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task(study.name, total=total)
-        for cell in study.cells:
-            for seed in study.seeds:
+        for seed in study.seeds:  # seed-major: an interrupted study has whole seeds for every cell
+            for cell in study.cells:
                 done = [m for m in study.methods if cell_result_path(out, cell, m, seed).exists()]
                 progress.update(task, description=f"{study.name} {cell.id} seed {seed}")
                 progress.advance(task, len(done) * study.rounds)
                 run_cell_seed(study, cell, seed, args.data, out, args.engine,
                               advance=lambda n: progress.advance(task, n))
     df = tidy_frame(study, out)
-    df.to_csv(out / f"{study.name}_tidy.csv", index=False)
-    summary = summary_frame(df)
-    write_json(out / f"{study.name}_summary.json",
-               {"study": study.name, "seeds": study.seeds, "rows": summary.to_dict(orient="records"),
-                "wall_seconds": time.perf_counter() - t0})
-    figures = plot_study(study, summary, out)
-    report = write_report(study, df, summary, figures, out, f"`{study.dataset}` (real TCGA data from {args.data})")
-    for line in headline(study, summary):
-        console.print("- " + line.replace("**", ""))
-    console.print(f"wrote {out}/{study.name}_tidy.csv, _summary.json, {', '.join(p.name for p in figures)}, "
-                  f"{report.name} ({time.perf_counter() - t0:.0f} s)")
+    report = write_outputs(study, df, out, f"`{study.dataset}` (real TCGA data from {args.data})",
+                           wall_seconds=time.perf_counter() - t0)
+    findings = report.read_text().split(FINDINGS, 1)[1].split("\n## ", 1)[0]
+    for line in findings.splitlines():
+        if line.strip() and not line.startswith("!["):
+            console.print(line.replace("**", ""))
+    console.print(f"wrote {out}/{study.name}_tidy.csv, _summary.json, _mcc.png, {report.name} "
+                  f"({time.perf_counter() - t0:.0f} s)")
     return 0

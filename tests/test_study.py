@@ -1,13 +1,19 @@
-"""Studies: a small grid runs end to end on real data, is resumable, and reruns from its files to the same CSV."""
+"""Studies: a small grid runs end to end on real data, is resumable, reruns from its files to the same CSV, and its
+report's sentences follow from the paired statistics."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
+import pytest
 
+from magnet_core.data import DataError
+from simulations import statistics as st
 from simulations.cli import main
-from simulations.study import builtin_studies, load_study
+from simulations.simulate import METHODS
+from simulations.study import builtin_studies, comparisons_frame, load_study, method_pairs, write_outputs
 
 STUDY = """
 name = "tiny"
@@ -16,7 +22,7 @@ dataset = "tcga-ov-magnet"
 preset = "ov"
 rounds = 2
 local_epochs = 1
-seeds = [10]
+seeds = [10, 20]
 x_label = "sites"
 
 [[cells]]
@@ -28,6 +34,11 @@ scenario = { num_sites = 2, partition = "iid" }
 id = "no-mirna"
 x = 3
 scenario = { num_sites = 3, partition = "iid", sites = { "2" = { miRNA = "absent" } } }
+
+[[contrasts]]
+a = "no-mirna"
+b = "two-sites"
+label = "losing miRNA at one of 3 sites"
 """
 
 
@@ -37,26 +48,95 @@ def test_study_runs_resumes_and_reruns_from_its_files(data_root, tmp_path):
     out = tmp_path / "out"
     assert main(["study", "--data", str(data_root), "--study", str(spec), "--out", str(out)]) == 0
     tidy = pd.read_csv(out / "tiny_tidy.csv")
-    assert len(tidy) == 2 * 4  # cells x methods x seeds
+    assert len(tidy) == 2 * 4 * 2  # cells x methods x seeds, one row per seed
     assert set(tidy["method"]) == {"centralized", "local_only", "fedavg_plain", "federated"}
     assert tidy["error"].isna().all() and tidy["mcc"].notna().all()
+    # site 2 of "no-mirna" has no miRNA: its test patients are unpaired, so the groups differ from "all"
+    sub = tidy[tidy["cell"] == "no-mirna"]
+    assert sub["unpaired_mcc"].notna().all() and (sub["paired_mcc"] != sub["mcc"]).any()
     for name in ("tiny_mcc.png", "tiny_report.md", "tiny_summary.json", "study.toml"):
         assert (out / name).stat().st_size > 100, name
-    assert "Findings (mean ± std over seeds)" in (out / "tiny_report.md").read_text()
-    cell_files = sorted((out / "cells").rglob("*-seed10.json"))
+    report = (out / "tiny_report.md").read_text()
+    summary = json.loads((out / "tiny_summary.json").read_text())
+    assert {r["cell"] for r in summary["rows"]} == {"two-sites", "no-mirna"}
+    for row in summary["rows"]:  # mean, sample std, t interval and n, from the tidy rows
+        values = tidy[(tidy["cell"] == row["cell"]) & (tidy["method"] == row["method"])]["mcc"]
+        assert row["mcc_n"] == 2 and row["mcc_std"] == pytest.approx(float(np.std(values, ddof=1)))
+        assert row["mcc_ci_low"] == pytest.approx(st.cell_stats(values.tolist()).ci_low)
+    assert len(summary["comparisons"]) == 2 * 5 + 4  # per cell 5 method pairs; the contrast for 4 methods
+    for comp in summary["comparisons"]:  # every verdict and sentence follows from its paired interval
+        c = st.PairedComparison(comp["n"], comp["mean_diff"], comp["std_diff"], _nan(comp["ci_low"]),
+                                _nan(comp["ci_high"]), _nan(comp["p_value"]), tuple(comp["units"]))
+        assert comp["n"] == 2 and comp["units"] == [10, 20]
+        assert comp["verdict"] == st.verdict(c.ci_low, c.ci_high)
+        label = {"federated": "modality-aware FedAvg", "fedavg_plain": "plain FedAvg", "centralized": "centralized",
+                 "local_only": "local-only"}
+        if comp["kind"] == "methods":
+            assert st.comparison_sentence(label[comp["method"]], label[comp["method_b"]], c) in report
+        else:
+            assert st.comparison_sentence(f"{label[comp['method']]}, no-mirna", "two-sites", c,
+                                          words=("higher", "lower")) in report
+    assert "sample standard deviation (ddof = 1)" in report and "95% t interval" in report
+    cell_files = sorted((out / "cells").rglob("*-seed*.json"))
     stamps = [p.stat().st_mtime_ns for p in cell_files]
     before = (out / "tiny_tidy.csv").read_text()
     # rerun from the study's own copy of its spec: nothing is trained again, the CSV is identical
     assert main(["study", "--data", str(data_root), "--study", str(out / "study.toml"), "--out", str(out)]) == 0
     assert [p.stat().st_mtime_ns for p in cell_files] == stamps
     assert (out / "tiny_tidy.csv").read_text() == before
-    summary = json.loads((out / "tiny_summary.json").read_text())
-    assert {r["cell"] for r in summary["rows"]} == {"two-sites", "no-mirna"}
+
+
+def _nan(v):
+    return float("nan") if v is None else v
+
+
+def test_new_methods_join_comparisons_report_and_figure(tmp_path):
+    """A strategy added to simulate.METHODS later (e.g. "fedprox") is compared and plotted with no other change."""
+    methods = ["centralized", "local_only", "fedavg_plain", "federated", "fedprox"]
+    pairs = method_pairs(methods)
+    assert {("fedprox", "local_only"), ("fedprox", "centralized"), ("fedprox", "fedavg_plain"),
+            ("federated", "fedavg_plain")} <= set(pairs)
+    assert ("fedavg_plain", "fedavg_plain") not in pairs
+    assert all(a not in ("centralized", "local_only") for a, _ in pairs)
+    study = load_study_text(tmp_path, STUDY.replace('x_label = "sites"', f'x_label = "sites"\ntarget_gap = 0.03'))
+    study = study.model_copy(update={"methods": methods})
+    rng = np.random.default_rng(0)
+    rows = [{"study": "tiny", "cell": c.id, "group": c.group, "x": c.x, "dataset": "d", "method": m, "seed": s,
+             "mcc": 0.5 + 0.1 * (m == "fedprox") + rng.normal(0, 0.01), "acc": 0.7, "f1": 0.6, "paired_mcc": 0.5,
+             "unpaired_mcc": np.nan, "seconds_per_round": 0.1, "error": ""}
+            for c in study.cells for m in methods for s in (10, 20, 30)]
+    report = write_outputs(study, pd.DataFrame(rows), tmp_path, "synthetic rows for a wording test").read_text()
+    assert "fedprox vs local-only: **helps** (+0.0" in report and "fedprox vs plain FedAvg: **helps**" in report
+    assert "target (at or above local-only and within 0.03 of centralized, on the means) **met** by the best " \
+           "trained method, fedprox: vs local-only +0.0" in report
+    assert (tmp_path / "tiny_mcc.png").stat().st_size > 1000
+    comps = comparisons_frame(study, pd.DataFrame(rows))
+    assert set(comps[comps["kind"] == "cells"]["method"]) == set(methods)
+
+
+def load_study_text(tmp_path, text):
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    return load_study(path)
+
+
+def test_study_files_are_checked(tmp_path):
+    bad = {STUDY.replace('seeds = [10, 20]', 'seeds = [10, 20]\nmethods = ["federated", "fedprx"]'): "unknown methods",
+           STUDY.replace('b = "two-sites"', 'b = "two-site"'): "contrasts[0] names cell 'two-site'",
+           STUDY.replace('id = "no-mirna"', 'id = "two-sites"').replace('b = "two-sites"\n', 'b = "two-sites"\n'):
+               "cell ids must be unique",
+           STUDY.replace('miRNA = "absent"', 'miRNA = { by = "label" }'): "rates: Field required"}
+    for text, message in bad.items():
+        with pytest.raises(DataError, match=message.replace("[", "\\[").replace("(", "\\(")):
+            load_study_text(tmp_path, text)
 
 
 def test_builtin_studies_are_valid():
     names = set(builtin_studies())
-    assert {"rate", "heterogeneity", "stress", "sites", "extensibility"} <= names
+    assert {"rate", "heterogeneity", "stress", "sites", "extensibility", "mnar", "gap"} <= names
     for name in names:
         study = load_study(name)
-        assert len(study.seeds) >= 3 and study.cells
+        assert len(study.seeds) >= 5 and study.cells
+    gap = load_study("gap")
+    assert gap.methods == list(METHODS) and gap.target_gap == 0.03
+    assert {c.dataset for c in gap.cells} == {"tcga-brca-rjive", "tcga-ov-magnet", "tcga-brca-mixomics"}

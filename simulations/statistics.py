@@ -1,0 +1,188 @@
+"""Study statistics: per-cell mean, sample std and 95% t interval; paired comparisons; headline wording."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+Verdict = Literal["helps", "hurts", "no difference detected"]
+
+
+@dataclass(frozen=True)
+class CellStats:
+    """Summary of one cell's per-seed values: n, mean, sample std (ddof=1) and a t interval for the mean."""
+
+    n: int
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """``a - b`` over the units (seeds) where both exist: mean difference, its t interval and paired t-test."""
+
+    n: int
+    mean_diff: float
+    std_diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float  # two-sided paired t-test (scipy.stats.ttest_rel); nan if undefined (n < 2 or no variation)
+    units: tuple  # the keys that were paired, in order
+
+    @property
+    def verdict(self) -> Verdict:
+        return verdict(self.ci_low, self.ci_high)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["units"] = list(self.units)
+        d["verdict"] = self.verdict
+        return d
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Two-sided t interval for the mean (sample std, n - 1 degrees of freedom); (nan, nan) below 2 values."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    if n < 2:
+        return math.nan, math.nan
+    mean, sd = float(x.mean()), float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def cell_stats(values: Sequence[float], confidence: float = CONFIDENCE) -> CellStats:
+    """Mean, sample std (ddof=1) and t interval of the finite values (nan fields when there are none)."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return CellStats(0, math.nan, math.nan, math.nan, math.nan)
+    lo, hi = t_interval(x, confidence)
+    return CellStats(n, float(x.mean()), float(x.std(ddof=1)) if n > 1 else math.nan, lo, hi)
+
+
+def paired_comparison(a: Mapping, b: Mapping, confidence: float = CONFIDENCE) -> PairedComparison:
+    """``a - b`` paired by key (a seed, or (seed, split)); keys missing or non-finite on either side are left out."""
+    keys = tuple(k for k in a if k in b and is_finite(a[k]) and is_finite(b[k]))
+    try:
+        keys = tuple(sorted(keys))
+    except TypeError:  # mixed key types: keep a's order
+        pass
+    d = np.array([float(a[k]) - float(b[k]) for k in keys], dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        return PairedComparison(0, math.nan, math.nan, math.nan, math.nan, math.nan, keys)
+    mean = float(d.mean())
+    if n == 1:
+        return PairedComparison(1, mean, math.nan, math.nan, math.nan, math.nan, keys)
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:  # the same difference on every seed: the interval is that point, the t-test is undefined
+        return PairedComparison(n, mean, 0.0, mean, mean, math.nan, keys)
+    lo, hi = t_interval(d, confidence)
+    p = float(stats.ttest_rel([float(a[k]) for k in keys], [float(b[k]) for k in keys]).pvalue)
+    return PairedComparison(n, mean, sd, lo, hi, p, keys)
+
+
+def verdict(ci_low: float, ci_high: float) -> Verdict:
+    """"helps" if the interval of a - b lies above 0, "hurts" if below, otherwise no difference detected."""
+    if np.isfinite(ci_low) and ci_low > 0:
+        return "helps"
+    if np.isfinite(ci_high) and ci_high < 0:
+        return "hurts"
+    return "no difference detected"
+
+
+def is_finite(v: object) -> bool:
+    """A real, finite number (None, strings and nan are not)."""
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ wording
+
+
+def fmt_stats(s: CellStats, digits: int = 3) -> str:
+    """``0.707 ± 0.023 (95% CI 0.650 to 0.764, n = 5)``; sample std; CI omitted below 2 values."""
+    if s.n == 0:
+        return "n/a"
+    if s.n == 1:
+        return f"{s.mean:.{digits}f} (n = 1)"
+    return (f"{s.mean:.{digits}f} ± {s.std:.{digits}f} "
+            f"(95% CI {s.ci_low:.{digits}f} to {s.ci_high:.{digits}f}, n = {s.n})")
+
+
+def fmt_difference(c: PairedComparison, metric: str = "MCC", unit: str = "seeds", digits: int = 3) -> str:
+    """The numbers of a paired difference, e.g.
+    ``+0.061 MCC, 95% CI +0.020 to +0.102, paired t-test p = 0.015, n = 5 seeds``."""
+    if c.n == 0:
+        return "no paired runs"
+    if c.n == 1:
+        return f"{c.mean_diff:+.{digits}f} {metric}, n = 1 {unit.rstrip('s')}: no interval"
+    if c.std_diff == 0.0:
+        return f"{c.mean_diff:+.{digits}f} {metric} on every one of n = {c.n} {unit}"
+    return (f"{c.mean_diff:+.{digits}f} {metric}, 95% CI {c.ci_low:+.{digits}f} to {c.ci_high:+.{digits}f}, "
+            f"paired t-test {_fmt_p(c.p_value)}, n = {c.n} {unit}")
+
+
+def comparison_sentence(a_label: str, b_label: str, c: PairedComparison, metric: str = "MCC",
+                        unit: str = "seeds", words: tuple[str, str] = ("helps", "hurts")) -> str:
+    """``A vs B: **helps** (+0.061 MCC, 95% CI ...)`` or ``A vs B: no difference detected (...)``.
+
+    "helps"/"hurts" (or other ``words``, e.g. higher/lower) only when the paired interval excludes 0."""
+    if c.n >= 2 and c.std_diff == 0.0 and c.mean_diff == 0.0:
+        return f"{a_label} vs {b_label}: no difference detected (identical {metric} on all {c.n} {unit})"
+    if c.n < 2:
+        return f"{a_label} vs {b_label}: no difference detected ({fmt_difference(c, metric, unit)})"
+    v = c.verdict
+    word = {"helps": f"**{words[0]}**", "hurts": f"**{words[1]}**"}.get(v, v)
+    return f"{a_label} vs {b_label}: {word} ({fmt_difference(c, metric, unit)})"
+
+
+def _fmt_p(p: float) -> str:
+    if not np.isfinite(p):
+        return "p n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+# ------------------------------------------------------------------------------------------------ frames
+
+
+def summarize_groups(df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
+    """One row per group of ``keys``: ``<metric>_{mean,std,ci_low,ci_high,n}`` from the per-seed rows."""
+    rows = []
+    for key, g in df.groupby(list(keys), sort=False, dropna=False):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        for m in metrics:
+            values = pd.to_numeric(g[m], errors="coerce").tolist() if m in g else []
+            s = cell_stats(values)
+            row.update({f"{m}_mean": s.mean, f"{m}_std": s.std, f"{m}_ci_low": s.ci_low, f"{m}_ci_high": s.ci_high,
+                        f"{m}_n": s.n})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def values_by_unit(df: pd.DataFrame, metric: str, unit: str | Sequence[str] = "seed") -> dict:
+    """``{unit value: metric}`` for the rows of ``df`` (one row per unit; non-finite values are left out)."""
+    cols = [unit] if isinstance(unit, str) else list(unit)
+    out = {}
+    for row in df[cols + [metric]].itertuples(index=False):
+        key = row[0] if len(cols) == 1 else tuple(row[: len(cols)])
+        value = pd.to_numeric(row[-1], errors="coerce")
+        if is_finite(value):
+            if key in out:
+                raise ValueError(f"more than one row for {dict(zip(cols, key if len(cols) > 1 else (key,)))}")
+            out[key] = float(value)
+    return out

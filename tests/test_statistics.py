@@ -1,0 +1,95 @@
+"""Study statistics: sample std, t intervals checked by hand, paired comparisons and the headline wording."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from simulations import statistics as st
+
+T_975_DF4 = 2.7764451051977987  # Student t quantile 0.975 with 4 degrees of freedom (tables: 2.776)
+T_975_DF2 = 4.302652729911275  # ... with 2 degrees of freedom (tables: 4.303)
+
+
+def test_cell_stats_by_hand_with_sample_std():
+    values = [0.6, 0.7, 0.8, 0.75, 0.65]  # mean 0.7; squared deviations sum to 0.025
+    s = st.cell_stats(values)
+    assert s.n == 5 and s.mean == pytest.approx(0.7)
+    assert s.std == pytest.approx(math.sqrt(0.025 / 4))  # ddof = 1, not the population std
+    assert s.std != pytest.approx(float(np.std(values)))
+    half = T_975_DF4 * math.sqrt(0.025 / 4) / math.sqrt(5)
+    assert (s.ci_low, s.ci_high) == (pytest.approx(0.7 - half), pytest.approx(0.7 + half))
+    assert st.fmt_stats(s) == f"0.700 ± 0.079 (95% CI {0.7 - half:.3f} to {0.7 + half:.3f}, n = 5)"
+
+
+def test_cell_stats_ignores_missing_values_and_handles_small_n():
+    s = st.cell_stats([0.5, None, float("nan"), 0.7])
+    assert s.n == 2 and s.mean == pytest.approx(0.6)
+    one = st.cell_stats([0.4])
+    assert one.n == 1 and one.mean == 0.4 and math.isnan(one.std) and math.isnan(one.ci_low)
+    assert st.fmt_stats(one) == "0.400 (n = 1)"
+    assert st.cell_stats([]).n == 0 and st.fmt_stats(st.cell_stats([])) == "n/a"
+
+
+def test_paired_comparison_by_hand_and_against_scipy():
+    a = {10: 0.80, 20: 0.75, 30: 0.90, 40: 0.60}
+    b = {10: 0.70, 20: 0.70, 30: 0.78, 50: 0.99}  # seed 40 / 50 have no partner: left out
+    c = st.paired_comparison(a, b)
+    d = np.array([0.10, 0.05, 0.12])
+    assert c.n == 3 and c.units == (10, 20, 30)
+    assert c.mean_diff == pytest.approx(d.mean()) and c.std_diff == pytest.approx(d.std(ddof=1))
+    half = T_975_DF2 * d.std(ddof=1) / math.sqrt(3)
+    assert (c.ci_low, c.ci_high) == (pytest.approx(d.mean() - half), pytest.approx(d.mean() + half))
+    assert c.p_value == pytest.approx(stats.ttest_rel([0.80, 0.75, 0.90], [0.70, 0.70, 0.78]).pvalue)
+    assert c.ci_low > 0 and c.verdict == "helps" and c.p_value < 0.05
+
+
+def test_interval_and_test_agree_and_sign_logic():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = dict(enumerate(rng.normal(0.7, 0.05, size=5)))
+        b = {k: v + rng.normal(0.02, 0.04) for k, v in a.items()}
+        c = st.paired_comparison(a, b)
+        excludes_zero = c.ci_low > 0 or c.ci_high < 0
+        assert excludes_zero == (c.p_value < 0.05)  # the t interval and the paired t-test tell the same story
+        assert c.verdict == ("helps" if c.ci_low > 0 else "hurts" if c.ci_high < 0 else "no difference detected")
+    assert st.verdict(0.01, 0.2) == "helps" and st.verdict(-0.2, -0.01) == "hurts"
+    assert st.verdict(-0.01, 0.2) == "no difference detected"
+    assert st.verdict(math.nan, math.nan) == "no difference detected"
+
+
+def test_headline_wording():
+    helps = st.paired_comparison({1: 0.8, 2: 0.82, 3: 0.79}, {1: 0.7, 2: 0.71, 3: 0.70})
+    text = st.comparison_sentence("modality-aware FedAvg", "local-only", helps)
+    assert text.startswith("modality-aware FedAvg vs local-only: **helps** (+0.100 MCC, 95% CI +0.")
+    assert "paired t-test p = 0.00" in text and text.endswith("n = 3 seeds)")
+    hurts = st.paired_comparison({1: 0.6, 2: 0.62, 3: 0.59}, {1: 0.7, 2: 0.71, 3: 0.70})
+    assert ": **hurts** (-0.100 MCC" in st.comparison_sentence("A", "B", hurts)
+    assert ": **lower** (-0.100 MCC" in st.comparison_sentence("A", "B", hurts, words=("higher", "lower"))
+    unclear = st.paired_comparison({1: 0.7, 2: 0.6, 3: 0.8}, {1: 0.65, 2: 0.66, 3: 0.7})
+    text = st.comparison_sentence("A", "B", unclear)
+    assert text.startswith("A vs B: no difference detected (+0.030 MCC, 95% CI -0.")
+    assert "helps" not in text and "hurts" not in text
+    same = st.paired_comparison({1: 0.7, 2: 0.6}, {1: 0.7, 2: 0.6})
+    assert st.comparison_sentence("A", "B", same) == "A vs B: no difference detected (identical MCC on all 2 seeds)"
+    single = st.paired_comparison({1: 0.9}, {1: 0.1})
+    assert st.comparison_sentence("A", "B", single) == ("A vs B: no difference detected (+0.800 MCC, n = 1 seed: "
+                                                        "no interval)")
+    constant = st.paired_comparison({1: 0.7, 2: 0.6}, {1: 0.6, 2: 0.5})  # +0.1 on every seed: a point interval
+    assert constant.verdict == "helps" and "on every one of n = 2 seeds" in st.comparison_sentence("A", "B", constant)
+
+
+def test_frames():
+    df = pd.DataFrame({"cell": ["c"] * 4, "method": ["m", "m", "n", "n"], "seed": [1, 2, 1, 2],
+                       "mcc": [0.5, 0.7, 0.4, np.nan]})
+    s = st.summarize_groups(df, ["cell", "method"], ["mcc"]).set_index("method")
+    assert s.loc["m", "mcc_n"] == 2 and s.loc["m", "mcc_mean"] == pytest.approx(0.6)
+    assert s.loc["m", "mcc_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert s.loc["n", "mcc_n"] == 1 and math.isnan(s.loc["n", "mcc_std"])
+    assert st.values_by_unit(df[df["method"] == "n"], "mcc") == {1: 0.4}
+    with pytest.raises(ValueError, match="more than one row"):
+        st.values_by_unit(df, "mcc")
