@@ -92,3 +92,6 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on local test patients; reply confusion counts and score histograms only."""
     return logged(msg, context, "evaluate")
+
+
+from . import secure  # noqa: E402,F401  registers the secure-aggregation handlers (train.secagg, query.secagg_*)

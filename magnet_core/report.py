@@ -22,7 +22,6 @@ from .synthetic import GENERATED_NOTICE
 
 REPORT_FILE = "report.html"
 SITE_LOG_FILE = "site_log.jsonl"
-TEMPLATES = Path(__file__).parent / "templates"
 METRICS = ("mcc", "acc", "f1", "auroc", "auprc")
 GROUPS = ("", "paired_", "unpaired_")
 METHOD_ORDER = ("federated", "fedavg_plain", "centralized", "local_only")
@@ -740,9 +739,11 @@ def figure_traffic(entries: list[dict]) -> str | None:
 
 
 def _env():
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+    from jinja2 import DictLoader, Environment, StrictUndefined, select_autoescape
 
-    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(default=True),
+    from .report_templates import TEMPLATES
+
+    env = Environment(loader=DictLoader(TEMPLATES), autoescape=select_autoescape(default=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _fmt
     env.filters["show"] = lambda v: "none" if v in ({}, [], None) else _describe(v)

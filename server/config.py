@@ -93,6 +93,9 @@ class FederatedConfig(BaseModel):
     def _dp_needs_the_mean(self) -> "FederatedConfig":
         if self.dp_clip_norm > 0 and self.robust != "mean":
             raise ValueError("differential privacy bounds each site's influence on a mean: use robust='mean'")
+        if self.secagg and self.dp_clip_norm > 0:
+            raise ValueError("secure aggregation with differential privacy (noise added at the sites) is not "
+                             "implemented yet: turn one of them off")
         if self.secagg and self.robust != "mean":
             raise ValueError("secure aggregation reveals only the sum: robust aggregation needs individual updates")
         return self

@@ -1,4 +1,66 @@
-{% extends "base.html.j2" %}
+"""The run report's Jinja2 templates, kept as Python strings: Flower's app bundles (FABs) carry only .py,
+.toml, .md, .json and .yaml files, and the ServerApp writes the report from the bundle in deployment."""
+
+TEMPLATES: dict[str, str] = {
+    'base.html.j2': r'''<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="magnet-fl report">
+<title>{% block title %}{% endblock %}</title>
+<style>
+  :root { --fg: #1d2330; --muted: #5b6472; --line: #d8dde5; --bg: #ffffff; --soft: #f4f6f9; --warn: #8a4b00;
+          --warnbg: #fff3dc; --bad: #a31d1d; --badbg: #fde8e8; --ok: #1f6b36; }
+  * { box-sizing: border-box; }
+  body { margin: 0; color: var(--fg); background: var(--bg); font: 14px/1.45 system-ui, -apple-system, "Segoe UI",
+         "DejaVu Sans", sans-serif; }
+  header { padding: 18px 28px 10px; border-bottom: 1px solid var(--line); }
+  header h1 { margin: 0 0 4px; font-size: 22px; }
+  header p { margin: 2px 0; color: var(--muted); }
+  nav { padding: 8px 28px; background: var(--soft); border-bottom: 1px solid var(--line); position: sticky; top: 0; }
+  nav a { margin-right: 16px; color: var(--fg); text-decoration: none; font-weight: 600; }
+  main { padding: 6px 28px 40px; max-width: 1280px; }
+  section { margin-top: 22px; }
+  h2 { font-size: 18px; border-bottom: 2px solid var(--line); padding-bottom: 4px; }
+  h3 { font-size: 15px; margin: 16px 0 6px; }
+  table { border-collapse: collapse; margin: 6px 0 12px; font-size: 13px; }
+  th, td { border: 1px solid var(--line); padding: 3px 8px; text-align: left; vertical-align: top; }
+  th { background: var(--soft); font-weight: 600; }
+  td.reason { min-width: 340px; max-width: 560px; }
+  td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+  code, .mono { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12px; word-break: break-all; }
+  .banner { margin: 10px 28px 0; padding: 10px 14px; border: 2px solid #d99a2b; background: var(--warnbg);
+            color: var(--warn); font-weight: 700; }
+  .muted { color: var(--muted); }
+  .bad { color: var(--bad); }
+  .ok { color: var(--ok); }
+  .tag { display: inline-block; white-space: nowrap; padding: 0 6px; margin: 1px 2px; border-radius: 3px; background: var(--soft);
+         border: 1px solid var(--line); font-size: 12px; }
+  .tag.bad { background: var(--badbg); border-color: #f2b8b8; }
+  .withheld { color: var(--muted); font-style: italic; }
+  img.fig { max-width: 100%; border: 1px solid var(--line); margin: 6px 0; }
+  details { margin: 6px 0; }
+  summary { cursor: pointer; font-weight: 600; }
+  .note { background: var(--soft); border-left: 3px solid var(--line); padding: 6px 10px; margin: 8px 0; }
+</style>
+</head>
+<body>
+<header>
+  <h1>{% block heading %}{% endblock %}</h1>
+  {% block subheading %}{% endblock %}
+</header>
+{% if generated %}
+<div class="banner" id="generated-notice">{{ generated_notice }}: every number below comes from generated data.</div>
+{% endif %}
+<nav>{% block nav %}{% endblock %}</nav>
+<main>
+{% block content %}{% endblock %}
+</main>
+</body>
+</html>
+''',
+    'report.html.j2': r'''{% extends "base.html.j2" %}
 {% set generated = r.generated %}
 {% macro metric(m) -%}
 {{ m.value|num }}{% if m.low is not none and m.high is not none %} <span class="muted">[{{ m.low|num }}, {{ m.high|num }}]</span>{% endif %}
@@ -167,3 +229,82 @@
 </table>
 </section>
 {% endblock %}
+''',
+    'site_report.html.j2': r'''{% extends "base.html.j2" %}
+{% macro items_table(items) -%}
+<table>
+<tr><th>name</th><th>kind</th><th>shape</th><th>size</th></tr>
+{% for it in items %}<tr><td><code>{{ it.name }}</code></td><td>{{ it.kind }}</td><td class="mono">{{ it.shape }}</td><td class="n">{{ it.bytes|bytes }}</td></tr>
+{% else %}<tr><td colspan="4" class="muted">nothing</td></tr>{% endfor %}
+</table>
+{%- endmacro %}
+{% macro kinds(ks) -%}
+{% for k in ks %}<span class="tag">{{ k.kind }}: {{ k.count }} item{{ "s" if k.count != 1 }}, {{ k.bytes|bytes }}</span>{% else %}<span class="muted">nothing</span>{% endfor %}
+{%- endmacro %}
+{% block title %}magnet-fl site report: {{ site }}{% endblock %}
+{% block heading %}Site report: {{ site }}{% endblock %}
+{% block subheading %}
+<p>What this site sent to the coordinator and received from it, message by message: the name, kind, shape and size of everything that left the site, as the site logged it. Values are never logged or shown.</p>
+<p class="muted">Written {{ created }}{% if run_dir %} from the run directory <code>{{ run_dir }}</code>{% endif %}</p>
+{% endblock %}
+{% block nav %}
+<a href="#site-overview">Overview</a><a href="#site-messages">Messages</a><a href="#site-coordinator">Coordinator's record</a>
+{% endblock %}
+{% block content %}
+<section id="site-overview">
+<h2>Overview</h2>
+{% if logs %}
+<table>
+<tr><th>messages answered</th><td class="n">{{ messages }}</td></tr>
+<tr><th>sent by the site in total</th><td class="n">{{ total_sent|bytes }}</td></tr>
+<tr><th>received from the coordinator in total</th><td class="n">{{ total_received|bytes }}</td></tr>
+<tr><th>kinds of what left the site</th><td>{{ kinds(kinds_sent) }}</td></tr>
+</table>
+{% if fig_traffic %}<img class="fig" alt="bytes per round" src="{{ fig_traffic }}">{% endif %}
+{% else %}
+<p class="note">No site log (site_log.jsonl) of this site was found: the ClientApp writes one per site when its node config names a log directory. Below is only what the coordinator recorded about this site.</p>
+{% endif %}
+</section>
+
+<section id="site-messages">
+<h2>Messages, round by round</h2>
+{% for label, rows in logs.items() %}
+<details{% if loop.first %} open{% endif %}>
+<summary>{{ label }}: {{ rows|length }} message(s)</summary>
+<table>
+<tr><th>round</th><th>kind</th><th>time</th><th>sent by the site</th><th>received from the coordinator</th></tr>
+{% for row in rows %}
+<tr><td class="n">{{ row.round }}</td><td>{{ row.kind }}</td><td class="muted">{{ row.time|when }}</td>
+<td>{{ kinds(row.sent_kinds) }}<br><b>{{ row.sent_bytes|bytes }}</b>{% if row.error %}<br><span class="bad">error: {{ row.error }}</span>{% endif %}</td>
+<td>{{ kinds(row.received_kinds) }}<br><b>{{ row.received_bytes|bytes }}</b></td></tr>
+{% endfor %}
+</table>
+{% if rows %}
+{% set last = rows[-1] %}
+<details><summary>every item of the last message (round {{ last.round }}, {{ last.kind }})</summary>
+<h3>sent</h3>{{ items_table(last.sent) }}
+<h3>received</h3>{{ items_table(last.received) }}
+</details>
+{% endif %}
+</details>
+{% else %}
+<p class="muted">No site log.</p>
+{% endfor %}
+</section>
+
+<section id="site-coordinator">
+<h2>The coordinator's record of this site</h2>
+{% if coordinator %}
+<table>
+<tr><th>run</th><th>round</th><th>update</th><th>reason</th><th>evaluated</th></tr>
+{% for c in coordinator %}
+<tr><td>{{ c.run }}</td><td class="n">{{ c.round }}</td><td class="{{ 'bad' if c.status in ('rejected', 'failed') else 'ok' if c.status == 'aggregated' else 'muted' }}">{{ c.status }}</td><td>{{ c.reason }}</td><td>{{ "yes" if c.evaluated else "no" }}</td></tr>
+{% endfor %}
+</table>
+{% else %}
+<p class="muted">The coordinator's run records are not available on the site's side; run <code>magnet-fl report RUN_DIR --site {{ site }}</code> on the coordinator's run directory to add them.</p>
+{% endif %}
+</section>
+{% endblock %}
+''',
+}

@@ -1,0 +1,203 @@
+"""A site's side of secure aggregation on Flower's Message API: train, clip, encode, then mask and unmask."""
+
+# Messages (the server side is server/secure.py; the protocol is magnet_core/secagg.py):
+#   train.secagg          arrays + config + "secagg" (SecAggSetup, this site's secagg id, clip norm, weighting)
+#                         -> "site" {name}, "secagg" KeyAdvert. The site trains, clips its update to the clip norm,
+#                         encodes it (UpdateLayout + two loss slots) and keeps vector and SecAggSite in context.state.
+#   query.secagg_share    KeyBook -> ShareBundle
+#   query.secagg_mask     ShareInbox -> "masked" uint64 array (the only form in which the update leaves the site)
+#   query.secagg_unmask   UnmaskRequest -> UnmaskShares; the site's secrets are then deleted from context.state
+# Nothing individual leaves the site in the clear besides its name and public keys: not its patient counts, not
+# its loss (both travel inside the masked vector).
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from magnet_core.contract import ContractError, RoundConfig, TrainReply
+
+from .app import CONTRACT_ERROR_CODE, DATA_ERROR_CODE, app, error_reply
+
+SECAGG_ERROR_CODE = 4005  # the secure-aggregation exchange cannot go on at this site; the reason says why
+STATE_KEY = "secagg"  # context.state ConfigRecord: round id + serialised SecAggSite (private keys: stays here)
+VECTOR_KEY = "secagg-vector"  # context.state ArrayRecord: this site's encoded update until it is masked
+LOSS_SLOTS = 2  # after the UpdateLayout: loss * training patients, training patients with a finite loss
+
+
+def _secagg():
+    """magnet_core.secagg, imported only after the thread policy (it loads torch; importing client.app must not)."""
+    from magnet_core.threads import apply_thread_policy
+
+    apply_thread_policy()
+    from magnet_core import secagg
+
+    return secagg
+
+
+def site_vector(global_params: Mapping[str, np.ndarray], new_params: Mapping[str, np.ndarray], num_train: int,
+                modality_counts: Mapping[str, int], loss: float | None, clip_norm: float, modality_aware: bool
+                ) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
+    """The site's secure-sum input: its update clipped to ``clip_norm`` (the coordinator cannot check norms under
+    secure aggregation), encoded as count-weighted parameters + block weights, then the loss slots. Also returns
+    the clipped parameters and the norm before clipping (both stay at the site)."""
+    from magnet_core.dp import clip_to_global
+
+    clipped, norm = clip_to_global(new_params, global_params, clip_norm)
+    layout = _secagg().UpdateLayout.from_params(global_params)
+    vec = layout.encode_update(clipped, num_train, modality_counts, modality_aware)
+    tail = [float(loss) * num_train, float(num_train)] if loss is not None else [0.0, 0.0]
+    return np.concatenate([vec, np.asarray(tail, dtype=np.float64)]), clipped, norm
+
+
+def _train_locally(msg: Message, context: Context, cfg: RoundConfig) -> tuple[str, dict[str, np.ndarray], dict]:
+    """(site name, new parameters, train metrics) from the site's own training path (worker or in-process)."""
+    arrays = msg.content["arrays"]
+    if "worker-socket" in context.node_config:  # deployment: the site's persistent worker trains
+        from .worker_link import forward
+
+        metrics, site, new = forward("train", msg.content["config"], arrays, context.node_id, context.node_config)
+        return str(site["name"]), {k: v.numpy() for k, v in new.items()}, dict(metrics)
+    from .handlers import site_for, train_site
+
+    site_for(cfg, context.node_config, context.node_id)
+    metrics, site, new = train_site(cfg, context.node_config, context.node_id, arrays.to_torch_state_dict())
+    return str(site["name"]), {k: v.detach().cpu().numpy() for k, v in new.items()}, dict(metrics)
+
+
+def _stored(context: Context, round_id: str):
+    """This site's SecAggSite of secure sum ``round_id``, from context.state."""
+    sa = _secagg()
+    rec = context.state.config_records.get(STATE_KEY)
+    if rec is None or rec.get("round-id") != round_id:
+        raise sa.SecAggError(f"this site holds no secure-aggregation state for {round_id!r} (it did not train "
+                             "in this round, or it restarted since)")
+    return sa.SecAggSite.from_state(str(rec["site"]))
+
+
+def _store(context: Context, site) -> None:
+    context.state[STATE_KEY] = ConfigRecord({"round-id": site.setup.round_id, "site": site.to_state()})
+
+
+def _forget(context: Context) -> None:
+    for key in (STATE_KEY, VECTOR_KEY):
+        if key in context.state:
+            del context.state[key]
+
+
+def _reply(msg: Message, secagg: dict, arrays: dict[str, np.ndarray] | None = None, site: str | None = None
+           ) -> Message:
+    content = RecordDict({"secagg": ConfigRecord(secagg)})
+    if site is not None:
+        content["site"] = ConfigRecord({"name": site})
+    if arrays is not None:
+        content["masked"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return Message(content=content, reply_to=msg)
+
+
+def _guarded(msg: Message, context: Context, body: Callable[[Mapping[str, Any]], Message]) -> Message:
+    """Clear error replies for every way a stage can fail at the site, and the site's own message log."""
+    from magnet_core.data import DataError
+
+    from .worker_link import WORKER_ERROR_CODE, WorkerFailure
+
+    SecAggError = _secagg().SecAggError
+    try:
+        if "secagg" not in msg.content.config_records:
+            raise ContractError("secure-aggregation message without its 'secagg' record")
+        reply = body(msg.content["secagg"])
+    except SecAggError as exc:
+        _forget(context)
+        reply = error_reply(msg, SECAGG_ERROR_CODE, f"secure aggregation refused: {exc}")
+    except DataError as exc:
+        reply = error_reply(msg, DATA_ERROR_CODE, f"site data rejected: {exc}")
+    except WorkerFailure as exc:
+        code = {"data": DATA_ERROR_CODE, "contract": CONTRACT_ERROR_CODE}.get(exc.kind, WORKER_ERROR_CODE)
+        reply = error_reply(msg, code, exc.reason)
+    except (ContractError, KeyError, ValueError, TypeError) as exc:
+        reply = error_reply(msg, CONTRACT_ERROR_CODE, f"secure-aggregation message rejected: "
+                                                      f"{type(exc).__name__}: {exc}")
+    from .site_log import record
+
+    record(msg, reply, context.node_config)
+    return reply
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+
+@app.train("secagg")
+def secagg_train(msg: Message, context: Context) -> Message:
+    """Stage 0: local epochs from the global weights, update clipped and encoded and kept here; reply keys."""
+
+    def body(rec: Mapping[str, Any]) -> Message:
+        _forget(context)
+        cfg = RoundConfig.decode(msg.content["config"])
+        if "arrays" not in msg.content:
+            raise ContractError("no model weights ('arrays')")
+        sa = _secagg()
+        setup = sa.SecAggSetup.from_record(rec)
+        clip_norm, modality_aware = float(rec["clip-norm"]), bool(rec["modality-aware"])
+        if not clip_norm > 0:
+            raise ContractError(f"clip-norm must be > 0, got {clip_norm}")
+        global_params = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        layout = sa.UpdateLayout.from_params(global_params)
+        expected = layout.length + LOSS_SLOTS
+        if setup.vector_length != expected:
+            raise sa.SecAggError(f"the setup's vector length {setup.vector_length} does not fit the model "
+                                 f"({expected})")
+        name, new, metrics = _train_locally(msg, context, cfg)
+        reply = TrainReply.decode(metrics, {"name": name}, layout.modalities)  # the site checks its own counts
+        vec, _, _ = site_vector(global_params, new, reply.num_examples, reply.modality_counts, reply.loss,
+                                clip_norm, modality_aware)
+        site = sa.SecAggSite(setup, int(rec["site-id"]))
+        _store(context, site)
+        context.state[VECTOR_KEY] = ArrayRecord({"vector": Array(vec)})
+        return _reply(msg, site.advertise().to_record(), site=reply.site)
+
+    return _guarded(msg, context, body)
+
+
+@app.query("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    """Stage 2: Shamir shares of this site's secrets, encrypted for each other site."""
+
+    def body(rec: Mapping[str, Any]) -> Message:
+        site = _stored(context, str(rec["round-id"]))
+        bundle = site.share(_secagg().KeyBook.from_record(rec))
+        _store(context, site)
+        return _reply(msg, bundle.to_record())
+
+    return _guarded(msg, context, body)
+
+
+@app.query("secagg_mask")
+def secagg_mask(msg: Message, context: Context) -> Message:
+    """Stage 3: the masked vector; the plain one is deleted here."""
+
+    def body(rec: Mapping[str, Any]) -> Message:
+        site = _stored(context, str(rec["round-id"]))
+        if VECTOR_KEY not in context.state:
+            raise _secagg().SecAggError("this site holds no update to mask in this round")
+        vec = context.state[VECTOR_KEY]["vector"].numpy()
+        masked = site.mask(_secagg().ShareInbox.from_record(rec), vec)
+        _store(context, site)
+        del context.state[VECTOR_KEY]
+        return _reply(msg, {"site-id": masked.site_id}, arrays={"masked": masked.masked})
+
+    return _guarded(msg, context, body)
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Stage 4: shares that remove the masks of the survivors' sum (never both secrets of one site)."""
+
+    def body(rec: Mapping[str, Any]) -> Message:
+        site = _stored(context, str(rec["round-id"]))
+        shares = site.unmask(_secagg().UnmaskRequest.from_record(rec))
+        _forget(context)  # this round's secrets are no longer needed
+        return _reply(msg, shares.to_record())
+
+    return _guarded(msg, context, body)

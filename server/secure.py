@@ -1,0 +1,291 @@
+"""One training round under secure aggregation on Flower's Message API: the coordinator sees masked vectors only."""
+
+# Stages (the site side is client/secure.py, the protocol magnet_core/secagg.py):
+#   0  train.secagg         global weights + SecAggSetup (planned secagg ids 1..n for the sampled nodes, threshold
+#                           t = n - max dropouts) -> site name + public keys. The site trains, clips, encodes.
+#   1  query.secagg_share   key book of U1 -> encrypted Shamir shares (ShareBundle)
+#   2  query.secagg_mask    each site's inbox -> its masked vector, added at once to the running sum (U3)
+#   3  query.secagg_unmask  survivors / dropped -> shares; the server removes the masks and decodes the sum.
+# A site failing (error reply, no reply, rejected name) before stage 2's reply is left out of the sum; a site of U3
+# failing afterwards is still in it. Fewer than t sites at any stage: the round fails, the model is unchanged.
+
+from __future__ import annotations
+
+import secrets
+import time
+from logging import INFO, WARNING
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from magnet_core.secagg import (
+    KeyAdvert, KeyBook, MaskedInput, SecAggError, SecAggServer, SecAggSetup, ShareBundle, UnmaskShares, UpdateLayout,
+)
+
+from .config import FederatedConfig, RunConfigError
+from .loop import collect
+from .strategy import MagnetFedAvg, to_record
+
+LOSS_SLOTS = 2  # the sites append loss * training patients and training patients (client/secure.py)
+
+
+class _Stage:
+    """Bookkeeping of one exchange: which planned sites answered well, and bytes per site both ways."""
+
+    def __init__(self, magnet: MagnetFedAvg, rnd: int, node_of_sid: Mapping[int, int]):
+        self.magnet, self.rnd, self.node_of_sid = magnet, rnd, dict(node_of_sid)
+        self.sid_of_node = {n: s for s, n in node_of_sid.items()}
+        self.up: dict[int, int] = dict.fromkeys(node_of_sid, 0)
+        self.down: dict[int, int] = dict.fromkeys(node_of_sid, 0)
+
+    def run(self, grid: Grid, action: str, payloads: Mapping[int, tuple[RecordDict, int]], cfg: FederatedConfig,
+            min_replies: int) -> dict[int, Message]:
+        """Send each secagg id its message, collect; returns sid -> good reply (errors and strays recorded)."""
+        msgs = []
+        for sid, (content, down_bytes) in payloads.items():
+            self.down[sid] += down_bytes
+            msgs.append(Message(content=content, message_type=action, dst_node_id=self.node_of_sid[sid],
+                                group_id=str(self.rnd)))
+        replies = collect(grid, msgs, cfg.round_timeout, min_replies, cfg.straggler_grace, self.magnet.destinations)
+        good: dict[int, Message] = {}
+        answered: set[int] = set()
+        for msg in sorted(replies, key=self.magnet.node_of):
+            node = self.magnet.node_of(msg)
+            sid = self.sid_of_node.get(node)
+            if sid is None or sid not in payloads:
+                continue  # not asked at this stage: ignore
+            if sid in answered:
+                good.pop(sid, None)
+                self.magnet._reject(self.rnd, node, f"{action}: more than one reply", "secure-aggregation reply")
+                continue
+            answered.add(sid)
+            if msg.has_error():
+                self.magnet._failed(self.rnd, node, msg)
+                continue
+            good[sid] = msg
+            self.up[sid] += payload_bytes(msg.content)
+        for sid in sorted(set(payloads) - answered):
+            node = self.node_of_sid[sid]
+            label = self.magnet.registry.label(node)
+            self.magnet.report.failed[label] = f"node {node}: no reply to {action} in time"
+            self.magnet.report.nodes[label] = node
+            log(WARNING, "round %d: node %d (%s) did not answer %s", self.rnd, node, label, action)
+        return good
+
+    def reject(self, sid: int, reason: str) -> None:
+        self.magnet._reject(self.rnd, self.node_of_sid[sid], reason, "secure-aggregation reply")
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes a message carries in its records (array data, bytes/str lengths, 8 per number)."""
+    total = 0
+    for rec in content.array_records.values():
+        total += sum(len(a.data) for a in rec.values())
+    for rec in list(content.config_records.values()) + list(content.metric_records.values()):
+        for v in rec.values():
+            items = v if isinstance(v, list) else [v]
+            total += sum(len(x) if isinstance(x, (bytes, str)) else 8 for x in items)
+    return total
+
+
+def _size(rec: ConfigRecord) -> int:
+    return payload_bytes(RecordDict({"secagg": rec}))
+
+
+def _record(rec: Mapping[str, Any], **extra: Any) -> ConfigRecord:
+    return ConfigRecord({**dict(rec), **extra})
+
+
+def effective_max_dropouts(n: int, wanted: int) -> int:
+    """The largest dropout allowance <= ``wanted`` whose threshold n - d stays a majority and >= 2."""
+    d = max(0, min(wanted, n - 2))
+    while d > 0 and not n - d > n // 2:
+        d -= 1
+    return d
+
+
+def secure_train_round(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.ndarray], rnd: int,
+                       config: ConfigRecord, cfg: FederatedConfig) -> dict[str, np.ndarray] | None:
+    """Train one round with secure aggregation; the new global parameters, or None (round failed: model kept).
+    The round's outcome is in ``magnet.report`` (accepted, failed, rejected, screening["secure_aggregation"])."""
+    if magnet.dp is not None:
+        raise RunConfigError("secagg=true with dp-clip-norm > 0: differential privacy under secure aggregation "
+                             "(noise added at the sites) is not implemented yet; turn one of them off")
+    t0 = time.perf_counter()
+    arrays = to_record(params)
+    planned = sorted({int(m.metadata.dst_node_id) for m in magnet.configure_train(rnd, arrays, config, grid)})
+    layout = UpdateLayout.from_params(params)
+    summary: dict[str, Any] = {"status": "failed", "sites": [], "dropped_before_masking": [],
+                               "dropped_after_masking": [], "planned": len(planned)}
+    magnet.report.screening = {"secure_aggregation": summary}
+    try:
+        n = len(planned)
+        if n < max(2, cfg.min_sites):
+            raise SecAggError(f"{n} site(s) available, secure aggregation needs at least {max(2, cfg.min_sites)}")
+        max_drop = effective_max_dropouts(n, cfg.secagg_max_dropouts)
+        if max_drop < cfg.secagg_max_dropouts:
+            log(WARNING, "round %d: secure aggregation over %d sites tolerates %d dropout(s), not %d (the "
+                "threshold must stay a majority)", rnd, n, max_drop, cfg.secagg_max_dropouts)
+        setup = SecAggSetup.for_sites(f"{cfg.fingerprint()[:16]}/round-{rnd}/{secrets.token_hex(8)}",
+                                      list(range(1, n + 1)), layout.length + LOSS_SLOTS, max_drop)
+        summary.update(threshold=setup.threshold, max_dropouts=setup.max_dropouts,
+                       vector_length=setup.vector_length, clip_norm=cfg.secagg_clip_norm)
+        node_of_sid = dict(zip(setup.site_ids, planned))
+        new = _protocol(grid, magnet, params, arrays, rnd, config, cfg, setup, layout, node_of_sid, summary)
+    except SecAggError as exc:
+        summary["error"] = str(exc)
+        magnet.report.accepted = []
+        log(WARNING, "round %d: secure aggregation failed, the global model is unchanged: %s", rnd, exc)
+        return None
+    finally:
+        summary["seconds"] = time.perf_counter() - t0
+    summary["status"] = "aggregated"
+    return new
+
+
+def _protocol(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.ndarray], arrays, rnd: int,
+              config: ConfigRecord, cfg: FederatedConfig, setup: SecAggSetup, layout: UpdateLayout,
+              node_of_sid: dict[int, int], summary: dict) -> dict[str, np.ndarray]:
+    server = SecAggServer(setup)
+    stage = _Stage(magnet, rnd, node_of_sid)
+    t, rid = setup.threshold, setup.round_id
+    wait_for = max(t, min(cfg.min_sites, len(node_of_sid)))
+    base = setup.to_record()
+    modality_aware = cfg.aggregation == "modality-aware"
+
+    # stage 0: train + keys
+    model_bytes = sum(len(a.data) for a in arrays.values())
+    payloads = {}
+    for sid in setup.site_ids:
+        r = _record(base, **{"site-id": sid, "clip-norm": cfg.secagg_clip_norm, "modality-aware": modality_aware})
+        payloads[sid] = (RecordDict({"arrays": arrays, "config": config, "secagg": r}), model_bytes + _size(r))
+    replies = stage.run(grid, "train.secagg", payloads, cfg, wait_for)
+    names: dict[int, str] = {}
+    adverts = []
+    for sid, msg in replies.items():
+        node = node_of_sid[sid]
+        try:
+            name = str(msg.content["site"]["name"])
+            advert = KeyAdvert.from_record(msg.content["secagg"])
+        except Exception as exc:  # noqa: BLE001 - a reply of the wrong shape must not end the run
+            stage.reject(sid, f"malformed reply ({type(exc).__name__}: {exc})")
+            continue
+        problem = magnet._claim(node, name) or ("" if magnet._facts(name) is not None
+                                                 else f"site {name!r} is not enrolled")
+        if not problem and advert.site_id != sid:
+            problem = f"answers as secagg site {advert.site_id}, was told {sid}"
+        if problem:
+            stage.reject(sid, problem)
+            continue
+        names[sid] = name
+        adverts.append(advert)
+    book = server.collect_keys(adverts)
+
+    # stage 1: shares
+    rec = _record(book.to_record(), **{"round-id": rid})
+    payloads = {sid: (RecordDict({"config": config, "secagg": rec}), _size(rec)) for sid in book.keys}
+    bundles = []
+    for sid, msg in stage.run(grid, "query.secagg_share", payloads, cfg, t).items():
+        try:
+            bundle = ShareBundle.from_record(msg.content["secagg"])
+        except Exception as exc:  # noqa: BLE001
+            stage.reject(sid, f"malformed share bundle ({type(exc).__name__}: {exc})")
+            continue
+        if bundle.site_id != sid or set(bundle.ciphertexts) != set(book.keys) - {sid}:
+            stage.reject(sid, "share bundle from the wrong site or for the wrong recipients")
+            continue
+        bundles.append(bundle)
+    inboxes = server.route_shares(bundles)
+
+    # stage 2: masked vectors, summed as they arrive
+    payloads = {}
+    for sid, inbox in inboxes.items():
+        r = _record(inbox.to_record(), **{"round-id": rid})
+        payloads[sid] = (RecordDict({"config": config, "secagg": r}), _size(r))
+    for sid, msg in stage.run(grid, "query.secagg_mask", payloads, cfg, t).items():
+        try:
+            masked = msg.content["masked"]["masked"].numpy()
+            claimed = int(msg.content["secagg"]["site-id"])
+        except Exception as exc:  # noqa: BLE001
+            stage.reject(sid, f"malformed masked input ({type(exc).__name__}: {exc})")
+            continue
+        if claimed != sid:
+            stage.reject(sid, f"masked input claims secagg site {claimed}, was told {sid}")
+            continue
+        try:
+            server.add_masked(MaskedInput(sid, masked))
+        except SecAggError as exc:  # one bad vector is that site's problem, not the round's
+            stage.reject(sid, str(exc))
+        del masked
+    request = server.unmask_request()
+    summary["dropped_before_masking"] = [names.get(s, f"node{node_of_sid[s]}") for s in request.dropped]
+
+    # stage 3: unmask
+    r = _record(request.to_record(), **{"round-id": rid})
+    payloads = {sid: (RecordDict({"config": config, "secagg": r}), _size(r)) for sid in request.survivors}
+    shares = []
+    for sid, msg in stage.run(grid, "query.secagg_unmask", payloads, cfg, t).items():
+        try:
+            got = UnmaskShares.from_record(msg.content["secagg"])
+        except Exception as exc:  # noqa: BLE001
+            stage.reject(sid, f"malformed unmask shares ({type(exc).__name__}: {exc})")
+            continue
+        if got.site_id != sid or set(got.self_shares) != set(request.survivors) \
+                or set(got.key_shares) != set(request.dropped):
+            stage.reject(sid, "unmask shares from the wrong site or not answering the request")
+            continue
+        shares.append(got)
+    answered = {s.site_id for s in shares}
+    total = server.finish(shares)
+    summary["dropped_after_masking"] = [names[s] for s in request.survivors if s not in answered]
+
+    # decode and check the counts against what the surviving sites enrolled with
+    sites = [names[s] for s in request.survivors]
+    update, tail = total[:layout.length], total[layout.length:]
+    _, wsum = layout.split(update)
+    _check_counts(magnet, layout, wsum, sites, modality_aware)
+    new = layout.decode_mean(update, params)
+    bad = [k for k, v in new.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise SecAggError(f"the decoded mean is not finite in {bad[:3]}")
+    magnet.report.accepted = sites
+    for sid in request.survivors:
+        magnet.report.nodes[names[sid]] = node_of_sid[sid]
+    magnet.report.train_loss = float(tail[0] / tail[1]) if tail[1] > 0.5 else None
+    summary.update(sites=sites, excluded=[names.get(s, magnet.registry.label(node_of_sid[s]))
+                                          for s in setup.site_ids if s not in request.survivors],
+                   model_bytes=model_bytes, weights={"shared": wsum[None], **{m: wsum[m] for m in layout.modalities}},
+                   bytes_per_site={names.get(s, f"node{node_of_sid[s]}"): {"up": stage.up[s],
+                                                                            "down_besides_model": stage.down[s]
+                                                                            - model_bytes}
+                                   for s in setup.site_ids})
+    log(INFO, "round %d: secure aggregation over %d site(s) (threshold %d; dropped before masking %s, after %s)",
+        rnd, len(sites), t, summary["dropped_before_masking"] or "none", summary["dropped_after_masking"] or "none")
+    return new
+
+
+def _check_counts(magnet: MagnetFedAvg, layout: UpdateLayout, wsum: Mapping[str | None, float], sites: list[str],
+                  modality_aware: bool) -> None:
+    """The summed counts must be whole numbers, at least one training patient per site, and within the summed
+    enrolment of the sites in the sum (the coordinator cannot check one site's counts)."""
+    facts = [magnet._facts(s) for s in sites]
+    train_total = sum(f.train for f in facts)
+    bounds: dict[str | None, int] = {None: train_total}
+    for m in layout.modalities:
+        bounds[m] = sum(f.modalities.get(m, f.train) for f in facts) if modality_aware else train_total
+    problems = []
+    for blk, w in wsum.items():
+        label = "training patients" if blk is None else f"count of {blk}"
+        if abs(w - round(w)) > 1e-3 or w < -1e-3:
+            problems.append(f"summed {label} {w:.4f} is not a whole number")
+        elif round(w) > bounds[blk]:
+            problems.append(f"summed {label} {round(w)} exceeds the {bounds[blk]} the sites {sites} enrolled with")
+    if not problems and round(wsum[None]) < len(sites):
+        problems.append(f"summed training patients {round(wsum[None])} < {len(sites)} sites")
+    if problems:
+        for s in sites:
+            magnet.report.rejected[s] = "secure sum rejected: " + "; ".join(problems)
+        raise SecAggError("; ".join(problems))
