@@ -1,4 +1,4 @@
-"""The 5-seed centralized OV run (the paper's protocol): wall time, time per seed, peak RSS, speed-up vs reference."""
+"""The 5-seed centralized OV run (the paper's protocol): measured wall time, time per seed, peak RSS and MCC."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from magnet_core.config import get_preset
-from simulations.centralized import run_centralized
-
-REFERENCE_SECONDS = 215.0  # MAGNET reference code on these files: 5 seeds x ~43 s, measured on this machine
 SEEDS = [10, 20, 30, 40, 50]
+# Figures from elsewhere, printed as such and never divided into a measured time here.
+ELSEWHERE = ("not measured by this script: for these 5 seeds at 1 thread each the MAGNET reference code took 349 s "
+             "and magnet-fl 103 s, measured side by side by the CEO; the two implementations match layer by layer, "
+             "and their test MCC there, 0.240 ± 0.123 (reference) vs 0.299 ± 0.127 (magnet-fl), differs by seed noise")
 
 
 def _default_data() -> str:
@@ -29,27 +27,31 @@ def main() -> None:
     ap.add_argument("--data", default=_default_data(),
                     help="the tcga-ov-magnet folder (default: $MAGNET_FL_DATA/tcga-ov-magnet)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: torch's own choice)")
+                    help="torch intra-op threads (default: the project's thread policy; same as MAGNET_FL_THREADS)")
     args = ap.parse_args()
+    if args.threads:
+        os.environ["MAGNET_FL_THREADS"] = str(args.threads)
+    from magnet_core.threads import apply_thread_policy
+
+    policy = apply_thread_policy()  # before torch is imported
+    from magnet_core.config import get_preset
+    from simulations.centralized import run_centralized
+
     data = Path(args.data)
     if not data.is_dir():
         sys.exit(f"error: {data}: no such directory (pass --data or set MAGNET_FL_DATA)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         res = run_centralized(data, SEEDS, get_preset("ov"), Path(out))
     wall = time.perf_counter() - t0
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
     mcc = res["metrics"]["mcc"]
-    print(f"test MCC {mcc['mean']:.3f} ± {mcc['std']:.3f} per seed "
-          + " ".join(f"{v:.3f}" for v in mcc["per_seed"]) + " (reference code: 0.240 ± 0.123)")
-    print(f"wall {wall:.1f} s for {len(SEEDS)} seeds x 200 epochs ({wall / len(SEEDS):.1f} s per seed), "
-          f"{torch.get_num_threads()} torch thread(s), peak RSS {peak_gib:.2f} GiB")
-    print(f"reference code: {REFERENCE_SECONDS:.0f} s (~43 s per seed, peak 0.7 GB); "
-          f"speed-up {REFERENCE_SECONDS / wall:.2f}x")
-    print(f"{REFERENCE_SECONDS / wall:.0f}x")
+    print(f"measured: test MCC {mcc['mean']:.3f} ± {mcc['std']:.3f}; per seed "
+          + " ".join(f"{v:.3f}" for v in mcc["per_seed"]))
+    print(f"measured: wall {wall:.1f} s for {len(SEEDS)} seeds x 200 epochs ({wall / len(SEEDS):.1f} s per seed), "
+          f"{policy.threads} torch thread(s) ({policy.source}), peak RSS {peak_gib:.2f} GiB, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"from elsewhere ({ELSEWHERE})")
 
 
 if __name__ == "__main__":

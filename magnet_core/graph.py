@@ -17,6 +17,7 @@ class PatientGraph:
     edge_index: Tensor
     edge_weight: Tensor
     num_nodes: int
+    rule: str = "dense"  # "dense" (MAGNET's quantile rule) or "topk" (sparse k-NN, large sites)
 
     @property
     def num_edges(self) -> int:
@@ -29,7 +30,7 @@ class PatientGraph:
         relabel[nodes] = torch.arange(len(nodes))
         src, dst = relabel[self.edge_index[0]], relabel[self.edge_index[1]]
         keep = (src >= 0) & (dst >= 0)
-        return PatientGraph(torch.stack([src[keep], dst[keep]]), self.edge_weight[keep], len(nodes))
+        return PatientGraph(torch.stack([src[keep], dst[keep]]), self.edge_weight[keep], len(nodes), self.rule)
 
 
 def masked_cosine_similarity(xs: Sequence[Tensor], mask: Tensor, eps: float = 1e-8) -> Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -10,7 +10,14 @@ from torch import Tensor
 
 from .graph import PatientGraph, build_patient_graph
 
-DENSE_MAX_PATIENTS = 5000  # above this, build_graph_auto switches from the dense quantile rule to top-k
+GraphRule = Literal["dense", "topk", "auto"]
+GRAPH_RULES: tuple[str, ...] = ("dense", "topk", "auto")
+# Above this many patients in one graph, "auto" switches from the dense quantile rule to top-k. The dense rule
+# keeps (1 - sparsity) n^2 edges and full-batch training holds ~7 (edges x hidden) tensors: at 1,000 patients,
+# sparsity 0.8 and hidden 256 that is 0.2 M edges and ~1.3 GB peak RSS (measured); memory grows as n^2 above.
+# Top-k keeps at most 2 k n edges. Paper-sized cohorts (a few hundred patients) keep MAGNET's rule.
+DENSE_MAX_PATIENTS = 1000
+DEFAULT_K = 10
 
 
 def _pattern_features(xs: Sequence[Tensor], shared: Sequence[int], rows: Tensor) -> Tensor:
@@ -123,7 +130,7 @@ def build_topk_graph(xs: Sequence[Tensor | np.ndarray], mask: Tensor | np.ndarra
     key, order = torch.unique(key, return_inverse=True)
     weight = torch.zeros(len(key)).scatter_reduce(0, order, both_w, reduce="amax")
     edge_index = torch.stack([key // n, key % n])
-    return PatientGraph(edge_index, weight, n)
+    return PatientGraph(edge_index, weight, n, "topk")
 
 
 def build_graph_auto(xs: Sequence[Tensor | np.ndarray], mask: Tensor | np.ndarray, groups: np.ndarray | None = None,
@@ -133,6 +140,87 @@ def build_graph_auto(xs: Sequence[Tensor | np.ndarray], mask: Tensor | np.ndarra
     group exceeds ``dense_max`` patients (k defaults to 10 then)."""
     mask_np = np.asarray(mask)
     sizes = np.bincount(np.unique(groups, return_inverse=True)[1]) if groups is not None else [len(mask_np)]
-    if k is None and max(sizes) <= dense_max:
+    if k is None and max(sizes, default=0) <= dense_max:
         return build_patient_graph(xs, mask_np, groups, sparsity)
-    return build_topk_graph(xs, mask_np, k or 10, groups)
+    return build_topk_graph(xs, mask_np, k or DEFAULT_K, groups)
+
+
+def build_graph(xs: Sequence[Tensor | np.ndarray], mask: Tensor | np.ndarray, rule: str = "auto",
+                sparsity: float = 0.8, k: int = DEFAULT_K, groups: np.ndarray | None = None,
+                dense_max: int = DENSE_MAX_PATIENTS) -> PatientGraph:
+    """The patient graph by ``rule``: "dense" (MAGNET's quantile rule, n x n), "topk" (k nearest neighbours,
+    never n x n) or "auto" (dense up to ``dense_max`` patients per group, top-k above)."""
+    if rule not in GRAPH_RULES:
+        raise ValueError(f"unknown graph rule {rule!r}; choose one of {', '.join(GRAPH_RULES)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if rule == "topk" or (rule == "auto" and _largest_group(mask, groups) > dense_max):
+        return build_topk_graph(xs, mask, k, groups)
+    return build_patient_graph(xs, mask, groups, sparsity)
+
+
+def _largest_group(mask: Tensor | np.ndarray, groups: np.ndarray | None) -> int:
+    n = len(mask)
+    if groups is None:
+        return n
+    return int(np.bincount(np.unique(np.asarray(groups), return_inverse=True)[1]).max(initial=0))
+
+
+# --------------------------------------------------------------------------------- neighbourhood sampling
+
+
+class NeighbourSampler:
+    """Uniform neighbourhood sampling on a (symmetric) patient graph, like PyG's ``NeighborLoader`` (which needs
+    pyg-lib or torch-sparse, not installable for this torch): for a batch of seed patients, up to ``fanouts[h]``
+    neighbours of every patient reached at hop h, without replacement. Vectorised; seeded by ``generator``."""
+
+    def __init__(self, graph: PatientGraph, fanouts: Sequence[int]):
+        if not fanouts or any(f < 1 for f in fanouts):
+            raise ValueError(f"fanouts must be positive integers, got {list(fanouts)}")
+        self.fanouts = list(fanouts)
+        self.num_nodes = graph.num_nodes
+        dst = graph.edge_index[1]
+        order = torch.argsort(dst, stable=True)  # in-edges (j -> i) of each target i, contiguous
+        self.src = graph.edge_index[0][order]
+        self.weight = graph.edge_weight[order]
+        self.rowptr = torch.zeros(graph.num_nodes + 1, dtype=torch.long)
+        self.rowptr[1:] = torch.cumsum(torch.bincount(dst, minlength=graph.num_nodes), 0)
+        self._local = torch.full((graph.num_nodes,), -1, dtype=torch.long)
+
+    def _sample_in_edges(self, targets: Tensor, fanout: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Positions (into self.src) of up to ``fanout`` random in-edges per target, and each edge's target."""
+        start, deg = self.rowptr[targets], self.rowptr[targets + 1] - self.rowptr[targets]
+        row = torch.repeat_interleave(torch.arange(len(targets)), deg)
+        first = torch.cumsum(deg, 0) - deg
+        pos = start[row] + torch.arange(len(row)) - first[row]
+        keys = torch.rand(len(row), generator=generator, dtype=torch.float64) + row.to(torch.float64)
+        order = torch.argsort(keys)  # rows stay grouped, edges shuffled within each row
+        rank = torch.arange(len(row)) - first[row[order]]
+        keep = order[rank < fanout]
+        return pos[keep], targets[row[keep]]
+
+    def sample(self, seeds: Tensor, generator: torch.Generator) -> tuple[Tensor, PatientGraph]:
+        """Nodes (seeds first, in order) and the sampled subgraph on them (local indices; messages j -> i)."""
+        nodes, frontier = [seeds], seeds
+        self._local[seeds] = torch.arange(len(seeds))
+        count = len(seeds)
+        src_parts, dst_parts, w_parts = [], [], []
+        for fanout in self.fanouts:
+            if len(frontier) == 0:
+                break
+            pos, tgt = self._sample_in_edges(frontier, fanout, generator)
+            src = self.src[pos]
+            new = torch.unique(src[self._local[src] < 0])
+            self._local[new] = torch.arange(count, count + len(new))
+            count += len(new)
+            nodes.append(new)
+            src_parts.append(self._local[src])
+            dst_parts.append(self._local[tgt])
+            w_parts.append(self.weight[pos])
+            frontier = new
+        all_nodes = torch.cat(nodes)
+        self._local[all_nodes] = -1  # reset for the next batch
+        edge_index = torch.stack([torch.cat(src_parts), torch.cat(dst_parts)]) if src_parts \
+            else torch.zeros(2, 0, dtype=torch.long)
+        weight = torch.cat(w_parts) if w_parts else torch.zeros(0)
+        return all_nodes, PatientGraph(edge_index, weight, len(all_nodes), "topk")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from magnet_core.graph import build_patient_graph, masked_cosine_similarity
-from magnet_core.graph_topk import build_graph_auto, build_topk_graph
+from magnet_core.graph_topk import build_graph, build_graph_auto, build_topk_graph
 from magnet_core.synthetic import make_generated_cohort
 
 
@@ -85,3 +85,16 @@ def test_auto_chooses_dense_for_paper_sized_cohorts():
     dense = build_patient_graph(xs, mask, None, 0.8)
     assert torch.equal(auto.edge_index, dense.edge_index)
     assert build_graph_auto(xs, mask, None, k=3).num_edges <= 2 * 3 * 60
+
+
+def test_build_graph_by_rule_and_the_auto_threshold():
+    xs, mask = _cohort(n=60, seed=5)
+    dense = build_graph(xs, mask, "dense", sparsity=0.8)
+    top = build_graph(xs, mask, "topk", k=3)
+    assert dense.rule == "dense" and top.rule == "topk"
+    assert torch.equal(dense.edge_index, build_patient_graph(xs, mask, None, 0.8).edge_index)
+    assert torch.equal(top.edge_index, build_topk_graph(xs, mask, k=3).edge_index)
+    assert build_graph(xs, mask, "auto", dense_max=60).rule == "dense"
+    assert build_graph(xs, mask, "auto", k=3, dense_max=59).rule == "topk"
+    with pytest.raises(ValueError, match="k must be"):
+        build_graph(xs, mask, "topk", k=0)
