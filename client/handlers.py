@@ -30,7 +30,8 @@ def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> 
             manifest = ConsortiumManifest.load(str(node_config["manifest"]))
             cohort = load_site_cohort(str(node_config["data-dir"]), manifest, cfg.seed)
             name = str(node_config.get("site-name", f"node{node_id}"))
-            _SITES[key] = SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity)
+            _SITES[key] = SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity, preset.graph.rule,
+                                            preset.graph.k)
         return _SITES[key]
     from magnet_core.consortium import load_consortium, site_name
 
@@ -38,7 +39,8 @@ def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> 
     key = ("sim", cfg.data_path, cfg.scenario, cfg.modalities, cfg.seed, pid, preset.name)
     if key not in _SITES:
         _, sites = load_consortium(cfg.data_path, cfg.scenario, cfg.seed, cfg.modalities)
-        _SITES[key] = SiteRuntime.build(site_name(pid), sites[pid], preset.model, preset.graph.sparsity)
+        _SITES[key] = SiteRuntime.build(site_name(pid), sites[pid], preset.model, preset.graph.sparsity,
+                                        preset.graph.rule, preset.graph.k)
     return _SITES[key]
 
 

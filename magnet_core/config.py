@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -42,6 +44,10 @@ class GraphConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     sparsity: float = Field(0.8, ge=0.0, lt=1.0, description="drop similarities below this quantile")
+    rule: Literal["dense", "topk", "auto"] = Field(
+        "auto", description="dense: MAGNET's quantile rule on the full similarity matrix; topk: a sparse k-nearest-"
+                            "neighbour graph (same shared-modality masking); auto: dense up to 1,000 patients")
+    k: int = Field(10, ge=1, description="neighbours per patient of the topk rule")
 
 
 class Preset(BaseModel):

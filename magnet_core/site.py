@@ -33,8 +33,9 @@ class SiteRuntime:
     _reference: object | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
-    def build(cls, name: str, cohort: Cohort, model_cfg: ModelConfig, sparsity: float) -> "SiteRuntime":
-        train, test = split_sets(cohort, sparsity)
+    def build(cls, name: str, cohort: Cohort, model_cfg: ModelConfig, sparsity: float, graph: str = "auto",
+              k: int = 10) -> "SiteRuntime":
+        train, test = split_sets(cohort, sparsity, graph, k)
         return cls(name, cohort, train, test, MAGNET(in_dims_of(cohort), cohort.num_classes, model_cfg), sparsity)
 
     @property

@@ -133,11 +133,21 @@ def run_flower_app(server_app, client_app, run_config: dict, num_sites: int, ver
         init_args["address"] = ray_address
     else:
         init_args["include_dashboard"] = False
-    _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app=client_app, server_app=server_app, server_app_context=context, run=run,
-                    backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-                                    "init_args": init_args},
-                    verbose_logging=verbose)
+    # Ray actors inherit OMP_NUM_THREADS and the ClientApp's thread policy caps torch's threads by it, so each
+    # actor's threads equal the CPUs it reserved (client_resources num_cpus)
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_per_site)))
+    try:
+        _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                        client_app=client_app, server_app=server_app, server_app_context=context, run=run,
+                        backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+                                        "init_args": init_args},
+                        verbose_logging=verbose)
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
 
 
 class _HistoryWatcher:

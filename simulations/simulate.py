@@ -82,7 +82,7 @@ def train_alone(runtime: SiteRuntime, preset: Preset, epochs: int, seed: int) ->
 
 def fresh_runtime(name: str, cohort: Cohort, preset: Preset, seed: int) -> SiteRuntime:
     torch.manual_seed(seed)
-    return SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity)
+    return SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity, preset.graph.rule, preset.graph.k)
 
 
 def site_counts(sites: list[SiteRuntime], params_for, test_graph: str = "among-test") -> list[EvalCounts]:

@@ -283,14 +283,24 @@ def test_deployment_on_loopback(data_root, tmp_path):
         from server.deploy_cli import supernode_command
 
         # site-a is started from the line `deploy supernode --print` prints, pasted into a shell
+        # (with --worker: a persistent site worker holds the data, graphs and torch; the per-message ClientApp only
+        # forwards the message to it over a private Unix socket)
         printed = _run([*cli, "deploy", "supernode", "--bundle", str(site_dirs["a"]), "--data", str(sites[0]),
-                        "--manifest", str(manifest), "--port", str(_free_port()), "--skip-validation", "--print"], env)
+                        "--manifest", str(manifest), "--port", str(_free_port()), "--skip-validation", "--worker",
+                        "--print"], env)
         assert printed.returncode == 0, printed.stderr
-        procs.start("supernode-a", ["bash", "-c", f"exec {printed.stdout.strip()}"])
+        procs.start("supernode-a", ["bash", "-c", printed.stdout.strip()])
+        sockets = {"a": site_dirs["a"] / "worker" / "worker.sock"}
+        for i, s in enumerate("bc", start=1):  # sites b and c run their worker as a service of its own
+            sockets[s] = tmp_path / f"worker-{s}" / "worker.sock"
+            procs.start(f"worker-{s}", [*cli, "site-worker", "--socket", str(sockets[s]), "--data", str(sites[i]),
+                                        "--manifest", str(manifest), "--site-name", f"site-{s}"])
         for i, s in enumerate("bc", start=1):
-            # site-c: a huge-norm update every round, and its own log of what crossed its boundary
-            extra = f"test-poison='scale' site-log-dir='{tmp_path / 'log-c'}'" if s == "c" else ""
+            extra = f"worker-socket='{sockets[s]}'"
+            if s == "c":  # site-c: a huge-norm update every round, and its own log of what crossed its boundary
+                extra += f" test-poison='scale' site-log-dir='{tmp_path / 'log-c'}'"
             procs.start(f"supernode-{s}", supernode_command(site_dirs[s], sites[i], manifest, _free_port(), extra))
+        _wait(lambda: all(p.exists() for p in sockets.values()), 300, "the site workers to listen")
 
         invalid = _run([*cli, "deploy", "supernode", "--bundle", str(site_dirs["a"]), "--data", str(bad),
                         "--manifest", str(manifest)], env)
@@ -311,7 +321,8 @@ def test_deployment_on_loopback(data_root, tmp_path):
         log1 = _run(["flwr", "log", run_id, "consortium", "--show"], env).stdout
 
         # the killed site rejoins with the same key once the SuperLink has marked it offline (<= ~60 s)
-        _rejoin(procs, "supernode-b", supernode_command(site_dirs["b"], sites[1], manifest, _free_port()), 240)
+        _rejoin(procs, "supernode-b", supernode_command(site_dirs["b"], sites[1], manifest, _free_port(),
+                                                        f"worker-socket='{sockets['b']}'"), 240)
 
         # all three sites are up again: the resumed run waits for all of them (no straggler cut-off for site-b)
         resumed_config = run_config.replace("min-sites=2", "min-sites=3") + " resume=true"
