@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from magnet_core.report import write_report
 from magnet_core.site import TEST_GRAPHS, SiteRuntime
 from magnet_core.aggregate import EvalCounts
 from magnet_core.config import PRESETS, Preset, get_preset
@@ -154,6 +155,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         t0 = time.perf_counter()
         history = run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1), ray_address=spec.ray_address)
         seconds[method] = time.perf_counter() - t0
+        write_report(cfg.out_dir)  # each federated run (a simulate seed, a study cell) gets its report once, at the end
         results[method] = history[-1]["global"]
         results[method + "_server"] = history[-1].get("server") or {}
         for rec in history:
@@ -284,8 +286,6 @@ def run(args: argparse.Namespace) -> int:
     shown = getattr(args, "out_final", args.out)  # the staging folder is renamed to --out when the run succeeds
     console.print(f"wrote {shown}/results.json, rounds.csv, mcc_per_round.png ({wall:.1f} s)"
                   + (f" — {GENERATED_NOTICE}" if generated else ""))
-    from magnet_core.report import write_report  # the run's self-contained HTML report
-
     console.print(f"report: {write_report(args.out, shown_as=getattr(args, 'out_final', args.out))}"
                   + (f" — {GENERATED_NOTICE}" if generated else ""))
     return 0
