@@ -36,7 +36,8 @@ def record(msg: Message, reply: Message, node_config: Mapping[str, Any]) -> None
         return
     config = msg.content.config_records.get("config") if msg.has_content() else None
     site = reply.content["site"].get("name") if not reply.has_error() and "site" in reply.content else None
-    entry = {"site": site or node_config.get("site-name") or f"partition{node_config.get('partition-id', '?')}",
+    simulated = f"site{node_config['partition-id']}" if "partition-id" in node_config else None  # as simulations name it
+    entry = {"site": site or node_config.get("site-name") or simulated or "unnamed site",
              "round": round_of(config),
              "kind": msg.metadata.message_type.split(".")[0], "time": time.time(),
              "received": items(msg.content) if msg.has_content() else [],

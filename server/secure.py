@@ -22,7 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from magnet_core.secagg import (
-    KeyAdvert, KeyBook, MaskedInput, SecAggError, SecAggServer, SecAggSetup, ShareBundle, UnmaskShares, UpdateLayout,
+    KeyAdvert, MaskedInput, SecAggError, SecAggServer, SecAggSetup, ShareBundle, UnmaskShares, UpdateLayout,
 )
 
 from .config import FederatedConfig, RunConfigError

@@ -104,8 +104,8 @@ def run_flower(cfg: FederatedConfig, num_sites: int, verbose: bool = False, ray_
             watcher.stop()
     if not os.path.exists(os.path.join(cfg.out_dir, "model.pt")):
         raise RuntimeError(f"Flower simulation ended without writing {cfg.out_dir}/model.pt; see the log above")
-    params = {k: v.numpy() for k, v in torch.load(os.path.join(cfg.out_dir, "model.pt"),
-                                                   weights_only=True).items()}
+    state = torch.load(os.path.join(cfg.out_dir, "model.pt"), weights_only=True)
+    params = {k: v.numpy() for k, v in state.items()}
     with open(history_path) as fh:
         return params, json.load(fh)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -31,60 +30,21 @@ def assert_self_contained(html: str) -> None:
         assert src.startswith("data:image/png;base64,"), src
 
 
-def _items(content) -> list[dict]:
-    """What a message carries, as the site log records it: names, kinds, shapes and sizes (never values)."""
-    out = []
-    for name, rec in content.array_records.items():
-        for key, arr in rec.items():
-            out.append({"name": f"{name}/{key}", "kind": "array", "shape": list(arr.shape), "bytes": len(arr.data)})
-    for kind, records in (("metric", content.metric_records), ("config", content.config_records)):
-        for name, rec in records.items():
-            for key, value in rec.items():
-                n = len(value) if isinstance(value, (list, bytes, str)) else 1
-                out.append({"name": f"{name}/{key}", "kind": kind, "shape": [n], "bytes": 8 * n})
-    return out
-
-
-class SiteLogger:
-    """Wraps the ClientApp and appends one JSON line per message to ``<dir>/<site>/site_log.jsonl`` in the
-    ClientApp's site-log format (round, kind, sent, received, time)."""
-
-    def __init__(self, app, log_dir: Path):
-        self.app, self.log_dir = app, log_dir
-
-    def __call__(self, msg, context):
-        reply = self.app(msg, context)
-        site = f"site{context.node_config['partition-id']}"
-        rnd = int(msg.content.config_records["config"].get("server-round", 0))
-        entry = {"site": site, "round": rnd, "kind": msg.metadata.message_type.split(".")[0], "time": time.time(),
-                 "received": _items(msg.content), "sent": [] if reply.has_error() else _items(reply.content)}
-        if reply.has_error():
-            entry["error"] = reply.error.reason
-        path = self.log_dir / site / "site_log.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as fh:
-            fh.write(json.dumps(entry) + "\n")
-        return reply
-
-
 @pytest.fixture(scope="module")
 def attacked_run(tmp_path_factory) -> Path:
-    """A real 2-round in-process run: site1 sends a x1e4 update (rejected), node 3's data are missing (failed)."""
-    import client.app
+    """A real 2-round in-process run: site1 sends a x1e4 update (rejected), node 3's data are missing (failed);
+    every site keeps its own log (node config ``site-log-dir``)."""
     from server.config import FederatedConfig
     from simulations.engine import run_inprocess
 
     out = tmp_path_factory.mktemp("attacked") / "run"
     cfg = FederatedConfig(num_server_rounds=2, local_epochs=1, data_path="generated:120", scenario="iid-3",
                           min_sites=1, seed=3, out_dir=str(out))
-    nodes = {1: {"test-poison": "scale"},
+    nodes = {0: {}, 1: {"test-poison": "scale"},
              2: {"data-dir": str(out / "no-such-site"), "manifest": str(out / "no-such-manifest.toml")}}
-    mp = pytest.MonkeyPatch()
-    mp.setattr(client.app, "app", SiteLogger(client.app.app, out / "sites"))
-    try:
-        _, history = run_inprocess(cfg, 3, node_configs=nodes)
-    finally:
-        mp.undo()
+    for pid, node in nodes.items():
+        node["site-log-dir"] = str(out / "sites" / f"site{pid}")
+    _, history = run_inprocess(cfg, 3, node_configs=nodes)
     assert [r["accepted"] for r in history] == [["site0"], ["site0"]]
     return out
 
