@@ -57,7 +57,9 @@ def similarity_kl_loss(edge_index: Tensor, edge_weight: Tensor, embeddings: Tens
     if n <= DENSE_GRAM_MAX_NODES and num_edges >= DENSE_GRAM_MIN_DENSITY * n * n:
         sq = (embeddings * embeddings).sum(dim=1)
         gram = embeddings @ embeddings.T  # one n x n matmul beats gathering E x d rows on dense graphs
-        dist_sq = (sq[src] + sq[dst] - 2.0 * gram[src, dst]).clamp_min(0.0)
+        # index_select, not advanced indexing: its backward (index_add) sums in a fixed order with several threads
+        pairs = gram.reshape(-1).index_select(0, src * n + dst)
+        dist_sq = (sq.index_select(0, src) + sq.index_select(0, dst) - 2.0 * pairs).clamp_min(0.0)
     else:
         dist_sq = edge_squared_distances(embeddings, edge_index)
     q = (1.0 + dist_sq / alpha).pow(-(alpha + 1.0) / 2.0)

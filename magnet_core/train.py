@@ -98,7 +98,8 @@ class _InEdges:
 def _conv_rows(conv: EdgeSAGEConv, x: Tensor, proj: Tensor, w_e: Tensor, src: Tensor, weight: Tensor,
                counts: Tensor, a: int) -> Tensor:
     """``EdgeSAGEConv`` output for targets a..a+len(counts)-1 from their in-edges (``src``, ``weight``)."""
-    msg = torch.addmm(proj[src], weight, w_e.T).relu_()  # m_ji = ReLU(W_m [x~_j || w_ji] + b_m)
+    # m_ji = ReLU(W_m [x~_j || w_ji] + b_m); index_select's backward is deterministic with several threads
+    msg = torch.addmm(proj.index_select(0, src), weight, w_e.T).relu_()
     dst = torch.repeat_interleave(torch.arange(len(counts)), counts)
     agg = torch.zeros(len(counts), msg.size(1), dtype=msg.dtype).index_add_(0, dst, msg)
     agg = agg / counts.clamp_min(1).unsqueeze(1).to(msg.dtype)  # mean over in-edges (0 without any)
