@@ -3,7 +3,6 @@ unmasked individual vector, dropouts are recovered up to the threshold, and secu
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -16,28 +15,12 @@ from magnet_core.secagg import (
     ShareInbox, StatsLayout, UnmaskRequest, UnmaskShares, UpdateLayout, decode_fixed, encode_fixed, run_local,
     shamir_combine, shamir_split,
 )
+from reachable import reachable_arrays as _arrays
 
 # Fixed-point tolerance (frac_bits = 32): each site's value is rounded to 2^-33, so a sum over n sites is off by at
 # most n * 2^-33 per coordinate; divided by the summed weight (>= 1) and cast to float32 the aggregate equals the
 # plain one up to one float32 rounding step: |secure - plain| <= 2^-24 |plain| + n * 2^-33.
 FP = 2.0 ** -(DEFAULT_FRAC_BITS + 1)
-
-
-def _arrays(obj, seen=None):
-    """Every numpy array reachable from an object's attributes (dicts, lists, tuples, dataclasses)."""
-    seen = seen if seen is not None else set()
-    if id(obj) in seen:
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, np.ndarray):
-        return [obj]
-    if isinstance(obj, dict):
-        return [a for v in obj.values() for a in _arrays(v, seen)]
-    if isinstance(obj, (list, tuple, set)):
-        return [a for v in obj for a in _arrays(v, seen)]
-    if dataclasses.is_dataclass(obj) or hasattr(obj, "__dict__"):
-        return [a for v in vars(obj).values() for a in _arrays(v, seen)]
-    return []
 
 
 def _leaks(server: SecAggServer, inputs: dict[int, np.ndarray]) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 
 import numpy as np
@@ -14,6 +13,7 @@ from magnet_core.contract import round_of
 from magnet_core.secagg import DEFAULT_FRAC_BITS, SecAggServer, decode_fixed, encode_fixed
 from server.config import FederatedConfig
 from simulations.engine import InProcessGrid
+from reachable import reachable_arrays as _arrays
 
 # fixed point (magnet_core/secagg.py): the sum is off by <= 3 * 2^-33 per coordinate before division by a weight
 # >= 1; both paths then cast to float32, so they agree to one float32 rounding step
@@ -61,23 +61,6 @@ class _Recorder:
 
     def round(self, r: int, n: int = 3) -> list[dict]:
         return self.calls[(r - 1) * n: r * n]
-
-
-def _arrays(obj, seen=None) -> list[np.ndarray]:
-    """Every numpy array reachable from an object's attributes."""
-    seen = seen if seen is not None else set()
-    if id(obj) in seen:
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, np.ndarray):
-        return [obj]
-    if isinstance(obj, dict):
-        return [a for v in obj.values() for a in _arrays(v, seen)]
-    if isinstance(obj, (list, tuple, set)):
-        return [a for v in obj for a in _arrays(v, seen)]
-    if dataclasses.is_dataclass(obj) or hasattr(obj, "__dict__"):
-        return [a for v in vars(obj).values() for a in _arrays(v, seen)]
-    return []
 
 
 def _leaks(arrays: list[np.ndarray], vectors: list[np.ndarray]) -> list[str]:
