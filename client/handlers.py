@@ -53,7 +53,8 @@ def train_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, s
                ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """Local epochs from the global weights: (metrics record, site record, new weights)."""
     site = site_for(cfg, node_config, node_id)
-    new, stats = site.fit(state, get_preset(cfg.preset).train, cfg.local_epochs, cfg.server_round, cfg.seed)
+    new, stats = site.fit(state, get_preset(cfg.preset).train, cfg.local_epochs, cfg.server_round, cfg.seed,
+                          proximal_mu=cfg.proximal_mu)
     new = poison_for_testing(new, node_config)
     loss = stats.get("loss")
     reply = TrainReply(site=site.name, num_examples=site.train.n, modality_counts=site.modality_counts,

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from magnet_core.data import LABEL_FILE_RE, MODALITY_SUFFIXES, Cohort, DataError, load_magnet_split, read_modality
 from magnet_core.graph_topk import DENSE_MAX_PATIENTS
-from magnet_core.inductive import AttachRule, Reference, predict_new
+from magnet_core.inductive import AttachRule, Reference, default_attach_rule, predict_new
 from magnet_core.manifest import ConsortiumManifest
 from magnet_core.metrics import confusion_counts, metrics_from_confusion
 from magnet_core.package import ModelPackage, read_package
@@ -106,11 +106,22 @@ def load_reference(folder: Path, manifest: ConsortiumManifest, seed: int) -> Coh
     """The site's reference patients: its training patients (train + val) with the split it trained with."""
     if not folder.is_dir():
         raise DataError(f"{folder}: no such directory (--reference is the site's prepared data folder)")
-    cohort = load_labelled(folder, manifest, seed)
+    return reference_patients(load_labelled(folder, manifest, seed), folder)
+
+
+def reference_patients(cohort: Cohort, source: Path | str = "site") -> Cohort:
+    """A site's reference patients: its training patients (train + val, in cohort order, as training uses them)."""
     train = cohort.split_indices("train", "val")
     if len(train) == 0:
-        raise DataError(f"{folder}: no training patients to attach new patients to")
+        raise DataError(f"{source}: no training patients to attach new patients to")
     return cohort.subset(train)
+
+
+def split_patients(cohort: Cohort, split: str | None = None) -> NewPatients:
+    """A labelled cohort's patients (optionally one split) as patients to score."""
+    if split is not None:
+        cohort = cohort.subset(cohort.split_indices(split))
+    return NewPatients(cohort.sample_ids, cohort.X, cohort.mask, cohort.labels)
 
 
 def _modality_of(path: Path) -> str | None:
@@ -175,9 +186,7 @@ def load_patients(path: Path, manifest: ConsortiumManifest, seed: int, split: st
         if unscored:
             log(f"note: {len(unscored)} labelled patient(s) of {path} have no value for any modality and are not "
                 f"scored: {', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}")
-        if split is not None:
-            cohort = cohort.subset(cohort.split_indices(split))
-        return NewPatients(cohort.sample_ids, cohort.X, cohort.mask, cohort.labels)
+        return split_patients(cohort, split)
     if split is not None:
         raise DataError(f"{path}: --split needs a labelled folder (labels.csv and split.csv, or a MAGNET split)")
     if path.is_dir():
@@ -215,27 +224,31 @@ def predictions_frame(pkg: ModelPackage, patients: NewPatients, probs: np.ndarra
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    console = Console(highlight=False, soft_wrap=True, stderr=True)
-    log = lambda text: console.print(escape(text))  # noqa: E731
-    site_manifest = ConsortiumManifest.load(args.manifest) if args.manifest else None
-    pkg = read_package(args.package, ca_cert=args.ca, manifest=site_manifest)
+def attach_rule(attach: str, k: int = 10, link_new: bool = False, n_reference: int = 0) -> AttachRule:
+    """The --attach choice as a rule: "auto" = the rule evaluation uses for this many reference patients
+    (:func:`magnet_core.inductive.default_attach_rule`)."""
+    if attach == "auto":
+        return default_attach_rule(n_reference, k).model_copy(update={"link_new": link_new})
+    return AttachRule(rule=attach, k=k, link_new=link_new)
+
+
+@dataclasses.dataclass
+class Scored:
+    """Probabilities of scored patients and how they were placed (see :class:`InductivePrediction`)."""
+
+    probs: np.ndarray
+    reference_neighbours: np.ndarray
+    no_shared_modality: np.ndarray
+    rule: str
+
+
+def score_patients(pkg: ModelPackage, ref: Cohort, patients: NewPatients, rule: AttachRule, batch_size: int = 512,
+                   log=lambda text: None, console: Console | None = None) -> Scored:
+    """Score ``patients`` with a verified package, attached to the site's reference patients ``ref`` (its
+    training patients, in the manifest's modality order) by ``rule``: what `magnet-fl predict` writes."""
     meta = pkg.metadata
-    log(f"package {args.package}: {meta.method} model, round {meta.round}, signed by {pkg.signer!r} "
-        f"(verified against {args.ca}); run {meta.run_fingerprint[:12]}")
-    seed = args.seed if args.seed is not None else int(meta.run_config.get("seed", 0))
     model = pkg.build_model()
-    ref = load_reference(args.reference, pkg.manifest, seed)
-    patients = load_patients(args.patients, pkg.manifest, seed, args.split, log)
-    if len(patients.ids) == 0:
-        raise DataError(f"{args.patients}: no patient to score" + (f" in split {args.split!r}" if args.split else ""))
-    no_data = ~patients.mask.any(axis=1)
-    if no_data.any():
-        raise DataError(f"{args.patients}: {int(no_data.sum())} patient(s) have no value for any modality, e.g. "
-                        f"{list(patients.ids[no_data][:5])}")
     names = [s.name for s in pkg.manifest.modalities]
-    attach = args.attach if args.attach != "auto" else "quantile" if ref.n <= DENSE_MAX_PATIENTS else "topk"
-    rule = AttachRule(rule=attach, k=args.k, link_new=args.link_new)
     reference = Reference.build([ref.X[m] for m in names], ref.mask, meta.graph.sparsity, ref.sample_ids)
     overlap = np.isin(patients.ids, ref.sample_ids)
     if overlap.any():
@@ -245,17 +258,41 @@ def run(args: argparse.Namespace) -> int:
     xs = [patients.X[m] for m in names]
     if n >= PROGRESS_FROM:
         columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console) as bar:
+        with Progress(*columns, console=console or Console(stderr=True)) as bar:
             task = bar.add_task("scoring", total=n)
-            pred = predict_new(model, reference, xs, patients.mask, rule, patients.ids, args.batch_size,
+            pred = predict_new(model, reference, xs, patients.mask, rule, patients.ids, batch_size,
                                on_batch=lambda done: bar.update(task, completed=done))
     else:
-        pred = predict_new(model, reference, xs, patients.mask, rule, patients.ids, args.batch_size)
+        pred = predict_new(model, reference, xs, patients.mask, rule, patients.ids, batch_size)
+    return Scored(pred.probs, pred.reference_neighbours, pred.no_shared_modality, rule.rule)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(highlight=False, soft_wrap=True, stderr=True)
+    log = lambda text: console.print(escape(text))  # noqa: E731
+    site_manifest = ConsortiumManifest.load(args.manifest) if args.manifest else None
+    pkg = read_package(args.package, ca_cert=args.ca, manifest=site_manifest)
+    meta = pkg.metadata
+    log(f"package {args.package}: {meta.method} model, round {meta.round}, signed by {pkg.signer!r} "
+        f"(verified against {args.ca}); run {meta.run_fingerprint[:12]}")
+    seed = args.seed if args.seed is not None else int(meta.run_config.get("seed", 0))
+    pkg.build_model()  # the weights must fit the described model before any data is read
+    ref = load_reference(args.reference, pkg.manifest, seed)
+    patients = load_patients(args.patients, pkg.manifest, seed, args.split, log)
+    if len(patients.ids) == 0:
+        raise DataError(f"{args.patients}: no patient to score" + (f" in split {args.split!r}" if args.split else ""))
+    no_data = ~patients.mask.any(axis=1)
+    if no_data.any():
+        raise DataError(f"{args.patients}: {int(no_data.sum())} patient(s) have no value for any modality, e.g. "
+                        f"{list(patients.ids[no_data][:5])}")
+    pred = score_patients(pkg, ref, patients, attach_rule(args.attach, args.k, args.link_new, ref.n),
+                          args.batch_size, log, console)
     frame = predictions_frame(pkg, patients, pred.probs, pred.reference_neighbours, pred.no_shared_modality)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out, index=False, float_format="%.6g")
     counts = frame["predicted_class"].value_counts().reindex(meta.classes, fill_value=0)
-    log(f"{n} patient(s) scored against {ref.n} reference patients ({rule.rule} rule): "
+    n = len(patients.ids)
+    log(f"{n} patient(s) scored against {ref.n} reference patients ({pred.rule} rule): "
         + ", ".join(f"{c} {k}" for c, k in counts.items()) + f" -> {args.out}")
     if pred.no_shared_modality.any():
         console.print(f"[yellow]warning:[/] {int(pred.no_shared_modality.sum())} patient(s) share no modality with "

@@ -1,5 +1,14 @@
 """ClientApp of federated preprocessing: a site sends per-feature statistics, then applies the consortium's plan."""
 
+# What leaves a site (magnet_core/privacy.py, k = the prepare config's min_count):
+#   query.prepare_stats    its feature names, a k-protected self-description (counts below k withheld) and which
+#                          classes / (class, feature) cells it withheld; in the clear mode also its k-released
+#                          counts, sums and sums of squares per class (never minima or maxima).
+#   query.prepare_secagg   (secagg=true) stage 0 of a secure sum: the same k-released statistics encoded in the
+#                          consortium's StatsLayout stay here, masked; the reply carries public keys only. Then
+#                          query.secagg_share / secagg_mask / secagg_unmask: the handlers of client/secure.py.
+#   query.prepare_apply    counts of what it prepared.
+
 from __future__ import annotations
 
 import json
@@ -7,15 +16,24 @@ import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from magnet_core.data import DataError
 from magnet_core.manifest import ConsortiumManifest
-from magnet_core.preprocess import PrepareConfig, RawSite, SiteSpec, apply_manifest, site_statistics, \
+from magnet_core.preprocess import STAT_FIELDS, PrepareConfig, RawSite, SiteSpec, apply_manifest, site_statistics, \
     write_prepared_site
 
+from .secure import guarded, secagg_mask, secagg_share, secagg_unmask, secure_reply, start_secure_sum
+
 app = ClientApp()
+# the secure sum's stages 1-3, the very handlers training uses (any vector stored by start_secure_sum)
+app.query("secagg_share")(secagg_share)
+app.query("secagg_mask")(secagg_mask)
+app.query("secagg_unmask")(secagg_unmask)
+REQUIRE_SECAGG = "prepare-require-secagg"  # node config: this site answers only a secure preparation
+RELEASED_FIELDS = [f for f in STAT_FIELDS if f not in ("minimum", "maximum")]  # never released: single patients
 
 # A site's raw data are read once for both messages when the same process handles them (always in deployment).
 _SITES: dict[tuple[str, str], RawSite] = {}
@@ -55,26 +73,73 @@ def _refusal(msg: Message, name: str, exc: Exception) -> Message:
     return Message(content=RecordDict({"site": ConfigRecord({"name": name, "error": str(exc)})}), reply_to=msg)
 
 
+def released_statistics(site: RawSite, cfg: PrepareConfig, num_classes: int | None, observed_ranges: bool = False
+                        ) -> tuple[dict, dict]:
+    """This site's statistics as the k-rule lets them out, and what it withheld (class indices and numbers of
+    cells only: no count of fewer than k patients). ``observed_ranges`` (one party holds every site's data, see
+    server.prepare_app.PrepareRun) keeps the per-feature minima / maxima of modalities without a declared range."""
+    import dataclasses
+
+    from magnet_core.privacy import release_site_stats
+
+    raw = site_statistics(site, num_classes)
+    released, report = release_site_stats(raw, cfg.min_count)
+    if observed_ranges:
+        released = {m: dataclasses.replace(s, minimum=raw[m].minimum, maximum=raw[m].maximum)
+                    if m not in cfg.value_ranges else s for m, s in released.items()}
+    return released, {m: {"withheld_classes": r["withheld_classes"], "withheld_cells": r["withheld_cells"]}
+                      for m, r in report.items()}
+
+
 @app.query("prepare_stats")
 def stats(msg: Message, context: Context) -> Message:
-    """Per-feature sums over this site's training patients: counts, sums, squares, minima, maxima per class."""
+    """Per class and feature, over this site's training patients, released only where >= k patients back it:
+    counts, sums and sums of squares (in the clear, or only feature names when they go through a secure sum)."""
+    from magnet_core.privacy import release_summary
+
     config = msg.content["config"]
     name = f"node {context.node_id}"
     try:
         spec = site_spec(config, context)
         name = spec.name
-        _, site = _site(config, spec)
-        per_modality = site_statistics(site, int(config.get("num-classes", 0)) or None)
+        if bool(context.node_config.get(REQUIRE_SECAGG, False)) and not bool(config.get("secagg", False)):
+            raise DataError(f"this site sends its statistics only through secure aggregation ({REQUIRE_SECAGG} in "
+                            "its node config); run the preparation with secagg=true")
+        cfg, site = _site(config, spec)
+        released, withheld = released_statistics(site, cfg, int(config.get("num-classes", 0)) or None,
+                                                 bool(config.get("observed-ranges", False)))
     except DataError as exc:
         return _refusal(msg, name, exc)
-    arrays = {f"{m}/{f}": Array(a) for m, st in per_modality.items() for f, a in st.to_arrays().items()}
     content = RecordDict({
-        "stats": ArrayRecord(arrays),
-        "features": ConfigRecord({m: list(st.features) for m, st in per_modality.items()}),
+        "features": ConfigRecord({m: list(st.features) for m, st in released.items()}),
         "site": ConfigRecord({"name": site.name, "num-classes": site.num_classes,
-                              "summary": json.dumps(site.summary())}),
+                              "summary": json.dumps(release_summary(site.summary(), cfg.min_count)),
+                              "withheld": json.dumps(withheld)}),
     })
+    if not bool(config.get("secagg", False)):
+        content["stats"] = ArrayRecord({f"{m}/{f}": Array(a) for m, st in released.items()
+                                        for f, a in st.to_arrays().items()
+                                        if f in RELEASED_FIELDS or np.isfinite(a).any()})
     return Message(content=content, reply_to=msg)
+
+
+@app.query("prepare_secagg")
+def secure_stats(msg: Message, context: Context) -> Message:
+    """Stage 0 of the secure sum of this site's k-released statistics in the consortium's StatsLayout: the vector
+    is kept here (masked in query.secagg_mask); the reply holds public keys only."""
+
+    def body(rec) -> Message:
+        from magnet_core.secagg import SecAggSetup, StatsLayout
+
+        config = msg.content["config"]
+        spec = site_spec(config, context)
+        cfg, site = _site(config, spec)
+        layout = StatsLayout.from_record(msg.content["layout"])
+        released, _ = released_statistics(site, cfg, layout.num_classes)
+        advert = start_secure_sum(context, SecAggSetup.from_record(rec), int(rec["site-id"]), layout.encode(released))
+        return secure_reply(msg, advert, site=site.name)
+
+    return guarded(msg, context, body)
 
 
 @app.query("prepare_apply")

@@ -9,6 +9,9 @@
 #   query.secagg_unmask   UnmaskRequest -> UnmaskShares; the site's secrets are then deleted from context.state
 # Nothing individual leaves the site in the clear besides its name and public keys: not its patient counts, not
 # its loss (both travel inside the masked vector).
+# With "dp" in the setup record (differential privacy with distributed noise, magnet_core/dp.py) the site clips its
+# update to the clip norm over the blocks it holds, encodes it with uniform weights (1 per block held; no patient
+# counts, no loss) and adds its own noise piece N(0, (z C)^2 / t), t = the setup's threshold, before masking.
 
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from .app import CONTRACT_ERROR_CODE, DATA_ERROR_CODE, app, error_reply
 SECAGG_ERROR_CODE = 4005  # the secure-aggregation exchange cannot go on at this site; the reason says why
 STATE_KEY = "secagg"  # context.state ConfigRecord: round id + serialised SecAggSite (private keys: stays here)
 VECTOR_KEY = "secagg-vector"  # context.state ArrayRecord: this site's encoded update until it is masked
+DEPLOYED_KEYS = {"data-dir", "worker-socket"}  # node config of a site holding its own data (not a simulation)
+FLOOR_KEY = "dp-min-noise-multiplier"  # node config: a site refuses rounds whose noise multiplier is lower
 LOSS_SLOTS = 2  # after the UpdateLayout: loss * training patients, training patients with a finite loss
 
 
@@ -50,6 +55,26 @@ def site_vector(global_params: Mapping[str, np.ndarray], new_params: Mapping[str
     vec = layout.encode_update(clipped, num_train, modality_counts, modality_aware)
     tail = [float(loss) * num_train, float(num_train)] if loss is not None else [0.0, 0.0]
     return np.concatenate([vec, np.asarray(tail, dtype=np.float64)]), clipped, norm
+
+
+def dp_vector(global_params: Mapping[str, np.ndarray], new_params: Mapping[str, np.ndarray],
+              modality_counts: Mapping[str, int], clip_norm: float, noise_multiplier: float, threshold: int,
+              modality_aware: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """The site's secure-sum input under distributed DP: its clipped update with uniform block weights plus its
+    noise piece, then zero loss slots. Also returns the same vector without the noise and the update's norm
+    before clipping (both stay at the site)."""
+    from magnet_core.dp import DPConfig, dp_site_vector, noise_piece_std
+
+    layout = _secagg().UpdateLayout.from_params(global_params)
+    dp = DPConfig(clip_norm=clip_norm, noise_multiplier=noise_multiplier, noise="distributed")
+    counts = modality_counts if modality_aware else dict.fromkeys(layout.modalities, 1)
+    clean, norm = dp_site_vector(layout, new_params, global_params, counts, dp)
+    noisy = clean.copy()
+    std = noise_piece_std(dp, threshold)
+    if std > 0:
+        noisy[:layout.param_size] += rng.normal(0.0, std, layout.param_size)
+    tail = np.zeros(LOSS_SLOTS)
+    return np.concatenate([noisy, tail]), np.concatenate([clean, tail]), norm
 
 
 def _train_locally(msg: Message, context: Context, cfg: RoundConfig) -> tuple[str, dict[str, np.ndarray], dict]:
@@ -85,6 +110,22 @@ def _forget(context: Context) -> None:
     for key in (STATE_KEY, VECTOR_KEY):
         if key in context.state:
             del context.state[key]
+
+
+def start_secure_sum(context: Context, setup, site_id: int, vector: np.ndarray) -> dict:
+    """Begin this site's part of a secure sum of ``vector`` (any float vector of the setup's length: a model
+    update, preprocessing statistics): keep the vector and fresh secrets in context.state for the share / mask /
+    unmask handlers below, return the key advert to send."""
+    sa = _secagg()
+    vector = np.asarray(vector, dtype=np.float64).ravel()
+    if vector.shape[0] != setup.vector_length:
+        raise sa.SecAggError(f"the setup's vector length {setup.vector_length} does not fit this site's vector "
+                             f"({vector.shape[0]})")
+    _forget(context)
+    site = sa.SecAggSite(setup, int(site_id))
+    _store(context, site)
+    context.state[VECTOR_KEY] = ArrayRecord({"vector": Array(vector)})
+    return site.advertise().to_record()
 
 
 def _reply(msg: Message, secagg: dict, arrays: dict[str, np.ndarray] | None = None, site: str | None = None
@@ -125,6 +166,9 @@ def _guarded(msg: Message, context: Context, body: Callable[[Mapping[str, Any]],
     return reply
 
 
+guarded, secure_reply = _guarded, _reply  # for other ClientApps' secure-sum stage 0 (client/prepare_app.py)
+
+
 # ------------------------------------------------------------------------------------------------- stages
 
 
@@ -148,18 +192,36 @@ def secagg_train(msg: Message, context: Context) -> Message:
         if setup.vector_length != expected:
             raise sa.SecAggError(f"the setup's vector length {setup.vector_length} does not fit the model "
                                  f"({expected})")
+        dp = bool(rec.get("dp", False))
+        z = float(rec["dp-noise-multiplier"]) if dp else 0.0
+        if dp and not z >= 0:
+            raise ContractError(f"dp-noise-multiplier must be >= 0, got {z}")
+        floor = float(context.node_config.get(FLOOR_KEY, 0.0))
+        if floor > 0 and not (dp and z >= floor):  # checked before any work: the site's own privacy floor
+            raise sa.SecAggError(f"this site requires differential privacy with noise multiplier >= {floor} "
+                                 f"({FLOOR_KEY} in its node config); the round asks for "
+                                 f"{z if dp else 'no differential privacy'}")
         name, new, metrics = _train_locally(msg, context, cfg)
         reply = TrainReply.decode(metrics, {"name": name}, layout.modalities)  # the site checks its own counts
-        vec, _, _ = site_vector(global_params, new, reply.num_examples, reply.modality_counts, reply.loss,
-                                clip_norm, modality_aware)
-        site = sa.SecAggSite(setup, int(rec["site-id"]))
-        _store(context, site)
-        context.state[VECTOR_KEY] = ArrayRecord({"vector": Array(vec)})
-        return _reply(msg, site.advertise().to_record(), site=reply.site)
+        if dp:
+            from magnet_core.dp import site_noise_rng
+
+            seed = int(rec["dp-noise-seed"])
+            if DEPLOYED_KEYS & set(context.node_config):  # a real site: never noise the coordinator could know
+                seed = -1
+            rng = site_noise_rng(seed, cfg.server_round, int(rec["site-id"]))
+            vec, _, _ = dp_vector(global_params, new, reply.modality_counts, clip_norm, z, setup.threshold,
+                                  modality_aware, rng)
+        else:
+            vec, _, _ = site_vector(global_params, new, reply.num_examples, reply.modality_counts, reply.loss,
+                                    clip_norm, modality_aware)
+        return _reply(msg, start_secure_sum(context, setup, int(rec["site-id"]), vec), site=reply.site)
 
     return _guarded(msg, context, body)
 
 
+# The three handlers below work for any vector stored by start_secure_sum; the preparation ClientApp registers them
+# too (client/prepare_app.py).
 @app.query("secagg_share")
 def secagg_share(msg: Message, context: Context) -> Message:
     """Stage 2: Shamir shares of this site's secrets, encrypted for each other site."""

@@ -1,4 +1,4 @@
-"""Pure aggregation math: modality-aware FedAvg, robust variants, update validation, pooled evaluation."""
+"""Pure aggregation math: modality-aware FedAvg, robust variants, server optimizers, update checks, pooled metrics."""
 
 from __future__ import annotations
 
@@ -68,6 +68,97 @@ def aggregate_updates(
         weights = np.array([c for _, c in contrib], dtype=np.float64)
         out[name] = _combine(stack, weights, robust, trim).astype(current.dtype)
     return out
+
+
+# ------------------------------------------------------------------------------- server-side adaptive optimizer
+
+ServerRule = Literal["adam", "yogi"]
+
+
+@dataclasses.dataclass
+class ServerOptState:
+    """A server optimizer's memory per array: first and second moments (float64) and the steps each array took
+    (arrays skipped in a round keep their moments and count)."""
+
+    m: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    v: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    steps: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def to_tensors(self) -> dict:
+        """Tensors, ints and dicts only (a checkpoint loadable with ``weights_only=True``)."""
+        import torch
+
+        return {"m": {k: torch.from_numpy(v.copy()) for k, v in self.m.items()},
+                "v": {k: torch.from_numpy(v.copy()) for k, v in self.v.items()},
+                "steps": {k: int(v) for k, v in self.steps.items()}}
+
+    @classmethod
+    def from_tensors(cls, state: Mapping, template: Params) -> "ServerOptState":
+        """Inverse of :meth:`to_tensors`, checked against the model's arrays ``template`` (names, shapes, finite
+        values); raises ValueError."""
+        m = {str(k): np.asarray(v.numpy(), np.float64) for k, v in dict(state.get("m") or {}).items()}
+        v = {str(k): np.asarray(x.numpy(), np.float64) for k, x in dict(state.get("v") or {}).items()}
+        steps = {str(k): int(x) for k, x in dict(state.get("steps") or {}).items()}
+        for name, arrays in (("m", m), ("v", v)):
+            for k, a in arrays.items():
+                if k not in template or a.shape != template[k].shape or not np.all(np.isfinite(a)):
+                    raise ValueError(f"server optimizer state: {name}[{k!r}] does not fit the model")
+        if set(m) != set(v) or set(m) != set(steps) or any(n < 1 for n in steps.values()) \
+                or any((x < 0).any() for x in v.values()):
+            raise ValueError("server optimizer state: inconsistent moments and step counts")
+        return cls(m, v, steps)
+
+
+def server_opt_step(global_params: Params, aggregated: Params, state: ServerOptState, rule: ServerRule,
+                    eta: float, beta1: float, beta2: float, tau: float,
+                    active: set[str] | None = None) -> tuple[Params, ServerOptState]:
+    """One server step of FedAdam / FedYogi (Reddi et al. 2021, as Flower's strategies compute it) along the
+    pseudo-gradient d = aggregated - global, array by array:
+
+        m = beta1 m + (1 - beta1) d
+        adam: v = beta2 v + (1 - beta2) d^2;                  w = w + eta_t m / (sqrt(v) + tau),
+              eta_t = eta sqrt(1 - beta2^t) / (1 - beta1^t), t = the array's step count (1 at its first step;
+              Flower's FedAdam uses t = server_round + 1)
+        yogi: v = v - (1 - beta2) d^2 sign(v - d^2);          w = w + eta m / (sqrt(v) + tau)
+
+    Arrays not in ``active`` (no site trained them this round, e.g. the encoder of a modality no contributing
+    site holds) are left exactly as they are, moments and step count included: their zero pseudo-gradient must
+    not let old momentum move them. Non-float arrays take the aggregate. Pure: inputs are not modified."""
+    if rule not in ("adam", "yogi"):
+        raise ValueError(f"unknown server optimizer {rule!r}; choose adam or yogi")
+    new: Params = {}
+    out = ServerOptState(dict(state.m), dict(state.v), dict(state.steps))
+    for name, current in global_params.items():
+        if active is not None and name not in active:
+            new[name] = current.copy()
+            continue
+        if not np.issubdtype(current.dtype, np.floating):
+            new[name] = np.array(aggregated[name], copy=True)
+            continue
+        g = current.astype(np.float64)
+        d = aggregated[name].astype(np.float64) - g
+        m = beta1 * state.m.get(name, np.zeros_like(g)) + (1 - beta1) * d
+        v_prev = state.v.get(name, np.zeros_like(g))
+        t = state.steps.get(name, 0) + 1
+        if rule == "adam":
+            v = beta2 * v_prev + (1 - beta2) * d**2
+            lr = eta * np.sqrt(1 - beta2**t) / (1 - beta1**t)
+        else:
+            v = v_prev - (1 - beta2) * d**2 * np.sign(v_prev - d**2)
+            lr = eta
+        new[name] = (g + lr * m / (np.sqrt(v) + tau)).astype(current.dtype)
+        out.m[name], out.v[name], out.steps[name] = m, v, t
+    return new, out
+
+
+def trained_arrays(global_params: Params, updates: Sequence[SiteUpdate]) -> set[str]:
+    """Arrays some update trained: an encoder of modality m if a site holding m contributed, every other array if
+    any site contributed (the blocks a server optimizer may step)."""
+    if not updates:
+        return set()
+    held = {m for u in updates for m, c in u.modality_counts.items() if c > 0}
+    return {name for name in global_params
+            if (m := MAGNET.encoder_modality(name)) is None or m in held}
 
 
 def validate_update(global_params: Params, params: Mapping[str, np.ndarray]) -> list[str]:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 GROUPS = ("all", "paired", "unpaired")  # test-patient groups an evaluation reply may report
 MAX_HISTOGRAM_BINS = 1000  # the most score-histogram bins a site will ever send
+MAX_PROXIMAL_MU = 10.0  # FedProx's mu: the paper tries 0.001..1; beyond 10 local training barely moves
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Flower's client-side clipping mod reads this key from the round config (flwr.supercore.differential_privacy)
 FLOWER_CLIPPING_KEY = "clipping_norm"
@@ -70,6 +71,8 @@ class RoundConfig(BaseModel):
     seed: StrictInt = Field(ge=0, lt=2**31, description="run seed; the site's RNG is seeded from it, the round and its name")
     preset: str = Field(description="hyperparameter preset (model width, learning rate, graph sparsity)")
     local_epochs: StrictInt = Field(ge=1, le=1000, description="local epochs per round")
+    proximal_mu: float = Field(0.0, ge=0, le=MAX_PROXIMAL_MU, allow_inf_nan=False,
+                               description="FedProx: the local loss gains (mu / 2) ||w - w_global||^2 (0 = off)")
     histogram_bins: StrictInt = Field(ge=2, le=MAX_HISTOGRAM_BINS, description="score-histogram bins (binary tasks)")
     test_graph: Literal["among-test", "attach-to-train"] = Field(
         "among-test", description="evaluation: a graph among the test patients (paper) or attached to training ones")

@@ -135,6 +135,31 @@ def noise_piece_std(cfg: DPConfig, threshold: int) -> float:
     return cfg.sigma / math.sqrt(threshold)
 
 
+# A Gaussian coordinate exceeds NOISE_TAIL standard deviations with probability < 1e-88: the fixed-point range
+# check below treats |noise| < NOISE_TAIL * std as certain (over 10^9 coordinates and 10^6 rounds, p < 1e-70).
+NOISE_TAIL = 20.0
+
+
+def distributed_noise_fits(clip_norm: float, piece_std: float, num_sites: int, frac_bits: int) -> str | None:
+    """None if a site's clipped update (|x| <= C per coordinate) plus its noise piece stays inside the secure sum's
+    fixed-point range (|x| < 2^(63 - frac_bits) / sites, so the sum cannot wrap), else the reason it may not.
+    The noise is never clipped to fit (that would change the mechanism): the run is refused instead."""
+    bound = 2.0 ** (63 - frac_bits) / max(num_sites, 1)
+    worst = clip_norm + NOISE_TAIL * piece_std
+    if not worst < bound:
+        return (f"a site's clipped update plus its noise piece can reach {worst:.4g} (clip norm {clip_norm:g} + "
+                f"{NOISE_TAIL:g} x noise std {piece_std:.4g}), beyond the fixed-point range +-{bound:.4g} of a "
+                f"secure sum over {num_sites} sites with {frac_bits} fractional bits: lower dp-noise-multiplier "
+                "or dp-clip-norm")
+    return None
+
+
+def site_noise_rng(seed: int, server_round: int, site_id: int) -> np.random.Generator:
+    """A site's noise generator under distributed DP: from the OS when ``seed`` < 0 (deployment: nobody else can
+    know it), else seeded by (seed, round, secure-aggregation site id) for reproducible simulations."""
+    return noise_rng(None) if seed < 0 else np.random.default_rng([seed, server_round, site_id])
+
+
 def add_central_noise(layout: UpdateLayout, total: np.ndarray, cfg: DPConfig,
                       rng: np.random.Generator | None = None) -> np.ndarray:
     """The coordinator's noise N(0, sigma^2) on the parameter part of a summed vector."""

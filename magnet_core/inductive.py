@@ -32,6 +32,15 @@ class AttachRule(BaseModel):
                                               "predictions then depend on the batch")
 
 
+def default_attach_rule(n_reference: int, k: int = 10) -> AttachRule:
+    """The rule that matches how training builds the reference graph ("auto"): MAGNET's quantile rule up to
+    ``graph_topk.DENSE_MAX_PATIENTS`` reference patients, the ``k`` nearest above. `magnet-fl predict --attach
+    auto` uses it; evaluation under "attach-to-train" must use the same to measure what predict does."""
+    from .graph_topk import DENSE_MAX_PATIENTS
+
+    return AttachRule(rule="quantile" if n_reference <= DENSE_MAX_PATIENTS else "topk", k=k)
+
+
 def masked_cosine_cross(xs_a: Sequence[Tensor], mask_a: Tensor, xs_b: Sequence[Tensor], mask_b: Tensor,
                         eps: float = 1e-8) -> Tensor:
     """(n_a, n_b) |cos| between patients of two sets over the modalities each pair shares; 0 if they share none.

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import tables
 from .data import SPLITS, Cohort, DataError, stratified_split
-from .manifest import DEFAULT_MAX_ABSENT_FEATURES
+from .manifest import DEFAULT_MAX_ABSENT_FEATURES, DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
 from .tables import Orientation
 RAW_SUFFIXES = (".csv", ".tsv", ".txt")
 STAT_FIELDS = ("n_per_class", "count", "total", "total_sq", "minimum", "maximum")
@@ -49,6 +49,14 @@ class PrepareConfig(BaseModel):
     label_column: str | None = Field(None, description="label column ('Class', else the first column)")
     class_names: list[str] | None = Field(None, description="class names; text labels are mapped to their index")
     clip: bool = Field(False, description="clip scaled values of non-training patients to [0, 1]")
+    # federated preparation (magnet_core/privacy.py): what a site may release
+    min_count: int = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,
+                           description="k: a site releases statistics only of classes and (class, feature) cells "
+                                       "with >= k training patients; written into the manifest")
+    value_ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="per modality: the raw value range [low, high] the consortium declares "
+        "in advance; federated preparation scales with it (per-feature minima and maxima are single patients' "
+        "values and are never released)")
 
     @model_validator(mode="after")
     def _check(self) -> "PrepareConfig":
@@ -58,6 +66,9 @@ class PrepareConfig(BaseModel):
         if self.class_names is not None and (len(self.class_names) < 2 or
                                              len(set(self.class_names)) != len(self.class_names)):
             raise ValueError(f"class_names needs at least two distinct names, got {self.class_names}")
+        empty = {m: r for m, r in self.value_ranges.items() if not r[1] > r[0]}
+        if empty:
+            raise ValueError(f"value_ranges must be [low, high] with high > low, got {empty}")
         bad = {m: v for m, v in self.variance_threshold.items() if v < 0}
         bad.update({m: v for m, v in self.n_features_per_modality.items() if v < 1})
         if bad:

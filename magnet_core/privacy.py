@@ -288,3 +288,39 @@ def protected_ranges(stats: FeatureStats, low: float, high: float, rtol: float =
     lo = np.where(varies, low, np.where(observed > 0, mean, np.inf))
     hi = np.where(varies, high, np.where(observed > 0, mean, -np.inf))
     return dataclasses.replace(stats, minimum=lo, maximum=hi)
+
+
+def federated_ranges(combined: Mapping[str, FeatureStats], value_ranges: Mapping[str, Sequence[float]],
+                     observed: bool = False) -> dict[str, FeatureStats]:
+    """:func:`protected_ranges` for every modality with the consortium's declared range (``PrepareConfig.
+    value_ranges``); a modality without one keeps the observed minima / maxima when ``observed`` (only for a
+    preparation where one party holds every site's data) and is refused otherwise."""
+    from .data import DataError
+
+    missing = [m for m in combined if m not in value_ranges and not observed]
+    if missing:
+        raise DataError(f"federated preparation needs a declared value range for modality {missing} (e.g. "
+                        f"value_ranges = {{ {missing[0]} = [low, high] }} in the prepare config): per-feature "
+                        "minima and maxima are single patients' values and are not released")
+    return {m: protected_ranges(s, float(value_ranges[m][0]), float(value_ranges[m][1])) if m in value_ranges
+            else s for m, s in combined.items()}
+
+
+def release_summary(summary: Mapping, k: int) -> dict:
+    """A site's self-description (``RawSite.summary``) with every patient count between 1 and k - 1 replaced by
+    None (per class and per modality) and the withheld entries named, so that no count describes fewer than k."""
+    out = dict(summary)
+    small = lambda n: 0 < int(n) < k  # noqa: E731
+    out["classes"] = [None if small(n) else int(n) for n in summary.get("classes", [])]
+    below = [f"class {c}" for c, n in enumerate(summary.get("classes", [])) if small(n)]
+    mods = {}
+    for m, d in summary.get("modalities", {}).items():
+        mods[m] = {key: (None if key != "features" and small(v) else v) for key, v in d.items()}
+        below += [f"{m} {key}" for key, v in d.items() if key != "features" and small(v)]
+    out["modalities"] = mods
+    for key in ("patients", "training_patients", "test_patients"):
+        if key in out and small(out[key]):
+            out[key] = None
+            below.append(key)
+    out["below_k"] = below
+    return out

@@ -24,8 +24,10 @@ REPORT_FILE = "report.html"
 SITE_LOG_FILE = "site_log.jsonl"
 METRICS = ("mcc", "acc", "f1", "auroc", "auprc")
 GROUPS = ("", "paired_", "unpaired_")
-METHOD_ORDER = ("federated", "fedavg_plain", "centralized", "local_only")
+METHOD_ORDER = ("federated", "fedavg_plain", "fedprox", "fedadam", "fedyogi", "personalized", "centralized", "local_only")
 METHOD_LABEL = {"federated": "federated (modality-aware)", "fedavg_plain": "plain FedAvg",
+                "fedprox": "FedProx (modality-aware)", "fedadam": "FedAdam (modality-aware)",
+                "fedyogi": "FedYogi (modality-aware)", "personalized": "personalized (federated, then site fine-tuning)",
                 "centralized": "centralized (pooled)", "local_only": "local-only (each site alone)"}
 ARTEFACT_PATTERNS = ("model.pt", "*.magnet", "model.pkg*", "*.sig")
 # Round-table columns shown only when some round has them.

@@ -54,9 +54,11 @@ class SiteRuntime:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def fit(self, params: Mapping[str, np.ndarray | torch.Tensor], cfg: TrainConfig, local_epochs: int,
-            server_round: int, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+            server_round: int, seed: int, proximal_mu: float = 0.0
+            ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Train ``local_epochs`` from the global ``params``. The learning rate follows the global StepLR
-        schedule ((round - 1) * local_epochs epochs done so far); the RNG is seeded by (seed, round, site)."""
+        schedule ((round - 1) * local_epochs epochs done so far); the RNG is seeded by (seed, round, site).
+        ``proximal_mu`` > 0: FedProx, the local loss gains (mu / 2) * ||w - params||^2."""
         self.set_params(params)
         done = (server_round - 1) * local_epochs
         lr = cfg.lr * cfg.lr_gamma ** (done // cfg.lr_step)
@@ -64,7 +66,8 @@ class SiteRuntime:
         torch.manual_seed(seed * 100_003 + server_round * 1_009 + _stable_hash(self.name))
         if self.train.n == 0:
             return self.get_state(), {"loss": float("nan")}
-        stats = train_epochs(self.model, self.train, cfg, local_epochs, optimizer=opt, scheduler=None)
+        stats = train_epochs(self.model, self.train, cfg, local_epochs, optimizer=opt, scheduler=None,
+                             proximal_mu=proximal_mu)
         return self.get_state(), stats
 
     def evaluate_counts(self, params: Mapping[str, np.ndarray | torch.Tensor], bins: int = DEFAULT_BINS,

@@ -199,8 +199,14 @@ def train_epochs(
     batch_size: int = DEFAULT_BATCH_SIZE,
     fanouts: Sequence[int] | None = None,
     memory_budget: int = MEMORY_BUDGET_BYTES,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
     """Train for ``epochs`` epochs; returns the last epoch's losses (mean over its mini-batches).
+
+    ``proximal_mu`` > 0 adds FedProx's proximal term (mu / 2) * ||w - w_start||^2 to the loss, w_start the weights
+    at the call (the global model a site starts a round from); its gradient mu * (w - w_start) is added only to
+    parameters the task loss reached (a gradient exists), so the term never makes the optimiser step a parameter
+    it would otherwise leave alone. The last epoch's term is reported as "proximal"; "loss" stays the task loss.
 
     ``batching``: "full" = one step per epoch on the whole graph; "neighbour" = mini-batches of ``batch_size``
     seed patients with sampled neighbourhoods (``fanouts`` per layer, default 10 each; cross-entropy on the
@@ -211,13 +217,16 @@ def train_epochs(
     batching = resolve_batching(data, model.cfg, batching, batch_size, memory_budget)
     sampler = NeighbourSampler(data.graph, fanouts or [10] * model.cfg.gnn_layers) if batching == "neighbour" \
         else None
+    if not (proximal_mu >= 0 and np.isfinite(proximal_mu)):
+        raise ValueError(f"proximal_mu must be a finite number >= 0, got {proximal_mu}")
+    prox = Proximal.at(model, proximal_mu) if proximal_mu > 0 else None
     model.train()
     stats: dict[str, float] = {}
     for epoch in range(epochs):
         if sampler is None:
-            stats = _step(model, data, cfg, optimizer)
+            stats = _step(model, data, cfg, optimizer, prox=prox)
         else:
-            stats = _neighbour_epoch(model, data, cfg, optimizer, sampler, batch_size)
+            stats = _neighbour_epoch(model, data, cfg, optimizer, sampler, batch_size, prox)
         if scheduler is not None:
             scheduler.step()
         if on_epoch is not None:
@@ -225,21 +234,49 @@ def train_epochs(
     return stats
 
 
+@dataclasses.dataclass
+class Proximal:
+    """FedProx's proximal term (mu / 2) * ||w - w0||^2 around the weights w0 a round started from."""
+
+    mu: float
+    anchor: dict[str, Tensor]
+
+    @classmethod
+    def at(cls, model: MAGNET, mu: float) -> "Proximal":
+        return cls(float(mu), {k: p.detach().clone() for k, p in model.named_parameters()})
+
+    @torch.no_grad()
+    def add_gradient(self, model: MAGNET) -> float:
+        """Add mu * (w - w0) to the gradient of every parameter the loss reached; the term's value over them."""
+        total = 0.0
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            diff = p - self.anchor[name]
+            p.grad.add_(diff, alpha=self.mu)
+            total += float(diff.double().pow(2).sum())
+        return 0.5 * self.mu * total
+
+
 def _step(model: MAGNET, data: PatientSet, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-          num_seeds: int | None = None) -> dict[str, float]:
-    """One optimiser step on ``data`` (cross-entropy on its first ``num_seeds`` patients, default all)."""
+          num_seeds: int | None = None, prox: Proximal | None = None) -> dict[str, float]:
+    """One optimiser step on ``data`` (cross-entropy on its first ``num_seeds`` patients, default all); with
+    ``prox``, FedProx's proximal gradient is added before the step."""
     optimizer.zero_grad(set_to_none=True)
     g = data.graph
     logits, fused = forward(model, data)
     seeds = slice(0, num_seeds if num_seeds is not None else data.n)
     loss, stats = magnet_loss(logits[seeds], data.y[seeds], g.edge_index, g.edge_weight, fused, cfg.kl_weight)
     loss.backward()
+    if prox is not None:
+        stats = {**stats, "proximal": prox.add_gradient(model)}
     optimizer.step()
     return stats
 
 
 def _neighbour_epoch(model: MAGNET, data: PatientSet, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                     sampler: NeighbourSampler, batch_size: int) -> dict[str, float]:
+                     sampler: NeighbourSampler, batch_size: int, prox: Proximal | None = None
+                     ) -> dict[str, float]:
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))  # from the (seeded) global RNG
     order = torch.randperm(data.n, generator=gen)
     totals: dict[str, float] = {}
@@ -247,7 +284,7 @@ def _neighbour_epoch(model: MAGNET, data: PatientSet, cfg: TrainConfig, optimize
     for s in range(0, data.n, batch_size):
         seeds = order[s : s + batch_size]
         nodes, sub = sampler.sample(seeds, gen)
-        stats = _step(model, data.subset(nodes, sub), cfg, optimizer, num_seeds=len(seeds))
+        stats = _step(model, data.subset(nodes, sub), cfg, optimizer, num_seeds=len(seeds), prox=prox)
         for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + value
         batches += 1

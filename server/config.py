@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from magnet_core.config import DEFAULT_PRESET
-from magnet_core.contract import MAX_HISTOGRAM_BINS, fingerprint
+from magnet_core.contract import MAX_HISTOGRAM_BINS, MAX_PROXIMAL_MU, fingerprint
 from magnet_core.privacy import DEFAULT_MAX_BINS
 from magnet_core.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
 
@@ -70,6 +70,17 @@ class FederatedConfig(BaseModel):
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) reported every round")
     dp_noise_seed: int = Field(-1, ge=-1, description="-1: noise from the OS (secret); >= 0: seeded, reproducible "
                                                       "(simulations only: whoever knows the seed can remove it)")
+    # strategy beyond (modality-aware) FedAvg: FedProx's proximal term in the sites' local loss, and an adaptive
+    # optimizer at the coordinator (FedAdam / FedYogi, Reddi et al. 2021) stepping along aggregate - global
+    proximal_mu: float = Field(0.0, ge=0, le=MAX_PROXIMAL_MU, allow_inf_nan=False,
+                               description="FedProx: sites add (mu / 2) ||w - w_global||^2 to their loss (0 = off)")
+    server_optimizer: Literal["none", "adam", "yogi"] = Field(
+        "none", description="none: the aggregate is the new model; adam / yogi: a server step along it")
+    server_lr: float = Field(0.01, gt=0, le=10, allow_inf_nan=False, description="server optimizer step size (eta)")
+    server_beta1: float = Field(0.9, ge=0, lt=1, description="server optimizer first-moment decay")
+    server_beta2: float = Field(0.99, ge=0, lt=1, description="server optimizer second-moment decay")
+    server_tau: float = Field(1e-3, gt=0, le=1, allow_inf_nan=False,
+                              description="server optimizer adaptivity (added to the root of the second moment)")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederatedConfig":
@@ -77,7 +88,8 @@ class FederatedConfig(BaseModel):
         try:
             return cls.model_validate({k.replace("-", "_"): v for k, v in run_config.items()})
         except ValidationError as exc:
-            bad = "; ".join(f"{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+            bad = "; ".join(f"{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" if e["loc"]
+                            else str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
             raise RunConfigError(f"invalid run config: {bad}") from None
 
     def to_run_config(self) -> dict[str, Any]:
@@ -93,9 +105,6 @@ class FederatedConfig(BaseModel):
     def _dp_needs_the_mean(self) -> "FederatedConfig":
         if self.dp_clip_norm > 0 and self.robust != "mean":
             raise ValueError("differential privacy bounds each site's influence on a mean: use robust='mean'")
-        if self.secagg and self.dp_clip_norm > 0:
-            raise ValueError("secure aggregation with differential privacy (noise added at the sites) is not "
-                             "implemented yet: turn one of them off")
         if self.secagg and self.robust != "mean":
             raise ValueError("secure aggregation reveals only the sum: robust aggregation needs individual updates")
         return self

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import time
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -48,6 +48,7 @@ def collect(grid: Grid, messages: Iterable[Message], timeout: float, min_replies
     error replies, e.g. the SuperLink's for a node that went away, are returned but do not count).
     ``destinations``, if given, receives message id -> addressed node for every message sent."""
     messages = list(messages)
+    log(DEBUG, "collect: sending %d message(s) at %.3f", len(messages), time.time())  # FLWR_LOG_LEVEL=DEBUG shows it
     pushed = list(grid.push_messages(messages))  # the grid sets each message's id
     if destinations is not None:
         destinations.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages})
@@ -56,10 +57,12 @@ def collect(grid: Grid, messages: Iterable[Message], timeout: float, min_replies
         log(WARNING, "%d message(s) could not be sent", len(messages) - len(ids))
     replies: list[Message] = []
     start, enough_at = time.monotonic(), None
+    log(DEBUG, "collect: sent %d message(s) at %.3f", len(ids), time.time())
     while ids:
         for msg in grid.pull_messages(list(ids)):
             replies.append(msg)
             ids.discard(msg.metadata.reply_to_message_id)
+            log(DEBUG, "collect: reply from node %d at %.3f", msg.metadata.src_node_id, time.time())
         now = time.monotonic()
         if enough_at is None and sum(not m.has_error() for m in replies) >= min_replies:
             enough_at = now
@@ -96,7 +99,8 @@ def write_history(out: Path, history: list[dict]) -> None:
 
 
 def save_checkpoint(out: Path, round_done: int, params: dict[str, np.ndarray], history: list[dict],
-                    cfg: FederatedConfig, memory: ScreenMemory, accountant: dict | None = None) -> None:
+                    cfg: FederatedConfig, memory: ScreenMemory, accountant: dict | None = None,
+                    server_opt: dict | None = None) -> None:
     """Params, history, the run's identity and the update screen's memory after a completed round. Only
     tensors, numbers, strings and lists/dicts of them: loadable with ``weights_only=True``."""
     state = {
@@ -107,12 +111,13 @@ def save_checkpoint(out: Path, round_done: int, params: dict[str, np.ndarray], h
         "memory": {"norms": memory.norms,
                    "direction": None if memory.direction is None else torch.from_numpy(memory.direction)},
         "accountant": accountant,
+        "server_opt": server_opt,  # the server optimizer's moments (FedAdam / FedYogi), None without one
     }
     atomic_write_bytes(out / CHECKPOINT, lambda p: torch.save(state, p))
 
 
 def load_checkpoint(out: Path, cfg: FederatedConfig, template: dict[str, np.ndarray]
-                    ) -> tuple[int, dict[str, np.ndarray], list[dict], ScreenMemory, Any] | None:
+                    ) -> tuple[int, dict[str, np.ndarray], list[dict], ScreenMemory, Any, Any] | None:
     """The checkpoint in ``out`` (None if there is none), loaded without unpickling code and checked: format,
     the run it belongs to (fingerprint; differing settings are named), arrays against the model's."""
     path = out / CHECKPOINT
@@ -145,6 +150,11 @@ def load_checkpoint(out: Path, cfg: FederatedConfig, template: dict[str, np.ndar
             from magnet_core.dp import PrivacyAccountant
 
             accountant = PrivacyAccountant.from_dict(state["accountant"])
+        server_opt = None
+        if state.get("server_opt") is not None:
+            from magnet_core.aggregate import ServerOptState
+
+            server_opt = ServerOptState.from_tensors(state["server_opt"], params)
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{path}: damaged checkpoint content ({type(exc).__name__}: {exc})") from None
     bad = sorted(set(params) ^ set(template)) or [k for k in template
@@ -154,7 +164,7 @@ def load_checkpoint(out: Path, cfg: FederatedConfig, template: dict[str, np.ndar
         raise CheckpointError(f"{path}: arrays do not fit the model ({bad[:3]})")
     if not all(np.isfinite(v).all() for v in params.values()):
         raise CheckpointError(f"{path}: non-finite weights")
-    return rnd, params, history, memory, accountant
+    return rnd, params, history, memory, accountant, server_opt
 
 
 def prepare_out_dir(out: Path, cfg: FederatedConfig) -> None:
@@ -179,7 +189,7 @@ def round_config(cfg: FederatedConfig, rnd: int, min_count: int) -> ConfigRecord
     return ConfigRecord(RoundConfig(
         server_round=rnd, seed=cfg.seed, preset=cfg.preset, local_epochs=cfg.local_epochs,
         histogram_bins=cfg.histogram_bins, test_graph=cfg.test_graph, min_count=min_count,
-        data_path=cfg.data_path, scenario=cfg.scenario, modalities=cfg.modalities,
+        data_path=cfg.data_path, scenario=cfg.scenario, modalities=cfg.modalities, proximal_mu=cfg.proximal_mu,
         clipping_norm=cfg.dp_clip_norm if cfg.dp_clip_norm > 0 else None).encode())
 
 
@@ -198,14 +208,15 @@ def run_federation(
     prepare_out_dir(out, cfg)
     k = cfg.min_count if min_count is None else min_count
     params, history, start, memory, accountant = initial_params(spec, cfg), [], 1, ScreenMemory(), None
+    server_opt = None
     if cfg.resume and (ckpt := load_checkpoint(out, cfg, params)) is not None:
-        done, params, history, memory, accountant = ckpt
+        done, params, history, memory, accountant, server_opt = ckpt
         start = done + 1
         log(INFO, "resuming from %s after round %d", out / CHECKPOINT, done)
     elif cfg.resume:
         log(WARNING, "resume=true but %s holds no checkpoint: starting at round 1", out)
     magnet = MagnetFedAvg(cfg, list(spec.in_dims), spec.num_classes, enrolment, memory, min_count=k,
-                          accountant=accountant)
+                          accountant=accountant, server_opt=server_opt)
     fp = cfg.fingerprint()
     for rnd in range(start, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
@@ -236,7 +247,7 @@ def run_federation(
             server=server_eval(params) if server_eval is not None else None, config_fingerprint=fp)
         history.append(_jsonable(record.dump()))
         save_checkpoint(out, rnd, params, history, cfg, magnet.memory,
-                        magnet.accountant.to_dict() if magnet.dp is not None else None)
+                        magnet.accountant.to_dict() if magnet.dp is not None else None, magnet.server_opt_state())
         write_history(out, history)
         refresh_report(out, cfg)
         mcc = rep.global_metrics.get("mcc")

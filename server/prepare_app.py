@@ -1,8 +1,15 @@
 """ServerApp of federated preprocessing: combine sites' statistics, decide the plan, write the manifest."""
 
+# The coordinator receives only k-released statistics (magnet_core/privacy.py; classes and (class, feature) cells
+# backed by fewer than k training patients are withheld by the site, which says so), never minima or maxima:
+# scaling uses the consortium's declared value ranges (PrepareConfig.value_ranges, via protected_ranges). With
+# secagg=true the statistics travel only masked (the secure sum of server/secure.py, pairwise + self masks,
+# dropout-tolerant) and the coordinator learns the consortium sums, not one site's.
+
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import tomllib
 from logging import INFO, WARNING
@@ -19,6 +26,7 @@ from magnet_core.preprocess import (
     STAT_FIELDS, FeatureStats, ModalityPrep, PrepareConfig, SiteSpec, build_manifest, class_names, combine_sites,
     derive_all,
 )
+from magnet_core.privacy import federated_ranges
 
 app = ServerApp()
 RUN_KEY = "prepare-run"  # run-config key holding a whole PrepareRun as JSON (how simulation drivers pass it)
@@ -35,6 +43,16 @@ class PrepareRun(BaseModel):
     min_sites: int = Field(0, ge=0, description="sites to wait for (0 = one per listed site)")
     timeout: float = Field(600.0, gt=0, description="seconds to wait for the sites' replies in each step")
     wait_timeout: float = Field(300.0, gt=0, description="seconds to wait for the sites to connect")
+    secagg: bool = Field(False, description="sum the sites' statistics with secure aggregation (masked vectors)")
+    secagg_max_dropouts: int = Field(1, ge=0, description="sites that may drop after masking without losing the sum")
+    secagg_frac_bits: int = Field(24, ge=8, le=52, description="fixed-point fractional bits of the statistics' "
+                                  "secure sum (range +-2^(63 - bits) / sites for every sum of squares)")
+    observed_ranges: bool = Field(False, description="modalities without a declared value range are scaled with "
+                                  "the sites' observed per-feature minima / maxima, which the sites then send: "
+                                  "single patients' values, so only for a preparation where one party holds every "
+                                  "site's data (magnet-fl prepare without --federated); refused with secagg")
+    straggler_grace: float = Field(30.0, ge=0, description="secure sum: once enough sites replied, wait this "
+                                   "long for the rest")
 
     def expected_sites(self) -> int:
         return self.min_sites or len(self.sites) or 1
@@ -84,21 +102,93 @@ def ask(grid: Grid, nodes: list[int], action: str, config: dict, timeout: float)
 
 
 def stats_from_reply(reply: Message) -> dict[str, FeatureStats]:
-    """A site's per-modality statistics, checked for consistency."""
+    """A site's released per-modality statistics (minima / maxima only with observed_ranges, else "never
+    observed"), checked."""
+    import numpy as np
+
     arrays, features = reply.content["stats"], reply.content["features"]
     name = str(reply.content["site"]["name"])
-    return {m: FeatureStats.from_arrays(list(features[m]), {f: arrays[f"{m}/{f}"].numpy() for f in STAT_FIELDS},
-                                        f"statistics of site {name!r}, {m}")
-            for m in features.keys()}
+    out = {}
+    for m in features.keys():
+        got = {f: arrays[f"{m}/{f}"].numpy() for f in STAT_FIELDS if f"{m}/{f}" in arrays}
+        d = len(features[m])
+        got.setdefault("minimum", np.full(d, np.inf))
+        got.setdefault("maximum", np.full(d, -np.inf))
+        out[m] = FeatureStats.from_arrays(list(features[m]), got, f"statistics of site {name!r}, {m}")
+    return out
 
 
-def decide(per_site: list[dict[str, FeatureStats]], num_classes: int, cfg: PrepareConfig):
-    """Combined statistics -> the consortium's decisions and manifest (pure; also used by in-process checks)."""
-    combined = combine_sites(per_site)
-    preps = derive_all(combined, cfg)
+def decide_combined(combined: dict[str, FeatureStats], num_classes: int, cfg: PrepareConfig,
+                    observed_ranges: bool = False):
+    """Consortium statistics -> decisions and manifest, scaling with the declared value ranges (pure)."""
+    preps = derive_all(federated_ranges(combined, cfg.value_ranges, observed_ranges), cfg)
     manifest = build_manifest(preps, class_names(num_classes, cfg), cfg.missing_feature, cfg.name,
-                              max_absent_features=cfg.max_absent_features)
+                              max_absent_features=cfg.max_absent_features, min_count=cfg.min_count)
     return manifest, preps, combined
+
+
+def decide(per_site: list[dict[str, FeatureStats]], num_classes: int, cfg: PrepareConfig,
+           observed_ranges: bool = False):
+    """Released per-site statistics -> the consortium's decisions and manifest (pure; in-process checks too)."""
+    return decide_combined(combine_sites(per_site), num_classes, cfg, observed_ranges)
+
+
+def secure_statistics(grid: Grid, replies: list[Message], num_classes: int, run: PrepareRun, base: dict
+                      ) -> tuple[dict[str, FeatureStats], dict]:
+    """The consortium's summed statistics through one secure sum (server/secure.py: the training rounds' stages)
+    over the sites that announced their features (``replies``, sorted by name); also what happened."""
+    from magnet_core.secagg import KeyAdvert, SecAggError, SecAggServer, SecAggSetup, StatsLayout
+
+    from .secure import Ledger, Stage, effective_max_dropouts, payload_bytes, secure_sum_stages
+
+    names = [str(r.content["site"]["name"]) for r in replies]
+    node_of_name = {n: int(r.metadata.src_node_id) for n, r in zip(names, replies)}
+    layout = StatsLayout.from_feature_lists(
+        [{m: list(r.content["features"][m]) for m in r.content["features"].keys()} for r in replies], num_classes)
+    n = len(names)
+    t0 = time.perf_counter()
+    try:
+        if n < 2:
+            raise SecAggError(f"secure aggregation needs at least 2 sites, {n} announced statistics")
+        drop = effective_max_dropouts(n, run.secagg_max_dropouts)
+        setup = SecAggSetup.for_sites(f"prepare/{secrets.token_hex(8)}", list(range(1, n + 1)), layout.length, drop,
+                                      run.secagg_frac_bits)
+        node_of_sid = {sid: node_of_name[name] for sid, name in zip(setup.site_ids, names)}
+        name_of_sid = dict(zip(setup.site_ids, names))
+        ledger = Ledger()
+        ledger.names = {node_of_name[nm]: nm for nm in names}
+        stage = Stage(ledger, "prepare", node_of_sid, run.timeout, run.straggler_grace)
+        server = SecAggServer(setup)
+        config, lay = ConfigRecord(base), ConfigRecord(layout.to_record())
+        payloads = {}
+        for sid in setup.site_ids:
+            content = RecordDict({"config": config, "layout": lay,
+                                  "secagg": ConfigRecord({**setup.to_record(), "site-id": sid})})
+            payloads[sid] = (content, payload_bytes(content))
+        adverts = []
+        for sid, msg in stage.run(grid, "query.prepare_secagg", payloads, setup.threshold).items():
+            try:
+                advert = KeyAdvert.from_record(msg.content["secagg"])
+                name = str(msg.content["site"]["name"])
+            except Exception as exc:  # noqa: BLE001 - a reply of the wrong shape must not end the run
+                stage.reject(sid, f"malformed reply ({type(exc).__name__}: {exc})")
+                continue
+            if advert.site_id != sid or name != name_of_sid[sid]:
+                stage.reject(sid, f"answers as {name!r} / secagg site {advert.site_id}, was asked as "
+                                  f"{name_of_sid[sid]!r} / {sid}")
+                continue
+            adverts.append(advert)
+        total, request, answered = secure_sum_stages(grid, stage, server, adverts, config)
+    except SecAggError as exc:
+        raise DataError(f"the secure sum of the sites' statistics failed: {exc}") from None
+    report = {"sites": [name_of_sid[s] for s in request.survivors],
+              "dropped_before_masking": [name_of_sid[s] for s in request.dropped],
+              "dropped_after_masking": [name_of_sid[s] for s in request.survivors if s not in answered],
+              "threshold": setup.threshold, "vector_length": layout.length, "frac_bits": setup.frac_bits,
+              "failed": ledger.failed, "rejected": ledger.rejected, "seconds": time.perf_counter() - t0,
+              "bytes_per_site": {name_of_sid[s]: {"up": stage.up[s], "down": stage.down[s]} for s in setup.site_ids}}
+    log(INFO, "secure sum of statistics over %d site(s) (threshold %d)", len(report["sites"]), setup.threshold)
+    return layout.decode(total), report
 
 
 def write_decisions(out: Path, preps: dict[str, ModalityPrep]) -> None:
@@ -117,7 +207,11 @@ def prepare_main(grid: Grid, context: Context, run: PrepareRun | None = None) ->
     t0 = time.perf_counter()
     nodes = wait_for_sites(grid, run.expected_sites(), run.wait_timeout)
     base = {"prepare-config": cfg.model_dump_json(), "num-classes": len(cfg.class_names or []),
-            "sites": json.dumps([s.model_dump() for s in run.sites])}
+            "sites": json.dumps([s.model_dump() for s in run.sites]), "secagg": run.secagg,
+            "observed-ranges": run.observed_ranges}
+    if run.secagg and run.observed_ranges:
+        raise DataError("secagg with observed_ranges: minima and maxima cannot go through a secure sum; declare "
+                        "value_ranges for every modality instead")
     replies, failed = ask(grid, nodes, "prepare_stats", base, run.timeout)
     if failed:
         raise DataError("sites could not compute their statistics:\n- " +
@@ -125,12 +219,24 @@ def prepare_main(grid: Grid, context: Context, run: PrepareRun | None = None) ->
     names = [str(r.content["site"]["name"]) for r in replies]
     if len(set(names)) != len(names):
         raise DataError(f"two sites use the same name: {names}")
-    per_site = [stats_from_reply(r) for r in replies]
     num_classes = len(cfg.class_names or []) or max(int(r.content["site"]["num-classes"]) for r in replies)
-    manifest, preps, _ = decide(per_site, num_classes, cfg)
+    withheld = {name: json.loads(str(r.content["site"]["withheld"])) for name, r in zip(names, replies)}
+    secure = None
+    if run.secagg:
+        combined, secure = secure_statistics(grid, replies, num_classes, run, base)
+        manifest, preps, _ = decide_combined(combined, num_classes, cfg)
+    else:
+        manifest, preps, _ = decide([stats_from_reply(r) for r in replies], num_classes, cfg, run.observed_ranges)
     t_stats = time.perf_counter() - t0
     manifest.save(out / "manifest.toml")
     write_decisions(out, preps)
+    (out / "decisions" / "withheld.json").write_text(json.dumps(
+        {"min_count": cfg.min_count, "sites": withheld}, indent=1))
+    for name, w in withheld.items():
+        for m, r in w.items():
+            if r["withheld_classes"] or r["withheld_cells"]:
+                log(INFO, "site %s, %s: withheld classes %s and %d (class, feature) cell(s) with fewer than k=%d "
+                    "training patients", name, m, r["withheld_classes"], r["withheld_cells"], cfg.min_count)
     for m, p in preps.items():
         log(INFO, "%s: kept %d of %d features (dropped %d for missing values, %d for low variance, %d by F)", m,
             len(p.features), p.report["features_in"], p.dropped_missing, p.dropped_variance, p.dropped_f)
@@ -143,7 +249,9 @@ def prepare_main(grid: Grid, context: Context, run: PrepareRun | None = None) ->
         "manifest": str(out / "manifest.toml"),
         "missing_feature": cfg.missing_feature,
         "modalities": {m: p.report for m, p in preps.items()},
-        "sites": [{**json.loads(str(s["summary"])), "prepared": None}
+        "min_count": cfg.min_count,
+        "secure_aggregation": secure,
+        "sites": [{**json.loads(str(s["summary"])), "withheld": json.loads(str(s["withheld"])), "prepared": None}
                   for s in (r.content["site"] for r in replies)],
         "refused": refused,
         "seconds": {"statistics_and_decisions": t_stats, "total": time.perf_counter() - t0},

@@ -1,4 +1,7 @@
-"""One training round under secure aggregation on Flower's Message API: the coordinator sees masked vectors only."""
+"""Secure sums on Flower's Message API (training rounds, preparation statistics): the coordinator sees masks only."""
+
+# secure_sum_stages (stages 1-3 below) serves any secure sum: server/prepare_app.py runs it on the sites'
+# preprocessing statistics after its own stage 0 (query.prepare_secagg).
 
 # Stages (the site side is client/secure.py, the protocol magnet_core/secagg.py):
 #   0  train.secagg         global weights + SecAggSetup (planned secagg ids 1..n for the sampled nodes, threshold
@@ -8,6 +11,13 @@
 #   3  query.secagg_unmask  survivors / dropped -> shares; the server removes the masks and decodes the sum.
 # A site failing (error reply, no reply, rejected name) before stage 2's reply is left out of the sum; a site of U3
 # failing afterwards is still in it. Fewer than t sites at any stage: the round fails, the model is unchanged.
+#
+# With differential privacy (dp-clip-norm > 0) the noise is distributed (magnet_core/dp.py): every site clips its
+# update to dp-clip-norm over the blocks it holds, with uniform weights (1 per block held), and adds its own noise
+# piece N(0, (z C)^2 / t) before fixed-point encoding and masking, so any t pieces sum to variance (z C)^2. The
+# coordinator adds no noise and never sees a noise-free sum; it decodes block sum / sites holding the block and
+# accounts the round with the multiplier the s pieces in the sum achieved, z sqrt(s / t). Under DP the loss slots
+# stay 0 (a summed loss and patient count would be released without noise): the round reports no training loss.
 
 from __future__ import annotations
 
@@ -21,8 +31,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from magnet_core.dp import DPConfig, distributed_noise_fits, dp_decode, effective_noise_multiplier, noise_piece_std
 from magnet_core.secagg import (
-    KeyAdvert, MaskedInput, SecAggError, SecAggServer, SecAggSetup, ShareBundle, UnmaskShares, UpdateLayout,
+    KeyAdvert, MaskedInput, SecAggError, SecAggServer, SecAggSetup, ShareBundle, UnmaskRequest, UnmaskShares,
+    UpdateLayout,
 )
 
 from .config import FederatedConfig, RunConfigError
@@ -32,51 +44,104 @@ from .strategy import MagnetFedAvg, to_record
 LOSS_SLOTS = 2  # the sites append loss * training patients and training patients (client/secure.py)
 
 
-class _Stage:
+class Ledger:
+    """Where a secure sum's exchanges record who failed, was rejected or did not answer (training: the round's
+    report through MagnetFedAvg; preparation: plain dicts). Keyed by node id, labelled by site name if known."""
+
+    def __init__(self) -> None:
+        self.destinations: dict[str, int] = {}  # message id -> addressed node (filled by server.loop.collect)
+        self.failed: dict[str, str] = {}
+        self.rejected: dict[str, str] = {}
+        self.names: dict[int, str] = {}
+
+    def node_of(self, msg: Message) -> int:
+        return self.destinations.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
+    def label(self, node: int) -> str:
+        return self.names.get(node, f"node {node}")
+
+    def error(self, node: int, msg: Message) -> None:
+        self.failed[self.label(node)] = f"node {node}: {msg.error.reason}"
+        log(WARNING, "secure sum: node %d (%s) failed: %s", node, self.label(node), msg.error.reason)
+
+    def reject(self, node: int, reason: str) -> None:
+        self.rejected[self.label(node)] = f"node {node}: {reason}"
+        log(WARNING, "secure sum: REJECTED reply from node %d (%s): %s", node, self.label(node), reason)
+
+    def no_reply(self, node: int, action: str) -> None:
+        self.failed[self.label(node)] = f"node {node}: no reply to {action} in time"
+        log(WARNING, "secure sum: node %d (%s) did not answer %s", node, self.label(node), action)
+
+
+class _TrainLedger(Ledger):
+    """A training round's ledger: everything goes to the strategy's round report (history)."""
+
+    def __init__(self, magnet: MagnetFedAvg, rnd: int):
+        super().__init__()
+        self.magnet, self.rnd = magnet, rnd
+        self.destinations = magnet.destinations
+
+    def node_of(self, msg: Message) -> int:
+        return self.magnet.node_of(msg)
+
+    def label(self, node: int) -> str:
+        return self.magnet.registry.label(node)
+
+    def error(self, node: int, msg: Message) -> None:
+        self.magnet._failed(self.rnd, node, msg)
+
+    def reject(self, node: int, reason: str) -> None:
+        self.magnet._reject(self.rnd, node, reason, "secure-aggregation reply")
+
+    def no_reply(self, node: int, action: str) -> None:
+        label = self.label(node)
+        self.magnet.report.failed[label] = f"node {node}: no reply to {action} in time"
+        self.magnet.report.nodes[label] = node
+        log(WARNING, "round %d: node %d (%s) did not answer %s", self.rnd, node, label, action)
+
+
+class Stage:
     """Bookkeeping of one exchange: which planned sites answered well, and bytes per site both ways."""
 
-    def __init__(self, magnet: MagnetFedAvg, rnd: int, node_of_sid: Mapping[int, int]):
-        self.magnet, self.rnd, self.node_of_sid = magnet, rnd, dict(node_of_sid)
+    def __init__(self, ledger: Ledger, group: str, node_of_sid: Mapping[int, int], timeout: float, grace: float):
+        self.ledger, self.group, self.node_of_sid = ledger, group, dict(node_of_sid)
+        self.timeout, self.grace = timeout, grace
         self.sid_of_node = {n: s for s, n in node_of_sid.items()}
         self.up: dict[int, int] = dict.fromkeys(node_of_sid, 0)
         self.down: dict[int, int] = dict.fromkeys(node_of_sid, 0)
 
-    def run(self, grid: Grid, action: str, payloads: Mapping[int, tuple[RecordDict, int]], cfg: FederatedConfig,
-            min_replies: int) -> dict[int, Message]:
+    def run(self, grid: Grid, action: str, payloads: Mapping[int, tuple[RecordDict, int]], min_replies: int
+            ) -> dict[int, Message]:
         """Send each secagg id its message, collect; returns sid -> good reply (errors and strays recorded)."""
         msgs = []
         for sid, (content, down_bytes) in payloads.items():
             self.down[sid] += down_bytes
             msgs.append(Message(content=content, message_type=action, dst_node_id=self.node_of_sid[sid],
-                                group_id=str(self.rnd)))
-        replies = collect(grid, msgs, cfg.round_timeout, min_replies, cfg.straggler_grace, self.magnet.destinations)
+                                group_id=self.group))
+        replies = collect(grid, msgs, self.timeout, min_replies, self.grace, self.ledger.destinations)
         good: dict[int, Message] = {}
         answered: set[int] = set()
-        for msg in sorted(replies, key=self.magnet.node_of):
-            node = self.magnet.node_of(msg)
+        for msg in sorted(replies, key=self.ledger.node_of):
+            node = self.ledger.node_of(msg)
             sid = self.sid_of_node.get(node)
             if sid is None or sid not in payloads:
                 continue  # not asked at this stage: ignore
             if sid in answered:
                 good.pop(sid, None)
-                self.magnet._reject(self.rnd, node, f"{action}: more than one reply", "secure-aggregation reply")
+                self.ledger.reject(node, f"{action}: more than one reply")
                 continue
             answered.add(sid)
             if msg.has_error():
-                self.magnet._failed(self.rnd, node, msg)
+                self.ledger.error(node, msg)
                 continue
             good[sid] = msg
             self.up[sid] += payload_bytes(msg.content)
         for sid in sorted(set(payloads) - answered):
-            node = self.node_of_sid[sid]
-            label = self.magnet.registry.label(node)
-            self.magnet.report.failed[label] = f"node {node}: no reply to {action} in time"
-            self.magnet.report.nodes[label] = node
-            log(WARNING, "round %d: node %d (%s) did not answer %s", self.rnd, node, label, action)
+            self.ledger.no_reply(self.node_of_sid[sid], action)
         return good
 
     def reject(self, sid: int, reason: str) -> None:
-        self.magnet._reject(self.rnd, self.node_of_sid[sid], reason, "secure-aggregation reply")
+        self.ledger.reject(self.node_of_sid[sid], reason)
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -107,14 +172,81 @@ def effective_max_dropouts(n: int, wanted: int) -> int:
     return d
 
 
+def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: list[KeyAdvert],
+                      config: ConfigRecord) -> tuple[np.ndarray, UnmaskRequest, set[int]]:
+    """Stages 1-3 of one secure sum of any vector the sites hold (training updates, preprocessing statistics):
+    key book -> shares -> masked vectors (summed as they arrive) -> unmask. ``adverts``: the keys of the sites
+    whose stage-0 reply was accepted. Returns the float64 sum over the survivors, the unmask request (survivors,
+    dropped before masking) and the survivors that answered the unmask request. SecAggError when too few remain.
+    ``config`` travels with every message (the sites' handlers log it)."""
+    t, rid = server.setup.threshold, server.setup.round_id
+    book = server.collect_keys(adverts)
+
+    # stage 1: shares
+    rec = _record(book.to_record(), **{"round-id": rid})
+    payloads = {sid: (RecordDict({"config": config, "secagg": rec}), _size(rec)) for sid in book.keys}
+    bundles = []
+    for sid, msg in stage.run(grid, "query.secagg_share", payloads, t).items():
+        try:
+            bundle = ShareBundle.from_record(msg.content["secagg"])
+        except Exception as exc:  # noqa: BLE001
+            stage.reject(sid, f"malformed share bundle ({type(exc).__name__}: {exc})")
+            continue
+        if bundle.site_id != sid or set(bundle.ciphertexts) != set(book.keys) - {sid}:
+            stage.reject(sid, "share bundle from the wrong site or for the wrong recipients")
+            continue
+        bundles.append(bundle)
+    inboxes = server.route_shares(bundles)
+
+    # stage 2: masked vectors, summed as they arrive
+    payloads = {}
+    for sid, inbox in inboxes.items():
+        r = _record(inbox.to_record(), **{"round-id": rid})
+        payloads[sid] = (RecordDict({"config": config, "secagg": r}), _size(r))
+    for sid, msg in stage.run(grid, "query.secagg_mask", payloads, t).items():
+        try:
+            masked = msg.content["masked"]["masked"].numpy()
+            claimed = int(msg.content["secagg"]["site-id"])
+        except Exception as exc:  # noqa: BLE001
+            stage.reject(sid, f"malformed masked input ({type(exc).__name__}: {exc})")
+            continue
+        if claimed != sid:
+            stage.reject(sid, f"masked input claims secagg site {claimed}, was told {sid}")
+            continue
+        try:
+            server.add_masked(MaskedInput(sid, masked))
+        except SecAggError as exc:  # one bad vector is that site's problem, not the round's
+            stage.reject(sid, str(exc))
+        del masked
+    request = server.unmask_request()
+
+    # stage 3: unmask
+    r = _record(request.to_record(), **{"round-id": rid})
+    payloads = {sid: (RecordDict({"config": config, "secagg": r}), _size(r)) for sid in request.survivors}
+    shares = []
+    for sid, msg in stage.run(grid, "query.secagg_unmask", payloads, t).items():
+        try:
+            got = UnmaskShares.from_record(msg.content["secagg"])
+        except Exception as exc:  # noqa: BLE001
+            stage.reject(sid, f"malformed unmask shares ({type(exc).__name__}: {exc})")
+            continue
+        if got.site_id != sid or set(got.self_shares) != set(request.survivors) \
+                or set(got.key_shares) != set(request.dropped):
+            stage.reject(sid, "unmask shares from the wrong site or not answering the request")
+            continue
+        shares.append(got)
+    answered = {s.site_id for s in shares}
+    total = server.finish(shares)
+    return total, request, answered
+
+
+
 def secure_train_round(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.ndarray], rnd: int,
                        config: ConfigRecord, cfg: FederatedConfig) -> dict[str, np.ndarray] | None:
     """Train one round with secure aggregation; the new global parameters, or None (round failed: model kept).
     The round's outcome is in ``magnet.report`` (accepted, failed, rejected, screening["secure_aggregation"])."""
-    if magnet.dp is not None:
-        raise RunConfigError("secagg=true with dp-clip-norm > 0: differential privacy under secure aggregation "
-                             "(noise added at the sites) is not implemented yet; turn one of them off")
     t0 = time.perf_counter()
+    dp = magnet.dp.model_copy(update={"noise": "distributed"}) if magnet.dp is not None else None
     arrays = to_record(params)
     planned = sorted({int(m.metadata.dst_node_id) for m in magnet.configure_train(rnd, arrays, config, grid)})
     layout = UpdateLayout.from_params(params)
@@ -132,9 +264,16 @@ def secure_train_round(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.nd
         setup = SecAggSetup.for_sites(f"{cfg.fingerprint()[:16]}/round-{rnd}/{secrets.token_hex(8)}",
                                       list(range(1, n + 1)), layout.length + LOSS_SLOTS, max_drop)
         summary.update(threshold=setup.threshold, max_dropouts=setup.max_dropouts,
-                       vector_length=setup.vector_length, clip_norm=cfg.secagg_clip_norm)
+                       vector_length=setup.vector_length,
+                       clip_norm=cfg.secagg_clip_norm if dp is None else dp.clip_norm)
+        if dp is not None:
+            piece = noise_piece_std(dp, setup.threshold)
+            problem = distributed_noise_fits(dp.clip_norm, piece, n, setup.frac_bits)
+            if problem:
+                raise RunConfigError(f"secagg=true with dp-clip-norm > 0: {problem}")
+            summary.update(dp_noise="distributed", dp_noise_piece_std=piece)
         node_of_sid = dict(zip(setup.site_ids, planned))
-        new = _protocol(grid, magnet, params, arrays, rnd, config, cfg, setup, layout, node_of_sid, summary)
+        new = _protocol(grid, magnet, params, arrays, rnd, config, cfg, setup, layout, node_of_sid, summary, dp)
     except SecAggError as exc:
         summary["error"] = str(exc)
         magnet.report.accepted = []
@@ -148,10 +287,10 @@ def secure_train_round(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.nd
 
 def _protocol(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.ndarray], arrays, rnd: int,
               config: ConfigRecord, cfg: FederatedConfig, setup: SecAggSetup, layout: UpdateLayout,
-              node_of_sid: dict[int, int], summary: dict) -> dict[str, np.ndarray]:
+              node_of_sid: dict[int, int], summary: dict, dp: DPConfig | None = None) -> dict[str, np.ndarray]:
     server = SecAggServer(setup)
-    stage = _Stage(magnet, rnd, node_of_sid)
-    t, rid = setup.threshold, setup.round_id
+    stage = Stage(_TrainLedger(magnet, rnd), str(rnd), node_of_sid, cfg.round_timeout, cfg.straggler_grace)
+    t = setup.threshold
     wait_for = max(t, min(cfg.min_sites, len(node_of_sid)))
     base = setup.to_record()
     modality_aware = cfg.aggregation == "modality-aware"
@@ -160,9 +299,10 @@ def _protocol(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.ndarray], a
     model_bytes = sum(len(a.data) for a in arrays.values())
     payloads = {}
     for sid in setup.site_ids:
-        r = _record(base, **{"site-id": sid, "clip-norm": cfg.secagg_clip_norm, "modality-aware": modality_aware})
+        r = _record(base, **{"site-id": sid, "clip-norm": cfg.secagg_clip_norm if dp is None else dp.clip_norm,
+                             "modality-aware": modality_aware, **_dp_record(dp, cfg)})
         payloads[sid] = (RecordDict({"arrays": arrays, "config": config, "secagg": r}), model_bytes + _size(r))
-    replies = stage.run(grid, "train.secagg", payloads, cfg, wait_for)
+    replies = stage.run(grid, "train.secagg", payloads, wait_for)
     names: dict[int, str] = {}
     adverts = []
     for sid, msg in replies.items():
@@ -182,75 +322,26 @@ def _protocol(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.ndarray], a
             continue
         names[sid] = name
         adverts.append(advert)
-    book = server.collect_keys(adverts)
-
-    # stage 1: shares
-    rec = _record(book.to_record(), **{"round-id": rid})
-    payloads = {sid: (RecordDict({"config": config, "secagg": rec}), _size(rec)) for sid in book.keys}
-    bundles = []
-    for sid, msg in stage.run(grid, "query.secagg_share", payloads, cfg, t).items():
-        try:
-            bundle = ShareBundle.from_record(msg.content["secagg"])
-        except Exception as exc:  # noqa: BLE001
-            stage.reject(sid, f"malformed share bundle ({type(exc).__name__}: {exc})")
-            continue
-        if bundle.site_id != sid or set(bundle.ciphertexts) != set(book.keys) - {sid}:
-            stage.reject(sid, "share bundle from the wrong site or for the wrong recipients")
-            continue
-        bundles.append(bundle)
-    inboxes = server.route_shares(bundles)
-
-    # stage 2: masked vectors, summed as they arrive
-    payloads = {}
-    for sid, inbox in inboxes.items():
-        r = _record(inbox.to_record(), **{"round-id": rid})
-        payloads[sid] = (RecordDict({"config": config, "secagg": r}), _size(r))
-    for sid, msg in stage.run(grid, "query.secagg_mask", payloads, cfg, t).items():
-        try:
-            masked = msg.content["masked"]["masked"].numpy()
-            claimed = int(msg.content["secagg"]["site-id"])
-        except Exception as exc:  # noqa: BLE001
-            stage.reject(sid, f"malformed masked input ({type(exc).__name__}: {exc})")
-            continue
-        if claimed != sid:
-            stage.reject(sid, f"masked input claims secagg site {claimed}, was told {sid}")
-            continue
-        try:
-            server.add_masked(MaskedInput(sid, masked))
-        except SecAggError as exc:  # one bad vector is that site's problem, not the round's
-            stage.reject(sid, str(exc))
-        del masked
-    request = server.unmask_request()
+    total, request, answered = secure_sum_stages(grid, stage, server, adverts, config)
     summary["dropped_before_masking"] = [names.get(s, f"node{node_of_sid[s]}") for s in request.dropped]
-
-    # stage 3: unmask
-    r = _record(request.to_record(), **{"round-id": rid})
-    payloads = {sid: (RecordDict({"config": config, "secagg": r}), _size(r)) for sid in request.survivors}
-    shares = []
-    for sid, msg in stage.run(grid, "query.secagg_unmask", payloads, cfg, t).items():
-        try:
-            got = UnmaskShares.from_record(msg.content["secagg"])
-        except Exception as exc:  # noqa: BLE001
-            stage.reject(sid, f"malformed unmask shares ({type(exc).__name__}: {exc})")
-            continue
-        if got.site_id != sid or set(got.self_shares) != set(request.survivors) \
-                or set(got.key_shares) != set(request.dropped):
-            stage.reject(sid, "unmask shares from the wrong site or not answering the request")
-            continue
-        shares.append(got)
-    answered = {s.site_id for s in shares}
-    total = server.finish(shares)
     summary["dropped_after_masking"] = [names[s] for s in request.survivors if s not in answered]
 
     # decode and check the counts against what the surviving sites enrolled with
     sites = [names[s] for s in request.survivors]
     update, tail = total[:layout.length], total[layout.length:]
     _, wsum = layout.split(update)
-    _check_counts(magnet, layout, wsum, sites, modality_aware)
-    new = layout.decode_mean(update, params)
+    if dp is not None:  # the noisy sum is now known to the coordinator: account for it whatever follows
+        _account(magnet, dp, rnd, len(request.survivors), setup.threshold)
+        _check_site_counts(magnet, layout, wsum, sites, modality_aware)
+        new = dp_decode(layout, update, params)
+    else:
+        _check_counts(magnet, layout, wsum, sites, modality_aware)
+        new = layout.decode_mean(update, params)
     bad = [k for k, v in new.items() if not np.all(np.isfinite(v))]
     if bad:
         raise SecAggError(f"the decoded mean is not finite in {bad[:3]}")
+    # server optimizer (FedAdam / FedYogi): a step along the decoded aggregate; blocks no surviving site held stay
+    new = magnet.server_step(rnd, params, new, {k for k in params if wsum.get(layout.block(k), 0.0) > 0.5})
     magnet.report.accepted = sites
     for sid in request.survivors:
         magnet.report.nodes[names[sid]] = node_of_sid[sid]
@@ -265,6 +356,45 @@ def _protocol(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.ndarray], a
     log(INFO, "round %d: secure aggregation over %d site(s) (threshold %d; dropped before masking %s, after %s)",
         rnd, len(sites), t, summary["dropped_before_masking"] or "none", summary["dropped_after_masking"] or "none")
     return new
+
+
+def _dp_record(dp: DPConfig | None, cfg: FederatedConfig) -> dict[str, Any]:
+    """What a site needs to add its noise piece: the multiplier z (the site sizes its piece z C / sqrt(t) from the
+    setup's threshold itself) and the simulation seed (-1: the site draws from its OS)."""
+    if dp is None:
+        return {"dp": False}
+    return {"dp": True, "dp-noise-multiplier": dp.noise_multiplier, "dp-noise-seed": cfg.dp_noise_seed}
+
+
+def _account(magnet: MagnetFedAvg, dp: DPConfig, rnd: int, pieces: int, threshold: int) -> None:
+    """Record the round in the run's accountant (the same one and the same history fields as central DP)."""
+    z_eff = effective_noise_multiplier(dp, pieces, threshold)
+    spent = magnet.accountant.add_round(z_eff)
+    magnet.report.dp = {"clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier, "noise": dp.noise,
+                        "sites_averaged": pieces, "noise_pieces": pieces, "threshold": threshold,
+                        "effective_noise_multiplier": z_eff, **spent}
+    log(INFO, "round %d: DP (distributed): %d noise piece(s) sized for %d, effective multiplier %.3g; spent "
+        "epsilon %.3g at delta %g", rnd, pieces, threshold, z_eff, spent["epsilon"], dp.delta)
+
+
+def _check_site_counts(magnet: MagnetFedAvg, layout: UpdateLayout, wsum: Mapping[str | None, float],
+                       sites: list[str], modality_aware: bool) -> None:
+    """Under DP the weight slots count sites: the shared slot must be the number of sites in the sum, each encoder's
+    a whole number no larger than the sites in the sum that enrolled with that modality (modality-aware)."""
+    facts = [magnet._facts(s) for s in sites]
+    problems = []
+    for blk, w in wsum.items():
+        bound = len(sites) if blk is None or not modality_aware else sum(
+            1 for f in facts if f.modalities.get(blk, f.train) > 0)
+        label = "sites holding the shared layers" if blk is None else f"sites holding {blk}"
+        if abs(w - round(w)) > 1e-3 or w < -1e-3:
+            problems.append(f"summed {label} {w:.4f} is not a whole number")
+        elif round(w) > bound or (blk is None and round(w) != len(sites)):
+            problems.append(f"summed {label} {round(w)} does not fit the {len(sites)} sites {sites} in the sum")
+    if problems:
+        for s in sites:
+            magnet.report.rejected[s] = "secure sum rejected: " + "; ".join(problems)
+        raise SecAggError("; ".join(problems))
 
 
 def _check_counts(magnet: MagnetFedAvg, layout: UpdateLayout, wsum: Mapping[str | None, float], sites: list[str],

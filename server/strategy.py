@@ -1,4 +1,4 @@
-"""MagnetFedAvg: Flower's FedAvg that checks every reply against the contract and its own facts, by node id."""
+"""MagnetFedAvg: Flower's FedAvg checking every reply by node id; modality-aware, optionally with FedAdam/FedYogi."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from magnet_core.aggregate import (
-    ScreenMemory, ScreenRules, SiteUpdate, aggregate_updates, flat_delta, screen_updates, validate_update,
+    ScreenMemory, ScreenRules, ServerOptState, SiteUpdate, aggregate_updates, flat_delta, screen_updates,
+    server_opt_step, trained_arrays, validate_update,
 )
 from magnet_core.contract import (
     ContractError, Enrolment, EvalReply, SiteFacts, TrainReply, check_eval_against, check_train_against,
@@ -81,7 +82,7 @@ class MagnetFedAvg(FedAvg):
 
     def __init__(self, cfg: FederatedConfig, modalities: list[str], num_classes: int,
                  enrolment: Enrolment | None = None, memory: ScreenMemory | None = None,
-                 min_count: int | None = None, accountant=None):
+                 min_count: int | None = None, accountant=None, server_opt: ServerOptState | None = None):
         super().__init__(
             fraction_train=cfg.fraction_train,
             fraction_evaluate=1.0,
@@ -107,6 +108,11 @@ class MagnetFedAvg(FedAvg):
             self.accountant = accountant or PrivacyAccountant(cfg.dp_delta)
         self.current: dict[str, np.ndarray] = {}
         self.report = RoundReport()
+        # server-side adaptive optimizer (FedAdam / FedYogi) stepping after this class's own aggregation; a resumed
+        # run passes the state its checkpoint held (``server_opt_state()`` is what a checkpoint stores)
+        self.server_opt: ServerOptState | None = None
+        if cfg.server_optimizer != "none":
+            self.server_opt = server_opt if server_opt is not None else ServerOptState()
         # message id -> addressed node, filled by `server.loop.collect` (error replies may come from the SuperLink)
         self.destinations: dict[str, int] = {}
         self.live_nodes: set[int] | None = None
@@ -208,12 +214,39 @@ class MagnetFedAvg(FedAvg):
         else:
             new = aggregate_updates(self.current, updates, modality_aware=self.cfg.aggregation == "modality-aware",
                                     robust=self.cfg.robust, trim=self.cfg.trim)
+        # the screen's direction reference is the aggregate step (what honest sites' steps agree with), not the
+        # server optimizer's rescaled one
         self.memory.remember(accepted_norms, flat_delta(self.current, new), self.rules.history_rounds)
+        new = self.server_step(server_round, self.current, new, trained_arrays(self.current, updates))
         self.report.train_loss = float(np.average(losses, weights=weights)) if losses else None
         metrics = MetricRecord({"sites-accepted": len(updates), "sites-rejected": len(self.report.rejected)})
         if self.report.train_loss is not None:
             metrics["train-loss"] = self.report.train_loss
         return to_record(new), metrics
+
+    def server_step(self, server_round: int, current: dict[str, np.ndarray], aggregated: dict[str, np.ndarray],
+                    trained: set[str]) -> dict[str, np.ndarray]:
+        """The new global model from this round's aggregate: the aggregate itself, or (server-optimizer adam /
+        yogi) a step along aggregate - current; arrays not in ``trained`` (no contributing site holds their
+        modality) do not move and their moments wait. Post-processing of the aggregate: a DP guarantee holds."""
+        if self.server_opt is None:
+            return aggregated
+        c = self.cfg
+        new, self.server_opt = server_opt_step(current, aggregated, self.server_opt, c.server_optimizer,
+                                               c.server_lr, c.server_beta1, c.server_beta2, c.server_tau, trained)
+        info = {"rule": c.server_optimizer, "lr": c.server_lr,
+                "pseudo_gradient_norm": float(np.linalg.norm(flat_delta(current, aggregated))),
+                "step_norm": float(np.linalg.norm(flat_delta(current, new))),
+                "arrays_held": sorted(k for k in current if k not in trained)}
+        self.report.screening["server_optimizer"] = info
+        log(INFO, "round %d: server %s step: pseudo-gradient norm %.3g, step norm %.3g%s", server_round,
+            c.server_optimizer, info["pseudo_gradient_norm"], info["step_norm"],
+            f", {len(info['arrays_held'])} untrained array(s) held" if info["arrays_held"] else "")
+        return new
+
+    def server_opt_state(self) -> dict | None:
+        """The server optimizer's state for a checkpoint (tensors only), or None without one."""
+        return None if self.server_opt is None else self.server_opt.to_tensors()
 
     def _dp_aggregate(self, server_round: int, updates: list[SiteUpdate]) -> dict[str, np.ndarray]:
         """Site-level DP: every accepted update clipped to C (the sites clip; clipping again here is a no-op for

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -11,7 +12,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from magnet_core.config import Preset
-from magnet_core.data import Cohort, load_for_seed
+from magnet_core.data import Cohort, DataError, detect_layout, load_for_seed
 from magnet_core.metrics import metrics_with_groups, summarize
 from magnet_core.synthetic import GENERATED_NOTICE, make_generated_cohort
 
@@ -25,25 +26,89 @@ def cohort_loader(data: str | Path | None, log: Callable[..., None] = console.pr
     return lambda seed: load_for_seed(data, seed, log=log)
 
 
-def evaluate_centralized(cohort: Cohort, preset: Preset, seed: int, epochs: int | None = None,
-                         on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, float | None]:
-    """Train one model on the cohort's train+val patients and return its test metrics (all/paired/unpaired)."""
+def train_centralized(cohort: Cohort, preset: Preset, seed: int, epochs: int | None = None,
+                      on_epoch: Callable[[int, dict], None] | None = None
+                      ) -> tuple[dict[str, np.ndarray], dict[str, float | None]]:
+    """Train one model on the cohort's train+val patients: (its weights, its test metrics (all/paired/unpaired))."""
     from magnet_core.train import fit_and_predict
 
     train_cfg = preset.train if epochs is None else preset.train.model_copy(update={"epochs": epochs})
-    _, test, probs = fit_and_predict(cohort, preset.model, train_cfg, preset.graph, seed, on_epoch=on_epoch)
-    return metrics_with_groups(test.y.numpy(), probs.numpy(), test.paired.numpy(), cohort.num_classes)
+    model, test, probs = fit_and_predict(cohort, preset.model, train_cfg, preset.graph, seed, on_epoch=on_epoch)
+    params = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    return params, metrics_with_groups(test.y.numpy(), probs.numpy(), test.paired.numpy(), cohort.num_classes)
+
+
+def evaluate_centralized(cohort: Cohort, preset: Preset, seed: int, epochs: int | None = None,
+                         on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, float | None]:
+    """Train one model on the cohort's train+val patients and return its test metrics (all/paired/unpaired)."""
+    return train_centralized(cohort, preset, seed, epochs, on_epoch)[1]
+
+
+@dataclasses.dataclass
+class PackageSpec:
+    """Where and with which key a centralized run writes its model package (one per seed)."""
+
+    path: Path
+    signing_key: Path
+    signing_cert: Path
+
+    def path_for(self, seed: int, seeds: list[int]) -> Path:
+        """``path`` itself for one seed; ``<stem>-seed<N><suffix>`` for each of several."""
+        if len(seeds) == 1:
+            return self.path
+        return self.path.with_name(f"{self.path.stem}-seed{seed}{self.path.suffix or '.magnet'}")
+
+
+def check_packageable(data: str | Path | None) -> None:
+    """A package must describe how its inputs were scaled. Data used as loaded (MAGNET split layout, generated
+    cohort) qualify; a cohort-layout folder is min-max scaled at load time with this run's training statistics,
+    which the package manifest cannot carry, so it is refused before any training."""
+    if data is not None and detect_layout(data) == "cohort":
+        raise DataError(f"{data}: --package needs data whose features are used as given (a MAGNET split layout or a "
+                        f"generated cohort); this cohort-layout folder is min-max scaled at load time with this "
+                        f"run's training statistics, which a package cannot record. Train federated on prepared "
+                        f"sites (magnet-fl prepare) to get a package with its preprocessing")
+
+
+def write_centralized_package(spec: PackageSpec, path: Path, params: dict[str, np.ndarray], cohort: Cohort,
+                              preset: Preset, seed: int, data: str | Path | None,
+                              metrics: dict[str, float | None]) -> Path:
+    """The signed package of one centralized model: its manifest (the cohort's modalities and features in model
+    order), preset, run settings (data, seed, epochs) and its test metrics; `magnet-fl predict` reads it as it
+    reads a federated one."""
+    from magnet_core.package import manifest_from_cohort, write_package
+
+    run_config = {"mode": "centralized", "data": "generated" if data is None else str(data), "seed": seed,
+                  "preset": preset.name, "epochs": preset.train.epochs}
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+    return write_package(path, params, manifest=manifest_from_cohort(cohort), preset=preset.name,
+                         model_cfg=preset.model, graph_cfg=preset.graph, run_config=run_config,
+                         signing_key=spec.signing_key, signing_cert=spec.signing_cert, metrics=numeric,
+                         method="centralized")
 
 
 def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, out: Path,
-                    epochs: int | None = None, shown_as: Path | None = None) -> dict:
+                    epochs: int | None = None, shown_as: Path | None = None,
+                    package: PackageSpec | None = None) -> dict:
     """Read every seed's cohort first (bad data stop the run before any training), then train each seed with a
     progress bar, print the table and write ``out/results.json`` (``shown_as``: the path to print instead of
-    ``out``, when ``out`` is a staging folder). ``results.json`` records the epochs that ran."""
+    ``out``, when ``out`` is a staging folder). ``results.json`` records the epochs that ran. ``package``: also
+    write each seed's model as a signed package (see :class:`PackageSpec`)."""
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    if package is not None:  # key, certificate and data checked before any training
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        from magnet_core.package import PackageError, load_certificate, load_signing_key
+
+        check_packageable(data)
+        key, cert = load_signing_key(package.signing_key), load_certificate(package.signing_cert)
+        pub = cert.public_key()
+        if not isinstance(pub, type(key.public_key())) or key.public_key().public_bytes(
+                Encoding.Raw, PublicFormat.Raw) != pub.public_bytes(Encoding.Raw, PublicFormat.Raw):
+            raise PackageError(f"{package.signing_cert}: this certificate is not the signing key's certificate")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     generated = data is None
     if generated:
@@ -53,7 +118,7 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
     if epochs is not None:  # what runs is what is recorded
         preset = preset.model_copy(update={"train": preset.train.model_copy(update={"epochs": epochs})})
     n_epochs = preset.train.epochs
-    per_seed, info = [], {}
+    per_seed, info, packages = [], {}, []
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
@@ -62,9 +127,14 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
             cohort = cohorts.pop(seed)
             info = {"cohort": cohort.name, "generated": cohort.generated, **cohort.availability()}
             progress.update(task, description=f"seed {seed}")
-            metrics = evaluate_centralized(cohort, preset, seed, None,
-                                           on_epoch=lambda e, s: progress.advance(task))
+            params, metrics = train_centralized(cohort, preset, seed, None,
+                                                on_epoch=lambda e, s: progress.advance(task))
             per_seed.append(metrics)
+            if package is not None:
+                path = write_centralized_package(package, package.path_for(seed, seeds), params, cohort, preset,
+                                                 seed, data, metrics)
+                packages.append(str(path))
+                progress.console.print(f"seed {seed}: signed model package {path}")
             progress.console.print(f"seed {seed}: test MCC {metrics['mcc']:.3f}  acc {metrics['acc']:.3f}")
     wall = time.perf_counter() - t0
     summary = summarize(per_seed)
@@ -83,6 +153,8 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
         "metrics": summary,
         "wall_seconds": wall,
     }
+    if package is not None:
+        payload["packages"] = packages
     path = write_json(out / "results.json", payload)
     if shown_as is not None:
         path = Path(shown_as) / path.relative_to(out)

@@ -9,7 +9,7 @@ from magnet_core.config import DEFAULT_PRESET, PRESETS, get_preset
 from magnet_core.data import available_seeds, detect_layout
 
 from .cli import existing_dir, parse_seeds, positive_int
-from .centralized import run_centralized
+from .centralized import PackageSpec, run_centralized
 from .outputs import check_output, run_staged
 
 DEFAULT_SEEDS = [10, 20, 30, 40, 50]
@@ -24,12 +24,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"hyperparameter preset (default {DEFAULT_PRESET})")
     p.add_argument("--epochs", type=positive_int, default=None, help="override the preset's 200 epochs")
     p.add_argument("--out", type=Path, required=True, help="output directory for results.json")
+    p.add_argument("--package", type=Path, default=None,
+                   help="also write each seed's model as a signed package for `magnet-fl predict` (this path for "
+                        "one seed, <stem>-seed<N>.magnet for several); needs --signing-key and --signing-cert")
+    p.add_argument("--signing-key", type=Path, default=None,
+                   help="Ed25519 model-signing key (magnet-fl pki signing-key: pki/signing/model_signing.key)")
+    p.add_argument("--signing-cert", type=Path, default=None,
+                   help="its certificate, issued by the consortium CA (pki/signing/model_signing.crt)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --out (default: refuse a folder that holds results)")
 
 
 def run(args: argparse.Namespace) -> int:
     seeds = args.seeds or DEFAULT_SEEDS
+    package = None
+    if args.package is not None or args.signing_key is not None or args.signing_cert is not None:
+        if args.package is None or args.signing_key is None or args.signing_cert is None:
+            raise ValueError("--package, --signing-key and --signing-cert go together: a model package is always "
+                             "signed (sites refuse unsigned ones)")
+        package = PackageSpec(args.package.resolve(), args.signing_key, args.signing_cert)
     check_output(args.out, args.overwrite)
     if args.data is not None and detect_layout(args.data) == "split":
         have = available_seeds(args.data)
@@ -39,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     def staged(inner: argparse.Namespace) -> int:
         run_centralized(inner.data, seeds, get_preset(inner.preset), inner.out, epochs=inner.epochs,
-                        shown_as=inner.out_final)
+                        shown_as=inner.out_final, package=package)
         return 0
 
     return run_staged(args, "centralized", staged)

@@ -27,6 +27,18 @@ def _pairs(kind):
     return parse
 
 
+def _ranges(text: str) -> dict:
+    try:
+        out = {}
+        for part in (p for p in text.split(",") if p.strip()):
+            name, _, rng = part.partition("=")
+            low, high = rng.split(":")
+            out[name.strip()] = (float(low), float(high))
+        return out
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MODALITY=LOW:HIGH[,MODALITY=LOW:HIGH...], got {text!r}") from None
+
+
 def _modality_file(text: str) -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not name.strip() or not path.strip():
@@ -74,6 +86,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--label-column", default=None)
     t.add_argument("--no-split-file", action="store_true", help="ignore sites' split.csv; split by --seed")
     t.add_argument("--clip", action="store_true", help="clip scaled test values to [0, 1]")
+    t.add_argument("--min-count", type=int, default=None,
+                   help="k: sites release statistics only of classes / cells with >= k training patients (5)")
+    t.add_argument("--value-range", type=_ranges, default=None, metavar="M=LOW:HIGH,...",
+                   help="declared raw value range per modality; --federated scales with it (sites never send "
+                        "per-feature minima / maxima); needed for every modality with --federated")
+    t.add_argument("--secagg", action="store_true",
+                   help="with --federated: the sites' statistics go through secure aggregation (masked sums)")
     p.add_argument("--verbose", action="store_true", help="Flower's logs")
 
 
@@ -101,6 +120,12 @@ def build_config(args: argparse.Namespace):
         values["use_split_file"] = False
     if args.clip:
         values["clip"] = True
+    if args.min_count is not None:
+        values["min_count"] = args.min_count
+    if args.value_range is not None:
+        values["value_ranges"] = {**values.get("value_ranges", {}), **args.value_range}
+    if args.secagg and not args.federated:
+        raise DataError("--secagg secures the sites' statistics in a --federated preparation; add --federated")
     return PrepareConfig.model_validate(values)
 
 
@@ -144,7 +169,8 @@ def _prepare(args: argparse.Namespace, cfg) -> int:
 
     from .prepare_federated import make_run, run_flower, run_inprocess
 
-    run_ = make_run(build_sites(args), args.out, cfg)
+    # without --federated one party holds every site's data: observed minima / maxima may be used
+    run_ = make_run(build_sites(args), args.out, cfg, observed_ranges=not args.federated, secagg=args.secagg)
     summary = run_flower(run_, verbose=args.verbose) if args.federated else run_inprocess(run_)
     summary = relocate_paths(summary, args.out, args.out_final)
     table = Table(title=f"consortium preprocessing ({len(run_.sites)} site(s), training patients only)")

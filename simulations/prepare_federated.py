@@ -175,19 +175,52 @@ def _content(path: Path) -> bytes:
     return gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
 
 
+def declared_ranges(cohort_dir: str | Path) -> dict[str, tuple[float, float]]:
+    """A simulation's stand-in for the ranges a consortium declares in advance (e.g. an assay's published scale):
+    each modality's range over the whole cohort, rounded outward to integers."""
+    import math
+
+    import pandas as pd
+
+    from magnet_core.data import _modality_files
+
+    out = {}
+    for m, p in _modality_files(Path(cohort_dir)).items():
+        frame = pd.read_csv(p, index_col=0)
+        out[m] = (float(math.floor(frame.min().min())), float(math.ceil(frame.max().max())))
+    return out
+
+
 def measure(cohort_dir: str | Path, work: str | Path, num_sites: int = 3, n_features: int = 100,
             flower: bool = False) -> dict:
     """Federated vs pooled on a real cohort dealt to ``num_sites`` sites (one mRNA matrix transposed): the
-    differences of :func:`compare_with_pooled`, and the protocol run in-process (and through Flower)."""
+    differences of :func:`compare_with_pooled`, the protocol run in-process (k-rule, declared ranges), the same
+    with secure aggregation of the statistics (and through Flower)."""
+    import numpy as np
+
     from magnet_core.manifest import ConsortiumManifest
-    from magnet_core.preprocess import load_raw_site_dir
+    from magnet_core.preprocess import load_raw_site_dir, prepare_pooled_decisions
 
     work = Path(work)
     dirs = write_simulated_sites(cohort_dir, work / "raw", num_sites, transpose=(num_sites - 1, "mRNA"))
-    cfg = PrepareConfig(n_features=n_features)
-    result = {"pooled": compare_with_pooled([load_raw_site_dir(d, cfg, log=lambda *_: None) for d in dirs], cfg)}
+    cfg = PrepareConfig(n_features=n_features, value_ranges=declared_ranges(cohort_dir))
+    sites = [load_raw_site_dir(d, cfg, log=lambda *_: None) for d in dirs]
+    result = {"pooled": compare_with_pooled(sites, cfg), "value_ranges": cfg.value_ranges}
     inproc = run_inprocess(make_run(site_specs(dirs, work / "inprocess"), work / "inprocess", cfg))
     result["inprocess_seconds"] = inproc["wall_seconds"]
+    secure = run_inprocess(make_run(site_specs(dirs, work / "secure"), work / "secure", cfg, secagg=True))
+    a = ConsortiumManifest.load(work / "inprocess" / "manifest.toml")
+    b = ConsortiumManifest.load(work / "secure" / "manifest.toml")
+    pooled, _, _ = prepare_pooled_decisions(sites, cfg)
+    result["withheld"] = {s["site"]: s["withheld"] for s in inproc["sites"]}
+    result["selection_equal_to_pooled"] = {m.name: m.features == pooled.modality(m.name).features
+                                           for m in a.modalities}
+    result["secure"] = {
+        "wall_seconds": secure["wall_seconds"], "secure_sum_seconds": secure["secure_aggregation"]["seconds"],
+        "bytes_per_site": secure["secure_aggregation"]["bytes_per_site"],
+        "same_features_as_clear": [m.features for m in a.modalities] == [m.features for m in b.modalities],
+        "max_abs_diff_impute_means": max(float(np.max(np.abs(np.subtract(x.impute_means, y.impute_means))))
+                                         for x, y in zip(a.modalities, b.modalities))}
     if flower:
         fl = run_flower(make_run(site_specs(dirs, work / "flower"), work / "flower", cfg))
         a = ConsortiumManifest.load(work / "inprocess" / "manifest.toml")

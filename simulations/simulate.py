@@ -6,7 +6,9 @@ import argparse
 import csv
 import dataclasses
 import time
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ from magnet_core.aggregate import EvalCounts
 from magnet_core.config import PRESETS, Preset, get_preset
 from magnet_core.data import Cohort
 from magnet_core.metrics import summarize
+from magnet_core.personalize import personalize_sites
 from magnet_core.synthetic import GENERATED_NOTICE
 from magnet_core.train import make_optimizer, train_epochs
 from server.config import FederatedConfig
@@ -28,7 +31,48 @@ from magnet_core.consortium import load_consortium
 from .reporting import console, print_summary, write_json
 from magnet_core.scenarios import load_scenario
 
-METHODS = ("federated", "centralized", "local_only", "fedavg_plain")
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedMethod:
+    """A federated method as FederatedConfig settings: ``fixed`` define it (a --set override that contradicts one
+    is refused: the method would no longer be what its name says); ``defaults`` are its tuned values, which
+    --set may change."""
+
+    fixed: dict[str, Any]
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    label: str = ""
+
+
+# Tuned on tcga-ov-magnet iid-3, 10 rounds x 10 local epochs, seeds 10 and 20 (final-round MCC, mean of 2 seeds):
+# server lr 0.01 / 0.03 / 0.1 gave FedAdam 0.297 / 0.356 / 0.213 (seed 10 only) and FedYogi 0.326 / 0.302 / 0.000
+# (seed 10 only); FedProx mu 0.001 / 0.01 / 0.1 gave 0.307 / 0.306 / 0.321 (modality-aware FedAvg 0.343): no mu
+# separated from another at 2 seeds, so the strongest pull that did not hurt is kept (the smaller the mu, the closer
+# FedProx is to plain modality-aware FedAvg).
+FEDPROX_MU = 0.1
+FEDADAM_LR = 0.03
+FEDYOGI_LR = 0.01
+_PLAIN = {"proximal_mu": 0.0, "server_optimizer": "none"}
+# A new federated method (e.g. "personalized") is one entry here plus its name in METHODS.
+FEDERATED_METHODS: dict[str, FederatedMethod] = {
+    "federated": FederatedMethod({"aggregation": "modality-aware", **_PLAIN}, label="federated (modality-aware)"),
+    "fedavg_plain": FederatedMethod({"aggregation": "fedavg", **_PLAIN}, label="plain FedAvg"),
+    "fedprox": FederatedMethod({"server_optimizer": "none"},
+                               {"aggregation": "modality-aware", "proximal_mu": FEDPROX_MU}, "FedProx"),
+    "fedadam": FederatedMethod({"server_optimizer": "adam", "proximal_mu": 0.0},
+                               {"aggregation": "modality-aware", "server_lr": FEDADAM_LR}, "FedAdam"),
+    "fedyogi": FederatedMethod({"server_optimizer": "yogi", "proximal_mu": 0.0},
+                               {"aggregation": "modality-aware", "server_lr": FEDYOGI_LR}, "FedYogi"),
+}
+METHODS = ("federated", "centralized", "local_only", "fedavg_plain", "fedprox", "fedadam", "fedyogi", "personalized")
+PERSONALIZE_PART = "head+graph"  # personalized: the part each site fine-tunes (magnet_core.personalize.PARTS); the
+# only part with a detectable gain over federated in 5-seed OV / BRCA runs (OV attach-to-train, +0.024 MCC)
+DEFAULT_METHODS = ("federated", "centralized", "local_only", "fedavg_plain")  # simulate's default (demo budget)
+REFERENCE_METHODS = ("centralized", "local_only")
+# run-config keys simulate sets itself (from its own options, or per method and seed): --set may not touch them
+MANAGED_KEYS = frozenset({"num_server_rounds", "local_epochs", "seed", "preset", "data_path", "scenario", "modalities",
+                          "min_sites", "out_dir", "overwrite", "resume", "test_graph", "report", "manifest",
+                          "signing_key", "signing_cert"})
 ROUND_FIELDS = ("method", "seed", "round", "mcc", "acc", "f1", "auroc", "auprc", "server_mcc", "train_loss",
                 "sites_aggregated", "sites_rejected", "seconds")
 
@@ -50,11 +94,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flower: Flower's simulation engine (Ray); inprocess: same code, no transport")
     p.add_argument("--ray-address", default=None,
                    help="HOST:PORT of an existing Ray cluster for --engine flower (default: start a local one)")
-    p.add_argument("--methods", default=",".join(METHODS), type=comma_list(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), type=comma_list(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                   help="override a run-config field of the federated methods (repeatable), e.g. "
+                        "--set dp-clip-norm=1 --set proximal-mu=0.1; checked by the run configuration")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --out (default: refuse a folder that holds results)")
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """An argparse type: KEY=VALUE, the value read as a TOML value (true, 0.8, "text") or else as text."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def parse_overrides(pairs: list[tuple[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """--set pairs as FederatedConfig fields (kebab-case keys), checked: known, not managed by simulate, not
+    contradicting a selected method, and accepted by FederatedConfig for every selected federated method.
+    One ValueError names the key and the problem."""
+    fields = FederatedConfig.model_fields
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"--set {key}: not a run-config field; known: "
+                             f"{', '.join(sorted(k.replace('_', '-') for k in fields if k not in MANAGED_KEYS))}")
+        if name in MANAGED_KEYS:
+            raise ValueError(f"--set {key}: set by simulate itself (use its own options, e.g. --rounds, --seeds, "
+                             f"--preset, --scenario, --test-graph)")
+        out[name] = value
+    FederatedConfig.from_run_config({k.replace("_", "-"): v for k, v in out.items()})  # names a bad value
+    for method in methods:
+        if method not in FEDERATED_METHODS:
+            continue
+        for name, value in out.items():
+            fixed = FEDERATED_METHODS[method].fixed
+            if name in fixed and fixed[name] != value:
+                raise ValueError(f"--set {name.replace('_', '-')}={value!r} contradicts method {method!r} "
+                                 f"({name.replace('_', '-')} = {fixed[name]!r} defines it); choose --methods "
+                                 f"without it")
+        method_config(method, "", "demo-3", 0, overrides=out)  # every bad value named before any work
+    return out
+
+
+def method_config(method: str, data_path: str, scenario: str, seed: int, overrides: dict[str, Any] | None = None,
+                  **settings: Any) -> FederatedConfig:
+    """The FederatedConfig of a federated method: ``settings`` (rounds, preset, ...), then the method's tuned
+    defaults, then --set ``overrides``, then the settings that define the method."""
+    m = FEDERATED_METHODS[method]
+    data = {"data_path": data_path, "scenario": scenario, "seed": seed, **settings, **m.defaults,
+            **(overrides or {}), **m.fixed}
+    return FederatedConfig.from_run_config({k.replace("_", "-"): v for k, v in data.items()})
 
 
 def concat_cohorts(parts: list[Cohort]) -> Cohort:
@@ -115,6 +214,7 @@ class RunSpec:
     out_dir: Path = Path("runs/simulate")
     ray_address: str | None = None
     test_graph: str = FederatedConfig.model_fields["test_graph"].default
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # --set: FederatedConfig field -> value
 
 
 def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tuple[dict, list, dict]:
@@ -144,14 +244,14 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         results["local_only"] = released_metrics(site_counts(runtimes, lambda s: own[s.name], spec.test_graph))
         seconds["local_only"] = time.perf_counter() - t0
         advance(spec.rounds)
-    for method, aggregation in (("federated", "modality-aware"), ("fedavg_plain", "fedavg")):
+    for method in FEDERATED_METHODS:
         if method not in methods:
             continue
-        cfg = FederatedConfig(num_server_rounds=spec.rounds, local_epochs=spec.local_epochs, preset=preset.name,
-                              aggregation=aggregation, seed=spec.seed, data_path=spec.data_path,
-                              scenario=spec.scenario, modalities=spec.modalities, min_sites=len(sites),
-                              out_dir=str(spec.out_dir / "runs" / f"{method}-seed{spec.seed}"), overwrite=True,
-                              test_graph=spec.test_graph, report=False)
+        cfg = method_config(method, spec.data_path, spec.scenario, spec.seed, spec.overrides,
+                            num_server_rounds=spec.rounds, local_epochs=spec.local_epochs, preset=preset.name,
+                            modalities=spec.modalities, min_sites=len(sites), overwrite=True, report=False,
+                            out_dir=str(spec.out_dir / "runs" / f"{method}-seed{spec.seed}"),
+                            test_graph=spec.test_graph)
         t0 = time.perf_counter()
         history = run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1), ray_address=spec.ray_address)
         seconds[method] = time.perf_counter() - t0
@@ -165,13 +265,37 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
                            "server_mcc": (rec.get("server") or {}).get("mcc"), "train_loss": rec.get("train_loss"),
                            "sites_aggregated": len(rec["accepted"]), "sites_rejected": len(rec["rejected"]),
                            "seconds": rec["seconds"]})
+    if "personalized" in methods:  # each site fine-tunes the final modality-aware global model on its own patients
+        t0 = time.perf_counter()
+        fed_dir = spec.out_dir / "runs" / f"federated-seed{spec.seed}"
+        if "federated" not in methods:  # the global model personalization starts from
+            cfg = method_config("federated", spec.data_path, spec.scenario, spec.seed, spec.overrides,
+                                num_server_rounds=spec.rounds, local_epochs=spec.local_epochs, preset=preset.name,
+                                modalities=spec.modalities, min_sites=len(sites), overwrite=True, report=False,
+                                out_dir=str(fed_dir), test_graph=spec.test_graph)
+            run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1), ray_address=spec.ray_address)
+        global_params = {k: v.numpy() for k, v in torch.load(fed_dir / "model.pt", weights_only=True).items()}
+        own, records = personalize_sites(runtimes, global_params, PERSONALIZE_PART, preset.train, seed=spec.seed)
+        write_json(fed_dir / "personalization.json",
+                   {"part": PERSONALIZE_PART, "sites": [r.model_dump() for r in records]})
+        results["personalized"] = released_metrics(site_counts(runtimes, lambda s: own[s.name], spec.test_graph))
+        seconds["personalized"] = time.perf_counter() - t0
     return results, rounds, seconds
+
+
+def method_settings(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The strategy settings a federated method ran with (kebab-case), for results.json."""
+    cfg = method_config(method, "", "demo-3", 0, overrides)
+    keys = ("aggregation", "robust", "proximal_mu", "server_optimizer", "server_lr", "server_beta1", "server_beta2",
+            "server_tau", *overrides)
+    return {k.replace("_", "-"): getattr(cfg, k) for k in dict.fromkeys(keys)}
 
 
 def run_seed(args: argparse.Namespace, seed: int, methods: list[str], progress: Progress, task) -> tuple[dict, list]:
     spec = RunSpec(data_path=str(args.data) if args.data else "", scenario=args.scenario, seed=seed,
                    preset=args.preset, rounds=args.rounds, local_epochs=args.local_epochs, engine=args.engine,
-                   out_dir=args.out, ray_address=args.ray_address, test_graph=args.test_graph)
+                   out_dir=args.out, ray_address=args.ray_address, test_graph=args.test_graph,
+                   overrides=dict(getattr(args, "override_fields", {})))
     progress.update(task, description=f"seed {seed}")
     results, rounds, _ = run_methods(spec, methods, advance=lambda n: progress.advance(task, n))
     return results, rounds
@@ -200,14 +324,17 @@ def plot_rounds(path: Path, rounds: list[dict], results: dict, title: str) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method, color in (("federated", "tab:blue"), ("fedavg_plain", "tab:orange")):
+    colors = {"federated": "tab:blue", "fedavg_plain": "tab:orange", "fedprox": "tab:purple",
+              "fedadam": "tab:brown", "fedyogi": "tab:pink"}
+    for method, spec in FEDERATED_METHODS.items():
+        color = colors.get(method)
         rows = [r for r in rounds if r["method"] == method and r["mcc"] is not None]
         if not rows:
             continue
         rs = sorted({r["round"] for r in rows})
         by_round = [[r["mcc"] for r in rows if r["round"] == k] for k in rs]
         mean, std = np.array([np.mean(v) for v in by_round]), np.array([np.std(v) for v in by_round])
-        label = "federated (modality-aware)" if method == "federated" else "plain FedAvg"
+        label = spec.label or method
         ax.plot(rs, mean, marker="o", ms=3, color=color, label=label)
         ax.fill_between(rs, mean - std, mean + std, color=color, alpha=0.15)
     for method, color in (("centralized", "tab:green"), ("local_only", "tab:red")):
@@ -232,6 +359,7 @@ def run(args: argparse.Namespace) -> int:
     bad = sorted(set(methods) - set(METHODS))
     if bad or not methods:
         raise ValueError(f"--methods: unknown {bad or 'none given'}; choose from {list(METHODS)}")
+    args.override_fields = parse_overrides(list(getattr(args, "overrides", None) or []), methods)
     if args.scenario is None:
         args.scenario = "demo-3" if args.data is None else "iid-3"
     if not getattr(args, "_staged", False):  # checks before any work, then the run writes into a staging folder
@@ -245,8 +373,8 @@ def run(args: argparse.Namespace) -> int:
     if generated:
         console.print(f"[bold yellow]Using a {GENERATED_NOTICE}; pass --data PATH for real data.[/]")
     args.out.mkdir(parents=True, exist_ok=True)
-    n_fed = sum(m in methods for m in ("federated", "fedavg_plain"))
-    n_ref = sum(m in methods for m in ("centralized", "local_only"))
+    n_fed = sum(m in methods for m in FEDERATED_METHODS) + ("personalized" in methods and "federated" not in methods)
+    n_ref = sum(m in methods for m in REFERENCE_METHODS)
     t0 = time.perf_counter()
     per_seed: dict[str, list[dict]] = {}
     rounds: list[dict] = []
@@ -273,6 +401,8 @@ def run(args: argparse.Namespace) -> int:
         "mode": "simulate", "scenario": scenario.model_dump(), "data": "generated" if generated else str(args.data),
         "generated_data": generated, "engine": args.engine, "preset": args.preset, "seeds": args.seeds,
         "methods": methods,
+        "overrides": {k.replace("_", "-"): v for k, v in args.override_fields.items()},
+        "method_settings": {m: method_settings(m, args.override_fields) for m in methods if m in FEDERATED_METHODS},
         "rounds_config": {"rounds": args.rounds, "local_epochs": args.local_epochs},
         "test_graph": args.test_graph,
         "evaluation": (f"each site scores its own test patients (test graph rule {args.test_graph!r}); global "

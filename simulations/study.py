@@ -34,9 +34,11 @@ DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 REFERENCES = ("local_only", "centralized")
 BASELINE = "fedavg_plain"
 METHOD_LABELS = {"federated": "modality-aware FedAvg", "fedavg_plain": "plain FedAvg", "centralized": "centralized",
-                 "local_only": "local-only"}
+                 "local_only": "local-only", "personalized": "personalized"}  # fedprox, fedadam, fedyogi: by name
+# (each modality-aware); personalized = modality-aware FedAvg, then each site fine-tunes head + last graph layer
 METHOD_COLORS = {"centralized": "tab:green", "local_only": "tab:red", "fedavg_plain": "tab:orange",
-                 "federated": "tab:blue"}
+                 "federated": "tab:blue", "fedprox": "tab:purple", "fedadam": "tab:brown", "fedyogi": "tab:pink",
+                 "personalized": "tab:cyan"}
 COMPARISON_COLUMNS = ["kind", "label", "cell", "cell_b", "method", "method_b", "metric", "n", "mean_diff", "std_diff",
                       "ci_low", "ci_high", "p_value", "units", "verdict"]
 CELL_WORDS = ("higher", "lower")  # cell contrasts: the same method scores higher / lower in cell a than in b

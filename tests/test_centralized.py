@@ -113,3 +113,58 @@ def test_cli_on_a_cohort_layout_folder_writes_real_data_results(tmp_path, capsys
     assert res["generated_data"] is False and res["data"] == str(folder)
     assert res["cohort"]["patients"] == 120 and res["preset"]["model"]["hidden"] == 128
     assert "GENERATED" not in capsys.readouterr().out
+
+
+def test_centralized_writes_a_signed_package_that_predict_uses(tmp_path, capsys):
+    """`centralized --package`: the package holds exactly the evaluated model, is verified like a federated one
+    and scores held-out patients through predict's library path; a half-given signing option or data the package
+    cannot describe is refused before training."""
+    from test_package import make_pki
+
+    from client.predict_cli import attach_rule, reference_patients, score_patients, split_patients
+    from magnet_core.package import read_package
+    from magnet_core.train import PatientSet, predict_proba
+    from simulations.cli import main
+
+    ca, key, cert = make_pki(tmp_path)
+    out, pkg_path = tmp_path / "run", tmp_path / "central.magnet"
+    assert main(["centralized", "--epochs", "2", "--seeds", "1", "--preset", "brca", "--out", str(out),
+                 "--package", str(pkg_path), "--signing-key", str(key), "--signing-cert", str(cert)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["packages"] == [str(pkg_path.resolve())]
+    pkg = read_package(pkg_path, ca_cert=ca)
+    meta = pkg.metadata
+    assert meta.method == "centralized" and meta.run_config["seed"] == 1 and meta.run_config["epochs"] == 2
+    assert meta.preset == "brca" and meta.model.hidden == 128
+    assert meta.metrics["mcc"] == pytest.approx(res["metrics"]["mcc"]["per_seed"][0], abs=1e-12)
+    # the packaged weights are the model results.json evaluated: same test metrics under the same (among-test) rule
+    cohort = make_generated_cohort(seed=1)
+    test_set = cohort.subset(cohort.split_indices("test"))
+    probs = predict_proba(pkg.build_model(), PatientSet.from_cohort(test_set, meta.graph.sparsity)).numpy()
+    m = metrics_with_groups(test_set.labels, probs, test_set.paired, 2)
+    assert m["mcc"] == pytest.approx(res["metrics"]["mcc"]["per_seed"][0], abs=1e-12)
+    # predict's path: attached to the training patients, one finite row per held-out patient
+    ref, patients = reference_patients(cohort), split_patients(cohort, "test")
+    scored = score_patients(pkg, ref, patients, attach_rule("auto", 10, False, ref.n))
+    assert scored.probs.shape == (test_set.n, 2) and np.isfinite(scored.probs).all() and scored.rule == "quantile"
+    np.testing.assert_allclose(scored.probs.sum(axis=1), 1.0, atol=1e-5)
+
+    capsys.readouterr()
+    assert main(["centralized", "--epochs", "2", "--seeds", "1", "--out", str(tmp_path / "r2"), "--package",
+                 str(tmp_path / "x.magnet"), "--signing-key", str(key)]) == 2
+    assert "go together" in capsys.readouterr().err and not (tmp_path / "r2" / "results.json").exists()
+    other_ca, other_key, _ = make_pki(tmp_path, "other")
+    assert main(["centralized", "--epochs", "2", "--seeds", "1", "--out", str(tmp_path / "r4"), "--package",
+                 str(tmp_path / "z.magnet"), "--signing-key", str(other_key), "--signing-cert", str(cert)]) == 2
+    assert "not the signing key's certificate" in capsys.readouterr().err and not (tmp_path / "z.magnet").exists()
+    folder = tmp_path / "cohort"  # cohort layout: scaled at load time, which a package cannot record
+    folder.mkdir()
+    pd.DataFrame({"Class": cohort.labels}, index=pd.Index(cohort.sample_ids, name="sampleID")).to_csv(
+        folder / "labels.csv")
+    pd.DataFrame(cohort.X["mRNA"], index=pd.Index(cohort.sample_ids, name="sampleID"),
+                 columns=cohort.features["mRNA"]).to_csv(folder / "mRNA.csv")
+    assert main(["centralized", "--data", str(folder), "--epochs", "2", "--seeds", "1", "--out",
+                 str(tmp_path / "r3"), "--package", str(tmp_path / "y.magnet"), "--signing-key", str(key),
+                 "--signing-cert", str(cert)]) == 2
+    err = capsys.readouterr().err
+    assert "min-max scaled at load time" in err and "Traceback" not in err and not (tmp_path / "y.magnet").exists()

@@ -168,3 +168,29 @@ def test_central_noise_has_std_sigma_on_parameters_only():
     assert out[:layout.param_size].std() == pytest.approx(1.0, rel=0.05)
     assert np.all(out[layout.param_size:] == 0)
     assert update_of(glob, glob)[layout.names[0]].sum() == 0
+
+
+def test_distributed_noise_must_fit_the_fixed_point_range():
+    """A site's clipped update plus its piece (bounded at NOISE_TAIL stds) must stay below 2^(63 - f) / n."""
+    from magnet_core.dp import NOISE_TAIL, distributed_noise_fits
+    from magnet_core.secagg import SecAggError, encode_fixed
+
+    bound = 2.0 ** (63 - 32) / 3
+    assert distributed_noise_fits(1.0, 1.0, 3, 32) is None
+    assert distributed_noise_fits(1.0, (bound - 1.0) / NOISE_TAIL * 0.999, 3, 32) is None
+    msg = distributed_noise_fits(1.0, (bound - 1.0) / NOISE_TAIL * 1.001, 3, 32)
+    assert msg is not None and "fixed-point range" in msg and "3 sites" in msg
+    assert distributed_noise_fits(1.0, 1e6, 3, 40) is not None  # fewer integer bits: refused sooner
+    # and the encoder itself refuses (never wraps) a value beyond the range
+    with pytest.raises(SecAggError, match="outside the fixed-point range"):
+        encode_fixed(np.array([0.0, bound * 1.01]), 32, 3)
+
+
+def test_site_noise_is_seeded_per_round_and_site_or_drawn_from_the_os():
+    from magnet_core.dp import site_noise_rng
+
+    a = site_noise_rng(3, 2, 1).normal(size=8)
+    assert np.array_equal(a, site_noise_rng(3, 2, 1).normal(size=8))
+    assert not np.array_equal(a, site_noise_rng(3, 3, 1).normal(size=8))
+    assert not np.array_equal(a, site_noise_rng(3, 2, 2).normal(size=8))
+    assert not np.array_equal(site_noise_rng(-1, 2, 1).normal(size=8), site_noise_rng(-1, 2, 1).normal(size=8))

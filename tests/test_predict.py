@@ -215,3 +215,27 @@ def test_predict_cli_reads_a_prepared_site_folder(tmp_path, capsys):
     direct = predict_new(pkg_model, Reference.build([ref.X[m] for m in ref.modalities], ref.mask, 0.8),
                          [test.X[m] for m in test.modalities], test.mask, AttachRule(rule="topk", k=3))
     np.testing.assert_allclose(frame[["prob_low", "prob_high"]].to_numpy(), direct.probs, atol=2e-6)
+
+
+def test_predict_reproduces_the_federated_evaluation_of_every_site(tmp_path):
+    """A short federated run evaluated with attach-to-train: predict (signed package, library path of the CLI) on
+    each site's held-out patients gives the same classes and the same per-site and pooled metrics as the run
+    reported, and the exact pooled AUROC lies inside the reported bound."""
+    from server.config import FederatedConfig
+    from simulations.engine import run_inprocess
+    from simulations.predict_check import check_seed
+
+    torch.set_num_threads(1)
+    cfg = FederatedConfig(num_server_rounds=2, local_epochs=1, preset="brca", seed=3, data_path="", scenario="demo-3",
+                          min_sites=3, out_dir=str(tmp_path / "run"), overwrite=True, test_graph="attach-to-train",
+                          report=False)
+    params, history = run_inprocess(cfg, 3)
+    r = check_seed("", "demo-3", 3, "brca", "", params, history, "attach-to-train")
+    assert r["all_classes_agree"] and r["all_reported_metrics_equal"], r
+    assert r["pooled_patients"]["predict"] == r["pooled_patients"]["evaluation"] > 0
+    assert all(s["max_abs_probability_difference"] == 0.0 for s in r["sites"].values())
+    assert r["auroc"]["inside_bound"], r["auroc"]
+    # a run evaluated among test patients is not what predict does: its numbers are not compared
+    other = check_seed("", "demo-3", 3, "brca", "", params, history, "among-test")
+    assert other["all_classes_agree"] and not other["all_reported_metrics_equal"]
+    assert other["pooled"] == {"reported": None}

@@ -161,3 +161,35 @@ def test_protected_ranges_keep_decisions_computable_and_drop_constant_features()
     assert prep.scale_min.tolist() == [0.0, 0.0] and prep.scale_max.tolist() == [10.0, 10.0]
     with pytest.raises(ValueError, match="empty"):
         protected_ranges(stats, 1.0, 1.0)
+
+
+def test_federated_ranges_need_a_declared_range_unless_one_party_holds_the_data():
+    from magnet_core.data import DataError
+    from magnet_core.privacy import federated_ranges
+
+    stats, _, _ = _stats()
+    with pytest.raises(DataError, match=r"declared value range for modality \['x'\].*not released"):
+        federated_ranges({"x": stats}, {})
+    ranged = federated_ranges({"x": stats}, {"x": (0.0, 10.0)})["x"]
+    assert ranged.minimum.max() <= 10.0 and set(ranged.maximum[np.isfinite(ranged.maximum)]) <= {10.0} | set(
+        ranged.minimum)
+    assert federated_ranges({"x": stats}, {}, observed=True)["x"] is stats  # observed minima / maxima kept
+    with pytest.raises(ValueError, match="high > low"):
+        PrepareConfig(value_ranges={"x": (1.0, 1.0)})
+    with pytest.raises(ValueError):
+        PrepareConfig(min_count=2)  # k is never below the floor of 3
+
+
+def test_a_site_summary_releases_no_count_below_k():
+    from magnet_core.privacy import release_summary
+
+    summary = {"site": "s", "patients": 40, "training_patients": 30, "test_patients": 4, "classes": [30, 1, 0, 9],
+               "modalities": {"mRNA": {"patients": 40, "features": 100, "training_patients": 30},
+                              "miRNA": {"patients": 2, "features": 50, "training_patients": 2}}, "notes": []}
+    out = release_summary(summary, K)
+    assert out["classes"] == [30, None, 0, 9] and out["test_patients"] is None
+    assert out["modalities"]["miRNA"] == {"patients": None, "features": 50, "training_patients": None}
+    assert out["modalities"]["mRNA"] == summary["modalities"]["mRNA"]
+    assert set(out["below_k"]) == {"class 1", "miRNA patients", "miRNA training_patients", "test_patients"}
+    released = [v for v in [out["patients"], out["training_patients"], *out["classes"]] if v]
+    assert all(v >= K for v in released)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 
 import numpy as np
@@ -113,11 +114,11 @@ class DroppingGrid(InProcessGrid):
         return ids + list(super().push_messages(keep))
 
 
-def _run(cfg: FederatedConfig, drop: set[tuple[int, str, int]] = frozenset()):
+def _run(cfg: FederatedConfig, drop: set[tuple[int, str, int]] = frozenset(), node_configs: dict | None = None):
     from client.app import app as client_app
     from server.app import server_main
 
-    grid = DroppingGrid(client_app, 3, cfg.to_run_config(), drop=set(drop))
+    grid = DroppingGrid(client_app, 3, cfg.to_run_config(), drop=set(drop), node_configs=node_configs)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
     params, history = server_main(grid, ctx)
     return params, history, grid
@@ -201,13 +202,104 @@ def test_summed_counts_beyond_the_enrolment_reject_the_round(tmp_path, monkeypat
         np.testing.assert_array_equal(params[k], v)
 
 
-def test_secure_aggregation_with_dp_is_refused_clearly(tmp_path):
+class _DPRecorder(_Recorder):
+    """Also records each site's DP vector with and without its noise piece (client.secure.dp_vector)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__(monkeypatch)
+        import client.secure as site_side
+
+        self.dp_calls: list[dict] = []
+        original = site_side.dp_vector
+        rec = self
+
+        def dp_vector(global_params, new_params, counts, clip_norm, z, threshold, modality_aware, rng):
+            noisy, clean, norm = original(global_params, new_params, counts, clip_norm, z, threshold,
+                                          modality_aware, rng)
+            rec.dp_calls.append(dict(global_params={k: v.copy() for k, v in global_params.items()},
+                                     noisy=noisy.copy(), clean=clean.copy(), threshold=threshold, counts=dict(counts)))
+            return noisy, clean, norm
+
+        monkeypatch.setattr(site_side, "dp_vector", dp_vector)
+
+
+def test_dp_under_secure_aggregation_noise_at_the_sites_accounted_by_pieces(tmp_path, monkeypatch):
+    """secagg + DP: each site clips and adds its noise piece before masking; the coordinator decodes the noisy sum
+    (never a noise-free one, never one site's vector), accounts the pieces in the sum; a site dropping before
+    masking leaves an aggregated round with fewer pieces and a smaller effective multiplier."""
+    from magnet_core.dp import exact_epsilon
+    from magnet_core.secagg import UpdateLayout
+
+    z, clip = 1.0, 0.1
+    rec = _DPRecorder(monkeypatch)
+    cfg = _cfg(tmp_path, "dp", dp_clip_norm=clip, dp_noise_multiplier=z, dp_noise_seed=7)
+    params, history, _ = _run(cfg, {(2, "query.secagg_mask", 3)})  # round 2: node 3 drops before masking
+    assert rec.calls == [] and len(rec.dp_calls) == 6  # the DP path only
+    assert [r["accepted"] for r in history] == [["site0", "site1", "site2"], ["site0", "site1"]]
+    pieces, z_eff = [3, 2], [z * math.sqrt(3 / 2), z * math.sqrt(2 / 2)]  # t = 3 - 1 dropout = 2
+    for r, h in enumerate(history):
+        assert h["screening"]["secure_aggregation"]["status"] == "aggregated"
+        assert h["train_loss"] is None  # no noise-free loss or patient count is released under DP
+        d = h["dp"]
+        assert d["noise"] == "distributed" and d["threshold"] == 2 and d["noise_pieces"] == pieces[r]
+        assert d["effective_noise_multiplier"] == pytest.approx(z_eff[r], rel=1e-12)
+        assert d["epsilon"] == pytest.approx(exact_epsilon(z_eff[: r + 1], cfg.dp_delta), rel=1e-9)
+    assert history[1]["dp"]["effective_noise_multiplier"] < history[0]["dp"]["effective_noise_multiplier"]
+
+    finals = [rec.dp_calls[3]["global_params"], params]  # round 1's result is round 2's global model
+    for r in (1, 2):
+        calls = rec.dp_calls[(r - 1) * 3: r * 3]
+        summed = calls[:pieces[r - 1]]
+        g = calls[0]["global_params"]
+        layout = UpdateLayout.from_params(g)
+        for c in calls:  # clipped over the blocks the site holds, noise piece of std z C / sqrt(t)
+            assert np.linalg.norm(c["clean"][:layout.param_size]) <= clip * (1 + 1e-9)
+        clean_sum = np.sum([c["clean"][:layout.length] for c in summed], axis=0)
+        arrays, sites_per_block = layout.split(clean_sum)
+        noise = []
+        for name in layout.names:
+            s_blk = sites_per_block[layout.block(name)]
+            assert s_blk == len(summed)
+            got = finals[r - 1][name].astype(np.float64) - g[name].astype(np.float64)
+            noise.append((got - arrays[name] / s_blk).ravel())  # decoded = mean of clipped updates + noise
+        noise = np.concatenate(noise)
+        expected_var = len(summed) * (z * clip) ** 2 / 2 / len(summed) ** 2  # s pieces of var sigma^2/t, / S^2
+        assert noise.size > 5000
+        assert abs(noise.mean()) < 5 * math.sqrt(expected_var / noise.size)
+        assert np.var(noise) == pytest.approx(expected_var, rel=6 * math.sqrt(2 / noise.size))
+        # the coordinator's sum is the noisy one; it never held a site's vector, noisy or clean
+        server = rec.servers[r - 1]
+        np.testing.assert_allclose(server.total, np.sum([c["noisy"] for c in summed], axis=0),
+                                   atol=3 * 2.0**-33 + 1e-9)
+        individual = [c[k] for c in calls for k in ("noisy", "clean")]
+        assert not _leaks(_arrays(server), individual)
+        for snap in rec.snapshots[(r - 1) * 3: (r - 1) * 3 + pieces[r - 1]]:
+            assert not _leaks(snap, individual)
+    # seeded noise (dp-noise-seed): the same pieces again for the same seed, round and site
+    from magnet_core.dp import site_noise_rng
+
+    assert np.array_equal(site_noise_rng(7, 1, 1).normal(size=5), site_noise_rng(7, 1, 1).normal(size=5))
+    assert not np.array_equal(site_noise_rng(7, 1, 1).normal(size=5), site_noise_rng(7, 1, 2).normal(size=5))
+
+
+def test_a_site_refuses_noise_below_its_own_floor_and_the_round_goes_on_without_it(tmp_path):
+    """A site may set dp-min-noise-multiplier in its node config: it refuses (before training) a round whose
+    multiplier is lower; the others' round is aggregated and accounted with their pieces only."""
+    cfg = _cfg(tmp_path, "floor", num_server_rounds=1, dp_clip_norm=0.1, dp_noise_multiplier=0.5, dp_noise_seed=1)
+    _, history, _ = _run(cfg, node_configs={0: {"dp-min-noise-multiplier": 1.0}})
+    h = history[0]
+    assert h["accepted"] == ["site1", "site2"] and "below this site's floor" not in str(h["rejected"])
+    assert "requires differential privacy with noise multiplier >= 1.0" in next(iter(h["failed"].values()))
+    assert h["dp"]["noise_pieces"] == 2 and h["dp"]["effective_noise_multiplier"] == pytest.approx(0.5)
+
+
+def test_dp_noise_too_large_for_the_fixed_point_range_is_refused(tmp_path):
+    """The noise is never clipped to fit the ring: a setting whose noise could wrap the sum stops the run."""
     from server.config import RunConfigError
 
-    from server.config import FederatedConfig
-
-    with pytest.raises(RunConfigError, match="secure aggregation with differential privacy .* is not implemented"):
-        FederatedConfig.from_run_config({"secagg": True, "dp-clip-norm": 1.0})  # refused when the run config is read
+    cfg = _cfg(tmp_path, "huge", num_server_rounds=1, dp_clip_norm=1.0, dp_noise_multiplier=1e8)
+    with pytest.raises(RunConfigError, match="beyond the fixed-point range"):
+        _run(cfg)
 
 
 def test_site_refuses_a_stage_without_its_state():

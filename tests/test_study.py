@@ -23,6 +23,7 @@ preset = "ov"
 rounds = 2
 local_epochs = 1
 seeds = [10, 20]
+methods = ["centralized", "local_only", "fedavg_plain", "federated"]
 x_label = "sites"
 
 [[cells]]
@@ -121,7 +122,7 @@ def load_study_text(tmp_path, text):
 
 
 def test_study_files_are_checked(tmp_path):
-    bad = {STUDY.replace('seeds = [10, 20]', 'seeds = [10, 20]\nmethods = ["federated", "fedprx"]'): "unknown methods",
+    bad = {STUDY.replace('"fedavg_plain", "federated"]', '"fedavg_plain", "fedprx"]'): "unknown methods",
            STUDY.replace('b = "two-sites"', 'b = "two-site"'): "contrasts[0] names cell 'two-site'",
            STUDY.replace('id = "no-mirna"', 'id = "two-sites"').replace('b = "two-sites"\n', 'b = "two-sites"\n'):
                "cell ids must be unique",
