@@ -8,7 +8,7 @@ import time
 import tomllib
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -62,6 +62,8 @@ class Cell(BaseModel):
     dataset: str | None = None
     preset: str | None = None
     modalities: list[str] = Field(default_factory=list)
+    test_graph: Literal["among-test", "attach-to-train"] | None = Field(
+        None, description="test-graph rule of this cell (default: the study's)")
     scenario: dict[str, Any]
 
 
@@ -92,6 +94,8 @@ class Study(BaseModel):
     methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1,
                                description="names from simulations.simulate.METHODS")
     x_label: str = "x"
+    test_graph: Literal["among-test", "attach-to-train"] = Field(
+        "among-test", description="test-graph rule: among-test (the paper's) or attach-to-train (deployment)")
     target_gap: float | None = Field(None, ge=0, description="per cell, report whether the best trained method is at "
                                      "or above local-only and within this MCC of centralized")
     cells: list[Cell] = Field(min_length=1)
@@ -113,8 +117,22 @@ class Study(BaseModel):
                 raise ValueError(f"contrasts[{k}] names methods {extra} that the study does not run")
         return self
 
+    def test_graph_of(self, cell: Cell) -> str:
+        return cell.test_graph or self.test_graph
+
     def scenario_of(self, cell: Cell) -> Scenario:
         return Scenario.model_validate({"name": f"{self.name}/{cell.id}", **cell.scenario})
+
+
+def rules_note(study: Study) -> str:
+    """How the cells' test graphs were built, for the report's setup line."""
+    rules = {study.test_graph_of(c) for c in study.cells}
+    words = {"among-test": "`among-test` (each site's test patients among themselves, the paper's rule)",
+             "attach-to-train": "`attach-to-train` (each test patient attached to the site's training patients, "
+                                "as `predict` does)"}
+    if len(rules) == 1:
+        return words[rules.pop()]
+    return "given per cell (" + "; ".join(f"{c.id}: `{study.test_graph_of(c)}`" for c in study.cells) + ")"
 
 
 def builtin_studies() -> dict[str, Path]:
@@ -174,7 +192,8 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
     dataset = cell.dataset or study.dataset
     spec = RunSpec(data_path=str(resolve_dataset(data, dataset)), scenario=str(scenario_file), seed=seed,
                    preset=cell.preset or study.preset, rounds=study.rounds, local_epochs=study.local_epochs,
-                   modalities=",".join(cell.modalities), engine=engine, out_dir=cell_dir)
+                   modalities=",".join(cell.modalities), engine=engine, out_dir=cell_dir,
+                   test_graph=study.test_graph_of(cell))
     t0 = time.perf_counter()
     try:
         results, _, seconds = run_methods(spec, todo, advance=advance)
@@ -188,7 +207,7 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
                    "method": method, "seed": seed, "metrics": results.get(method, {}),
                    "seconds": seconds.get(method, time.perf_counter() - t0),
                    "seconds_per_round": seconds.get(method, float("nan")) / study.rounds,
-                   "modalities": cell.modalities, "error": error}
+                   "modalities": cell.modalities, "test_graph": study.test_graph_of(cell), "error": error}
         write_json(cell_result_path(out, cell, method, seed), payload)
 
 
@@ -418,7 +437,8 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
         md += [f"**Question.** {study.question}", ""]
     md += [f"**Setup.** Data: {data_note}. Preset `{study.preset}`, {study.rounds} rounds x {study.local_epochs} local "
            f"epochs (centralized and local-only train {study.rounds * study.local_epochs} epochs), seeds "
-           f"{study.seeds}. Every method is scored on each site's own test patients with the site's own test graph; "
+           f"{study.seeds}. Every method is scored on each site's own test patients with the test-graph rule "
+           f"{rules_note(study)}; "
            "global metrics come from summed confusion matrices (exactly the pooled predictions). Paired / unpaired "
            "MCC: test patients with all / not all of the cell's modalities after the simulated missingness.", "",
            f"**Statistics.** {STATISTICS_NOTE} This report makes {len(comparisons)} comparisons; each interval is a "

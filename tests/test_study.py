@@ -34,6 +34,7 @@ scenario = { num_sites = 2, partition = "iid" }
 [[cells]]
 id = "no-mirna"
 x = 3
+test_graph = "attach-to-train"
 scenario = { num_sites = 3, partition = "iid", sites = { "2" = { miRNA = "absent" } } }
 
 [[contrasts]]
@@ -78,6 +79,10 @@ def test_study_runs_resumes_and_reruns_from_its_files(data_root, tmp_path):
             assert st.comparison_sentence(f"{label[comp['method']]}, no-mirna", "two-sites", c,
                                           words=("higher", "lower")) in report
     assert "sample standard deviation (ddof = 1)" in report and "95% t interval" in report
+    # the cell's test-graph rule reaches its runs and the report says which rule each cell used
+    for cell, rule in (("two-sites", "among-test"), ("no-mirna", "attach-to-train")):
+        assert json.loads((out / "cells" / cell / "federated-seed10.json").read_text())["test_graph"] == rule
+    assert "no-mirna: `attach-to-train`" in report
     cell_files = sorted((out / "cells").rglob("*-seed*.json"))
     stamps = [p.stat().st_mtime_ns for p in cell_files]
     before = (out / "tiny_tidy.csv").read_text()
