@@ -272,6 +272,18 @@ def _seconds(node_config: Mapping[str, Any], key: str, default: float) -> float:
     return value
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere): the per-message process start-up cost."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime in clock ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def forward(kind: str, config: Mapping[str, Any], arrays, node_id: int, node_config: Mapping[str, Any]):
     """Hand one train/evaluate message to the site's worker (node config ``worker-socket``).
 
@@ -293,7 +305,7 @@ def forward(kind: str, config: Mapping[str, Any], arrays, node_id: int, node_con
                                              "node config")}
     except FrameError as exc:
         raise WorkerFailure("contract", f"round message rejected: {exc}") from None
-    t0 = time.monotonic()
+    t0, age = time.monotonic(), process_age()
     answer, out = exchange(path, header, blobs, connect_timeout, timeout)
     if not answer.get("ok"):
         kind_, reason = str(answer.get("error", "worker")), str(answer.get("reason", "the worker gave no reason"))
@@ -304,5 +316,7 @@ def forward(kind: str, config: Mapping[str, Any], arrays, node_id: int, node_con
         raise WorkerFailure("worker", f"site worker at {path} sent an answer without metrics/site records")
     record = ArrayRecord({b.name: Array(dtype=b.dtype, shape=b.shape, stype=b.stype, data=b.data) for b in out}) \
         if answer.get("has_arrays") else None
-    log.info("%s message answered by the site worker at %s in %.2f s", kind, path, time.monotonic() - t0)
+    log.info("%s message answered by the site worker at %s in %.2f s (this ClientApp process had started %s s "
+             "before it forwarded the message)", kind, path, time.monotonic() - t0,
+             "?" if age is None else f"{age:.2f}")
     return metrics, site, record

@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,27 @@ FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z-]*")  # every Fleet route: POST /v
 DEFAULT_FLEET, DEFAULT_CONTROL_PORT = "0.0.0.0:9092", 9093
 CONTROL_HOST = "127.0.0.1"  # Control + Runtime APIs: loopback only, not configurable
 ISOLATION = "subprocess"  # SuperLink starts the ServerApp, SuperNode the ClientApp, each in a child process
+# Flower 1.41's SuperNode sleeps a fixed 3 s after every empty pull, and 0.5 s between checks for its ClientApp's
+# reply; its SuperExec asks for a new task every 1 s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL). A message then waits
+# 0-3 s before the site sees it, and twice per round. ``deploy supernode`` polls every PULL_INTERVAL seconds while a
+# run is active (a message seen in the last ACTIVE_WINDOW seconds) and at Flower's 3 s otherwise.
+DEFAULT_PULL_INTERVAL, ACTIVE_WINDOW, FLOWER_IDLE_PULL = 0.25, 120.0, 3.0
+REPLY_CHECK_INTERVAL, TASK_POLL_INTERVAL = 0.05, 0.1
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+# Flower's SuperExec starts a fresh `flwr-clientapp` process per message, which spends seconds of CPU importing flwr,
+# numpy, pandas and pydantic. With CLIENTAPP_START "fork" the SuperExec imports those once and forks a child per
+# message that runs Flower's own `flwr-clientapp` entry point: still one new process per message (a crash or an
+# out-of-memory kill ends that process only), without the imports. The app's own modules (the FAB) are not preloaded.
+CLIENTAPP_STARTS = ("fork", "spawn")
+# A ClientApp pulls its message's objects from the SuperNode, which may still be downloading them from the SuperLink;
+# Flower retries with a back-off of 1 s doubling to 10 s. Forked ClientApps retry this local call at 0.05-0.5 s
+# (more tries, so that Flower's overall limit of 2 hours per pull still decides, not the number of tries).
+CLIENTAPP_PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": 20_000}
+# Objects (arrays) a SuperNode moves to/from the SuperLink at once (Flower's FLWR_PRIVATE_* variables; default 2);
+# an explicit setting wins.
+OBJECT_CONCURRENCY = {"FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "4", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "4"}
+PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp", "flwr.clientapp",
+           "flwr.clientapp.mod", "numpy", "pandas", "pydantic")
 
 
 def check_superlink_dir(pki: Path) -> None:
@@ -180,16 +202,179 @@ def site_private_key(bundle: Path, key: Path | None) -> Path:
 
 
 def supernode_command(bundle: Path, data: Path, manifest: Path, port: int = 9094, extra_node_config: str = "",
-                      key: Path | None = None) -> list[str]:
-    """flower-supernode for one site: TLS against the consortium CA, its own key, its local data."""
+                      key: Path | None = None, pull_interval: float = DEFAULT_PULL_INTERVAL,
+                      clientapp_start: str = "fork") -> list[str]:
+    """flower-supernode for one site: TLS against the consortium CA, its own key, its local data. With a
+    ``pull_interval`` below Flower's 3 s or ``clientapp_start`` "fork" it runs through this module's launcher
+    (``launch_supernode``); every argument after the launcher's own ``--name=value`` options is flower-supernode's."""
     site = load_bundle(bundle)
     private = site_private_key(bundle, key)
     node_config = f"data-dir='{data}' manifest='{manifest}' site-name='{site.site}'"
     if extra_node_config:
         node_config += f" {extra_node_config}"
-    return ["flower-supernode", "--root-certificates", str(bundle / site.ca_certificate),
+    if clientapp_start not in CLIENTAPP_STARTS:
+        raise ValueError(f"clientapp_start must be one of {CLIENTAPP_STARTS}, got {clientapp_start!r}")
+    program = ["flower-supernode"] if pull_interval >= FLOWER_IDLE_PULL and clientapp_start == "spawn" else \
+        [sys.executable, "-m", "server.deploy_cli", f"--pull-interval={pull_interval:g}",
+         f"--clientapp-start={clientapp_start}"]
+    return [*program, "--root-certificates", str(bundle / site.ca_certificate),
             "--superlink", site.superlink, "--auth-supernode-private-key", str(private),
             "--isolation", ISOLATION, "--port", str(port), "--node-config", node_config]
+
+
+def fast_polling(pull_interval: float, active_window: float = ACTIVE_WINDOW) -> bool:
+    """Make Flower 1.41's SuperNode poll the SuperLink every ``pull_interval`` seconds while a run is active (a
+    message handled in the last ``active_window`` seconds; Flower's 3 s otherwise), check for its ClientApp's
+    reply every REPLY_CHECK_INTERVAL s instead of 0.5 s, and its SuperExec ask for tasks every TASK_POLL_INTERVAL s
+    (Flower's own variable; an explicit setting wins). Returns False, changing nothing, if this Flower's SuperNode
+    loop is not the one this was written for."""
+    import inspect
+    import types
+
+    from flwr.supernode import start_client_internal as sci
+
+    try:
+        source = inspect.getsource(sci.start_client_internal) + inspect.getsource(sci._push_messages)
+    except (AttributeError, OSError, TypeError):
+        return False
+    if sci.time is not time or "time.sleep(3)" not in source or "time.sleep(0.5)" not in source:
+        return False
+    last = [float("-inf")]
+    push = sci._push_messages
+
+    def push_messages(*args, **kwargs):  # called once per message pulled: the run is active
+        last[0] = time.monotonic()
+        try:
+            return push(*args, **kwargs)
+        finally:
+            last[0] = time.monotonic()
+
+    def sleep(seconds: float) -> None:
+        if seconds == FLOWER_IDLE_PULL:  # the idle poll after an empty pull
+            active = time.monotonic() - last[0] < active_window
+            time.sleep(pull_interval if active else FLOWER_IDLE_PULL)
+        elif seconds == 0.5:  # waiting for the local ClientApp's reply (an in-memory check)
+            time.sleep(REPLY_CHECK_INTERVAL)
+        else:
+            time.sleep(seconds)
+
+    clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
+    clock.sleep = sleep
+    sci.time, sci._push_messages = clock, push_messages
+    os.environ.setdefault(TASK_POLL_ENV, f"{min(TASK_POLL_INTERVAL, pull_interval):g}")
+    return True
+
+
+def forking_superexec() -> bool:
+    """In this (SuperExec) process: preload PRELOAD and make Flower's subprocess executor fork a child per
+    ``flwr-clientapp`` launch instead of starting a new interpreter. The child runs Flower's ``flwr_clientapp``
+    entry point with the same arguments and exits with its code; children are reaped by the kernel (SIGCHLD
+    ignored here, restored in the child). Returns False, changing nothing, if the executor is not the one known."""
+    import importlib
+    import types
+
+    from flwr.supercore.superexec.executor import subprocess_executor as se
+
+    if getattr(se, "subprocess", None) is not subprocess:
+        return False
+    for name in PRELOAD:
+        importlib.import_module(name)
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):  # keyword-only defaults (Flower 1.41)
+        defaults = getattr(fn, "__kwdefaults__", None) or {}
+        defaults.update({k: v for k, v in CLIENTAPP_PULL_BACKOFF.items() if k in defaults})
+    from flwr.supernode.cli import flwr_clientapp
+
+    def popen(args, **kwargs):
+        if not args or args[0] != "flwr-clientapp":
+            return subprocess.Popen(args, **kwargs)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            return types.SimpleNamespace(pid=pid, args=args)
+        code = 1
+        try:  # the child: Flower's flwr-clientapp, as if started as a program
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            if kwargs.get("stdout") == subprocess.DEVNULL:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+            sys.argv = list(args)
+            flwr_clientapp()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:  # noqa: BLE001 - report and exit; never return into the SuperExec's loop
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forked ClientApps are reaped by the kernel
+    se.subprocess = types.SimpleNamespace(Popen=popen, DEVNULL=subprocess.DEVNULL)
+    return True
+
+
+def _launcher_options(argv: list[str], names: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Leading ``--name=value`` options of the launcher (``names``: name -> default); the rest is Flower's."""
+    values = dict(names)
+    while argv and argv[0].startswith("--") and argv[0][2:].split("=", 1)[0] in names and "=" in argv[0]:
+        name, value = argv[0][2:].split("=", 1)
+        values[name], argv = value, argv[1:]
+    return values, argv
+
+
+def launch_supernode(argv: list[str]) -> int:
+    """``python -m server.deploy_cli [--pull-interval=S] [--clientapp-start=fork|spawn] FLOWER-SUPERNODE-ARGS``:
+    flower-supernode (Flower's own entry point and argument parsing) with ``fast_polling(S)``, and with a
+    SuperExec that forks its ClientApps (``forking_superexec``) if asked.
+    ``python -m server.deploy_cli --superexec FLOWER-SUPEREXEC-ARGS``: that SuperExec."""
+    if argv[:1] == ["--superexec"]:
+        if not forking_superexec():
+            print("warning: this Flower version's SuperExec is not the one magnet-fl knows; starting ClientApps as "
+                  "new processes", file=sys.stderr)
+        from flwr.supercore.cli import flower_superexec
+
+        sys.argv = ["flower-superexec", *argv[1:]]
+        flower_superexec()
+        return 0
+    options, argv = _launcher_options(argv, {"pull-interval": str(DEFAULT_PULL_INTERVAL), "clientapp-start": "fork"})
+    try:
+        interval = float(options["pull-interval"])
+    except ValueError:
+        print(f"error: --pull-interval={options['pull-interval']}: not a number of seconds", file=sys.stderr)
+        return 2
+    if options["clientapp-start"] not in CLIENTAPP_STARTS:
+        print(f"error: --clientapp-start must be one of {', '.join(CLIENTAPP_STARTS)}", file=sys.stderr)
+        return 2
+    os.environ.update({k: os.environ.get(k, v) for k, v in {**FLOWER_ENV, **OBJECT_CONCURRENCY}.items()})
+    if interval < FLOWER_IDLE_PULL and not fast_polling(interval):
+        print("warning: this Flower version's SuperNode loop is not the one magnet-fl knows; polling at Flower's "
+              "own interval", file=sys.stderr)
+    if options["clientapp-start"] == "fork":
+        from flwr.supernode import start_client_internal as sci
+
+        def popen(command, **kwargs):  # the SuperNode starts its SuperExec: ours, which forks the ClientApps
+            if command and command[0] == "flower-superexec":
+                command = [sys.executable, "-m", "server.deploy_cli", "--superexec", *command[1:]]
+            return subprocess.Popen(command, **kwargs)
+
+        if getattr(sci, "subprocess", None) is subprocess:
+            import types
+
+            sci.subprocess = types.SimpleNamespace(Popen=popen)
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+    return 0
 
 
 def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path) -> Path:
@@ -248,6 +433,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "uses a worker you run yourself (`magnet-fl site-worker`, e.g. as a service)")
     d.add_argument("--worker-timeout", type=float, default=600.0,
                    help="seconds one message may take at the worker before the site replies an error (default 600)")
+    d.add_argument("--pull-interval", type=float, default=DEFAULT_PULL_INTERVAL,
+                   help=f"seconds between the SuperNode's polls of the SuperLink while a run is active (default "
+                        f"{DEFAULT_PULL_INTERVAL:g}; after {ACTIVE_WINDOW:g} s without a message, and always with "
+                        f"{FLOWER_IDLE_PULL:g} or more, Flower's own {FLOWER_IDLE_PULL:g} s)")
+    d.add_argument("--clientapp-start", choices=CLIENTAPP_STARTS, default="fork",
+                   help="how the per-message ClientApp process starts: forked from a SuperExec that has imported "
+                        "Flower, numpy, pandas and pydantic once (default), or Flower's own new interpreter (spawn)")
     d.add_argument("--print", action="store_true", help="print the flower-supernode command instead of running it")
 
 
@@ -320,8 +512,12 @@ def run(args: argparse.Namespace) -> int:
         if args.worker or args.worker_socket else None
     extra = [f"site-log-dir='{args.log_dir.resolve()}'" if args.log_dir else "",
              f"worker-socket='{sock}' worker-timeout={float(args.worker_timeout)}" if sock else ""]
+    if not 0 < args.pull_interval <= 60:
+        print(f"error: --pull-interval must be in (0, 60] seconds, got {args.pull_interval:g}", file=sys.stderr)
+        return 2
     cmd = supernode_command(bundle, data, manifest, args.port, " ".join(e for e in extra if e),
-                            key=args.key.resolve() if args.key else None)
+                            key=args.key.resolve() if args.key else None, pull_interval=args.pull_interval,
+                            clientapp_start=args.clientapp_start)
     worker = [*_magnet_fl(), "site-worker", "--socket", str(sock), "--data", str(data), "--manifest", str(manifest),
               "--site-name", load_bundle(bundle).site] if args.worker else []
     if not args.skip_validation:
@@ -348,3 +544,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
     os.execvpe(cmd[0], cmd, env)  # replace this process: its pid is the Flower process's pid
     return 0  # pragma: no cover
+
+
+if __name__ == "__main__":  # the SuperNode launcher used by supernode_command (see launch_supernode)
+    sys.exit(launch_supernode(sys.argv[1:]))

@@ -135,14 +135,23 @@ def test_supernode_print_is_a_line_a_shell_runs_unchanged(pki, tmp_path, deploy)
                  "--print")
     assert out.returncode == 0, out.stderr
     expected = supernode_command(at_site.resolve(), data.resolve(), manifest.resolve(), 9094)
+    # the SuperNode runs through magnet-fl's launcher (fast polling, forked ClientApps), then Flower's own arguments
+    launcher = [sys.executable, "-m", "server.deploy_cli", "--pull-interval=0.25", "--clientapp-start=fork"]
+    assert expected[:len(launcher)] == launcher and expected[len(launcher)] == "--root-certificates"
     # pasted into bash, with the program replaced by one that prints the argv it receives
     echo = f"{shlex.quote(sys.executable)} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
     line = out.stdout.strip()
     assert line.startswith("env FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 ")
-    pasted = subprocess.run(["bash", "-c", line.replace(" flower-supernode ", f" {echo} ", 1)],
+    program = f" {shlex.join(launcher[:3])} "
+    assert program in line
+    pasted = subprocess.run(["bash", "-c", line.replace(program, f" {echo} ", 1)],
                             capture_output=True, text=True, timeout=60)
     assert pasted.returncode == 0, pasted.stderr
-    assert json.loads(pasted.stdout) == expected[1:]
+    assert json.loads(pasted.stdout) == expected[3:]
+    # Flower's own program when neither is asked for
+    plain = supernode_command(at_site.resolve(), data.resolve(), manifest.resolve(), 9094, pull_interval=3.0,
+                              clientapp_start="spawn")
+    assert plain[0] == "flower-supernode" and plain[1:] == expected[len(launcher):]
     assert f"data-dir='{data.resolve()}'" in expected[expected.index("--node-config") + 1]
     assert expected[expected.index("--auth-supernode-private-key") + 1] == str((at_site / SITE_KEY).resolve())
 
@@ -195,3 +204,72 @@ def test_superlink_address_mistakes_are_one_clear_line(pki, tmp_path, deploy):
                      "--control-port", port)
         assert out.returncode == 2 and f"cannot listen on the control address 127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in same.stderr + out.stderr
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_fast_polling_shortens_flowers_sleeps_only_while_a_run_is_active():
+    """The SuperNode's 3 s idle poll becomes the pull interval within the active window after a message, and
+    stays Flower's 3 s otherwise; the 0.5 s wait for the local ClientApp's reply becomes 0.05 s (in a child
+    process: the patch changes Flower's module)."""
+    out = _python("""
+import time
+from flwr.supernode import start_client_internal as sci
+from server.deploy_cli import fast_polling
+slept = []
+real = time.sleep
+time.sleep = slept.append  # records what the patched clock asks for
+assert fast_polling(0.25, active_window=60)
+sci.time.sleep(3)                       # idle, no message yet: Flower's 3 s
+try:
+    sci._push_messages(None, None, None, None)  # a message was handled (Flower's function fails on None)
+except Exception:
+    pass
+sci.time.sleep(3)                       # active: the pull interval
+sci.time.sleep(0.5)                     # waiting for the ClientApp's reply
+sci.time.sleep(1.5)                     # anything else unchanged
+assert sci.time.monotonic is time.monotonic or callable(sci.time.monotonic)
+import os
+print(slept, os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL"))
+""")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "0.1" and out.stdout.startswith("[3.0, 0.25, 0.05, 1.5]"), out.stdout
+
+
+def test_forking_superexec_runs_flowers_clientapp_entry_point_in_a_forked_child():
+    """A `flwr-clientapp` launch forks a child that runs Flower's own entry point with the launch's arguments
+    (here `--help`, which prints Flower's usage and exits) and exits with its code; the SuperExec goes on."""
+    out = _python("""
+import os, sys, time
+from flwr.supercore.superexec.executor import subprocess_executor as se
+from server.deploy_cli import forking_superexec
+assert forking_superexec()
+assert "pandas" in sys.modules and "flwr.supernode.runtime.run_clientapp" in sys.modules
+child = se.subprocess.Popen(["flwr-clientapp", "--help"])
+assert child.pid != os.getpid()
+for _ in range(600):
+    try:
+        os.kill(child.pid, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.05)
+else:
+    raise SystemExit("the forked ClientApp did not exit")
+print("parent goes on", os.getpid())
+""")
+    assert out.returncode == 0, out.stderr
+    assert "usage: flwr-clientapp" in out.stdout and "--runtime-api-address" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("parent goes on")
+
+
+def test_launcher_options_are_separated_from_flowers_arguments():
+    from server.deploy_cli import _launcher_options
+
+    names = {"pull-interval": "0.25", "clientapp-start": "fork"}
+    values, rest = _launcher_options(["--pull-interval=1", "--clientapp-start=spawn", "--superlink", "h:1",
+                                      "--pull-interval=9"], names)
+    assert values == {"pull-interval": "1", "clientapp-start": "spawn"}
+    assert rest == ["--superlink", "h:1", "--pull-interval=9"]  # after Flower's first argument, all Flower's
+    assert _launcher_options(["--max-retries", "1"], names) == (names, ["--max-retries", "1"])
