@@ -3,8 +3,10 @@ authentication) started by `magnet-fl deploy superlink`, three SuperNodes on rea
 
 Checks that bundles carry no private key, that an outsider holding ca.crt and its own key cannot register a node,
 list runs, start a run or join, a SuperNode killed during a round does not stop the run and rejoins later with the
-same key, a restarted run resumes from the checkpoint at the next round, malformed site data fail validation, and a
-poisoned update is rejected and named in the log. Every process is bounded by `timeout` and stopped by its pid.
+same key, a restarted run resumes from the checkpoint at the next round, malformed site data fail validation, a
+poisoned update is rejected and named in the log, and a 2-round run over the same processes under secure aggregation
+with distributed DP noise sums all three sites' masked updates and records a growing epsilon. Every process is
+bounded by `timeout` and stopped by its pid.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def _dump_logs(procs: Processes, env: dict, scope: dict) -> None:
     for path in sorted(procs.logdir.glob("super*.log")):
         lines = path.read_text(errors="replace").splitlines()
         print(f"----- last 60 lines of {path.name} -----", *lines[-60:], sep="\n")
-    for var in ("run_id", "run2"):
+    for var in ("run_id", "run2", "run3"):
         if var in scope:
             try:
                 shown = _run(["flwr", "log", scope[var], "consortium", "--show"], env, timeout=60)
@@ -331,6 +333,20 @@ def test_deployment_on_loopback(data_root, tmp_path):
         run2 = re.search(r"run (\d+)", resumed.stdout).group(1)
         _wait(lambda: _finished(out, 3), 480, "the resumed run to finish")
         log2 = _run(["flwr", "log", run2, "consortium", "--show"], env).stdout
+
+        # the same three sites, a short run under secure aggregation with distributed DP noise: each site clips its
+        # update to dp-clip-norm and adds its own noise piece before masking; the coordinator sees masked vectors only
+        secure_out = tmp_path / "run-secure"
+        secure_config = (f"num-server-rounds=2 local-epochs=1 min-sites=3 preset='brca' straggler-grace=10.0 "
+                         f"round-timeout=100.0 manifest='{manifest}' out-dir='{secure_out}' secagg=true "
+                         f"dp-clip-norm={DP_CLIP} dp-noise-multiplier={DP_Z}")
+        t_secure = time.monotonic()
+        secured = _run(["flwr", "run", str(REPO), "consortium", "--run-config", secure_config], env)
+        assert secured.returncode == 0, secured.stdout + secured.stderr
+        run3 = re.search(r"run (\d+)", secured.stdout).group(1)
+        _wait(lambda: _finished(secure_out, 2), 720, "the secure run to finish")
+        t_secure = time.monotonic() - t_secure
+        log3 = _run(["flwr", "log", run3, "consortium", "--show"], env).stdout
     except BaseException:
         _dump_logs(procs, env, locals())
         raise
@@ -354,6 +370,39 @@ def test_deployment_on_loopback(data_root, tmp_path):
     assert "site-c" in report and "update norm" in report and "http://" not in report and "https://" not in report
     site_view = write_report(tmp_path / "log-c").read_text()  # site-c's own view: what it sent and received
     assert "site-c" in site_view and "arrays/" in site_view
+    _assert_secure_dp_rounds(json.loads((secure_out / "history.json").read_text()), log3)
     seconds = [round(r["seconds"], 1) for r in history]
     print(f"seconds per round: {seconds}; training part: {[round(r['train_seconds'], 1) for r in history]}; "
-          f"SuperLink up after {t_up:.0f} s; whole test {time.monotonic() - t0:.0f} s")
+          f"SuperLink up after {t_up:.0f} s; secure + DP run (2 rounds) {t_secure:.0f} s; "
+          f"whole test {time.monotonic() - t0:.0f} s")
+
+
+DP_CLIP, DP_Z = 1.0, 1.0  # the secure run's DP settings (run config dp-clip-norm, dp-noise-multiplier)
+
+
+def _assert_secure_dp_rounds(history: list[dict], log: str) -> None:
+    """Every round of the secure run was securely aggregated over the three sites (the coordinator's own summary,
+    screening["secure_aggregation"]), with distributed noise, and the spent epsilon is recorded and grows."""
+    from magnet_core.dp import exact_epsilon
+
+    assert [r["round"] for r in history] == [1, 2]
+    for r in history:
+        secure = r["screening"]["secure_aggregation"]
+        assert secure["status"] == "aggregated", secure
+        assert sorted(secure["sites"]) == ["site-a", "site-b", "site-c"] == sorted(r["accepted"])
+        assert secure["threshold"] == 2 and secure["dropped_before_masking"] == secure["dropped_after_masking"] == []
+        assert secure["clip_norm"] == DP_CLIP and secure["dp_noise"] == "distributed"
+        assert set(secure["bytes_per_site"]) == {"site-a", "site-b", "site-c"}
+        assert all(b["up"] > 0 for b in secure["bytes_per_site"].values())
+        assert "step_norms" not in r["screening"]  # no per-site update reached the coordinator's checks
+        dp = r["dp"]
+        assert dp["noise"] == "distributed" and dp["noise_pieces"] == 3 and dp["threshold"] == 2
+        assert dp["rounds"] == r["round"] and dp["delta"] == 1e-5
+        z_eff = DP_Z * (3 / 2) ** 0.5  # three pieces of std z C / sqrt(t) in the sum, t = 2
+        assert abs(dp["effective_noise_multiplier"] - z_eff) < 1e-9
+        assert abs(dp["epsilon"] - exact_epsilon([z_eff] * r["round"], 1e-5)) < 1e-6 * dp["epsilon"]
+    assert 0 < history[0]["dp"]["epsilon"] < history[1]["dp"]["epsilon"]
+    assert "secure aggregation over 3 site(s)" in log and "DP (distributed)" in log
+    up = sorted({b["up"] for r in history for b in r["screening"]["secure_aggregation"]["bytes_per_site"].values()})
+    print(f"secure + DP run: epsilon after each round {[round(r['dp']['epsilon'], 3) for r in history]} "
+          f"(delta 1e-5, z {DP_Z}, effective {DP_Z * 1.5 ** 0.5:.3f}); upload bytes per site and round {up}")
