@@ -511,12 +511,40 @@ def reanalyse(study: Study, tidy_csv: Path, out: Path, data_note: str, drop_grou
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+def select(study: Study, cells: str | None, methods: str | None) -> Study:
+    """The study restricted to some of its cells and methods (``--cells``, ``--methods``); unknown names are
+    refused naming what the study has."""
+    update: dict[str, Any] = {}
+    if cells:
+        keep = [c.strip() for c in cells.split(",") if c.strip()]
+        unknown = sorted(set(keep) - {c.id for c in study.cells})
+        if unknown or not keep:
+            raise ValueError(f"--cells: unknown {unknown or 'none given'}; study {study.name!r} has cells "
+                             f"{[c.id for c in study.cells]}")
+        update["cells"] = [c for c in study.cells if c.id in keep]
+        update["contrasts"] = [k for k in study.contrasts if k.a in keep and k.b in keep]
+    if methods:
+        keep = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = sorted(set(keep) - set(study.methods))
+        if unknown or not keep:
+            raise ValueError(f"--methods: unknown {unknown or 'none given'}; study {study.name!r} runs "
+                             f"{study.methods}")
+        update["methods"] = [m for m in study.methods if m in keep]
+        update["contrasts"] = [k.model_copy(update={"methods": [m for m in k.methods if m in keep]})
+                               for k in update.get("contrasts", study.contrasts)
+                               if not k.methods or set(k.methods) & set(keep)]
+    return study.model_copy(update=update)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=existing_dir, required=True,
                    help="data root holding the study's dataset folders (or one dataset folder)")
     p.add_argument("--study", required=True, help=f"built-in study ({', '.join(builtin_studies())}) or a TOML file")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seeds", default=None, help="override the study's seeds, e.g. 10,20,30")
+    p.add_argument("--cells", default=None, help="run only these cells (comma-separated ids); contrasts between "
+                   "cells left out are dropped")
+    p.add_argument("--methods", default=None, help="run only these of the study's methods (comma-separated)")
     p.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
                    help="inprocess (default for sweeps) or Flower's simulation engine")
 
@@ -527,6 +555,7 @@ def run(args: argparse.Namespace) -> int:
         from .cli import parse_seeds
 
         study = study.model_copy(update={"seeds": parse_seeds(args.seeds)})
+    study = select(study, args.cells, args.methods)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.toml").write_text(tomli_w.dumps(study.model_dump(mode="json", exclude_none=True)))

@@ -146,3 +146,18 @@ def test_builtin_studies_are_valid():
     gap = load_study("gap")
     assert gap.methods == list(METHODS) and gap.target_gap == 0.03
     assert {c.dataset for c in gap.cells} == {"tcga-brca-rjive", "tcga-ov-magnet", "tcga-brca-mixomics"}
+
+
+def test_a_study_can_be_restricted_to_some_cells_and_methods(tmp_path):
+    from simulations.study import select
+
+    study = load_study_text(tmp_path, STUDY)
+    part = select(study, "no-mirna", "federated,local_only")
+    assert [c.id for c in part.cells] == ["no-mirna"] and part.methods == ["local_only", "federated"]
+    assert part.contrasts == []  # its other cell is left out
+    assert select(study, None, None) == study
+    assert [k.a for k in select(study, None, "federated").contrasts] == ["no-mirna"]
+    for cells, methods, message in (("nope", None, "--cells: unknown \\['nope'\\]"),
+                                    (None, "fedprox", "--methods: unknown \\['fedprox'\\]"), (",", None, "none given")):
+        with pytest.raises(ValueError, match=message):
+            select(study, cells, methods)
