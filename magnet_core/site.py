@@ -30,13 +30,14 @@ class SiteRuntime:
     test: PatientSet
     model: MAGNET
     sparsity: float = 0.8
+    k: int = 10  # top-k graphs (above graph_topk.DENSE_MAX_PATIENTS patients), also for attach-to-train
     _reference: object | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def build(cls, name: str, cohort: Cohort, model_cfg: ModelConfig, sparsity: float, graph: str = "auto",
               k: int = 10) -> "SiteRuntime":
         train, test = split_sets(cohort, sparsity, graph, k)
-        return cls(name, cohort, train, test, MAGNET(in_dims_of(cohort), cohort.num_classes, model_cfg), sparsity)
+        return cls(name, cohort, train, test, MAGNET(in_dims_of(cohort), cohort.num_classes, model_cfg), sparsity, k)
 
     @property
     def modality_counts(self) -> dict[str, int]:
@@ -96,11 +97,12 @@ class SiteRuntime:
         """Class probabilities of the site's test patients under the current weights."""
         if test_graph == "among-test":
             return predict_proba(self.model, self.test).numpy()
-        from .inductive import AttachRule, Reference, predict_new
+        from .inductive import Reference, default_attach_rule, predict_new
 
         if self._reference is None:
             self._reference = Reference.from_patient_set(self.train, self.sparsity)
-        return predict_new(self.model, self._reference, self.test.xs, self.test.mask, AttachRule()).probs
+        rule = default_attach_rule(self.train.n, self.k)  # the rule `magnet-fl predict --attach auto` uses
+        return predict_new(self.model, self._reference, self.test.xs, self.test.mask, rule).probs
 
 
 def _stable_hash(text: str) -> int:
