@@ -38,6 +38,7 @@ RELEASED_FIELDS = [f for f in STAT_FIELDS if f not in ("minimum", "maximum")]  #
 # A site's raw data are read once for both messages when the same process handles them (always in deployment).
 _SITES: dict[tuple[str, str], RawSite] = {}
 
+ONE_SECURE_SUM = "prepare-secure-sum"  # context.state: this site has contributed to a secure sum in this run
 
 def site_spec(config: ConfigRecord, context: Context) -> SiteSpec:
     """This node's site: its own folders in deployment (node_config ``raw-dir`` and ``prepared-dir``, optional
@@ -105,6 +106,9 @@ def stats(msg: Message, context: Context) -> Message:
         if bool(context.node_config.get(REQUIRE_SECAGG, False)) and not bool(config.get("secagg", False)):
             raise DataError(f"this site sends its statistics only through secure aggregation ({REQUIRE_SECAGG} in "
                             "its node config); run the preparation with secagg=true")
+        if "raw-dir" in context.node_config and bool(config.get("observed-ranges", False)):
+            raise DataError("observed ranges would send per-feature minima and maxima, single patients' values: "
+                            "declare value_ranges for every modality instead")
         cfg, site = _site(config, spec)
         released, withheld = released_statistics(site, cfg, int(config.get("num-classes", 0)) or None,
                                                  bool(config.get("observed-ranges", False)))
@@ -129,14 +133,18 @@ def secure_stats(msg: Message, context: Context) -> Message:
     is kept here (masked in query.secagg_mask); the reply holds public keys only."""
 
     def body(rec) -> Message:
-        from magnet_core.secagg import SecAggSetup, StatsLayout
+        from magnet_core.secagg import SecAggError, SecAggSetup, StatsLayout
 
+        if ONE_SECURE_SUM in context.state.config_records:
+            raise SecAggError("this site already contributed its statistics to a secure sum in this run: a second "
+                              "sum over other sites would reveal this site's statistics by difference")
         config = msg.content["config"]
         spec = site_spec(config, context)
         cfg, site = _site(config, spec)
         layout = StatsLayout.from_record(msg.content["layout"])
         released, _ = released_statistics(site, cfg, layout.num_classes)
         advert = start_secure_sum(context, SecAggSetup.from_record(rec), int(rec["site-id"]), layout.encode(released))
+        context.state[ONE_SECURE_SUM] = ConfigRecord({"done": True})
         return secure_reply(msg, advert, site=site.name)
 
     return guarded(msg, context, body)

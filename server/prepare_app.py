@@ -16,6 +16,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -188,7 +189,48 @@ def secure_statistics(grid: Grid, replies: list[Message], num_classes: int, run:
               "failed": ledger.failed, "rejected": ledger.rejected, "seconds": time.perf_counter() - t0,
               "bytes_per_site": {name_of_sid[s]: {"up": stage.up[s], "down": stage.down[s]} for s in setup.site_ids}}
     log(INFO, "secure sum of statistics over %d site(s) (threshold %d)", len(report["sites"]), setup.threshold)
-    return layout.decode(total), report
+    survivors = [r for sid, r in zip(setup.site_ids, replies) if sid in request.survivors]
+    return checked_sum(layout, total, announced_training_patients(survivors, run.prepare.min_count)), report
+
+
+def announced_training_patients(replies: list[Message], k: int) -> dict[str, int]:
+    """Per modality, the most training patients the sites said they hold (their k-released summaries; a count
+    withheld as below k counts as k - 1)."""
+    bound: dict[str, int] = {}
+    for r in replies:
+        try:
+            mods = json.loads(str(r.content["site"]["summary"]))["modalities"]
+            for m, d in mods.items():
+                n = d.get("training_patients")
+                bound[m] = bound.get(m, 0) + (k - 1 if n is None else int(n))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"node {r.metadata.src_node_id}: unreadable site summary ({type(exc).__name__}: {exc})"
+                            ) from None
+    return bound
+
+
+def checked_sum(layout, total: np.ndarray, bound: dict[str, int]) -> dict[str, FeatureStats]:
+    """The decoded secure sum, refused unless it could come from the sites that announced their patients: counts
+    non-negative and consistent, at most what the sites announced, sums of squares consistent with the sums
+    (Cauchy-Schwarz: n * sum x^2 >= (sum x)^2)."""
+    try:
+        raw = np.asarray(total, dtype=np.float64)
+        decoded = layout.decode(raw)
+    except (IndexError, ValueError) as exc:
+        raise DataError(f"the secure sum of the sites' statistics does not fit the layout ({exc})") from None
+    out = {}
+    for m, st in decoded.items():
+        source = f"the secure sum of the sites' {m} statistics"
+        st = FeatureStats.from_arrays(st.features, st.to_arrays(), source=source)
+        if st.n > bound.get(m, 0):
+            raise DataError(f"{source} counts {st.n} training patients, the sites announced at most "
+                            f"{bound.get(m, 0)}: a site sent an impossible vector")
+        tol = 1e-6 * (1.0 + np.abs(st.total) ** 2)
+        if ((st.count * st.total_sq + tol) < st.total ** 2).any():
+            raise DataError(f"{source} has sums of squares smaller than its sums allow: a site sent an "
+                            "impossible vector")
+        out[m] = st
+    return out
 
 
 def write_decisions(out: Path, preps: dict[str, ModalityPrep]) -> None:
