@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from magnet_core.contract import ContractError, RoundConfig
+from magnet_core.wire import LAYOUT_KEY, MODEL_KEY, flat_of
 
 DATA_ERROR_CODE = 4001  # the site's data failed validation; the reason names the file and the problem
 CONTRACT_ERROR_CODE = 4002  # the coordinator's message broke the contract; the reason names the key
@@ -17,9 +20,19 @@ def optional_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
     config = msg.content.config_records.get("config")
-    if config is not None and KEY_CLIPPING_NORM in config:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    # Flower's mod wants exactly one ConfigRecord: the model layout is set aside for it and handed back to the app
+    layout = msg.content.config_records.get(LAYOUT_KEY)
+    if layout is not None:
+        del msg.content[LAYOUT_KEY]
+
+    def with_layout(m: Message, c: Context) -> Message:
+        if layout is not None:
+            m.content[LAYOUT_KEY] = layout
+        return call_next(m, c)
+
+    return fixedclipping_mod(msg, context, with_layout)
 
 
 app = ClientApp()
@@ -28,6 +41,21 @@ app = ClientApp()
 def error_reply(msg: Message, code: int, reason: str) -> Message:
     """A clear error reply instead of a crash (the server logs it with this node's id)."""
     return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def received_model(content: RecordDict) -> tuple[Any, dict]:
+    """(flat model array, layout record) of a round message; ContractError when either is missing or the arrays
+    are not exactly one flat model array."""
+    if "arrays" not in content.array_records:
+        raise ContractError("no model weights ('arrays')")
+    if LAYOUT_KEY not in content.config_records:
+        raise ContractError(f"no model layout ({LAYOUT_KEY!r})")
+    return flat_of(content["arrays"]), dict(content[LAYOUT_KEY])
+
+
+def model_record(flat) -> ArrayRecord:
+    """A site's new weights as Flower moves them: one flat float32 array in the order it received."""
+    return ArrayRecord({MODEL_KEY: Array(flat)})
 
 
 def reply_with(msg: Message, metrics: dict, site: dict, arrays: ArrayRecord | None = None) -> Message:
@@ -43,12 +71,21 @@ def handle(msg: Message, context: Context, kind: str) -> Message:
         cfg = RoundConfig.decode(msg.content["config"])
     except (ContractError, KeyError) as exc:
         return error_reply(msg, CONTRACT_ERROR_CODE, f"round config rejected: {exc}")
+    from .secure import FLOOR_KEY
+
+    floor = float(context.node_config.get(FLOOR_KEY, 0.0) or 0.0)
+    if kind == "train" and floor > 0:  # a plain or central-DP round would send this site's update without its noise
+        return error_reply(msg, DATA_ERROR_CODE, f"this site trains only under secure aggregation with differential "
+                           f"privacy, noise multiplier >= {floor} ({FLOOR_KEY} in its node config); run with "
+                           "secagg=true and dp-clip-norm, dp-noise-multiplier set")
     if "worker-socket" in context.node_config:  # deployment: the site's persistent worker trains (no torch here)
         from .worker_link import WORKER_ERROR_CODE, WorkerFailure, forward
 
         try:
             arrays = msg.content["arrays"] if "arrays" in msg.content else None
-            metrics, site, new = forward(kind, msg.content["config"], arrays, context.node_id, context.node_config)
+            layout = msg.content[LAYOUT_KEY] if LAYOUT_KEY in msg.content.config_records else None
+            metrics, site, new = forward(kind, msg.content["config"], arrays, context.node_id, context.node_config,
+                                         layout)
         except WorkerFailure as exc:
             code = {"data": DATA_ERROR_CODE, "contract": CONTRACT_ERROR_CODE}.get(exc.kind, WORKER_ERROR_CODE)
             return error_reply(msg, code, exc.reason)
@@ -61,16 +98,16 @@ def handle(msg: Message, context: Context, kind: str) -> Message:
 
     try:
         site_for(cfg, context.node_config, context.node_id)  # loads and validates the site's data once
-        if "arrays" not in msg.content:
-            return error_reply(msg, CONTRACT_ERROR_CODE, "round message rejected: no model weights ('arrays')")
-        state = msg.content["arrays"].to_torch_state_dict()
+        flat, layout = received_model(msg.content)
         if kind == "train":
-            metrics, site, new = train_site(cfg, context.node_config, context.node_id, state)
-            return reply_with(msg, metrics, site, ArrayRecord(new))
-        metrics, site = evaluate_site(cfg, context.node_config, context.node_id, state)
+            metrics, site, new = train_site(cfg, context.node_config, context.node_id, flat, layout)
+            return reply_with(msg, metrics, site, model_record(new))
+        metrics, site = evaluate_site(cfg, context.node_config, context.node_id, flat, layout)
         return reply_with(msg, metrics, site)
     except DataError as exc:
         return error_reply(msg, DATA_ERROR_CODE, f"site data rejected: {exc}")
+    except ContractError as exc:
+        return error_reply(msg, CONTRACT_ERROR_CODE, f"round message rejected: {exc}")
 
 
 def logged(msg: Message, context: Context, kind: str) -> Message:

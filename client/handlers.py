@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from magnet_core.config import get_preset
-from magnet_core.contract import EvalReply, RoundConfig, TrainReply
+from magnet_core.contract import ContractError, EvalReply, RoundConfig, TrainReply
 from magnet_core.metrics import DEFAULT_BINS
 from magnet_core.privacy import DEFAULT_MAX_BINS as SITE_MAX_BINS
 from magnet_core.privacy import release_eval
 from magnet_core.site import SiteRuntime
+from magnet_core.wire import Layout, pack, unpack
 
 # Sites (data, graphs, model) are built once per process and reused across rounds.
 _SITES: dict[tuple, SiteRuntime] = {}
@@ -49,10 +51,26 @@ def forget_sites() -> None:
     _SITES.clear()
 
 
-def train_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, state: Mapping[str, torch.Tensor]
-               ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """Local epochs from the global weights: (metrics record, site record, new weights)."""
+def received_state(site: SiteRuntime, cfg: RoundConfig, flat: np.ndarray, layout: Mapping[str, Any]
+                   ) -> tuple[Layout, dict[str, torch.Tensor]]:
+    """The coordinator's flat model as this site's tensors, after the layout it names (a ConfigRecord) was
+    checked against the model this site built itself from the preset and its manifest. ContractError otherwise."""
+    got = Layout.from_record(layout)
+    own = Layout.from_params(site.model.state_dict())
+    problem = got.mismatch(own)
+    if problem:
+        raise ContractError(f"the coordinator's model does not fit this site's model (preset {cfg.preset!r}, "
+                            f"built from the site's own data and manifest): {problem}")
+    arrays = unpack(flat, got.with_dtypes_of(own))
+    return got, {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def train_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, flat: np.ndarray,
+               layout: Mapping[str, Any]) -> tuple[dict, dict, np.ndarray]:
+    """Local epochs from the global weights (one flat array and its layout record): (metrics record, site
+    record, new weights as one flat float32 array in the received order)."""
     site = site_for(cfg, node_config, node_id)
+    got, state = received_state(site, cfg, flat, layout)
     new, stats = site.fit(state, get_preset(cfg.preset).train, cfg.local_epochs, cfg.server_round, cfg.seed,
                           proximal_mu=cfg.proximal_mu)
     new = poison_for_testing(new, node_config)
@@ -60,15 +78,16 @@ def train_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, s
     reply = TrainReply(site=site.name, num_examples=site.train.n, modality_counts=site.modality_counts,
                        loss=float(loss) if loss is not None and math.isfinite(loss) else None)
     metrics, name = reply.encode()
-    return metrics, name, new
+    return metrics, name, pack(new, got)
 
 
-def evaluate_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int,
-                  state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+def evaluate_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, flat: np.ndarray,
+                  layout: Mapping[str, Any]) -> tuple[dict, dict]:
     """The global model on the site's test patients: (metrics record of counts, site record), released under the
     minimum count k (the larger of the coordinator's and the site's own manifest's) with at most
     SITE_MAX_BINS score bins, whatever the coordinator asks."""
     site = site_for(cfg, node_config, node_id)
+    _, state = received_state(site, cfg, flat, layout)
     counts = site.evaluate_counts(state, DEFAULT_BINS, cfg.test_graph)
     k = max(cfg.min_count, site_min_count(node_config))
     release = release_eval(counts, k, max_bins=min(cfg.histogram_bins, SITE_MAX_BINS))

@@ -1,7 +1,8 @@
 """A site's side of secure aggregation on Flower's Message API: train, clip, encode, then mask and unmask."""
 
 # Messages (the server side is server/secure.py; the protocol is magnet_core/secagg.py):
-#   train.secagg          arrays + config + "secagg" (SecAggSetup, this site's secagg id, clip norm, weighting)
+#   train.secagg          arrays (one flat model) + layout + config + "secagg" (SecAggSetup, this site's secagg id,
+#                         clip norm, weighting)
 #                         -> "site" {name}, "secagg" KeyAdvert. The site trains, clips its update to the clip norm,
 #                         encodes it (UpdateLayout + two loss slots) and keeps vector and SecAggSite in context.state.
 #   query.secagg_share    KeyBook -> ShareBundle
@@ -21,8 +22,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from magnet_core.contract import ContractError, RoundConfig, TrainReply
+from magnet_core.wire import LAYOUT_KEY, Layout, flat_of, unpack
 
-from .app import CONTRACT_ERROR_CODE, DATA_ERROR_CODE, app, error_reply
+from .app import CONTRACT_ERROR_CODE, DATA_ERROR_CODE, app, error_reply, received_model
 
 SECAGG_ERROR_CODE = 4005  # the secure-aggregation exchange cannot go on at this site; the reason says why
 STATE_KEY = "secagg"  # context.state ConfigRecord: round id + serialised SecAggSite (private keys: stays here)
@@ -77,19 +79,21 @@ def dp_vector(global_params: Mapping[str, np.ndarray], new_params: Mapping[str, 
     return np.concatenate([noisy, tail]), np.concatenate([clean, tail]), norm
 
 
-def _train_locally(msg: Message, context: Context, cfg: RoundConfig) -> tuple[str, dict[str, np.ndarray], dict]:
-    """(site name, new parameters, train metrics) from the site's own training path (worker or in-process)."""
-    arrays = msg.content["arrays"]
+def _train_locally(msg: Message, context: Context, cfg: RoundConfig, layout: Layout
+                   ) -> tuple[str, dict[str, np.ndarray], dict]:
+    """(site name, new parameters, train metrics) from the site's own training path (worker or in-process); the
+    flat reply is split with the received ``layout`` (which the training path checked against the site's model)."""
     if "worker-socket" in context.node_config:  # deployment: the site's persistent worker trains
         from .worker_link import forward
 
-        metrics, site, new = forward("train", msg.content["config"], arrays, context.node_id, context.node_config)
-        return str(site["name"]), {k: v.numpy() for k, v in new.items()}, dict(metrics)
+        metrics, site, new = forward("train", msg.content["config"], msg.content["arrays"], context.node_id,
+                                     context.node_config, msg.content[LAYOUT_KEY])
+        return str(site["name"]), unpack(flat_of(new), layout), dict(metrics)
     from .handlers import site_for, train_site
 
     site_for(cfg, context.node_config, context.node_id)
-    metrics, site, new = train_site(cfg, context.node_config, context.node_id, arrays.to_torch_state_dict())
-    return str(site["name"]), {k: v.detach().cpu().numpy() for k, v in new.items()}, dict(metrics)
+    metrics, site, new = train_site(cfg, context.node_config, context.node_id, *received_model(msg.content))
+    return str(site["name"]), unpack(new, layout), dict(metrics)
 
 
 def _stored(context: Context, round_id: str):
@@ -179,14 +183,14 @@ def secagg_train(msg: Message, context: Context) -> Message:
     def body(rec: Mapping[str, Any]) -> Message:
         _forget(context)
         cfg = RoundConfig.decode(msg.content["config"])
-        if "arrays" not in msg.content:
-            raise ContractError("no model weights ('arrays')")
+        flat, layout_rec = received_model(msg.content)
         sa = _secagg()
         setup = sa.SecAggSetup.from_record(rec)
         clip_norm, modality_aware = float(rec["clip-norm"]), bool(rec["modality-aware"])
         if not clip_norm > 0:
             raise ContractError(f"clip-norm must be > 0, got {clip_norm}")
-        global_params = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        received = Layout.from_record(layout_rec)
+        global_params = unpack(flat, received)
         layout = sa.UpdateLayout.from_params(global_params)
         expected = layout.length + LOSS_SLOTS
         if setup.vector_length != expected:
@@ -201,7 +205,7 @@ def secagg_train(msg: Message, context: Context) -> Message:
             raise sa.SecAggError(f"this site requires differential privacy with noise multiplier >= {floor} "
                                  f"({FLOOR_KEY} in its node config); the round asks for "
                                  f"{z if dp else 'no differential privacy'}")
-        name, new, metrics = _train_locally(msg, context, cfg)
+        name, new, metrics = _train_locally(msg, context, cfg, received)
         reply = TrainReply.decode(metrics, {"name": name}, layout.modalities)  # the site checks its own counts
         if dp:
             from magnet_core.dp import site_noise_rng

@@ -15,7 +15,6 @@ import stat
 import struct
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -135,10 +134,8 @@ def fingerprint(data: Path, manifest: Path) -> str:
 # ------------------------------------------------------------------------------------------------ the worker
 
 
-def _array(blob: Blob):
-    """A received .npy array as a tensor, exactly as Flower's ArrayRecord.to_torch_state_dict() builds it."""
-    import torch
-
+def _array(blob: Blob) -> np.ndarray:
+    """A received .npy array, exactly as Flower's Array.numpy() builds it."""
     try:
         arr = np.load(io.BytesIO(blob.data), allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any broken bytes are the sender's error
@@ -147,11 +144,10 @@ def _array(blob: Blob):
     if not isinstance(arr, np.ndarray) or str(arr.dtype) != blob.dtype or tuple(arr.shape) != blob.shape:
         raise RequestError("contract", f"round message rejected: array {blob.name!r} does not match its declared "
                                        f"dtype {blob.dtype} and shape {list(blob.shape)}")
-    return torch.from_numpy(arr)
+    return arr
 
 
-def _blob(name: str, tensor) -> Blob:
-    arr = tensor.detach().cpu().numpy()
+def _blob(name: str, arr: np.ndarray) -> Blob:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return Blob(name, str(arr.dtype), tuple(arr.shape), buf.getvalue())
@@ -228,6 +224,7 @@ class SiteWorker:
     def _run(self, kind: str, header: dict, blobs: list[Blob]) -> tuple[tuple[dict, list[Blob]], str]:
         from magnet_core.contract import ContractError, RoundConfig
         from magnet_core.data import DataError
+        from magnet_core.wire import LAYOUT_KEY, MODEL_KEY, check_model_keys
 
         from .handlers import evaluate_site, site_for, train_site
 
@@ -247,15 +244,21 @@ class SiteWorker:
             site_for(cfg, node_config, node_id)  # loads and validates the site's data once (per seed, preset)
             if not header.get("has_arrays"):
                 raise RequestError("contract", "round message rejected: no model weights ('arrays')")
-            state = OrderedDict((b.name, _array(b)) for b in blobs)
+            layout = header.get("layout")
+            if not isinstance(layout, dict):
+                raise RequestError("contract", f"round message rejected: no model layout ({LAYOUT_KEY!r})")
+            check_model_keys([b.name for b in blobs])
+            flat = _array(blobs[0])
             if kind == "train":
-                metrics, site, new = train_site(cfg, node_config, node_id, state)
-                out = [_blob(k, v) for k, v in new.items()]
+                metrics, site, new = train_site(cfg, node_config, node_id, flat, layout)
+                out = [_blob(MODEL_KEY, new)]
             else:
-                metrics, site = evaluate_site(cfg, node_config, node_id, state)
+                metrics, site = evaluate_site(cfg, node_config, node_id, flat, layout)
                 out = []
         except DataError as exc:
             raise RequestError("data", f"site data rejected: {exc}") from None
+        except ContractError as exc:
+            raise RequestError("contract", f"round message rejected: {exc}") from None
         try:
             answer = {"ok": True, "metrics": flat_record(metrics, "metrics"), "site": flat_record(site, "site"),
                       "has_arrays": kind == "train"}

@@ -284,11 +284,13 @@ def process_age() -> float | None:
         return None
 
 
-def forward(kind: str, config: Mapping[str, Any], arrays, node_id: int, node_config: Mapping[str, Any]):
+def forward(kind: str, config: Mapping[str, Any], arrays, node_id: int, node_config: Mapping[str, Any],
+            layout: Mapping[str, Any] | None = None):
     """Hand one train/evaluate message to the site's worker (node config ``worker-socket``).
 
-    ``config`` is the round's config record, ``arrays`` its ArrayRecord (or None). Returns (metrics, site record,
-    ArrayRecord or None), exactly what the in-process path would reply. Raises WorkerFailure."""
+    ``config`` is the round's config record, ``arrays`` its ArrayRecord (one flat model array, or None),
+    ``layout`` the message's model layout record (the worker checks it against its own model). Returns (metrics,
+    site record, ArrayRecord or None), exactly what the in-process path would reply. Raises WorkerFailure."""
     from flwr.app import Array, ArrayRecord
 
     path = str(node_config["worker-socket"])
@@ -301,6 +303,7 @@ def forward(kind: str, config: Mapping[str, Any], arrays, node_id: int, node_con
         blobs = [] if arrays is None else [Blob(k, a.dtype, tuple(a.shape), a.data, a.stype) for k, a in arrays.items()]
         header = {"kind": kind, "config": flat_record(config, "round config"), "node_id": int(node_id),
                   "has_arrays": arrays is not None,
+                  "layout": None if layout is None else flat_record(layout, "model layout"),
                   "node_config": flat_record({k: v for k, v in node_config.items() if k not in SOCKET_KEYS},
                                              "node config")}
     except FrameError as exc:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .data import DataError
+from .errors import DataError
 
 DEFAULT_MIN_COUNT = 5  # the consortium's minimum number of patients behind anything a site releases
 MIN_COUNT_FLOOR = 3  # a manifest may not set k below this

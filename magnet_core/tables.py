@@ -18,13 +18,12 @@ from typing import Iterable, Literal
 import numpy as np
 import pandas as pd
 
+from .errors import DataError  # noqa: F401  (defined without pandas, so light modules need not load it)
+
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 GZIP_MAGIC = b"\x1f\x8b"
 Orientation = Literal["auto", "samples-x-features", "features-x-samples"]
 
-
-class DataError(ValueError):
-    """A user-facing problem with input data; the message names the file and what is wrong."""
 
 
 def read_bytes(path: str | Path) -> bytes:

@@ -22,7 +22,7 @@ from magnet_core.contract import Enrolment, RoundConfig, RoundRecord
 from magnet_core.model import build_model
 
 from .config import FederatedConfig, RunConfigError
-from .strategy import MagnetFedAvg, to_numpy, to_record
+from .strategy import MagnetFedAvg
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "magnet-fl-checkpoint/2"
@@ -227,14 +227,14 @@ def run_federation(
             if new_params is not None:
                 params = new_params
         else:
-            msgs = magnet.configure_train(rnd, to_record(params), round_config(cfg, rnd, k), grid)
+            msgs = magnet.configure_train(rnd, magnet.wire(params), round_config(cfg, rnd, k), grid)
             replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, cfg.straggler_grace,
                               magnet.destinations)
             new, _ = magnet.aggregate_train(rnd, replies)
             if new is not None:
-                params = to_numpy(new)
+                params = magnet.unwire(new)
         t_train = time.perf_counter() - t0
-        msgs = magnet.configure_evaluate(rnd, to_record(params), round_config(cfg, rnd, k), grid)
+        msgs = magnet.configure_evaluate(rnd, magnet.wire(params), round_config(cfg, rnd, k), grid)
         replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, cfg.straggler_grace, magnet.destinations)
         magnet.aggregate_evaluate(rnd, replies)
         rep = magnet.report  # one report per round: training and evaluation outcomes together

@@ -36,10 +36,11 @@ from magnet_core.secagg import (
     KeyAdvert, MaskedInput, SecAggError, SecAggServer, SecAggSetup, ShareBundle, UnmaskRequest, UnmaskShares,
     UpdateLayout,
 )
+from magnet_core.wire import LAYOUT_KEY
 
 from .config import FederatedConfig, RunConfigError
 from .loop import collect
-from .strategy import MagnetFedAvg, to_record
+from .strategy import MagnetFedAvg
 
 LOSS_SLOTS = 2  # the sites append loss * training patients and training patients (client/secure.py)
 
@@ -247,7 +248,7 @@ def secure_train_round(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.nd
     The round's outcome is in ``magnet.report`` (accepted, failed, rejected, screening["secure_aggregation"])."""
     t0 = time.perf_counter()
     dp = magnet.dp.model_copy(update={"noise": "distributed"}) if magnet.dp is not None else None
-    arrays = to_record(params)
+    arrays = magnet.wire(params)  # one flat float32 array; the layout travels in each message
     planned = sorted({int(m.metadata.dst_node_id) for m in magnet.configure_train(rnd, arrays, config, grid)})
     layout = UpdateLayout.from_params(params)
     summary: dict[str, Any] = {"status": "failed", "sites": [], "dropped_before_masking": [],
@@ -297,11 +298,13 @@ def _protocol(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.ndarray], a
 
     # stage 0: train + keys
     model_bytes = sum(len(a.data) for a in arrays.values())
+    layout_rec = ConfigRecord(magnet.layout.to_record())
     payloads = {}
     for sid in setup.site_ids:
         r = _record(base, **{"site-id": sid, "clip-norm": cfg.secagg_clip_norm if dp is None else dp.clip_norm,
                              "modality-aware": modality_aware, **_dp_record(dp, cfg)})
-        payloads[sid] = (RecordDict({"arrays": arrays, "config": config, "secagg": r}), model_bytes + _size(r))
+        payloads[sid] = (RecordDict({"arrays": arrays, "config": config, "secagg": r, LAYOUT_KEY: layout_rec}),
+                         model_bytes + _size(r) + _size(layout_rec))
     replies = stage.run(grid, "train.secagg", payloads, wait_for)
     names: dict[int, str] = {}
     adverts = []

@@ -20,17 +20,20 @@ from magnet_core.contract import (
     ContractError, Enrolment, EvalReply, SiteFacts, TrainReply, check_eval_against, check_train_against,
 )
 from magnet_core.privacy import check_eval_release, pool_releases
+from magnet_core.wire import LAYOUT_KEY, MODEL_KEY, Layout, flat_of, pack, unpack
 
 from .config import FederatedConfig
 
 
-def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Arrays of a record; Flower deserialises with allow_pickle=False."""
-    return {k: v.numpy() for k, v in record.items()}
+def to_record(params: dict[str, np.ndarray], layout: Layout) -> ArrayRecord:
+    """The model as Flower moves it: one flat float32 array (one object per message, not one per array)."""
+    return ArrayRecord({MODEL_KEY: Array(pack(params, layout))})
 
 
-def to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+def to_numpy(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
+    """A model record split with the receiver's OWN ``layout`` (never names or shapes from the sender); Flower
+    deserialises with allow_pickle=False. ContractError for any other keys, dtype or length."""
+    return unpack(flat_of(record), layout)
 
 
 @dataclasses.dataclass
@@ -107,6 +110,7 @@ class MagnetFedAvg(FedAvg):
                                delta=cfg.dp_delta)
             self.accountant = accountant or PrivacyAccountant(cfg.dp_delta)
         self.current: dict[str, np.ndarray] = {}
+        self.layout: Layout | None = None  # the order and shapes of the flat model this run sends (``wire``)
         self.report = RoundReport()
         # server-side adaptive optimizer (FedAdam / FedYogi) stepping after this class's own aggregation; a resumed
         # run passes the state its checkpoint held (``server_opt_state()`` is what a checkpoint stores)
@@ -117,13 +121,38 @@ class MagnetFedAvg(FedAvg):
         self.destinations: dict[str, int] = {}
         self.live_nodes: set[int] | None = None
 
+    def wire(self, params: dict[str, np.ndarray]) -> ArrayRecord:
+        """``params`` as the flat model record (its layout, the params' order, is kept for ``unwire``)."""
+        self.layout = Layout.from_params(params)
+        return to_record(params, self.layout)
+
+    def unwire(self, record: ArrayRecord) -> dict[str, np.ndarray]:
+        """A flat model record this server built (``wire``), as named arrays."""
+        if self.layout is None:
+            raise RuntimeError("unwire before wire: the strategy knows no model layout yet")
+        return to_numpy(record, self.layout)
+
+    def _with_layout(self, messages: Iterable[Message]) -> list[Message]:
+        """Every message also names the flat model's layout (names, shapes); the site checks it against its own
+        model before using the weights."""
+        out = list(messages)
+        for msg in out:
+            msg.content[LAYOUT_KEY] = ConfigRecord(self.layout.to_record())
+        return out
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
-        self.current = to_numpy(arrays)
+        self.current = self.unwire(arrays)
         self.report = RoundReport()
         self.destinations.clear()
         self.live_nodes = set(grid.get_node_ids())
-        return super().configure_train(server_round, arrays, config, grid)
+        return self._with_layout(super().configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        if self.layout is None:
+            raise RuntimeError("configure_evaluate before wire: the strategy knows no model layout yet")
+        return self._with_layout(super().configure_evaluate(server_round, arrays, config, grid))
 
     # ---------------------------------------------------------------------------------------------- helpers
 
@@ -158,6 +187,7 @@ class MagnetFedAvg(FedAvg):
         """Check every reply (contract, enrolment, arrays, step size and direction), drop bad ones (logged with
         node id and reason), aggregate the rest."""
         candidates: dict[int, tuple[TrainReply, dict[str, np.ndarray]]] = {}
+        own = Layout.from_params(self.current)  # the order sent; names, shapes, dtypes are the server's own
         seen: set[int] = set()
         for msg in sorted(replies, key=self.node_of):
             node = self.node_of(msg)
@@ -172,7 +202,7 @@ class MagnetFedAvg(FedAvg):
             try:
                 content = msg.content
                 reply = TrainReply.decode(content["metrics"], content["site"], self.modalities)
-                params = to_numpy(content["arrays"])
+                params = to_numpy(content["arrays"], own)
             except ContractError as exc:
                 self._reject(server_round, node, str(exc))
                 continue
@@ -222,7 +252,7 @@ class MagnetFedAvg(FedAvg):
         metrics = MetricRecord({"sites-accepted": len(updates), "sites-rejected": len(self.report.rejected)})
         if self.report.train_loss is not None:
             metrics["train-loss"] = self.report.train_loss
-        return to_record(new), metrics
+        return to_record(new, own), metrics
 
     def server_step(self, server_round: int, current: dict[str, np.ndarray], aggregated: dict[str, np.ndarray],
                     trained: set[str]) -> dict[str, np.ndarray]:

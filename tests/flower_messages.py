@@ -24,3 +24,32 @@ def reply(instruction, content: dict | None = None, error: str | None = None):
         reply = Message(RecordDict(content or {}), reply_to=instruction)
     reply.metadata.__dict__["_src_node_id"] = instruction.metadata.dst_node_id
     return reply
+
+
+def model_records(params) -> dict:
+    """The model part of a server message as the coordinator sends it: one flat array + its layout record."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from magnet_core.wire import LAYOUT_KEY, MODEL_KEY, Layout, pack
+
+    params = {k: v.detach().numpy() if hasattr(v, "detach") else v for k, v in params.items()}
+    layout = Layout.from_params(params)
+    return {"arrays": ArrayRecord({MODEL_KEY: Array(pack(params, layout))}),
+            LAYOUT_KEY: ConfigRecord(layout.to_record())}
+
+
+def model_of(msg, instruction=None) -> dict:
+    """The named arrays of a message's flat model, split with the layout of ``instruction`` (default: ``msg``)."""
+    from magnet_core.wire import LAYOUT_KEY, Layout, flat_of, unpack
+
+    layout = Layout.from_record((instruction or msg).content[LAYOUT_KEY])
+    return unpack(flat_of(msg.content["arrays"]), layout)
+
+
+def flat_model(params, instruction):
+    """``params`` as a site's reply record: one flat array in ``instruction``'s layout order."""
+    from flwr.app import Array, ArrayRecord
+
+    from magnet_core.wire import LAYOUT_KEY, MODEL_KEY, Layout, pack
+
+    return ArrayRecord({MODEL_KEY: Array(pack(params, Layout.from_record(instruction.content[LAYOUT_KEY])))})

@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.app import app as client_app
+from flower_messages import flat_model, model_of
 from server.app import server_main
 from server.config import FederatedConfig
 from simulations.engine import InProcessGrid
@@ -25,14 +26,13 @@ from simulations.engine import InProcessGrid
 Attack = Callable[[Message, Message, int], Message]  # (instruction, honest reply, round) -> reply sent
 
 
-def _arrays(msg: Message) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in msg.content["arrays"].items()}
+def _arrays(msg: Message, instruction: Message | None = None) -> dict[str, np.ndarray]:
+    """A message's flat model as named arrays (a reply is split with its instruction's layout)."""
+    return model_of(msg, instruction)
 
 
-def _record(params: dict[str, np.ndarray]) -> ArrayRecord:
-    from flwr.app import Array
-
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+def _record(params: dict[str, np.ndarray], instruction: Message) -> ArrayRecord:
+    return flat_model(params, instruction)
 
 
 def _forge(instruction: Message, honest: Message, *, arrays=None, metrics=None, site=None) -> Message:
@@ -65,7 +65,7 @@ class AttackGrid(InProcessGrid):
             reply = self.client_app(msg, self.contexts[node])
             if msg.metadata.message_type == "train" and not reply.has_error():
                 self.sent[rnd] = _arrays(msg)
-                self.trained[(rnd, node)] = _arrays(reply)
+                self.trained[(rnd, node)] = _arrays(reply, msg)
             if node in self.attacks:
                 reply = self.attacks[node](msg, reply, rnd)
             self._replies[msg.metadata.message_id] = reply
@@ -157,7 +157,7 @@ def _claim(name: str, scale: float | None = None) -> Attack:
     def attack(instruction: Message, honest: Message, rnd: int) -> Message:
         arrays = None
         if scale is not None and instruction.metadata.message_type == "train":
-            arrays = _record({k: v * scale for k, v in _arrays(honest).items()})
+            arrays = _record({k: v * scale for k, v in _arrays(honest, instruction).items()}, instruction)
         return _forge(instruction, honest, arrays=arrays, site={"name": name})
 
     return attack
@@ -190,7 +190,7 @@ def _update(kind: str, from_round: int = 1) -> Attack:
     def attack(instruction: Message, honest: Message, rnd: int) -> Message:
         if instruction.metadata.message_type != "train" or rnd < from_round:
             return honest
-        sent, mine = _arrays(instruction), _arrays(honest)
+        sent, mine = _arrays(instruction), _arrays(honest, instruction)
         if kind == "scaled":
             forged = {k: v * np.float32(1e4) for k, v in mine.items()}
         elif kind == "sign-flipped":
@@ -199,7 +199,7 @@ def _update(kind: str, from_round: int = 1) -> Attack:
             forged = sent
         else:
             raise AssertionError(kind)
-        return _forge(instruction, honest, arrays=_record(forged))
+        return _forge(instruction, honest, arrays=_record(forged, instruction))
 
     return attack
 

@@ -81,18 +81,20 @@ def test_error_replies_are_reported_as_failures_not_crashes():
     the round goes on with the other sites and the failure is recorded under the node id."""
     from flwr.app import ConfigRecord, MetricRecord
 
-    from server.strategy import MagnetFedAvg, to_record
+    from magnet_core.wire import Layout
+    from server.strategy import MagnetFedAvg, to_numpy, to_record
 
     strategy = MagnetFedAvg(FederatedConfig(min_sites=1), ["mRNA", "miRNA"], 2)
     strategy.current = _params(1, 1, 1)
+    layout = Layout.from_params(strategy.current)
     good = _reply(_instruction(1, "train"), {
-        "arrays": to_record(_params(1.01, 1.01, 1.01)), "site": ConfigRecord({"name": "site-a"}),
+        "arrays": to_record(_params(1.01, 1.01, 1.01), layout), "site": ConfigRecord({"name": "site-a"}),
         "metrics": MetricRecord({"num-examples": 10, "count-mRNA": 10, "count-miRNA": 5, "loss": 0.5})})
     failed = _reply(_instruction(2, "train"), error="node unavailable")
     failed.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node that went away
     strategy.destinations = {"instruction-2-train": 2}  # filled by server.loop.collect
     new, _ = strategy.aggregate_train(1, [failed, good])
-    np.testing.assert_allclose(new["attention.att"].numpy(), 1.01)
+    np.testing.assert_allclose(to_numpy(new, layout)["attention.att"], 1.01)
     assert strategy.report.accepted == ["site-a"]
     assert strategy.report.failed == {"node2": "node 2: node unavailable"}
 
@@ -202,7 +204,7 @@ def test_no_patient_level_data_in_replies(ov_path):
 
     from client.app import app as client_app
     from server.loop import ModelSpec, initial_params
-    from server.strategy import to_record
+    from flower_messages import model_records
     from flwr.app import ConfigRecord
 
     cohort, sites = load_consortium(str(ov_path), "iid-2", 10)
@@ -214,11 +216,12 @@ def test_no_patient_level_data_in_replies(ov_path):
     conf = {"preset": "ov", "seed": 10, "local-epochs": 1, "data-path": str(ov_path), "scenario": "iid-2",
             "server-round": 1, "histogram-bins": 1000}
     for kind in ("train", "evaluate"):
-        msg = _instruction(1, kind, {"arrays": to_record(params), "config": ConfigRecord(conf)})
+        msg = _instruction(1, kind, {**model_records(params), "config": ConfigRecord(conf)})
         reply = client_app(msg, ctx)
         content = reply.content
         if kind == "train":
-            assert set(content["arrays"].keys()) == set(params)
+            assert list(content["arrays"].keys()) == ["model"]  # one flat array, nothing else
+            assert content["arrays"]["model"].shape == (sum(v.size for v in params.values()),)
         metrics = content["metrics"]
         for key, value in metrics.items():  # fixed-size summaries: 2 x 2 matrices, at most 20 merged score bins
             if isinstance(value, list):
@@ -358,7 +361,9 @@ def test_a_site_releases_no_statistic_of_fewer_than_k_patients(tmp_path):
     from client.app import app as client_app
     from magnet_core.contract import RoundConfig
     from magnet_core.model import build_model
-    from flwr.app import ArrayRecord, Context, RecordDict
+    from flwr.app import Context, RecordDict
+
+    from flower_messages import model_records
 
     scenario = tmp_path / "tiny-site.toml"
     scenario.write_text('name = "tiny"\nnum_sites = 2\npartition = "size-skew"\nsizes = [0.04, 1.0]\n')
@@ -373,7 +378,7 @@ def test_a_site_releases_no_statistic_of_fewer_than_k_patients(tmp_path):
         ctx = Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": 2},
                       state=RecordDict(), run_config={})
         msg = _instruction(pid + 1, "evaluate", {"config": ConfigRecord(config.encode()),
-                                                 "arrays": ArrayRecord(model.state_dict())})
+                                                 **model_records(model.state_dict())})
         metrics = dict(client_app(msg, ctx).content["metrics"])
         if pid == 0:
             assert metrics == {"num-examples": 0, "withheld-all": 1, "withheld-paired": 1, "withheld-unpaired": 1} \

@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from client.app import app as client_app
 from client.worker_link import MAGIC, WORKER_ERROR_CODE, WorkerFailure, ping, wait_ready
-from flower_messages import instruction
+from flower_messages import instruction, model_of, model_records
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ("mRNA", "miRNA", "protein")
@@ -103,7 +103,7 @@ def _message(kind: str, server_round: int = 1, clipping_norm: float | None = Non
     model = MAGNET({m: 40 for m in MODALITIES}, 3, get_preset("brca").model)
     config = RoundConfig(server_round=server_round, seed=3, preset="brca", local_epochs=1, histogram_bins=100,
                          clipping_norm=clipping_norm)
-    return instruction(7, kind, {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(config.encode())})
+    return instruction(7, kind, {**model_records(model.state_dict()), "config": ConfigRecord(config.encode())})
 
 
 def _context(w: Worker, **extra) -> Context:
@@ -112,7 +112,8 @@ def _context(w: Worker, **extra) -> Context:
 
 
 def _arrays(reply) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    """A reply's flat model split with the layout every ``_message`` sends (the same seeded model)."""
+    return model_of(reply, _message("train"))
 
 
 def test_worker_replies_equal_in_process_replies(worker, monkeypatch):
@@ -141,7 +142,7 @@ def test_worker_replies_equal_in_process_replies(worker, monkeypatch):
         assert list(a) == list(b)
         for name in a:
             assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), (k, name)
-    sent = {k: v.numpy() for k, v in messages["clipped"]().content["arrays"].items()}
+    sent = model_of(messages["clipped"]())
     update = np.sqrt(sum(float(((v - sent[n]) ** 2).sum()) for n, v in _arrays(via["clipped"]).items()))
     assert update == pytest.approx(0.05, rel=1e-3)  # the mod clipped the worker's update (it was larger)
     assert "arrays" not in via["evaluate"].content
@@ -203,7 +204,8 @@ def test_malformed_requests_get_error_answers_and_worker_survives(worker):
     config = dict(good.content["config"])
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"x": 1}], dtype=object), allow_pickle=True)  # needs pickle to load: refused
-    meta = {"name": "w", "dtype": "object", "shape": [1], "stype": "numpy.ndarray", "nbytes": len(pickled.getvalue())}
+    meta = {"name": "model", "dtype": "object", "shape": [1], "stype": "numpy.ndarray",
+            "nbytes": len(pickled.getvalue())}
     cases = {
         "bad magic": b"GET / HTTP/1.1\r\n\r\n",
         "header too large": MAGIC + struct.pack(">I", 50_000_000),
@@ -213,7 +215,8 @@ def test_malformed_requests_get_error_answers_and_worker_survives(worker):
         "unknown kind": _frame({"kind": "shell"}),
         "bad config": _frame({"kind": "train", "config": {"server-round": "one"}, "node_id": 7, "node_config": {}}),
         "pickled array": _frame({"kind": "train", "config": config, "node_id": 7, "node_config": {},
-                                 "has_arrays": True, "arrays": [meta]}, pickled.getvalue()),
+                                 "has_arrays": True, "layout": dict(good.content["layout"]), "arrays": [meta]},
+                                pickled.getvalue()),
         "foreign data dir": _frame({"kind": "evaluate", "config": config, "node_id": 7,
                                     "node_config": {"data-dir": "/etc"}, "has_arrays": True}),
     }
