@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -314,11 +315,20 @@ def test_deployment_on_loopback(data_root, tmp_path):
         started = _run(["flwr", "run", str(REPO), "consortium", "--run-config", run_config], env)
         assert started.returncode == 0, started.stdout + started.stderr
         run_id = re.search(r"run (\d+)", started.stdout).group(1)
-        _outsider_is_refused(procs, outsider, outsider_env, sites[0], manifest)  # while round 1 trains
-        # a site drops out during round 2: killed as soon as round 1's checkpoint appears (a round takes seconds
-        # now, so the check is fast and round 2's local training is long enough to be cut off)
-        _wait(lambda: _rounds_done(out) >= 1, 360, "round 1", interval=0.05)
-        procs.kill("supernode-b")
+        # a site drops out during round 2: a watcher kills it as soon as round 1's checkpoint appears (a round takes
+        # seconds, less than the outsider's attempts below, so the watcher runs beside them)
+        dropped = threading.Event()
+
+        def drop_site_b() -> None:
+            _wait(lambda: _rounds_done(out) >= 1, 360, "round 1", interval=0.05)
+            procs.kill("supernode-b")
+            dropped.set()
+
+        watcher = threading.Thread(target=drop_site_b, daemon=True)
+        watcher.start()
+        _outsider_is_refused(procs, outsider, outsider_env, sites[0], manifest)  # while the rounds run
+        watcher.join(timeout=400)
+        assert dropped.is_set(), "round 1 did not finish"
         _wait(lambda: _rounds_done(out) >= 2, 420, "round 2 without site-b")
         stopped = _run(["flwr", "stop", run_id, "consortium"], env)  # the coordinator's run goes down
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
