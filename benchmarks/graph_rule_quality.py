@@ -23,6 +23,7 @@ def main() -> int:
     from magnet_core.data import load_for_seed
     from magnet_core.metrics import metrics_with_groups
     from magnet_core.train import fit_and_predict
+    from simulations.statistics import paired_comparison
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", default=os.environ.get("MAGNET_FL_DATA", "../shared/data"),
@@ -58,15 +59,16 @@ def main() -> int:
                                          else 0.0, "per_seed": v}
         d = [r["mcc"] for r in rows if r["cohort"] == name and r["rule"] == "dense"]
         t = [r["mcc"] for r in rows if r["cohort"] == name and r["rule"] == "topk"]
-        diff = [b - a for a, b in zip(d, t)]
-        summary[f"{name}/topk-dense"] = {"mean": statistics.mean(diff),
-                                         "std": statistics.stdev(diff) if len(diff) > 1 else 0.0}
+        c = paired_comparison(dict(zip(seeds, t)), dict(zip(seeds, d)))  # top-k minus dense, paired by seed
+        summary[f"{name}/topk-dense"] = {"mean": c.mean_diff, "std": c.std_diff, "ci95": [c.ci_low, c.ci_high],
+                                         "p_value": c.p_value, "n": c.n, "verdict": c.verdict}
     print(f"\ntest MCC over seeds {seeds}, {args.epochs or 'preset'} epochs, k = {args.k}:")
     for key, val in summary.items():
         if "mcc_mean" in val:
             print(f"  {key:<28} {val['mcc_mean']:.3f} ± {val['mcc_std']:.3f}")
         else:
-            print(f"  {key:<28} paired difference {val['mean']:+.3f} ± {val['std']:.3f}")
+            print(f"  {key:<28} paired difference {val['mean']:+.3f} (95% CI {val['ci95'][0]:+.3f} to "
+                  f"{val['ci95'][1]:+.3f}, paired t-test p = {val['p_value']:.3f}, n = {val['n']}): {val['verdict']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": "graph_rule_quality", "command": " ".join(sys.argv),
                                           "epochs": args.epochs or 200, "k": args.k, "threads": policy.threads,

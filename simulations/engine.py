@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from typing import Callable, Iterable
 
@@ -90,6 +91,7 @@ def run_flower(cfg: FederatedConfig, num_sites: int, verbose: bool = False, ray_
     ServerApp writes it. ``ray_address`` ("HOST:PORT" or "auto") joins an existing Ray cluster instead of
     starting a local one; the ClientApp actors are then spread over the cluster's nodes (``cpus_per_site`` CPUs
     each)."""
+    start_ray(verbose, ray_address, cpus_per_site)  # first: Ray starts while torch is imported
     import torch
 
     from client.app import app as client_app
@@ -128,26 +130,58 @@ def run_flower_app(server_app, client_app, run_config: dict, num_sites: int, ver
     run.federation_id = NOOP_FEDERATION_ID
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-    init_args = {"log_to_driver": verbose}
+    init_args = start_ray(verbose, ray_address, cpus_per_site)  # a no-op if Ray is running (run_flower started it)
+    _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app, server_app=server_app, server_app_context=context, run=run,
+                    backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+                                    "init_args": init_args},
+                    verbose_logging=verbose)
+
+
+def _import_training_stack() -> None:
+    """Import what the ServerApp's first round needs (torch, PyG, the model) ahead of time."""
+    import magnet_core.model  # noqa: F401  (torch and torch_geometric: about 3 s on this project's machines)
+    import server.loop  # noqa: F401
+
+
+def start_ray(verbose: bool = False, ray_address: str | None = None, cpus_per_site: float = 1.0) -> dict:
+    """Start (or join) Ray as Flower's simulation backend would, while another thread imports the training stack;
+    returns the ``init_args`` for Flower's backend config.
+
+    Flower's ``RayBackend.init_ray`` starts Ray only if it is not running yet and hands the workers the driver's
+    ``sys.path`` as PYTHONPATH; this does the same, earlier: Ray's start-up (processes, mostly waiting) and the
+    driver's imports of torch and torch_geometric (CPU) then overlap instead of following each other (about 3 s of
+    each Flower-engine run on a 2-core machine, ``benchmarks/engines.py``). Ray's worker processes inherit
+    OMP_NUM_THREADS as set here and the ClientApp's thread policy caps torch's threads by it, so each actor's
+    threads equal the CPUs it reserves (``client_resources`` num_cpus = ``cpus_per_site``)."""
+    import threading
+
+    import ray
+
+    init_args: dict = {"log_to_driver": verbose}
     if ray_address:
         init_args["address"] = ray_address
     else:
         init_args["include_dashboard"] = False
-    # Ray actors inherit OMP_NUM_THREADS and the ClientApp's thread policy caps torch's threads by it, so each
-    # actor's threads equal the CPUs it reserved (client_resources num_cpus)
+    if ray.is_initialized():
+        return init_args
+    warm = threading.Thread(target=_import_training_stack, name="import-training-stack", daemon=True)
+    warm.start()
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_per_site)))
     try:
-        _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                        client_app=client_app, server_app=server_app, server_app_context=context, run=run,
-                        backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-                                        "init_args": init_args},
-                        verbose_logging=verbose)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
     finally:
         if previous is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = previous
+        warm.join()
+    return init_args
 
 
 class _HistoryWatcher:
