@@ -130,7 +130,8 @@ def run_flower_app(server_app, client_app, run_config: dict, num_sites: int, ver
     run.federation_id = NOOP_FEDERATION_ID
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-    init_args = start_ray(verbose, ray_address, cpus_per_site)  # a no-op if Ray is running (run_flower started it)
+    # a no-op if Ray is running (run_flower started it); federated preparation needs no torch in the driver
+    init_args = start_ray(verbose, ray_address, cpus_per_site, warm_imports=False)
     _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client_app, server_app=server_app, server_app_context=context, run=run,
                     backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
@@ -144,7 +145,8 @@ def _import_training_stack() -> None:
     import server.loop  # noqa: F401
 
 
-def start_ray(verbose: bool = False, ray_address: str | None = None, cpus_per_site: float = 1.0) -> dict:
+def start_ray(verbose: bool = False, ray_address: str | None = None, cpus_per_site: float = 1.0,
+              warm_imports: bool = True) -> dict:
     """Start (or join) Ray as Flower's simulation backend would, while another thread imports the training stack;
     returns the ``init_args`` for Flower's backend config.
 
@@ -165,7 +167,8 @@ def start_ray(verbose: bool = False, ray_address: str | None = None, cpus_per_si
         init_args["include_dashboard"] = False
     if ray.is_initialized():
         return init_args
-    warm = threading.Thread(target=_import_training_stack, name="import-training-stack", daemon=True)
+    warm = threading.Thread(target=_import_training_stack if warm_imports else lambda: None,
+                            name="import-training-stack", daemon=True)
     warm.start()
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
