@@ -440,7 +440,10 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
            f"{study.seeds}. Every method is scored on each site's own test patients with the test-graph rule "
            f"{rules_note(study)}; "
            "global metrics come from summed confusion matrices (exactly the pooled predictions). Paired / unpaired "
-           "MCC: test patients with all / not all of the cell's modalities after the simulated missingness.", "",
+           "MCC: test patients with all / not all of the cell's modalities after the simulated missingness; a blank "
+           "value means every site withheld that split (a site with between 1 and k - 1 test patients in either "
+           "group, k the consortium's minimum count, releases neither, so one cannot be derived from the total).",
+           "",
            f"**Statistics.** {STATISTICS_NOTE} This report makes {len(comparisons)} comparisons; each interval is a "
            "95% interval on its own (no correction for multiplicity), so about one in twenty comparisons without a "
            "real difference is expected to read \"helps\" or \"hurts\" by chance.", "", FINDINGS, ""]
@@ -489,7 +492,8 @@ def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wal
     write_json(out / f"{study.name}_summary.json",
                {"study": study.name, "seeds": study.seeds, "methods": study.methods, "statistics": STATISTICS_NOTE,
                 "rows": summary.to_dict(orient="records"), "comparisons": comparisons.to_dict(orient="records"),
-                "wall_seconds": wall_seconds})
+                "wall_seconds": wall_seconds,  # of this invocation only: a resumed study re-trains nothing
+                "runs_seconds_total": float(pd.to_numeric(df["seconds"], errors="coerce").sum())})
     figures = plot_study(study, summary, out)
     return write_report(study, summary, comparisons, figures, out, data_note)
 
