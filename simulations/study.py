@@ -493,7 +493,8 @@ def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wal
                {"study": study.name, "seeds": study.seeds, "methods": study.methods, "statistics": STATISTICS_NOTE,
                 "rows": summary.to_dict(orient="records"), "comparisons": comparisons.to_dict(orient="records"),
                 "wall_seconds": wall_seconds,  # of this invocation only: a resumed study re-trains nothing
-                "runs_seconds_total": float(pd.to_numeric(df["seconds"], errors="coerce").sum())})
+                "runs_seconds_total": float(pd.to_numeric(df.get("seconds", pd.Series(dtype=float)),
+                                                          errors="coerce").sum())})
     figures = plot_study(study, summary, out)
     return write_report(study, summary, comparisons, figures, out, data_note)
 
