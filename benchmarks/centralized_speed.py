@@ -31,10 +31,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         os.environ["MAGNET_FL_THREADS"] = str(args.threads)
-    from magnet_core.threads import apply_thread_policy
+    from magnet_core.model.threads import apply_thread_policy
 
     policy = apply_thread_policy()  # before torch is imported
-    from magnet_core.config import get_preset
+    from magnet_core.model.config import get_preset
     from simulations.centralized import run_centralized
 
     data = Path(args.data)

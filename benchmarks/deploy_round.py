@@ -157,9 +157,9 @@ class CpuMeter(threading.Thread):
 
 def prepare_sites(data_root: Path, work: Path) -> tuple[list[Path], Path]:
     """Three site folders from thirds of tcga-brca-mixomics and a manifest with each site's enrolment."""
-    from magnet_core.consortium import enrolled_site
-    from magnet_core.manifest import ConsortiumManifest, ModalitySpec
-    from magnet_core.site_validation import load_site_cohort
+    from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
+    from magnet_core.cohort.validation import load_site_cohort
+    from magnet_core.consortium.simulated import enrolled_site
 
     root = data_root / "tcga-brca-mixomics"
     labels = pd.read_csv(root / "labels.csv", index_col=0)

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from magnet_core.graph import build_patient_graph, masked_cosine_similarity
-from magnet_core.synthetic import GENERATED_NOTICE, make_generated_cohort
+from magnet_core.cohort.generated import GENERATED_NOTICE, make_generated_cohort
+from magnet_core.model.graph import build_patient_graph, masked_cosine_similarity
 
 DIMS = {"DNA": 1000, "mRNA": 1000, "miRNA": 448}  # MAGNET's OV modalities and feature counts
 MISSING = {"DNA": 0.15, "mRNA": 0.4, "miRNA": 0.05}  # fraction of patients lacking each modality

@@ -16,13 +16,13 @@ COHORTS = {"tcga-ov-magnet": "ov", "tcga-brca-rjive": "brca"}  # folder -> prese
 
 
 def main() -> int:
-    from magnet_core.threads import apply_thread_policy
+    from magnet_core.model.threads import apply_thread_policy
 
     policy = apply_thread_policy()
-    from magnet_core.config import get_preset
-    from magnet_core.data import load_for_seed
-    from magnet_core.metrics import metrics_with_groups
-    from magnet_core.train import fit_and_predict
+    from magnet_core.cohort.data import load_for_seed
+    from magnet_core.model.config import get_preset
+    from magnet_core.model.metrics import metrics_with_groups
+    from magnet_core.model.train import fit_and_predict
     from simulations.statistics import paired_comparison
 
     ap = argparse.ArgumentParser(description=__doc__)

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from magnet_core.graph_topk import build_topk_graph
-from magnet_core.synthetic import GENERATED_NOTICE, make_generated_cohort
+from magnet_core.cohort.generated import GENERATED_NOTICE, make_generated_cohort
+from magnet_core.model.graph_topk import build_topk_graph
 
 
 def main() -> int:

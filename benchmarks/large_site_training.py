@@ -25,17 +25,16 @@ def _cpu_seconds() -> float:
 
 def one_size(args: argparse.Namespace) -> dict:
     """Measure one size in this process (the parent runs each size in its own process: peak RSS is per size)."""
-    from magnet_core.threads import apply_thread_policy
+    from magnet_core.model.threads import apply_thread_policy
 
     policy = apply_thread_policy()
     import psutil
     import torch
 
-    from magnet_core.config import get_preset
-    from magnet_core.model import build_model
-    from magnet_core.synthetic import make_generated_cohort
-    from magnet_core.train import (PatientSet, estimate_epoch_bytes, make_optimizer, resolve_batching,
-                                    train_epochs)
+    from magnet_core.cohort.generated import make_generated_cohort
+    from magnet_core.model.config import get_preset
+    from magnet_core.model.network import build_model
+    from magnet_core.model.train import PatientSet, estimate_epoch_bytes, make_optimizer, resolve_batching, train_epochs
 
     dims = {k: int(v) for k, v in (p.split("=") for p in args.dims.split(","))}
     preset = get_preset(args.preset)
@@ -96,7 +95,7 @@ def main() -> int:
     if args.one is not None:
         print(json.dumps(one_size(args)))
         return 0
-    from magnet_core.synthetic import GENERATED_NOTICE
+    from magnet_core.cohort.generated import GENERATED_NOTICE
 
     rows = []
     print(f"{GENERATED_NOTICE}; features {args.dims}; preset {args.preset}; graph rule {args.graph}; "

@@ -8,10 +8,10 @@ import time
 import numpy as np
 import torch
 
-from magnet_core.config import get_preset
-from magnet_core.model import build_model
-from magnet_core.synthetic import GENERATED_NOTICE, make_generated_cohort
-from magnet_core.train import PatientSet, train_epochs
+from magnet_core.cohort.generated import GENERATED_NOTICE, make_generated_cohort
+from magnet_core.model.config import get_preset
+from magnet_core.model.network import build_model
+from magnet_core.model.train import PatientSet, train_epochs
 
 
 def main() -> None:

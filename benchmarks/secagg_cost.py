@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from magnet_core.aggregate import SiteUpdate, aggregate_updates
-from magnet_core.config import get_preset
-from magnet_core.model import build_model
-from magnet_core.secagg import SecAggServer, SecAggSetup, SecAggSite, UpdateLayout
+from magnet_core.federation.aggregate import SiteUpdate, aggregate_updates
+from magnet_core.federation.secagg import SecAggServer, SecAggSetup, SecAggSite, UpdateLayout
+from magnet_core.model.config import get_preset
+from magnet_core.model.network import build_model
 
 OV_DIMS = {"mRNA": 1000, "miRNA": 448}  # tcga-ov-magnet feature counts
 
@@ -106,14 +106,21 @@ def quality(data: str, scenario: str, seeds: list[int], rounds: int, local_epoch
     """In-process federated training (magnet_core only, no Flower): plain modality-aware FedAvg vs the same rounds
     through secure aggregation, and uniform-weight DP with distributed noise through secure aggregation at each
     noise multiplier. Returns the final pooled test MCC per method and seed, and epsilon for DP."""
-    from magnet_core.aggregate import pooled_metrics
-    from magnet_core.data import load_for_seed
-    from magnet_core.dp import DPConfig, PrivacyAccountant, dp_decode, dp_site_vector, effective_noise_multiplier, \
-        noise_piece_std, noise_rng
-    from magnet_core.scenarios import build_consortium, load_scenario
-    from magnet_core.secagg import run_local as secure_sum
-    from magnet_core.site import SiteRuntime
-    from magnet_core.train import in_dims_of
+    from magnet_core.cohort.data import load_for_seed
+    from magnet_core.consortium.scenarios import build_consortium, load_scenario
+    from magnet_core.federation.aggregate import pooled_metrics
+    from magnet_core.federation.dp import (
+        DPConfig,
+        PrivacyAccountant,
+        dp_decode,
+        dp_site_vector,
+        effective_noise_multiplier,
+        noise_piece_std,
+        noise_rng,
+    )
+    from magnet_core.federation.secagg import run_local as secure_sum
+    from magnet_core.model.site import SiteRuntime
+    from magnet_core.model.train import in_dims_of
 
     preset = get_preset("ov")
     quiet = lambda *_a, **_k: None  # noqa: E731

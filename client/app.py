@@ -7,8 +7,8 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from magnet_core.contract import ContractError, RoundConfig
-from magnet_core.wire import LAYOUT_KEY, MODEL_KEY, flat_of
+from magnet_core.protocol.messages import ContractError, RoundConfig
+from magnet_core.protocol.wire import LAYOUT_KEY, MODEL_KEY, flat_of
 
 DATA_ERROR_CODE = 4001  # the site's data failed validation; the reason names the file and the problem
 CONTRACT_ERROR_CODE = 4002  # the coordinator's message broke the contract; the reason names the key
@@ -90,8 +90,8 @@ def handle(msg: Message, context: Context, kind: str) -> Message:
             code = {"data": DATA_ERROR_CODE, "contract": CONTRACT_ERROR_CODE}.get(exc.kind, WORKER_ERROR_CODE)
             return error_reply(msg, code, exc.reason)
         return reply_with(msg, metrics, site, new)
-    from magnet_core.data import DataError
-    from magnet_core.threads import apply_thread_policy
+    from magnet_core.cohort.data import DataError
+    from magnet_core.model.threads import apply_thread_policy
 
     apply_thread_policy()  # before torch loads: passive OpenMP waits, threads from the CPUs this node may use
     from .handlers import evaluate_site, site_for, train_site

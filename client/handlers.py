@@ -8,13 +8,13 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from magnet_core.config import get_preset
-from magnet_core.contract import ContractError, EvalReply, RoundConfig, TrainReply
-from magnet_core.metrics import DEFAULT_BINS
-from magnet_core.privacy import DEFAULT_MAX_BINS as SITE_MAX_BINS
-from magnet_core.privacy import release_eval
-from magnet_core.site import SiteRuntime
-from magnet_core.wire import Layout, pack, unpack
+from magnet_core.federation.privacy import DEFAULT_MAX_BINS as SITE_MAX_BINS
+from magnet_core.federation.privacy import release_eval
+from magnet_core.model.config import get_preset
+from magnet_core.model.metrics import DEFAULT_BINS
+from magnet_core.model.site import SiteRuntime
+from magnet_core.protocol.messages import ContractError, EvalReply, RoundConfig, TrainReply
+from magnet_core.protocol.wire import Layout, pack, unpack
 
 # Sites (data, graphs, model) are built once per process and reused across rounds.
 _SITES: dict[tuple, SiteRuntime] = {}
@@ -24,8 +24,8 @@ def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> 
     """This node's site: a deployment data directory (node_config data-dir) or a simulated partition."""
     preset = get_preset(cfg.preset)
     if "data-dir" in node_config:
-        from magnet_core.manifest import ConsortiumManifest
-        from magnet_core.site_validation import load_site_cohort
+        from magnet_core.cohort.manifest import ConsortiumManifest
+        from magnet_core.cohort.validation import load_site_cohort
 
         key = ("dir", str(node_config["data-dir"]), str(node_config.get("manifest", "")), cfg.seed, preset.name)
         if key not in _SITES:
@@ -35,7 +35,7 @@ def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> 
             _SITES[key] = SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity, preset.graph.rule,
                                             preset.graph.k)
         return _SITES[key]
-    from magnet_core.consortium import load_consortium, site_name
+    from magnet_core.consortium.simulated import load_consortium, site_name
 
     pid = int(node_config["partition-id"])
     key = ("sim", cfg.data_path, cfg.scenario, cfg.modalities, cfg.seed, pid, preset.name)
@@ -96,7 +96,7 @@ def evaluate_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int
 
 def site_min_count(node_config: Mapping[str, Any]) -> int:
     """The k of the site's own consortium manifest (deployment); the floor otherwise."""
-    from magnet_core.manifest import MIN_COUNT_FLOOR, ConsortiumManifest
+    from magnet_core.cohort.manifest import MIN_COUNT_FLOOR, ConsortiumManifest
 
     if "manifest" in node_config:
         return ConsortiumManifest.load(str(node_config["manifest"])).min_count

@@ -12,13 +12,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from magnet_core.data import LABEL_FILE_RE, MODALITY_SUFFIXES, Cohort, DataError, load_magnet_split, read_modality
-from magnet_core.graph_topk import DENSE_MAX_PATIENTS
-from magnet_core.inductive import AttachRule, Reference, default_attach_rule, predict_new
-from magnet_core.manifest import ConsortiumManifest
-from magnet_core.metrics import confusion_counts, metrics_from_confusion
-from magnet_core.package import ModelPackage, read_package
-from magnet_core.site_validation import load_site_cohort, manifest_fill_values
+from magnet_core.artefacts.model_package import ModelPackage, read_package
+from magnet_core.cohort.data import (
+    LABEL_FILE_RE,
+    MODALITY_SUFFIXES,
+    Cohort,
+    DataError,
+    load_magnet_split,
+    read_modality,
+)
+from magnet_core.cohort.manifest import ConsortiumManifest
+from magnet_core.cohort.validation import load_site_cohort, manifest_fill_values
+from magnet_core.model.graph_topk import DENSE_MAX_PATIENTS
+from magnet_core.model.inductive import AttachRule, Reference, default_attach_rule, predict_new
+from magnet_core.model.metrics import confusion_counts, metrics_from_confusion
 
 PROGRESS_FROM = 2000  # show a progress bar from this many patients on
 
@@ -226,7 +233,7 @@ def predictions_frame(pkg: ModelPackage, patients: NewPatients, probs: np.ndarra
 
 def attach_rule(attach: str, k: int = 10, link_new: bool = False, n_reference: int = 0) -> AttachRule:
     """The --attach choice as a rule: "auto" = the rule evaluation uses for this many reference patients
-    (:func:`magnet_core.inductive.default_attach_rule`)."""
+    (:func:`magnet_core.model.inductive.default_attach_rule`)."""
     if attach == "auto":
         return default_attach_rule(n_reference, k).model_copy(update={"link_new": link_new})
     return AttachRule(rule=attach, k=k, link_new=link_new)

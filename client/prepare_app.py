@@ -1,6 +1,6 @@
 """ClientApp of federated preprocessing: a site sends per-feature statistics, then applies the consortium's plan."""
 
-# What leaves a site (magnet_core/privacy.py, k = the prepare config's min_count):
+# What leaves a site (magnet_core/federation/privacy.py, k = the prepare config's min_count):
 #   query.prepare_stats    its feature names, a k-protected self-description (counts below k withheld) and which
 #                          classes / (class, feature) cells it withheld; in the clear mode also its k-released
 #                          counts, sums and sums of squares per class (never minima or maxima).
@@ -20,10 +20,17 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from magnet_core.data import DataError
-from magnet_core.manifest import ConsortiumManifest
-from magnet_core.preprocess import STAT_FIELDS, PrepareConfig, RawSite, SiteSpec, apply_manifest, site_statistics, \
-    write_prepared_site
+from magnet_core.cohort.data import DataError
+from magnet_core.cohort.manifest import ConsortiumManifest
+from magnet_core.cohort.preprocess import (
+    STAT_FIELDS,
+    PrepareConfig,
+    RawSite,
+    SiteSpec,
+    apply_manifest,
+    site_statistics,
+    write_prepared_site,
+)
 
 from .secure import guarded, secagg_mask, secagg_share, secagg_unmask, secure_reply, start_secure_sum
 
@@ -81,7 +88,7 @@ def released_statistics(site: RawSite, cfg: PrepareConfig, num_classes: int | No
     server.prepare_app.PrepareRun) keeps the per-feature minima / maxima of modalities without a declared range."""
     import dataclasses
 
-    from magnet_core.privacy import release_site_stats
+    from magnet_core.federation.privacy import release_site_stats
 
     raw = site_statistics(site, num_classes)
     released, report = release_site_stats(raw, cfg.min_count)
@@ -96,7 +103,7 @@ def released_statistics(site: RawSite, cfg: PrepareConfig, num_classes: int | No
 def stats(msg: Message, context: Context) -> Message:
     """Per class and feature, over this site's training patients, released only where >= k patients back it:
     counts, sums and sums of squares (in the clear, or only feature names when they go through a secure sum)."""
-    from magnet_core.privacy import release_summary
+    from magnet_core.federation.privacy import release_summary
 
     config = msg.content["config"]
     name = f"node {context.node_id}"
@@ -133,7 +140,7 @@ def secure_stats(msg: Message, context: Context) -> Message:
     is kept here (masked in query.secagg_mask); the reply holds public keys only."""
 
     def body(rec) -> Message:
-        from magnet_core.secagg import SecAggError, SecAggSetup, StatsLayout
+        from magnet_core.federation.secagg import SecAggError, SecAggSetup, StatsLayout
 
         if ONE_SECURE_SUM in context.state.config_records:
             raise SecAggError("this site already contributed its statistics to a secure sum in this run: a second "

@@ -1,6 +1,6 @@
 """A site's side of secure aggregation on Flower's Message API: train, clip, encode, then mask and unmask."""
 
-# Messages (the server side is server/secure.py; the protocol is magnet_core/secagg.py):
+# Messages (the server side is server/secure.py; the protocol is magnet_core/federation/secagg.py):
 #   train.secagg          arrays (one flat model) + layout + config + "secagg" (SecAggSetup, this site's secagg id,
 #                         clip norm, weighting)
 #                         -> "site" {name}, "secagg" KeyAdvert. The site trains, clips its update to the clip norm,
@@ -10,7 +10,7 @@
 #   query.secagg_unmask   UnmaskRequest -> UnmaskShares; the site's secrets are then deleted from context.state
 # Nothing individual leaves the site in the clear besides its name and public keys: not its patient counts, not
 # its loss (both travel inside the masked vector).
-# With "dp" in the setup record (differential privacy with distributed noise, magnet_core/dp.py) the site clips its
+# With "dp" in the setup record (differential privacy with distributed noise, magnet_core/federation/dp.py) the site clips its
 # update to the clip norm over the blocks it holds, encodes it with uniform weights (1 per block held; no patient
 # counts, no loss) and adds its own noise piece N(0, (z C)^2 / t), t = the setup's threshold, before masking.
 
@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from magnet_core.contract import ContractError, RoundConfig, TrainReply
-from magnet_core.wire import LAYOUT_KEY, Layout, flat_of, unpack
+from magnet_core.protocol.messages import ContractError, RoundConfig, TrainReply
+from magnet_core.protocol.wire import LAYOUT_KEY, Layout, flat_of, unpack
 
 from .app import CONTRACT_ERROR_CODE, DATA_ERROR_CODE, app, error_reply, received_model
 
@@ -35,11 +35,11 @@ LOSS_SLOTS = 2  # after the UpdateLayout: loss * training patients, training pat
 
 
 def _secagg():
-    """magnet_core.secagg, imported only after the thread policy (it loads torch; importing client.app must not)."""
-    from magnet_core.threads import apply_thread_policy
+    """magnet_core.federation.secagg, imported only after the thread policy (it loads torch; importing client.app must not)."""
+    from magnet_core.model.threads import apply_thread_policy
 
     apply_thread_policy()
-    from magnet_core import secagg
+    from magnet_core.federation import secagg
 
     return secagg
 
@@ -50,7 +50,7 @@ def site_vector(global_params: Mapping[str, np.ndarray], new_params: Mapping[str
     """The site's secure-sum input: its update clipped to ``clip_norm`` (the coordinator cannot check norms under
     secure aggregation), encoded as count-weighted parameters + block weights, then the loss slots. Also returns
     the clipped parameters and the norm before clipping (both stay at the site)."""
-    from magnet_core.dp import clip_to_global
+    from magnet_core.federation.dp import clip_to_global
 
     clipped, norm = clip_to_global(new_params, global_params, clip_norm)
     layout = _secagg().UpdateLayout.from_params(global_params)
@@ -65,7 +65,7 @@ def dp_vector(global_params: Mapping[str, np.ndarray], new_params: Mapping[str, 
     """The site's secure-sum input under distributed DP: its clipped update with uniform block weights plus its
     noise piece, then zero loss slots. Also returns the same vector without the noise and the update's norm
     before clipping (both stay at the site)."""
-    from magnet_core.dp import DPConfig, dp_site_vector, noise_piece_std
+    from magnet_core.federation.dp import DPConfig, dp_site_vector, noise_piece_std
 
     layout = _secagg().UpdateLayout.from_params(global_params)
     dp = DPConfig(clip_norm=clip_norm, noise_multiplier=noise_multiplier, noise="distributed")
@@ -144,7 +144,7 @@ def _reply(msg: Message, secagg: dict, arrays: dict[str, np.ndarray] | None = No
 
 def _guarded(msg: Message, context: Context, body: Callable[[Mapping[str, Any]], Message]) -> Message:
     """Clear error replies for every way a stage can fail at the site, and the site's own message log."""
-    from magnet_core.data import DataError
+    from magnet_core.cohort.data import DataError
 
     from .worker_link import WORKER_ERROR_CODE, WorkerFailure
 
@@ -208,7 +208,7 @@ def secagg_train(msg: Message, context: Context) -> Message:
         name, new, metrics = _train_locally(msg, context, cfg, received)
         reply = TrainReply.decode(metrics, {"name": name}, layout.modalities)  # the site checks its own counts
         if dp:
-            from magnet_core.dp import site_noise_rng
+            from magnet_core.federation.dp import site_noise_rng
 
             seed = int(rec["dp-noise-seed"])
             if DEPLOYED_KEYS & set(context.node_config):  # a real site: never noise the coordinator could know

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from flwr.app import Message, RecordDict
 
-from magnet_core.contract import round_of
+from magnet_core.protocol.messages import round_of
 
 LOG_KEY = "site-log-dir"  # node_config key: where the site keeps site_log.jsonl (read by `magnet-fl report --site`)
 

@@ -9,9 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from magnet_core.manifest import ConsortiumManifest
-
-from magnet_core.site_validation import SiteReport, validate_site
+from magnet_core.cohort.manifest import ConsortiumManifest
+from magnet_core.cohort.validation import SiteReport, validate_site
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,9 +66,9 @@ def enrolment_entry(folder: Path, manifest: ConsortiumManifest, name: str) -> st
     """The manifest lines that enrol this site: training/test sizes and per-modality bounds, valid for any seed."""
     import tomli_w
 
-    from magnet_core.consortium import enrolled_site
-    from magnet_core.contract import SITE_NAME
-    from magnet_core.site_validation import load_site_cohort
+    from magnet_core.cohort.validation import load_site_cohort
+    from magnet_core.consortium.simulated import enrolled_site
+    from magnet_core.protocol.messages import SITE_NAME
 
     if not SITE_NAME.match(name):
         raise ValueError(f"--enrol: site name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ - "

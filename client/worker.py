@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .worker_link import (MAX_PAYLOAD_BYTES, Blob, FrameError, check_private_dir, encode_frame, flat_record,
-                          recv_frame)
+from .worker_link import MAX_PAYLOAD_BYTES, Blob, FrameError, check_private_dir, encode_frame, flat_record, recv_frame
 
 log = logging.getLogger("magnet_fl.site_worker")
 LOG_FORMAT = "%(asctime)s %(levelname)s site-worker[%(process)d]: %(message)s"
@@ -222,9 +221,9 @@ class SiteWorker:
         return out
 
     def _run(self, kind: str, header: dict, blobs: list[Blob]) -> tuple[tuple[dict, list[Blob]], str]:
-        from magnet_core.contract import ContractError, RoundConfig
-        from magnet_core.data import DataError
-        from magnet_core.wire import LAYOUT_KEY, MODEL_KEY, check_model_keys
+        from magnet_core.cohort.data import DataError
+        from magnet_core.protocol.messages import ContractError, RoundConfig
+        from magnet_core.protocol.wire import LAYOUT_KEY, MODEL_KEY, check_model_keys
 
         from .handlers import evaluate_site, site_for, train_site
 
@@ -382,10 +381,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         import torch  # the libraries, once for the worker's life
 
-        from magnet_core.manifest import ConsortiumManifest
-        from magnet_core.site_validation import validate_site
+        from magnet_core.cohort.manifest import ConsortiumManifest
+        from magnet_core.cohort.validation import validate_site
 
-        from . import handlers  # noqa: F401 - imports magnet_core.site, torch_geometric
+        from . import handlers  # noqa: F401 - imports magnet_core.model.site, torch_geometric
 
         report, _ = validate_site(data, ConsortiumManifest.load(manifest))
         if not report.ok:

@@ -7,10 +7,10 @@ from typing import Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from magnet_core.config import DEFAULT_PRESET
-from magnet_core.contract import MAX_HISTOGRAM_BINS, MAX_PROXIMAL_MU, fingerprint
-from magnet_core.privacy import DEFAULT_MAX_BINS
-from magnet_core.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
+from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
+from magnet_core.federation.privacy import DEFAULT_MAX_BINS
+from magnet_core.model.config import DEFAULT_PRESET
+from magnet_core.protocol.messages import MAX_HISTOGRAM_BINS, MAX_PROXIMAL_MU, fingerprint
 
 
 class RunConfigError(ValueError):

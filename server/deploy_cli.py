@@ -22,10 +22,10 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import tomli_w
+import tomllib
 from cryptography.hazmat.primitives import serialization
 
 from .pki import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, SiteBundle, split_host_port
@@ -521,8 +521,8 @@ def run(args: argparse.Namespace) -> int:
     worker = [*_magnet_fl(), "site-worker", "--socket", str(sock), "--data", str(data), "--manifest", str(manifest),
               "--site-name", load_bundle(bundle).site] if args.worker else []
     if not args.skip_validation:
-        from magnet_core.manifest import ConsortiumManifest
-        from magnet_core.site_validation import validate_site
+        from magnet_core.cohort.manifest import ConsortiumManifest
+        from magnet_core.cohort.validation import validate_site
 
         report, _ = validate_site(args.data, ConsortiumManifest.load(args.manifest))
         if not report.ok:

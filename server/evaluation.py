@@ -7,11 +7,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from magnet_core.config import Preset
-from magnet_core.data import Cohort
-from magnet_core.metrics import metrics_with_groups
-from magnet_core.model import MAGNET
-from magnet_core.train import PatientSet, predict_proba
+from magnet_core.cohort.data import Cohort
+from magnet_core.model.config import Preset
+from magnet_core.model.metrics import metrics_with_groups
+from magnet_core.model.network import MAGNET
+from magnet_core.model.train import PatientSet, predict_proba
 
 
 def held_out_evaluator(cohort: Cohort, preset: Preset) -> Callable[[dict[str, np.ndarray]], dict]:

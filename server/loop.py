@@ -16,10 +16,10 @@ from flwr.app import ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from magnet_core.aggregate import ScreenMemory
-from magnet_core.config import get_preset
-from magnet_core.contract import Enrolment, RoundConfig, RoundRecord
-from magnet_core.model import build_model
+from magnet_core.federation.aggregate import ScreenMemory
+from magnet_core.model.config import get_preset
+from magnet_core.model.network import build_model
+from magnet_core.protocol.messages import Enrolment, RoundConfig, RoundRecord
 
 from .config import FederatedConfig, RunConfigError
 from .strategy import MagnetFedAvg
@@ -147,12 +147,12 @@ def load_checkpoint(out: Path, cfg: FederatedConfig, template: dict[str, np.ndar
                               direction=None if mem.get("direction") is None else mem["direction"].numpy())
         accountant = None
         if state.get("accountant") is not None:
-            from magnet_core.dp import PrivacyAccountant
+            from magnet_core.federation.dp import PrivacyAccountant
 
             accountant = PrivacyAccountant.from_dict(state["accountant"])
         server_opt = None
         if state.get("server_opt") is not None:
-            from magnet_core.aggregate import ServerOptState
+            from magnet_core.federation.aggregate import ServerOptState
 
             server_opt = ServerOptState.from_tensors(state["server_opt"], params)
     except Exception as exc:  # noqa: BLE001
@@ -267,8 +267,8 @@ def run_federation(
 def write_model_package(out: Path, params: dict[str, np.ndarray], history: list[dict], cfg: FederatedConfig,
                         manifest) -> Path:
     """The signed, self-describing model package: weights, manifest, classes, preset, run settings and fingerprint,
-    round, global metrics, versions (magnet_core.package); a site verifies it before use."""
-    from magnet_core.package import write_package
+    round, global metrics, versions (magnet_core.artefacts.model_package); a site verifies it before use."""
+    from magnet_core.artefacts.model_package import write_package
 
     preset = get_preset(cfg.preset)
     last = history[-1] if history else {}
@@ -285,7 +285,7 @@ def refresh_report(out: Path, cfg: FederatedConfig) -> None:
     if not cfg.report:
         return
     try:
-        from magnet_core.report import write_report
+        from magnet_core.artefacts.report import write_report
 
         write_report(out)
     except Exception as exc:  # noqa: BLE001 - the report is a view of the run, not part of it

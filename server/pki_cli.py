@@ -6,8 +6,18 @@ import argparse
 from pathlib import Path
 
 from .pki import (
-    CA_DIR, CA_KEY, REGISTRY, SERVER_CERT, SERVER_KEY, init_ca, issue_server_cert, issue_signing_key, make_site,
-    make_site_key, registered_sites, ssh_fingerprint,
+    CA_DIR,
+    CA_KEY,
+    REGISTRY,
+    SERVER_CERT,
+    SERVER_KEY,
+    init_ca,
+    issue_server_cert,
+    issue_signing_key,
+    make_site,
+    make_site_key,
+    registered_sites,
+    ssh_fingerprint,
 )
 
 

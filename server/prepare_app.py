@@ -1,6 +1,6 @@
 """ServerApp of federated preprocessing: combine sites' statistics, decide the plan, write the manifest."""
 
-# The coordinator receives only k-released statistics (magnet_core/privacy.py; classes and (class, feature) cells
+# The coordinator receives only k-released statistics (magnet_core/federation/privacy.py; classes and (class, feature) cells
 # backed by fewer than k training patients are withheld by the site, which says so), never minima or maxima:
 # scaling uses the consortium's declared value ranges (PrepareConfig.value_ranges, via protected_ranges). With
 # secagg=true the statistics travel only masked (the secure sum of server/secure.py, pairwise + self masks,
@@ -11,23 +11,30 @@ from __future__ import annotations
 import json
 import secrets
 import time
-import tomllib
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import tomllib
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from pydantic import BaseModel, ConfigDict, Field
 
-from magnet_core.data import DataError
-from magnet_core.preprocess import (
-    STAT_FIELDS, FeatureStats, ModalityPrep, PrepareConfig, SiteSpec, build_manifest, class_names, combine_sites,
+from magnet_core.cohort.data import DataError
+from magnet_core.cohort.preprocess import (
+    STAT_FIELDS,
+    FeatureStats,
+    ModalityPrep,
+    PrepareConfig,
+    SiteSpec,
+    build_manifest,
+    class_names,
+    combine_sites,
     derive_all,
 )
-from magnet_core.privacy import federated_ranges
+from magnet_core.federation.privacy import federated_ranges
 
 app = ServerApp()
 RUN_KEY = "prepare-run"  # run-config key holding a whole PrepareRun as JSON (how simulation drivers pass it)
@@ -138,7 +145,7 @@ def secure_statistics(grid: Grid, replies: list[Message], num_classes: int, run:
                       ) -> tuple[dict[str, FeatureStats], dict]:
     """The consortium's summed statistics through one secure sum (server/secure.py: the training rounds' stages)
     over the sites that announced their features (``replies``, sorted by name); also what happened."""
-    from magnet_core.secagg import KeyAdvert, SecAggError, SecAggServer, SecAggSetup, StatsLayout
+    from magnet_core.federation.secagg import KeyAdvert, SecAggError, SecAggServer, SecAggSetup, StatsLayout
 
     from .secure import Ledger, Stage, effective_max_dropouts, payload_bytes, secure_sum_stages
 

@@ -3,7 +3,7 @@
 # secure_sum_stages (stages 1-3 below) serves any secure sum: server/prepare_app.py runs it on the sites'
 # preprocessing statistics after its own stage 0 (query.prepare_secagg).
 
-# Stages (the site side is client/secure.py, the protocol magnet_core/secagg.py):
+# Stages (the site side is client/secure.py, the protocol magnet_core/federation/secagg.py):
 #   0  train.secagg         global weights + SecAggSetup (planned secagg ids 1..n for the sampled nodes, threshold
 #                           t = n - max dropouts) -> site name + public keys. The site trains, clips, encodes.
 #   1  query.secagg_share   key book of U1 -> encrypted Shamir shares (ShareBundle)
@@ -12,7 +12,7 @@
 # A site failing (error reply, no reply, rejected name) before stage 2's reply is left out of the sum; a site of U3
 # failing afterwards is still in it. Fewer than t sites at any stage: the round fails, the model is unchanged.
 #
-# With differential privacy (dp-clip-norm > 0) the noise is distributed (magnet_core/dp.py): every site clips its
+# With differential privacy (dp-clip-norm > 0) the noise is distributed (magnet_core/federation/dp.py): every site clips its
 # update to dp-clip-norm over the blocks it holds, with uniform weights (1 per block held), and adds its own noise
 # piece N(0, (z C)^2 / t) before fixed-point encoding and masking, so any t pieces sum to variance (z C)^2. The
 # coordinator adds no noise and never sees a noise-free sum; it decodes block sum / sites holding the block and
@@ -31,12 +31,25 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from magnet_core.dp import DPConfig, distributed_noise_fits, dp_decode, effective_noise_multiplier, noise_piece_std
-from magnet_core.secagg import (
-    KeyAdvert, MaskedInput, SecAggError, SecAggServer, SecAggSetup, ShareBundle, UnmaskRequest, UnmaskShares,
+from magnet_core.federation.dp import (
+    DPConfig,
+    distributed_noise_fits,
+    dp_decode,
+    effective_noise_multiplier,
+    noise_piece_std,
+)
+from magnet_core.federation.secagg import (
+    KeyAdvert,
+    MaskedInput,
+    SecAggError,
+    SecAggServer,
+    SecAggSetup,
+    ShareBundle,
+    UnmaskRequest,
+    UnmaskShares,
     UpdateLayout,
 )
-from magnet_core.wire import LAYOUT_KEY
+from magnet_core.protocol.wire import LAYOUT_KEY
 
 from .config import FederatedConfig, RunConfigError
 from .loop import collect

@@ -12,15 +12,29 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from magnet_core.aggregate import (
-    ScreenMemory, ScreenRules, ServerOptState, SiteUpdate, aggregate_updates, flat_delta, screen_updates,
-    server_opt_step, trained_arrays, validate_update,
+from magnet_core.federation.aggregate import (
+    ScreenMemory,
+    ScreenRules,
+    ServerOptState,
+    SiteUpdate,
+    aggregate_updates,
+    flat_delta,
+    screen_updates,
+    server_opt_step,
+    trained_arrays,
+    validate_update,
 )
-from magnet_core.contract import (
-    ContractError, Enrolment, EvalReply, SiteFacts, TrainReply, check_eval_against, check_train_against,
+from magnet_core.federation.privacy import check_eval_release, pool_releases
+from magnet_core.protocol.messages import (
+    ContractError,
+    Enrolment,
+    EvalReply,
+    SiteFacts,
+    TrainReply,
+    check_eval_against,
+    check_train_against,
 )
-from magnet_core.privacy import check_eval_release, pool_releases
-from magnet_core.wire import LAYOUT_KEY, MODEL_KEY, Layout, flat_of, pack, unpack
+from magnet_core.protocol.wire import LAYOUT_KEY, MODEL_KEY, Layout, flat_of, pack, unpack
 
 from .config import FederatedConfig
 
@@ -104,7 +118,7 @@ class MagnetFedAvg(FedAvg):
         self.registry = SiteRegistry()
         self.dp = None
         if cfg.dp_clip_norm > 0:
-            from magnet_core.dp import DPConfig, PrivacyAccountant
+            from magnet_core.federation.dp import DPConfig, PrivacyAccountant
 
             self.dp = DPConfig(clip_norm=cfg.dp_clip_norm, noise_multiplier=cfg.dp_noise_multiplier,
                                delta=cfg.dp_delta)
@@ -283,8 +297,8 @@ class MagnetFedAvg(FedAvg):
         honest sites and binds a dishonest one), averaged with uniform weights per block (an encoder over the
         sites holding its modality, shared layers over all), Gaussian noise of std z * C on each block's sum, so
         one site moves a block's mean by at most C / (sites averaged) against noise z * C / (sites averaged)."""
-        from magnet_core.dp import dp_aggregate, dp_site_vector, effective_noise_multiplier, noise_rng
-        from magnet_core.secagg import UpdateLayout
+        from magnet_core.federation.dp import dp_aggregate, dp_site_vector, effective_noise_multiplier, noise_rng
+        from magnet_core.federation.secagg import UpdateLayout
 
         layout = UpdateLayout.from_params(self.current)
         modality_aware = self.cfg.aggregation == "modality-aware"

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from magnet_core.config import Preset
-from magnet_core.data import Cohort, DataError, detect_layout, load_for_seed
-from magnet_core.metrics import metrics_with_groups, summarize
-from magnet_core.synthetic import GENERATED_NOTICE, make_generated_cohort
+from magnet_core.cohort.data import Cohort, DataError, detect_layout, load_for_seed
+from magnet_core.cohort.generated import GENERATED_NOTICE, make_generated_cohort
+from magnet_core.model.config import Preset
+from magnet_core.model.metrics import metrics_with_groups, summarize
 
 from .reporting import console, print_summary, write_json
 
@@ -30,7 +30,7 @@ def train_centralized(cohort: Cohort, preset: Preset, seed: int, epochs: int | N
                       on_epoch: Callable[[int, dict], None] | None = None
                       ) -> tuple[dict[str, np.ndarray], dict[str, float | None]]:
     """Train one model on the cohort's train+val patients: (its weights, its test metrics (all/paired/unpaired))."""
-    from magnet_core.train import fit_and_predict
+    from magnet_core.model.train import fit_and_predict
 
     train_cfg = preset.train if epochs is None else preset.train.model_copy(update={"epochs": epochs})
     model, test, probs = fit_and_predict(cohort, preset.model, train_cfg, preset.graph, seed, on_epoch=on_epoch)
@@ -76,7 +76,7 @@ def write_centralized_package(spec: PackageSpec, path: Path, params: dict[str, n
     """The signed package of one centralized model: its manifest (the cohort's modalities and features in model
     order), preset, run settings (data, seed, epochs) and its test metrics; `magnet-fl predict` reads it as it
     reads a federated one."""
-    from magnet_core.package import manifest_from_cohort, write_package
+    from magnet_core.artefacts.model_package import manifest_from_cohort, write_package
 
     run_config = {"mode": "centralized", "data": "generated" if data is None else str(data), "seed": seed,
                   "preset": preset.name, "epochs": preset.train.epochs}
@@ -101,7 +101,7 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
     if package is not None:  # key, certificate and data checked before any training
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-        from magnet_core.package import PackageError, load_certificate, load_signing_key
+        from magnet_core.artefacts.model_package import PackageError, load_certificate, load_signing_key
 
         check_packageable(data)
         key, cert = load_signing_key(package.signing_key), load_certificate(package.signing_cert)

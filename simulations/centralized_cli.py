@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from magnet_core.config import DEFAULT_PRESET, PRESETS, get_preset
-from magnet_core.data import available_seeds, detect_layout
+from magnet_core.cohort.data import available_seeds, detect_layout
+from magnet_core.model.config import DEFAULT_PRESET, PRESETS, get_preset
 
-from .cli import existing_dir, parse_seeds, positive_int
 from .centralized import PackageSpec, run_centralized
+from .cli import existing_dir, parse_seeds, positive_int
 from .outputs import check_output, run_staged
 
 DEFAULT_SEEDS = [10, 20, 30, 40, 50]

@@ -107,7 +107,7 @@ def _requested_command() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    importlib.import_module("magnet_core.threads").apply_thread_policy()  # before torch loads (threads, PASSIVE)
+    importlib.import_module("magnet_core.model.threads").apply_thread_policy()  # before torch loads (threads, PASSIVE)
     parser = build_parser()
     try:
         args = parser.parse_args()
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
-    from magnet_core.data import DataError
+    from magnet_core.cohort.data import DataError
 
     module = importlib.import_module(args._module)
     try:

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from client.predict_cli import attach_rule, reference_patients, score_patients, split_patients
-from magnet_core.config import get_preset
-from magnet_core.consortium import load_consortium
-from magnet_core.metrics import confusion_counts, metrics_from_confusion
-from magnet_core.package import manifest_from_cohort, read_package, write_package
-from magnet_core.site import SiteRuntime
+from magnet_core.artefacts.model_package import manifest_from_cohort, read_package, write_package
+from magnet_core.consortium.simulated import load_consortium
+from magnet_core.model.config import get_preset
+from magnet_core.model.metrics import confusion_counts, metrics_from_confusion
+from magnet_core.model.site import SiteRuntime
 from server.pki import init_ca, issue_signing_key
 
 from .cli import existing_dir, positive_int

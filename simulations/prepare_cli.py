@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import tomllib
 from pathlib import Path
 
-from magnet_core.data import DataError
+import tomllib
+
+from magnet_core.cohort.data import DataError
 
 from .cli import existing_dir, positive_int
 from .outputs import check_output, relocate_paths, run_staged
@@ -97,7 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from magnet_core.preprocess import PrepareConfig
+    from magnet_core.cohort.preprocess import PrepareConfig
 
     values: dict = {}
     if args.config is not None:
@@ -130,7 +131,7 @@ def build_config(args: argparse.Namespace):
 
 
 def build_sites(args: argparse.Namespace):
-    from magnet_core.preprocess import SiteSpec
+    from magnet_core.cohort.preprocess import SiteSpec
 
     from .prepare_federated import site_specs
 

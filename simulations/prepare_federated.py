@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Sequence
 
-from magnet_core.data import DataError
-from magnet_core.preprocess import PrepareConfig, SiteSpec
+from magnet_core.cohort.data import DataError
+from magnet_core.cohort.preprocess import PrepareConfig, SiteSpec
 
 
 def site_specs(site_dirs: Sequence[str | Path], out_dir: str | Path) -> list[SiteSpec]:
@@ -56,7 +55,8 @@ def run_flower(run, verbose: bool = False, cpus_per_site: float = 1.0) -> dict:
     """Through Flower's simulation engine: one SuperNode per site (Ray actors), the ServerApp in this process.
     Results are read back from the run's output directory."""
     from client.prepare_app import app as client_app
-    from server.prepare_app import RUN_KEY, app as server_app
+    from server.prepare_app import RUN_KEY
+    from server.prepare_app import app as server_app
 
     from .engine import run_flower_app
 
@@ -88,7 +88,7 @@ def write_simulated_sites(cohort_dir: str | Path, out: str | Path, num_sites: in
     import numpy as np
     import pandas as pd
 
-    from magnet_core.data import _modality_files
+    from magnet_core.cohort.data import _modality_files
 
     cohort_dir, out = Path(cohort_dir), Path(out)
     labels = pd.read_csv(cohort_dir / "labels.csv", index_col=0)
@@ -128,7 +128,7 @@ def compare_with_pooled(sites, cfg: PrepareConfig) -> dict:
     from sklearn.impute import SimpleImputer
     from sklearn.preprocessing import MinMaxScaler
 
-    from magnet_core.preprocess import STAT_FIELDS, compute_stats, prepare_pooled_decisions
+    from magnet_core.cohort.preprocess import STAT_FIELDS, compute_stats, prepare_pooled_decisions
 
     manifest, preps, combined = prepare_pooled_decisions(sites, cfg)
     num_classes = len(manifest.classes)
@@ -182,7 +182,7 @@ def declared_ranges(cohort_dir: str | Path) -> dict[str, tuple[float, float]]:
 
     import pandas as pd
 
-    from magnet_core.data import _modality_files
+    from magnet_core.cohort.data import _modality_files
 
     out = {}
     for m, p in _modality_files(Path(cohort_dir)).items():
@@ -198,8 +198,8 @@ def measure(cohort_dir: str | Path, work: str | Path, num_sites: int = 3, n_feat
     with secure aggregation of the statistics (and through Flower)."""
     import numpy as np
 
-    from magnet_core.manifest import ConsortiumManifest
-    from magnet_core.preprocess import load_raw_site_dir, prepare_pooled_decisions
+    from magnet_core.cohort.manifest import ConsortiumManifest
+    from magnet_core.cohort.preprocess import load_raw_site_dir, prepare_pooled_decisions
 
     work = Path(work)
     dirs = write_simulated_sites(cohort_dir, work / "raw", num_sites, transpose=(num_sites - 1, "mRNA"))

@@ -340,7 +340,7 @@ def print_table(summ: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from magnet_core.consortium import load_consortium
+    from magnet_core.consortium.simulated import load_consortium
 
     args.scenario = args.scenario or ("iid-3" if args.data else "demo-3")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -382,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from magnet_core.threads import apply_thread_policy
+    from magnet_core.model.threads import apply_thread_policy
 
     apply_thread_policy()
     p = argparse.ArgumentParser(prog="python -m simulations.privacy_study", description=__doc__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from magnet_core.report import write_report
+from magnet_core.artefacts.report import write_report
 
 from .cli import existing_dir
 from .reporting import console

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
-import math
 from pathlib import Path
 from typing import Any, Mapping
 

@@ -6,31 +6,29 @@ import argparse
 import csv
 import dataclasses
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from magnet_core.report import write_report
-from magnet_core.site import TEST_GRAPHS, SiteRuntime
-from magnet_core.aggregate import EvalCounts
-from magnet_core.config import PRESETS, Preset, get_preset
-from magnet_core.data import Cohort
-from magnet_core.metrics import summarize
-from magnet_core.personalize import personalize_sites
-from magnet_core.synthetic import GENERATED_NOTICE
-from magnet_core.train import make_optimizer, train_epochs
+from magnet_core.artefacts.report import write_report
+from magnet_core.cohort.data import Cohort
+from magnet_core.cohort.generated import GENERATED_NOTICE
+from magnet_core.consortium.scenarios import load_scenario
+from magnet_core.consortium.simulated import load_consortium
+from magnet_core.model.config import PRESETS, Preset, get_preset
+from magnet_core.model.metrics import EvalCounts, summarize
+from magnet_core.model.personalize import personalize_sites
+from magnet_core.model.site import TEST_GRAPHS, SiteRuntime
+from magnet_core.model.train import make_optimizer, train_epochs
 from server.config import FederatedConfig
 
 from .cli import comma_list, existing_dir, parse_seeds, positive_int
 from .outputs import check_output, run_staged
-from magnet_core.consortium import load_consortium
 from .reporting import console, print_summary, write_json
-from magnet_core.scenarios import load_scenario
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +63,7 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
                                {"aggregation": "modality-aware", "server_lr": FEDYOGI_LR}, "FedYogi"),
 }
 METHODS = ("federated", "centralized", "local_only", "fedavg_plain", "fedprox", "fedadam", "fedyogi", "personalized")
-PERSONALIZE_PART = "head+graph"  # personalized: the part each site fine-tunes (magnet_core.personalize.PARTS); the
+PERSONALIZE_PART = "head+graph"  # personalized: the part each site fine-tunes (magnet_core.model.personalize.PARTS); the
 # only part with a detectable gain over federated in 5-seed OV / BRCA runs (OV attach-to-train, +0.024 MCC)
 DEFAULT_METHODS = ("federated", "centralized", "local_only", "fedavg_plain")  # simulate's default (demo budget)
 REFERENCE_METHODS = ("centralized", "local_only")
@@ -192,7 +190,7 @@ def site_counts(sites: list[SiteRuntime], params_for, test_graph: str = "among-t
 def released_metrics(counts: list[EvalCounts]) -> dict:
     """Global metrics of the references computed exactly as the federated ones: each site's counts released under
     the minimum count k with at most the site's cap of score bins, then pooled (AUROC as an interval)."""
-    from magnet_core.privacy import DEFAULT_MAX_BINS, pool_releases, release_eval
+    from magnet_core.federation.privacy import DEFAULT_MAX_BINS, pool_releases, release_eval
 
     k = FederatedConfig.model_fields["min_count"].default
     bins = min(FederatedConfig.model_fields["histogram_bins"].default, DEFAULT_MAX_BINS)

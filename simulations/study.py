@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import tomllib
 import traceback
 from pathlib import Path
 from typing import Any, Literal
@@ -13,11 +12,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import tomli_w
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from magnet_core.data import DataError, detect_layout
-from magnet_core.scenarios import Scenario
+from magnet_core.cohort.data import DataError, detect_layout
+from magnet_core.consortium.scenarios import Scenario
 
 from . import statistics as st
 from .cli import existing_dir

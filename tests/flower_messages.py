@@ -30,7 +30,7 @@ def model_records(params) -> dict:
     """The model part of a server message as the coordinator sends it: one flat array + its layout record."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
-    from magnet_core.wire import LAYOUT_KEY, MODEL_KEY, Layout, pack
+    from magnet_core.protocol.wire import LAYOUT_KEY, MODEL_KEY, Layout, pack
 
     params = {k: v.detach().numpy() if hasattr(v, "detach") else v for k, v in params.items()}
     layout = Layout.from_params(params)
@@ -40,7 +40,7 @@ def model_records(params) -> dict:
 
 def model_of(msg, instruction=None) -> dict:
     """The named arrays of a message's flat model, split with the layout of ``instruction`` (default: ``msg``)."""
-    from magnet_core.wire import LAYOUT_KEY, Layout, flat_of, unpack
+    from magnet_core.protocol.wire import LAYOUT_KEY, Layout, flat_of, unpack
 
     layout = Layout.from_record((instruction or msg).content[LAYOUT_KEY])
     return unpack(flat_of(msg.content["arrays"]), layout)
@@ -50,6 +50,6 @@ def flat_model(params, instruction):
     """``params`` as a site's reply record: one flat array in ``instruction``'s layout order."""
     from flwr.app import Array, ArrayRecord
 
-    from magnet_core.wire import LAYOUT_KEY, MODEL_KEY, Layout, pack
+    from magnet_core.protocol.wire import LAYOUT_KEY, MODEL_KEY, Layout, pack
 
     return ArrayRecord({MODEL_KEY: Array(pack(params, Layout.from_record(instruction.content[LAYOUT_KEY])))})

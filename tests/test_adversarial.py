@@ -15,10 +15,10 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from flower_messages import flat_model, model_of
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.app import app as client_app
-from flower_messages import flat_model, model_of
 from server.app import server_main
 from server.config import FederatedConfig
 from simulations.engine import InProcessGrid

@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 from flwr.app import Context, RecordDict
 
-from magnet_core import secagg as sa
-from magnet_core.data import DataError
-from magnet_core.dp import DPConfig, noise_piece_std
-from magnet_core.preprocess import PrepareConfig
-from magnet_core.secagg import MaskedInput, SecAggError, SecAggServer, SecAggSetup, SecAggSite, UnmaskRequest
+from magnet_core.cohort.data import DataError
+from magnet_core.cohort.preprocess import PrepareConfig
+from magnet_core.federation import secagg as sa
+from magnet_core.federation.dp import DPConfig, noise_piece_std
+from magnet_core.federation.secagg import MaskedInput, SecAggError, SecAggServer, SecAggSetup, SecAggSite, UnmaskRequest
 from simulations.engine import InProcessGrid
 from simulations.prepare_federated import make_run, run_inprocess, site_specs
 

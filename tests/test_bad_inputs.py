@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from magnet_core.manifest import ConsortiumManifest, ModalitySpec
+from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
 from simulations.cli import main
 from simulations.outputs import MARKER, run_staged
 

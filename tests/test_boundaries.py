@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 # Coordinator-side command-line tools (not the ServerApp): they may read the operator's environment (FLWR_HOME).

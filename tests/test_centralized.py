@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 import torch
 
-from magnet_core.config import get_preset
-from magnet_core.data import load_magnet_split
-from magnet_core.metrics import metrics_with_groups
-from magnet_core.synthetic import make_generated_cohort
-from magnet_core.train import fit_and_predict
+from magnet_core.cohort.data import load_magnet_split
+from magnet_core.cohort.generated import make_generated_cohort
+from magnet_core.model.config import get_preset
+from magnet_core.model.metrics import metrics_with_groups
+from magnet_core.model.train import fit_and_predict
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = [p + k for p in ("", "paired_", "unpaired_") for k in ("mcc", "acc", "f1", "auroc", "auprc")]
@@ -122,8 +122,8 @@ def test_centralized_writes_a_signed_package_that_predict_uses(tmp_path, capsys)
     from test_package import make_pki
 
     from client.predict_cli import attach_rule, reference_patients, score_patients, split_patients
-    from magnet_core.package import read_package
-    from magnet_core.train import PatientSet, predict_proba
+    from magnet_core.artefacts.model_package import read_package
+    from magnet_core.model.train import PatientSet, predict_proba
     from simulations.cli import main
 
     ca, key, cert = make_pki(tmp_path)

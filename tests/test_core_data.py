@@ -11,11 +11,19 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, matthews_corrcoef, roc_auc_score
 
-from magnet_core.data import (
-    DataError, load_cohort_dir, load_for_seed, load_magnet_split, stratified_split,
+from magnet_core.cohort.data import (
+    DataError,
+    load_cohort_dir,
+    load_for_seed,
+    load_magnet_split,
+    stratified_split,
 )
-from magnet_core.metrics import (
-    classification_metrics, confusion_counts, metrics_from_confusion, ranking_from_histogram, score_histogram,
+from magnet_core.model.metrics import (
+    classification_metrics,
+    confusion_counts,
+    metrics_from_confusion,
+    ranking_from_histogram,
+    score_histogram,
     summarize,
 )
 

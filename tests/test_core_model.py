@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from magnet_core.config import ModelConfig
-from magnet_core.data import load_magnet_split
-from magnet_core.graph import build_patient_graph, masked_cosine_similarity, sparsify_quantile
-from magnet_core.loss import magnet_loss, similarity_kl_loss
-from magnet_core.model import MAGNET, EdgeSAGEConv, PatientModalityAttention
-from magnet_core.synthetic import make_generated_cohort
+from magnet_core.cohort.data import load_magnet_split
+from magnet_core.cohort.generated import make_generated_cohort
+from magnet_core.model.config import ModelConfig
+from magnet_core.model.graph import build_patient_graph, masked_cosine_similarity, sparsify_quantile
+from magnet_core.model.loss import magnet_loss, similarity_kl_loss
+from magnet_core.model.network import MAGNET, EdgeSAGEConv, PatientModalityAttention
 
 
 def _random_modalities(n=40, dims=(7, 5, 3), p_missing=0.4, seed=0):

@@ -10,8 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from magnet_core.data import (
-    DataError, detect_layout, load_cohort_dir, load_for_seed, load_magnet_split, stratified_split,
+from magnet_core.cohort.data import (
+    DataError,
+    detect_layout,
+    load_cohort_dir,
+    load_for_seed,
+    load_magnet_split,
+    stratified_split,
 )
 
 REPO = Path(__file__).resolve().parents[1]

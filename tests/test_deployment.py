@@ -193,7 +193,7 @@ def _outsider_is_refused(procs: Processes, outsider: Path, env: dict, data: Path
 
 def _prepare_sites(data_root: Path, work: Path) -> tuple[list[Path], Path]:
     """Three site folders from the (already normalised) mixOmics cohort, and a manifest of its features."""
-    from magnet_core.manifest import ConsortiumManifest, ModalitySpec
+    from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
 
     root = data_root / "tcga-brca-mixomics"
     labels = pd.read_csv(root / "labels.csv", index_col=0)
@@ -209,8 +209,8 @@ def _prepare_sites(data_root: Path, work: Path) -> tuple[list[Path], Path]:
     manifest = ConsortiumManifest(name="brca", classes=["Basal", "Her2", "LumA"],
                                   modalities=[ModalitySpec(name=m, features=list(df.columns)) for m, df in mods.items()])
     # each site enrols with its patient counts (what `validate-site --enrol` prints); the server bounds replies by them
-    from magnet_core.consortium import enrolled_site
-    from magnet_core.site_validation import load_site_cohort
+    from magnet_core.cohort.validation import load_site_cohort
+    from magnet_core.consortium.simulated import enrolled_site
 
     enrolment = {f"site-{s}": enrolled_site(load_site_cohort(d, manifest, 0), any_seed=True)
                  for s, d in zip("abc", sites)}
@@ -376,7 +376,7 @@ def test_deployment_on_loopback(data_root, tmp_path):
     assert sorted(history[2]["accepted"]) == ["site-a", "site-b"]  # site-b rejoined; the resumed run used it
     assert "REJECTED update from node" in log1 and "(site-c)" in log1
     assert "resuming from" in log2 and "after round 2" in log2
-    from magnet_core.report import write_report
+    from magnet_core.artefacts.report import write_report
 
     report = (out / "report.html").read_text()  # the coordinator's report, refreshed by the ServerApp every round
     assert "site-c" in report and "update norm" in report and "http://" not in report and "https://" not in report
@@ -395,7 +395,7 @@ DP_CLIP, DP_Z = 1.0, 1.0  # the secure run's DP settings (run config dp-clip-nor
 def _assert_secure_dp_rounds(history: list[dict], log: str) -> None:
     """Every round of the secure run was securely aggregated over the three sites (the coordinator's own summary,
     screening["secure_aggregation"]), with distributed noise, and the spent epsilon is recorded and grows."""
-    from magnet_core.dp import exact_epsilon
+    from magnet_core.federation.dp import exact_epsilon
 
     assert [r["round"] for r in history] == [1, 2]
     for r in history:

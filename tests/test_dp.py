@@ -8,14 +8,25 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from magnet_core.aggregate import SiteUpdate, aggregate_updates
-from magnet_core.config import ModelConfig
-from magnet_core.dp import (
-    DPConfig, PrivacyAccountant, add_central_noise, clip_update, dp_aggregate, dp_decode, dp_site_vector,
-    effective_noise_multiplier, exact_epsilon, gdp_delta, noise_piece_std, rdp_epsilon, update_of,
+from magnet_core.federation.aggregate import SiteUpdate, aggregate_updates
+from magnet_core.federation.dp import (
+    DPConfig,
+    PrivacyAccountant,
+    add_central_noise,
+    clip_update,
+    dp_aggregate,
+    dp_decode,
+    dp_site_vector,
+    effective_noise_multiplier,
+    exact_epsilon,
+    gdp_delta,
+    noise_piece_std,
+    rdp_epsilon,
+    update_of,
 )
-from magnet_core.model import build_model
-from magnet_core.secagg import SecAggSetup, UpdateLayout, run_local
+from magnet_core.federation.secagg import SecAggSetup, UpdateLayout, run_local
+from magnet_core.model.config import ModelConfig
+from magnet_core.model.network import build_model
 
 
 def test_rdp_epsilon_matches_a_hand_computation():
@@ -172,8 +183,8 @@ def test_central_noise_has_std_sigma_on_parameters_only():
 
 def test_distributed_noise_must_fit_the_fixed_point_range():
     """A site's clipped update plus its piece (bounded at NOISE_TAIL stds) must stay below 2^(63 - f) / n."""
-    from magnet_core.dp import NOISE_TAIL, distributed_noise_fits
-    from magnet_core.secagg import SecAggError, encode_fixed
+    from magnet_core.federation.dp import NOISE_TAIL, distributed_noise_fits
+    from magnet_core.federation.secagg import SecAggError, encode_fixed
 
     bound = 2.0 ** (63 - 32) / 3
     assert distributed_noise_fits(1.0, 1.0, 3, 32) is None
@@ -187,7 +198,7 @@ def test_distributed_noise_must_fit_the_fixed_point_range():
 
 
 def test_site_noise_is_seeded_per_round_and_site_or_drawn_from_the_os():
-    from magnet_core.dp import site_noise_rng
+    from magnet_core.federation.dp import site_noise_rng
 
     a = site_noise_rng(3, 2, 1).normal(size=8)
     assert np.array_equal(a, site_noise_rng(3, 2, 1).normal(size=8))

@@ -16,7 +16,7 @@ start_ray(cpus_per_site={cpus})
 
 @ray.remote(num_cpus={cpus})
 def threads():  # what a ClientApp does first in its actor
-    from magnet_core.threads import apply_thread_policy
+    from magnet_core.model.threads import apply_thread_policy
     return apply_thread_policy().threads
 
 print("THREADS", ray.get(threads.remote()))

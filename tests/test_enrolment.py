@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
-
 import numpy as np
 import pandas as pd
+import tomllib
 
-from magnet_core.contract import Enrolment, TrainReply, check_train_against
-from magnet_core.manifest import ConsortiumManifest, ModalitySpec
+from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
+from magnet_core.protocol.messages import Enrolment, TrainReply, check_train_against
 from simulations.cli import main
 
 

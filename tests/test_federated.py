@@ -8,17 +8,21 @@ import time
 import numpy as np
 import pytest
 import torch
+from flower_messages import instruction as _instruction
+from flower_messages import reply as _reply
 from sklearn.metrics import matthews_corrcoef
 
-from magnet_core.aggregate import (
-    SiteUpdate, aggregate_updates, pooled_metrics, validate_update,
+from magnet_core.consortium.scenarios import Scenario, build_consortium, load_scenario
+from magnet_core.consortium.simulated import load_consortium
+from magnet_core.federation.aggregate import (
+    SiteUpdate,
+    aggregate_updates,
+    pooled_metrics,
+    validate_update,
 )
-from magnet_core.config import get_preset
-from magnet_core.metrics import metrics_from_confusion
+from magnet_core.model.config import get_preset
+from magnet_core.model.metrics import metrics_from_confusion
 from server.config import FederatedConfig
-from magnet_core.consortium import load_consortium
-from magnet_core.scenarios import Scenario, build_consortium, load_scenario
-from flower_messages import instruction as _instruction, reply as _reply
 
 
 def _params(enc_a: float, enc_b: float, shared: float) -> dict[str, np.ndarray]:
@@ -81,7 +85,7 @@ def test_error_replies_are_reported_as_failures_not_crashes():
     the round goes on with the other sites and the failure is recorded under the node id."""
     from flwr.app import ConfigRecord, MetricRecord
 
-    from magnet_core.wire import Layout
+    from magnet_core.protocol.wire import Layout
     from server.strategy import MagnetFedAvg, to_numpy, to_record
 
     strategy = MagnetFedAvg(FederatedConfig(min_sites=1), ["mRNA", "miRNA"], 2)
@@ -151,7 +155,7 @@ def test_collect_waits_for_enough_successful_replies_and_bounds_stragglers():
 
 
 def test_pooled_metrics_equal_pooled_predictions_and_differ_from_mean_of_site_mccs(ov_path):
-    from magnet_core.site import SiteRuntime
+    from magnet_core.model.site import SiteRuntime
 
     preset = get_preset("ov")
     _, sites = load_consortium(str(ov_path), "iid-3", 10)
@@ -200,12 +204,11 @@ def test_scenario_rules_and_errors(tmp_path, ov_path):
 
 def test_no_patient_level_data_in_replies(ov_path):
     """Every reply holds model arrays, counts and fixed-size summaries only."""
-    from flwr.app import Context, RecordDict
+    from flower_messages import model_records
+    from flwr.app import ConfigRecord, Context, RecordDict
 
     from client.app import app as client_app
     from server.loop import ModelSpec, initial_params
-    from flower_messages import model_records
-    from flwr.app import ConfigRecord
 
     cohort, sites = load_consortium(str(ov_path), "iid-2", 10)
     cfg = FederatedConfig(seed=10, data_path=str(ov_path), scenario="iid-2", local_epochs=1)
@@ -317,7 +320,7 @@ def test_differential_privacy_clips_and_adds_noise(ov_path, tmp_path, caplog):
     dp = hist[-1]["dp"]
     assert dp["clip_norm"] == 0.5 and dp["noise_multiplier"] == 1.0 and dp["sites_averaged"] == 2
     # two rounds of the Gaussian mechanism with multiplier 1 compose to mu-GDP with mu = sqrt(2)
-    from magnet_core.dp import exact_epsilon
+    from magnet_core.federation.dp import exact_epsilon
 
     assert dp["rounds"] == 2 and dp["epsilon"] == pytest.approx(exact_epsilon([1.0, 1.0], 1e-5))
     assert hist[0]["dp"]["epsilon"] < dp["epsilon"]  # spent privacy grows every round
@@ -330,8 +333,9 @@ def test_site_with_invalid_data_replies_a_clear_error(tmp_path, data_root):
     import pandas as pd
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from client.app import DATA_ERROR_CODE, app as client_app
-    from magnet_core.manifest import ConsortiumManifest, ModalitySpec
+    from client.app import DATA_ERROR_CODE
+    from client.app import app as client_app
+    from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
 
     root = data_root / "tcga-brca-mixomics"
     site = tmp_path / "site"
@@ -344,7 +348,7 @@ def test_site_with_invalid_data_replies_a_clear_error(tmp_path, data_root):
     path = manifest.save(tmp_path / "manifest.toml")
     ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(site), "manifest": str(path)},
                   state=RecordDict(), run_config={})
-    from magnet_core.contract import RoundConfig
+    from magnet_core.protocol.messages import RoundConfig
 
     config = RoundConfig(server_round=1, seed=1, preset="brca", local_epochs=1, histogram_bins=100)
     msg = _instruction(7, "train", {"config": ConfigRecord(config.encode())})
@@ -356,18 +360,16 @@ def test_site_with_invalid_data_replies_a_clear_error(tmp_path, data_root):
 def test_a_site_releases_no_statistic_of_fewer_than_k_patients(tmp_path):
     """The ClientApp's actual evaluation reply: a site whose test patients number fewer than k withholds every
     group; a larger site's released histogram bins each hold >= k patients."""
-    from flwr.app import ConfigRecord
+    from flower_messages import model_records
+    from flwr.app import ConfigRecord, Context, RecordDict
 
     from client.app import app as client_app
-    from magnet_core.contract import RoundConfig
-    from magnet_core.model import build_model
-    from flwr.app import Context, RecordDict
-
-    from flower_messages import model_records
+    from magnet_core.model.network import build_model
+    from magnet_core.protocol.messages import RoundConfig
 
     scenario = tmp_path / "tiny-site.toml"
     scenario.write_text('name = "tiny"\nnum_sites = 2\npartition = "size-skew"\nsizes = [0.04, 1.0]\n')
-    from magnet_core.consortium import load_consortium
+    from magnet_core.consortium.simulated import load_consortium
 
     cohort, sites = load_consortium("generated:200", str(scenario), 5)
     assert sites[0].split_indices("test").size < 5 <= sites[1].split_indices("test").size

@@ -6,12 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from magnet_core.data import load_magnet_split
-from magnet_core.graph import (
-    PatientGraph, build_patient_graph, dense_to_graph, masked_cosine_similarity, sparsify_quantile,
+from magnet_core.cohort.data import load_magnet_split
+from magnet_core.cohort.generated import make_generated_cohort
+from magnet_core.model.graph import (
+    PatientGraph,
+    build_patient_graph,
+    dense_to_graph,
+    masked_cosine_similarity,
+    sparsify_quantile,
 )
-from magnet_core.synthetic import make_generated_cohort
-from magnet_core.train import split_sets
+from magnet_core.model.train import split_sets
 
 
 def _silent(*_args) -> None:

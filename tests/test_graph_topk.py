@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from magnet_core.graph import build_patient_graph, masked_cosine_similarity
-from magnet_core.graph_topk import build_graph, build_graph_auto, build_topk_graph
-from magnet_core.synthetic import make_generated_cohort
+from magnet_core.cohort.generated import make_generated_cohort
+from magnet_core.model.graph import build_patient_graph, masked_cosine_similarity
+from magnet_core.model.graph_topk import build_graph, build_graph_auto, build_topk_graph
 
 
 def _cohort(n=120, seed=0):

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import magnet_core.loss as loss_module
-from magnet_core.graph import build_patient_graph
-from magnet_core.loss import magnet_loss, similarity_kl_loss
+import magnet_core.model.loss as loss_module
+from magnet_core.model.graph import build_patient_graph
+from magnet_core.model.loss import magnet_loss, similarity_kl_loss
 
 
 def dense_reference_kl(similarities: torch.Tensor, embeddings: torch.Tensor, edge_mask: torch.Tensor,

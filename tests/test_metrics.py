@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, matthews_corrcoef, roc_auc_score
 
-from magnet_core.metrics import (
-    RANKING_KEYS, auprc_bounds, classification_metrics, confusion_counts, empty_ranking, metrics_from_confusion,
-    metrics_with_groups, ranking_from_histogram, score_histogram, summarize,
+from magnet_core.model.metrics import (
+    RANKING_KEYS,
+    auprc_bounds,
+    classification_metrics,
+    confusion_counts,
+    empty_ranking,
+    metrics_from_confusion,
+    metrics_with_groups,
+    ranking_from_histogram,
+    score_histogram,
+    summarize,
 )
 
 

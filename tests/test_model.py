@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.nn.conv import MessagePassing
 
-from magnet_core.config import PRESETS, ModelConfig, get_preset
-from magnet_core.graph import build_patient_graph
-from magnet_core.loss import magnet_loss
-from magnet_core.model import MAGNET, EdgeSAGEConv, ModalityEncoder, PatientModalityAttention, build_model
-from magnet_core.train import make_optimizer
+from magnet_core.model.config import PRESETS, ModelConfig, get_preset
+from magnet_core.model.graph import build_patient_graph
+from magnet_core.model.loss import magnet_loss
+from magnet_core.model.network import MAGNET, EdgeSAGEConv, ModalityEncoder, PatientModalityAttention, build_model
+from magnet_core.model.train import make_optimizer
 
 ALL_PATTERNS = torch.tensor([p for p in itertools.product([0, 1], repeat=3) if any(p)], dtype=torch.bool)
 

@@ -15,12 +15,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from magnet_core.config import GraphConfig, ModelConfig
-from magnet_core.manifest import ConsortiumManifest, ModalitySpec
-from magnet_core.model import build_model
-from magnet_core.package import (
-    PackageError, canonical_json, fingerprint, manifest_differences, read_package, sign, verify, write_package,
+from magnet_core.artefacts.model_package import (
+    PackageError,
+    canonical_json,
+    fingerprint,
+    manifest_differences,
+    read_package,
+    sign,
+    verify,
+    write_package,
 )
+from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
+from magnet_core.model.config import GraphConfig, ModelConfig
+from magnet_core.model.network import build_model
 
 
 def _name(cn: str) -> x509.Name:
@@ -186,7 +193,7 @@ def test_canonical_json_is_key_order_independent():
 def test_a_federated_run_writes_a_signed_package_a_site_can_verify(tmp_path):
     """The ServerApp signs model.magnet with the coordinator's key (from `pki signing-key`); the package verifies
     against the consortium CA and carries the run's round, metrics and fingerprint."""
-    from magnet_core.package import read_package
+    from magnet_core.artefacts.model_package import read_package
     from server.config import FederatedConfig
     from server.pki import init_ca, issue_signing_key
     from simulations.engine import run_inprocess

@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from magnet_core.config import ModelConfig, TrainConfig
-from magnet_core.personalize import (
-    PARTS, part_prefixes, personalize, personalize_sites, split_for_personalization,
+from magnet_core.cohort.generated import make_generated_cohort
+from magnet_core.model.config import ModelConfig, TrainConfig
+from magnet_core.model.personalize import (
+    PARTS,
+    part_prefixes,
+    personalize,
+    personalize_sites,
+    split_for_personalization,
 )
-from magnet_core.site import SiteRuntime
-from magnet_core.synthetic import make_generated_cohort
-from magnet_core.train import train_epochs
+from magnet_core.model.site import SiteRuntime
+from magnet_core.model.train import train_epochs
 
 TINY = ModelConfig(hidden=16, heads=2, dropout=0.2)
 CFG = TrainConfig(lr=5e-3, epochs=5)

@@ -8,15 +8,14 @@ import ipaddress
 import re
 import stat
 import subprocess
-import tomllib
 
 import grpc
 import pytest
+import tomllib
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 # The exact functions Flower 1.41 uses to read these files:
 from flwr.cli.supernode.register import try_load_public_key  # `flwr supernode register PUBLIC_KEY`
@@ -24,10 +23,29 @@ from flwr.common.args import try_obtain_server_certificates  # flower-superlink 
 from flwr.supercore.grpc import create_channel, generic_create_grpc_server
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication  # --auth-supernode-private-key
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from server.pki import (
-    CA_CERT, CA_DIR, CA_KEY, REGISTRY, SERVER_CERT, SERVER_KEY, SIGNING_CERT, SIGNING_DIR, SIGNING_KEY, SITE_KEY,
-    SITE_PUB, SUPERLINK_DIR, SiteBundle, init_ca, issue_server_cert, issue_signing_key, make_site, make_site_key,
-    registered_sites, ssh_fingerprint,
+    CA_CERT,
+    CA_DIR,
+    CA_KEY,
+    REGISTRY,
+    SERVER_CERT,
+    SERVER_KEY,
+    SIGNING_CERT,
+    SIGNING_DIR,
+    SIGNING_KEY,
+    SITE_KEY,
+    SITE_PUB,
+    SUPERLINK_DIR,
+    SiteBundle,
+    init_ca,
+    issue_server_cert,
+    issue_signing_key,
+    make_site,
+    make_site_key,
+    registered_sites,
+    ssh_fingerprint,
 )
 
 PRIVATE_BLOCK = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")

@@ -14,9 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from magnet_core.site_validation import load_site_cohort, validate_site
-from magnet_core.data import DataError, load_cohort_dir
-from magnet_core.manifest import ConsortiumManifest, ModalitySpec
+from magnet_core.cohort.data import DataError, load_cohort_dir
+from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
+from magnet_core.cohort.validation import load_site_cohort, validate_site
 
 
 def _cli(*args):

@@ -8,14 +8,14 @@ import pytest
 import torch
 from test_package import make_pki
 
-from magnet_core.config import GraphConfig, ModelConfig, TrainConfig
-from magnet_core.data import load_magnet_split
-from magnet_core.graph import build_patient_graph, masked_cosine_similarity
-from magnet_core.inductive import AttachRule, Reference, attach_new_patients, masked_cosine_cross, predict_new
-from magnet_core.manifest import ModalitySpec
-from magnet_core.model import build_model
-from magnet_core.package import manifest_from_cohort, write_package
-from magnet_core.train import PatientSet, predict_proba, split_sets, train_epochs
+from magnet_core.artefacts.model_package import manifest_from_cohort, write_package
+from magnet_core.cohort.data import load_magnet_split
+from magnet_core.cohort.manifest import ModalitySpec
+from magnet_core.model.config import GraphConfig, ModelConfig, TrainConfig
+from magnet_core.model.graph import build_patient_graph, masked_cosine_similarity
+from magnet_core.model.inductive import AttachRule, Reference, attach_new_patients, masked_cosine_cross, predict_new
+from magnet_core.model.network import build_model
+from magnet_core.model.train import PatientSet, predict_proba, split_sets, train_epochs
 
 TINY = ModelConfig(hidden=16, heads=2, dropout=0.2)
 
@@ -206,7 +206,7 @@ def test_predict_cli_reads_a_prepared_site_folder(tmp_path, capsys):
     assert used["P035"] == "miRNA"  # every fifth patient has no mRNA
     assert used["P031"] == ("mRNA+miRNA" if has_mirna[31] else "mRNA")
     # the reference is the site's training patients, attached with the same rule as in memory
-    from magnet_core.site_validation import load_site_cohort
+    from magnet_core.cohort.validation import load_site_cohort
 
     cohort = load_site_cohort(site, manifest, seed=10)
     ref = cohort.subset(cohort.split_indices("train", "val"))

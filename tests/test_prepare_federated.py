@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from magnet_core.site_validation import load_site_cohort, validate_site
-from magnet_core.data import DataError
-from magnet_core.manifest import ConsortiumManifest
-from magnet_core.preprocess import STAT_FIELDS, PrepareConfig, load_raw_site_dir, prepare_pooled_decisions
+from magnet_core.cohort.data import DataError
+from magnet_core.cohort.manifest import ConsortiumManifest
+from magnet_core.cohort.preprocess import STAT_FIELDS, PrepareConfig, load_raw_site_dir, prepare_pooled_decisions
+from magnet_core.cohort.validation import load_site_cohort, validate_site
 from simulations.engine import InProcessGrid
 from simulations.prepare_federated import make_run, run_flower, run_inprocess, site_specs, write_simulated_sites
 
@@ -66,7 +66,7 @@ def test_protocol_sends_only_statistics_and_matches_the_pooled_decisions(mixomic
             assert field not in ("minimum", "maximum")  # single patients' values: never released
     # the server's decision is the one made from all sites' k-released statistics in one process, and selects the
     # very features the pooled training patients select (scaling uses the declared ranges instead of min / max)
-    from magnet_core.privacy import release_site_stats
+    from magnet_core.federation.privacy import release_site_stats
     from server.prepare_app import decide
 
     sites = [load_raw_site_dir(d, cfg, **QUIET) for d in mixomics_sites]
@@ -290,9 +290,10 @@ def test_a_class_with_one_training_patient_never_leaves_the_site_clear_or_secure
 
 def test_secure_preparation_equals_the_clear_one_and_the_coordinator_never_holds_a_site_vector(
         mixomics_sites, tmp_path, monkeypatch):
-    import client.prepare_app as site_side
-    import magnet_core.secagg as secagg
     from reachable import reachable_arrays
+
+    import client.prepare_app as site_side
+    import magnet_core.federation.secagg as secagg
 
     vectors, servers = [], []
     start = site_side.start_secure_sum

@@ -9,13 +9,30 @@ import pandas as pd
 import pytest
 from sklearn.feature_selection import SelectKBest, f_classif
 
-from magnet_core.data import DataError, load_cohort_dir, stratified_split
-from magnet_core.manifest import ConsortiumManifest
-from magnet_core.preprocess import (
-    STAT_FIELDS, FeatureStats, ModalityPrep, PrepareConfig, anova_f, apply_manifest, apply_preparation,
-    assemble_site, combine_sites, combine_stats, compute_stats, derive_preparation, imputed_class_sums,
-    load_raw_site_dir, prepare_pooled_decisions, read_raw_matrix, read_site_labels, read_split_file, select_top_k,
-    site_statistics, write_prepared_site,
+from magnet_core.cohort.data import DataError, load_cohort_dir, stratified_split
+from magnet_core.cohort.manifest import ConsortiumManifest
+from magnet_core.cohort.preprocess import (
+    STAT_FIELDS,
+    FeatureStats,
+    ModalityPrep,
+    PrepareConfig,
+    anova_f,
+    apply_manifest,
+    apply_preparation,
+    assemble_site,
+    combine_sites,
+    combine_stats,
+    compute_stats,
+    derive_preparation,
+    imputed_class_sums,
+    load_raw_site_dir,
+    prepare_pooled_decisions,
+    read_raw_matrix,
+    read_site_labels,
+    read_split_file,
+    select_top_k,
+    site_statistics,
+    write_prepared_site,
 )
 from simulations.prepare_federated import compare_with_pooled, write_simulated_sites
 

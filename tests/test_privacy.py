@@ -7,13 +7,20 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from magnet_core.aggregate import EvalCounts
-from magnet_core.metrics import confusion_counts, ranking_from_histogram, score_histogram
-from magnet_core.preprocess import compute_stats, derive_preparation, PrepareConfig
-from magnet_core.privacy import (
-    EvalRelease, ReleasedHistogram, auroc_bounds, check_eval_release, coarsen_histogram, merge_bins, pool_releases,
-    protected_ranges, release_eval, release_feature_stats,
+from magnet_core.cohort.preprocess import PrepareConfig, compute_stats, derive_preparation
+from magnet_core.federation.privacy import (
+    EvalRelease,
+    ReleasedHistogram,
+    auroc_bounds,
+    check_eval_release,
+    coarsen_histogram,
+    merge_bins,
+    pool_releases,
+    protected_ranges,
+    release_eval,
+    release_feature_stats,
 )
+from magnet_core.model.metrics import EvalCounts, confusion_counts, ranking_from_histogram, score_histogram
 
 K = 5
 
@@ -164,8 +171,8 @@ def test_protected_ranges_keep_decisions_computable_and_drop_constant_features()
 
 
 def test_federated_ranges_need_a_declared_range_unless_one_party_holds_the_data():
-    from magnet_core.data import DataError
-    from magnet_core.privacy import federated_ranges
+    from magnet_core.cohort.data import DataError
+    from magnet_core.federation.privacy import federated_ranges
 
     stats, _, _ = _stats()
     with pytest.raises(DataError, match=r"declared value range for modality \['x'\].*not released"):
@@ -181,7 +188,7 @@ def test_federated_ranges_need_a_declared_range_unless_one_party_holds_the_data(
 
 
 def test_a_site_summary_releases_no_count_below_k():
-    from magnet_core.privacy import release_summary
+    from magnet_core.federation.privacy import release_summary
 
     summary = {"site": "s", "patients": 40, "training_patients": 30, "test_patients": 4, "classes": [30, 1, 0, 9],
                "modalities": {"mRNA": {"patients": 40, "features": 100, "training_patients": 30},

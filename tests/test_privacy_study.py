@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from magnet_core.dp import exact_epsilon
+from magnet_core.federation.dp import exact_epsilon
 from simulations.privacy_study import main, mode_of
 
 MODES = "plain,secagg,dp-secagg-z1"

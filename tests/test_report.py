@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from magnet_core.report import (
-    RunRecords, render_report, summarize_counts, suppress_partition, write_report,
+from magnet_core.artefacts.report import (
+    RunRecords,
+    render_report,
+    summarize_counts,
+    suppress_partition,
+    write_report,
 )
 
 SECTIONS = ("configuration", "rounds", "sites", "privacy", "model")
@@ -115,9 +119,9 @@ def test_model_package_and_signature_are_shown_when_written(attacked_run, tmp_pa
 
     import torch
 
-    from magnet_core.config import get_preset
-    from magnet_core.consortium import load_consortium
-    from magnet_core.package import manifest_from_cohort, write_package
+    from magnet_core.artefacts.model_package import manifest_from_cohort, write_package
+    from magnet_core.consortium.simulated import load_consortium
+    from magnet_core.model.config import get_preset
 
     run = tmp_path / "run"
     shutil.copytree(attacked_run, run, ignore=shutil.ignore_patterns("sites", "*.html"))
@@ -150,7 +154,7 @@ def test_small_counts_are_withheld_including_by_subtraction():
                  "global": {"mcc": 0.5, "auroc": 0.8, "auroc_low": 0.79, "auroc_high": 0.81},
                  "site_data": {"a": {"patients": 40, "classes": {"class 0": 37, "class 1": 3}}},
                  "sites": {"a": {"num": 4, "mcc": 0.25}}}]})
-    from magnet_core.report import _reported_site_data
+    from magnet_core.artefacts.report import _reported_site_data
 
     records.site_data = {k: summarize_counts(v, 5) for k, v in _reported_site_data(records.histories).items()}
     html = render_report(records)

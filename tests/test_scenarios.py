@@ -7,10 +7,17 @@ import dataclasses
 import numpy as np
 import pytest
 
-from magnet_core.data import DataError, load_for_seed
-from magnet_core.scenarios import (MissingByLabel, MissingByValue, Scenario, apply_missingness, build_consortium,
-                                   builtin_scenarios, load_scenario)
-from magnet_core.synthetic import make_generated_cohort
+from magnet_core.cohort.data import DataError, load_for_seed
+from magnet_core.cohort.generated import make_generated_cohort
+from magnet_core.consortium.scenarios import (
+    MissingByLabel,
+    MissingByValue,
+    Scenario,
+    apply_missingness,
+    build_consortium,
+    builtin_scenarios,
+    load_scenario,
+)
 from simulations.study import load_study
 
 

@@ -3,19 +3,34 @@ unmasked individual vector, dropouts are recovered up to the threshold, and secu
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-
-from magnet_core.aggregate import SiteUpdate, aggregate_updates
-from magnet_core.config import ModelConfig
-from magnet_core.model import build_model
-from magnet_core.secagg import (
-    DEFAULT_FRAC_BITS, KeyAdvert, KeyBook, MaskedInput, SecAggError, SecAggServer, SecAggSetup, SecAggSite, ShareBundle,
-    ShareInbox, StatsLayout, UnmaskRequest, UnmaskShares, UpdateLayout, decode_fixed, encode_fixed, run_local,
-    shamir_combine, shamir_split,
-)
 from reachable import reachable_arrays as _arrays
+
+from magnet_core.federation.aggregate import SiteUpdate, aggregate_updates
+from magnet_core.federation.secagg import (
+    DEFAULT_FRAC_BITS,
+    KeyAdvert,
+    KeyBook,
+    MaskedInput,
+    SecAggError,
+    SecAggServer,
+    SecAggSetup,
+    SecAggSite,
+    ShareBundle,
+    ShareInbox,
+    StatsLayout,
+    UnmaskRequest,
+    UnmaskShares,
+    UpdateLayout,
+    decode_fixed,
+    encode_fixed,
+    run_local,
+    shamir_combine,
+    shamir_split,
+)
+from magnet_core.model.config import ModelConfig
+from magnet_core.model.network import build_model
 
 # Fixed-point tolerance (frac_bits = 32): each site's value is rounded to 2^-33, so a sum over n sites is off by at
 # most n * 2^-33 per coordinate; divided by the summed weight (>= 1) and cast to float32 the aggregate equals the
@@ -106,7 +121,7 @@ def test_secure_sum_equals_plain_modality_aware_aggregate(modality_aware):
 
 
 def test_ov_sized_model_secure_aggregate_with_a_dropout_equals_plain():
-    from magnet_core.config import get_preset
+    from magnet_core.model.config import get_preset
 
     model = build_model({"mRNA": 1000, "miRNA": 448}, 2, get_preset("ov").model, 0)
     glob = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
@@ -218,9 +233,14 @@ def test_sites_refuse_inconsistent_or_tampered_messages():
 
 @pytest.mark.parametrize("lacking", [None, (1, "mRNA", 5)], ids=["same-features", "site1-lacks-5-mRNA"])
 def test_secure_preprocessing_statistics_select_the_pooled_features(data_root, tmp_path, lacking):
-    from magnet_core.preprocess import PrepareConfig, combine_sites, derive_all, load_raw_site_dir, \
-        prepare_pooled_decisions
-    from magnet_core.privacy import protected_ranges, release_site_stats
+    from magnet_core.cohort.preprocess import (
+        PrepareConfig,
+        combine_sites,
+        derive_all,
+        load_raw_site_dir,
+        prepare_pooled_decisions,
+    )
+    from magnet_core.federation.privacy import protected_ranges, release_site_stats
     from simulations.prepare_federated import write_simulated_sites
 
     dirs = write_simulated_sites(data_root / "tcga-brca-mixomics", tmp_path, 3, missing_cells=0.01, lacking=lacking)

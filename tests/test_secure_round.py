@@ -8,15 +8,15 @@ import uuid
 import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
-
-from magnet_core.aggregate import SiteUpdate, aggregate_updates
-from magnet_core.contract import round_of
-from magnet_core.secagg import DEFAULT_FRAC_BITS, SecAggServer, decode_fixed, encode_fixed
-from server.config import FederatedConfig
-from simulations.engine import InProcessGrid
 from reachable import reachable_arrays as _arrays
 
-# fixed point (magnet_core/secagg.py): the sum is off by <= 3 * 2^-33 per coordinate before division by a weight
+from magnet_core.federation.aggregate import SiteUpdate, aggregate_updates
+from magnet_core.federation.secagg import DEFAULT_FRAC_BITS, SecAggServer, decode_fixed, encode_fixed
+from magnet_core.protocol.messages import round_of
+from server.config import FederatedConfig
+from simulations.engine import InProcessGrid
+
+# fixed point (magnet_core/federation/secagg.py): the sum is off by <= 3 * 2^-33 per coordinate before division by a weight
 # >= 1; both paths then cast to float32, so they agree to one float32 rounding step
 RTOL, ATOL = 2.0**-22, 1e-6
 
@@ -181,7 +181,7 @@ def test_dropouts_are_recovered_or_excluded_and_too_many_fail_the_round(tmp_path
 
 def test_summed_counts_beyond_the_enrolment_reject_the_round(tmp_path, monkeypatch):
     """The coordinator cannot check one site's counts, but checks their sum against the sites' enrolment."""
-    import magnet_core.consortium as consortium
+    import magnet_core.consortium.simulated as consortium
 
     real = consortium.enrolment_of
 
@@ -227,8 +227,8 @@ def test_dp_under_secure_aggregation_noise_at_the_sites_accounted_by_pieces(tmp_
     """secagg + DP: each site clips and adds its noise piece before masking; the coordinator decodes the noisy sum
     (never a noise-free one, never one site's vector), accounts the pieces in the sum; a site dropping before
     masking leaves an aggregated round with fewer pieces and a smaller effective multiplier."""
-    from magnet_core.dp import exact_epsilon
-    from magnet_core.secagg import UpdateLayout
+    from magnet_core.federation.dp import exact_epsilon
+    from magnet_core.federation.secagg import UpdateLayout
 
     z, clip = 1.0, 0.1
     rec = _DPRecorder(monkeypatch)
@@ -276,7 +276,7 @@ def test_dp_under_secure_aggregation_noise_at_the_sites_accounted_by_pieces(tmp_
         for snap in rec.snapshots[(r - 1) * 3: (r - 1) * 3 + pieces[r - 1]]:
             assert not _leaks(snap, individual)
     # seeded noise (dp-noise-seed): the same pieces again for the same seed, round and site
-    from magnet_core.dp import site_noise_rng
+    from magnet_core.federation.dp import site_noise_rng
 
     assert np.array_equal(site_noise_rng(7, 1, 1).normal(size=5), site_noise_rng(7, 1, 1).normal(size=5))
     assert not np.array_equal(site_noise_rng(7, 1, 1).normal(size=5), site_noise_rng(7, 1, 2).normal(size=5))

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from magnet_core.site_validation import load_site_cohort, validate_site
-from magnet_core.data import DataError
-from magnet_core.manifest import ConsortiumManifest, ModalitySpec
+from magnet_core.cohort.data import DataError
+from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
+from magnet_core.cohort.validation import load_site_cohort, validate_site
 
 CLASSES = ["Basal", "Her2", "LumA"]
 FEATURES = {"mRNA": ["ESR1", "ERBB2", "KRT5", "FOXA1"], "miRNA": ["mir-21", "mir-155", "mir-200a"]}

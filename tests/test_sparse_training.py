@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import magnet_core.train as train_module
-from magnet_core.config import ModelConfig, TrainConfig
-from magnet_core.graph_topk import NeighbourSampler, build_graph, build_topk_graph
-from magnet_core.loss import edge_squared_distances, similarity_kl_loss
-from magnet_core.model import build_model
-from magnet_core.synthetic import make_generated_cohort
-from magnet_core.train import PatientSet, forward, resolve_batching, split_sets, train_epochs
+import magnet_core.model.train as train_module
+from magnet_core.cohort.generated import make_generated_cohort
+from magnet_core.model.config import ModelConfig, TrainConfig
+from magnet_core.model.graph_topk import NeighbourSampler, build_graph, build_topk_graph
+from magnet_core.model.loss import edge_squared_distances, similarity_kl_loss
+from magnet_core.model.network import build_model
+from magnet_core.model.train import PatientSet, forward, resolve_batching, split_sets, train_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = {"a": 12, "b": 9, "c": 5}
@@ -137,10 +137,10 @@ def test_auto_batching_switches_to_neighbour_sampling_over_the_memory_budget():
 
 SPARSE_ONLY = """
 import json, resource, torch
-from magnet_core.synthetic import make_generated_cohort
-from magnet_core.train import PatientSet, train_epochs, predict_proba
-from magnet_core.model import build_model
-from magnet_core.config import ModelConfig, TrainConfig
+from magnet_core.cohort.generated import make_generated_cohort
+from magnet_core.model.train import PatientSet, train_epochs, predict_proba
+from magnet_core.model.network import build_model
+from magnet_core.model.config import ModelConfig, TrainConfig
 n = 30000
 c = make_generated_cohort(n=n, dims={"a": 6, "b": 4, "c": 5}, seed=0)
 def vm():

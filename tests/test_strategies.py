@@ -9,15 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from magnet_core.aggregate import ServerOptState, SiteUpdate, server_opt_step, trained_arrays
-from magnet_core.config import get_preset
-from magnet_core.consortium import load_consortium
-from magnet_core.contract import ContractError, RoundConfig
-from magnet_core.site import SiteRuntime
-from server.config import FederatedConfig, RunConfigError
 from flower_messages import instruction, reply
 
+from magnet_core.consortium.simulated import load_consortium
+from magnet_core.federation.aggregate import ServerOptState, SiteUpdate, server_opt_step, trained_arrays
+from magnet_core.model.config import get_preset
+from magnet_core.model.site import SiteRuntime
+from magnet_core.protocol.messages import ContractError, RoundConfig
+from server.config import FederatedConfig, RunConfigError
 
 # ------------------------------------------------------------------------------------------------- FedProx
 
@@ -143,7 +142,7 @@ def test_config_round_trip_and_bad_values_are_refused():
 
 
 def test_set_overrides_are_checked_and_name_the_key():
-    from simulations.simulate import parse_overrides, key_value
+    from simulations.simulate import key_value, parse_overrides
 
     assert parse_overrides([key_value("dp-clip-norm=1"), key_value("dp-noise-multiplier=0.8")], ["federated"]) == \
         {"dp_clip_norm": 1, "dp_noise_multiplier": 0.8}
@@ -166,8 +165,8 @@ def test_set_overrides_are_checked_and_name_the_key():
 def test_simulate_fedprox_and_fedadam_end_to_end(tmp_path):
     """Both methods run through the ClientApp/ServerApp on the generated cohort; nobody holds DNA, so FedAdam's
     DNA encoder is exactly the initial one after two rounds while the rest moved; --set is recorded."""
-    from magnet_core.model import build_model
-    from magnet_core.train import in_dims_of
+    from magnet_core.model.network import build_model
+    from magnet_core.model.train import in_dims_of
     from simulations.cli import main
 
     scenario = tmp_path / "no-dna.toml"

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from magnet_core.data import DataError
+from magnet_core.cohort.data import DataError
 from simulations import statistics as st
 from simulations.cli import main
 from simulations.simulate import METHODS
@@ -104,7 +104,7 @@ def test_new_methods_join_comparisons_report_and_figure(tmp_path):
             ("federated", "fedavg_plain")} <= set(pairs)
     assert ("fedavg_plain", "fedavg_plain") not in pairs
     assert all(a not in ("centralized", "local_only") for a, _ in pairs)
-    study = load_study_text(tmp_path, STUDY.replace('x_label = "sites"', f'x_label = "sites"\ntarget_gap = 0.03'))
+    study = load_study_text(tmp_path, STUDY.replace('x_label = "sites"', 'x_label = "sites"\ntarget_gap = 0.03'))
     study = study.model_copy(update={"methods": methods})
     rng = np.random.default_rng(0)
     rows = [{"study": "tiny", "cell": c.id, "group": c.group, "x": c.x, "dataset": "d", "method": m, "seed": s,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from magnet_core import threads
+from magnet_core.model import threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ REPORT = ("import json, os, torch; print(json.dumps({'policy': p.model_dump(), '
 
 
 def test_policy_before_torch_sets_threads_from_cores_and_workers_and_passive_wait():
-    out = _run("import sys\nfrom magnet_core.threads import apply_thread_policy\nassert 'torch' not in sys.modules\n"
+    out = _run("import sys\nfrom magnet_core.model.threads import apply_thread_policy\nassert 'torch' not in sys.modules\n"
                "p = apply_thread_policy(workers=2, cores=4)\n" + REPORT)
     assert out["policy"]["threads"] == 2 == out["torch"]  # 4 cores / 2 workers
     assert out["interop"] == 1 and out["policy"]["interop_threads"] == 1
@@ -38,18 +38,18 @@ def test_policy_before_torch_sets_threads_from_cores_and_workers_and_passive_wai
 
 
 def test_env_override_and_launcher_budget():
-    forced = _run("from magnet_core.threads import apply_thread_policy\np = apply_thread_policy(workers=4)\n" + REPORT,
+    forced = _run("from magnet_core.model.threads import apply_thread_policy\np = apply_thread_policy(workers=4)\n" + REPORT,
                   MAGNET_FL_THREADS="3")
     assert forced["torch"] == 3 and forced["policy"]["source"] == "MAGNET_FL_THREADS"
     # a launcher's OMP_NUM_THREADS (Ray sets it per actor from num_cpus) caps the cores
-    ray_like = _run("from magnet_core.threads import apply_thread_policy\np = apply_thread_policy()\n" + REPORT,
+    ray_like = _run("from magnet_core.model.threads import apply_thread_policy\np = apply_thread_policy()\n" + REPORT,
                     OMP_NUM_THREADS="1")
     assert ray_like["policy"]["cores"] == 1 and ray_like["torch"] == 1
 
 
 def test_late_call_after_openmp_started_falls_back_to_one_thread():
     out = _run("import torch\ntorch.set_num_threads(2)\ntorch.ones(300, 300) @ torch.ones(300, 300)\n"
-               "from magnet_core.threads import apply_thread_policy\np = apply_thread_policy(cores=2)\n" + REPORT)
+               "from magnet_core.model.threads import apply_thread_policy\np = apply_thread_policy(cores=2)\n" + REPORT)
     assert out["policy"]["wait_policy_effective"] is False
     assert out["torch"] == 1 and "one thread" in out["policy"]["note"]
 

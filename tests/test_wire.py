@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flower_messages import instruction, model_records, reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from flower_messages import instruction, model_records, reply
-from magnet_core.contract import ContractError
-from magnet_core.wire import MODEL_KEY, Layout, pack, unpack
+from magnet_core.protocol.messages import ContractError
+from magnet_core.protocol.wire import MODEL_KEY, Layout, pack, unpack
 from server.config import FederatedConfig
 
 
@@ -100,10 +100,10 @@ def test_the_coordinator_splits_a_flat_reply_with_its_own_layout_and_rejects_bad
 
 def _site(tmp_path):
     """A simulated site (generated cohort) and the model the coordinator would send it."""
-    from magnet_core.config import get_preset
-    from magnet_core.consortium import load_consortium
-    from magnet_core.contract import RoundConfig
-    from magnet_core.model import build_model
+    from magnet_core.consortium.simulated import load_consortium
+    from magnet_core.model.config import get_preset
+    from magnet_core.model.network import build_model
+    from magnet_core.protocol.messages import RoundConfig
 
     scenario = tmp_path / "two.toml"
     scenario.write_text('name = "two"\nnum_sites = 2\npartition = "iid"\n')

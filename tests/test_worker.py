@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from flower_messages import instruction, model_of, model_records
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from client.app import app as client_app
 from client.worker_link import MAGIC, WORKER_ERROR_CODE, WorkerFailure, ping, wait_ready
-from flower_messages import instruction, model_of, model_records
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ("mRNA", "miRNA", "protein")
@@ -34,7 +34,7 @@ MODALITIES = ("mRNA", "miRNA", "protein")
 
 def _site(data_root: Path, folder: Path) -> tuple[Path, Path]:
     """One site: 90 patients of tcga-brca-mixomics, the first 40 features of each modality, and its manifest."""
-    from magnet_core.manifest import ConsortiumManifest, ModalitySpec
+    from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
 
     root = data_root / "tcga-brca-mixomics"
     labels = pd.read_csv(root / "labels.csv", index_col=0)
@@ -95,9 +95,9 @@ def worker(data_root, tmp_path_factory):
 
 
 def _message(kind: str, server_round: int = 1, clipping_norm: float | None = None):
-    from magnet_core.config import get_preset
-    from magnet_core.contract import RoundConfig
-    from magnet_core.model import MAGNET
+    from magnet_core.model.config import get_preset
+    from magnet_core.model.network import MAGNET
+    from magnet_core.protocol.messages import RoundConfig
 
     torch.manual_seed(0)
     model = MAGNET({m: 40 for m in MODALITIES}, 3, get_preset("brca").model)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import DataError
+from magnet_core.cohort.errors import DataError
 
 DEFAULT_MIN_COUNT = 5  # the consortium's minimum number of patients behind anything a site releases
 MIN_COUNT_FLOOR = 3  # a manifest may not set k below this

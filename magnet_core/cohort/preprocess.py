@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from . import tables
-from .data import SPLITS, Cohort, DataError, stratified_split
-from .manifest import DEFAULT_MAX_ABSENT_FEATURES, DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
-from .tables import Orientation
+from magnet_core.cohort import tables
+from magnet_core.cohort.data import SPLITS, Cohort, DataError, stratified_split
+from magnet_core.cohort.manifest import DEFAULT_MAX_ABSENT_FEATURES, DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
+from magnet_core.cohort.tables import Orientation
+
 RAW_SUFFIXES = (".csv", ".tsv", ".txt")
 STAT_FIELDS = ("n_per_class", "count", "total", "total_sq", "minimum", "maximum")
 
@@ -49,7 +50,7 @@ class PrepareConfig(BaseModel):
     label_column: str | None = Field(None, description="label column ('Class', else the first column)")
     class_names: list[str] | None = Field(None, description="class names; text labels are mapped to their index")
     clip: bool = Field(False, description="clip scaled values of non-training patients to [0, 1]")
-    # federated preparation (magnet_core/privacy.py): what a site may release
+    # federated preparation (magnet_core/federation/privacy.py): what a site may release
     min_count: int = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,
                            description="k: a site releases statistics only of classes and (class, feature) cells "
                                        "with >= k training patients; written into the manifest")
@@ -83,7 +84,7 @@ class PrepareConfig(BaseModel):
 
 
 def read_raw_table(path: str | Path) -> pd.DataFrame:
-    """A table as written, through the one reader (:func:`magnet_core.tables.read_table`): first column = row
+    """A table as written, through the one reader (:func:`magnet_core.cohort.tables.read_table`): first column = row
     ids, first line = column names (duplicates kept so they can be reported), cells parsed as numbers where
     possible."""
     return tables.read_table(path)
@@ -585,7 +586,7 @@ def build_manifest(preps: dict[str, ModalityPrep], classes: list[str], missing_f
                    **fields):
     """The consortium manifest (features in order + imputation + scaling) that site validation and training use;
     ``fields``: further manifest fields (e.g. ``max_absent_features``)."""
-    from .manifest import ConsortiumManifest, ModalitySpec
+    from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
 
     return ConsortiumManifest(
         name=name, classes=classes, missing_feature=missing_feature, **fields,

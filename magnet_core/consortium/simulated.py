@@ -7,11 +7,10 @@ from typing import Sequence
 
 import numpy as np
 
-from magnet_core.contract import Enrolment, SiteFacts
-from magnet_core.data import Cohort, load_for_seed
-from magnet_core.synthetic import make_generated_cohort
-
-from .scenarios import build_consortium, load_scenario
+from magnet_core.cohort.data import Cohort, load_for_seed
+from magnet_core.cohort.generated import make_generated_cohort
+from magnet_core.consortium.scenarios import build_consortium, load_scenario
+from magnet_core.protocol.messages import Enrolment, SiteFacts
 
 
 @functools.lru_cache(maxsize=8)

@@ -11,7 +11,7 @@ from torch_geometric.nn import Linear
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.inits import glorot
 
-from .config import ModelConfig
+from magnet_core.model.config import ModelConfig
 
 
 def _linear(i: int, o: int, bias: bool = True) -> Linear:

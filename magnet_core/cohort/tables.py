@@ -3,7 +3,7 @@
 # Layers: read_text (bytes -> checked text: gzip integrity, UTF-8) -> read_table (text -> ids x columns as written,
 # ragged rows refused) -> cell_problems / numeric_values (cells -> float64; text, infinities, missing cells and
 # values beyond float32 named by line and column) -> orientation (which axis holds the sample ids).
-# magnet_core.data (cohorts), magnet_core.preprocess (raw site matrices) and magnet_core.site_validation (a site
+# magnet_core.cohort.data (cohorts), magnet_core.cohort.preprocess (raw site matrices) and magnet_core.cohort.validation (a site
 # against the manifest) all read through these functions.
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Iterable, Literal
 import numpy as np
 import pandas as pd
 
-from .errors import DataError  # noqa: F401  (defined without pandas, so light modules need not load it)
+from magnet_core.cohort.errors import DataError  # noqa: F401  (defined without pandas, so light modules need not load it)
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 GZIP_MAGIC = b"\x1f\x8b"

@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import brentq, minimize_scalar
 from scipy.special import log_ndtr
 
-from .secagg import UpdateLayout
+from magnet_core.federation.secagg import UpdateLayout
 
 Params = dict[str, np.ndarray]
 

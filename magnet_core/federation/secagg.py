@@ -46,8 +46,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .model import MAGNET
-from .preprocess import FeatureStats
+from magnet_core.cohort.preprocess import FeatureStats
+from magnet_core.model.network import MAGNET
 
 DEFAULT_FRAC_BITS = 32
 PRIME = 2**521 - 1  # Mersenne prime: the Shamir field holds a 256-bit secret directly
@@ -709,7 +709,7 @@ class StatsLayout:
 
     def decode(self, total: np.ndarray) -> dict[str, FeatureStats]:
         """Summed statistics; minimum / maximum are not part of a secure sum and come back as
-        placeholders (+inf / -inf, "never observed"; see ``magnet_core.privacy.protected_ranges``)."""
+        placeholders (+inf / -inf, "never observed"; see ``magnet_core.federation.privacy.protected_ranges``)."""
         total = np.asarray(total, dtype=np.float64)
         out, pos, c = {}, 0, self.num_classes
         for m, feats in self.features.items():

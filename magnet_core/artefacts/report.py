@@ -16,9 +16,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .data import Cohort, DataError
-from .manifest import DEFAULT_MIN_COUNT
-from .synthetic import GENERATED_NOTICE
+from magnet_core.cohort.data import Cohort, DataError
+from magnet_core.cohort.generated import GENERATED_NOTICE
+from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT
 
 REPORT_FILE = "report.html"
 SITE_LOG_FILE = "site_log.jsonl"
@@ -243,7 +243,7 @@ def _min_count(run_config: Mapping[str, Any], histories: Mapping[str, list[dict]
             return int(run_config[key]), "run configuration"
     manifest = run_config.get("manifest")
     if manifest:
-        from .manifest import ConsortiumManifest
+        from magnet_core.cohort.manifest import ConsortiumManifest
 
         try:
             return ConsortiumManifest.load(str(manifest)).min_count, f"manifest {manifest}"
@@ -264,7 +264,7 @@ def _reported_site_data(histories: Mapping[str, list[dict]]) -> dict[str, dict]:
 
 def rebuild_site_data(run_config: Mapping[str, Any], k: int) -> tuple[dict[str, dict] | None, str]:
     """A simulated consortium's sites rebuilt from the run configuration (same data, scenario and seed)."""
-    from .consortium import load_consortium
+    from magnet_core.consortium.simulated import load_consortium
 
     get = lambda key, default="": run_config.get(key, run_config.get(key.replace("_", "-"), default))  # noqa: E731
     seed = int(get("seed", 0))
@@ -743,7 +743,7 @@ def figure_traffic(entries: list[dict]) -> str | None:
 def _env():
     from jinja2 import DictLoader, Environment, StrictUndefined, select_autoescape
 
-    from .report_templates import TEMPLATES
+    from magnet_core.artefacts.report_templates import TEMPLATES
 
     env = Environment(loader=DictLoader(TEMPLATES), autoescape=select_autoescape(default=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)

@@ -42,49 +42,15 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .aggregate import EvalCounts
-from .metrics import metrics_from_confusion
-from .preprocess import FeatureStats
+from magnet_core.cohort.preprocess import FeatureStats
+from magnet_core.model.metrics import EvalCounts, metrics_from_confusion
+from magnet_core.protocol.release import EvalRelease, ReleasedHistogram
 
 DEFAULT_MAX_BINS = 20
 SUBGROUPS: dict[str, tuple[str, ...]] = {"all": ("paired", "unpaired")}
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-
-
-@dataclasses.dataclass(frozen=True)
-class ReleasedHistogram:
-    """Score histogram with merged bins: ``edges`` (B + 1,) in [0, 1], ``counts`` (2, B) negatives / positives."""
-
-    edges: np.ndarray
-    counts: np.ndarray
-
-
-@dataclasses.dataclass
-class EvalRelease:
-    """What a site sends about its evaluation: released groups only, and why the others were withheld."""
-
-    site: str
-    k: int
-    confusion: dict[str, np.ndarray]
-    histogram: dict[str, ReleasedHistogram]
-    withheld: dict[str, str]
-
-    def to_dict(self) -> dict:
-        """JSON-able form (lists of ints / floats), e.g. for a ConfigRecord entry or a report."""
-        return {"site": self.site, "k": self.k, "withheld": dict(self.withheld),
-                "confusion": {g: np.asarray(cm).astype(int).tolist() for g, cm in self.confusion.items()},
-                "histogram": {g: {"edges": h.edges.tolist(), "counts": np.asarray(h.counts).astype(int).tolist()}
-                              for g, h in self.histogram.items()}}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "EvalRelease":
-        return cls(str(d["site"]), int(d["k"]),
-                   {g: np.asarray(cm, dtype=np.int64) for g, cm in d["confusion"].items()},
-                   {g: ReleasedHistogram(np.asarray(h["edges"], dtype=np.float64),
-                                         np.asarray(h["counts"], dtype=np.int64)) for g, h in d["histogram"].items()},
-                   {str(g): str(r) for g, r in d["withheld"].items()})
 
 
 def coarsen_histogram(hist: np.ndarray, max_bins: int) -> np.ndarray:
@@ -295,7 +261,7 @@ def federated_ranges(combined: Mapping[str, FeatureStats], value_ranges: Mapping
     """:func:`protected_ranges` for every modality with the consortium's declared range (``PrepareConfig.
     value_ranges``); a modality without one keeps the observed minima / maxima when ``observed`` (only for a
     preparation where one party holds every site's data) and is refused otherwise."""
-    from .data import DataError
+    from magnet_core.cohort.data import DataError
 
     missing = [m for m in combined if m not in value_ranges and not observed]
     if missing:

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .contract import ContractError
+from magnet_core.protocol.messages import ContractError
 
 MODEL_KEY = "model"  # the one array of a model ArrayRecord (server -> site and site -> server)
 LAYOUT_KEY = "layout"  # the ConfigRecord naming the flat array's layout (server -> site)

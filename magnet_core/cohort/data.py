@@ -10,8 +10,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import tables as reader
-from .tables import DataError
+from magnet_core.cohort import tables as reader
+from magnet_core.cohort.tables import DataError
 
 MODALITY_SUFFIXES = (".csv.gz", ".csv", ".tsv.gz", ".tsv")
 LABEL_FILE_RE = re.compile(r"^label_(train|val|test)_(paired|unpaired)\.(csv|tsv)(\.gz)?$")
@@ -104,7 +104,7 @@ def _modality_files(folder: Path) -> dict[str, Path]:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    """A table through the one reader (:func:`magnet_core.tables.read_table`)."""
+    """A table through the one reader (:func:`magnet_core.cohort.tables.read_table`)."""
     return reader.read_table(path)
 
 
@@ -295,7 +295,6 @@ def load_cohort_dir(folder: str | Path, *, modalities: Iterable[str] | None = No
 
 def stratified_split(cohort: Cohort, seed: int, ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> Cohort:
     """MAGNET's split: stratified train/val/test within paired and within unpaired patients separately."""
-    from sklearn.model_selection import train_test_split
 
     split = np.empty(cohort.n, dtype=object)
     for group in (cohort.paired, ~cohort.paired):

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import TrainConfig
-from .loss import magnet_loss
-from .metrics import confusion_counts, metrics_from_confusion
-from .model import MAGNET
-from .site import SiteRuntime
-from .train import forward
+from magnet_core.model.config import TrainConfig
+from magnet_core.model.loss import magnet_loss
+from magnet_core.model.metrics import confusion_counts, metrics_from_confusion
+from magnet_core.model.network import MAGNET
+from magnet_core.model.site import SiteRuntime
+from magnet_core.model.train import forward
 
 Part = Literal["head", "head+graph"]
 PARTS: tuple[str, ...] = ("head", "head+graph")

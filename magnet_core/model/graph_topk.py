@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .graph import PatientGraph, build_patient_graph
+from magnet_core.model.graph import PatientGraph, build_patient_graph
 
 GraphRule = Literal["dense", "topk", "auto"]
 GRAPH_RULES: tuple[str, ...] = ("dense", "topk", "auto")

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .config import GraphConfig, ModelConfig, TrainConfig
-from .data import Cohort
-from .graph import PatientGraph
-from .graph_topk import DEFAULT_K, NeighbourSampler, build_graph
-from .loss import magnet_loss
-from .model import MAGNET, EdgeSAGEConv, build_model
+from magnet_core.cohort.data import Cohort
+from magnet_core.model.config import GraphConfig, ModelConfig, TrainConfig
+from magnet_core.model.graph import PatientGraph
+from magnet_core.model.graph_topk import DEFAULT_K, NeighbourSampler, build_graph
+from magnet_core.model.loss import magnet_loss
+from magnet_core.model.network import MAGNET, EdgeSAGEConv, build_model
 
 Batching = Literal["full", "neighbour", "auto"]
 FUSE_CHUNK = 8192  # patients encoded per (checkpointed) chunk when a sparse graph is larger than this

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Iterable, Literal, Mapping
 
@@ -170,3 +171,16 @@ def summarize(per_seed: Iterable[Mapping[str, float | None]]) -> dict[str, dict]
             "per_seed": vals,
         }
     return out
+
+
+@dataclasses.dataclass
+class EvalCounts:
+    """A site's evaluation as counts: confusion matrices (all/paired/unpaired) and, if binary, score histograms."""
+
+    site: str
+    confusion: dict[str, np.ndarray]  # group ("all", "paired", "unpaired") -> (C, C)
+    histogram: dict[str, np.ndarray]  # group -> (2, bins); empty for multi-class
+
+    @property
+    def num(self) -> int:
+        return int(self.confusion["all"].sum())

@@ -7,8 +7,8 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
-from .metrics import empty_ranking, metrics_from_confusion, ranking_from_histogram
-from .model import MAGNET
+from magnet_core.model.metrics import EvalCounts, empty_ranking, metrics_from_confusion, ranking_from_histogram
+from magnet_core.model.network import MAGNET
 
 Params = dict[str, np.ndarray]
 Robust = Literal["mean", "trimmed-mean", "median"]
@@ -280,19 +280,6 @@ def screen_updates(global_params: Params, deltas: Mapping[int, np.ndarray], memo
 
 
 # --------------------------------------------------------------------------------------- pooled evaluation
-
-
-@dataclasses.dataclass
-class EvalCounts:
-    """A site's evaluation as counts: confusion matrices (all/paired/unpaired) and, if binary, score histograms."""
-
-    site: str
-    confusion: dict[str, np.ndarray]  # group ("all", "paired", "unpaired") -> (C, C)
-    histogram: dict[str, np.ndarray]  # group -> (2, bins); empty for multi-class
-
-    @property
-    def num(self) -> int:
-        return int(self.confusion["all"].sum())
 
 
 def metrics_from_counts(confusion: dict[str, np.ndarray], histogram: dict[str, np.ndarray]) -> dict[str, float | None]:

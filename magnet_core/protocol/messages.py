@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from .config import PRESETS
-from .manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
-from .manifest import EnrolledSite as SiteFacts
+from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
+from magnet_core.cohort.manifest import EnrolledSite as SiteFacts
+from magnet_core.model.config import PRESETS
 
 if TYPE_CHECKING:
-    from .privacy import EvalRelease
+    from magnet_core.protocol.release import EvalRelease
 
 GROUPS = ("all", "paired", "unpaired")  # test-patient groups an evaluation reply may report
 MAX_HISTOGRAM_BINS = 1000  # the most score-histogram bins a site will ever send
@@ -282,8 +282,8 @@ class EvalReply(BaseModel):
         return _validated(cls, data, "evaluation reply")
 
     def release(self, k: int) -> "EvalRelease":
-        """As magnet_core.privacy's release (for its k checks and pooling)."""
-        from .privacy import EvalRelease, ReleasedHistogram
+        """As magnet_core.federation.privacy's release (for its k checks and pooling)."""
+        from magnet_core.protocol.release import EvalRelease, ReleasedHistogram
 
         return EvalRelease(self.site, k, {g: np.asarray(cm, dtype=np.int64) for g, cm in self.confusion.items()},
                            {g: ReleasedHistogram(np.asarray(h.edges, dtype=np.float64),

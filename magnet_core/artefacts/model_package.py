@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import GraphConfig, ModelConfig
-from .data import DataError
-from .manifest import ConsortiumManifest
+from magnet_core.cohort.data import DataError
+from magnet_core.cohort.manifest import ConsortiumManifest
+from magnet_core.model.config import GraphConfig, ModelConfig
 
 FORMAT = "magnet-fl-model-package"
 METADATA, SIGNATURE = "metadata.json", "signature.json"
@@ -256,7 +256,7 @@ class ModelPackage:
         """The MAGNET model with these weights (eval mode); a clear error when they do not fit the architecture."""
         import torch
 
-        from .model import MAGNET
+        from magnet_core.model.network import MAGNET
 
         model = MAGNET(self.metadata.in_dims, len(self.metadata.classes), self.metadata.model)
         try:
@@ -397,7 +397,7 @@ def read_package(path: str | Path, *, ca_cert, manifest: ConsortiumManifest | No
 def manifest_from_cohort(cohort, classes: list[str] | None = None, name: str | None = None) -> ConsortiumManifest:
     """The manifest of a simulated or centralized run (no prepared manifest): the cohort's modalities and features in
     model order, no preprocessing values (the data are used as loaded), classes ``class0..`` unless named."""
-    from .manifest import ModalitySpec
+    from magnet_core.cohort.manifest import ModalitySpec
 
     return ConsortiumManifest(name=name or str(cohort.name).replace("/", "-"),
                               classes=list(classes or [f"class{k}" for k in range(cohort.num_classes)]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import Cohort, stratified_split
+from magnet_core.cohort.data import Cohort, stratified_split
 
 GENERATED_NOTICE = "GENERATED cohort (synthetic data, not real patients)"
 

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from magnet_core import tables
-from magnet_core.data import MODALITY_SUFFIXES, SPLITS, Cohort, DataError, _modality_files, stratified_split
-from magnet_core.manifest import ConsortiumManifest, ModalitySpec
+from magnet_core.cohort import tables
+from magnet_core.cohort.data import MODALITY_SUFFIXES, SPLITS, Cohort, DataError, _modality_files, stratified_split
+from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
 
 FLOAT32_MAX = tables.FLOAT32_MAX
 
@@ -304,7 +304,7 @@ def load_site_cohort(folder: str | Path, manifest: ConsortiumManifest, seed: int
     """Validate, then build the site's Cohort with the manifest's modalities and feature order.
 
     Absent features are filled from the manifest (when it allows it); the split comes from split.csv when the site
-    has one, else :func:`magnet_core.data.stratified_split` with ``seed``. Raises DataError listing every problem."""
+    has one, else :func:`magnet_core.cohort.data.stratified_split` with ``seed``. Raises DataError listing every problem."""
     report, tables = validate_site(folder, manifest)
     if not report.ok:
         raise DataError(f"site data in {folder} failed validation:\n- " + "\n- ".join(report.errors))

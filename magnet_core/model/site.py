@@ -8,13 +8,11 @@ from typing import Literal, Mapping
 import numpy as np
 import torch
 
-from magnet_core.aggregate import EvalCounts
-from magnet_core.config import ModelConfig, TrainConfig
-from magnet_core.data import Cohort
-from magnet_core.metrics import DEFAULT_BINS, confusion_counts, score_histogram
-from magnet_core.model import MAGNET
-from magnet_core.train import PatientSet, in_dims_of, make_optimizer, predict_proba, split_sets, train_epochs
-
+from magnet_core.cohort.data import Cohort
+from magnet_core.model.config import ModelConfig, TrainConfig
+from magnet_core.model.metrics import DEFAULT_BINS, EvalCounts, confusion_counts, score_histogram
+from magnet_core.model.network import MAGNET
+from magnet_core.model.train import PatientSet, in_dims_of, make_optimizer, predict_proba, split_sets, train_epochs
 
 TestGraph = Literal["among-test", "attach-to-train"]
 TEST_GRAPHS = ("among-test", "attach-to-train")
@@ -77,7 +75,7 @@ class SiteRuntime:
 
         ``test_graph``: "among-test" (the paper's rule: one graph among the site's test patients) or
         "attach-to-train" (the deployment rule: each test patient attached to the site's training patients by the
-        same masked cosine and quantile rule, never changing their edges; see magnet_core.inductive)."""
+        same masked cosine and quantile rule, never changing their edges; see magnet_core.model.inductive)."""
         self.set_params(params)
         c = self.cohort.num_classes
         if self.test.n == 0:
@@ -97,7 +95,7 @@ class SiteRuntime:
         """Class probabilities of the site's test patients under the current weights."""
         if test_graph == "among-test":
             return predict_proba(self.model, self.test).numpy()
-        from .inductive import Reference, default_attach_rule, predict_new
+        from magnet_core.model.inductive import Reference, default_attach_rule, predict_new
 
         if self._reference is None:
             self._reference = Reference.from_patient_set(self.train, self.sparsity)

@@ -10,8 +10,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .graph import PatientGraph, masked_cosine_similarity
-from .model import MAGNET
+from magnet_core.model.graph import PatientGraph, masked_cosine_similarity
+from magnet_core.model.network import MAGNET
 
 
 class AttachRule(BaseModel):
@@ -36,7 +36,7 @@ def default_attach_rule(n_reference: int, k: int = 10) -> AttachRule:
     """The rule that matches how training builds the reference graph ("auto"): MAGNET's quantile rule up to
     ``graph_topk.DENSE_MAX_PATIENTS`` reference patients, the ``k`` nearest above. `magnet-fl predict --attach
     auto` uses it; evaluation under "attach-to-train" must use the same to measure what predict does."""
-    from .graph_topk import DENSE_MAX_PATIENTS
+    from magnet_core.model.graph_topk import DENSE_MAX_PATIENTS
 
     return AttachRule(rule="quantile" if n_reference <= DENSE_MAX_PATIENTS else "topk", k=k)
 
@@ -45,7 +45,7 @@ def masked_cosine_cross(xs_a: Sequence[Tensor], mask_a: Tensor, xs_b: Sequence[T
                         eps: float = 1e-8) -> Tensor:
     """(n_a, n_b) |cos| between patients of two sets over the modalities each pair shares; 0 if they share none.
 
-    The same quantity as :func:`magnet_core.graph.masked_cosine_similarity` (which compares a set with itself):
+    The same quantity as :func:`magnet_core.model.graph.masked_cosine_similarity` (which compares a set with itself):
     both norms are restricted to the pair's shared modalities."""
     sa, sb = mask_a.to(torch.float32), mask_b.to(torch.float32)
 
@@ -100,7 +100,7 @@ class Reference:
               ids: Sequence[str] | np.ndarray | None = None) -> "Reference":
         """Reference graph as training builds it (``build_graph_auto``: MAGNET's dense quantile rule up to
         ``DENSE_MAX_PATIENTS`` patients, identical to ``build_patient_graph``; the sparse top-k graph above)."""
-        from .graph_topk import build_graph_auto
+        from magnet_core.model.graph_topk import build_graph_auto
 
         xs = [torch.as_tensor(np.asarray(x), dtype=torch.float32) for x in xs]
         mask = torch.as_tensor(np.asarray(mask), dtype=torch.bool)
@@ -110,7 +110,7 @@ class Reference:
     @classmethod
     def from_patient_set(cls, patients, sparsity: float, ids: Sequence[str] | np.ndarray | None = None
                          ) -> "Reference":
-        """Reuse a :class:`magnet_core.train.PatientSet` (e.g. a site's training set) and its existing graph."""
+        """Reuse a :class:`magnet_core.model.train.PatientSet` (e.g. a site's training set) and its existing graph."""
         return cls(list(patients.xs), patients.mask, patients.graph, sparsity,
                    None if ids is None else np.asarray(ids))
 

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, TypeAdapter, ValidationError,
-                      field_validator, model_validator)
+import tomllib
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from magnet_core.data import Cohort, DataError
+from magnet_core.cohort.data import Cohort, DataError
 
-BUILTIN_DIR = Path(__file__).parent / "scenarios"
+BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 # Per site and modality, a rule:
 # - a fraction in [0, 1): that share of the site's holders lose the modality, chosen completely at random (MCAR);

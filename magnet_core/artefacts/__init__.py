@@ -1,0 +1,1 @@
+"""Artefacts a run leaves: signed model packages and HTML run reports."""

@@ -1,0 +1,1 @@
+"""Simulated consortia: scenario files and the sites they build from a cohort."""

@@ -1,0 +1,1 @@
+"""Federation maths: aggregation, update screening, differential privacy, release rules, secure aggregation."""
