@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
+from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, DEFAULT_SEED, MIN_COUNT_FLOOR
 from magnet_core.federation.privacy import DEFAULT_MAX_BINS
 from magnet_core.model.config import DEFAULT_PRESET
 from magnet_core.protocol.messages import MAX_HISTOGRAM_BINS, MAX_PROXIMAL_MU, fingerprint
@@ -28,7 +28,7 @@ class FederatedConfig(BaseModel):
     aggregation: Literal["modality-aware", "fedavg"] = "modality-aware"
     robust: Literal["mean", "trimmed-mean", "median"] = "mean"
     trim: float = Field(0.2, ge=0, lt=0.5)
-    seed: int = Field(10, ge=0, lt=2**31)
+    seed: int = Field(DEFAULT_SEED, ge=0, lt=2**31)
     min_sites: int = Field(2, ge=1, description="minimum sites per round (train and evaluate)")
     fraction_train: float = Field(1.0, gt=0, le=1)
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in one round")

@@ -6,20 +6,20 @@ import argparse
 from pathlib import Path
 
 from magnet_core.cohort.data import available_seeds, detect_layout
+from magnet_core.consortium.methods import DEFAULT_SEEDS
 from magnet_core.model.config import DEFAULT_PRESET, PRESETS, get_preset
 
 from .centralized import PackageSpec, run_centralized
 from .cli import existing_dir, parse_seeds, positive_int
 from .outputs import check_output, run_staged
 
-DEFAULT_SEEDS = [10, 20, 30, 40, 50]
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=existing_dir, default=None,
                    help="cohort folder (MAGNET split layout or labels.csv + modality files); "
                         "omitted: a generated cohort")
-    p.add_argument("--seeds", type=parse_seeds, default=None, help="comma-separated seeds (default 10,20,30,40,50)")
+    p.add_argument("--seeds", type=parse_seeds, default=None,
+                   help=f"comma-separated seeds (default {','.join(map(str, DEFAULT_SEEDS))})")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help=f"hyperparameter preset (default {DEFAULT_PRESET})")
     p.add_argument("--epochs", type=positive_int, default=None, help="override the preset's 200 epochs")
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    seeds = args.seeds or DEFAULT_SEEDS
+    seeds = args.seeds or list(DEFAULT_SEEDS)
     package = None
     if args.package is not None or args.signing_key is not None or args.signing_cert is not None:
         if args.package is None or args.signing_key is None or args.signing_cert is None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import tomllib
 
 from magnet_core.cohort.data import DataError
+from magnet_core.cohort.manifest import DEFAULT_SEED
 
 from .cli import existing_dir, positive_int
 from .outputs import check_output, relocate_paths, run_staged
@@ -69,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--config", type=Path, help="TOML file of PrepareConfig fields")
     t.add_argument("--name", default=None, help="consortium name in the manifest")
     t.add_argument("--classes", default=None, help="comma-separated class names (text labels map to their index)")
-    t.add_argument("--seed", type=int, default=None, help="seed of each site's 70/10/20 split (default 10)")
+    t.add_argument("--seed", type=int, default=None, help=f"seed of each site's 70/10/20 split (default {DEFAULT_SEED})")
     t.add_argument("--n-features", type=positive_int, default=None,
                    help="features kept per modality by ANOVA F (1000)")
     t.add_argument("--features-per-modality", type=_pairs(int), default=None, metavar="M=K,...",

@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from magnet_core.consortium.methods import DEFAULT_SEEDS
 from server.config import FederatedConfig
 
 from . import statistics as st
@@ -97,7 +98,7 @@ def positive_float(text: str) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=existing_dir, default=None, help="cohort folder; omitted: a generated cohort")
     p.add_argument("--scenario", default=None, help="scenario (default: iid-3 with --data, demo-3 without)")
-    p.add_argument("--seeds", type=parse_seeds, default=[10, 20, 30, 40, 50])
+    p.add_argument("--seeds", type=parse_seeds, default=list(DEFAULT_SEEDS))
     p.add_argument("--modes", type=parse_modes, default=parse_modes(",".join(MODE_NAMES)),
                    help=f"comma-separated modes (default {','.join(MODE_NAMES)})")
     p.add_argument("--rounds", type=positive_int, default=FederatedConfig.model_fields["num_server_rounds"].default)

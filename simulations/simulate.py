@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from magnet_core.artefacts.report import write_report
 from magnet_core.cohort.data import Cohort
 from magnet_core.cohort.generated import GENERATED_NOTICE
+from magnet_core.consortium import methods
+from magnet_core.consortium.methods import DEFAULT_SEEDS, METHOD_NAMES, REFERENCE_METHODS
 from magnet_core.consortium.scenarios import load_scenario
 from magnet_core.consortium.simulated import load_consortium
 from magnet_core.model.config import PRESETS, Preset, get_preset
@@ -39,7 +41,6 @@ class FederatedMethod:
 
     fixed: dict[str, Any]
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
-    label: str = ""
 
 
 # Tuned on tcga-ov-magnet iid-3, 10 rounds x 10 local epochs, seeds 10 and 20 (final-round MCC, mean of 2 seeds):
@@ -51,22 +52,21 @@ FEDPROX_MU = 0.1
 FEDADAM_LR = 0.03
 FEDYOGI_LR = 0.01
 _PLAIN = {"proximal_mu": 0.0, "server_optimizer": "none"}
-# A new federated method (e.g. "personalized") is one entry here plus its name in METHODS.
+# A new federated method is one entry here plus its entry in magnet_core.consortium.methods.METHODS.
 FEDERATED_METHODS: dict[str, FederatedMethod] = {
-    "federated": FederatedMethod({"aggregation": "modality-aware", **_PLAIN}, label="federated (modality-aware)"),
-    "fedavg_plain": FederatedMethod({"aggregation": "fedavg", **_PLAIN}, label="plain FedAvg"),
+    "federated": FederatedMethod({"aggregation": "modality-aware", **_PLAIN}),
+    "fedavg_plain": FederatedMethod({"aggregation": "fedavg", **_PLAIN}),
     "fedprox": FederatedMethod({"server_optimizer": "none"},
-                               {"aggregation": "modality-aware", "proximal_mu": FEDPROX_MU}, "FedProx"),
+                               {"aggregation": "modality-aware", "proximal_mu": FEDPROX_MU}),
     "fedadam": FederatedMethod({"server_optimizer": "adam", "proximal_mu": 0.0},
-                               {"aggregation": "modality-aware", "server_lr": FEDADAM_LR}, "FedAdam"),
+                               {"aggregation": "modality-aware", "server_lr": FEDADAM_LR}),
     "fedyogi": FederatedMethod({"server_optimizer": "yogi", "proximal_mu": 0.0},
-                               {"aggregation": "modality-aware", "server_lr": FEDYOGI_LR}, "FedYogi"),
+                               {"aggregation": "modality-aware", "server_lr": FEDYOGI_LR}),
 }
-METHODS = ("federated", "centralized", "local_only", "fedavg_plain", "fedprox", "fedadam", "fedyogi", "personalized")
+METHODS = METHOD_NAMES
 PERSONALIZE_PART = "head+graph"  # personalized: the part each site fine-tunes (magnet_core.model.personalize.PARTS); the
 # only part with a detectable gain over federated in 5-seed OV / BRCA runs (OV attach-to-train, +0.024 MCC)
 DEFAULT_METHODS = ("federated", "centralized", "local_only", "fedavg_plain")  # simulate's default (demo budget)
-REFERENCE_METHODS = ("centralized", "local_only")
 # run-config keys simulate sets itself (from its own options, or per method and seed): --set may not touch them
 MANAGED_KEYS = frozenset({"num_server_rounds", "local_epochs", "seed", "preset", "data_path", "scenario", "modalities",
                           "min_sites", "out_dir", "overwrite", "resume", "test_graph", "report", "manifest",
@@ -84,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"federated rounds (default {RunSpec.rounds})")
     p.add_argument("--local-epochs", type=positive_int, default=RunSpec.local_epochs,
                    help=f"local epochs per round (default {RunSpec.local_epochs})")
-    p.add_argument("--seeds", type=parse_seeds, default=[10, 20, 30, 40, 50])
+    p.add_argument("--seeds", type=parse_seeds, default=list(DEFAULT_SEEDS))
     p.add_argument("--preset", default=RunSpec.preset, choices=sorted(PRESETS))
     p.add_argument("--test-graph", choices=TEST_GRAPHS, default=RunSpec.test_graph,
                    help="evaluation graph: among-test (the paper's) or attach-to-train (deployment rule)")
@@ -322,23 +322,21 @@ def plot_rounds(path: Path, rounds: list[dict], results: dict, title: str) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = {"federated": "tab:blue", "fedavg_plain": "tab:orange", "fedprox": "tab:purple",
-              "fedadam": "tab:brown", "fedyogi": "tab:pink"}
-    for method, spec in FEDERATED_METHODS.items():
-        color = colors.get(method)
+    for method in FEDERATED_METHODS:
+        color = methods.color(method, "tab:gray")
         rows = [r for r in rounds if r["method"] == method and r["mcc"] is not None]
         if not rows:
             continue
         rs = sorted({r["round"] for r in rows})
         by_round = [[r["mcc"] for r in rows if r["round"] == k] for k in rs]
         mean, std = np.array([np.mean(v) for v in by_round]), np.array([np.std(v) for v in by_round])
-        label = spec.label or method
-        ax.plot(rs, mean, marker="o", ms=3, color=color, label=label)
+        ax.plot(rs, mean, marker="o", ms=3, color=color, label=methods.label(method))
         ax.fill_between(rs, mean - std, mean + std, color=color, alpha=0.15)
-    for method, color in (("centralized", "tab:green"), ("local_only", "tab:red")):
+    for method in REFERENCE_METHODS:
         stat = results.get(method, {}).get("mcc")
         if stat and stat.get("mean") is not None:
-            ax.axhline(stat["mean"], color=color, ls="--", label=f"{method.replace('_', '-')} (final)")
+            ax.axhline(stat["mean"], color=methods.color(method, "tab:gray"), ls="--",
+                       label=f"{methods.label(method)} (final)")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

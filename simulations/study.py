@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from magnet_core.cohort.data import DataError, detect_layout
+from magnet_core.consortium import methods
+from magnet_core.consortium.methods import BASELINE_METHOD, DEFAULT_SEEDS, REFERENCE_METHODS
 from magnet_core.consortium.scenarios import Scenario
 
 from . import statistics as st
@@ -27,18 +29,10 @@ from .simulate import METHODS, RunSpec, run_methods
 BUILTIN_DIR = Path(__file__).parent / "studies"
 METRIC_COLUMNS = ("mcc", "acc", "f1", "auroc", "auprc", "paired_mcc", "unpaired_mcc")
 SUMMARY_METRICS = ("mcc", "acc", "f1", "paired_mcc", "unpaired_mcc")
-DEFAULT_SEEDS = (10, 20, 30, 40, 50)
-# Reference methods (no federated training). Every other method of simulate.METHODS is a trained method and is
-# compared with both references and with the baseline strategy, so a new strategy ("fedprox", "fedadam",
-# "personalized", ...) needs only its entry in simulate.METHODS; a label and colour below are optional.
+# Contrast order: each trained method vs local-only, then vs centralized, then vs the baseline strategy.
 REFERENCES = ("local_only", "centralized")
-BASELINE = "fedavg_plain"
-METHOD_LABELS = {"federated": "modality-aware FedAvg", "fedavg_plain": "plain FedAvg", "centralized": "centralized",
-                 "local_only": "local-only", "personalized": "personalized"}  # fedprox, fedadam, fedyogi: by name
-# (each modality-aware); personalized = modality-aware FedAvg, then each site fine-tunes head + last graph layer
-METHOD_COLORS = {"centralized": "tab:green", "local_only": "tab:red", "fedavg_plain": "tab:orange",
-                 "federated": "tab:blue", "fedprox": "tab:purple", "fedadam": "tab:brown", "fedyogi": "tab:pink",
-                 "personalized": "tab:cyan"}
+assert set(REFERENCES) == set(REFERENCE_METHODS)
+BASELINE = BASELINE_METHOD
 COMPARISON_COLUMNS = ["kind", "label", "cell", "cell_b", "method", "method_b", "metric", "n", "mean_diff", "std_diff",
                       "ci_low", "ci_high", "p_value", "units", "verdict"]
 CELL_WORDS = ("higher", "lower")  # cell contrasts: the same method scores higher / lower in cell a than in b
@@ -92,7 +86,7 @@ class Study(BaseModel):
     local_epochs: int = Field(10, ge=1)
     seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1)
     methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1,
-                               description="names from simulations.simulate.METHODS")
+                               description="names from magnet_core.consortium.methods.METHODS")
     x_label: str = "x"
     test_graph: Literal["among-test", "attach-to-train"] = Field(
         "among-test", description="test-graph rule: among-test (the paper's) or attach-to-train (deployment)")
@@ -169,7 +163,7 @@ def resolve_dataset(data: Path, name: str) -> Path:
 
 
 def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+    return methods.label(method)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -304,7 +298,7 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = {m: METHOD_COLORS.get(m, cycle[i % len(cycle)]) for i, m in enumerate(study.methods)}
+    colors = {m: methods.color(m, cycle[i % len(cycle)]) for i, m in enumerate(study.methods)}
     width = 0.8 / len(study.methods)
     paths = []
     numeric = pd.to_numeric(summary["x"], errors="coerce").notna().all()

@@ -17,6 +17,7 @@ from magnet_core.artefacts.report import (
     suppress_partition,
     write_report,
 )
+from magnet_core.consortium.methods import detail
 
 SECTIONS = ("configuration", "rounds", "sites", "privacy", "model")
 SITE_SECTIONS = ("site-overview", "site-messages", "site-coordinator")
@@ -176,7 +177,7 @@ def test_simulate_ends_with_the_report_and_the_report_command(tmp_path, capsys):
     assert_self_contained(html)
     for section in (*SECTIONS, "comparison"):
         assert f'<section id="{section}">' in html
-    for method in ("federated (modality-aware)", "centralized (pooled)", "local-only (each site alone)"):
+    for method in (detail("federated"), detail("centralized"), detail("local_only")):
         assert method in html
     assert "demo-3" in html and "GENERATED cohort" in html and ".partial-" not in html  # final folder named
     (out / "report.html").unlink()

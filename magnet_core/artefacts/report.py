@@ -19,16 +19,13 @@ import numpy as np
 from magnet_core.cohort.data import Cohort, DataError
 from magnet_core.cohort.generated import GENERATED_NOTICE
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT
+from magnet_core.consortium import methods
+from magnet_core.consortium.methods import METHOD_NAMES
 
 REPORT_FILE = "report.html"
 SITE_LOG_FILE = "site_log.jsonl"
 METRICS = ("mcc", "acc", "f1", "auroc", "auprc")
 GROUPS = ("", "paired_", "unpaired_")
-METHOD_ORDER = ("federated", "fedavg_plain", "fedprox", "fedadam", "fedyogi", "personalized", "centralized", "local_only")
-METHOD_LABEL = {"federated": "federated (modality-aware)", "fedavg_plain": "plain FedAvg",
-                "fedprox": "FedProx (modality-aware)", "fedadam": "FedAdam (modality-aware)",
-                "fedyogi": "FedYogi (modality-aware)", "personalized": "personalized (federated, then site fine-tuning)",
-                "centralized": "centralized (pooled)", "local_only": "local-only (each site alone)"}
 ARTEFACT_PATTERNS = ("model.pt", "*.magnet", "model.pkg*", "*.sig")
 # Round-table columns shown only when some round has them.
 OPTIONAL_COLUMNS = {"norms": "update norms", "withheld": "groups withheld (< k)", "dp": "differential privacy"}
@@ -121,7 +118,7 @@ def _history_label(name: str) -> tuple[str, str]:
 
 
 def _method_rank(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return METHOD_NAMES.index(method) if method in METHOD_NAMES else len(METHOD_NAMES)
 
 
 def _read_histories(run_dir: Path) -> tuple[str, dict[str, list[dict]], dict, list[str]]:
@@ -593,7 +590,7 @@ def comparison_rows(results: Mapping[str, Any] | None) -> list[dict]:
                 stat = metrics.get(f"{g}{m}") or {}
                 cells[m] = {"mean": stat.get("mean"), "std": stat.get("std"),
                             "n": len([v for v in stat.get("per_seed") or [] if v is not None])}
-            rows.append({"method": method, "label": METHOD_LABEL.get(method, method),
+            rows.append({"method": method, "label": methods.detail(method),
                          "group": g.rstrip("_") or "all", "cells": cells})
     return rows
 
@@ -653,7 +650,7 @@ def figure_rounds(histories: Mapping[str, list[dict]]) -> str | None:
             rows = round_rows(hist)
             mcc = [r["metrics"]["mcc"]["value"] for r in rows]
             ax.plot([r["round"] for r in rows], [np.nan if v is None else v for v in mcc], marker="o", ms=2,
-                    color=color, alpha=0.8, label=METHOD_LABEL.get(method, method) if first else None)
+                    color=color, alpha=0.8, label=methods.detail(method) if first else None)
         ax.set_ylabel("global test MCC")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from magnet_core.cohort.errors import DataError
 
 DEFAULT_MIN_COUNT = 5  # the consortium's minimum number of patients behind anything a site releases
+DEFAULT_SEED = 10  # the one default seed (splits, runs); magnet_core.consortium.methods.DEFAULT_SEEDS start here
 MIN_COUNT_FLOOR = 3  # a manifest may not set k below this
 DEFAULT_MAX_ABSENT_FEATURES = 0.1  # a site may lack (and fill) at most this share of a modality's features
 DEFAULT_SCALE_TOLERANCE = 1.0  # prepared values may lie this far outside [0, 1] (test patients are not clipped)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from magnet_core.cohort import tables
 from magnet_core.cohort.data import SPLITS, Cohort, DataError, stratified_split
-from magnet_core.cohort.manifest import DEFAULT_MAX_ABSENT_FEATURES, DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
+from magnet_core.cohort.manifest import DEFAULT_MAX_ABSENT_FEATURES, DEFAULT_MIN_COUNT, DEFAULT_SEED, MIN_COUNT_FLOOR
 from magnet_core.cohort.tables import Orientation
 
 RAW_SUFFIXES = (".csv", ".tsv", ".txt")
@@ -43,7 +43,7 @@ class PrepareConfig(BaseModel):
     max_absent_features: float = Field(
         DEFAULT_MAX_ABSENT_FEATURES, ge=0, le=1,
         description="refuse a site lacking more than this share of a modality's kept features (manifest)")
-    seed: int = Field(10, description="seed of each site's stratified train/val/test split")
+    seed: int = Field(DEFAULT_SEED, description="seed of each site's stratified train/val/test split")
     split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
     use_split_file: bool = Field(True, description="use a site's split.csv instead of the seeded split")
     orientation: Orientation = "auto"
