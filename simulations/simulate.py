@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from magnet_core.artefacts.report import write_report
 from magnet_core.cohort.data import Cohort
 from magnet_core.cohort.generated import GENERATED_NOTICE
-from magnet_core.consortium import methods
+from magnet_core.consortium import methods as vocabulary
 from magnet_core.consortium.methods import DEFAULT_SEEDS, METHOD_NAMES, REFERENCE_METHODS
 from magnet_core.consortium.scenarios import load_scenario
 from magnet_core.consortium.simulated import load_consortium
@@ -323,20 +323,20 @@ def plot_rounds(path: Path, rounds: list[dict], results: dict, title: str) -> No
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method in FEDERATED_METHODS:
-        color = methods.color(method, "tab:gray")
+        color = vocabulary.color(method, "tab:gray")
         rows = [r for r in rounds if r["method"] == method and r["mcc"] is not None]
         if not rows:
             continue
         rs = sorted({r["round"] for r in rows})
         by_round = [[r["mcc"] for r in rows if r["round"] == k] for k in rs]
         mean, std = np.array([np.mean(v) for v in by_round]), np.array([np.std(v) for v in by_round])
-        ax.plot(rs, mean, marker="o", ms=3, color=color, label=methods.label(method))
+        ax.plot(rs, mean, marker="o", ms=3, color=color, label=vocabulary.label(method))
         ax.fill_between(rs, mean - std, mean + std, color=color, alpha=0.15)
     for method in REFERENCE_METHODS:
         stat = results.get(method, {}).get("mcc")
         if stat and stat.get("mean") is not None:
-            ax.axhline(stat["mean"], color=methods.color(method, "tab:gray"), ls="--",
-                       label=f"{methods.label(method)} (final)")
+            ax.axhline(stat["mean"], color=vocabulary.color(method, "tab:gray"), ls="--",
+                       label=f"{vocabulary.label(method)} (final)")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from magnet_core.cohort.data import DataError, detect_layout
-from magnet_core.consortium import methods
+from magnet_core.consortium import methods as vocabulary
 from magnet_core.consortium.methods import BASELINE_METHOD, DEFAULT_SEEDS, REFERENCE_METHODS
 from magnet_core.consortium.scenarios import Scenario
 
@@ -163,7 +163,7 @@ def resolve_dataset(data: Path, name: str) -> Path:
 
 
 def method_label(method: str) -> str:
-    return methods.label(method)
+    return vocabulary.label(method)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -298,7 +298,7 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = {m: methods.color(m, cycle[i % len(cycle)]) for i, m in enumerate(study.methods)}
+    colors = {m: vocabulary.color(m, cycle[i % len(cycle)]) for i, m in enumerate(study.methods)}
     width = 0.8 / len(study.methods)
     paths = []
     numeric = pd.to_numeric(summary["x"], errors="coerce").notna().all()

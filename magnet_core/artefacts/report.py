@@ -19,7 +19,7 @@ import numpy as np
 from magnet_core.cohort.data import Cohort, DataError
 from magnet_core.cohort.generated import GENERATED_NOTICE
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT
-from magnet_core.consortium import methods
+from magnet_core.consortium import methods as vocabulary
 from magnet_core.consortium.methods import METHOD_NAMES
 
 REPORT_FILE = "report.html"
@@ -590,7 +590,7 @@ def comparison_rows(results: Mapping[str, Any] | None) -> list[dict]:
                 stat = metrics.get(f"{g}{m}") or {}
                 cells[m] = {"mean": stat.get("mean"), "std": stat.get("std"),
                             "n": len([v for v in stat.get("per_seed") or [] if v is not None])}
-            rows.append({"method": method, "label": methods.detail(method),
+            rows.append({"method": method, "label": vocabulary.detail(method),
                          "group": g.rstrip("_") or "all", "cells": cells})
     return rows
 
@@ -650,7 +650,7 @@ def figure_rounds(histories: Mapping[str, list[dict]]) -> str | None:
             rows = round_rows(hist)
             mcc = [r["metrics"]["mcc"]["value"] for r in rows]
             ax.plot([r["round"] for r in rows], [np.nan if v is None else v for v in mcc], marker="o", ms=2,
-                    color=color, alpha=0.8, label=methods.detail(method) if first else None)
+                    color=color, alpha=0.8, label=vocabulary.detail(method) if first else None)
         ax.set_ylabel("global test MCC")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
