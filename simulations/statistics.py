@@ -87,8 +87,8 @@ def paired_comparison(a: Mapping, b: Mapping, confidence: float = CONFIDENCE) ->
     if n == 1:
         return PairedComparison(1, mean, math.nan, math.nan, math.nan, math.nan, keys)
     sd = float(d.std(ddof=1))
-    if sd == 0.0:  # the same difference on every seed: the interval is that point, the t-test is undefined
-        return PairedComparison(n, mean, 0.0, mean, mean, math.nan, keys)
+    if sd == 0.0:  # the same difference on every seed: no spread, so no t interval and no t-test (and no verdict)
+        return PairedComparison(n, mean, 0.0, math.nan, math.nan, math.nan, keys)
     lo, hi = t_interval(d, confidence)
     p = float(stats.ttest_rel([float(a[k]) for k in keys], [float(b[k]) for k in keys]).pvalue)
     return PairedComparison(n, mean, sd, lo, hi, p, keys)
@@ -101,6 +101,36 @@ def verdict(ci_low: float, ci_high: float) -> Verdict:
     if np.isfinite(ci_high) and ci_high < 0:
         return "hurts"
     return "no difference detected"
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error), in the input order; nan stays nan and is not counted
+    in the family. adjusted_(i) = max over j <= i of min(1, (m - j + 1) p_(j)) for the ascending p_(1..m)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, math.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m = finite.size
+    if m == 0:
+        return out
+    order = finite[np.argsort(p[finite], kind="stable")]
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(scaled)
+    return out
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (false discovery rate), in the input order; nan stays nan and is not
+    counted. adjusted_(i) = min over j >= i of min(1, m p_(j) / j) for the ascending p_(1..m)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, math.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m = finite.size
+    if m == 0:
+        return out
+    order = finite[np.argsort(p[finite], kind="stable")]
+    scaled = np.minimum(1.0, p[order] * m / np.arange(1, m + 1))
+    out[order] = np.minimum.accumulate(scaled[::-1])[::-1]
+    return out
 
 
 def is_finite(v: object) -> bool:
@@ -124,37 +154,62 @@ def fmt_stats(s: CellStats, digits: int = 3) -> str:
             f"(95% CI {s.ci_low:.{digits}f} to {s.ci_high:.{digits}f}, n = {s.n})")
 
 
-def fmt_difference(c: PairedComparison, metric: str = "MCC", unit: str = "seeds", digits: int = 3) -> str:
+@dataclass(frozen=True)
+class Adjusted:
+    """Multiplicity-adjusted p-values of one comparison within a family of ``m`` comparisons (one report)."""
+
+    holm: float
+    bh: float
+    m: int
+
+
+def fmt_difference(c: PairedComparison, metric: str = "MCC", unit: str = "seeds", digits: int = 3,
+                   adjusted: Adjusted | None = None) -> str:
     """The numbers of a paired difference, e.g.
-    ``+0.061 MCC, 95% CI +0.020 to +0.102, paired t-test p = 0.015, n = 5 seeds``."""
+    ``+0.061 MCC, 95% CI +0.020 to +0.102, paired t-test p = 0.015, n = 5 seeds``; with ``adjusted`` the Holm and
+    Benjamini-Hochberg p-values over the report's comparisons follow the raw one."""
     if c.n == 0:
         return "no paired runs"
     if c.n == 1:
         return f"{c.mean_diff:+.{digits}f} {metric}, n = 1 {unit.rstrip('s')}: no interval"
     if c.std_diff == 0.0:
-        return f"{c.mean_diff:+.{digits}f} {metric} on every one of n = {c.n} {unit}"
+        return (f"{c.mean_diff:+.{digits}f} {metric} on every one of n = {c.n} {unit}: no spread, so no interval "
+                "and no test")
+    adj = ""
+    if adjusted is not None and np.isfinite(adjusted.holm):
+        adj = (f" (adjusted over {adjusted.m} comparisons: Holm {_fmt_p(adjusted.holm)}, "
+               f"Benjamini-Hochberg {_fmt_p(adjusted.bh)})")
     return (f"{c.mean_diff:+.{digits}f} {metric}, 95% CI {c.ci_low:+.{digits}f} to {c.ci_high:+.{digits}f}, "
-            f"paired t-test {_fmt_p(c.p_value)}, n = {c.n} {unit}")
+            f"paired t-test {_fmt_p(c.p_value)}{adj}, n = {c.n} {unit}")
 
 
 def comparison_sentence(a_label: str, b_label: str, c: PairedComparison, metric: str = "MCC",
-                        unit: str = "seeds", words: tuple[str, str] = ("helps", "hurts")) -> str:
+                        unit: str = "seeds", words: tuple[str, str] = ("helps", "hurts"),
+                        adjusted: Adjusted | None = None) -> str:
     """``A vs B: **helps** (+0.061 MCC, 95% CI ...)`` or ``A vs B: no difference detected (...)``.
 
-    "helps"/"hurts" (or other ``words``, e.g. higher/lower) only when the paired interval excludes 0."""
+    "helps"/"hurts" (or other ``words``, e.g. higher/lower) only when the paired interval excludes 0; a difference
+    that is the same on every seed has no interval and gets no verdict."""
     if c.n >= 2 and c.std_diff == 0.0 and c.mean_diff == 0.0:
         return f"{a_label} vs {b_label}: no difference detected (identical {metric} on all {c.n} {unit})"
     if c.n < 2:
         return f"{a_label} vs {b_label}: no difference detected ({fmt_difference(c, metric, unit)})"
     v = c.verdict
     word = {"helps": f"**{words[0]}**", "hurts": f"**{words[1]}**"}.get(v, v)
-    return f"{a_label} vs {b_label}: {word} ({fmt_difference(c, metric, unit)})"
+    return f"{a_label} vs {b_label}: {word} ({fmt_difference(c, metric, unit, adjusted=adjusted)})"
 
 
 def _fmt_p(p: float) -> str:
     if not np.isfinite(p):
         return "p n/a"
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def fmt_p_cell(p: float) -> str:
+    """A p-value for a table cell: ``0.030``, ``< 0.001`` or blank."""
+    if not is_finite(p):
+        return ""
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 # ------------------------------------------------------------------------------------------------ frames

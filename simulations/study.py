@@ -34,7 +34,7 @@ REFERENCES = ("local_only", "centralized")
 assert set(REFERENCES) == set(REFERENCE_METHODS)
 BASELINE = BASELINE_METHOD
 COMPARISON_COLUMNS = ["kind", "label", "cell", "cell_b", "method", "method_b", "metric", "n", "mean_diff", "std_diff",
-                      "ci_low", "ci_high", "p_value", "units", "verdict"]
+                      "ci_low", "ci_high", "p_value", "p_holm", "p_bh", "units", "verdict"]
 CELL_WORDS = ("higher", "lower")  # cell contrasts: the same method scores higher / lower in cell a than in b
 FINDINGS = "## Findings (generated from the per-seed results)"
 STATISTICS_NOTE = ("Per cell: mean, sample standard deviation (ddof = 1) and a 95% t interval for the mean over "
@@ -42,7 +42,8 @@ STATISTICS_NOTE = ("Per cell: mean, sample standard deviation (ddof = 1) and a 9
                    "train/test split and the sites, the same for every method of a cell): the mean of the per-seed "
                    "MCC differences with its 95% t interval and a two-sided paired t-test (scipy.stats.ttest_rel). "
                    "A method \"helps\" or \"hurts\" only where that interval excludes 0; otherwise the report says "
-                   "no difference was detected.")
+                   "no difference was detected. Next to each raw p-value: Holm and Benjamini-Hochberg adjusted "
+                   "p-values over all of the report's comparisons with a p-value (one family per report).")
 
 
 class Cell(BaseModel):
@@ -116,6 +117,18 @@ class Study(BaseModel):
 
     def scenario_of(self, cell: Cell) -> Scenario:
         return Scenario.model_validate({"name": f"{self.name}/{cell.id}", **cell.scenario})
+
+
+def data_sets_note(study: Study) -> str:
+    """Which dataset and preset each cell used (a cell may name its own), for the report's setup line."""
+    by_data: dict[tuple[str, str], list[str]] = {}
+    for c in study.cells:
+        by_data.setdefault((c.dataset or study.dataset, c.preset or study.preset), []).append(c.id)
+    if len(by_data) == 1:
+        (dataset, preset), _ = by_data.popitem()
+        return f"`{dataset}`, preset `{preset}`"
+    return "; ".join(f"`{dataset}`, preset `{preset}` (cells {', '.join(ids)})"
+                     for (dataset, preset), ids in by_data.items())
 
 
 def rules_note(study: Study) -> str:
@@ -270,7 +283,14 @@ def comparisons_frame(study: Study, df: pd.DataFrame, metric: str = "mcc") -> pd
         for m in con.methods or study.methods:
             add("cells", con.label or f"{con.a} vs {con.b}", con.a, con.b, m, m,
                 df[(df["cell"] == con.a) & (df["method"] == m)], df[(df["cell"] == con.b) & (df["method"] == m)])
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    frame["p_holm"] = st.holm(frame["p_value"].astype(float))  # one family: every comparison of this report
+    frame["p_bh"] = st.benjamini_hochberg(frame["p_value"].astype(float))
+    return frame
+
+
+def _adjusted(row: pd.Series, comparisons: pd.DataFrame) -> st.Adjusted:
+    return st.Adjusted(row["p_holm"], row["p_bh"], int(comparisons["p_value"].map(st.is_finite).sum()))
 
 
 def _comparison(row: pd.Series) -> st.PairedComparison:
@@ -359,6 +379,21 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------ report
 
 
+def multiplicity_note(comparisons: pd.DataFrame) -> str:
+    """How many comparisons the report makes, how many read helps/hurts on their own 95% interval, and how many
+    keep p < 0.05 after Holm and after Benjamini-Hochberg adjustment over the report."""
+    n = len(comparisons)
+    tested = int(comparisons["p_value"].map(st.is_finite).sum()) if n else 0
+    detected = int(comparisons["verdict"].isin(["helps", "hurts"]).sum()) if n else 0
+    holm = int((comparisons["p_holm"] < 0.05).sum()) if n else 0
+    bh = int((comparisons["p_bh"] < 0.05).sum()) if n else 0
+    return (f"This report makes {n} comparisons ({tested} with a p-value); each interval is a 95% interval on its own, "
+            f"so about one in twenty comparisons without a real difference is expected to read \"helps\" or "
+            f"\"hurts\" by chance. {detected} of the {n} read \"helps\"/\"hurts\" (or higher/lower) on their own "
+            f"interval; adjusted over the {tested} p-values, Holm (family-wise) leaves {holm} below 0.05 and "
+            f"Benjamini-Hochberg (false discovery rate) {bh}.")
+
+
 def headline(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame) -> list[str]:
     """Markdown bullets generated from the numbers: per cell, each method's MCC (mean ± sample std, 95% CI, n) and
     every paired comparison ("helps"/"hurts" only where its interval excludes 0); then the cell contrasts."""
@@ -377,8 +412,8 @@ def headline(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame) -> 
         comp = comparisons[(comparisons["kind"] == "methods") & (comparisons["cell"] == cell.id)]
         for _, row in comp[comp["n"] > 0].iterrows():
             lines.append("  - " + st.comparison_sentence(method_label(row["method"]), method_label(row["method_b"]),
-                                                         _comparison(row)))
-        target = target_sentence(study, sub, comp) if study.target_gap is not None else None
+                                                         _comparison(row), adjusted=_adjusted(row, comparisons)))
+        target = target_sentence(study, sub, comp, comparisons) if study.target_gap is not None else None
         if target:
             lines.append("  - " + target)
     contrasts = comparisons[(comparisons["kind"] == "cells") & (comparisons["n"] > 0)]
@@ -387,13 +422,15 @@ def headline(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame) -> 
         lines.append(f"- **{label}** (cell {first['cell']} vs cell {first['cell_b']}, same method, paired by seed):")
         for _, row in group.iterrows():
             lines.append("  - " + st.comparison_sentence(f"{method_label(row['method'])}, {row['cell']}",
-                                                         row["cell_b"], _comparison(row), words=CELL_WORDS))
+                                                         row["cell_b"], _comparison(row), words=CELL_WORDS,
+                                                         adjusted=_adjusted(row, comparisons)))
     return lines
 
 
-def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame) -> str | None:
-    """Whether the best trained method (highest mean MCC) is at or above local-only and within ``target_gap`` of
-    centralized, judged on the mean paired differences, shown with their intervals."""
+def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame, comparisons: pd.DataFrame) -> str | None:
+    """Whether the best trained method (highest mean MCC, picked after the runs) is at or above local-only and within
+    ``target_gap`` of centralized, judged on the mean paired differences, shown with their intervals and adjusted
+    p-values (``comparisons``: the report's whole family)."""
     trained = [m for m in study.methods
                if m not in REFERENCES and m in sub.index and st.is_finite(sub.loc[m, "mcc_mean"])]
     if not trained or not set(REFERENCES) <= set(study.methods):
@@ -404,12 +441,13 @@ def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame) -> str 
         row = comp[(comp["method"] == best) & (comp["method_b"] == ref)]
         if row.empty or not st.is_finite(row["mean_diff"].iloc[0]):
             return None
-        diffs[ref] = _comparison(row.iloc[0])
-    met = diffs["local_only"].mean_diff >= 0 and diffs["centralized"].mean_diff >= -study.target_gap
+        diffs[ref] = (_comparison(row.iloc[0]), _adjusted(row.iloc[0], comparisons))
+    met = diffs["local_only"][0].mean_diff >= 0 and diffs["centralized"][0].mean_diff >= -study.target_gap
     return (f"target (at or above local-only and within {study.target_gap:.2f} of centralized, on the means) "
-            f"{'**met**' if met else '**not met**'} by the best trained method, {method_label(best)}: "
-            f"vs local-only {st.fmt_difference(diffs['local_only'])}; "
-            f"vs centralized {st.fmt_difference(diffs['centralized'])}")
+            f"{'**met**' if met else '**not met**'} by the best trained method (highest mean MCC, picked after the "
+            f"runs), {method_label(best)}: "
+            f"vs local-only {st.fmt_difference(*diffs['local_only'][:1], adjusted=diffs['local_only'][1])}; "
+            f"vs centralized {st.fmt_difference(*diffs['centralized'][:1], adjusted=diffs['centralized'][1])}")
 
 
 def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame, figures: list[Path], out: Path,
@@ -429,8 +467,9 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
     md = [f"# Study `{study.name}`", "", study.description, ""]
     if study.question:
         md += [f"**Question.** {study.question}", ""]
-    md += [f"**Setup.** Data: {data_note}. Preset `{study.preset}`, {study.rounds} rounds x {study.local_epochs} local "
-           f"epochs (centralized and local-only train {study.rounds * study.local_epochs} epochs), seeds "
+    md += [f"**Setup.** Data ({data_note}): {data_sets_note(study)}. {study.rounds} rounds x "
+           f"{study.local_epochs} local epochs (centralized and local-only train "
+           f"{study.rounds * study.local_epochs} epochs), seeds "
            f"{study.seeds}. Every method is scored on each site's own test patients with the test-graph rule "
            f"{rules_note(study)}; "
            "global metrics come from summed confusion matrices (exactly the pooled predictions). Paired / unpaired "
@@ -438,9 +477,7 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
            "value means every site withheld that split (a site with between 1 and k - 1 test patients in either "
            "group, k the consortium's minimum count, releases neither, so one cannot be derived from the total).",
            "",
-           f"**Statistics.** {STATISTICS_NOTE} This report makes {len(comparisons)} comparisons; each interval is a "
-           "95% interval on its own (no correction for multiplicity), so about one in twenty comparisons without a "
-           "real difference is expected to read \"helps\" or \"hurts\" by chance.", "", FINDINGS, ""]
+           f"**Statistics.** {STATISTICS_NOTE} {multiplicity_note(comparisons)}", "", FINDINGS, ""]
     md += headline(study, summary, comparisons) + [""]
     md += [f"![{p.stem}]({p.name})" for p in figures] + [""]
     md += ["## Table", "", _markdown_table(table[cols]), ""]
@@ -450,10 +487,12 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
         comp["b"] = [f"{method_label(m)} @ {c}" for m, c in zip(comp["method_b"], comp["cell_b"])]
         comp["a − b"] = comp["mean_diff"].map(lambda v: _f(v, sign=True))
         comp["95% CI"] = [_interval(lo, hi, sign=True) for lo, hi in zip(comp["ci_low"], comp["ci_high"])]
-        comp["p (paired t)"] = comp["p_value"].map(lambda v: ("< 0.001" if v < 0.001 else f"{v:.3f}")
-                                                    if st.is_finite(v) else "")
+        comp["p (paired t)"] = comp["p_value"].map(st.fmt_p_cell)
+        comp["p Holm"] = comp["p_holm"].map(st.fmt_p_cell)
+        comp["p BH"] = comp["p_bh"].map(st.fmt_p_cell)
         md += ["## Paired comparisons (MCC)", "",
-               _markdown_table(comp[["a", "b", "n", "a − b", "95% CI", "p (paired t)", "verdict"]]), ""]
+               _markdown_table(comp[["a", "b", "n", "a − b", "95% CI", "p (paired t)", "p Holm", "p BH", "verdict"]]),
+               ""]
     md += [f"Per-seed rows: `{study.name}_tidy.csv`; summary (mean, sample std, 95% CI and n per cell and method, and "
            f"every paired comparison): `{study.name}_summary.json`. Rerun with the same command to resume; finished "
            "cells are not run again.", ""]
@@ -573,7 +612,7 @@ def run(args: argparse.Namespace) -> int:
                 run_cell_seed(study, cell, seed, args.data, out, args.engine,
                               advance=lambda n: progress.advance(task, n))
     df = tidy_frame(study, out)
-    report = write_outputs(study, df, out, f"`{study.dataset}` (real TCGA data from {args.data})",
+    report = write_outputs(study, df, out, f"real TCGA data from {args.data}",
                            wall_seconds=time.perf_counter() - t0)
     findings = report.read_text().split(FINDINGS, 1)[1].split("\n## ", 1)[0]
     for line in findings.splitlines():

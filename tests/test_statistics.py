@@ -79,8 +79,36 @@ def test_headline_wording():
     single = st.paired_comparison({1: 0.9}, {1: 0.1})
     assert st.comparison_sentence("A", "B", single) == ("A vs B: no difference detected (+0.800 MCC, n = 1 seed: "
                                                         "no interval)")
-    constant = st.paired_comparison({1: 0.7, 2: 0.6}, {1: 0.6, 2: 0.5})  # +0.1 on every seed: a point interval
-    assert constant.verdict == "helps" and "on every one of n = 2 seeds" in st.comparison_sentence("A", "B", constant)
+    # +0.1 on every seed: no spread, so no t interval, no p-value and no verdict (issue 23: it used to read "helps"
+    # with p = nan)
+    constant = st.paired_comparison({1: 0.7, 2: 0.6, 3: 0.9}, {1: 0.6, 2: 0.5, 3: 0.8})
+    assert constant.std_diff == 0.0 and math.isnan(constant.p_value)
+    assert math.isnan(constant.ci_low) and math.isnan(constant.ci_high)
+    assert constant.verdict == "no difference detected"
+    assert st.comparison_sentence("A", "B", constant) == ("A vs B: no difference detected (+0.100 MCC on every one "
+                                                          "of n = 3 seeds: no spread, so no interval and no test)")
+    adjusted = st.comparison_sentence("A", "B", helps, adjusted=st.Adjusted(holm=0.5, bh=0.25, m=7))
+    assert "(adjusted over 7 comparisons: Holm p = 0.500, Benjamini-Hochberg p = 0.250), n = 3 seeds)" in adjusted
+
+
+def test_holm_and_benjamini_hochberg_by_hand():
+    p = [0.01, 0.04, 0.03, float("nan"), 0.005]  # ascending: 0.005, 0.01, 0.03, 0.04 (m = 4; nan not counted)
+    holm = st.holm(p)
+    # Holm: 4 * 0.005 = 0.02, 3 * 0.01 = 0.03, 2 * 0.03 = 0.06, 1 * 0.04 = 0.04 -> running max 0.06
+    assert holm[[4, 0, 2, 1]] == pytest.approx([0.02, 0.03, 0.06, 0.06]) and math.isnan(holm[3])
+    bh = st.benjamini_hochberg(p)
+    # BH: 0.005 * 4/1 = 0.02, 0.01 * 4/2 = 0.02, 0.03 * 4/3 = 0.04, 0.04 * 4/4 = 0.04 -> running min from the top
+    assert bh[[4, 0, 2, 1]] == pytest.approx([0.02, 0.02, 0.04, 0.04]) and math.isnan(bh[3])
+    assert st.holm([0.9, 0.8]).tolist() == [1.0, 1.0]  # capped at 1
+    assert np.isnan(st.holm([float("nan")])).all() and st.benjamini_hochberg([]).size == 0
+
+
+def test_benjamini_hochberg_matches_scipy():
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0, 0.2, size=40)
+    assert st.benjamini_hochberg(p) == pytest.approx(stats.false_discovery_control(p, method="bh"))
+    holm = st.holm(p)
+    assert (holm >= p).all() and (holm >= st.benjamini_hochberg(p) - 1e-15).all()  # Holm is never less strict
 
 
 def test_frames():

@@ -69,15 +69,19 @@ def test_study_runs_resumes_and_reruns_from_its_files(data_root, tmp_path):
     for comp in summary["comparisons"]:  # every verdict and sentence follows from its paired interval
         c = st.PairedComparison(comp["n"], comp["mean_diff"], comp["std_diff"], _nan(comp["ci_low"]),
                                 _nan(comp["ci_high"]), _nan(comp["p_value"]), tuple(comp["units"]))
+        finite_p = sum(1 for x in summary["comparisons"] if x["p_value"] is not None)
+        adj = st.Adjusted(_nan(comp["p_holm"]), _nan(comp["p_bh"]), finite_p)
+        if comp["p_value"] is not None:  # adjusted p-values: Holm / BH over the whole report, never below the raw
+            assert comp["p_value"] <= comp["p_bh"] <= comp["p_holm"] + 1e-12
         assert comp["n"] == 2 and comp["units"] == [10, 20]
         assert comp["verdict"] == st.verdict(c.ci_low, c.ci_high)
         label = {"federated": "modality-aware FedAvg", "fedavg_plain": "plain FedAvg", "centralized": "centralized",
                  "local_only": "local-only"}
         if comp["kind"] == "methods":
-            assert st.comparison_sentence(label[comp["method"]], label[comp["method_b"]], c) in report
+            assert st.comparison_sentence(label[comp["method"]], label[comp["method_b"]], c, adjusted=adj) in report
         else:
             assert st.comparison_sentence(f"{label[comp['method']]}, no-mirna", "two-sites", c,
-                                          words=("higher", "lower")) in report
+                                          words=("higher", "lower"), adjusted=adj) in report
     assert "sample standard deviation (ddof = 1)" in report and "95% t interval" in report
     # the cell's test-graph rule reaches its runs and the report says which rule each cell used
     for cell, rule in (("two-sites", "among-test"), ("no-mirna", "attach-to-train")):
@@ -112,12 +116,35 @@ def test_new_methods_join_comparisons_report_and_figure(tmp_path):
              "unpaired_mcc": np.nan, "seconds_per_round": 0.1, "error": ""}
             for c in study.cells for m in methods for s in (10, 20, 30)]
     report = write_outputs(study, pd.DataFrame(rows), tmp_path, "synthetic rows for a wording test").read_text()
-    assert "fedprox vs local-only: **helps** (+0.0" in report and "fedprox vs plain FedAvg: **helps**" in report
+    assert "FedProx vs local-only: **helps** (+0.0" in report and "FedProx vs plain FedAvg: **helps**" in report
     assert "target (at or above local-only and within 0.03 of centralized, on the means) **met** by the best " \
-           "trained method, fedprox: vs local-only +0.0" in report
+           "trained method (highest mean MCC, picked after the runs), FedProx: vs local-only +0.0" in report
     assert (tmp_path / "tiny_mcc.png").stat().st_size > 1000
     comps = comparisons_frame(study, pd.DataFrame(rows))
     assert set(comps[comps["kind"] == "cells"]["method"]) == set(methods)
+
+
+def test_report_names_each_cells_dataset_and_preset_and_adjusted_p_values(tmp_path):
+    """Issue 23: the setup line named the study's default dataset and preset for every cell."""
+    text = STUDY.replace('id = "no-mirna"\n', 'id = "no-mirna"\ndataset = "tcga-brca-rjive"\npreset = "brca"\n')
+    study = load_study_text(tmp_path, text)
+    methods = ["centralized", "local_only", "fedavg_plain", "federated"]
+    rng = np.random.default_rng(1)
+    rows = [{"study": "tiny", "cell": c.id, "group": c.group, "x": c.x, "dataset": c.dataset or study.dataset,
+             "method": m, "seed": s, "mcc": 0.5 + rng.normal(0, 0.05), "acc": 0.7, "f1": 0.6, "paired_mcc": 0.5,
+             "unpaired_mcc": np.nan, "seconds_per_round": 0.1, "error": ""}
+            for c in study.cells for m in methods for s in (10, 20, 30)]
+    report = write_outputs(study, pd.DataFrame(rows), tmp_path, "synthetic rows").read_text()
+    setup = next(line for line in report.splitlines() if line.startswith("**Setup.**"))
+    assert "`tcga-ov-magnet`, preset `ov` (cells two-sites)" in setup
+    assert "`tcga-brca-rjive`, preset `brca` (cells no-mirna)" in setup
+    summary = json.loads((tmp_path / "tiny_summary.json").read_text())
+    comps = pd.DataFrame(summary["comparisons"])
+    p = comps["p_value"].astype(float)
+    assert np.allclose(comps["p_holm"].astype(float), st.holm(p), equal_nan=True)
+    assert np.allclose(comps["p_bh"].astype(float), st.benjamini_hochberg(p), equal_nan=True)
+    assert f"This report makes {len(comps)} comparisons ({int(p.notna().sum())} with a p-value)" in report
+    assert "| p (paired t) | p Holm | p BH | verdict |" in report
 
 
 def load_study_text(tmp_path, text):
