@@ -35,7 +35,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fedyogi", "FedYogi", "federated, FedYogi (modality-aware)", "tab:pink", "federated"),
     Method("personalized", "personalized", "personalized (modality-aware FedAvg, then site fine-tuning)", "tab:cyan",
            "federated"),
-    Method("centralized", "centralized", "centralized (all sites' training patients pooled)", "tab:green",
+    Method("centralized", "centralized", "centralized (the training patients of all sites pooled)", "tab:green",
            "reference"),
     Method("local_only", "local-only", "local-only (each site alone)", "tab:red", "reference"),
 )}
