@@ -27,6 +27,8 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from client.app import app as client_app
 from client.worker_link import MAGIC, WORKER_ERROR_CODE, WorkerFailure, ping, wait_ready
+from magnet_core.protocol.keys import PROTOCOL_VERSION, VERSION_KEY
+from magnet_core.protocol.messages import site_record
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ("mRNA", "miRNA", "protein")
@@ -136,7 +138,7 @@ def test_worker_replies_equal_in_process_replies(worker, monkeypatch):
     for k in messages:
         assert not via[k].has_error(), via[k].error.reason
         assert dict(via[k].content["metrics"]) == dict(here[k].content["metrics"])
-        assert dict(via[k].content["site"]) == dict(here[k].content["site"]) == {"name": "site-a"}
+        assert dict(via[k].content["site"]) == dict(here[k].content["site"]) == site_record("site-a")
     for k in ("train", "clipped"):
         a, b = _arrays(via[k]), _arrays(here[k])
         assert list(a) == list(b)
@@ -195,7 +197,7 @@ def _raw(path: Path, data: bytes) -> dict:
 
 
 def _frame(header: dict, payload: bytes = b"") -> bytes:
-    text = json.dumps(header).encode()
+    text = json.dumps({VERSION_KEY: PROTOCOL_VERSION, **header}).encode()
     return MAGIC + struct.pack(">I", len(text)) + text + payload
 
 
