@@ -209,6 +209,7 @@ def test_no_patient_level_data_in_replies(ov_path):
     from flwr.app import ConfigRecord, Context, RecordDict
 
     from client.app import app as client_app
+    from magnet_core.protocol.version import stamped
     from server.loop import ModelSpec, initial_params
 
     cohort, sites = load_consortium(str(ov_path), "iid-2", 10)
@@ -217,8 +218,8 @@ def test_no_patient_level_data_in_replies(ov_path):
     ids = {str(s) for s in cohort.sample_ids}
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                   run_config={})
-    conf = {"preset": "ov", "seed": 10, "local-epochs": 1, "data-path": str(ov_path), "scenario": "iid-2",
-            "server-round": 1, "histogram-bins": 1000}
+    conf = stamped({"preset": "ov", "seed": 10, "local-epochs": 1, "data-path": str(ov_path), "scenario": "iid-2",
+                    "server-round": 1, "histogram-bins": 1000})
     for kind in ("train", "evaluate"):
         msg = _instruction(1, kind, {**model_records(params), "config": ConfigRecord(conf)})
         reply = client_app(msg, ctx)
