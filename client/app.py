@@ -7,8 +7,21 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from magnet_core.protocol.messages import ContractError, RoundConfig
-from magnet_core.protocol.wire import LAYOUT_KEY, MODEL_KEY, flat_of
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.keys import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    EVALUATE,
+    LAYOUT_KEY,
+    METRICS_KEY,
+    MODEL_KEY,
+    NODE_DP_FLOOR,
+    NODE_WORKER_SOCKET,
+    SITE_KEY,
+    TRAIN,
+)
+from magnet_core.protocol.messages import RoundConfig
+from magnet_core.protocol.wire import flat_of
 
 DATA_ERROR_CODE = 4001  # the site's data failed validation; the reason names the file and the problem
 CONTRACT_ERROR_CODE = 4002  # the coordinator's message broke the contract; the reason names the key
@@ -19,7 +32,7 @@ def optional_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     from flwr.clientapp.mod import fixedclipping_mod
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-    config = msg.content.config_records.get("config")
+    config = msg.content.config_records.get(CONFIG_KEY)
     if config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
     # Flower's mod wants exactly one ConfigRecord: the model layout is set aside for it and handed back to the app
@@ -46,11 +59,11 @@ def error_reply(msg: Message, code: int, reason: str) -> Message:
 def received_model(content: RecordDict) -> tuple[Any, dict]:
     """(flat model array, layout record) of a round message; ContractError when either is missing or the arrays
     are not exactly one flat model array."""
-    if "arrays" not in content.array_records:
-        raise ContractError("no model weights ('arrays')")
+    if ARRAYS_KEY not in content.array_records:
+        raise ContractError(f"no model weights ({ARRAYS_KEY!r})")
     if LAYOUT_KEY not in content.config_records:
         raise ContractError(f"no model layout ({LAYOUT_KEY!r})")
-    return flat_of(content["arrays"]), dict(content[LAYOUT_KEY])
+    return flat_of(content[ARRAYS_KEY]), dict(content[LAYOUT_KEY])
 
 
 def model_record(flat) -> ArrayRecord:
@@ -59,32 +72,30 @@ def model_record(flat) -> ArrayRecord:
 
 
 def reply_with(msg: Message, metrics: dict, site: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(dict(metrics)), "site": ConfigRecord(dict(site))})
+    content = RecordDict({METRICS_KEY: MetricRecord(dict(metrics)), SITE_KEY: ConfigRecord(dict(site))})
     if arrays is not None:
-        content["arrays"] = arrays
+        content[ARRAYS_KEY] = arrays
     return Message(content=content, reply_to=msg)
 
 
 def handle(msg: Message, context: Context, kind: str) -> Message:
     """Decode the round config, then train or evaluate here (torch is imported only on this path)."""
     try:
-        cfg = RoundConfig.decode(msg.content["config"])
+        cfg = RoundConfig.decode(msg.content[CONFIG_KEY])
     except (ContractError, KeyError) as exc:
         return error_reply(msg, CONTRACT_ERROR_CODE, f"round config rejected: {exc}")
-    from .secure import FLOOR_KEY
-
-    floor = float(context.node_config.get(FLOOR_KEY, 0.0) or 0.0)
-    if kind == "train" and floor > 0:  # a plain or central-DP round would send this site's update without its noise
+    floor = float(context.node_config.get(NODE_DP_FLOOR, 0.0) or 0.0)
+    if kind == TRAIN and floor > 0:  # a plain or central-DP round would send this site's update without its noise
         return error_reply(msg, DATA_ERROR_CODE, f"this site trains only under secure aggregation with differential "
-                           f"privacy, noise multiplier >= {floor} ({FLOOR_KEY} in its node config); run with "
+                           f"privacy, noise multiplier >= {floor} ({NODE_DP_FLOOR} in its node config); run with "
                            "secagg=true and dp-clip-norm, dp-noise-multiplier set")
-    if "worker-socket" in context.node_config:  # deployment: the site's persistent worker trains (no torch here)
+    if NODE_WORKER_SOCKET in context.node_config:  # deployment: the site's persistent worker trains (no torch here)
         from .worker_link import WORKER_ERROR_CODE, WorkerFailure, forward
 
         try:
-            arrays = msg.content["arrays"] if "arrays" in msg.content else None
+            arrays = msg.content[ARRAYS_KEY] if ARRAYS_KEY in msg.content else None
             layout = msg.content[LAYOUT_KEY] if LAYOUT_KEY in msg.content.config_records else None
-            metrics, site, new = forward(kind, msg.content["config"], arrays, context.node_id, context.node_config,
+            metrics, site, new = forward(kind, msg.content[CONFIG_KEY], arrays, context.node_id, context.node_config,
                                          layout)
         except WorkerFailure as exc:
             code = {"data": DATA_ERROR_CODE, "contract": CONTRACT_ERROR_CODE}.get(exc.kind, WORKER_ERROR_CODE)
@@ -99,7 +110,7 @@ def handle(msg: Message, context: Context, kind: str) -> Message:
     try:
         site_for(cfg, context.node_config, context.node_id)  # loads and validates the site's data once
         flat, layout = received_model(msg.content)
-        if kind == "train":
+        if kind == TRAIN:
             metrics, site, new = train_site(cfg, context.node_config, context.node_id, flat, layout)
             return reply_with(msg, metrics, site, model_record(new))
         metrics, site = evaluate_site(cfg, context.node_config, context.node_id, flat, layout)
@@ -122,13 +133,13 @@ def logged(msg: Message, context: Context, kind: str) -> Message:
 @app.train(mods=[optional_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the received global weights; reply weights + per-modality training counts."""
-    return logged(msg, context, "train")
+    return logged(msg, context, TRAIN)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on local test patients; reply confusion counts and score histograms only."""
-    return logged(msg, context, "evaluate")
+    return logged(msg, context, EVALUATE)
 
 
 from . import secure  # noqa: E402,F401  registers the secure-aggregation handlers (train.secagg, query.secagg_*)

@@ -13,7 +13,15 @@ from magnet_core.federation.privacy import release_eval
 from magnet_core.model.config import get_preset
 from magnet_core.model.metrics import DEFAULT_BINS
 from magnet_core.model.site import SiteRuntime
-from magnet_core.protocol.messages import ContractError, EvalReply, RoundConfig, TrainReply
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.keys import (
+    NODE_DATA_DIR,
+    NODE_MANIFEST,
+    NODE_PARTITION_ID,
+    NODE_SITE_NAME,
+    NODE_TEST_POISON,
+)
+from magnet_core.protocol.messages import EvalReply, RoundConfig, TrainReply
 from magnet_core.protocol.wire import Layout, pack, unpack
 
 # Sites (data, graphs, model) are built once per process and reused across rounds.
@@ -23,21 +31,21 @@ _SITES: dict[tuple, SiteRuntime] = {}
 def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> SiteRuntime:
     """This node's site: a deployment data directory (node_config data-dir) or a simulated partition."""
     preset = get_preset(cfg.preset)
-    if "data-dir" in node_config:
+    if NODE_DATA_DIR in node_config:
         from magnet_core.cohort.manifest import ConsortiumManifest
         from magnet_core.cohort.validation import load_site_cohort
 
-        key = ("dir", str(node_config["data-dir"]), str(node_config.get("manifest", "")), cfg.seed, preset.name)
+        key = ("dir", str(node_config[NODE_DATA_DIR]), str(node_config.get(NODE_MANIFEST, "")), cfg.seed, preset.name)
         if key not in _SITES:
-            manifest = ConsortiumManifest.load(str(node_config["manifest"]))
-            cohort = load_site_cohort(str(node_config["data-dir"]), manifest, cfg.seed)
-            name = str(node_config.get("site-name", f"node{node_id}"))
+            manifest = ConsortiumManifest.load(str(node_config[NODE_MANIFEST]))
+            cohort = load_site_cohort(str(node_config[NODE_DATA_DIR]), manifest, cfg.seed)
+            name = str(node_config.get(NODE_SITE_NAME, f"node{node_id}"))
             _SITES[key] = SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity, preset.graph.rule,
                                             preset.graph.k)
         return _SITES[key]
     from magnet_core.consortium.simulated import load_consortium, site_name
 
-    pid = int(node_config["partition-id"])
+    pid = int(node_config[NODE_PARTITION_ID])
     key = ("sim", cfg.data_path, cfg.scenario, cfg.modalities, cfg.seed, pid, preset.name)
     if key not in _SITES:
         _, sites = load_consortium(cfg.data_path, cfg.scenario, cfg.seed, cfg.modalities)
@@ -98,15 +106,15 @@ def site_min_count(node_config: Mapping[str, Any]) -> int:
     """The k of the site's own consortium manifest (deployment); the floor otherwise."""
     from magnet_core.cohort.manifest import MIN_COUNT_FLOOR, ConsortiumManifest
 
-    if "manifest" in node_config:
-        return ConsortiumManifest.load(str(node_config["manifest"])).min_count
+    if NODE_MANIFEST in node_config:
+        return ConsortiumManifest.load(str(node_config[NODE_MANIFEST])).min_count
     return MIN_COUNT_FLOOR
 
 
 def poison_for_testing(state: dict[str, torch.Tensor], node_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """node_config ``test-poison`` = "nan" | "scale": corrupt this site's update, to test the server's defences
     in deployment tests. Never set it on a real site."""
-    mode = str(node_config.get("test-poison", ""))
+    mode = str(node_config.get(NODE_TEST_POISON, ""))
     if mode == "nan":
         state = dict(state)
         name = next(k for k in state if k.startswith("attention"))

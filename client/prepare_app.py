@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -21,7 +20,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from magnet_core.cohort.data import DataError
-from magnet_core.cohort.manifest import ConsortiumManifest
 from magnet_core.cohort.preprocess import (
     STAT_FIELDS,
     PrepareConfig,
@@ -31,42 +29,64 @@ from magnet_core.cohort.preprocess import (
     site_statistics,
     write_prepared_site,
 )
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.keys import (
+    CONFIG_KEY,
+    FEATURES_KEY,
+    LAYOUT_KEY,
+    NODE_PARTITION_ID,
+    NODE_PREPARE_REQUIRE_SECAGG,
+    NODE_PREPARED_DIR,
+    NODE_RAW_DIR,
+    NODE_SITE_NAME,
+    PREPARE_APPLY,
+    PREPARE_SECAGG,
+    PREPARE_STATS,
+    SECAGG_MASK,
+    SECAGG_SHARE,
+    SECAGG_UNMASK,
+    SITE_KEY,
+    STATE_DONE,
+    STATE_PREPARE_SUMMED,
+    STATS_KEY,
+)
+from magnet_core.protocol.prepare import PrepareApplied, PrepareRefusal, PrepareRequest, StatsReply, stats_key
+from magnet_core.protocol.secagg import SecAggError, SecAggStart
 
 from .secure import guarded, secagg_mask, secagg_share, secagg_unmask, secure_reply, start_secure_sum
 
 app = ClientApp()
 # the secure sum's stages 1-3, the very handlers training uses (any vector stored by start_secure_sum)
-app.query("secagg_share")(secagg_share)
-app.query("secagg_mask")(secagg_mask)
-app.query("secagg_unmask")(secagg_unmask)
-REQUIRE_SECAGG = "prepare-require-secagg"  # node config: this site answers only a secure preparation
+app.query(SECAGG_SHARE)(secagg_share)
+app.query(SECAGG_MASK)(secagg_mask)
+app.query(SECAGG_UNMASK)(secagg_unmask)
+REQUIRE_SECAGG = NODE_PREPARE_REQUIRE_SECAGG  # node config: this site answers only a secure preparation
 RELEASED_FIELDS = [f for f in STAT_FIELDS if f not in ("minimum", "maximum")]  # never released: single patients
 
 # A site's raw data are read once for both messages when the same process handles them (always in deployment).
 _SITES: dict[tuple[str, str], RawSite] = {}
 
-ONE_SECURE_SUM = "prepare-secure-sum"  # context.state: this site has contributed to a secure sum in this run
 
-def site_spec(config: ConfigRecord, context: Context) -> SiteSpec:
+def site_spec(request: PrepareRequest, context: Context) -> SiteSpec:
     """This node's site: its own folders in deployment (node_config ``raw-dir`` and ``prepared-dir``, optional
     ``site-name``), or the partition's entry of the simulated ``sites`` list."""
     node = context.node_config
-    if "raw-dir" in node:
-        if "prepared-dir" not in node:
+    if NODE_RAW_DIR in node:
+        if NODE_PREPARED_DIR not in node:
             raise DataError("node_config has raw-dir but no prepared-dir (where this site writes its prepared data)")
-        raw = str(node["raw-dir"])
-        return SiteSpec(name=str(node.get("site-name", os.path.basename(raw.rstrip("/")) or "site")),
-                        raw_dir=raw, out_dir=str(node["prepared-dir"]))
-    sites = json.loads(str(config.get("sites", "[]")))
-    pid = int(node.get("partition-id", -1))
-    if not 0 <= pid < len(sites):
-        raise DataError(f"simulated node with partition-id {pid} has no site (the run lists {len(sites)} sites)")
-    return SiteSpec.model_validate(sites[pid])
+        raw = str(node[NODE_RAW_DIR])
+        return SiteSpec(name=str(node.get(NODE_SITE_NAME, os.path.basename(raw.rstrip("/")) or "site")),
+                        raw_dir=raw, out_dir=str(node[NODE_PREPARED_DIR]))
+    pid = int(node.get(NODE_PARTITION_ID, -1))
+    if not 0 <= pid < len(request.sites):
+        raise DataError(f"simulated node with partition-id {pid} has no site (the run lists {len(request.sites)} "
+                        "sites)")
+    return request.sites[pid]
 
 
-def _site(config: ConfigRecord, spec: SiteSpec, keep: bool = True) -> tuple[PrepareConfig, RawSite]:
+def _site(request: PrepareRequest, spec: SiteSpec, keep: bool = True) -> tuple[PrepareConfig, RawSite]:
     """This site's settings and raw data; ``keep=False`` drops the cached raw data (after the last message)."""
-    cfg = PrepareConfig.model_validate_json(str(config["prepare-config"]))
+    cfg = request.prepare
     key = (spec.model_dump_json(), cfg.model_dump_json())
     site = _SITES[key] if key in _SITES else spec.load(cfg, log=lambda *_: None)
     if keep:
@@ -77,8 +97,9 @@ def _site(config: ConfigRecord, spec: SiteSpec, keep: bool = True) -> tuple[Prep
 
 
 def _refusal(msg: Message, name: str, exc: Exception) -> Message:
-    """A site's own data problem, reported to the server as text (no traceback, no data)."""
-    return Message(content=RecordDict({"site": ConfigRecord({"name": name, "error": str(exc)})}), reply_to=msg)
+    """A site's own data problem (or a request it refuses), reported to the server as text (no traceback, no data)."""
+    return Message(content=RecordDict({SITE_KEY: ConfigRecord(PrepareRefusal(site=name, error=str(exc)).encode())}),
+                   reply_to=msg)
 
 
 def released_statistics(site: RawSite, cfg: PrepareConfig, num_classes: int | None, observed_ranges: bool = False
@@ -99,77 +120,77 @@ def released_statistics(site: RawSite, cfg: PrepareConfig, num_classes: int | No
                       for m, r in report.items()}
 
 
-@app.query("prepare_stats")
+@app.query(PREPARE_STATS)
 def stats(msg: Message, context: Context) -> Message:
     """Per class and feature, over this site's training patients, released only where >= k patients back it:
     counts, sums and sums of squares (in the clear, or only feature names when they go through a secure sum)."""
     from magnet_core.federation.privacy import release_summary
 
-    config = msg.content["config"]
     name = f"node {context.node_id}"
     try:
-        spec = site_spec(config, context)
+        request = PrepareRequest.decode(msg.content[CONFIG_KEY])
+        spec = site_spec(request, context)
         name = spec.name
-        if bool(context.node_config.get(REQUIRE_SECAGG, False)) and not bool(config.get("secagg", False)):
+        if bool(context.node_config.get(REQUIRE_SECAGG, False)) and not request.secagg:
             raise DataError(f"this site sends its statistics only through secure aggregation ({REQUIRE_SECAGG} in "
                             "its node config); run the preparation with secagg=true")
-        if "raw-dir" in context.node_config and bool(config.get("observed-ranges", False)):
+        if NODE_RAW_DIR in context.node_config and request.observed_ranges:
             raise DataError("observed ranges would send per-feature minima and maxima, single patients' values: "
                             "declare value_ranges for every modality instead")
-        cfg, site = _site(config, spec)
-        released, withheld = released_statistics(site, cfg, int(config.get("num-classes", 0)) or None,
-                                                 bool(config.get("observed-ranges", False)))
-    except DataError as exc:
+        cfg, site = _site(request, spec)
+        released, withheld = released_statistics(site, cfg, request.num_classes or None, request.observed_ranges)
+    except (DataError, ContractError) as exc:
         return _refusal(msg, name, exc)
-    content = RecordDict({
-        "features": ConfigRecord({m: list(st.features) for m, st in released.items()}),
-        "site": ConfigRecord({"name": site.name, "num-classes": site.num_classes,
-                              "summary": json.dumps(release_summary(site.summary(), cfg.min_count)),
-                              "withheld": json.dumps(withheld)}),
-    })
-    if not bool(config.get("secagg", False)):
-        content["stats"] = ArrayRecord({f"{m}/{f}": Array(a) for m, st in released.items()
-                                        for f, a in st.to_arrays().items()
-                                        if f in RELEASED_FIELDS or np.isfinite(a).any()})
+    reply = StatsReply(site=site.name, num_classes=site.num_classes,
+                       summary=release_summary(site.summary(), cfg.min_count), withheld=withheld,
+                       features={m: list(st.features) for m, st in released.items()})
+    site_rec, features = reply.encode()
+    content = RecordDict({FEATURES_KEY: ConfigRecord(features), SITE_KEY: ConfigRecord(site_rec)})
+    if not request.secagg:
+        content[STATS_KEY] = ArrayRecord({stats_key(m, f): Array(a) for m, st in released.items()
+                                          for f, a in st.to_arrays().items()
+                                          if f in RELEASED_FIELDS or np.isfinite(a).any()})
     return Message(content=content, reply_to=msg)
 
 
-@app.query("prepare_secagg")
+@app.query(PREPARE_SECAGG)
 def secure_stats(msg: Message, context: Context) -> Message:
     """Stage 0 of the secure sum of this site's k-released statistics in the consortium's StatsLayout: the vector
     is kept here (masked in query.secagg_mask); the reply holds public keys only."""
 
     def body(rec) -> Message:
-        from magnet_core.federation.secagg import SecAggError, SecAggSetup, StatsLayout
+        from magnet_core.federation.secagg import StatsLayout
 
-        if ONE_SECURE_SUM in context.state.config_records:
+        if STATE_PREPARE_SUMMED in context.state.config_records:
             raise SecAggError("this site already contributed its statistics to a secure sum in this run: a second "
                               "sum over other sites would reveal this site's statistics by difference")
-        config = msg.content["config"]
-        spec = site_spec(config, context)
-        cfg, site = _site(config, spec)
-        layout = StatsLayout.from_record(msg.content["layout"])
+        request = PrepareRequest.decode(msg.content[CONFIG_KEY])
+        spec = site_spec(request, context)
+        cfg, site = _site(request, spec)
+        layout = StatsLayout.from_record(msg.content[LAYOUT_KEY])
         released, _ = released_statistics(site, cfg, layout.num_classes)
-        advert = start_secure_sum(context, SecAggSetup.from_record(rec), int(rec["site-id"]), layout.encode(released))
-        context.state[ONE_SECURE_SUM] = ConfigRecord({"done": True})
+        start = SecAggStart.from_record(rec)
+        advert = start_secure_sum(context, start.setup, start.site_id, layout.encode(released))
+        context.state[STATE_PREPARE_SUMMED] = ConfigRecord({STATE_DONE: True})
         return secure_reply(msg, advert, site=site.name)
 
     return guarded(msg, context, body)
 
 
-@app.query("prepare_apply")
+@app.query(PREPARE_APPLY)
 def apply(msg: Message, context: Context) -> Message:
     """Impute, scale and select locally with the consortium's manifest; write the prepared cohort; report counts."""
-    config = msg.content["config"]
     name = f"node {context.node_id}"
     try:
-        spec = site_spec(config, context)
+        request = PrepareRequest.decode(msg.content[CONFIG_KEY])
+        spec = site_spec(request, context)
         name = spec.name
-        cfg, site = _site(config, spec, keep=False)
-        manifest = ConsortiumManifest.model_validate_json(str(config["manifest"]))
-        frames, report = apply_manifest(site, manifest, cfg.clip)
+        cfg, site = _site(request, spec, keep=False)
+        if request.manifest is None:
+            raise ContractError("preparation request: query.prepare_apply without the consortium's manifest")
+        frames, report = apply_manifest(site, request.manifest, cfg.clip)
         write_prepared_site(spec.out_dir, site, frames)
-    except DataError as exc:
+    except (DataError, ContractError) as exc:
         return _refusal(msg, name, exc)
-    return Message(content=RecordDict({"site": ConfigRecord({"name": name, "out-dir": spec.out_dir,
-                                                             "report": json.dumps(report)})}), reply_to=msg)
+    applied = PrepareApplied(site=name, out_dir=spec.out_dir, report=report)
+    return Message(content=RecordDict({SITE_KEY: ConfigRecord(applied.encode())}), reply_to=msg)

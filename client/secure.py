@@ -1,6 +1,7 @@
 """A site's side of secure aggregation on Flower's Message API: train, clip, encode, then mask and unmask."""
 
-# Messages (the server side is server/secure.py; the protocol is magnet_core/federation/secagg.py):
+# Messages (the server side is server/secure.py; the messages are magnet_core/protocol/secagg.py, the crypto
+# magnet_core/federation/secagg.py):
 #   train.secagg          arrays (one flat model) + layout + config + "secagg" (SecAggSetup, this site's secagg id,
 #                         clip norm, weighting)
 #                         -> "site" {name}, "secagg" KeyAdvert. The site trains, clips its update to the clip norm,
@@ -10,9 +11,9 @@
 #   query.secagg_unmask   UnmaskRequest -> UnmaskShares; the site's secrets are then deleted from context.state
 # Nothing individual leaves the site in the clear besides its name and public keys: not its patient counts, not
 # its loss (both travel inside the masked vector).
-# With "dp" in the setup record (differential privacy with distributed noise, magnet_core/federation/dp.py) the site clips its
-# update to the clip norm over the blocks it holds, encodes it with uniform weights (1 per block held; no patient
-# counts, no loss) and adds its own noise piece N(0, (z C)^2 / t), t = the setup's threshold, before masking.
+# With "dp" in the setup record (differential privacy with distributed noise, magnet_core/federation/dp.py) the site
+# clips its update to the clip norm over the blocks it holds, encodes it with uniform weights (1 per block held; no
+# patient counts, no loss) and adds its own noise piece N(0, (z C)^2 / t), t = the setup's threshold, before masking.
 
 from __future__ import annotations
 
@@ -21,21 +22,47 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from magnet_core.protocol.messages import ContractError, RoundConfig, TrainReply
-from magnet_core.protocol.wire import LAYOUT_KEY, Layout, flat_of, unpack
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.keys import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    DEPLOYED_KEYS,
+    LAYOUT_KEY,
+    MASKED_KEY,
+    NODE_DP_FLOOR,
+    NODE_WORKER_SOCKET,
+    SECAGG_ACTION,
+    SECAGG_KEY,
+    SECAGG_MASK,
+    SECAGG_SHARE,
+    SECAGG_UNMASK,
+    SITE_KEY,
+    STATE_SECAGG,
+    STATE_SECAGG_SITE,
+    STATE_VECTOR,
+    STATE_VECTOR_ARRAY,
+    TRAIN,
+)
+from magnet_core.protocol.messages import RoundConfig, TrainReply, site_record
+from magnet_core.protocol.secagg import (
+    ROUND_ID,
+    KeyBook,
+    SecAggError,
+    SecAggStart,
+    ShareInbox,
+    UnmaskRequest,
+)
+from magnet_core.protocol.wire import Layout, flat_of, unpack
 
 from .app import CONTRACT_ERROR_CODE, DATA_ERROR_CODE, app, error_reply, received_model
 
 SECAGG_ERROR_CODE = 4005  # the secure-aggregation exchange cannot go on at this site; the reason says why
-STATE_KEY = "secagg"  # context.state ConfigRecord: round id + serialised SecAggSite (private keys: stays here)
-VECTOR_KEY = "secagg-vector"  # context.state ArrayRecord: this site's encoded update until it is masked
-DEPLOYED_KEYS = {"data-dir", "worker-socket"}  # node config of a site holding its own data (not a simulation)
-FLOOR_KEY = "dp-min-noise-multiplier"  # node config: a site refuses rounds whose noise multiplier is lower
 LOSS_SLOTS = 2  # after the UpdateLayout: loss * training patients, training patients with a finite loss
 
 
 def _secagg():
-    """magnet_core.federation.secagg, imported only after the thread policy (it loads torch; importing client.app must not)."""
+    """magnet_core.federation.secagg, imported only after the thread policy (it loads torch; importing client.app
+    must not)."""
     from magnet_core.model.threads import apply_thread_policy
 
     apply_thread_policy()
@@ -80,38 +107,38 @@ def dp_vector(global_params: Mapping[str, np.ndarray], new_params: Mapping[str, 
 
 
 def _train_locally(msg: Message, context: Context, cfg: RoundConfig, layout: Layout
-                   ) -> tuple[str, dict[str, np.ndarray], dict]:
-    """(site name, new parameters, train metrics) from the site's own training path (worker or in-process); the
+                   ) -> tuple[dict, dict[str, np.ndarray], dict]:
+    """(site record, new parameters, train metrics) from the site's own training path (worker or in-process); the
     flat reply is split with the received ``layout`` (which the training path checked against the site's model)."""
-    if "worker-socket" in context.node_config:  # deployment: the site's persistent worker trains
+    if NODE_WORKER_SOCKET in context.node_config:  # deployment: the site's persistent worker trains
         from .worker_link import forward
 
-        metrics, site, new = forward("train", msg.content["config"], msg.content["arrays"], context.node_id,
+        metrics, site, new = forward(TRAIN, msg.content[CONFIG_KEY], msg.content[ARRAYS_KEY], context.node_id,
                                      context.node_config, msg.content[LAYOUT_KEY])
-        return str(site["name"]), unpack(flat_of(new), layout), dict(metrics)
+        return dict(site), unpack(flat_of(new), layout), dict(metrics)
     from .handlers import site_for, train_site
 
     site_for(cfg, context.node_config, context.node_id)
     metrics, site, new = train_site(cfg, context.node_config, context.node_id, *received_model(msg.content))
-    return str(site["name"]), unpack(new, layout), dict(metrics)
+    return dict(site), unpack(new, layout), dict(metrics)
 
 
 def _stored(context: Context, round_id: str):
     """This site's SecAggSite of secure sum ``round_id``, from context.state."""
     sa = _secagg()
-    rec = context.state.config_records.get(STATE_KEY)
-    if rec is None or rec.get("round-id") != round_id:
-        raise sa.SecAggError(f"this site holds no secure-aggregation state for {round_id!r} (it did not train "
-                             "in this round, or it restarted since)")
-    return sa.SecAggSite.from_state(str(rec["site"]))
+    rec = context.state.config_records.get(STATE_SECAGG)
+    if rec is None or rec.get(ROUND_ID) != round_id:
+        raise SecAggError(f"this site holds no secure-aggregation state for {round_id!r} (it did not train "
+                          "in this round, or it restarted since)")
+    return sa.SecAggSite.from_state(str(rec[STATE_SECAGG_SITE]))
 
 
 def _store(context: Context, site) -> None:
-    context.state[STATE_KEY] = ConfigRecord({"round-id": site.setup.round_id, "site": site.to_state()})
+    context.state[STATE_SECAGG] = ConfigRecord({ROUND_ID: site.setup.round_id, STATE_SECAGG_SITE: site.to_state()})
 
 
 def _forget(context: Context) -> None:
-    for key in (STATE_KEY, VECTOR_KEY):
+    for key in (STATE_SECAGG, STATE_VECTOR):
         if key in context.state:
             del context.state[key]
 
@@ -123,22 +150,22 @@ def start_secure_sum(context: Context, setup, site_id: int, vector: np.ndarray) 
     sa = _secagg()
     vector = np.asarray(vector, dtype=np.float64).ravel()
     if vector.shape[0] != setup.vector_length:
-        raise sa.SecAggError(f"the setup's vector length {setup.vector_length} does not fit this site's vector "
-                             f"({vector.shape[0]})")
+        raise SecAggError(f"the setup's vector length {setup.vector_length} does not fit this site's vector "
+                          f"({vector.shape[0]})")
     _forget(context)
     site = sa.SecAggSite(setup, int(site_id))
     _store(context, site)
-    context.state[VECTOR_KEY] = ArrayRecord({"vector": Array(vector)})
+    context.state[STATE_VECTOR] = ArrayRecord({STATE_VECTOR_ARRAY: Array(vector)})
     return site.advertise().to_record()
 
 
 def _reply(msg: Message, secagg: dict, arrays: dict[str, np.ndarray] | None = None, site: str | None = None
            ) -> Message:
-    content = RecordDict({"secagg": ConfigRecord(secagg)})
+    content = RecordDict({SECAGG_KEY: ConfigRecord(secagg)})
     if site is not None:
-        content["site"] = ConfigRecord({"name": site})
+        content[SITE_KEY] = ConfigRecord(site_record(site))
     if arrays is not None:
-        content["masked"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        content[MASKED_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return Message(content=content, reply_to=msg)
 
 
@@ -148,11 +175,10 @@ def _guarded(msg: Message, context: Context, body: Callable[[Mapping[str, Any]],
 
     from .worker_link import WORKER_ERROR_CODE, WorkerFailure
 
-    SecAggError = _secagg().SecAggError
     try:
-        if "secagg" not in msg.content.config_records:
-            raise ContractError("secure-aggregation message without its 'secagg' record")
-        reply = body(msg.content["secagg"])
+        if SECAGG_KEY not in msg.content.config_records:
+            raise ContractError(f"secure-aggregation message without its {SECAGG_KEY!r} record")
+        reply = body(msg.content[SECAGG_KEY])
     except SecAggError as exc:
         _forget(context)
         reply = error_reply(msg, SECAGG_ERROR_CODE, f"secure aggregation refused: {exc}")
@@ -176,93 +202,91 @@ guarded, secure_reply = _guarded, _reply  # for other ClientApps' secure-sum sta
 # ------------------------------------------------------------------------------------------------- stages
 
 
-@app.train("secagg")
+@app.train(SECAGG_ACTION)
 def secagg_train(msg: Message, context: Context) -> Message:
     """Stage 0: local epochs from the global weights, update clipped and encoded and kept here; reply keys."""
 
     def body(rec: Mapping[str, Any]) -> Message:
         _forget(context)
-        cfg = RoundConfig.decode(msg.content["config"])
+        cfg = RoundConfig.decode(msg.content[CONFIG_KEY])
         flat, layout_rec = received_model(msg.content)
         sa = _secagg()
-        setup = sa.SecAggSetup.from_record(rec)
-        clip_norm, modality_aware = float(rec["clip-norm"]), bool(rec["modality-aware"])
-        if not clip_norm > 0:
-            raise ContractError(f"clip-norm must be > 0, got {clip_norm}")
+        start = SecAggStart.from_record(rec, training=True)
+        setup, terms = start.setup, start.train
+        clip_norm, modality_aware, dp, z = terms.clip_norm, terms.modality_aware, terms.dp, terms.dp_noise_multiplier
         received = Layout.from_record(layout_rec)
         global_params = unpack(flat, received)
         layout = sa.UpdateLayout.from_params(global_params)
         expected = layout.length + LOSS_SLOTS
         if setup.vector_length != expected:
-            raise sa.SecAggError(f"the setup's vector length {setup.vector_length} does not fit the model "
-                                 f"({expected})")
-        dp = bool(rec.get("dp", False))
-        z = float(rec["dp-noise-multiplier"]) if dp else 0.0
-        if dp and not z >= 0:
-            raise ContractError(f"dp-noise-multiplier must be >= 0, got {z}")
-        floor = float(context.node_config.get(FLOOR_KEY, 0.0))
+            raise SecAggError(f"the setup's vector length {setup.vector_length} does not fit the model "
+                              f"({expected})")
+        floor = float(context.node_config.get(NODE_DP_FLOOR, 0.0))
         if floor > 0 and not (dp and z >= floor):  # checked before any work: the site's own privacy floor
-            raise sa.SecAggError(f"this site requires differential privacy with noise multiplier >= {floor} "
-                                 f"({FLOOR_KEY} in its node config); the round asks for "
-                                 f"{z if dp else 'no differential privacy'}")
-        name, new, metrics = _train_locally(msg, context, cfg, received)
-        reply = TrainReply.decode(metrics, {"name": name}, layout.modalities)  # the site checks its own counts
+            raise SecAggError(f"this site requires differential privacy with noise multiplier >= {floor} "
+                              f"({NODE_DP_FLOOR} in its node config); the round asks for "
+                              f"{z if dp else 'no differential privacy'}")
+        site, new, metrics = _train_locally(msg, context, cfg, received)
+        reply = TrainReply.decode(metrics, site, layout.modalities)  # the site checks its own counts
         if dp:
             from magnet_core.federation.dp import site_noise_rng
 
-            seed = int(rec["dp-noise-seed"])
+            seed = terms.dp_noise_seed
             if DEPLOYED_KEYS & set(context.node_config):  # a real site: never noise the coordinator could know
                 seed = -1
-            rng = site_noise_rng(seed, cfg.server_round, int(rec["site-id"]))
+            rng = site_noise_rng(seed, cfg.server_round, start.site_id)
             vec, _, _ = dp_vector(global_params, new, reply.modality_counts, clip_norm, z, setup.threshold,
                                   modality_aware, rng)
         else:
             vec, _, _ = site_vector(global_params, new, reply.num_examples, reply.modality_counts, reply.loss,
                                     clip_norm, modality_aware)
-        return _reply(msg, start_secure_sum(context, setup, int(rec["site-id"]), vec), site=reply.site)
+        return _reply(msg, start_secure_sum(context, setup, start.site_id, vec), site=reply.site)
 
     return _guarded(msg, context, body)
 
 
 # The three handlers below work for any vector stored by start_secure_sum; the preparation ClientApp registers them
 # too (client/prepare_app.py).
-@app.query("secagg_share")
+@app.query(SECAGG_SHARE)
 def secagg_share(msg: Message, context: Context) -> Message:
     """Stage 2: Shamir shares of this site's secrets, encrypted for each other site."""
 
     def body(rec: Mapping[str, Any]) -> Message:
-        site = _stored(context, str(rec["round-id"]))
-        bundle = site.share(_secagg().KeyBook.from_record(rec))
+        book = KeyBook.from_record(rec)
+        site = _stored(context, book.round_id)
+        bundle = site.share(book)
         _store(context, site)
         return _reply(msg, bundle.to_record())
 
     return _guarded(msg, context, body)
 
 
-@app.query("secagg_mask")
+@app.query(SECAGG_MASK)
 def secagg_mask(msg: Message, context: Context) -> Message:
     """Stage 3: the masked vector; the plain one is deleted here."""
 
     def body(rec: Mapping[str, Any]) -> Message:
-        site = _stored(context, str(rec["round-id"]))
-        if VECTOR_KEY not in context.state:
-            raise _secagg().SecAggError("this site holds no update to mask in this round")
-        vec = context.state[VECTOR_KEY]["vector"].numpy()
-        masked = site.mask(_secagg().ShareInbox.from_record(rec), vec)
+        inbox = ShareInbox.from_record(rec)
+        site = _stored(context, inbox.round_id)
+        if STATE_VECTOR not in context.state:
+            raise SecAggError("this site holds no update to mask in this round")
+        vec = context.state[STATE_VECTOR][STATE_VECTOR_ARRAY].numpy()
+        masked = site.mask(inbox, vec)
         _store(context, site)
-        del context.state[VECTOR_KEY]
-        return _reply(msg, {"site-id": masked.site_id}, arrays={"masked": masked.masked})
+        del context.state[STATE_VECTOR]
+        return _reply(msg, masked.to_record(), arrays={MASKED_KEY: masked.masked})
 
     return _guarded(msg, context, body)
 
 
-@app.query("secagg_unmask")
+@app.query(SECAGG_UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Stage 4: shares that remove the masks of the survivors' sum (never both secrets of one site)."""
 
     def body(rec: Mapping[str, Any]) -> Message:
-        site = _stored(context, str(rec["round-id"]))
-        shares = site.unmask(_secagg().UnmaskRequest.from_record(rec))
+        request = UnmaskRequest.from_record(rec)
+        site = _stored(context, request.round_id)
+        shares = site.unmask(request)
         _forget(context)  # this round's secrets are no longer needed
         return _reply(msg, shares.to_record())
 

@@ -10,9 +10,17 @@ from typing import Any, Mapping
 
 from flwr.app import Message, RecordDict
 
+from magnet_core.protocol.keys import (
+    CONFIG_KEY,
+    NAME_FIELD,
+    NODE_PARTITION_ID,
+    NODE_SITE_LOG_DIR,
+    NODE_SITE_NAME,
+    SITE_KEY,
+)
 from magnet_core.protocol.messages import round_of
 
-LOG_KEY = "site-log-dir"  # node_config key: where the site keeps site_log.jsonl (read by `magnet-fl report --site`)
+LOG_KEY = NODE_SITE_LOG_DIR  # where the site keeps site_log.jsonl (read by `magnet-fl report --site`)
 
 
 def items(content: RecordDict) -> list[dict]:
@@ -34,10 +42,10 @@ def record(msg: Message, reply: Message, node_config: Mapping[str, Any]) -> None
     folder = node_config.get(LOG_KEY)
     if not folder:
         return
-    config = msg.content.config_records.get("config") if msg.has_content() else None
-    site = reply.content["site"].get("name") if not reply.has_error() and "site" in reply.content else None
-    simulated = f"site{node_config['partition-id']}" if "partition-id" in node_config else None  # as simulations name it
-    entry = {"site": site or node_config.get("site-name") or simulated or "unnamed site",
+    config = msg.content.config_records.get(CONFIG_KEY) if msg.has_content() else None
+    site = reply.content[SITE_KEY].get(NAME_FIELD) if not reply.has_error() and SITE_KEY in reply.content else None
+    simulated = f"site{node_config[NODE_PARTITION_ID]}" if NODE_PARTITION_ID in node_config else None  # as simulated
+    entry = {"site": site or node_config.get(NODE_SITE_NAME) or simulated or "unnamed site",
              "round": round_of(config),
              "kind": msg.metadata.message_type.split(".")[0], "time": time.time(),
              "received": items(msg.content) if msg.has_content() else [],

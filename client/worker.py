@@ -20,6 +20,20 @@ from typing import Any, Callable
 
 import numpy as np
 
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.keys import (
+    CONFIG_KEY,
+    EVALUATE,
+    LAYOUT_KEY,
+    METRICS_KEY,
+    NODE_DATA_DIR,
+    NODE_MANIFEST,
+    NODE_SITE_NAME,
+    SITE_KEY,
+    TRAIN,
+)
+from magnet_core.protocol.version import check_version
+
 from .worker_link import MAX_PAYLOAD_BYTES, Blob, FrameError, check_private_dir, encode_frame, flat_record, recv_frame
 
 log = logging.getLogger("magnet_fl.site_worker")
@@ -169,17 +183,17 @@ class SiteWorker:
         """The SuperNode's node config, with this worker's folder and manifest (which it must agree with)."""
         if not isinstance(given, dict):
             raise RequestError("request", "'node_config' must be an object")
-        for key, own in (("data-dir", self.data), ("manifest", self.manifest)):
+        for key, own in ((NODE_DATA_DIR, self.data), (NODE_MANIFEST, self.manifest)):
             if key in given and Path(str(given[key])).resolve() != own:
                 raise RequestError("worker", f"the SuperNode's node config {key}={given[key]!r} is not the "
-                                             f"{'folder' if key == 'data-dir' else 'manifest'} this site worker "
+                                             f"{'folder' if key == NODE_DATA_DIR else 'manifest'} this site worker "
                                              f"serves ({own}); start the worker on the same --data and --manifest")
-        if self.site_name and given.get("site-name", self.site_name) != self.site_name:
-            raise RequestError("worker", f"the SuperNode's site-name {given['site-name']!r} is not the worker's "
+        if self.site_name and given.get(NODE_SITE_NAME, self.site_name) != self.site_name:
+            raise RequestError("worker", f"the SuperNode's site-name {given[NODE_SITE_NAME]!r} is not the worker's "
                                          f"--site-name {self.site_name!r}")
-        out = {**given, "data-dir": str(self.data), "manifest": str(self.manifest)}
+        out = {**given, NODE_DATA_DIR: str(self.data), NODE_MANIFEST: str(self.manifest)}
         if self.site_name:
-            out["site-name"] = self.site_name
+            out[NODE_SITE_NAME] = self.site_name
         return out
 
     def refresh(self) -> None:
@@ -201,12 +215,18 @@ class SiteWorker:
     def answer(self, header: dict, blobs: list[Blob]) -> tuple[dict, list[Blob]]:
         """The reply to one request; never raises (an error becomes an error answer)."""
         kind = header.get("kind")
+        try:
+            check_version(header, "request to the site worker")
+        except ContractError as exc:
+            log.warning("%s request refused: %s", str(kind)[:40], exc)
+            return {"ok": False, "error": "request", "reason": f"{exc}; restart the site worker with the "
+                                                              f"SuperNode's magnet-fl"}, []
         if kind == "ping":
             return self.status(), []
         t0 = time.monotonic()
         what = f"{str(kind)[:40]} message"
         try:
-            if kind not in ("train", "evaluate"):
+            if kind not in (TRAIN, EVALUATE):
                 raise RequestError("request", f"unknown request kind {str(kind)[:40]!r} (train, evaluate or ping)")
             out, what = self._run(kind, header, blobs)
         except RequestError as exc:
@@ -222,12 +242,12 @@ class SiteWorker:
 
     def _run(self, kind: str, header: dict, blobs: list[Blob]) -> tuple[tuple[dict, list[Blob]], str]:
         from magnet_core.cohort.data import DataError
-        from magnet_core.protocol.messages import ContractError, RoundConfig
-        from magnet_core.protocol.wire import LAYOUT_KEY, MODEL_KEY, check_model_keys
+        from magnet_core.protocol.messages import RoundConfig
+        from magnet_core.protocol.wire import MODEL_KEY, check_model_keys
 
         from .handlers import evaluate_site, site_for, train_site
 
-        config, node_id = header.get("config"), header.get("node_id")
+        config, node_id = header.get(CONFIG_KEY), header.get("node_id")
         if not isinstance(config, dict):
             raise RequestError("request", "'config' must be an object")
         if not isinstance(node_id, int) or isinstance(node_id, bool):
@@ -243,12 +263,12 @@ class SiteWorker:
             site_for(cfg, node_config, node_id)  # loads and validates the site's data once (per seed, preset)
             if not header.get("has_arrays"):
                 raise RequestError("contract", "round message rejected: no model weights ('arrays')")
-            layout = header.get("layout")
+            layout = header.get(LAYOUT_KEY)
             if not isinstance(layout, dict):
                 raise RequestError("contract", f"round message rejected: no model layout ({LAYOUT_KEY!r})")
             check_model_keys([b.name for b in blobs])
             flat = _array(blobs[0])
-            if kind == "train":
+            if kind == TRAIN:
                 metrics, site, new = train_site(cfg, node_config, node_id, flat, layout)
                 out = [_blob(MODEL_KEY, new)]
             else:
@@ -259,8 +279,8 @@ class SiteWorker:
         except ContractError as exc:
             raise RequestError("contract", f"round message rejected: {exc}") from None
         try:
-            answer = {"ok": True, "metrics": flat_record(metrics, "metrics"), "site": flat_record(site, "site"),
-                      "has_arrays": kind == "train"}
+            answer = {"ok": True, METRICS_KEY: flat_record(metrics, "metrics"), SITE_KEY: flat_record(site, "site"),
+                      "has_arrays": kind == TRAIN}
         except FrameError as exc:
             raise RequestError("worker", f"site worker cannot send its reply: {exc}") from None
         return (answer, out), what

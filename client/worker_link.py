@@ -3,6 +3,8 @@
 No torch here: the per-message ClientApp process imports only flwr, numpy and this module. A frame is
 ``MAGIC`` + 4-byte big-endian header length + a JSON header + the raw bytes of each array (numpy ``.npy`` bytes, as
 Flower's ``Array.data`` already holds them; read back with ``np.load(allow_pickle=False)``). No pickle anywhere.
+Every header carries the protocol version (magnet_core.protocol.keys.PROTOCOL_VERSION): the worker refuses a
+request of another version, the ClientApp an answer of another version.
 """
 
 from __future__ import annotations
@@ -20,7 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-MAGIC = b"MFLW\x01"  # format version 1
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.keys import (
+    CONFIG_KEY,
+    LAYOUT_KEY,
+    METRICS_KEY,
+    NODE_WORKER_CONNECT_TIMEOUT,
+    NODE_WORKER_SOCKET,
+    NODE_WORKER_TIMEOUT,
+    PROTOCOL_VERSION,
+    SITE_KEY,
+    VERSION_KEY,
+    WORKER_LINK_KEYS,
+)
+from magnet_core.protocol.version import check_version
+
+MAGIC = b"MFLW\x01"  # the frame layout; what the header means is versioned by its PROTOCOL_VERSION
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB of JSON: configs, metrics (histograms: a few thousand numbers) and array names
 MAX_ARRAYS = 10_000  # arrays in one message
 MAX_PAYLOAD_BYTES = 1 << 31  # 2 GiB of array bytes per message (a MAGNET model is a few MB)
@@ -28,7 +45,7 @@ NPY = "numpy.ndarray"  # Flower's serialisation type of an Array holding .npy by
 WORKER_ERROR_CODE = 4003  # the site worker is unreachable, timed out, or failed; the reason says which
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds to reach the worker (node config ``worker-connect-timeout``)
 DEFAULT_TIMEOUT = 600.0  # seconds the worker may take to answer one message (node config ``worker-timeout``)
-SOCKET_KEYS = ("worker-socket", "worker-timeout", "worker-connect-timeout")  # node config keys of this link
+SOCKET_KEYS = WORKER_LINK_KEYS  # node config keys of this link (not forwarded to the worker)
 
 log = logging.getLogger("magnet_fl.worker_link")
 if not log.handlers:  # the ClientApp's process writes to the SuperNode's output; every line carries its time
@@ -71,8 +88,10 @@ class Blob:
 
 
 def encode_frame(header: Mapping[str, Any], blobs: Sequence[Blob] = ()) -> bytes:
-    """One frame: the header gets the arrays' metadata under ``"arrays"``; JSON only (no NaN/inf in headers)."""
+    """One frame: the header gets the protocol version and the arrays' metadata under ``"arrays"``; JSON only (no
+    NaN/inf in headers)."""
     head = dict(header)
+    head[VERSION_KEY] = PROTOCOL_VERSION
     head["arrays"] = [b.meta() for b in blobs]
     text = json.dumps(head, allow_nan=False, separators=(",", ":")).encode()
     if len(text) > MAX_HEADER_BYTES:
@@ -214,7 +233,9 @@ def exchange(path: str | Path, header: Mapping[str, Any], blobs: Sequence[Blob] 
         try:
             sock.sendall(frame)
             sock.shutdown(socket.SHUT_WR)
-            return recv_frame(sock, max_payload)
+            answer, out = recv_frame(sock, max_payload)
+            check_version(answer, "the site worker's answer")
+            return answer, out
         except socket.timeout:
             raise WorkerFailure("worker", f"{where}: no answer within {timeout:g} s (worker-timeout)") from None
         except FrameError as exc:
@@ -223,6 +244,8 @@ def exchange(path: str | Path, header: Mapping[str, Any], blobs: Sequence[Blob] 
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise WorkerFailure("worker", f"{where}: the worker closed the connection ({exc.strerror}); it may "
                                           f"have died (check its log)") from None
+        except ContractError as exc:
+            raise WorkerFailure("worker", f"{path}: {exc}; restart the site worker with this magnet-fl") from None
         except OSError as exc:
             raise WorkerFailure("worker", f"{where}: {exc.strerror or exc}") from None
     finally:
@@ -293,17 +316,17 @@ def forward(kind: str, config: Mapping[str, Any], arrays, node_id: int, node_con
     site record, ArrayRecord or None), exactly what the in-process path would reply. Raises WorkerFailure."""
     from flwr.app import Array, ArrayRecord
 
-    path = str(node_config["worker-socket"])
-    timeout = _seconds(node_config, "worker-timeout", DEFAULT_TIMEOUT)
-    connect_timeout = _seconds(node_config, "worker-connect-timeout", DEFAULT_CONNECT_TIMEOUT)
+    path = str(node_config[NODE_WORKER_SOCKET])
+    timeout = _seconds(node_config, NODE_WORKER_TIMEOUT, DEFAULT_TIMEOUT)
+    connect_timeout = _seconds(node_config, NODE_WORKER_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT)
     if arrays is not None and not isinstance(arrays, ArrayRecord):
         raise WorkerFailure("contract", f"round message rejected: 'arrays' is a {type(arrays).__name__}, "
                                         f"not an ArrayRecord")
     try:
         blobs = [] if arrays is None else [Blob(k, a.dtype, tuple(a.shape), a.data, a.stype) for k, a in arrays.items()]
-        header = {"kind": kind, "config": flat_record(config, "round config"), "node_id": int(node_id),
+        header = {"kind": kind, CONFIG_KEY: flat_record(config, "round config"), "node_id": int(node_id),
                   "has_arrays": arrays is not None,
-                  "layout": None if layout is None else flat_record(layout, "model layout"),
+                  LAYOUT_KEY: None if layout is None else flat_record(layout, "model layout"),
                   "node_config": flat_record({k: v for k, v in node_config.items() if k not in SOCKET_KEYS},
                                              "node config")}
     except FrameError as exc:
@@ -314,7 +337,7 @@ def forward(kind: str, config: Mapping[str, Any], arrays, node_id: int, node_con
         kind_, reason = str(answer.get("error", "worker")), str(answer.get("reason", "the worker gave no reason"))
         log.warning("%s message: the site worker answered an error (%s): %s", kind, kind_, reason.splitlines()[0])
         raise WorkerFailure(kind_, reason)
-    metrics, site = answer.get("metrics"), answer.get("site")
+    metrics, site = answer.get(METRICS_KEY), answer.get(SITE_KEY)
     if not isinstance(metrics, dict) or not isinstance(site, dict):
         raise WorkerFailure("worker", f"site worker at {path} sent an answer without metrics/site records")
     record = ArrayRecord({b.name: Array(dtype=b.dtype, shape=b.shape, stype=b.stype, data=b.data) for b in out}) \

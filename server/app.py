@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from magnet_core.cohort.data import DataError
 from magnet_core.model.config import get_preset
-from magnet_core.protocol.messages import Enrolment
+from magnet_core.protocol.enrolment import Enrolment
 
 from .config import FederatedConfig, RunConfigError
 from .loop import ModelSpec, run_federation

@@ -7,10 +7,11 @@ from typing import Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from magnet_core.artefacts.run_record import fingerprint
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, DEFAULT_SEED, MIN_COUNT_FLOOR
 from magnet_core.federation.privacy import DEFAULT_MAX_BINS
 from magnet_core.model.config import DEFAULT_PRESET
-from magnet_core.protocol.messages import MAX_HISTOGRAM_BINS, MAX_PROXIMAL_MU, fingerprint
+from magnet_core.protocol.messages import MAX_HISTOGRAM_BINS, MAX_PROXIMAL_MU
 
 
 class RunConfigError(ValueError):
@@ -97,9 +98,9 @@ class FederatedConfig(BaseModel):
 
     # Settings that may change between a run and its resumption (how long to wait, where to write, how many
     # rounds in total); everything else defines the run.
-    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({"num_server_rounds", "round_timeout", "straggler_grace", "out_dir", "resume",
-                                   "overwrite", "min_sites", "fraction_train", "report", "signing_key",
-                                                        "signing_cert"})
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
+        "num_server_rounds", "round_timeout", "straggler_grace", "out_dir", "resume", "overwrite", "min_sites",
+        "fraction_train", "report", "signing_key", "signing_cert"})
 
     @model_validator(mode="after")
     def _dp_needs_the_mean(self) -> "FederatedConfig":

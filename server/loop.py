@@ -16,10 +16,12 @@ from flwr.app import ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from magnet_core.artefacts.run_record import RoundRecord
 from magnet_core.federation.aggregate import ScreenMemory
 from magnet_core.model.config import get_preset
 from magnet_core.model.network import build_model
-from magnet_core.protocol.messages import Enrolment, RoundConfig, RoundRecord
+from magnet_core.protocol.enrolment import Enrolment
+from magnet_core.protocol.messages import RoundConfig
 
 from .config import FederatedConfig, RunConfigError
 from .strategy import MagnetFedAvg

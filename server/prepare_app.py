@@ -1,7 +1,8 @@
 """ServerApp of federated preprocessing: combine sites' statistics, decide the plan, write the manifest."""
 
-# The coordinator receives only k-released statistics (magnet_core/federation/privacy.py; classes and (class, feature) cells
-# backed by fewer than k training patients are withheld by the site, which says so), never minima or maxima:
+# The coordinator receives only k-released statistics (magnet_core/federation/privacy.py; classes and (class,
+# feature) cells backed by fewer than k training patients are withheld by the site, which says so), never minima or
+# maxima (messages: magnet_core/protocol/prepare.py):
 # scaling uses the consortium's declared value ranges (PrepareConfig.value_ranges, via protected_ranges). With
 # secagg=true the statistics travel only masked (the secure sum of server/secure.py, pairwise + self masks,
 # dropout-tolerant) and the coordinator learns the consortium sums, not one site's.
@@ -35,6 +36,28 @@ from magnet_core.cohort.preprocess import (
     derive_all,
 )
 from magnet_core.federation.privacy import federated_ranges
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.keys import (
+    CONFIG_KEY,
+    FEATURES_KEY,
+    LAYOUT_KEY,
+    PREPARE_APPLY,
+    PREPARE_SECAGG,
+    PREPARE_STATS,
+    QUERY,
+    SECAGG_KEY,
+    SITE_KEY,
+    STATS_KEY,
+    message_type,
+)
+from magnet_core.protocol.messages import site_name_of
+from magnet_core.protocol.prepare import (
+    PrepareApplied,
+    PrepareRefusal,
+    PrepareRequest,
+    StatsReply,
+    stats_key,
+)
 
 app = ServerApp()
 RUN_KEY = "prepare-run"  # run-config key holding a whole PrepareRun as JSON (how simulation drivers pass it)
@@ -88,41 +111,57 @@ def wait_for_sites(grid: Grid, expected: int, timeout: float) -> list[int]:
     return nodes
 
 
-def ask(grid: Grid, nodes: list[int], action: str, config: dict, timeout: float) -> tuple[list[Message], dict]:
-    """Send one query to every node; returns the replies sorted by site name and the sites that failed
-    (name -> reason: a data problem the site reported, a crash, or no reply)."""
-    msgs = [Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=n, message_type=f"query.{action}")
-            for n in nodes]
+def _decoded_reply(reply: Message, action: str):
+    """A preparation reply's typed content (StatsReply for prepare_stats, PrepareApplied for prepare_apply)."""
+    site = reply.content[SITE_KEY]
+    if action == PREPARE_STATS:
+        return StatsReply.decode(site, reply.content[FEATURES_KEY])
+    return PrepareApplied.decode(site)
+
+
+def ask(grid: Grid, nodes: list[int], action: str, request: PrepareRequest, timeout: float
+        ) -> tuple[list[tuple[Message, Any]], dict]:
+    """Send one query to every node; returns the (reply, its typed content) pairs sorted by site name and the
+    sites that failed (name -> reason: a data problem the site reported, a reply breaking the contract or of
+    another protocol version, a crash, or no reply)."""
+    config = request.encode()
+    msgs = [Message(RecordDict({CONFIG_KEY: ConfigRecord(config)}), dst_node_id=n,
+                    message_type=message_type(QUERY, action)) for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
     ok, failed = [], {}
     for r in replies:
         if r.has_error():
             failed[f"node {r.metadata.src_node_id}"] = f"crashed: {r.error.reason}"
-        elif "error" in r.content["site"]:
-            failed[str(r.content["site"]["name"])] = str(r.content["site"]["error"])
-        else:
-            ok.append(r)
+            continue
+        try:
+            site = r.content[SITE_KEY]
+            if PrepareRefusal.is_refusal(site):
+                refusal = PrepareRefusal.decode(site)
+                failed[refusal.site] = refusal.error
+                continue
+            ok.append((r, _decoded_reply(r, action)))
+        except ContractError as exc:
+            failed[f"node {r.metadata.src_node_id}"] = f"reply rejected: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a reply of the wrong shape must not end the run
+            failed[f"node {r.metadata.src_node_id}"] = f"malformed reply ({type(exc).__name__}: {exc})"
     answered = {r.metadata.src_node_id for r in replies}
     for n in nodes:
         if n not in answered:
             failed[f"node {n}"] = f"no reply within {timeout:.0f} s"
-    return sorted(ok, key=lambda r: str(r.content["site"]["name"])), failed
+    return sorted(ok, key=lambda pair: pair[1].site), failed
 
 
-def stats_from_reply(reply: Message) -> dict[str, FeatureStats]:
+def stats_from_reply(reply: Message, stats: StatsReply) -> dict[str, FeatureStats]:
     """A site's released per-modality statistics (minima / maxima only with observed_ranges, else "never
     observed"), checked."""
-    import numpy as np
-
-    arrays, features = reply.content["stats"], reply.content["features"]
-    name = str(reply.content["site"]["name"])
+    arrays = reply.content[STATS_KEY]
     out = {}
-    for m in features.keys():
-        got = {f: arrays[f"{m}/{f}"].numpy() for f in STAT_FIELDS if f"{m}/{f}" in arrays}
-        d = len(features[m])
+    for m, features in stats.features.items():
+        got = {f: arrays[stats_key(m, f)].numpy() for f in STAT_FIELDS if stats_key(m, f) in arrays}
+        d = len(features)
         got.setdefault("minimum", np.full(d, np.inf))
         got.setdefault("maximum", np.full(d, -np.inf))
-        out[m] = FeatureStats.from_arrays(list(features[m]), got, f"statistics of site {name!r}, {m}")
+        out[m] = FeatureStats.from_arrays(list(features), got, f"statistics of site {stats.site!r}, {m}")
     return out
 
 
@@ -141,18 +180,18 @@ def decide(per_site: list[dict[str, FeatureStats]], num_classes: int, cfg: Prepa
     return decide_combined(combine_sites(per_site), num_classes, cfg, observed_ranges)
 
 
-def secure_statistics(grid: Grid, replies: list[Message], num_classes: int, run: PrepareRun, base: dict
-                      ) -> tuple[dict[str, FeatureStats], dict]:
+def secure_statistics(grid: Grid, replies: list[tuple[Message, StatsReply]], num_classes: int, run: PrepareRun,
+                      request: PrepareRequest) -> tuple[dict[str, FeatureStats], dict]:
     """The consortium's summed statistics through one secure sum (server/secure.py: the training rounds' stages)
     over the sites that announced their features (``replies``, sorted by name); also what happened."""
-    from magnet_core.federation.secagg import KeyAdvert, SecAggError, SecAggServer, SecAggSetup, StatsLayout
+    from magnet_core.federation.secagg import SecAggServer, StatsLayout
+    from magnet_core.protocol.secagg import KeyAdvert, SecAggError, SecAggSetup, SecAggStart
 
     from .secure import Ledger, Stage, effective_max_dropouts, payload_bytes, secure_sum_stages
 
-    names = [str(r.content["site"]["name"]) for r in replies]
-    node_of_name = {n: int(r.metadata.src_node_id) for n, r in zip(names, replies)}
-    layout = StatsLayout.from_feature_lists(
-        [{m: list(r.content["features"][m]) for m in r.content["features"].keys()} for r in replies], num_classes)
+    names = [s.site for _, s in replies]
+    node_of_name = {n: int(r.metadata.src_node_id) for n, (r, _) in zip(names, replies)}
+    layout = StatsLayout.from_feature_lists([dict(s.features) for _, s in replies], num_classes)
     n = len(names)
     t0 = time.perf_counter()
     try:
@@ -167,17 +206,17 @@ def secure_statistics(grid: Grid, replies: list[Message], num_classes: int, run:
         ledger.names = {node_of_name[nm]: nm for nm in names}
         stage = Stage(ledger, "prepare", node_of_sid, run.timeout, run.straggler_grace)
         server = SecAggServer(setup)
-        config, lay = ConfigRecord(base), ConfigRecord(layout.to_record())
+        config, lay = ConfigRecord(request.encode()), ConfigRecord(layout.to_record())
         payloads = {}
         for sid in setup.site_ids:
-            content = RecordDict({"config": config, "layout": lay,
-                                  "secagg": ConfigRecord({**setup.to_record(), "site-id": sid})})
+            content = RecordDict({CONFIG_KEY: config, LAYOUT_KEY: lay,
+                                  SECAGG_KEY: ConfigRecord(SecAggStart(setup, sid).to_record())})
             payloads[sid] = (content, payload_bytes(content))
         adverts = []
-        for sid, msg in stage.run(grid, "query.prepare_secagg", payloads, setup.threshold).items():
+        for sid, msg in stage.run(grid, message_type(QUERY, PREPARE_SECAGG), payloads, setup.threshold).items():
             try:
-                advert = KeyAdvert.from_record(msg.content["secagg"])
-                name = str(msg.content["site"]["name"])
+                advert = KeyAdvert.from_record(msg.content[SECAGG_KEY])
+                name = site_name_of(msg.content[SITE_KEY])
             except Exception as exc:  # noqa: BLE001 - a reply of the wrong shape must not end the run
                 stage.reject(sid, f"malformed reply ({type(exc).__name__}: {exc})")
                 continue
@@ -186,27 +225,27 @@ def secure_statistics(grid: Grid, replies: list[Message], num_classes: int, run:
                                   f"{name_of_sid[sid]!r} / {sid}")
                 continue
             adverts.append(advert)
-        total, request, answered = secure_sum_stages(grid, stage, server, adverts, config)
+        total, unmask, answered = secure_sum_stages(grid, stage, server, adverts, config)
     except SecAggError as exc:
         raise DataError(f"the secure sum of the sites' statistics failed: {exc}") from None
-    report = {"sites": [name_of_sid[s] for s in request.survivors],
-              "dropped_before_masking": [name_of_sid[s] for s in request.dropped],
-              "dropped_after_masking": [name_of_sid[s] for s in request.survivors if s not in answered],
+    report = {"sites": [name_of_sid[s] for s in unmask.survivors],
+              "dropped_before_masking": [name_of_sid[s] for s in unmask.dropped],
+              "dropped_after_masking": [name_of_sid[s] for s in unmask.survivors if s not in answered],
               "threshold": setup.threshold, "vector_length": layout.length, "frac_bits": setup.frac_bits,
               "failed": ledger.failed, "rejected": ledger.rejected, "seconds": time.perf_counter() - t0,
               "bytes_per_site": {name_of_sid[s]: {"up": stage.up[s], "down": stage.down[s]} for s in setup.site_ids}}
     log(INFO, "secure sum of statistics over %d site(s) (threshold %d)", len(report["sites"]), setup.threshold)
-    survivors = [r for sid, r in zip(setup.site_ids, replies) if sid in request.survivors]
+    survivors = [pair for sid, pair in zip(setup.site_ids, replies) if sid in unmask.survivors]
     return checked_sum(layout, total, announced_training_patients(survivors, run.prepare.min_count)), report
 
 
-def announced_training_patients(replies: list[Message], k: int) -> dict[str, int]:
+def announced_training_patients(replies: list[tuple[Message, StatsReply]], k: int) -> dict[str, int]:
     """Per modality, the most training patients the sites said they hold (their k-released summaries; a count
     withheld as below k counts as k - 1)."""
     bound: dict[str, int] = {}
-    for r in replies:
+    for r, stats in replies:
         try:
-            mods = json.loads(str(r.content["site"]["summary"]))["modalities"]
+            mods = stats.summary["modalities"]
             for m, d in mods.items():
                 n = d.get("training_patients")
                 bound[m] = bound.get(m, 0) + (k - 1 if n is None else int(n))
@@ -255,27 +294,27 @@ def prepare_main(grid: Grid, context: Context, run: PrepareRun | None = None) ->
     cfg, out = run.prepare, Path(run.out_dir)
     t0 = time.perf_counter()
     nodes = wait_for_sites(grid, run.expected_sites(), run.wait_timeout)
-    base = {"prepare-config": cfg.model_dump_json(), "num-classes": len(cfg.class_names or []),
-            "sites": json.dumps([s.model_dump() for s in run.sites]), "secagg": run.secagg,
-            "observed-ranges": run.observed_ranges}
+    request = PrepareRequest(prepare=cfg, num_classes=len(cfg.class_names or []), sites=run.sites,
+                             secagg=run.secagg, observed_ranges=run.observed_ranges)
     if run.secagg and run.observed_ranges:
         raise DataError("secagg with observed_ranges: minima and maxima cannot go through a secure sum; declare "
                         "value_ranges for every modality instead")
-    replies, failed = ask(grid, nodes, "prepare_stats", base, run.timeout)
+    replies, failed = ask(grid, nodes, PREPARE_STATS, request, run.timeout)
     if failed:
         raise DataError("sites could not compute their statistics:\n- " +
                         "\n- ".join(f"{k}: {v}" for k, v in failed.items()))
-    names = [str(r.content["site"]["name"]) for r in replies]
+    names = [s.site for _, s in replies]
     if len(set(names)) != len(names):
         raise DataError(f"two sites use the same name: {names}")
-    num_classes = len(cfg.class_names or []) or max(int(r.content["site"]["num-classes"]) for r in replies)
-    withheld = {name: json.loads(str(r.content["site"]["withheld"])) for name, r in zip(names, replies)}
+    num_classes = len(cfg.class_names or []) or max(s.num_classes for _, s in replies)
+    withheld = {s.site: s.withheld for _, s in replies}
     secure = None
     if run.secagg:
-        combined, secure = secure_statistics(grid, replies, num_classes, run, base)
+        combined, secure = secure_statistics(grid, replies, num_classes, run, request)
         manifest, preps, _ = decide_combined(combined, num_classes, cfg)
     else:
-        manifest, preps, _ = decide([stats_from_reply(r) for r in replies], num_classes, cfg, run.observed_ranges)
+        manifest, preps, _ = decide([stats_from_reply(r, s) for r, s in replies], num_classes, cfg,
+                                    run.observed_ranges)
     t_stats = time.perf_counter() - t0
     manifest.save(out / "manifest.toml")
     write_decisions(out, preps)
@@ -289,7 +328,7 @@ def prepare_main(grid: Grid, context: Context, run: PrepareRun | None = None) ->
     for m, p in preps.items():
         log(INFO, "%s: kept %d of %d features (dropped %d for missing values, %d for low variance, %d by F)", m,
             len(p.features), p.report["features_in"], p.dropped_missing, p.dropped_variance, p.dropped_f)
-    applied, refused = ask(grid, nodes, "prepare_apply", {**base, "manifest": manifest.model_dump_json()},
+    applied, refused = ask(grid, nodes, PREPARE_APPLY, request.model_copy(update={"manifest": manifest}),
                            run.timeout)
     for name, reason in refused.items():
         log(WARNING, "site %s did not prepare its data: %s", name, reason)
@@ -300,17 +339,15 @@ def prepare_main(grid: Grid, context: Context, run: PrepareRun | None = None) ->
         "modalities": {m: p.report for m, p in preps.items()},
         "min_count": cfg.min_count,
         "secure_aggregation": secure,
-        "sites": [{**json.loads(str(s["summary"])), "withheld": json.loads(str(s["withheld"])), "prepared": None}
-                  for s in (r.content["site"] for r in replies)],
+        "sites": [{**s.summary, "withheld": s.withheld, "prepared": None} for _, s in replies],
         "refused": refused,
         "seconds": {"statistics_and_decisions": t_stats, "total": time.perf_counter() - t0},
         "config": cfg.model_dump(),
     }
-    reports = {str(r.content["site"]["name"]): r.content["site"] for r in applied}
+    reports = {a.site: a for _, a in applied}
     for site in summary["sites"]:
         if site["site"] in reports:
-            site["prepared"] = {"out_dir": str(reports[site["site"]]["out-dir"]),
-                                **json.loads(str(reports[site["site"]]["report"]))}
+            site["prepared"] = {"out_dir": reports[site["site"]].out_dir, **reports[site["site"]].report}
     (out / "prepare_report.json").write_text(json.dumps(summary, indent=1))
     return summary
 

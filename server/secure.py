@@ -3,7 +3,8 @@
 # secure_sum_stages (stages 1-3 below) serves any secure sum: server/prepare_app.py runs it on the sites'
 # preprocessing statistics after its own stage 0 (query.prepare_secagg).
 
-# Stages (the site side is client/secure.py, the protocol magnet_core/federation/secagg.py):
+# Stages (the site side is client/secure.py, the messages magnet_core/protocol/secagg.py, the crypto
+# magnet_core/federation/secagg.py):
 #   0  train.secagg         global weights + SecAggSetup (planned secagg ids 1..n for the sampled nodes, threshold
 #                           t = n - max dropouts) -> site name + public keys. The site trains, clips, encodes.
 #   1  query.secagg_share   key book of U1 -> encrypted Shamir shares (ShareBundle)
@@ -12,9 +13,9 @@
 # A site failing (error reply, no reply, rejected name) before stage 2's reply is left out of the sum; a site of U3
 # failing afterwards is still in it. Fewer than t sites at any stage: the round fails, the model is unchanged.
 #
-# With differential privacy (dp-clip-norm > 0) the noise is distributed (magnet_core/federation/dp.py): every site clips its
-# update to dp-clip-norm over the blocks it holds, with uniform weights (1 per block held), and adds its own noise
-# piece N(0, (z C)^2 / t) before fixed-point encoding and masking, so any t pieces sum to variance (z C)^2. The
+# With differential privacy (dp-clip-norm > 0) the noise is distributed (magnet_core/federation/dp.py): every site
+# clips its update to dp-clip-norm over the blocks it holds, with uniform weights (1 per block held), and adds its own
+# noise piece N(0, (z C)^2 / t) before fixed-point encoding and masking, so any t pieces sum to variance (z C)^2. The
 # coordinator adds no noise and never sees a noise-free sum; it decodes block sum / sites holding the block and
 # accounts the round with the multiplier the s pieces in the sum achieved, z sqrt(s / t). Under DP the loss slots
 # stay 0 (a summed loss and patient count would be released without noise): the round reports no training loss.
@@ -38,18 +39,34 @@ from magnet_core.federation.dp import (
     effective_noise_multiplier,
     noise_piece_std,
 )
-from magnet_core.federation.secagg import (
+from magnet_core.federation.secagg import SecAggServer, UpdateLayout
+from magnet_core.protocol.keys import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    LAYOUT_KEY,
+    MASKED_KEY,
+    QUERY,
+    SECAGG_ACTION,
+    SECAGG_KEY,
+    SECAGG_MASK,
+    SECAGG_SHARE,
+    SECAGG_UNMASK,
+    SITE_KEY,
+    TRAIN,
+    message_type,
+)
+from magnet_core.protocol.messages import site_name_of
+from magnet_core.protocol.secagg import (
     KeyAdvert,
     MaskedInput,
     SecAggError,
-    SecAggServer,
     SecAggSetup,
+    SecAggStart,
+    SecureTrainTerms,
     ShareBundle,
     UnmaskRequest,
     UnmaskShares,
-    UpdateLayout,
 )
-from magnet_core.protocol.wire import LAYOUT_KEY
 
 from .config import FederatedConfig, RunConfigError
 from .loop import collect
@@ -171,11 +188,7 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 def _size(rec: ConfigRecord) -> int:
-    return payload_bytes(RecordDict({"secagg": rec}))
-
-
-def _record(rec: Mapping[str, Any], **extra: Any) -> ConfigRecord:
-    return ConfigRecord({**dict(rec), **extra})
+    return payload_bytes(RecordDict({SECAGG_KEY: rec}))
 
 
 def effective_max_dropouts(n: int, wanted: int) -> int:
@@ -193,16 +206,16 @@ def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: l
     whose stage-0 reply was accepted. Returns the float64 sum over the survivors, the unmask request (survivors,
     dropped before masking) and the survivors that answered the unmask request. SecAggError when too few remain.
     ``config`` travels with every message (the sites' handlers log it)."""
-    t, rid = server.setup.threshold, server.setup.round_id
+    t = server.setup.threshold
     book = server.collect_keys(adverts)
 
     # stage 1: shares
-    rec = _record(book.to_record(), **{"round-id": rid})
-    payloads = {sid: (RecordDict({"config": config, "secagg": rec}), _size(rec)) for sid in book.keys}
+    rec = ConfigRecord(book.to_record())
+    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: rec}), _size(rec)) for sid in book.keys}
     bundles = []
-    for sid, msg in stage.run(grid, "query.secagg_share", payloads, t).items():
+    for sid, msg in stage.run(grid, message_type(QUERY, SECAGG_SHARE), payloads, t).items():
         try:
-            bundle = ShareBundle.from_record(msg.content["secagg"])
+            bundle = ShareBundle.from_record(msg.content[SECAGG_KEY])
         except Exception as exc:  # noqa: BLE001
             stage.reject(sid, f"malformed share bundle ({type(exc).__name__}: {exc})")
             continue
@@ -215,32 +228,31 @@ def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: l
     # stage 2: masked vectors, summed as they arrive
     payloads = {}
     for sid, inbox in inboxes.items():
-        r = _record(inbox.to_record(), **{"round-id": rid})
-        payloads[sid] = (RecordDict({"config": config, "secagg": r}), _size(r))
-    for sid, msg in stage.run(grid, "query.secagg_mask", payloads, t).items():
+        r = ConfigRecord(inbox.to_record())
+        payloads[sid] = (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), _size(r))
+    for sid, msg in stage.run(grid, message_type(QUERY, SECAGG_MASK), payloads, t).items():
         try:
-            masked = msg.content["masked"]["masked"].numpy()
-            claimed = int(msg.content["secagg"]["site-id"])
+            masked = MaskedInput.from_record(msg.content[SECAGG_KEY], msg.content[MASKED_KEY][MASKED_KEY].numpy())
         except Exception as exc:  # noqa: BLE001
             stage.reject(sid, f"malformed masked input ({type(exc).__name__}: {exc})")
             continue
-        if claimed != sid:
-            stage.reject(sid, f"masked input claims secagg site {claimed}, was told {sid}")
+        if masked.site_id != sid:
+            stage.reject(sid, f"masked input claims secagg site {masked.site_id}, was told {sid}")
             continue
         try:
-            server.add_masked(MaskedInput(sid, masked))
+            server.add_masked(MaskedInput(sid, masked.masked))
         except SecAggError as exc:  # one bad vector is that site's problem, not the round's
             stage.reject(sid, str(exc))
         del masked
     request = server.unmask_request()
 
     # stage 3: unmask
-    r = _record(request.to_record(), **{"round-id": rid})
-    payloads = {sid: (RecordDict({"config": config, "secagg": r}), _size(r)) for sid in request.survivors}
+    r = ConfigRecord(request.to_record())
+    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), _size(r)) for sid in request.survivors}
     shares = []
-    for sid, msg in stage.run(grid, "query.secagg_unmask", payloads, t).items():
+    for sid, msg in stage.run(grid, message_type(QUERY, SECAGG_UNMASK), payloads, t).items():
         try:
-            got = UnmaskShares.from_record(msg.content["secagg"])
+            got = UnmaskShares.from_record(msg.content[SECAGG_KEY])
         except Exception as exc:  # noqa: BLE001
             stage.reject(sid, f"malformed unmask shares ({type(exc).__name__}: {exc})")
             continue
@@ -306,26 +318,25 @@ def _protocol(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.ndarray], a
     stage = Stage(_TrainLedger(magnet, rnd), str(rnd), node_of_sid, cfg.round_timeout, cfg.straggler_grace)
     t = setup.threshold
     wait_for = max(t, min(cfg.min_sites, len(node_of_sid)))
-    base = setup.to_record()
     modality_aware = cfg.aggregation == "modality-aware"
 
     # stage 0: train + keys
     model_bytes = sum(len(a.data) for a in arrays.values())
     layout_rec = ConfigRecord(magnet.layout.to_record())
     payloads = {}
+    terms = _train_terms(dp, cfg, modality_aware)
     for sid in setup.site_ids:
-        r = _record(base, **{"site-id": sid, "clip-norm": cfg.secagg_clip_norm if dp is None else dp.clip_norm,
-                             "modality-aware": modality_aware, **_dp_record(dp, cfg)})
-        payloads[sid] = (RecordDict({"arrays": arrays, "config": config, "secagg": r, LAYOUT_KEY: layout_rec}),
+        r = ConfigRecord(SecAggStart(setup, sid, terms).to_record())
+        payloads[sid] = (RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config, SECAGG_KEY: r, LAYOUT_KEY: layout_rec}),
                          model_bytes + _size(r) + _size(layout_rec))
-    replies = stage.run(grid, "train.secagg", payloads, wait_for)
+    replies = stage.run(grid, message_type(TRAIN, SECAGG_ACTION), payloads, wait_for)
     names: dict[int, str] = {}
     adverts = []
     for sid, msg in replies.items():
         node = node_of_sid[sid]
         try:
-            name = str(msg.content["site"]["name"])
-            advert = KeyAdvert.from_record(msg.content["secagg"])
+            name = site_name_of(msg.content[SITE_KEY])
+            advert = KeyAdvert.from_record(msg.content[SECAGG_KEY])
         except Exception as exc:  # noqa: BLE001 - a reply of the wrong shape must not end the run
             stage.reject(sid, f"malformed reply ({type(exc).__name__}: {exc})")
             continue
@@ -374,12 +385,13 @@ def _protocol(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.ndarray], a
     return new
 
 
-def _dp_record(dp: DPConfig | None, cfg: FederatedConfig) -> dict[str, Any]:
-    """What a site needs to add its noise piece: the multiplier z (the site sizes its piece z C / sqrt(t) from the
-    setup's threshold itself) and the simulation seed (-1: the site draws from its OS)."""
+def _train_terms(dp: DPConfig | None, cfg: FederatedConfig, modality_aware: bool) -> SecureTrainTerms:
+    """What a site needs besides the setup: the clip norm, the weighting and, for its noise piece, the multiplier z
+    (the site sizes its piece z C / sqrt(t) from the setup's threshold itself) and the simulation seed (-1: the
+    site draws from its OS)."""
     if dp is None:
-        return {"dp": False}
-    return {"dp": True, "dp-noise-multiplier": dp.noise_multiplier, "dp-noise-seed": cfg.dp_noise_seed}
+        return SecureTrainTerms(cfg.secagg_clip_norm, modality_aware)
+    return SecureTrainTerms(dp.clip_norm, modality_aware, True, dp.noise_multiplier, cfg.dp_noise_seed)
 
 
 def _account(magnet: MagnetFedAvg, dp: DPConfig, rnd: int, pieces: int, threshold: int) -> None:

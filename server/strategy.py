@@ -25,16 +25,11 @@ from magnet_core.federation.aggregate import (
     validate_update,
 )
 from magnet_core.federation.privacy import check_eval_release, pool_releases
-from magnet_core.protocol.messages import (
-    ContractError,
-    Enrolment,
-    EvalReply,
-    SiteFacts,
-    TrainReply,
-    check_eval_against,
-    check_train_against,
-)
-from magnet_core.protocol.wire import LAYOUT_KEY, MODEL_KEY, Layout, flat_of, pack, unpack
+from magnet_core.protocol.enrolment import Enrolment, SiteFacts, check_eval_against, check_train_against
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.keys import ARRAYS_KEY, LAYOUT_KEY, METRICS_KEY, MODEL_KEY, SITE_KEY
+from magnet_core.protocol.messages import EvalReply, TrainReply
+from magnet_core.protocol.wire import Layout, flat_of, pack, unpack
 
 from .config import FederatedConfig
 
@@ -215,8 +210,8 @@ class MagnetFedAvg(FedAvg):
                 continue
             try:
                 content = msg.content
-                reply = TrainReply.decode(content["metrics"], content["site"], self.modalities)
-                params = to_numpy(content["arrays"], own)
+                reply = TrainReply.decode(content[METRICS_KEY], content[SITE_KEY], self.modalities)
+                params = to_numpy(content[ARRAYS_KEY], own)
             except ContractError as exc:
                 self._reject(server_round, node, str(exc))
                 continue
@@ -335,7 +330,7 @@ class MagnetFedAvg(FedAvg):
                 continue
             try:
                 content = msg.content
-                reply = EvalReply.decode(content["metrics"], content["site"], self.num_classes,
+                reply = EvalReply.decode(content[METRICS_KEY], content[SITE_KEY], self.num_classes,
                                          self.cfg.histogram_bins)
             except ContractError as exc:
                 self._reject(server_round, node, str(exc), "evaluation")

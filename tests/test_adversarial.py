@@ -19,6 +19,7 @@ from flower_messages import flat_model, model_of
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.app import app as client_app
+from magnet_core.protocol.messages import site_record
 from server.app import server_main
 from server.config import FederatedConfig
 from simulations.engine import InProcessGrid
@@ -158,7 +159,7 @@ def _claim(name: str, scale: float | None = None) -> Attack:
         arrays = None
         if scale is not None and instruction.metadata.message_type == "train":
             arrays = _record({k: v * scale for k, v in _arrays(honest, instruction).items()}, instruction)
-        return _forge(instruction, honest, arrays=arrays, site={"name": name})
+        return _forge(instruction, honest, arrays=arrays, site=site_record(name))
 
     return attack
 
@@ -176,7 +177,7 @@ def test_a_site_cannot_shadow_another_sites_name(tmp_path):
 
 def test_a_site_cannot_change_its_name_between_rounds(tmp_path):
     def rename_later(instruction, honest, rnd):
-        return _forge(instruction, honest, site={"name": "site9"}) if rnd == 2 else honest
+        return _forge(instruction, honest, site=site_record("site9")) if rnd == 2 else honest
 
     grid, params, history = _run(tmp_path, 2, {2: rename_later}, rounds=2)
     assert "now calls itself 'site9'" in _named(history[1], 2)

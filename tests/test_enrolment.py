@@ -7,7 +7,8 @@ import pandas as pd
 import tomllib
 
 from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
-from magnet_core.protocol.messages import Enrolment, TrainReply, check_train_against
+from magnet_core.protocol.enrolment import Enrolment, check_train_against
+from magnet_core.protocol.messages import TrainReply
 from simulations.cli import main
 
 

@@ -22,6 +22,7 @@ from magnet_core.federation.aggregate import (
 )
 from magnet_core.model.config import get_preset
 from magnet_core.model.metrics import metrics_from_confusion
+from magnet_core.protocol.messages import site_record
 from server.config import FederatedConfig
 
 
@@ -92,7 +93,7 @@ def test_error_replies_are_reported_as_failures_not_crashes():
     strategy.current = _params(1, 1, 1)
     layout = Layout.from_params(strategy.current)
     good = _reply(_instruction(1, "train"), {
-        "arrays": to_record(_params(1.01, 1.01, 1.01), layout), "site": ConfigRecord({"name": "site-a"}),
+        "arrays": to_record(_params(1.01, 1.01, 1.01), layout), "site": ConfigRecord(site_record("site-a")),
         "metrics": MetricRecord({"num-examples": 10, "count-mRNA": 10, "count-miRNA": 5, "loss": 0.5})})
     failed = _reply(_instruction(2, "train"), error="node unavailable")
     failed.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node that went away
@@ -103,7 +104,7 @@ def test_error_replies_are_reported_as_failures_not_crashes():
     assert strategy.report.failed == {"node2": "node 2: node unavailable"}
 
     cm = MetricRecord({"num-examples": 10, "cm-all": [3, 1, 2, 4]})
-    evaluated = _reply(_instruction(1, "evaluate"), {"metrics": cm, "site": ConfigRecord({"name": "site-a"})})
+    evaluated = _reply(_instruction(1, "evaluate"), {"metrics": cm, "site": ConfigRecord(site_record("site-a"))})
     metrics = strategy.aggregate_evaluate(1, [_reply(_instruction(2, "evaluate"), error="crashed"), evaluated])
     assert metrics["acc"] == pytest.approx(0.7)
     assert set(strategy.report.site_metrics) == {"site-a"}
@@ -208,6 +209,7 @@ def test_no_patient_level_data_in_replies(ov_path):
     from flwr.app import ConfigRecord, Context, RecordDict
 
     from client.app import app as client_app
+    from magnet_core.protocol.version import stamped
     from server.loop import ModelSpec, initial_params
 
     cohort, sites = load_consortium(str(ov_path), "iid-2", 10)
@@ -216,8 +218,8 @@ def test_no_patient_level_data_in_replies(ov_path):
     ids = {str(s) for s in cohort.sample_ids}
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                   run_config={})
-    conf = {"preset": "ov", "seed": 10, "local-epochs": 1, "data-path": str(ov_path), "scenario": "iid-2",
-            "server-round": 1, "histogram-bins": 1000}
+    conf = stamped({"preset": "ov", "seed": 10, "local-epochs": 1, "data-path": str(ov_path), "scenario": "iid-2",
+                    "server-round": 1, "histogram-bins": 1000})
     for kind in ("train", "evaluate"):
         msg = _instruction(1, kind, {**model_records(params), "config": ConfigRecord(conf)})
         reply = client_app(msg, ctx)

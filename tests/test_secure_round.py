@@ -13,6 +13,7 @@ from reachable import reachable_arrays as _arrays
 from magnet_core.federation.aggregate import SiteUpdate, aggregate_updates
 from magnet_core.federation.secagg import DEFAULT_FRAC_BITS, SecAggServer, decode_fixed, encode_fixed
 from magnet_core.protocol.messages import round_of
+from magnet_core.protocol.secagg import UnmaskRequest
 from server.config import FederatedConfig
 from simulations.engine import InProcessGrid
 
@@ -309,7 +310,8 @@ def test_site_refuses_a_stage_without_its_state():
 
     InProcessGrid(client_app, 1)  # task identity for messages created outside a SuperLink
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    msg = Message(RecordDict({"secagg": ConfigRecord({"round-id": "r", "survivors": [1, 2], "dropped": []})}),
+    request = UnmaskRequest((1, 2), (), "r")
+    msg = Message(RecordDict({"secagg": ConfigRecord(request.to_record())}),
                   1, "query.secagg_unmask")
     msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
     reply = client_app(msg, ctx)

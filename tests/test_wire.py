@@ -8,7 +8,7 @@ import pytest
 from flower_messages import instruction, model_records, reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from magnet_core.protocol.messages import ContractError
+from magnet_core.protocol.messages import ContractError, site_record
 from magnet_core.protocol.wire import MODEL_KEY, Layout, pack, unpack
 from server.config import FederatedConfig
 
@@ -65,7 +65,7 @@ def test_a_malformed_or_foreign_layout_is_named():
 
 def _train_reply(node: int, arrays: ArrayRecord):
     return reply(instruction(node, "train"), {
-        "arrays": arrays, "site": ConfigRecord({"name": f"site-{node}"}),
+        "arrays": arrays, "site": ConfigRecord(site_record(f"site-{node}")),
         "metrics": MetricRecord({"num-examples": 10, "count-mRNA": 10, "count-miRNA": 5, "loss": 0.5})})
 
 

@@ -27,6 +27,8 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from client.app import app as client_app
 from client.worker_link import MAGIC, WORKER_ERROR_CODE, WorkerFailure, ping, wait_ready
+from magnet_core.protocol.keys import PROTOCOL_VERSION, VERSION_KEY
+from magnet_core.protocol.messages import site_record
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ("mRNA", "miRNA", "protein")
@@ -136,7 +138,7 @@ def test_worker_replies_equal_in_process_replies(worker, monkeypatch):
     for k in messages:
         assert not via[k].has_error(), via[k].error.reason
         assert dict(via[k].content["metrics"]) == dict(here[k].content["metrics"])
-        assert dict(via[k].content["site"]) == dict(here[k].content["site"]) == {"name": "site-a"}
+        assert dict(via[k].content["site"]) == dict(here[k].content["site"]) == site_record("site-a")
     for k in ("train", "clipped"):
         a, b = _arrays(via[k]), _arrays(here[k])
         assert list(a) == list(b)
@@ -195,7 +197,7 @@ def _raw(path: Path, data: bytes) -> dict:
 
 
 def _frame(header: dict, payload: bytes = b"") -> bytes:
-    text = json.dumps(header).encode()
+    text = json.dumps({VERSION_KEY: PROTOCOL_VERSION, **header}).encode()
     return MAGIC + struct.pack(">I", len(text)) + text + payload
 
 
@@ -213,7 +215,8 @@ def test_malformed_requests_get_error_answers_and_worker_survives(worker):
         "truncated": _frame({"kind": "train", "arrays": [{**meta, "nbytes": 1000}]}, b"x" * 10),
         "payload too large": _frame({"kind": "train", "arrays": [{**meta, "nbytes": 1 << 40}]}),
         "unknown kind": _frame({"kind": "shell"}),
-        "bad config": _frame({"kind": "train", "config": {"server-round": "one"}, "node_id": 7, "node_config": {}}),
+        "bad config": _frame({"kind": "train", "config": {"server-round": "one", VERSION_KEY: PROTOCOL_VERSION},
+                                     "node_id": 7, "node_config": {}}),
         "pickled array": _frame({"kind": "train", "config": config, "node_id": 7, "node_config": {},
                                  "has_arrays": True, "layout": dict(good.content["layout"]), "arrays": [meta]},
                                 pickled.getvalue()),

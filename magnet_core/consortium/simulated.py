@@ -10,7 +10,7 @@ import numpy as np
 from magnet_core.cohort.data import Cohort, load_for_seed
 from magnet_core.cohort.generated import make_generated_cohort
 from magnet_core.consortium.scenarios import build_consortium, load_scenario
-from magnet_core.protocol.messages import Enrolment, SiteFacts
+from magnet_core.protocol.enrolment import Enrolment, SiteFacts
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,7 +1,7 @@
 """Secure aggregation (SecAgg, Bonawitz et al. 2017) of float vectors in Z_2^64, with dropout recovery, and layouts."""
 
-# Protocol (one instance per secure sum; every message below is a frozen dataclass with to_record / from_record so
-# it can travel in a Flower ConfigRecord; masked vectors travel as uint64 arrays):
+# Protocol (one instance per secure sum; every message is a frozen dataclass of magnet_core.protocol.secagg with
+# to_record / from_record so it can travel in a Flower ConfigRecord; masked vectors travel as uint64 arrays):
 #
 #   stage 0  server -> sites   SecAggSetup        round id, planned site ids, threshold t, vector length, scale
 #   stage 1  site -> server    KeyAdvert          two X25519 public keys (share encryption, pairwise masks)
@@ -48,15 +48,25 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from magnet_core.cohort.preprocess import FeatureStats
 from magnet_core.model.network import MAGNET
+from magnet_core.protocol.secagg import (
+    DEFAULT_FRAC_BITS,
+    KeyAdvert,
+    KeyBook,
+    MaskedInput,
+    SecAggError,
+    SecAggSetup,
+    ShareBundle,
+    ShareInbox,
+    UnmaskRequest,
+    UnmaskShares,
+)
 
-DEFAULT_FRAC_BITS = 32
 PRIME = 2**521 - 1  # Mersenne prime: the Shamir field holds a 256-bit secret directly
 SHARE_BYTES = 66
-MAX_SITE_ID = 2**63 - 1
-
-
-class SecAggError(RuntimeError):
-    """A secure sum that cannot (or must not) go on: too many dropouts, a malformed or inconsistent message."""
+# the messages are imported from magnet_core.protocol.secagg (and re-exported for the sums' callers)
+__all__ = ["DEFAULT_FRAC_BITS", "KeyAdvert", "KeyBook", "MaskedInput", "SecAggError", "SecAggServer", "SecAggSetup",
+           "SecAggSite", "ShareBundle", "ShareInbox", "StatsLayout", "UnmaskRequest", "UnmaskShares", "UpdateLayout",
+           "decode_fixed", "encode_fixed", "prg", "run_local", "shamir_combine", "shamir_split"]
 
 
 # ----------------------------------------------------------------------------------------------- primitives
@@ -143,162 +153,6 @@ def _raw_public(key: X25519PrivateKey) -> bytes:
 def _pairwise_seed(private: bytes, peer_public: bytes, round_id: str, a: int, b: int) -> bytes:
     shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
     return _kdf(shared, "mask", round_id, a, b)
-
-
-# ----------------------------------------------------------------------------------------------- messages
-
-
-def _ids(values: Iterable[int]) -> list[int]:
-    return sorted(int(v) for v in values)
-
-
-@dataclasses.dataclass(frozen=True)
-class SecAggSetup:
-    """Stage 0 (server -> every site): the parameters every party must agree on."""
-
-    round_id: str
-    site_ids: tuple[int, ...]
-    threshold: int
-    vector_length: int
-    frac_bits: int = DEFAULT_FRAC_BITS
-
-    def __post_init__(self) -> None:
-        ids = tuple(sorted(int(i) for i in self.site_ids))
-        object.__setattr__(self, "site_ids", ids)
-        n = len(ids)
-        if len(set(ids)) != n or any(not 1 <= i <= MAX_SITE_ID for i in ids):
-            raise SecAggError(f"site ids must be distinct integers in 1..2^63-1, got {list(ids)}")
-        if n < 2:
-            raise SecAggError(f"secure aggregation needs at least 2 sites, got {n}")
-        if not (n // 2 < self.threshold <= n and self.threshold >= 2):
-            raise SecAggError(f"threshold {self.threshold} for {n} sites: it must be > {n // 2} (a majority, so the "
-                              f"coordinator cannot learn both secrets of a site) and <= {n}")
-        if self.vector_length < 1 or not 1 <= self.frac_bits <= 52:
-            raise SecAggError(f"vector_length {self.vector_length} / frac_bits {self.frac_bits} out of range")
-
-    @classmethod
-    def for_sites(cls, round_id: str, site_ids: Sequence[int], vector_length: int, max_dropouts: int = 0,
-                  frac_bits: int = DEFAULT_FRAC_BITS) -> "SecAggSetup":
-        """Threshold t = n - max_dropouts (refused unless it stays a majority and >= 2)."""
-        return cls(str(round_id), tuple(site_ids), len(site_ids) - max_dropouts, vector_length, frac_bits)
-
-    @property
-    def max_dropouts(self) -> int:
-        return len(self.site_ids) - self.threshold
-
-    def to_record(self) -> dict:
-        return {"round-id": self.round_id, "site-ids": list(self.site_ids), "threshold": self.threshold,
-                "vector-length": self.vector_length, "frac-bits": self.frac_bits}
-
-    @classmethod
-    def from_record(cls, r: Mapping) -> "SecAggSetup":
-        return cls(str(r["round-id"]), tuple(r["site-ids"]), int(r["threshold"]), int(r["vector-length"]),
-                   int(r["frac-bits"]))
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyAdvert:
-    """Stage 1 (site -> server): public keys for share encryption and for pairwise masks."""
-
-    site_id: int
-    enc_pk: bytes
-    mask_pk: bytes
-
-    def to_record(self) -> dict:
-        return {"site-id": self.site_id, "enc-pk": self.enc_pk, "mask-pk": self.mask_pk}
-
-    @classmethod
-    def from_record(cls, r: Mapping) -> "KeyAdvert":
-        return cls(int(r["site-id"]), bytes(r["enc-pk"]), bytes(r["mask-pk"]))
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyBook:
-    """Stage 1 (server -> sites): the advertised keys of U1."""
-
-    keys: dict[int, tuple[bytes, bytes]]  # site id -> (enc_pk, mask_pk)
-
-    def to_record(self) -> dict:
-        ids = _ids(self.keys)
-        return {"site-ids": ids, "enc-pk": [self.keys[i][0] for i in ids], "mask-pk": [self.keys[i][1] for i in ids]}
-
-    @classmethod
-    def from_record(cls, r: Mapping) -> "KeyBook":
-        return cls({int(i): (bytes(e), bytes(m)) for i, e, m in zip(r["site-ids"], r["enc-pk"], r["mask-pk"])})
-
-
-@dataclasses.dataclass(frozen=True)
-class ShareBundle:
-    """Stage 2 (site -> server): one ciphertext per other site of U1, readable only by that site."""
-
-    site_id: int
-    ciphertexts: dict[int, bytes]  # recipient -> AEAD ciphertext
-
-    def to_record(self) -> dict:
-        ids = _ids(self.ciphertexts)
-        return {"site-id": self.site_id, "to": ids, "ciphertexts": [self.ciphertexts[i] for i in ids]}
-
-    @classmethod
-    def from_record(cls, r: Mapping) -> "ShareBundle":
-        return cls(int(r["site-id"]), {int(i): bytes(c) for i, c in zip(r["to"], r["ciphertexts"])})
-
-
-@dataclasses.dataclass(frozen=True)
-class ShareInbox:
-    """Stage 2 (server -> one site): the ciphertexts addressed to it; their senders are U2."""
-
-    recipient: int
-    ciphertexts: dict[int, bytes]  # sender -> ciphertext
-
-    def to_record(self) -> dict:
-        ids = _ids(self.ciphertexts)
-        return {"recipient": self.recipient, "from": ids, "ciphertexts": [self.ciphertexts[i] for i in ids]}
-
-    @classmethod
-    def from_record(cls, r: Mapping) -> "ShareInbox":
-        return cls(int(r["recipient"]), {int(i): bytes(c) for i, c in zip(r["from"], r["ciphertexts"])})
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskedInput:
-    """Stage 3 (site -> server): the masked vector (carry ``masked`` as a uint64 array, ``site_id`` as config)."""
-
-    site_id: int
-    masked: np.ndarray  # uint64, (vector_length,)
-
-
-@dataclasses.dataclass(frozen=True)
-class UnmaskRequest:
-    """Stage 4 (server -> surviving sites): whose input is in the sum (U3) and who dropped before masking."""
-
-    survivors: tuple[int, ...]
-    dropped: tuple[int, ...]
-
-    def to_record(self) -> dict:
-        return {"survivors": list(self.survivors), "dropped": list(self.dropped)}
-
-    @classmethod
-    def from_record(cls, r: Mapping) -> "UnmaskRequest":
-        return cls(tuple(int(i) for i in r["survivors"]), tuple(int(i) for i in r["dropped"]))
-
-
-@dataclasses.dataclass(frozen=True)
-class UnmaskShares:
-    """Stage 4 (site -> server): shares of survivors' self-mask seeds and of dropped sites' mask keys."""
-
-    site_id: int
-    self_shares: dict[int, bytes]  # survivor -> share of its b
-    key_shares: dict[int, bytes]  # dropped site -> share of its mask private key
-
-    def to_record(self) -> dict:
-        s, k = _ids(self.self_shares), _ids(self.key_shares)
-        return {"site-id": self.site_id, "self-ids": s, "self-shares": [self.self_shares[i] for i in s],
-                "key-ids": k, "key-shares": [self.key_shares[i] for i in k]}
-
-    @classmethod
-    def from_record(cls, r: Mapping) -> "UnmaskShares":
-        return cls(int(r["site-id"]), {int(i): bytes(v) for i, v in zip(r["self-ids"], r["self-shares"])},
-                   {int(i): bytes(v) for i, v in zip(r["key-ids"], r["key-shares"])})
 
 
 # ----------------------------------------------------------------------------------------------- a site
@@ -475,7 +329,7 @@ class SecAggServer:
             keys[a.site_id] = (a.enc_pk, a.mask_pk)
         self._need(list(keys), "advertised keys")
         self.keys = keys
-        return KeyBook(dict(keys))
+        return KeyBook(dict(keys), self.setup.round_id)
 
     def route_shares(self, bundles: Sequence[ShareBundle]) -> dict[int, ShareInbox]:
         """Stage 2: each site of U2 gets the ciphertexts the other U2 sites addressed to it."""
@@ -490,7 +344,7 @@ class SecAggServer:
             got[b.site_id] = dict(b.ciphertexts)
         self.u2 = sorted(got)
         self._need(self.u2, "shared their secrets")
-        return {v: ShareInbox(v, {u: got[u][v] for u in self.u2 if u != v}) for v in self.u2}
+        return {v: ShareInbox(v, {u: got[u][v] for u in self.u2 if u != v}, self.setup.round_id) for v in self.u2}
 
     def add_masked(self, item: MaskedInput) -> None:
         """Stage 3: add one masked vector into the running sum (the vector itself is not kept)."""
@@ -506,7 +360,7 @@ class SecAggServer:
     def unmask_request(self) -> UnmaskRequest:
         """Stage 4 request, sent to every site of U3."""
         self._need(self.u3, "sent their masked input")
-        return UnmaskRequest(tuple(sorted(self.u3)), tuple(sorted(set(self.u2) - set(self.u3))))
+        return UnmaskRequest(tuple(sorted(self.u3)), tuple(sorted(set(self.u2) - set(self.u3))), self.setup.round_id)
 
     def finish(self, responses: Sequence[UnmaskShares]) -> np.ndarray:
         """Stage 4: reconstruct the secrets from >= t responses, remove every mask, return the float64 sum of the

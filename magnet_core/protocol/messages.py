@@ -1,9 +1,7 @@
-"""The wire contract between sites and coordinator: typed round config, replies and round records (no flwr)."""
+"""The round messages: the coordinator's round config, a site's training and evaluation replies (no flwr)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
@@ -12,8 +10,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
-from magnet_core.cohort.manifest import EnrolledSite as SiteFacts
 from magnet_core.model.config import PRESETS
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.keys import NAME_FIELD, VERSION_KEY
+from magnet_core.protocol.version import check_version, stamped
 
 if TYPE_CHECKING:
     from magnet_core.protocol.release import EvalRelease
@@ -21,15 +21,12 @@ if TYPE_CHECKING:
 GROUPS = ("all", "paired", "unpaired")  # test-patient groups an evaluation reply may report
 MAX_HISTOGRAM_BINS = 1000  # the most score-histogram bins a site will ever send
 MAX_PROXIMAL_MU = 10.0  # FedProx's mu: the paper tries 0.001..1; beyond 10 local training barely moves
+ROUND_KEY = "server-round"  # the round config's round number (read by round_of for logs of any message)
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Flower's client-side clipping mod reads this key from the round config (flwr.supercore.differential_privacy)
 FLOWER_CLIPPING_KEY = "clipping_norm"
 
 Flat = dict[str, Any]  # what one Flower ConfigRecord / MetricRecord carries: str -> scalar or list of scalars
-
-
-class ContractError(ValueError):
-    """A message that breaks the contract: unknown key, wrong type, out of range or inconsistent."""
 
 
 def _errors(exc: ValidationError) -> str:
@@ -68,7 +65,8 @@ class RoundConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     server_round: StrictInt = Field(ge=1, description="1-based round number")
-    seed: StrictInt = Field(ge=0, lt=2**31, description="run seed; the site's RNG is seeded from it, the round and its name")
+    seed: StrictInt = Field(ge=0, lt=2**31,
+                            description="run seed; the site's RNG is seeded from it, the round and its name")
     preset: str = Field(description="hyperparameter preset (model width, learning rate, graph sparsity)")
     local_epochs: StrictInt = Field(ge=1, le=1000, description="local epochs per round")
     proximal_mu: float = Field(0.0, ge=0, le=MAX_PROXIMAL_MU, allow_inf_nan=False,
@@ -92,22 +90,36 @@ class RoundConfig(BaseModel):
         return v.lower()
 
     def encode(self) -> Flat:
+        """The config record, stamped with the protocol version."""
         out = {k.replace("_", "-"): v for k, v in self.model_dump(exclude={"clipping_norm"}).items()}
         if self.clipping_norm is not None:
             out[FLOWER_CLIPPING_KEY] = float(self.clipping_norm)
-        return out
+        return stamped(out)
 
     @classmethod
     def decode(cls, record: Mapping[str, Any]) -> "RoundConfig":
+        """A received config record: its protocol version first (ProtocolVersionError), then its fields."""
+        check_version(record, "round config")
         keys = {k.replace("_", "-") for k in cls.model_fields if k != "clipping_norm"} | {FLOWER_CLIPPING_KEY}
+        record = {k: v for k, v in record.items() if k != VERSION_KEY}
         _strict_keys(record, keys, "round config")
         data = {(k if k == FLOWER_CLIPPING_KEY else k.replace("-", "_")): v for k, v in record.items()}
         return _validated(cls, data, "round config")
 
 
+def site_record(name: str) -> Flat:
+    """The site record of a site's reply: its name, stamped with the protocol version."""
+    return stamped({NAME_FIELD: name})
+
+
+def site_name_of(site: Mapping[str, Any]) -> str:
+    """The name a site record gives; KeyError when it gives none."""
+    return str(site[NAME_FIELD])
+
+
 def round_of(record: Mapping[str, Any] | None) -> int:
     """The round number a config record names (0 when it names none), for logs of messages of any validity."""
-    value = (record or {}).get("server-round", 0)
+    value = (record or {}).get(ROUND_KEY, 0)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
@@ -148,16 +160,18 @@ class TrainReply(BaseModel):
         if self.loss is not None:
             metrics["loss"] = float(self.loss)
         metrics.update({f"count-{m}": int(c) for m, c in self.modality_counts.items()})
-        return metrics, {"name": self.site}
+        return metrics, site_record(self.site)
 
     @classmethod
     def decode(cls, metrics: Mapping[str, Any], site: Mapping[str, Any], modalities: Sequence[str]) -> "TrainReply":
-        _strict_keys(site, {"name"}, "site record")
+        """A received reply: the site record's protocol version first (ProtocolVersionError), then its fields."""
+        check_version(site, "train reply")
+        _strict_keys(site, {NAME_FIELD, VERSION_KEY}, "site record")
         _strict_keys(metrics, {"num-examples", "loss"} | {f"count-{m}" for m in modalities}, "train metrics")
         absent = [m for m in modalities if f"count-{m}" not in metrics]
         if absent:
             raise ContractError(f"train metrics: no count for modality(ies) {absent}")
-        data = {"site": site.get("name"), "num_examples": metrics.get("num-examples"),
+        data = {"site": site.get(NAME_FIELD), "num_examples": metrics.get("num-examples"),
                 "modality_counts": {m: metrics[f"count-{m}"] for m in modalities}, "loss": metrics.get("loss")}
         return _validated(cls, data, "train reply")
 
@@ -251,12 +265,14 @@ class EvalReply(BaseModel):
             metrics[f"edges-{g}"] = [float(v) for v in h.edges]
         for g in self.withheld:
             metrics[f"withheld-{g}"] = 1
-        return metrics, {"name": self.site}
+        return metrics, site_record(self.site)
 
     @classmethod
     def decode(cls, metrics: Mapping[str, Any], site: Mapping[str, Any], num_classes: int, max_bins: int
                ) -> "EvalReply":
-        _strict_keys(site, {"name"}, "site record")
+        """A received reply: the site record's protocol version first (ProtocolVersionError), then its fields."""
+        check_version(site, "evaluation reply")
+        _strict_keys(site, {NAME_FIELD, VERSION_KEY}, "site record")
         allowed = {"num-examples"} | {f"{p}-{g}" for p in ("cm", "hist", "edges", "withheld") for g in GROUPS}
         _strict_keys(metrics, allowed, "evaluation metrics")
         confusion, histogram, withheld = {}, {}, []
@@ -277,7 +293,7 @@ class EvalReply(BaseModel):
                 if metrics[f"withheld-{g}"] != 1:
                     raise ContractError(f"evaluation metrics: withheld-{g} must be 1")
                 withheld.append(g)
-        data = {"site": site.get("name"), "num_examples": metrics.get("num-examples"), "confusion": confusion,
+        data = {"site": site.get(NAME_FIELD), "num_examples": metrics.get("num-examples"), "confusion": confusion,
                 "histogram": histogram, "withheld": withheld}
         return _validated(cls, data, "evaluation reply")
 
@@ -307,83 +323,3 @@ def _matrix(value: Any, rows: int, cols: int, key: str) -> list[list[int]]:
     if len(value) != rows * cols:
         raise ContractError(f"evaluation metrics: {key} has {len(value)} values, expected {rows} x {cols}")
     return [value[r * cols:(r + 1) * cols] for r in range(rows)]
-
-
-# --------------------------------------------------------------------------------- what the coordinator holds
-
-
-class Enrolment(BaseModel):
-    """Every site the coordinator accepts replies from, by name."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    sites: dict[str, SiteFacts]
-
-
-def check_train_against(reply: TrainReply, facts: SiteFacts | None) -> list[str]:
-    """Problems of a (contract-valid) training reply against what the site enrolled with."""
-    if facts is None:
-        return [f"site {reply.site!r} is not enrolled"]
-    problems = []
-    if reply.num_examples > facts.train:
-        problems.append(f"num-examples {reply.num_examples} exceeds the {facts.train} training patients "
-                        f"site {reply.site!r} enrolled with")
-    for m, c in reply.modality_counts.items():
-        bound = facts.modalities.get(m, facts.train)
-        if c > bound:
-            problems.append(f"count-{m} {c} exceeds the enrolled {bound}")
-    return problems
-
-
-def check_eval_against(reply: EvalReply, facts: SiteFacts | None) -> list[str]:
-    """Problems of a (contract-valid) evaluation reply against the site's enrolled test size."""
-    if facts is None:
-        return [f"site {reply.site!r} is not enrolled"]
-    total = max((int(np.asarray(cm).sum()) for cm in reply.confusion.values()), default=0)
-    if total > facts.test:
-        return [f"reports {total} test patients, more than the {facts.test} site {reply.site!r} enrolled with"]
-    return []
-
-
-# ------------------------------------------------------------------------------------------------ run records
-
-
-class PooledOver(BaseModel):
-    """Which evaluation replies a global metric was pooled from."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    sites: list[str] = Field(default_factory=list)
-    patients: int = 0
-
-
-class RoundRecord(BaseModel):
-    """One round of a federated run, as written to history.json (no patient-level data)."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    round: int = Field(ge=1)
-    seconds: float
-    train_seconds: float
-    accepted: list[str] = Field(default_factory=list, description="sites whose update was aggregated")
-    rejected: dict[str, str] = Field(default_factory=dict, description="site -> reason (incl. node id)")
-    failed: dict[str, str] = Field(default_factory=dict, description="site -> error reply / timeout")
-    nodes: dict[str, int] = Field(default_factory=dict, description="site label -> node id")
-    train_loss: float | None = None
-    global_metrics: dict[str, float | None] = Field(default_factory=dict, alias="global")
-    pooled_over: PooledOver = Field(default_factory=PooledOver)
-    withheld: dict[str, list[str]] = Field(default_factory=dict, description="site -> groups it withheld (< k)")
-    sites: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
-    screening: dict[str, Any] = Field(default_factory=dict, description="the update checks applied this round")
-    dp: dict[str, Any] | None = None
-    server: dict[str, float | None] | None = None
-    config_fingerprint: str = ""
-
-    def dump(self) -> dict:
-        return self.model_dump(by_alias=True, mode="json")
-
-
-def fingerprint(settings: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of a run's settings (what must match to resume)."""
-    text = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()

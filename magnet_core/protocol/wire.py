@@ -7,10 +7,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from magnet_core.protocol.messages import ContractError
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.keys import LAYOUT_KEY, MODEL_KEY
 
-MODEL_KEY = "model"  # the one array of a model ArrayRecord (server -> site and site -> server)
-LAYOUT_KEY = "layout"  # the ConfigRecord naming the flat array's layout (server -> site)
+__all__ = ["LAYOUT_KEY", "MODEL_KEY", "Layout", "check_model_keys", "flat_of", "pack", "unpack"]
 WIRE_DTYPE = np.dtype(np.float32)
 MAX_ARRAYS = 10_000
 MAX_RANK = 32

@@ -1,0 +1,263 @@
+"""The secure-aggregation messages (SecAgg, Bonawitz et al. 2017), as they cross a site boundary.
+
+Each is a frozen dataclass with ``to_record`` / ``from_record`` so it travels in a Flower ConfigRecord (the SECAGG_KEY
+record); a masked vector travels as a uint64 array (the MASKED_KEY record). Every record carries the protocol
+version; ``from_record`` refuses another (ProtocolVersionError) before it reads anything else. The stages, the
+crypto and both sides' state machines are in magnet_core.federation.secagg.
+
+  stage 0  server -> each site   SecAggStart (SecAggSetup + the site's id; training: + SecureTrainTerms)
+           site -> server        KeyAdvert
+  stage 1  server -> sites       KeyBook            site -> server  ShareBundle
+  stage 2  server -> one site    ShareInbox         site -> server  MaskedInput
+  stage 3  server -> survivors   UnmaskRequest      site -> server  UnmaskShares
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.version import check_version, stamped
+
+DEFAULT_FRAC_BITS = 32
+MAX_SITE_ID = 2**63 - 1
+
+ROUND_ID = "round-id"  # the secure sum a stage message belongs to
+SITE_ID = "site-id"  # a site's id in the secure sum (1..n, not its node id)
+CLIP_NORM = "clip-norm"
+MODALITY_AWARE = "modality-aware"
+DP = "dp"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_NOISE_SEED = "dp-noise-seed"
+
+
+class SecAggError(RuntimeError):
+    """A secure sum that cannot (or must not) go on: too many dropouts, a malformed or inconsistent message."""
+
+
+def _ids(values: Iterable[int]) -> list[int]:
+    return sorted(int(v) for v in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class SecAggSetup:
+    """Stage 0 (server -> every site): the parameters every party must agree on."""
+
+    round_id: str
+    site_ids: tuple[int, ...]
+    threshold: int
+    vector_length: int
+    frac_bits: int = DEFAULT_FRAC_BITS
+
+    def __post_init__(self) -> None:
+        ids = tuple(sorted(int(i) for i in self.site_ids))
+        object.__setattr__(self, "site_ids", ids)
+        n = len(ids)
+        if len(set(ids)) != n or any(not 1 <= i <= MAX_SITE_ID for i in ids):
+            raise SecAggError(f"site ids must be distinct integers in 1..2^63-1, got {list(ids)}")
+        if n < 2:
+            raise SecAggError(f"secure aggregation needs at least 2 sites, got {n}")
+        if not (n // 2 < self.threshold <= n and self.threshold >= 2):
+            raise SecAggError(f"threshold {self.threshold} for {n} sites: it must be > {n // 2} (a majority, so the "
+                              f"coordinator cannot learn both secrets of a site) and <= {n}")
+        if self.vector_length < 1 or not 1 <= self.frac_bits <= 52:
+            raise SecAggError(f"vector_length {self.vector_length} / frac_bits {self.frac_bits} out of range")
+
+    @classmethod
+    def for_sites(cls, round_id: str, site_ids: Sequence[int], vector_length: int, max_dropouts: int = 0,
+                  frac_bits: int = DEFAULT_FRAC_BITS) -> "SecAggSetup":
+        """Threshold t = n - max_dropouts (refused unless it stays a majority and >= 2)."""
+        return cls(str(round_id), tuple(site_ids), len(site_ids) - max_dropouts, vector_length, frac_bits)
+
+    @property
+    def max_dropouts(self) -> int:
+        return len(self.site_ids) - self.threshold
+
+    def to_record(self) -> dict:
+        return stamped({ROUND_ID: self.round_id, "site-ids": list(self.site_ids), "threshold": self.threshold,
+                        "vector-length": self.vector_length, "frac-bits": self.frac_bits})
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "SecAggSetup":
+        check_version(r, "secure-aggregation setup")
+        return cls(str(r[ROUND_ID]), tuple(r["site-ids"]), int(r["threshold"]), int(r["vector-length"]),
+                   int(r["frac-bits"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureTrainTerms:
+    """What a secure training round asks of a site besides the setup: the clip norm of its update, whether it
+    weights encoders by modality counts, and (distributed DP) the noise multiplier z and the simulation's noise
+    seed (-1: the site draws from its OS)."""
+
+    clip_norm: float
+    modality_aware: bool
+    dp: bool = False
+    dp_noise_multiplier: float = 0.0
+    dp_noise_seed: int = -1
+
+    def to_record(self) -> dict:
+        out: dict[str, Any] = {CLIP_NORM: self.clip_norm, MODALITY_AWARE: self.modality_aware, DP: self.dp}
+        if self.dp:
+            out.update({DP_NOISE_MULTIPLIER: self.dp_noise_multiplier, DP_NOISE_SEED: self.dp_noise_seed})
+        return out
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "SecureTrainTerms":
+        clip_norm, modality_aware = float(r[CLIP_NORM]), bool(r[MODALITY_AWARE])
+        if not clip_norm > 0:
+            raise ContractError(f"clip-norm must be > 0, got {clip_norm}")
+        dp = bool(r.get(DP, False))
+        z = float(r[DP_NOISE_MULTIPLIER]) if dp else 0.0
+        if dp and not z >= 0:
+            raise ContractError(f"dp-noise-multiplier must be >= 0, got {z}")
+        return cls(clip_norm, modality_aware, dp, z, int(r[DP_NOISE_SEED]) if dp else -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SecAggStart:
+    """Stage 0 (server -> one site): the setup, this site's id in it and, in a training round, its terms."""
+
+    setup: SecAggSetup
+    site_id: int
+    train: SecureTrainTerms | None = None
+
+    def to_record(self) -> dict:
+        return {**self.setup.to_record(), SITE_ID: self.site_id,
+                **(self.train.to_record() if self.train is not None else {})}
+
+    @classmethod
+    def from_record(cls, r: Mapping, training: bool = False) -> "SecAggStart":
+        """``training``: the record must hold the SecureTrainTerms too."""
+        setup = SecAggSetup.from_record(r)
+        return cls(setup, int(r[SITE_ID]), SecureTrainTerms.from_record(r) if training else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyAdvert:
+    """Stage 0 reply (site -> server): public keys for share encryption and for pairwise masks."""
+
+    site_id: int
+    enc_pk: bytes
+    mask_pk: bytes
+
+    def to_record(self) -> dict:
+        return stamped({SITE_ID: self.site_id, "enc-pk": self.enc_pk, "mask-pk": self.mask_pk})
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "KeyAdvert":
+        check_version(r, "key advert")
+        return cls(int(r[SITE_ID]), bytes(r["enc-pk"]), bytes(r["mask-pk"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyBook:
+    """Stage 1 (server -> sites): the advertised keys of U1."""
+
+    keys: dict[int, tuple[bytes, bytes]]  # site id -> (enc_pk, mask_pk)
+    round_id: str = dataclasses.field(default="", compare=False)
+
+    def to_record(self) -> dict:
+        ids = _ids(self.keys)
+        return stamped({"site-ids": ids, "enc-pk": [self.keys[i][0] for i in ids],
+                        "mask-pk": [self.keys[i][1] for i in ids], ROUND_ID: self.round_id})
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "KeyBook":
+        check_version(r, "key book")
+        return cls({int(i): (bytes(e), bytes(m)) for i, e, m in zip(r["site-ids"], r["enc-pk"], r["mask-pk"])},
+                   str(r[ROUND_ID]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShareBundle:
+    """Stage 1 reply (site -> server): one ciphertext per other site of U1, readable only by that site."""
+
+    site_id: int
+    ciphertexts: dict[int, bytes]  # recipient -> AEAD ciphertext
+
+    def to_record(self) -> dict:
+        ids = _ids(self.ciphertexts)
+        return stamped({SITE_ID: self.site_id, "to": ids, "ciphertexts": [self.ciphertexts[i] for i in ids]})
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "ShareBundle":
+        check_version(r, "share bundle")
+        return cls(int(r[SITE_ID]), {int(i): bytes(c) for i, c in zip(r["to"], r["ciphertexts"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class ShareInbox:
+    """Stage 2 (server -> one site): the ciphertexts addressed to it; their senders are U2."""
+
+    recipient: int
+    ciphertexts: dict[int, bytes]  # sender -> ciphertext
+    round_id: str = dataclasses.field(default="", compare=False)
+
+    def to_record(self) -> dict:
+        ids = _ids(self.ciphertexts)
+        return stamped({"recipient": self.recipient, "from": ids, "ciphertexts": [self.ciphertexts[i] for i in ids],
+                        ROUND_ID: self.round_id})
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "ShareInbox":
+        check_version(r, "share inbox")
+        return cls(int(r["recipient"]), {int(i): bytes(c) for i, c in zip(r["from"], r["ciphertexts"])},
+                   str(r[ROUND_ID]))
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedInput:
+    """Stage 2 reply (site -> server): the masked vector (an array of the MASKED_KEY record; ``to_record`` is the
+    SECAGG_KEY record beside it)."""
+
+    site_id: int
+    masked: np.ndarray  # uint64, (vector_length,)
+
+    def to_record(self) -> dict:
+        return stamped({SITE_ID: self.site_id})
+
+    @classmethod
+    def from_record(cls, r: Mapping, masked: np.ndarray) -> "MaskedInput":
+        check_version(r, "masked input")
+        return cls(int(r[SITE_ID]), masked)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnmaskRequest:
+    """Stage 3 (server -> surviving sites): whose input is in the sum (U3) and who dropped before masking."""
+
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    round_id: str = dataclasses.field(default="", compare=False)
+
+    def to_record(self) -> dict:
+        return stamped({"survivors": list(self.survivors), "dropped": list(self.dropped), ROUND_ID: self.round_id})
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "UnmaskRequest":
+        check_version(r, "unmask request")
+        return cls(tuple(int(i) for i in r["survivors"]), tuple(int(i) for i in r["dropped"]), str(r[ROUND_ID]))
+
+
+@dataclasses.dataclass(frozen=True)
+class UnmaskShares:
+    """Stage 3 reply (site -> server): shares of survivors' self-mask seeds and of dropped sites' mask keys."""
+
+    site_id: int
+    self_shares: dict[int, bytes]  # survivor -> share of its b
+    key_shares: dict[int, bytes]  # dropped site -> share of its mask private key
+
+    def to_record(self) -> dict:
+        s, k = _ids(self.self_shares), _ids(self.key_shares)
+        return stamped({SITE_ID: self.site_id, "self-ids": s, "self-shares": [self.self_shares[i] for i in s],
+                        "key-ids": k, "key-shares": [self.key_shares[i] for i in k]})
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "UnmaskShares":
+        check_version(r, "unmask shares")
+        return cls(int(r[SITE_ID]), {int(i): bytes(v) for i, v in zip(r["self-ids"], r["self-shares"])},
+                   {int(i): bytes(v) for i, v in zip(r["key-ids"], r["key-shares"])})
