@@ -104,7 +104,8 @@ def load_labelled(folder: Path, manifest: ConsortiumManifest, seed: int) -> Coho
         present = [m for m in names if any((folder / f"{m}{s}").exists() for s in MODALITY_SUFFIXES)]
         if not present:
             raise DataError(f"{folder}: none of the package's modalities {names} has a file here")
-        cohort = load_magnet_split(folder.parent, int(folder.name), modalities=present, log=lambda *a, **k: None)
+        cohort = load_magnet_split(folder.parent, int(folder.name), modalities=present, log=lambda *a, **k: None,
+                                   limits=manifest.input_limits)
         return align_to_manifest(cohort, manifest, folder)
     raise DataError(f"{folder}: not a site folder (labels.csv + one file per modality) nor a MAGNET split folder")
 
@@ -152,7 +153,7 @@ def read_tables(paths: list[Path], manifest: ConsortiumManifest, log) -> NewPati
                             f"(the package's manifest)")
         if m in frames:
             raise DataError(f"{path}: modality {m!r} is given twice")
-        frame = read_modality(path)
+        frame = read_modality(path, manifest.input_limits)
         spec = manifest.modality(m)
         lacking = [f for f in spec.features if f not in frame.columns]
         if lacking:

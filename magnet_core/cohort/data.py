@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from magnet_core.cohort import tables as reader
+from magnet_core.cohort.limits import DEFAULT_INPUT_LIMITS, InputLimits
 from magnet_core.cohort.tables import DataError
 
 MODALITY_SUFFIXES = (".csv.gz", ".csv", ".tsv.gz", ".tsv")
@@ -103,14 +104,14 @@ def _modality_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    """A table through the one reader (:func:`magnet_core.cohort.tables.read_table`)."""
-    return reader.read_table(path)
+def _read_table(path: Path, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> pd.DataFrame:
+    """A table through the one reader (:func:`magnet_core.cohort.tables.read_table`), within ``limits``."""
+    return reader.read_table(path, limits)
 
 
-def duplicate_header_names(path: Path) -> list[str]:
+def duplicate_header_names(path: Path, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> list[str]:
     """Column names given more than once in the file's header (pandas would silently rename them)."""
-    return sorted(set(reader.duplicates(reader.read_header(path)[1:])))
+    return sorted(set(reader.duplicates(reader.read_header(path, limits)[1:])))
 
 
 def _check_unique_ids(df: pd.DataFrame, path: Path, what: str = "sample id") -> None:
@@ -120,11 +121,11 @@ def _check_unique_ids(df: pd.DataFrame, path: Path, what: str = "sample id") -> 
         raise DataError(f"{path}: duplicate {what}s ({len(dup)}): {shown}")
 
 
-def read_modality(path: str | Path) -> pd.DataFrame:
-    """Read a samples x features matrix (float32); reject duplicate ids and names, and any cell that is not a
-    finite number within float32 (the first one is named by line and column)."""
+def read_modality(path: str | Path, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> pd.DataFrame:
+    """Read a samples x features matrix (float32); reject a file beyond ``limits``, duplicate ids and names, and any
+    cell that is not a finite number within float32 (the first one is named by line and column)."""
     path = Path(path)
-    df = reader.read_table(path)
+    df = reader.read_table(path, limits)
     _check_unique_ids(df, path)
     dup_cols = reader.duplicates(df.columns)
     if dup_cols:
@@ -132,10 +133,11 @@ def read_modality(path: str | Path) -> pd.DataFrame:
     return reader.numeric_values(df, path).astype(np.float32)
 
 
-def read_labels(path: str | Path, column: str | None = None) -> pd.Series:
-    """Read a label table (sample id, class); labels must be integers."""
+def read_labels(path: str | Path, column: str | None = None,
+                limits: InputLimits = DEFAULT_INPUT_LIMITS) -> pd.Series:
+    """Read a label table (sample id, class) within ``limits``; labels must be integers."""
     path = Path(path)
-    df = _read_table(path)
+    df = _read_table(path, limits)
     if df.shape[1] == 0:
         raise DataError(f"{path}: no label column")
     col = column or ("Class" if "Class" in df.columns else df.columns[0])
@@ -234,10 +236,12 @@ def assemble_cohort(
     )
 
 
-def load_magnet_split(folder: str | Path, seed: int, *, modalities: Iterable[str] | None = None, log=print) -> Cohort:
+def load_magnet_split(folder: str | Path, seed: int, *, modalities: Iterable[str] | None = None, log=print,
+                      limits: InputLimits = DEFAULT_INPUT_LIMITS) -> Cohort:
     """MAGNET split layout: ``folder/<seed>/{<modality>.csv.gz, label_{train,val,test}_{paired,unpaired}.csv.gz}``.
 
-    Train and val are both kept (split "train"/"val"); the paper trains on train+val and tests on test.
+    Train and val are both kept (split "train"/"val"); the paper trains on train+val and tests on test. Every file
+    is read within ``limits``.
     """
     seed_dir = Path(folder) / str(seed)
     if not seed_dir.is_dir():
@@ -250,7 +254,7 @@ def load_magnet_split(folder: str | Path, seed: int, *, modalities: Iterable[str
                           and p.name.startswith(f"label_{name}_{kind}.")]
             if not candidates:
                 raise DataError(f"{seed_dir}: missing label file label_{name}_{kind}.csv.gz")
-            lab = read_labels(candidates[0])
+            lab = read_labels(candidates[0], limits=limits)
             parts.append((candidates[0], lab))
             for sid in lab.index:
                 split[sid] = name
@@ -262,7 +266,7 @@ def load_magnet_split(folder: str | Path, seed: int, *, modalities: Iterable[str
     files = _modality_files(seed_dir)
     if modalities is not None:
         files = _select(files, modalities, seed_dir)
-    tables = {m: read_modality(p) for m, p in files.items()}
+    tables = {m: read_modality(p, limits) for m, p in files.items()}
     return assemble_cohort(
         labels.sort_index(), tables, files, label_source=str(seed_dir / "label_*"),
         name=f"{Path(folder).name}/seed{seed}", split=pd.Series(split), paired=pd.Series(paired), log=log,
@@ -278,17 +282,17 @@ def _select(files: dict[str, Path], modalities: Iterable[str], folder: Path) -> 
 
 
 def load_cohort_dir(folder: str | Path, *, modalities: Iterable[str] | None = None,
-                    num_classes: int | None = None, log=print) -> Cohort:
-    """Cohort layout: one file per modality plus ``labels.csv`` (no split yet)."""
+                    num_classes: int | None = None, log=print, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> Cohort:
+    """Cohort layout: one file per modality plus ``labels.csv`` (no split yet); every file read within ``limits``."""
     folder = Path(folder)
     label_path = next((folder / f"labels{s}" for s in MODALITY_SUFFIXES if (folder / f"labels{s}").exists()), None)
     if label_path is None:
         raise DataError(f"{folder}: no labels.csv (cohort layout needs labels.csv plus one file per modality)")
-    labels = read_labels(label_path)
+    labels = read_labels(label_path, limits=limits)
     files = _modality_files(folder)
     if modalities is not None:
         files = _select(files, modalities, folder)
-    tables = {m: read_modality(p) for m, p in files.items()}
+    tables = {m: read_modality(p, limits) for m, p in files.items()}
     return assemble_cohort(labels.sort_index(), tables, files, label_source=str(label_path),
                            num_classes=num_classes, name=folder.name, log=log)
 
@@ -375,14 +379,15 @@ def available_seeds(path: str | Path) -> list[int]:
 
 
 def load_for_seed(path: str | Path, seed: int, *, modalities: Iterable[str] | None = None, scale: bool | None = None,
-                  log=print) -> Cohort:
+                  log=print, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> Cohort:
     """Load a cohort of either layout with its split for ``seed`` (MAGNET's own split files or a stratified split).
 
-    Cohort-layout data are min-max scaled with training statistics unless ``scale=False``.
+    Cohort-layout data are min-max scaled with training statistics unless ``scale=False``. Every file is read
+    within ``limits``.
     """
     layout = detect_layout(path)
     if layout == "split":
-        cohort = load_magnet_split(path, seed, modalities=modalities, log=log)
+        cohort = load_magnet_split(path, seed, modalities=modalities, log=log, limits=limits)
         return minmax_scale_by_train(cohort) if scale else cohort
-    cohort = stratified_split(load_cohort_dir(path, modalities=modalities, log=log), seed)
+    cohort = stratified_split(load_cohort_dir(path, modalities=modalities, log=log, limits=limits), seed)
     return cohort if scale is False else minmax_scale_by_train(cohort)

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from magnet_core.cohort.errors import DataError
+from magnet_core.cohort.limits import DEFAULT_INPUT_LIMITS, InputLimits
 
 DEFAULT_MIN_COUNT = 5  # the consortium's minimum number of patients behind anything a site releases
 DEFAULT_SEED = 10  # the one default seed (splits, runs); magnet_core.consortium.methods.DEFAULT_SEEDS start here
@@ -82,6 +83,9 @@ class ConsortiumManifest(BaseModel):
         description="k: a site releases no statistic that describes fewer than k patients")
     sites: dict[str, EnrolledSite] = Field(
         default_factory=dict, description="enrolled sites by name; replies are bounded by these counts")
+    input_limits: InputLimits = Field(
+        default_factory=InputLimits, description="size limits of every site table file, checked before parsing "
+        "(decompressed bytes, rows, columns, cells, line length); raise them for larger cohorts")
 
     @model_validator(mode="after")
     def _unique_modalities(self) -> "ConsortiumManifest":
@@ -89,6 +93,15 @@ class ConsortiumManifest(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"modality names must be unique, got {names}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _limits_only_when_set(self, handler):
+        """Default input limits are left out of every dump (TOML, JSON, fingerprints), so the manifests, packages and
+        fingerprints written before the limits existed stay what they were."""
+        data = handler(self)
+        if self.input_limits == DEFAULT_INPUT_LIMITS and isinstance(data, dict):
+            data.pop("input_limits", None)
+        return data
 
     @property
     def num_classes(self) -> int:

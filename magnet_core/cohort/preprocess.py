@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from magnet_core.cohort import tables
 from magnet_core.cohort.data import SPLITS, Cohort, DataError, stratified_split
+from magnet_core.cohort.limits import DEFAULT_INPUT_LIMITS, InputLimits
 from magnet_core.cohort.manifest import DEFAULT_MAX_ABSENT_FEATURES, DEFAULT_MIN_COUNT, DEFAULT_SEED, MIN_COUNT_FLOOR
 from magnet_core.cohort.tables import Orientation
 
@@ -58,6 +59,9 @@ class PrepareConfig(BaseModel):
         default_factory=dict, description="per modality: the raw value range [low, high] the consortium declares "
         "in advance; federated preparation scales with it (per-feature minima and maxima are single patients' "
         "values and are never released)")
+    input_limits: InputLimits = Field(
+        default_factory=InputLimits, description="size limits of every raw table file, checked before parsing; "
+        "raise them for a genome-wide raw matrix")
 
     @model_validator(mode="after")
     def _check(self) -> "PrepareConfig":
@@ -83,22 +87,23 @@ class PrepareConfig(BaseModel):
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def read_raw_table(path: str | Path) -> pd.DataFrame:
-    """A table as written, through the one reader (:func:`magnet_core.cohort.tables.read_table`): first column = row
-    ids, first line = column names (duplicates kept so they can be reported), cells parsed as numbers where
-    possible."""
-    return tables.read_table(path)
+def read_raw_table(path: str | Path, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> pd.DataFrame:
+    """A table as written, through the one reader (:func:`magnet_core.cohort.tables.read_table`) within ``limits``:
+    first column = row ids, first line = column names (duplicates kept so they can be reported), cells parsed as
+    numbers where possible."""
+    return tables.read_table(path, limits)
 
 
 def read_raw_matrix(path: str | Path, label_ids: Iterable[str], orientation: Orientation = "auto",
-                    label_source: str = "the labels file") -> pd.DataFrame:
+                    label_source: str = "the labels file",
+                    limits: InputLimits = DEFAULT_INPUT_LIMITS) -> pd.DataFrame:
     """A raw matrix as samples x features (float64, NaN = missing cell); text cells, infinities and values beyond
     float32 refused, named by file line and column.
 
     ``auto`` orientation: whichever axis holds the labelled sample ids. The orientation found is kept in
     ``frame.attrs["orientation"]``."""
     path = Path(path)
-    table = tables.read_table(path)
+    table = tables.read_table(path, limits)
     other = {"samples-x-features": "features-x-samples", "features-x-samples": "samples-x-features"}
     hint = f"use orientation '{other.get(orientation, 'auto')}' or 'auto'"
     tables.orientation(table, path, label_ids, "auto", label_source)  # neither axis matches: refused here
@@ -122,10 +127,10 @@ def read_raw_matrix(path: str | Path, label_ids: Iterable[str], orientation: Ori
 
 
 def read_site_labels(path: str | Path, column: str | None = None, class_names: Sequence[str] | None = None,
-                     log=print) -> pd.Series:
+                     log=print, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> pd.Series:
     """Labels as class indices 0..C-1; text labels are mapped through ``class_names``; empty labels dropped."""
     path = Path(path)
-    table = read_raw_table(path)
+    table = read_raw_table(path, limits)
     col = column or ("Class" if "Class" in table.columns else table.columns[0])
     if col not in table.columns:
         raise DataError(f"{path}: no column {col!r} (columns: {list(table.columns)})")
@@ -158,10 +163,10 @@ def read_site_labels(path: str | Path, column: str | None = None, class_names: S
     return numeric.astype(np.int64).rename("Class")
 
 
-def read_split_file(path: str | Path) -> pd.Series:
+def read_split_file(path: str | Path, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> pd.Series:
     """A split table: sample id, then train / val / test."""
     path = Path(path)
-    table = read_raw_table(path)
+    table = read_raw_table(path, limits)
     col = "split" if "split" in table.columns else table.columns[0]
     dup = table.index[table.index.duplicated()]
     if len(dup):
@@ -329,13 +334,13 @@ def discover_site_files(folder: str | Path) -> tuple[Path, dict[str, Path], Path
 def load_raw_site(labels_path: str | Path, modality_paths: dict[str, str | Path], cfg: PrepareConfig,
                   split_path: str | Path | None = None, name: str = "site", log=print) -> RawSite:
     """Read one site's labels and raw matrices (either orientation), then assemble and split it."""
-    labels = read_site_labels(labels_path, cfg.label_column, cfg.class_names, log=log)
+    labels = read_site_labels(labels_path, cfg.label_column, cfg.class_names, log=log, limits=cfg.input_limits)
     frames = {}
     for m, p in modality_paths.items():
-        frames[m] = read_raw_matrix(p, labels.index, cfg.orientation, str(labels_path))
+        frames[m] = read_raw_matrix(p, labels.index, cfg.orientation, str(labels_path), cfg.input_limits)
         if frames[m].attrs.get("orientation") == "features-x-samples" and cfg.orientation == "auto":
             log(f"note: {name}: {Path(p).name} is features x samples (read transposed)")
-    split = read_split_file(split_path) if split_path is not None else None
+    split = read_split_file(split_path, cfg.input_limits) if split_path is not None else None
     return assemble_site(name, labels, frames, cfg, split, str(split_path), log=log)
 
 

@@ -1,59 +1,164 @@
 """The one reader of every table the project reads: file -> DataFrame, one-line errors naming file, line, column."""
 
-# Layers: read_text (bytes -> checked text: gzip integrity, UTF-8) -> read_table (text -> ids x columns as written,
-# ragged rows refused) -> cell_problems / numeric_values (cells -> float64; text, infinities, missing cells and
-# values beyond float32 named by line and column) -> orientation (which axis holds the sample ids).
-# magnet_core.cohort.data (cohorts), magnet_core.cohort.preprocess (raw site matrices) and magnet_core.cohort.validation (a site
-# against the manifest) all read through these functions.
+# Layers: read_bytes (file -> bytes, streamed within the input limits of magnet_core.cohort.limits) -> read_text
+# (bytes -> checked text: gzip integrity, UTF-8) -> read_table (text -> ids x columns as written, ragged rows refused)
+# -> cell_problems / numeric_values (cells -> float64; text, infinities, missing cells and values beyond float32
+# named by line and column) -> orientation (which axis holds the sample ids). magnet_core.cohort.data (cohorts),
+# magnet_core.cohort.preprocess (raw site matrices) and magnet_core.cohort.validation (a site against the manifest)
+# all read through these functions.
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import io
 import zlib
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Literal, NoReturn
 
 import numpy as np
 import pandas as pd
 
 from magnet_core.cohort.errors import DataError  # noqa: F401  (defined without pandas, so light modules need not load it)
+from magnet_core.cohort.limits import DEFAULT_INPUT_LIMITS, InputLimits, describe_size
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 GZIP_MAGIC = b"\x1f\x8b"
+CHUNK_BYTES = 1 << 20  # read (and decompress) this much at a time
+NEWLINE, TAB, COMMA = ord("\n"), ord("\t"), ord(",")
+TAB_BYTE = b"\t"
 Orientation = Literal["auto", "samples-x-features", "features-x-samples"]
 
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """The file's content, decompressed when it is gzip (by name or by its first bytes); a corrupt or truncated
-    gzip stream is refused (gzip's CRC and length check run over the whole stream)."""
+def read_bytes(path: str | Path, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> bytes:
+    """The file's content, decompressed when it is gzip (by name or by its first bytes), read in chunks and refused
+    at the first input limit it crosses (decompressed bytes, line length, cells in a line, rows, rows x widest line):
+    a gzip bomb stops after at most ``limits.max_bytes`` bytes, one chunk at a time. A corrupt or truncated gzip
+    stream is refused (gzip's CRC and length check run over the whole stream)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as file:
+            head = file.read(4)
+            is_gzip = path.name.endswith(".gz") or head[:2] == GZIP_MAGIC
+            if is_gzip and head[:2] != GZIP_MAGIC:
+                raise DataError(f"{path}: not a gzip file (named .gz but its first bytes are {head!r})")
+            file.seek(0)
+            if not is_gzip:
+                return _bounded(file, path, limits, "")
+            with gzip.GzipFile(fileobj=file, mode="rb") as stream:
+                return _bounded(stream, path, limits, f" once decompressed (a gzip file of {_size(path)} bytes)")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a table file") from None
+    except EOFError:
+        raise DataError(f"{path}: truncated gzip file (the compressed stream ends early; copy the file "
+                        "again)") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt gzip file ({exc}); copy or compress the file again") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if path.name.endswith(".gz") or raw[:2] == GZIP_MAGIC:
-        if raw[:2] != GZIP_MAGIC:
-            raise DataError(f"{path}: not a gzip file (named .gz but its first bytes are {raw[:4]!r})")
-        try:
-            return gzip.decompress(raw)
-        except EOFError:
-            raise DataError(f"{path}: truncated gzip file (the compressed stream ends early; copy the file "
-                            "again)") from None
-        except (gzip.BadGzipFile, zlib.error, OSError) as exc:
-            raise DataError(f"{path}: corrupt gzip file ({exc}); copy or compress the file again") from None
-    return raw
 
 
-def read_text(path: str | Path) -> str:
-    """The file as UTF-8 text (a byte-order mark is dropped); other encodings and binary files are refused."""
-    data = read_bytes(path)
+def _size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size:,}"
+    except OSError:
+        return "unknown"
+
+
+@dataclasses.dataclass
+class _Counts:
+    """What has streamed out of a file so far."""
+
+    bytes: int = 0
+    lines: int = 0  # complete lines (newlines seen)
+    line_bytes: int = 0  # bytes of the line in progress
+    line_seps: int = 0  # separators in the line in progress
+    widest: int = 0  # most cells in a complete line
+    sep: int | None = None  # the separator's byte, known once the header line is complete
+
+    @property
+    def rows(self) -> int:
+        """Lines begun below the header (blank lines included: an upper bound on the parsed rows)."""
+        return max(self.lines + (self.line_bytes > 0) - 1, 0)
+
+
+def _bounded(stream, path: Path, limits: InputLimits, decompressed: str) -> bytes:
+    """Read ``stream`` to its end in chunks, refusing at the first limit crossed; the chunks read, joined."""
+    counts, kept, pending = _Counts(), [], b""
+    while chunk := stream.read(CHUNK_BYTES):
+        counts.bytes += len(chunk)
+        if counts.bytes > limits.max_bytes:
+            _refuse(path, f"more than {describe_size(limits.max_bytes, 'max_bytes')}{decompressed}", "max_bytes",
+                    limits)
+        if counts.sep is None:  # the header line decides the separator, as _header does on the text
+            pending += chunk
+            end = pending.find(b"\n")
+            if end < 0 and len(pending) <= limits.max_line_bytes:
+                continue
+            chunk, pending = pending, b""
+            counts.sep = TAB if TAB_BYTE in chunk[: end if end >= 0 else len(chunk)] else COMMA
+        _count(chunk, counts, path, limits)
+        kept.append(chunk)
+    if pending:
+        counts.sep = TAB if TAB_BYTE in pending else COMMA
+        _count(pending, counts, path, limits)
+        kept.append(pending)
+    return b"".join(kept)
+
+
+def _count(chunk: bytes, c: _Counts, path: Path, limits: InputLimits) -> None:
+    """Add one chunk to the counts; refuse a line too long or too wide, too many rows or cells."""
+    data = np.frombuffer(chunk, dtype=np.uint8)
+    newlines = np.flatnonzero(data == NEWLINE)
+    seps = np.flatnonzero(data == c.sep)
+    if len(newlines):
+        starts = np.concatenate(([0], newlines[:-1] + 1))
+        lengths = newlines - starts
+        lengths[0] += c.line_bytes
+        before = np.searchsorted(seps, newlines)  # separators before each newline
+        cells = np.diff(before, prepend=0) + 1
+        cells[0] += c.line_seps
+        _check_line(int(lengths.max()), c.lines + 1 + int(lengths.argmax()), int(cells.max()),
+                    c.lines + 1 + int(cells.argmax()), path, limits)
+        c.widest = max(c.widest, int(cells.max()))
+        c.lines += len(newlines)
+        c.line_bytes = len(data) - int(newlines[-1]) - 1
+        c.line_seps = len(seps) - int(before[-1])
+    else:
+        c.line_bytes += len(data)
+        c.line_seps += len(seps)
+    _check_line(c.line_bytes, c.lines + 1, c.line_seps + 1, c.lines + 1, path, limits)
+    if c.rows > limits.max_rows:
+        _refuse(path, f"more than {limits.max_rows:,} rows below the header", "max_rows", limits)
+    widest = max(c.widest, c.line_seps + 1)
+    if c.rows * widest > limits.max_cells:
+        _refuse(path, f"at least {c.rows:,} rows x {widest:,} cells in its widest line = {c.rows * widest:,} "
+                      f"cells, more than {limits.max_cells:,}", "max_cells", limits)
+
+
+def _check_line(length: int, line: int, cells: int, wide_line: int, path: Path, limits: InputLimits) -> None:
+    if length > limits.max_line_bytes:
+        _refuse(path, f"line {line} is longer than {describe_size(limits.max_line_bytes, 'max_line_bytes')}",
+                "max_line_bytes", limits)
+    if cells > limits.max_columns:
+        _refuse(path, f"line {wide_line} has {cells:,} cells or more, more than {limits.max_columns:,} columns",
+                "max_columns", limits)
+
+
+def _refuse(path: Path, what: str, key: str, limits: InputLimits) -> NoReturn:
+    raise DataError(f"{path}: {what}: refused before parsing by the input limit {key} = "
+                    f"{getattr(limits, key)}. If the file is genuine, raise {key} under [input_limits] in the "
+                    "consortium manifest (or in the prepare config).")
+
+
+def read_text(path: str | Path, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> str:
+    """The file as UTF-8 text (a byte-order mark is dropped), within ``limits``; other encodings and binary files
+    are refused."""
+    data = read_bytes(path, limits)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -74,18 +179,18 @@ def _header(text: str, path: Path) -> tuple[list[str], str]:
     return [c.strip() for c in next(csv.reader([first], delimiter=sep))], sep
 
 
-def read_header(path: str | Path) -> list[str]:
+def read_header(path: str | Path, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> list[str]:
     """The header's cells (as written, stripped)."""
-    return _header(read_text(path), Path(path))[0]
+    return _header(read_text(path, limits), Path(path))[0]
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
+def read_table(path: str | Path, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> pd.DataFrame:
     """A table as written: first column = row ids (stripped text), first line = column names (duplicates kept,
     so they can be reported), cells parsed as numbers where pandas can. Tab-separated when the header holds a
-    tab, else comma-separated; an R-style header without a cell above the row ids is accepted.
-    ``frame.attrs`` holds ``path`` and ``sep``."""
+    tab, else comma-separated; an R-style header without a cell above the row ids is accepted. A file beyond
+    ``limits`` is refused before pandas sees it. ``frame.attrs`` holds ``path`` and ``sep``."""
     path = Path(path)
-    text = read_text(path)
+    text = read_text(path, limits)
     header, sep = _header(text, path)
     try:
         body = pd.read_csv(io.StringIO(text), sep=sep, header=None, skiprows=1, index_col=0, dtype={0: str},

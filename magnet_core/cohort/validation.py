@@ -70,7 +70,7 @@ def _read_labels(path: Path, manifest: ConsortiumManifest, report: SiteReport) -
     Also returns the ids whose label is invalid (already reported as errors)."""
     none = (None, pd.Index([]))
     try:
-        df = tables.read_table(path)
+        df = tables.read_table(path, manifest.input_limits)
     except DataError as exc:
         report.errors.append(str(exc))
         return none
@@ -115,9 +115,9 @@ def _read_labels(path: Path, manifest: ConsortiumManifest, report: SiteReport) -
 def _check_matrix(path: Path, spec: ModalitySpec, manifest: ConsortiumManifest, report: SiteReport,
                   label_ids: pd.Index | None = None, label_path: Path | None = None) -> pd.DataFrame | None:
     """One modality file: ids, orientation, header (missing / extra / order), every manifest feature's cells and,
-    for prepared data, their range."""
+    for prepared data, their range. A file beyond the manifest's input limits is refused before parsing."""
     try:
-        df = tables.read_table(path)
+        df = tables.read_table(path, manifest.input_limits)
     except DataError as exc:
         report.errors.append(str(exc))
         return None
@@ -192,9 +192,9 @@ def _check_range(path: Path, spec: ModalitySpec, manifest: ConsortiumManifest, v
         report.warnings.append(msg + f" (allowed up to max_out_of_range {manifest.max_out_of_range:.0%})")
 
 
-def _read_split(path: Path, report: SiteReport) -> pd.Series | None:
+def _read_split(path: Path, manifest: ConsortiumManifest, report: SiteReport) -> pd.Series | None:
     try:
-        df = tables.read_table(path)
+        df = tables.read_table(path, manifest.input_limits)
     except DataError as exc:
         report.errors.append(str(exc))
         return None
@@ -249,7 +249,7 @@ def validate_site(folder: str | Path, manifest: ConsortiumManifest) -> tuple[Sit
     split = None
     split_path = _find(folder, "split")
     if split_path is not None:
-        split = _read_split(split_path, report)
+        split = _read_split(split_path, manifest, report)
     if labels is None:
         return report, tables
 
@@ -304,7 +304,8 @@ def load_site_cohort(folder: str | Path, manifest: ConsortiumManifest, seed: int
     """Validate, then build the site's Cohort with the manifest's modalities and feature order.
 
     Absent features are filled from the manifest (when it allows it); the split comes from split.csv when the site
-    has one, else :func:`magnet_core.cohort.data.stratified_split` with ``seed``. Raises DataError listing every problem."""
+    has one, else :func:`magnet_core.cohort.data.stratified_split` with ``seed``. Raises DataError listing every
+    problem."""
     report, tables = validate_site(folder, manifest)
     if not report.ok:
         raise DataError(f"site data in {folder} failed validation:\n- " + "\n- ".join(report.errors))
