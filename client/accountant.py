@@ -16,8 +16,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from magnet_core.federation.dp import DPConfig, PrivacyAccountant, effective_noise_multiplier
-
 ACCOUNTANT_FILE = "privacy_spent.json"
 
 
@@ -40,12 +38,19 @@ class SiteAccounts(BaseModel):
 
 def round_multiplier(noise_multiplier: float, threshold: int, colluding_sites: int) -> float:
     """The multiplier this site counts for one secure DP round (distributed noise sized for ``threshold``)."""
+    from magnet_core.federation.dp import DPConfig, effective_noise_multiplier  # lazy: dp loads torch (secagg)
+
     cfg = DPConfig(clip_norm=1.0, noise_multiplier=noise_multiplier, noise="distributed",
                    colluding_sites=colluding_sites)
     return effective_noise_multiplier(cfg, noise_pieces=threshold, threshold=threshold)
 
 
 def epsilon(multipliers: list[float], delta: float, accounting: Literal["rdp", "exact"] = "rdp") -> float:
+    """Epsilon at ``delta`` of the composed rounds (0 without any)."""
+    if not multipliers:
+        return 0.0
+    from magnet_core.federation.dp import PrivacyAccountant  # lazy: dp loads torch (secagg)
+
     spent = PrivacyAccountant(delta, list(multipliers)).spent()
     return float(spent["epsilon_rdp" if accounting == "rdp" else "epsilon"])
 

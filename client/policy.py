@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
-from magnet_core.cohort.preprocess import DEFAULT_SEED
+from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, DEFAULT_SEED, MIN_COUNT_FLOOR
 
 POLICY_KEY = "site-policy"  # node config: path of the site's policy file (the SuperNode's command line, the site's)
 
@@ -65,10 +64,16 @@ class Privacy(BaseModel):
     min_noise_multiplier: float = Field(1.0, ge=0, allow_inf_nan=False,
                                         description="train only with this site's own DP noise, multiplier >= this")
     epsilon_budget: float | None = Field(10.0, gt=0, allow_inf_nan=False,
-                                         description="cumulative epsilon at delta per consortium, across runs")
+                                         description="cumulative epsilon at delta per consortium, across runs "
+                                                     "(inf in the file: no budget, no DP required by it)")
     delta: float = Field(1e-5, gt=0, lt=1)
     colluding_sites: int = Field(0, ge=0, description="sites assumed to give their noise piece to the coordinator")
     accounting: Literal["rdp", "exact"] = Field("rdp", description="RDP (conservative) or exact GDP conversion")
+
+    @field_validator("epsilon_budget", mode="before")
+    @classmethod
+    def _no_budget(cls, v: Any) -> Any:
+        return None if isinstance(v, float) and v == math.inf else v
 
 
 class Ranges(BaseModel):
@@ -430,7 +435,7 @@ prepare = true    # preparation statistics only inside a secure sum
 
 [privacy]
 min_noise_multiplier = 1.0    # train only with this site's own noise, multiplier >= this
-epsilon_budget = 10.0    # cumulative epsilon per consortium across runs; rounds beyond it are refused
+epsilon_budget = 10.0    # cumulative epsilon per consortium across runs; rounds beyond it are refused (inf: none)
 delta = 1e-05
 colluding_sites = 0    # sites assumed to hand their noise piece to the coordinator
 accounting = "rdp"    # "rdp" (conservative) or "exact"
