@@ -18,6 +18,7 @@ import pytest
 from flower_messages import instruction, model_records
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from magnet_core.artefacts.report import write_report
 from magnet_core.cohort.preprocess import PrepareConfig
 from magnet_core.federation.secagg import SecAggSetup, UpdateLayout
 from magnet_core.protocol.messages import RoundConfig
@@ -328,6 +329,8 @@ def test_the_audit_chain_verifies_and_a_tampered_line_is_detected(tmp_path, glob
     code, out = site_audit(site.policy)
     assert code == 0 and "audit chain verified: 3 entries" in out, out
     assert (site.audit_log.stat().st_mode & 0o777) == 0o600 and (site.audit_log.parent.stat().st_mode & 0o777) == 0o700
+    page = write_report(site.audit_log.parent).read_text()  # the site view of the report reads the audit log
+    assert "hash chain verified: 3 entries" in page and "evaluation.only_current_round" in page
 
     lines = site.audit_log.read_text().splitlines()
     edited = json.loads(lines[1])
@@ -335,6 +338,7 @@ def test_the_audit_chain_verifies_and_a_tampered_line_is_detected(tmp_path, glob
     site.audit_log.write_text("\n".join([lines[0], json.dumps(edited), lines[2]]) + "\n")
     code, out = site_audit(site.audit_log.parent)
     assert code == 1 and "line 2: its content does not hash" in out, out
+    assert "HASH CHAIN BROKEN" in write_report(site.audit_log.parent).read_text()
 
     site.audit_log.write_text("\n".join(lines[:2]) + "\n")  # the refusal cut from the end
     code, out = site_audit(site.audit_log)
