@@ -122,9 +122,12 @@ def handle(msg: Message, context: Context, kind: str) -> Message:
 
 
 def logged(msg: Message, context: Context, kind: str) -> Message:
-    """``handle`` plus the site's own log of what it received and sent (node config ``site-log-dir``)."""
-    reply = handle(msg, context, kind)
+    """``handle`` behind the site's policy and audit log (node config ``site-policy``), plus the site's own log of
+    what it received and sent (node config ``site-log-dir``)."""
+    from .guard import screened
     from .site_log import record
+
+    reply = screened(msg, context, lambda: handle(msg, context, kind))
 
     record(msg, reply, context.node_config)
     return reply

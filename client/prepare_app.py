@@ -53,6 +53,7 @@ from magnet_core.protocol.keys import (
 from magnet_core.protocol.prepare import PrepareApplied, PrepareRefusal, PrepareRequest, StatsReply, stats_key
 from magnet_core.protocol.secagg import SecAggError, SecAggStart
 
+from .guard import screened
 from .secure import guarded, secagg_mask, secagg_share, secagg_unmask, secure_reply, start_secure_sum
 
 app = ClientApp()
@@ -123,7 +124,12 @@ def released_statistics(site: RawSite, cfg: PrepareConfig, num_classes: int | No
 @app.query(PREPARE_STATS)
 def stats(msg: Message, context: Context) -> Message:
     """Per class and feature, over this site's training patients, released only where >= k patients back it:
-    counts, sums and sums of squares (in the clear, or only feature names when they go through a secure sum)."""
+    counts, sums and sums of squares (in the clear, or only feature names when they go through a secure sum);
+    behind the site's policy and audit log (client/guard.py)."""
+    return screened(msg, context, lambda: _stats(msg, context))
+
+
+def _stats(msg: Message, context: Context) -> Message:
     from magnet_core.federation.privacy import release_summary
 
     name = f"node {context.node_id}"
@@ -179,7 +185,12 @@ def secure_stats(msg: Message, context: Context) -> Message:
 
 @app.query(PREPARE_APPLY)
 def apply(msg: Message, context: Context) -> Message:
-    """Impute, scale and select locally with the consortium's manifest; write the prepared cohort; report counts."""
+    """Impute, scale and select locally with the consortium's manifest; write the prepared cohort; report counts
+    (behind the site's policy and audit log)."""
+    return screened(msg, context, lambda: _apply(msg, context))
+
+
+def _apply(msg: Message, context: Context) -> Message:
     name = f"node {context.node_id}"
     try:
         request = PrepareRequest.decode(msg.content[CONFIG_KEY])

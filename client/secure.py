@@ -170,7 +170,17 @@ def _reply(msg: Message, secagg: dict, arrays: dict[str, np.ndarray] | None = No
 
 
 def _guarded(msg: Message, context: Context, body: Callable[[Mapping[str, Any]], Message]) -> Message:
-    """Clear error replies for every way a stage can fail at the site, and the site's own message log."""
+    """The site's policy and audit log (client/guard.py), clear error replies for every way a stage can fail at
+    the site, and the site's own message log."""
+    from .guard import screened
+    from .site_log import record
+
+    reply = screened(msg, context, lambda: _answered(msg, context, body))
+    record(msg, reply, context.node_config)
+    return reply
+
+
+def _answered(msg: Message, context: Context, body: Callable[[Mapping[str, Any]], Message]) -> Message:
     from magnet_core.cohort.data import DataError
 
     from .worker_link import WORKER_ERROR_CODE, WorkerFailure
@@ -190,9 +200,6 @@ def _guarded(msg: Message, context: Context, body: Callable[[Mapping[str, Any]],
     except (ContractError, KeyError, ValueError, TypeError) as exc:
         reply = error_reply(msg, CONTRACT_ERROR_CODE, f"secure-aggregation message rejected: "
                                                       f"{type(exc).__name__}: {exc}")
-    from .site_log import record
-
-    record(msg, reply, context.node_config)
     return reply
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from magnet_core.artefacts.audit_chain import AUDIT_FILE, verify_chain
 from magnet_core.cohort.data import Cohort, DataError
 from magnet_core.cohort.generated import GENERATED_NOTICE
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT
@@ -840,22 +841,39 @@ def site_log_rows(entries: Iterable[dict]) -> list[dict]:
 
 
 def find_site_logs(run_dir: Path, site: str | None) -> list[Path]:
-    """``run_dir/site_log.jsonl`` (a site's own log directory), else logs of ``site`` below ``run_dir``."""
-    if (run_dir / SITE_LOG_FILE).exists() and (site is None or not run_dir.joinpath("history.json").exists()):
-        return [run_dir / SITE_LOG_FILE]
+    """``run_dir``'s own audit log or site log (a site's own state / log directory), else the logs of ``site``
+    below ``run_dir``. A site's audit log (client/audit.py: the same items per message, in a hash chain) stands
+    in for its site logs when there is one."""
+    for name in (AUDIT_FILE, SITE_LOG_FILE):
+        if (run_dir / name).exists() and (site is None or not run_dir.joinpath("history.json").exists()):
+            return [run_dir / name]
     if site is None:
         return []
-    found = []
-    for p in sorted(run_dir.rglob(SITE_LOG_FILE)):
-        if p.parent.name == site:
-            found.append(p)
-            continue
-        try:
-            if any(str(e.get("site", "")) == site for e in read_site_log(p)[:1]):
+    for name in (AUDIT_FILE, SITE_LOG_FILE):
+        found = []
+        for p in sorted(run_dir.rglob(name)):
+            if p.parent.name == site:
                 found.append(p)
-        except DataError:
-            continue
-    return found
+                continue
+            try:
+                if any(str(e.get("site", "")) == site for e in read_site_log(p)[:1]):
+                    found.append(p)
+            except DataError:
+                continue
+        if found:
+            return found
+    return []
+
+
+def log_label(path: Path, run_dir: Path) -> str:
+    """How the site view names a log: its folder, and for an audit log whether its chain verifies."""
+    label = str(path.parent.relative_to(run_dir)) if path.parent != run_dir else path.parent.name
+    if path.name != AUDIT_FILE:
+        return label
+    check = verify_chain(path)
+    if check.ok:
+        return f"{label} (audit log, hash chain verified: {check.entries} entries)"
+    return f"{label} (audit log, HASH CHAIN BROKEN: {check.problems[0]})"
 
 
 def coordinator_view_of(site: str, histories: Mapping[str, list[dict]]) -> list[dict]:
@@ -907,7 +925,7 @@ def write_report(run_dir: str | Path, site: str | None = None, out: str | Path |
         raise DataError(f"{run_dir}: no such run directory")
     shown = Path(shown_as) if shown_as is not None else run_dir
     logs = find_site_logs(run_dir, site)
-    is_site_dir = (run_dir / SITE_LOG_FILE).exists() and logs == [run_dir / SITE_LOG_FILE]
+    is_site_dir = any(logs == [run_dir / name] for name in (AUDIT_FILE, SITE_LOG_FILE))
     if site is None and not is_site_dir:
         records = load_run(run_dir)
         records.run_dir = shown
@@ -915,8 +933,7 @@ def write_report(run_dir: str | Path, site: str | None = None, out: str | Path |
         name = REPORT_FILE
     else:
         records = None if is_site_dir else load_run(run_dir, rebuild_sites=False)
-        entries = {str(p.parent.relative_to(run_dir)) if p.parent != run_dir else p.parent.name: read_site_log(p)
-                   for p in logs}
+        entries = {log_label(p, run_dir): read_site_log(p) for p in logs}
         site = site or next((str(e["site"]) for es in entries.values() for e in es if e.get("site")), shown.name)
         if records is not None and not logs and not any(
                 r["status"] != "not in this round" for r in coordinator_view_of(site, records.histories)):

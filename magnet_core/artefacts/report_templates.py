@@ -262,7 +262,7 @@ TEMPLATES: dict[str, str] = {
 </table>
 {% if fig_traffic %}<img class="fig" alt="bytes per round" src="{{ fig_traffic }}">{% endif %}
 {% else %}
-<p class="note">No site log (site_log.jsonl) of this site was found: the ClientApp writes one per site when its node config names a log directory. Below is only what the coordinator recorded about this site.</p>
+<p class="note">No site log (site_log.jsonl) or audit log (audit.jsonl) of this site was found: the ClientApp writes a site log when its node config names a log directory, an audit log in the state folder of the site policy it names. Below is only what the coordinator recorded about this site.</p>
 {% endif %}
 </section>
 

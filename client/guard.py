@@ -1,0 +1,167 @@
+"""Where a site's policy meets the coordinator's messages: decode what a message asks, check it against the site's
+policy and memory, remember it, answer, and append both to the site's audit log. One call per message:
+``screened(msg, context, answer)``; without a policy in the node config it only calls ``answer``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from flwr.app import Context, Error, Message
+
+from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.keys import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    EVALUATE,
+    NODE_PARTITION_ID,
+    NODE_SITE_NAME,
+    PREPARE_APPLY,
+    PREPARE_SECAGG,
+    PREPARE_STATS,
+    QUERY,
+    SECAGG_ACTION,
+    SECAGG_KEY,
+    SECAGG_MASK,
+    SECAGG_SHARE,
+    SECAGG_UNMASK,
+    TRAIN,
+    message_type,
+)
+from magnet_core.protocol.messages import RoundConfig, round_of
+from magnet_core.protocol.prepare import PrepareRequest
+from magnet_core.protocol.secagg import SecAggError, SecAggSetup, SecAggStart
+from magnet_core.protocol.wire import flat_of
+
+from .accountant import round_multiplier
+from .audit import append, exchange_entry
+from .policy import (
+    POLICY_KEY,
+    PolicyError,
+    PolicyRefusal,
+    SitePolicy,
+    SiteRequest,
+    check_request,
+    load_policy,
+    remember,
+)
+from .site_state import SiteState
+
+POLICY_ERROR_CODE = 4006  # refused by the site's own policy; the reason names the policy file and line
+REQUEST_ERROR_CODE = 4002  # as client.app.CONTRACT_ERROR_CODE: the request could not be read for the policy check
+SECURE_TRAIN = message_type(TRAIN, SECAGG_ACTION)
+SECURE_PREPARE = message_type(QUERY, PREPARE_SECAGG)
+ROUND_KINDS = (TRAIN, EVALUATE, SECURE_TRAIN)
+PREPARE_KINDS = tuple(message_type(QUERY, a) for a in (PREPARE_STATS, PREPARE_SECAGG, PREPARE_APPLY))
+STAGE_KINDS = tuple(message_type(QUERY, a) for a in (SECAGG_SHARE, SECAGG_MASK, SECAGG_UNMASK))
+
+_POLICIES: dict[tuple[str, int, int], SitePolicy] = {}
+
+
+def policy_of(node_config: Mapping[str, Any]) -> SitePolicy | None:
+    """The site's policy named by its node config (re-read when the file changes), or None without one."""
+    path = node_config.get(POLICY_KEY)
+    if not path:
+        return None
+    st = os.stat(str(path))
+    key = (str(Path(str(path)).resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _POLICIES:
+        _POLICIES.clear()
+        _POLICIES[key] = load_policy(str(path))
+    return _POLICIES[key]
+
+
+def model_sha256(content) -> str | None:
+    """sha256 of the received flat model (dtype, shape and bytes), or None without one."""
+    if ARRAYS_KEY not in content.array_records:
+        return None
+    flat = flat_of(content[ARRAYS_KEY])
+    h = hashlib.sha256(f"{flat.dtype.str}{list(flat.shape)}".encode())
+    h.update(flat.tobytes())
+    return h.hexdigest()
+
+
+def decode_request(msg: Message) -> SiteRequest:
+    """What ``msg`` asks of this site, read with the protocol's own message classes; ContractError (or KeyError /
+    ValueError / TypeError) when unreadable."""
+    kind, run, content = msg.metadata.message_type, int(msg.metadata.run_id), msg.content
+    if kind in ROUND_KINDS:
+        cfg = RoundConfig.decode(content[CONFIG_KEY])
+        fields: dict[str, Any] = dict(round=cfg.server_round, local_epochs=cfg.local_epochs,
+                                      histogram_bins=cfg.histogram_bins, min_count=cfg.min_count,
+                                      model_sha256=model_sha256(content))
+        if kind == SECURE_TRAIN:
+            start = SecAggStart.from_record(content[SECAGG_KEY], training=True)
+            terms = start.train
+            fields.update(secure=True, secure_round_id=start.setup.round_id, secagg_threshold=start.setup.threshold,
+                          dp_noise_multiplier=terms.dp_noise_multiplier if terms is not None and terms.dp else None)
+        return SiteRequest(kind=kind, run=run, **fields)
+    if kind in PREPARE_KINDS:
+        request = PrepareRequest.decode(content[CONFIG_KEY])
+        cfg = request.prepare
+        secure = kind == SECURE_PREPARE or request.secagg
+        round_id = SecAggSetup.from_record(content[SECAGG_KEY]).round_id if kind == SECURE_PREPARE else None
+        return SiteRequest(kind=kind, run=run, secure=secure, min_count=cfg.min_count, secure_round_id=round_id,
+                           split_seed=cfg.seed, split_ratios=cfg.split_ratios, use_split_file=cfg.use_split_file)
+    if kind in STAGE_KINDS:  # a later stage of a secure sum the site accepted (its state checks the round id)
+        return SiteRequest(kind=kind, run=run, secure=True)
+    raise ContractError(f"message type {kind!r} is not one this site answers")
+
+
+def admit(policy: SitePolicy, req: SiteRequest, folder: Path) -> None:
+    """Check ``req`` against the policy and the site's memory; if it passes, remember it and charge its privacy
+    (under the state folder's lock, before any work). PolicyRefusal otherwise, with nothing recorded."""
+    with SiteState(folder) as state:
+        memory = state.consortium(policy.consortium)
+        p = policy.privacy
+        multiplier = None
+        if req.training and req.dp_noise_multiplier is not None and req.secagg_threshold:
+            multiplier = round_multiplier(req.dp_noise_multiplier, req.secagg_threshold, p.colluding_sites)
+        spent_with = None if multiplier is None else state.accountant.spent_with(
+            policy.consortium, multiplier, p.delta, p.accounting)
+        check_request(policy, req, memory, spent_with)
+        remember(memory, req)
+        if multiplier is not None:
+            state.accountant.charge(policy.consortium, req.run, req.round, multiplier)
+        state.save()
+
+
+def _site_name(context: Context) -> str:
+    node = context.node_config
+    if NODE_SITE_NAME in node:
+        return str(node[NODE_SITE_NAME])
+    return f"site{node[NODE_PARTITION_ID]}" if NODE_PARTITION_ID in node else f"node{context.node_id}"
+
+
+def screened(msg: Message, context: Context, answer: Callable[[], Message]) -> Message:
+    """``answer()`` if the site's policy admits ``msg``, else a refusal naming the policy line; both recorded in
+    the site's audit log. Without a policy (node config ``site-policy``) just ``answer()``."""
+    try:
+        policy = policy_of(context.node_config)
+    except (OSError, PolicyError) as exc:  # a site that cannot read its own policy answers nothing
+        return Message(Error(code=POLICY_ERROR_CODE, reason=f"this site's policy cannot be read: {exc}"),
+                       reply_to=msg)
+    if policy is None:
+        return answer()
+    folder = policy.state_path()
+    config = msg.content.config_records.get(CONFIG_KEY) if msg.has_content() else None
+    audit = dict(site=_site_name(context), consortium=policy.consortium, round_=round_of(config) or None)
+    try:
+        req = decode_request(msg)
+    except (ContractError, SecAggError, KeyError, ValueError, TypeError) as exc:
+        reply = Message(Error(code=REQUEST_ERROR_CODE, reason=f"request refused before the site's policy check "
+                                                              f"(it cannot be read): {type(exc).__name__}: {exc}"),
+                        reply_to=msg)
+        append(folder, exchange_entry(msg, reply, decision="refused", **audit))
+        return reply
+    try:
+        admit(policy, req, folder)
+    except PolicyRefusal as exc:
+        reply = Message(Error(code=POLICY_ERROR_CODE, reason=str(exc)), reply_to=msg)
+        append(folder, exchange_entry(msg, reply, decision="refused", rule=exc.rule, where=exc.where, **audit))
+        return reply
+    reply = answer()
+    append(folder, exchange_entry(msg, reply, decision="failed" if reply.has_error() else "answered", **audit))
+    return reply
