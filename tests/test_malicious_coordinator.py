@@ -22,6 +22,9 @@ from magnet_core.artefacts.report import write_report
 from magnet_core.cohort.preprocess import PrepareConfig
 from magnet_core.federation.secagg import SecAggSetup, UpdateLayout
 from magnet_core.protocol.messages import RoundConfig
+from magnet_core.protocol.prepare import PrepareRequest
+from magnet_core.protocol.secagg import SecAggStart, SecureTrainTerms
+from magnet_core.protocol.version import stamped
 
 DATA = dict(data_path="generated:160", scenario="iid-3")
 SITE = 0  # partition 0 of the simulated consortium: the site under attack
@@ -131,12 +134,10 @@ def evaluate(site: Site, params, rnd: int, run: int = 1, **kw) -> Message:
 def secure_train(site: Site, params, rnd: int, round_id: str, z: float | None = 1.0, run: int = 1) -> Message:
     """Stage 0 of a secure round over 3 sites (threshold 3), as server/secure.py builds it."""
     length = UpdateLayout.from_params(params).length + 2
-    rec = {**SecAggSetup(round_id, (1, 2, 3), 3, length).to_record(), "site-id": 1, "clip-norm": 0.1,
-           "modality-aware": True, "dp": z is not None}
-    if z is not None:
-        rec.update({"dp-noise-multiplier": z, "dp-noise-seed": 0})
+    terms = SecureTrainTerms(0.1, True, z is not None, z or 0.0, 0 if z is not None else -1)
+    rec = SecAggStart(SecAggSetup(round_id, (1, 2, 3), 3, length), 1, terms).to_record()
     return site.send("train.secagg", {"config": round_config(rnd), **model_records(params),
-                                      "secagg": ConfigRecord(rec)}, run)
+                                      "secagg": ConfigRecord(stamped(rec))}, run)
 
 
 def answered(reply: Message) -> None:
@@ -247,8 +248,8 @@ def prepare_site(tmp_path: Path, **policy) -> Site:
 
 
 def prepare_stats(site: Site, cfg: PrepareConfig, secagg: bool) -> Message:
-    return site.send("query.prepare_stats", {"config": ConfigRecord({
-        "prepare-config": cfg.model_dump_json(), "secagg": secagg, "num-classes": 2})})
+    request = PrepareRequest(prepare=cfg, secagg=secagg, num_classes=2)
+    return site.send("query.prepare_stats", {"config": ConfigRecord(request.encode())})
 
 
 PREP = dict(n_features=5, value_ranges={"mRNA": (0.0, 12.0)})
