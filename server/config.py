@@ -36,6 +36,13 @@ class FederatedConfig(BaseModel):
     norm_ratio: float = Field(10.0, gt=1, description="reject a step > this x (or < 1/this x) the reference norm")
     update_max_ratio: float = Field(0.5, gt=0, description="reject a step longer than this x the global norm")
     update_min_ratio: float = Field(1e-4, ge=0, description="reject a step shorter than this x the global norm")
+    clip_factor: float = Field(1.0, ge=0, allow_inf_nan=False,
+                               description="clip every accepted step to this x the median step norm of this and "
+                                           "past rounds before weighting (0 = off; DP clips to dp-clip-norm)")
+    trust_weighting: bool = Field(True, description="with 3+ sites, scale each site's weight by its steps' agreement "
+                                                    "with the others, and reject one whose agreement is under "
+                                                    "min-agreement x the median (off under DP)")
+    min_agreement: float = Field(0.25, ge=0, lt=1, description="see trust-weighting")
     histogram_bins: int = Field(DEFAULT_MAX_BINS, ge=2, le=MAX_HISTOGRAM_BINS,
                                 description="most score-histogram bins a site may release (sites cap it too)")
     test_graph: Literal["among-test", "attach-to-train"] = Field(

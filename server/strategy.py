@@ -13,18 +13,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from magnet_core.federation.aggregate import (
-    ScreenMemory,
-    ScreenRules,
     ServerOptState,
     SiteUpdate,
     aggregate_updates,
     flat_delta,
-    screen_updates,
     server_opt_step,
     trained_arrays,
     validate_update,
 )
 from magnet_core.federation.privacy import check_eval_release, pool_releases
+from magnet_core.federation.screening import ScreenMemory, ScreenRules, model_norm, screen_updates, shrink
 from magnet_core.protocol.messages import (
     ContractError,
     Enrolment,
@@ -114,7 +112,8 @@ class MagnetFedAvg(FedAvg):
         self.enrolment = enrolment
         self.memory = memory or ScreenMemory()
         self.rules = ScreenRules(max_to_global=cfg.update_max_ratio, min_to_global=cfg.update_min_ratio,
-                                 peer_ratio=cfg.norm_ratio)
+                                 peer_ratio=cfg.norm_ratio, clip_factor=cfg.clip_factor,
+                                 trust=cfg.trust_weighting, min_agreement=cfg.min_agreement)
         self.registry = SiteRegistry()
         self.dp = None
         if cfg.dp_clip_norm > 0:
@@ -231,22 +230,30 @@ class MagnetFedAvg(FedAvg):
                 continue
             candidates[node] = (reply, params)
         deltas = {node: flat_delta(self.current, params) for node, (_, params) in candidates.items()}
-        rejected, norms = screen_updates(self.current, deltas, self.memory, self.rules)
+        decisions = screen_updates(self.current, deltas, self.memory, self.rules,
+                                   dp_clip=self.dp.clip_norm if self.dp is not None else None)
         self.report.screening = {
-            "global_norm": float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in self.current.values()))),
-            "step_norms": {self.registry.label(n): v for n, v in norms.items()},
-            "direction_reference": self.memory.direction is not None,
+            "global_norm": model_norm(self.current),
+            "step_norms": {self.registry.label(n): d.norm for n, d in decisions.items()},
+            "direction_reference": self.memory.direction is not None and self.dp is None,
+            "clip": {"bound": next((d.bound for d in decisions.values() if d.accepted), None),
+                     "scale": {self.registry.label(n): d.scale for n, d in decisions.items() if d.accepted},
+                     "rule": "dp-clip-norm" if self.dp is not None else f"{self.rules.clip_factor:g} x median norm"},
+            "trust": {self.registry.label(n): d.trust for n, d in decisions.items() if d.accepted},
         }
-        for node, reason in rejected.items():
-            self._reject(server_round, node, reason)
+        for node, d in decisions.items():
+            if not d.accepted:
+                self._reject(server_round, node, d.reason)
         updates, losses, weights, accepted_norms = [], [], [], []
         for node, (reply, params) in candidates.items():
-            if node in rejected:
+            d = decisions[node]
+            if not d.accepted:
                 continue
-            updates.append(SiteUpdate(reply.site, params, reply.num_examples, dict(reply.modality_counts)))
+            params = shrink(self.current, params, d.scale)  # bounded influence: clipped before weighting
+            updates.append(SiteUpdate(reply.site, params, reply.num_examples, dict(reply.modality_counts), d.trust))
             self.report.accepted.append(reply.site)
             self.report.nodes[reply.site] = node
-            accepted_norms.append(norms[node])
+            accepted_norms.append(d.norm * d.scale)
             if reply.loss is not None:
                 losses.append(reply.loss)
                 weights.append(reply.num_examples)
