@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, DEFAULT_SEED, MIN_COUNT_FLOOR
+from magnet_core.federation.eval_screen import DEFAULT_ALPHA as EVAL_ALPHA
 from magnet_core.federation.privacy import DEFAULT_MAX_BINS
 from magnet_core.model.config import DEFAULT_PRESET
 from magnet_core.protocol.messages import MAX_HISTOGRAM_BINS, MAX_PROXIMAL_MU, fingerprint
@@ -45,6 +46,9 @@ class FederatedConfig(BaseModel):
     min_agreement: float = Field(0.25, ge=0, lt=1, description="see trust-weighting")
     histogram_bins: int = Field(DEFAULT_MAX_BINS, ge=2, le=MAX_HISTOGRAM_BINS,
                                 description="most score-histogram bins a site may release (sites cap it too)")
+    eval_flag_alpha: float = Field(EVAL_ALPHA, ge=0, lt=1, description="flag a site whose evaluation has more "
+                                   "correct predictions than the others' recall makes plausible (p < this; 0 = off)")
+    eval_exclude_flagged: bool = Field(False, description="leave flagged sites out of the pooled (global) metric")
     test_graph: Literal["among-test", "attach-to-train"] = Field(
         "among-test", description="test-graph rule of the sites' evaluation (reported in every result)")
     min_count: int = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,

@@ -21,6 +21,7 @@ from magnet_core.federation.aggregate import (
     trained_arrays,
     validate_update,
 )
+from magnet_core.federation.eval_screen import screen_evaluations
 from magnet_core.federation.privacy import check_eval_release, pool_releases
 from magnet_core.federation.screening import ScreenMemory, ScreenRules, model_norm, screen_updates, shrink
 from magnet_core.protocol.messages import (
@@ -362,6 +363,9 @@ class MagnetFedAvg(FedAvg):
                 self.report.withheld[reply.site] = list(reply.withheld)
             good.append(reply)
         pooled = [r for r in good if "all" in r.confusion]
+        excluded = self._screen_evaluations(server_round, pooled)
+        good = [r for r in good if r.site not in excluded]
+        pooled = [r for r in pooled if r.site not in excluded]
         self.report.pooled_sites = [r.site for r in pooled]
         self.report.pooled_patients = sum(r.num_examples for r in pooled)
         if not pooled:
@@ -374,3 +378,20 @@ class MagnetFedAvg(FedAvg):
         log(INFO, "round %d: global metrics pooled over %d site(s), %d patients", server_round, len(pooled),
             self.report.pooled_patients)
         return MetricRecord({k: float(v) for k, v in self.report.global_metrics.items() if v is not None})
+
+    def _screen_evaluations(self, server_round: int, pooled: list[EvalReply]) -> set[str]:
+        """Flag replies out of line with the others (``eval_screen``) in the round's screening record; returns the
+        sites to leave out of the pooled metric (the flagged ones if ``eval-exclude-flagged``)."""
+        checks = screen_evaluations({r.site: np.asarray(r.confusion["all"]) for r in pooled}, self.cfg.eval_flag_alpha)
+        flagged = sorted(s for s, c in checks.items() if c.flagged)
+        excluded = set(flagged) if self.cfg.eval_exclude_flagged else set()
+        self.report.screening["evaluation"] = {"alpha": self.cfg.eval_flag_alpha, "flagged": flagged,
+                                               "excluded": sorted(excluded),
+                                               "checks": {s: c.to_dict() for s, c in checks.items()}}
+        for site in flagged:
+            c = checks[site]
+            log(WARNING, "round %d: evaluation of node %s (%s) out of line: %d of %d correct where the others' "
+                "recall makes %.1f expected (p = %.2g); pooled MCC %s it%s", server_round, self.report.nodes.get(site),
+                site, c.correct, c.num, c.expected, c.p_value, "moves by %+.3f with" % c.shift if c.shift is not None
+                else "with", ", excluded from the pooled metric" if site in excluded else "")
+        return excluded
