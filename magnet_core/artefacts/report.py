@@ -601,7 +601,8 @@ def comparison_rows(results: Mapping[str, Any] | None) -> list[dict]:
     if not results or not isinstance(results.get("results"), Mapping):
         return []
     rows = []
-    for method in sorted(results["results"], key=_method_rank):
+    methods = sorted(results["results"], key=_method_rank)
+    for method in methods:
         metrics = results["results"][method]
         for g in GROUPS:
             if not any(f"{g}{m}" in metrics for m in METRICS):
