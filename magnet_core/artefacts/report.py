@@ -410,8 +410,7 @@ def _eval_flags(screening: Any) -> str:
         c = checks.get(site) if isinstance(checks.get(site), Mapping) else {}
         text = f"{site}: {c.get('correct')} of {c.get('num')} correct"
         if isinstance(c.get("expected"), (int, float)) and isinstance(c.get("p_value"), (int, float)):
-            text += f" ({c['expected']:.1f} expected, p {c['p_value']:.2g}"
-            text += f", {c['p_combined']:.2g} over its rounds)" if isinstance(c.get("p_combined"), float) else ")"
+            text += f" ({c['expected']:.1f} expected, p {c['p_value']:.2g})"
         if isinstance(c.get("shift"), (int, float)):
             text += f", pooled MCC {c['shift']:+.3f}"
         parts.append(text + (" — excluded" if site in excluded else " — kept in the pooled metric"))
