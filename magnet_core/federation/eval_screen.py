@@ -12,8 +12,8 @@ p = 1.5e-6, 0.0034 and 0.00064 in rounds 1-3, i.e. it was missed in round 2 when
 Combining a site's rounds (Fisher) was tried and dropped: honest sites that stay better than a weak peer pile up
 evidence (19 false flags of 180 site-rounds). One-sided on purpose: honest sites often score far *worse* than
 their peers (measured on OV iid-3, seed 10: one site's accuracy 0.24-0.29 against 0.76 at the other two, round
-after round, with small among-test graphs), so only the direction that inflates the global metric is flagged. Alongside, every site's leave-one-out
-pooled MCC and the shift its reply causes are reported for the record.
+after round, with small among-test graphs), so only the direction that inflates the global metric is flagged.
+Alongside, every site's leave-one-out pooled MCC and the shift its reply causes are reported for the record.
 """
 
 from __future__ import annotations
