@@ -494,3 +494,40 @@ def test_dp_sums_pass_with_their_noise_and_fail_without_clipping():
     big = layout.encode_blocks({k: v - glob[k] for k, v in _site_params(glob, 50 * clip, rng).items()}, ones)
     assert clip_bound_problems(layout, total + big - upd[0], glob, clip, 3, encoded="updates",
                                noise_std=sigma * clip)
+
+
+def test_through_the_round_loop_a_site_that_skips_clipping_fails_the_round_instead_of_moving_the_model(
+        tmp_path, monkeypatch):
+    """The same attack against the real coordinator (server_main, in-process grid, generated cohort): one site
+    encodes its unclipped update weighted x1000 (weight slots honest). On main the round is aggregated; now it
+    fails with the reason and the model is kept."""
+    from flwr.app import Context, RecordDict
+
+    import client.secure as site_side
+    from client.app import app as client_app
+    from server.app import server_main
+    from server.config import FederatedConfig
+    from simulations.engine import InProcessGrid
+
+    original = site_side.site_vector
+    calls = []
+
+    def attacker_first(global_params, new_params, num_train, counts, loss, clip_norm, modality_aware):
+        calls.append(num_train)
+        if len(calls) % 3 != 1:
+            return original(global_params, new_params, num_train, counts, loss, clip_norm, modality_aware)
+        vec, clipped, norm = original(global_params, new_params, num_train, counts, loss, 1e9, modality_aware)
+        layout = UpdateLayout.from_params(global_params)
+        vec[:layout.param_size] *= 1000.0
+        return vec, clipped, norm
+
+    monkeypatch.setattr(site_side, "site_vector", attacker_first)
+    cfg = FederatedConfig(data_path="generated:160", scenario="iid-3", local_epochs=1, num_server_rounds=1,
+                          secagg=True, secagg_clip_norm=0.1, out_dir=str(tmp_path / "clip"), report=False,
+                          server_eval=False, round_timeout=60.0, straggler_grace=0.0)
+    grid = InProcessGrid(client_app, 3, cfg.to_run_config())
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+    _, history = server_main(grid, ctx)
+    sa = history[0]["screening"]["secure_aggregation"]
+    assert sa["status"] == "failed", sa
+    assert "did not clip" in sa["error"] and history[0]["accepted"] == []

@@ -19,11 +19,14 @@
 #            server                               reconstructs with >= t responses, removes the masks, decodes:
 #                                                 sum_{u in U3} x_u  (sites that drop after stage 3 are included)
 #
-# Threat model: honest-but-curious coordinator that relays everything; it may collude with fewer than t sites
-# (t > n / 2 is enforced). Public keys are not signed here (Bonawitz's active-security variant signs them with a
-# PKI key and adds a consistency round); over Flower's authenticated, TLS-protected node channels the coordinator
-# could still substitute keys, so an actively malicious coordinator is out of scope. Complete graph (SecAgg); the
-# sparse neighbourhoods of SecAgg+ (Bell et al. 2020) pay off only for hundreds of sites.
+# Threat model: without identities (SecAggSite(setup, id)), an honest-but-curious coordinator that relays
+# everything; it may collude with fewer than t sites (t > n / 2 is enforced). Authenticated (SecAggSite(setup, id,
+# SiteAuth, context), SecAggServer(setup, roster); magnet_core/federation/secagg_auth.py): adverts signed with the
+# enrolled identity key and checked by every site against its own roster, shares signed by their dealer (a bad one
+# names its dealer, who is then excluded: stage 4b ExclusionRequest -> PairwiseSeeds), and a transcript signature
+# (context = global model + round config, key book, U2) checked before unmasking. In that mode the coordinator
+# keeps the masked vectors one by one until the sum is done (to take an excluded dealer's out again).
+# Complete graph (SecAgg); the sparse neighbourhoods of SecAgg+ (Bell et al. 2020) pay off only for hundreds of sites.
 #
 # Fixed point: x -> round(x * 2^frac_bits) as a two's-complement int64 in Z_2^64. Each site's values must satisfy
 # |x| < 2^(63 - frac_bits) / n_sites so that the sum cannot wrap (checked, clear error). Per coordinate the decoded
