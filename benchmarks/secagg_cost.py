@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from magnet_core.federation.aggregate import SiteUpdate, aggregate_updates
-from magnet_core.federation.secagg import SecAggServer, SecAggSetup, SecAggSite, UpdateLayout
+from magnet_core.federation.secagg import MaskedInput, SecAggServer, SecAggSetup, SecAggSite, UpdateLayout
+from magnet_core.federation.secagg_auth import Roster, SiteAuth, SiteIdentity, context_digest
 from magnet_core.model.config import get_preset
 from magnet_core.model.network import build_model
 
@@ -28,8 +29,19 @@ def _record_bytes(record: dict) -> int:
     return total
 
 
-def one_round(glob: dict, updates: list[SiteUpdate], max_dropouts: int, dropped: int = 0) -> dict:
-    """One secure round; the last ``dropped`` sites share their secrets but never send their vector."""
+def consortium_identities(n: int) -> tuple[Roster, dict[int, SiteAuth]]:
+    """n sites with identity keys of the consortium PKI's type (EC P-384, as `magnet-fl pki site-key` makes them)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    idents = {i: SiteIdentity(f"site{i}", ec.generate_private_key(ec.SECP384R1())) for i in range(1, n + 1)}
+    roster = Roster(sites={x.name: x.public_text() for x in idents.values()})
+    return roster, {i: SiteAuth(x, roster) for i, x in idents.items()}
+
+
+def one_round(glob: dict, updates: list[SiteUpdate], max_dropouts: int, dropped: int = 0,
+              auth: tuple[Roster, dict[int, SiteAuth]] | None = None) -> dict:
+    """One secure round; the last ``dropped`` sites share their secrets but never send their vector. ``auth``:
+    authenticated (roster + each site's identity); each site also hashes the global model it received."""
     layout = UpdateLayout.from_params(glob)
     n = len(updates)
     ids = list(range(1, n + 1))
@@ -55,8 +67,12 @@ def one_round(glob: dict, updates: list[SiteUpdate], max_dropouts: int, dropped:
     setup = SecAggSetup.for_sites("bench", ids, layout.length, max_dropouts=max_dropouts)
     for i in ids:
         down[i] += _record_bytes(setup.to_record())
-    sites = {i: SecAggSite(setup, i) for i in ids}
-    server = SecAggServer(setup)
+    if auth is None:
+        sites = {i: SecAggSite(setup, i) for i in ids}
+    else:
+        ctx = {i: timed_site(i, lambda: context_digest(glob, {"round": 1})) for i in ids}
+        sites = {i: SecAggSite(setup, i, auth[1][i], ctx[i]) for i in ids}
+    server = SecAggServer(setup, auth[0] if auth else None)
     adverts = [timed_site(i, sites[i].advertise) for i in ids]
     for a in adverts:
         up[a.site_id] += _record_bytes(a.to_record())
@@ -73,7 +89,8 @@ def one_round(glob: dict, updates: list[SiteUpdate], max_dropouts: int, dropped:
         vec = timed_site(i, lambda i=i: layout.encode_update(updates[i - 1].params, updates[i - 1].num_train,
                                                              updates[i - 1].modality_counts))
         masked = timed_site(i, lambda i=i, vec=vec: sites[i].mask(inboxes[i], vec))
-        up[i] += masked.masked.nbytes + 8
+        up[i] += masked.masked.nbytes + _record_bytes(masked.to_record())
+        masked = MaskedInput(masked.site_id, masked.masked, masked.transcript_signature)
         timed_server(lambda m=masked: server.add_masked(m))
     req = timed_server(server.unmask_request)
     replies = []
@@ -90,7 +107,8 @@ def one_round(glob: dict, updates: list[SiteUpdate], max_dropouts: int, dropped:
     worst = max(float(np.max(np.abs(secure[k].astype(np.float64) - plain[k]))) for k in glob)
     params = sum(v.size for v in glob.values())
     return {
-        "sites": n, "max_dropouts": max_dropouts, "dropped_before_masking": dropped, "parameters": int(params),
+        "mode": "authenticated" if auth else "plain-secagg", "sites": n, "max_dropouts": max_dropouts,
+        "dropped_before_masking": dropped, "parameters": int(params),
         "vector_length": layout.length,
         "secure_site_seconds": statistics.mean(site_s[i] for i in keep), "secure_server_seconds": server_s,
         "plain_server_seconds": plain_server,
@@ -141,7 +159,8 @@ def quality(data: str, scenario: str, seeds: list[int], rounds: int, local_epoch
         methods = [(m, z) for m, z in methods if not only or m in only]
         for method, z in methods:
             torch.manual_seed(seed)
-            runtimes = [SiteRuntime.build(f"site{i}", c, preset.model, preset.graph.sparsity) for i, c in enumerate(sites)]
+            runtimes = [SiteRuntime.build(f"site{i}", c, preset.model, preset.graph.sparsity)
+                        for i, c in enumerate(sites)]
             glob = {k: v.copy() for k, v in glob0.items()}
             cfg = DPConfig(clip_norm=clip, noise_multiplier=z or 0.0, delta=delta, noise="distributed")
             acc = PrivacyAccountant(delta)
@@ -195,6 +214,8 @@ def main() -> None:
     ap.add_argument("--sites", default="3,5")
     ap.add_argument("--repeats", type=int, default=3, help="rounds per setting (the median is reported)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--auth", action="store_true", help="also run authenticated secure aggregation (signed keys, "
+                    "shares and transcript) beside plain secure aggregation")
     ap.add_argument("--quality", default=None, metavar="DATA",
                     help="also train in-process on DATA (e.g. tcga-ov-magnet): plain vs secure vs DP MCC")
     ap.add_argument("--scenario", default="iid-3")
@@ -218,12 +239,13 @@ def main() -> None:
             mc = {"mRNA": int(rng.integers(20, 60)), "miRNA": int(rng.integers(40, 90))}
             updates.append(SiteUpdate(f"site{i}", {k: (g + rng.normal(0, 0.01, g.shape)).astype(g.dtype)
                                                    for k, g in glob.items()}, max(mc.values()), mc))
-        for dropped in (0, 1):
-            runs = [one_round(glob, updates, (n - 1) // 2, dropped) for _ in range(args.repeats)]
+        ident = consortium_identities(n)
+        for dropped, auth in [(d, a) for d in (0, 1) for a in ((None, ident) if args.auth else (None,))]:
+            runs = [one_round(glob, updates, (n - 1) // 2, dropped, auth) for _ in range(args.repeats)]
             row = {k: (statistics.median(r[k] for r in runs) if isinstance(runs[0][k], float) else runs[0][k])
                    for k in runs[0]}
             rows.append(row)
-            print(f"{n} sites (threshold {n - row['max_dropouts']}, {dropped} dropped before masking), "
+            print(f"[{row['mode']}] {n} sites (threshold {n - row['max_dropouts']}, {dropped} dropped before masking), "
                   f"{row['parameters']:,} parameters: site {row['secure_site_seconds']:.3f} s, server "
                   f"{row['secure_server_seconds']:.3f} s (plain server {row['plain_server_seconds']:.3f} s); upload "
                   f"per site {row['secure_upload_bytes_per_site'] / 1e6:.2f} MB secure vs "
@@ -241,9 +263,16 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
     if not rows:
         return
-    last = rows[-2]
+    last = rows[-4 if args.auth else -2]
     print(f"secure / plain upload bytes per site ({last['sites']} sites): "
           f"{last['secure_upload_bytes_per_site'] / last['plain_upload_bytes_per_site']:.2f}x")
+    for plain, auth in zip(rows[::2], rows[1::2]) if args.auth else ():
+        print(f"authenticated vs plain secure aggregation, {plain['sites']} sites, {plain['dropped_before_masking']} "
+              f"dropped: site {auth['secure_site_seconds'] - plain['secure_site_seconds']:+.3f} s, server "
+              f"{auth['secure_server_seconds'] - plain['secure_server_seconds']:+.3f} s, upload "
+              f"{auth['secure_upload_bytes_per_site'] - plain['secure_upload_bytes_per_site']:+,.0f} B, download "
+              f"{auth['secure_extra_download_bytes_per_site'] - plain['secure_extra_download_bytes_per_site']:+,.0f} B"
+              " per site")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from magnet_core.federation.dp import (
     noise_piece_std,
 )
 from magnet_core.federation.secagg import SecAggServer, UpdateLayout
+from magnet_core.federation.secagg_bounds import clip_bound_problems  # [authsecagg]
 from magnet_core.protocol.keys import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -364,6 +365,15 @@ def _protocol(grid: Grid, magnet: MagnetFedAvg, params: dict[str, np.ndarray], a
     else:
         _check_counts(magnet, layout, wsum, sites, modality_aware)
         new = layout.decode_mean(update, params)
+    # [authsecagg] the sites' clipping, checked on the decoded sum (magnet_core/federation/secagg_bounds.py)
+    noise_std = summary.get("dp_noise_piece_std", 0.0) * len(sites) ** 0.5
+    clip_problems = clip_bound_problems(layout, update, params, summary["clip_norm"], len(sites),
+                                        "updates" if dp is not None else "params", noise_std)
+    if clip_problems:
+        for s in sites:
+            magnet.report.rejected[s] = "secure sum rejected: " + "; ".join(clip_problems)
+        raise SecAggError("; ".join(clip_problems))
+    # [/authsecagg]
     bad = [k for k, v in new.items() if not np.all(np.isfinite(v))]
     if bad:
         raise SecAggError(f"the decoded mean is not finite in {bad[:3]}")

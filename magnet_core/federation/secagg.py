@@ -19,11 +19,14 @@
 #            server                               reconstructs with >= t responses, removes the masks, decodes:
 #                                                 sum_{u in U3} x_u  (sites that drop after stage 3 are included)
 #
-# Threat model: honest-but-curious coordinator that relays everything; it may collude with fewer than t sites
-# (t > n / 2 is enforced). Public keys are not signed here (Bonawitz's active-security variant signs them with a
-# PKI key and adds a consistency round); over Flower's authenticated, TLS-protected node channels the coordinator
-# could still substitute keys, so an actively malicious coordinator is out of scope. Complete graph (SecAgg); the
-# sparse neighbourhoods of SecAgg+ (Bell et al. 2020) pay off only for hundreds of sites.
+# Threat model: without identities (SecAggSite(setup, id)), an honest-but-curious coordinator that relays
+# everything; it may collude with fewer than t sites (t > n / 2 is enforced). Authenticated (SecAggSite(setup, id,
+# SiteAuth, context), SecAggServer(setup, roster); magnet_core/federation/secagg_auth.py): adverts signed with the
+# enrolled identity key and checked by every site against its own roster, shares signed by their dealer (a bad one
+# names its dealer, who is then excluded: stage 4b ExclusionRequest -> PairwiseSeeds), and a transcript signature
+# (context = global model + round config, key book, U2) checked before unmasking. In that mode the coordinator
+# keeps the masked vectors one by one until the sum is done (to take an excluded dealer's out again).
+# Complete graph (SecAgg); the sparse neighbourhoods of SecAgg+ (Bell et al. 2020) pay off only for hundreds of sites.
 #
 # Fixed point: x -> round(x * 2^frac_bits) as a two's-complement int64 in Z_2^64. Each site's values must satisfy
 # |x| < 2^(63 - frac_bits) / n_sites so that the sum cannot wrap (checked, clear error). Per coordinate the decoded
@@ -36,7 +39,7 @@ import dataclasses
 import json
 import os
 import secrets
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -50,23 +53,48 @@ from magnet_core.cohort.preprocess import FeatureStats
 from magnet_core.model.network import MAGNET
 from magnet_core.protocol.secagg import (
     DEFAULT_FRAC_BITS,
+    ExclusionRequest,
     KeyAdvert,
     KeyBook,
     MaskedInput,
+    PairwiseSeeds,
     SecAggError,
     SecAggSetup,
     ShareBundle,
     ShareInbox,
+    ShareProof,
     UnmaskRequest,
     UnmaskShares,
+)
+
+from .secagg_auth import (
+    Roster,
+    SiteAuth,
+    advert_payload,
+    check_book,
+    seed_commitment,
+    share_payload,
+    transcript_digest,
+    transcript_payload,
 )
 
 PRIME = 2**521 - 1  # Mersenne prime: the Shamir field holds a 256-bit secret directly
 SHARE_BYTES = 66
 # the messages are imported from magnet_core.protocol.secagg (and re-exported for the sums' callers)
-__all__ = ["DEFAULT_FRAC_BITS", "KeyAdvert", "KeyBook", "MaskedInput", "SecAggError", "SecAggServer", "SecAggSetup",
-           "SecAggSite", "ShareBundle", "ShareInbox", "StatsLayout", "UnmaskRequest", "UnmaskShares", "UpdateLayout",
-           "decode_fixed", "encode_fixed", "prg", "run_local", "shamir_combine", "shamir_split"]
+__all__ = ["DEFAULT_FRAC_BITS", "ExclusionRequest", "KeyAdvert", "KeyBook", "MaskedInput", "PairwiseSeeds",
+           "SecAggError", "SecAggServer", "SecAggSetup", "SecAggSite", "ShareBundle", "ShareInbox", "SharesRefuted",
+           "StatsLayout", "UnmaskRequest", "UnmaskShares", "UpdateLayout", "decode_fixed", "encode_fixed", "prg",
+           "run_local", "shamir_combine", "shamir_split"]
+
+
+class SharesRefuted(SecAggError):
+    """Reconstruction found senders whose signed shares contradict their own commitment. Without the exclusion
+    stage the round fails naming them; with it (:meth:`SecAggServer.exclusion_request`, :meth:`SecAggSite.exclude`,
+    :meth:`SecAggServer.finish_excluding`) the sum of the others is recovered."""
+
+    def __init__(self, message: str, request: ExclusionRequest):
+        super().__init__(message)
+        self.request = request
 
 
 # ----------------------------------------------------------------------------------------------- primitives
@@ -162,43 +190,78 @@ class SecAggSite:
     """One site's side of one secure sum. Keep it between stages with :meth:`to_state` / :meth:`from_state`
     (e.g. in the ClientApp's ``context.state``); the state holds private keys and must stay at the site."""
 
-    def __init__(self, setup: SecAggSetup, site_id: int):
+    def __init__(self, setup: SecAggSetup, site_id: int, auth: SiteAuth | None = None, context: bytes = b""):
+        """``auth``: the site's identity and its own roster (authenticated secure aggregation: every advert is
+        checked against the roster, every share signed, the transcript signed and checked); ``context``: a digest
+        of what the coordinator sent this site for this sum (secagg_auth.context_digest), which every site of the
+        sum must have received alike."""
         if site_id not in setup.site_ids:
             raise SecAggError(f"site {site_id} is not one of the planned sites {list(setup.site_ids)}")
         self.setup, self.site_id = setup, int(site_id)
+        self.auth, self.context = auth, bytes(context)
         self._enc_sk = _raw_private(X25519PrivateKey.generate())
         self._mask_sk = _raw_private(X25519PrivateKey.generate())
         self._b = os.urandom(32)
         self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._book: dict = {}  # authenticated: the key book's names / commits / signatures (record form)
         self._shares: dict[int, tuple[bytes, bytes]] = {}  # sender -> (share of its b, share of its mask key)
+        self._sigs: dict[int, tuple[bytes, bytes]] = {}  # sender -> its signatures over those two shares
         self._u2: list[int] = []
-        self._revealed: str = ""  # "" | "masked" | "unmasked"
+        self._digest = b""
+        self._revealed: str = ""  # "" | "masked" | "unmasked" | "excluded"
 
     # -- state ------------------------------------------------------------------------------------------
     def to_state(self) -> str:
+        """Everything but the identity key and roster (pass ``auth`` again to :meth:`from_state`)."""
         return json.dumps({
             "setup": self.setup.to_record(), "site_id": self.site_id, "enc_sk": self._enc_sk.hex(),
             "mask_sk": self._mask_sk.hex(), "b": self._b.hex(),
             "keys": {str(k): [e.hex(), m.hex()] for k, (e, m) in self._keys.items()},
             "shares": {str(k): [b.hex(), s.hex()] for k, (b, s) in self._shares.items()},
+            "sigs": {str(k): [b.hex(), s.hex()] for k, (b, s) in self._sigs.items()},
+            "book": {k: {str(i): (v.hex() if isinstance(v, bytes) else v) for i, v in d.items()}
+                     for k, d in self._book.items()},
+            "authenticated": self.auth is not None, "context": self.context.hex(), "digest": self._digest.hex(),
             "u2": self._u2, "revealed": self._revealed})
 
     @classmethod
-    def from_state(cls, text: str) -> "SecAggSite":
+    def from_state(cls, text: str, auth: SiteAuth | None = None) -> "SecAggSite":
         d = json.loads(text)
+        if bool(d.get("authenticated")) != (auth is not None):
+            raise SecAggError("this secure sum was started " + ("with" if d.get("authenticated") else "without")
+                              + " authentication; it must go on the same way")
         site = cls.__new__(cls)
         site.setup, site.site_id = SecAggSetup.from_record(d["setup"]), int(d["site_id"])
+        site.auth, site.context = auth, bytes.fromhex(d.get("context", ""))
         site._enc_sk, site._mask_sk, site._b = (bytes.fromhex(d[k]) for k in ("enc_sk", "mask_sk", "b"))
         site._keys = {int(k): (bytes.fromhex(e), bytes.fromhex(m)) for k, (e, m) in d["keys"].items()}
         site._shares = {int(k): (bytes.fromhex(b), bytes.fromhex(s)) for k, (b, s) in d["shares"].items()}
+        site._sigs = {int(k): (bytes.fromhex(b), bytes.fromhex(s)) for k, (b, s) in d.get("sigs", {}).items()}
+        site._book = {k: {int(i): (v if k == "names" else bytes.fromhex(v)) for i, v in x.items()}
+                      for k, x in d.get("book", {}).items()}
+        site._digest = bytes.fromhex(d.get("digest", ""))
         site._u2, site._revealed = [int(i) for i in d["u2"]], d["revealed"]
         return site
 
+    def _book_view(self) -> KeyBook:
+        return KeyBook(dict(self._keys), self.setup.round_id, dict(self._book.get("names", {})),
+                       dict(self._book.get("commits", {})), dict(self._book.get("signatures", {})))
+
+    def _name(self, site: int) -> str:
+        name = self._book.get("names", {}).get(site)
+        return f"secagg site {site} ({name!r})" if name else f"secagg site {site}"
+
     # -- stages -----------------------------------------------------------------------------------------
     def advertise(self) -> KeyAdvert:
-        """Stage 1."""
-        return KeyAdvert(self.site_id, _raw_public(X25519PrivateKey.from_private_bytes(self._enc_sk)),
-                         _raw_public(X25519PrivateKey.from_private_bytes(self._mask_sk)))
+        """Stage 1 (authenticated: signed with the identity key, with the seed commitment)."""
+        enc_pk = _raw_public(X25519PrivateKey.from_private_bytes(self._enc_sk))
+        mask_pk = _raw_public(X25519PrivateKey.from_private_bytes(self._mask_sk))
+        if self.auth is None:
+            return KeyAdvert(self.site_id, enc_pk, mask_pk)
+        rid, name = self.setup.round_id, self.auth.identity.name
+        commit = seed_commitment(rid, self.site_id, self._b)
+        sig = self.auth.identity.sign(advert_payload(rid, self.site_id, name, enc_pk, mask_pk, commit))
+        return KeyAdvert(self.site_id, enc_pk, mask_pk, name, commit, sig)
 
     def _channel(self, peer: int) -> ChaCha20Poly1305:
         peer_pk = self._keys[peer][0]
@@ -222,17 +285,33 @@ class SecAggSite:
                               f"{self.setup.threshold}")
         if len({e for e, _ in keys.values()} | {m for _, m in keys.values()}) != 2 * len(keys):
             raise SecAggError(f"site {self.site_id}: the key book repeats a public key")
+        if self.auth is not None:  # before any secret is derived from the book
+            got = book.advert(self.site_id)
+            if (got.site_name, got.b_commit) != (mine.site_name, mine.b_commit):
+                raise SecAggError(f"site {self.site_id}: the key book does not hold this site's own signed advert")
+            problems = check_book(book, self.auth.roster, self.setup)
+            if problems:
+                raise SecAggError(f"site {self.site_id} ({self.auth.identity.name!r}) refuses the key book: "
+                                  + "; ".join(problems))
+            self._book = {"names": dict(book.names), "commits": dict(book.commits),
+                          "signatures": dict(book.signatures)}
         self._keys = keys
         ids = sorted(keys)
         b_sh = shamir_split(self._b, self.setup.threshold, ids)
         s_sh = shamir_split(self._mask_sk, self.setup.threshold, ids)
-        self._shares[self.site_id] = (b_sh[self.site_id], s_sh[self.site_id])
         out = {}
         for v in ids:
+            sigs = (b"", b"")
+            if self.auth is not None:
+                rid = self.setup.round_id
+                sigs = (self.auth.identity.sign(share_payload(rid, self.site_id, v, "self", b_sh[v])),
+                        self.auth.identity.sign(share_payload(rid, self.site_id, v, "mask", s_sh[v])))
             if v == self.site_id:
+                self._shares[v], self._sigs[v] = (b_sh[v], s_sh[v]), sigs
                 continue
+            plain = b_sh[v] + s_sh[v] + (len(sigs[0]).to_bytes(2, "big") + sigs[0] + sigs[1] if sigs[0] else b"")
             nonce = os.urandom(12)
-            out[v] = nonce + self._channel(v).encrypt(nonce, b_sh[v] + s_sh[v], self._aad(self.site_id, v))
+            out[v] = nonce + self._channel(v).encrypt(nonce, plain, self._aad(self.site_id, v))
         return ShareBundle(self.site_id, out)
 
     def mask(self, inbox: ShareInbox, vector: np.ndarray) -> MaskedInput:
@@ -250,7 +329,21 @@ class SecAggSite:
                 plain = self._channel(u).decrypt(ct[:12], ct[12:], self._aad(u, self.site_id))
             except InvalidTag:
                 raise SecAggError(f"site {self.site_id}: the shares from site {u} fail authentication") from None
-            self._shares[u] = (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
+            shares = (plain[:SHARE_BYTES], plain[SHARE_BYTES:2 * SHARE_BYTES])
+            if self.auth is not None:
+                rest = plain[2 * SHARE_BYTES:]
+                cut = 2 + int.from_bytes(rest[:2], "big") if len(rest) >= 2 else 0
+                sigs = (rest[2:cut], rest[cut:])
+                name, rid = self._book["names"][u], self.setup.round_id
+                roster = self.auth.roster
+                if not (roster.verifies(name, share_payload(rid, u, self.site_id, "self", shares[0]), sigs[0])
+                        and roster.verifies(name, share_payload(rid, u, self.site_id, "mask", shares[1]), sigs[1])):
+                    raise SecAggError(f"site {self.site_id}: the shares from {self._name(u)} are not signed by "
+                                      "its identity key")
+                self._sigs[u] = sigs
+            elif len(plain) != 2 * SHARE_BYTES:
+                raise SecAggError(f"site {self.site_id}: the shares from site {u} have the wrong length")
+            self._shares[u] = shares
         u2 = sorted(set(inbox.ciphertexts) | {self.site_id})
         if len(u2) < self.setup.threshold:
             raise SecAggError(f"site {self.site_id}: only {len(u2)} sites shared their secrets, threshold is "
@@ -271,7 +364,11 @@ class SecAggSite:
             else:
                 y -= p
         self._u2, self._revealed = u2, "masked"
-        return MaskedInput(self.site_id, y)
+        if self.auth is None:
+            return MaskedInput(self.site_id, y)
+        self._digest = transcript_digest(self.setup, self.context, self._book_view(), u2)
+        sig = self.auth.identity.sign(transcript_payload(self.setup.round_id, self.site_id, self._digest))
+        return MaskedInput(self.site_id, y, sig)
 
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
         """Stage 4: self-mask shares of survivors, mask-key shares of sites that dropped before masking."""
@@ -287,9 +384,78 @@ class SecAggSite:
         if len(surv) < self.setup.threshold:
             raise SecAggError(f"site {self.site_id}: only {len(surv)} sites sent masked input, threshold is "
                               f"{self.setup.threshold}; refusing to help unmask")
+        if self.auth is not None:  # every input in the sum comes from a site that saw what this site saw
+            rid, bad = self.setup.round_id, []
+            for u in sorted(surv - {self.site_id}):
+                payload = transcript_payload(rid, u, self._digest)
+                if not self.auth.roster.verifies(self._book["names"][u], payload,
+                                                 request.transcript_signatures.get(u, b"")):
+                    bad.append(self._name(u))
+            if bad:
+                raise SecAggError(f"site {self.site_id}: {', '.join(bad)} did not sign the transcript this site "
+                                  "saw (a different global model, round config, key book or participant list was "
+                                  "sent to different sites); refusing to help unmask")
         self._revealed = "unmasked"
         return UnmaskShares(self.site_id, {u: self._shares[u][0] for u in sorted(surv)},
-                            {v: self._shares[v][1] for v in sorted(drop)})
+                            {v: self._shares[v][1] for v in sorted(drop)},
+                            {u: self._sigs[u][0] for u in sorted(surv) if u in self._sigs},
+                            {v: self._sigs[v][1] for v in sorted(drop) if v in self._sigs})
+
+    def exclude(self, request: ExclusionRequest) -> PairwiseSeeds:
+        """Stage 4b (only when shares were refuted): check the evidence against each named sender and give this
+        site's pairwise mask seed with it, so the coordinator can remove the sender from the sum. Authenticated
+        sums only; once per sum; never for a sender without valid evidence (the seed would unmask it)."""
+        if self.auth is None:
+            raise SecAggError(f"site {self.site_id}: excluding a sender needs authenticated secure aggregation")
+        if self._revealed != "unmasked":
+            raise SecAggError(f"site {self.site_id}: an exclusion request before unmasking, or a second one")
+        if not request.proofs:
+            raise SecAggError(f"site {self.site_id}: an exclusion request without evidence")
+        for proof in request.proofs:
+            problem = refutes(proof, self.setup, self._book_view(), self.auth.roster)
+            if problem:
+                raise SecAggError(f"site {self.site_id}: the evidence against {self._name(proof.sender)} does not "
+                                  f"hold ({problem}); refusing")
+        self._revealed = "excluded"
+        rid = self.setup.round_id
+        return PairwiseSeeds(self.site_id, {u: _pairwise_seed(self._mask_sk, self._keys[u][1], rid, self.site_id, u)
+                                            for u in request.senders})
+
+
+def _committed(kind: str, secret: bytes, round_id: str, sender: int, book: KeyBook) -> bool:
+    if kind == "self":
+        return seed_commitment(round_id, sender, secret) == book.commits.get(sender)
+    try:
+        return _raw_public(X25519PrivateKey.from_private_bytes(secret)) == book.keys[sender][1]
+    except ValueError:
+        return False
+
+
+def _combine_or_none(shares: Mapping[int, bytes]) -> bytes | None:
+    try:
+        return shamir_combine(shares)
+    except SecAggError:
+        return None
+
+
+def refutes(proof: ShareProof, setup: SecAggSetup, book: KeyBook, roster: Roster) -> str:
+    """'' if ``proof`` shows that its sender dealt shares contradicting its own commitment, else what is wrong."""
+    u, rid = proof.sender, setup.round_id
+    if u not in book.keys or u not in book.names:
+        return f"sender {u} is not in the key book"
+    if proof.kind not in ("self", "mask"):
+        return f"unknown secret {proof.kind!r}"
+    xs = sorted(proof.shares)
+    if len(xs) != setup.threshold or set(xs) - set(book.keys):
+        return f"{len(xs)} shares from {xs}, need {setup.threshold} from sites of the key book"
+    for x in xs:
+        if not roster.verifies(book.names[u], share_payload(rid, u, x, proof.kind, proof.shares[x]),
+                               proof.signatures.get(x, b"")):
+            return f"the share revealed by secagg site {x} is not signed by the sender"
+    secret = _combine_or_none(proof.shares)
+    if secret is not None and _committed(proof.kind, secret, rid, u, book):
+        return "the shares interpolate to the committed secret"
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------- the server
@@ -299,13 +465,47 @@ class SecAggServer:
     """The coordinator's side of one secure sum. It only ever holds public keys, ciphertexts it cannot read, the
     running sum of masked vectors (never one site's vector on its own, never unmasked) and, at the end, the sum."""
 
-    def __init__(self, setup: SecAggSetup):
-        self.setup = setup
+    def __init__(self, setup: SecAggSetup, roster: Roster | None = None):
+        """``roster``: authenticated secure aggregation (the coordinator's copy of the consortium roster): adverts
+        must be signed by a roster site, every revealed share is checked against its dealer's signature and
+        commitment, and a dealer of bad shares is named and can be excluded (:class:`SharesRefuted`). The masked
+        vectors are then kept one by one until the sum is done (to take an excluded sender's out again)."""
+        self.setup, self.roster = setup, roster
         self.keys: dict[int, tuple[bytes, bytes]] = {}
+        self.book: KeyBook | None = None
         self.u2: list[int] = []
         self.u3: list[int] = []
         self._acc = np.zeros(setup.vector_length, dtype=np.uint64)
+        self._masked: dict[int, np.ndarray] = {}  # authenticated only: masked vectors (never unmasked alone)
+        self._transcripts: dict[int, bytes] = {}
+        self._secrets: dict[tuple[str, int], bytes] = {}  # ("self" | "mask", site) -> reconstructed secret
+        self.excluded: dict[int, str] = {}  # secagg id -> why it was left out of the sum (bad shares)
+        self.blamed: dict[int, str] = {}  # secagg id -> why its unmask reply was discarded
+        self.exclusion: ExclusionRequest | None = None
         self.total: np.ndarray | None = None
+
+    @property
+    def included(self) -> list[int]:
+        """The sites whose inputs are in :attr:`total`."""
+        return [u for u in self.u3 if u not in self.excluded]
+
+    def label(self, site: int) -> str:
+        name = self.book.names.get(site) if self.book is not None else None
+        return f"secagg site {site} ({name!r})" if name else f"secagg site {site}"
+
+    def check_advert(self, advert: KeyAdvert) -> str:
+        """'' or why this advert must not enter the key book (authenticated: unsigned, not a roster site, or not
+        signed by the roster's key of the name it claims)."""
+        if advert.site_id not in self.setup.site_ids:
+            return f"keys from site {advert.site_id}, which is not in this secure sum"
+        if len(advert.enc_pk) != 32 or len(advert.mask_pk) != 32:
+            return f"site {advert.site_id}: public keys must be 32-byte X25519 keys"
+        if self.roster is None:
+            return ""
+        book = KeyBook({advert.site_id: (advert.enc_pk, advert.mask_pk)}, self.setup.round_id,
+                       {advert.site_id: advert.site_name}, {advert.site_id: advert.b_commit},
+                       {advert.site_id: advert.signature})
+        return "; ".join(check_book(book, self.roster, self.setup))
 
     def _need(self, have: Sequence[int], what: str) -> None:
         t = self.setup.threshold
@@ -319,17 +519,26 @@ class SecAggServer:
     def collect_keys(self, adverts: Sequence[KeyAdvert]) -> KeyBook:
         """Stage 1: the key book to send to every advertising site."""
         keys: dict[int, tuple[bytes, bytes]] = {}
+        signed: dict[int, KeyAdvert] = {}
         for a in adverts:
-            if a.site_id not in self.setup.site_ids:
-                raise SecAggError(f"keys from site {a.site_id}, which is not in this secure sum")
+            problem = self.check_advert(a)
+            if problem:
+                raise SecAggError(problem)
             if a.site_id in keys:
                 raise SecAggError(f"site {a.site_id} advertised keys twice")
-            if len(a.enc_pk) != 32 or len(a.mask_pk) != 32:
-                raise SecAggError(f"site {a.site_id}: public keys must be 32-byte X25519 keys")
             keys[a.site_id] = (a.enc_pk, a.mask_pk)
+            signed[a.site_id] = a
         self._need(list(keys), "advertised keys")
         self.keys = keys
-        return KeyBook(dict(keys), self.setup.round_id)
+        if self.roster is None:
+            self.book = KeyBook(dict(keys), self.setup.round_id)
+        else:
+            self.book = KeyBook(dict(keys), self.setup.round_id, {i: a.site_name for i, a in signed.items()},
+                                {i: a.b_commit for i, a in signed.items()}, {i: a.signature for i, a in signed.items()})
+            problems = check_book(self.book, self.roster, self.setup)  # e.g. one name under two ids
+            if problems:
+                raise SecAggError("; ".join(problems))
+        return self.book
 
     def route_shares(self, bundles: Sequence[ShareBundle]) -> dict[int, ShareInbox]:
         """Stage 2: each site of U2 gets the ciphertexts the other U2 sites addressed to it."""
@@ -354,17 +563,25 @@ class SecAggServer:
         if y.dtype != np.uint64 or y.shape != (self.setup.vector_length,):
             raise SecAggError(f"masked input from site {item.site_id}: expected uint64 of shape "
                               f"({self.setup.vector_length},), got {y.dtype} {y.shape}")
+        if self.roster is not None:
+            if not item.transcript_signature:
+                raise SecAggError(f"masked input from site {item.site_id} carries no transcript signature")
+            self._masked[item.site_id] = y.copy()
+            self._transcripts[item.site_id] = item.transcript_signature
         self._acc += y
         self.u3.append(item.site_id)
 
     def unmask_request(self) -> UnmaskRequest:
-        """Stage 4 request, sent to every site of U3."""
+        """Stage 4 request, sent to every site of U3 (authenticated: with every survivor's transcript signature)."""
         self._need(self.u3, "sent their masked input")
-        return UnmaskRequest(tuple(sorted(self.u3)), tuple(sorted(set(self.u2) - set(self.u3))), self.setup.round_id)
+        return UnmaskRequest(tuple(sorted(self.u3)), tuple(sorted(set(self.u2) - set(self.u3))), self.setup.round_id,
+                             {u: self._transcripts[u] for u in self.u3 if u in self._transcripts})
 
     def finish(self, responses: Sequence[UnmaskShares]) -> np.ndarray:
         """Stage 4: reconstruct the secrets from >= t responses, remove every mask, return the float64 sum of the
-        inputs of U3 (:attr:`u3`)."""
+        inputs of U3 (:attr:`u3`). Authenticated: a reply whose share fails its dealer's signature is discarded
+        (its sender is in :attr:`blamed`); shares that contradict their dealer's commitment raise
+        :class:`SharesRefuted` naming the dealer, whose exclusion request is then :attr:`exclusion`."""
         req = self.unmask_request()
         got = {}
         for r in responses:
@@ -373,45 +590,149 @@ class SecAggServer:
             if set(r.self_shares) != set(req.survivors) or set(r.key_shares) != set(req.dropped):
                 raise SecAggError(f"unmask shares from site {r.site_id} do not answer the request")
             got[r.site_id] = r
+        if self.roster is not None:
+            got = self._attributable(got)
         self._need(list(got), "answered the unmask request")
+        proofs = []
+        for kind, whose in (("self", req.survivors), ("mask", req.dropped)):
+            for u in whose:
+                shares = {s: (r.self_shares if kind == "self" else r.key_shares)[u] for s, r in got.items()}
+                sigs = {s: (r.self_signatures if kind == "self" else r.key_signatures).get(u, b"")
+                        for s, r in got.items()}
+                secret, proof = self._recover(kind, u, shares, sigs)
+                if proof is not None:
+                    proofs.append(proof)
+                else:
+                    self._secrets[(kind, u)] = secret
+        if proofs:
+            self.exclusion = ExclusionRequest(tuple(proofs), self.setup.round_id)
+            for p in proofs:
+                what = "self-mask seed" if p.kind == "self" else "mask key"
+                self.excluded[p.sender] = f"its signed shares of its {what} contradict its own commitment"
+            names = ", ".join(f"{self.label(u)}: {why}" for u, why in sorted(self.excluded.items()))
+            raise SharesRefuted(f"secure aggregation {self.setup.round_id!r}: bad shares from {names}",
+                                self.exclusion)
+        self.total = self._assemble({})
+        return self.total
+
+    def _attributable(self, got: dict[int, UnmaskShares]) -> dict[int, UnmaskShares]:
+        """Drop the replies holding a share its dealer did not sign for that replier (the replier altered it)."""
+        rid, ok = self.setup.round_id, {}
+        for s, r in got.items():
+            bad = [u for kind, shares, sigs in (("self", r.self_shares, r.self_signatures),
+                                                ("mask", r.key_shares, r.key_signatures))
+                   for u, share in shares.items()
+                   if not self.roster.verifies(self.book.names.get(u, ""), share_payload(rid, u, s, kind, share),
+                                               sigs.get(u, b""))]
+            if bad:
+                self.blamed[s] = (f"its unmask reply holds shares of {[self.label(u) for u in bad]} that their dealer "
+                                  "did not sign (altered)")
+                continue
+            ok[s] = r
+        return ok
+
+    def _recover(self, kind: str, u: int, shares: Mapping[int, bytes], sigs: Mapping[int, bytes]
+                 ) -> tuple[bytes, ShareProof | None]:
+        """(secret, None) or, authenticated and contradicting the commitment, (b"", evidence against ``u``)."""
+        pick = sorted(shares)[:self.setup.threshold]
+        used = {x: shares[x] for x in pick}
+        if self.roster is None:
+            secret = shamir_combine(used) if kind == "self" else self._mask_key(u, shamir_combine(used))
+            return secret, None
+        secret = _combine_or_none(used)
+        if secret is not None and _committed(kind, secret, self.setup.round_id, u, self.book):
+            return secret, None
+        return b"", ShareProof(u, kind, used, {x: sigs[x] for x in pick})
+
+    def _mask_key(self, v: int, sk: bytes) -> bytes:
+        try:
+            X25519PrivateKey.from_private_bytes(sk)
+        except ValueError:
+            raise SecAggError(f"the mask key of dropped site {v} could not be reconstructed") from None
+        if _raw_public(X25519PrivateKey.from_private_bytes(sk)) != self.keys[v][1]:
+            raise SecAggError(f"the reconstructed mask key of dropped site {v} does not match its public key")
+        return sk
+
+    def exclusion_request(self) -> ExclusionRequest:
+        """Stage 4b request (after :class:`SharesRefuted`), sent to every honest survivor."""
+        if self.exclusion is None:
+            raise SecAggError("no sender to exclude")
+        return self.exclusion
+
+    def finish_excluding(self, replies: Sequence[PairwiseSeeds]) -> np.ndarray:
+        """Stage 4b: the sum of the honest survivors' inputs, without the excluded senders. Every honest survivor
+        must answer (its pairwise masks with the excluded senders are in the sum); else the round fails."""
+        req = self.exclusion_request()
+        honest = self.included
+        got = {}
+        for r in replies:
+            if r.site_id not in honest or r.site_id in got or set(r.seeds) != set(req.senders) \
+                    or any(len(v) != 32 for v in r.seeds.values()):
+                raise SecAggError(f"pairwise seeds from site {r.site_id}: not an honest survivor, sent twice or "
+                                  "not answering the exclusion request")
+            got[r.site_id] = r
+        missing = sorted(set(honest) - set(got))
+        if missing:
+            raise SecAggError(f"secure aggregation {self.setup.round_id!r}: {[self.label(m) for m in missing]} did "
+                              f"not give their pairwise seeds with the excluded {[self.label(u) for u in req.senders]};"
+                              " the sum of the others cannot be recovered")
+        self.total = self._assemble({(w, c): r.seeds[c] for w, r in got.items() for c in req.senders})
+        return self.total
+
+    def _assemble(self, pair_seeds: Mapping[tuple[int, int], bytes]) -> np.ndarray:
+        """Remove every mask from the running sum: self masks of the included survivors, pairwise masks of the
+        non-excluded dropped sites (from their reconstructed keys) and of the excluded senders (from the seeds
+        the included survivors gave); an excluded survivor's masked vector is taken out whole."""
         n, rid = self.setup.vector_length, self.setup.round_id
+        honest = self.included
+        dropped = [v for v in self.u2 if v not in self.u3 and v not in self.excluded]
         acc = self._acc.copy()
-        for u in req.survivors:
-            b = shamir_combine({s: r.self_shares[u] for s, r in got.items()})
-            acc -= prg(_self_seed(b, rid, u), n)
-        for v in req.dropped:
-            sk = shamir_combine({s: r.key_shares[v] for s, r in got.items()})
-            try:
-                X25519PrivateKey.from_private_bytes(sk)
-            except ValueError:
-                raise SecAggError(f"the mask key of dropped site {v} could not be reconstructed") from None
-            if _raw_public(X25519PrivateKey.from_private_bytes(sk)) != self.keys[v][1]:
-                raise SecAggError(f"the reconstructed mask key of dropped site {v} does not match its public key")
-            for u in req.survivors:
+        for c in self.excluded:
+            if c in self._masked:
+                acc -= self._masked[c]
+        for u in honest:
+            acc -= prg(_self_seed(self._secrets[("self", u)], rid, u), n)
+        for v in dropped:
+            sk = self._secrets[("mask", v)]
+            for u in honest:
                 p = prg(_pairwise_seed(sk, self.keys[u][1], rid, v, u), n)
                 if v > u:  # u added +p for v > u
                     acc -= p
                 else:
                     acc += p
-        self.total = decode_fixed(acc, self.setup.frac_bits)
-        return self.total
+        for (w, c), seed in pair_seeds.items():
+            p = prg(seed, n)
+            if c > w:  # w added +p for c > w
+                acc -= p
+            else:
+                acc += p
+        self._masked.clear()
+        return decode_fixed(acc, self.setup.frac_bits)
 
 
 def run_local(setup: SecAggSetup, vectors: Mapping[int, np.ndarray], drop_before_mask: Iterable[int] = (),
-              drop_after_mask: Iterable[int] = ()) -> tuple[np.ndarray, SecAggServer]:
-    """All four stages in one process (tests, benchmarks, in-process simulation): returns the sum and the server.
+              drop_after_mask: Iterable[int] = (), auth: Mapping[int, SiteAuth] | None = None,
+              roster: Roster | None = None, context: bytes = b"",
+              site_class: Callable[..., "SecAggSite"] | None = None) -> tuple[np.ndarray, SecAggServer]:
+    """All stages in one process (tests, benchmarks, in-process simulation): returns the sum and the server.
     ``drop_before_mask`` sites share their secrets but never send a vector; ``drop_after_mask`` sites send their
-    vector but do not answer the unmask request."""
+    vector but do not answer the unmask request. ``auth`` (site id -> its identity and roster) and ``roster``
+    (the coordinator's): authenticated, with the exclusion stage when a site dealt bad shares (the sum is then
+    over :attr:`SecAggServer.included`). ``site_class`` builds the sites (a subclass plays a deviating site)."""
     before, after = set(drop_before_mask), set(drop_after_mask)
-    sites = {i: SecAggSite(setup, i) for i in setup.site_ids}
-    server = SecAggServer(setup)
+    make = site_class or SecAggSite
+    sites = {i: make(setup, i, auth[i], context) if auth else make(setup, i) for i in setup.site_ids}
+    server = SecAggServer(setup, roster)
     book = server.collect_keys([s.advertise() for s in sites.values()])
     inboxes = server.route_shares([s.share(book) for s in sites.values()])
     for i, s in sites.items():
         if i not in before:
             server.add_masked(s.mask(inboxes[i], vectors[i]))
     req = server.unmask_request()
-    total = server.finish([sites[i].unmask(req) for i in req.survivors if i not in after])
+    try:
+        total = server.finish([sites[i].unmask(req) for i in req.survivors if i not in after])
+    except SharesRefuted as exc:
+        total = server.finish_excluding([sites[i].exclude(exc.request) for i in server.included if i not in after])
     return total, server
 
 

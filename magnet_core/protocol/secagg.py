@@ -138,38 +138,66 @@ class SecAggStart:
 
 @dataclasses.dataclass(frozen=True)
 class KeyAdvert:
-    """Stage 0 reply (site -> server): public keys for share encryption and for pairwise masks."""
+    """Stage 0 reply (site -> server): public keys for share encryption and for pairwise masks. Authenticated
+    (magnet_core.federation.secagg_auth): also the site's enrolled name, a commitment to its self-mask seed and its
+    identity key's signature over (round id, secagg id, name, both keys, commitment)."""
 
     site_id: int
     enc_pk: bytes
     mask_pk: bytes
+    site_name: str = ""
+    b_commit: bytes = b""
+    signature: bytes = b""
 
     def to_record(self) -> dict:
-        return stamped({SITE_ID: self.site_id, "enc-pk": self.enc_pk, "mask-pk": self.mask_pk})
+        out = {SITE_ID: self.site_id, "enc-pk": self.enc_pk, "mask-pk": self.mask_pk}
+        if self.signature:
+            out.update({"site-name": self.site_name, "b-commit": self.b_commit, "signature": self.signature})
+        return stamped(out)
 
     @classmethod
     def from_record(cls, r: Mapping) -> "KeyAdvert":
         check_version(r, "key advert")
-        return cls(int(r[SITE_ID]), bytes(r["enc-pk"]), bytes(r["mask-pk"]))
+        return cls(int(r[SITE_ID]), bytes(r["enc-pk"]), bytes(r["mask-pk"]), str(r.get("site-name", "")),
+                   bytes(r.get("b-commit", b"")), bytes(r.get("signature", b"")))
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyBook:
-    """Stage 1 (server -> sites): the advertised keys of U1."""
+    """Stage 1 (server -> sites): the advertised keys of U1 (authenticated: with each site's name, commitment and
+    signature, which every site checks against its own roster)."""
 
     keys: dict[int, tuple[bytes, bytes]]  # site id -> (enc_pk, mask_pk)
     round_id: str = dataclasses.field(default="", compare=False)
+    names: dict[int, str] = dataclasses.field(default_factory=dict, compare=False)
+    commits: dict[int, bytes] = dataclasses.field(default_factory=dict, compare=False)
+    signatures: dict[int, bytes] = dataclasses.field(default_factory=dict, compare=False)
+
+    def advert(self, site_id: int) -> KeyAdvert:
+        """The advert of one site as the book relays it."""
+        e, m = self.keys[site_id]
+        return KeyAdvert(site_id, e, m, self.names.get(site_id, ""), self.commits.get(site_id, b""),
+                         self.signatures.get(site_id, b""))
 
     def to_record(self) -> dict:
         ids = _ids(self.keys)
-        return stamped({"site-ids": ids, "enc-pk": [self.keys[i][0] for i in ids],
-                        "mask-pk": [self.keys[i][1] for i in ids], ROUND_ID: self.round_id})
+        out: dict[str, Any] = {"site-ids": ids, "enc-pk": [self.keys[i][0] for i in ids],
+                               "mask-pk": [self.keys[i][1] for i in ids], ROUND_ID: self.round_id}
+        if self.signatures:
+            out.update({"site-names": [self.names.get(i, "") for i in ids],
+                        "b-commits": [self.commits.get(i, b"") for i in ids],
+                        "signatures": [self.signatures.get(i, b"") for i in ids]})
+        return stamped(out)
 
     @classmethod
     def from_record(cls, r: Mapping) -> "KeyBook":
         check_version(r, "key book")
-        return cls({int(i): (bytes(e), bytes(m)) for i, e, m in zip(r["site-ids"], r["enc-pk"], r["mask-pk"])},
-                   str(r[ROUND_ID]))
+        ids = [int(i) for i in r["site-ids"]]
+        signed = "signatures" in r
+        return cls({i: (bytes(e), bytes(m)) for i, e, m in zip(ids, r["enc-pk"], r["mask-pk"])}, str(r[ROUND_ID]),
+                   {i: str(n) for i, n in zip(ids, r["site-names"])} if signed else {},
+                   {i: bytes(c) for i, c in zip(ids, r["b-commits"])} if signed else {},
+                   {i: bytes(g) for i, g in zip(ids, r["signatures"])} if signed else {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,18 +240,23 @@ class ShareInbox:
 @dataclasses.dataclass(frozen=True)
 class MaskedInput:
     """Stage 2 reply (site -> server): the masked vector (an array of the MASKED_KEY record; ``to_record`` is the
-    SECAGG_KEY record beside it)."""
+    SECAGG_KEY record beside it). Authenticated: with the site's signature over its transcript (round id, the
+    context it was sent, the key book and the senders of its shares)."""
 
     site_id: int
     masked: np.ndarray  # uint64, (vector_length,)
+    transcript_signature: bytes = b""
 
     def to_record(self) -> dict:
-        return stamped({SITE_ID: self.site_id})
+        out: dict[str, Any] = {SITE_ID: self.site_id}
+        if self.transcript_signature:
+            out["transcript-signature"] = self.transcript_signature
+        return stamped(out)
 
     @classmethod
     def from_record(cls, r: Mapping, masked: np.ndarray) -> "MaskedInput":
         check_version(r, "masked input")
-        return cls(int(r[SITE_ID]), masked)
+        return cls(int(r[SITE_ID]), masked, bytes(r.get("transcript-signature", b"")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,14 +266,22 @@ class UnmaskRequest:
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
     round_id: str = dataclasses.field(default="", compare=False)
+    transcript_signatures: dict[int, bytes] = dataclasses.field(default_factory=dict, compare=False)
 
     def to_record(self) -> dict:
-        return stamped({"survivors": list(self.survivors), "dropped": list(self.dropped), ROUND_ID: self.round_id})
+        out: dict[str, Any] = {"survivors": list(self.survivors), "dropped": list(self.dropped),
+                               ROUND_ID: self.round_id}
+        if self.transcript_signatures:
+            ids = _ids(self.transcript_signatures)
+            out.update({"signed-by": ids, "transcript-signatures": [self.transcript_signatures[i] for i in ids]})
+        return stamped(out)
 
     @classmethod
     def from_record(cls, r: Mapping) -> "UnmaskRequest":
         check_version(r, "unmask request")
-        return cls(tuple(int(i) for i in r["survivors"]), tuple(int(i) for i in r["dropped"]), str(r[ROUND_ID]))
+        sigs = {int(i): bytes(g) for i, g in zip(r.get("signed-by", []), r.get("transcript-signatures", []))}
+        return cls(tuple(int(i) for i in r["survivors"]), tuple(int(i) for i in r["dropped"]), str(r[ROUND_ID]),
+                   sigs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,14 +291,97 @@ class UnmaskShares:
     site_id: int
     self_shares: dict[int, bytes]  # survivor -> share of its b
     key_shares: dict[int, bytes]  # dropped site -> share of its mask private key
+    self_signatures: dict[int, bytes] = dataclasses.field(default_factory=dict)  # the sender's signature per share
+    key_signatures: dict[int, bytes] = dataclasses.field(default_factory=dict)
 
     def to_record(self) -> dict:
         s, k = _ids(self.self_shares), _ids(self.key_shares)
-        return stamped({SITE_ID: self.site_id, "self-ids": s, "self-shares": [self.self_shares[i] for i in s],
-                        "key-ids": k, "key-shares": [self.key_shares[i] for i in k]})
+        out: dict[str, Any] = {SITE_ID: self.site_id, "self-ids": s, "self-shares": [self.self_shares[i] for i in s],
+                               "key-ids": k, "key-shares": [self.key_shares[i] for i in k]}
+        if self.self_signatures or self.key_signatures:
+            out.update({"self-signatures": [self.self_signatures.get(i, b"") for i in s],
+                        "key-signatures": [self.key_signatures.get(i, b"") for i in k]})
+        return stamped(out)
 
     @classmethod
     def from_record(cls, r: Mapping) -> "UnmaskShares":
         check_version(r, "unmask shares")
-        return cls(int(r[SITE_ID]), {int(i): bytes(v) for i, v in zip(r["self-ids"], r["self-shares"])},
-                   {int(i): bytes(v) for i, v in zip(r["key-ids"], r["key-shares"])})
+        s, k = [int(i) for i in r["self-ids"]], [int(i) for i in r["key-ids"]]
+        return cls(int(r[SITE_ID]), {i: bytes(v) for i, v in zip(s, r["self-shares"])},
+                   {i: bytes(v) for i, v in zip(k, r["key-shares"])},
+                   {i: bytes(v) for i, v in zip(s, r.get("self-signatures", []))},
+                   {i: bytes(v) for i, v in zip(k, r.get("key-signatures", []))})
+
+
+SECRET_KINDS = ("self", "mask")  # a site's self-mask seed b, its mask private key s
+
+
+@dataclasses.dataclass(frozen=True)
+class ShareProof:
+    """Evidence that ``sender`` dealt bad shares of one of its secrets: ``threshold`` shares, each signed by the
+    sender for the site that revealed it, that do not interpolate to the secret the sender committed to in its
+    signed key advert (its seed commitment, or its mask public key). An honest sender's shares always do, so the
+    coordinator cannot make this evidence against an honest site."""
+
+    sender: int
+    kind: str  # "self" | "mask"
+    shares: dict[int, bytes]  # share point (the revealing site's id) -> share
+    signatures: dict[int, bytes]  # share point -> the sender's signature over that share
+
+
+@dataclasses.dataclass(frozen=True)
+class ExclusionRequest:
+    """Stage 4 (server -> the honest survivors), only when shares were refuted: the senders to leave out of the
+    sum with the evidence against each. Every honest survivor checks the evidence and answers with its pairwise
+    mask seed with each of them (PairwiseSeeds), which removes their masks from the sum of the others."""
+
+    proofs: tuple[ShareProof, ...]
+    round_id: str = ""
+
+    @property
+    def senders(self) -> tuple[int, ...]:
+        return tuple(sorted({p.sender for p in self.proofs}))
+
+    def to_record(self) -> dict:
+        xs, shares, sigs, counts = [], [], [], []
+        for p in self.proofs:
+            ids = _ids(p.shares)
+            counts.append(len(ids))
+            xs += ids
+            shares += [p.shares[i] for i in ids]
+            sigs += [p.signatures.get(i, b"") for i in ids]
+        return stamped({ROUND_ID: self.round_id, "senders": [p.sender for p in self.proofs],
+                        "kinds": [p.kind for p in self.proofs], "counts": counts, "points": xs, "shares": shares,
+                        "signatures": sigs})
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "ExclusionRequest":
+        check_version(r, "exclusion request")
+        proofs, pos = [], 0
+        for sender, kind, c in zip(r["senders"], r["kinds"], r["counts"]):
+            c = int(c)
+            if kind not in SECRET_KINDS or c < 0:
+                raise ContractError(f"exclusion request: share proof of kind {kind!r} with {c} shares")
+            xs = [int(x) for x in r["points"][pos:pos + c]]
+            shares = dict(zip(xs, (bytes(v) for v in r["shares"][pos:pos + c])))
+            proofs.append(ShareProof(int(sender), str(kind), shares,
+                                     dict(zip(xs, (bytes(v) for v in r["signatures"][pos:pos + c])))))
+            pos += c
+        return cls(tuple(proofs), str(r[ROUND_ID]))
+
+
+@dataclasses.dataclass(frozen=True)
+class PairwiseSeeds:
+    """Stage 4 reply (site -> server): this site's pairwise mask seed with each excluded sender."""
+
+    site_id: int
+    seeds: dict[int, bytes]  # excluded sender -> 32-byte seed
+
+    def to_record(self) -> dict:
+        ids = _ids(self.seeds)
+        return stamped({SITE_ID: self.site_id, "senders": ids, "seeds": [self.seeds[i] for i in ids]})
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "PairwiseSeeds":
+        check_version(r, "pairwise seeds")
+        return cls(int(r[SITE_ID]), {int(i): bytes(v) for i, v in zip(r["senders"], r["seeds"])})
