@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from magnet_core.cohort.data import Cohort
+from magnet_core.model.allocator import keep_freed_memory
 from magnet_core.model.config import GraphConfig, ModelConfig, TrainConfig
 from magnet_core.model.graph import PatientGraph
 from magnet_core.model.graph_topk import DEFAULT_K, NeighbourSampler, build_graph
@@ -220,6 +221,7 @@ def train_epochs(
     if not (proximal_mu >= 0 and np.isfinite(proximal_mu)):
         raise ValueError(f"proximal_mu must be a finite number >= 0, got {proximal_mu}")
     prox = Proximal.at(model, proximal_mu) if proximal_mu > 0 else None
+    keep_freed_memory()  # epochs reuse the previous epoch's memory instead of page-faulting fresh pages
     model.train()
     stats: dict[str, float] = {}
     for epoch in range(epochs):
