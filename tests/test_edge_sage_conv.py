@@ -1,11 +1,40 @@
-"""EdgeSAGEConv's fused path (MeanEdgeMessages) against PyG's generic propagate and against itself in blocks."""
+"""EdgeSAGEConv's fused path (MeanEdgeMessages) against PyG's generic propagate and against itself in blocks; its
+initialisation against PyG's Linear (same draws, so the same model per seed); no PyG import at run time."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from torch_geometric.nn import Linear
+from torch_geometric.nn.conv import MessagePassing
+from torch_geometric.nn.inits import glorot
 
-from magnet_core.model.edge_sage_conv import EdgeSAGEConv
+from magnet_core.model.edge_sage_conv import EdgeSAGEConv, GlorotLinear, edge_messages, glorot_
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PyGEdgeSAGE(MessagePassing):
+    """The layer through PyG's generic message passing (``propagate``, mean aggregation), on ``conv``'s weights."""
+
+    def __init__(self, conv: EdgeSAGEConv):
+        super().__init__(aggr="mean")
+        self.conv = conv
+
+    def forward(self, x, edge_index, edge_weight):
+        c = self.conv
+        w_x, w_e = c.lin_msg.weight.split([c.in_channels, c.edge_dim], dim=1)
+        proj = c.lin_src(x).relu() @ w_x.T + c.lin_msg.bias
+        out = self.propagate(edge_index, x=proj, edge_weight=edge_weight.view(-1, c.edge_dim), w_e=w_e)
+        return c.lin_l(out) + c.lin_r(x)
+
+    def message(self, x_j, edge_weight, w_e):
+        return torch.addmm(x_j, edge_weight, w_e.T).relu()  # the code before issue 24 (PyG path)
 
 
 def _graph(n: int = 30, e: int = 200, seed: int = 0, dtype=torch.float32):
@@ -33,7 +62,7 @@ def test_fused_path_equals_pyg_propagate_bit_for_bit(seed):
     x, ei, w = _graph(seed=seed)
     fused, g_fused = _grads(conv, x, ei, w)
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    generic = conv.forward_generic(xg, ei, wg)
+    generic = PyGEdgeSAGE(conv)(xg, ei, wg)
     probe = torch.linspace(-1, 1, generic.numel()).view_as(generic)
     g_generic = torch.autograd.grad((generic * probe).sum(), [xg, wg, *conv.parameters()])
     assert torch.equal(fused, generic.detach())
@@ -70,3 +99,31 @@ def test_a_graph_without_edges_gives_the_root_term_and_gradients():
 def test_only_mean_aggregation_is_accepted():
     with pytest.raises(ValueError, match="mean"):
         EdgeSAGEConv(4, 3, aggr="max")
+
+
+def test_messages_are_the_pyg_message_and_initialisation_is_pyg_linear_draw_for_draw():
+    g = torch.Generator().manual_seed(0)
+    proj_j, w, w_e = torch.randn(50, 6, generator=g), torch.rand(50, 1, generator=g), torch.randn(6, 1, generator=g)
+    assert torch.equal(edge_messages(proj_j.clone(), w, w_e), torch.addmm(proj_j, w, w_e.T).relu())
+    for bias in (True, False):
+        torch.manual_seed(5)
+        ours = GlorotLinear(7, 3, bias=bias)
+        torch.manual_seed(5)
+        pyg = Linear(7, 3, bias=bias, weight_initializer="glorot", bias_initializer="zeros")
+        assert ours.state_dict().keys() == pyg.state_dict().keys()
+        for key, value in pyg.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], value)
+    a, b = torch.empty(8, 1, 32), torch.empty(8, 1, 32)
+    torch.manual_seed(1)
+    glorot_(a)
+    torch.manual_seed(1)
+    glorot(b)
+    assert torch.equal(a, b)
+
+
+def test_training_code_does_not_import_torch_geometric():
+    code = ("import json, sys\nimport magnet_core.model.train, magnet_core.model.site, magnet_core.model.inductive\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('torch_geometric'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -1,17 +1,53 @@
-"""MAGNET's decoder convolution: an edge-aware GraphSAGE layer, with its mean of edge messages as one autograd step."""
+"""MAGNET's decoder convolution: an edge-aware GraphSAGE layer, with its mean of edge messages as one autograd step.
+
+Plain torch (no torch_geometric import: PyG's import alone took longer than torch's on this project's machines). The
+layer is PyG's message passing with mean aggregation, written out; ``tests/test_edge_sage_conv.py`` checks it against
+PyG's ``MessagePassing.propagate``.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch_geometric.nn import Linear
-from torch_geometric.nn.conv import MessagePassing
 
 
-def glorot_linear(i: int, o: int, bias: bool = True) -> Linear:
-    """PyG ``Linear`` with glorot weights and zero bias (the reference's initialisation)."""
-    return Linear(i, o, bias=bias, weight_initializer="glorot", bias_initializer="zeros")
+def glorot_(value: Tensor) -> Tensor:
+    """Glorot-uniform in place over the last two dimensions (``torch_geometric.nn.inits.glorot``: same draws)."""
+    bound = math.sqrt(6.0 / (value.size(-2) + value.size(-1)))
+    with torch.no_grad():
+        return value.uniform_(-bound, bound)
+
+
+class GlorotLinear(nn.Module):
+    """``y = x W^T + b`` with glorot-uniform W and zero b: PyG's ``Linear(weight_initializer="glorot",
+    bias_initializer="zeros")`` (the reference's layers), same parameter names and the same random draws."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        glorot_(self.weight)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, bias={self.bias is not None}"
+
+
+def glorot_linear(i: int, o: int, bias: bool = True) -> GlorotLinear:
+    return GlorotLinear(i, o, bias)
 
 
 def edge_messages(proj_src: Tensor, edge_weight: Tensor, w_e: Tensor) -> Tensor:
@@ -81,7 +117,7 @@ class MeanEdgeMessages(torch.autograd.Function):
         return g_proj, (g_w.T if need_w else None), g_weight, None, None, None, None
 
 
-class EdgeSAGEConv(MessagePassing):
+class EdgeSAGEConv(nn.Module):
     r"""Edge-aware GraphSAGE layer (MAGNET's decoder convolution).
 
     .. math::
@@ -102,13 +138,13 @@ class EdgeSAGEConv(MessagePassing):
 
     ``edge_chunk`` (forward): process the edges in blocks of this many and recompute each block's messages in the
     backward pass (memory O(|V| x C) for graphs of any size); None keeps all messages (fastest for small graphs).
-    :meth:`propagate` with :meth:`message` (PyG's generic path) computes the same function.
     """
 
     def __init__(self, in_channels: int, out_channels: int, edge_dim: int = 1, aggr: str = "mean"):
         if aggr != "mean":
             raise ValueError(f"EdgeSAGEConv aggregates by mean, got aggr={aggr!r}")
-        super().__init__(aggr=aggr)
+        super().__init__()
+        self.aggr = aggr
         self.in_channels, self.out_channels, self.edge_dim = in_channels, out_channels, edge_dim
         self.lin_src = glorot_linear(in_channels, in_channels)
         self.lin_msg = glorot_linear(in_channels + edge_dim, in_channels)
@@ -117,7 +153,6 @@ class EdgeSAGEConv(MessagePassing):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        super().reset_parameters()
         for lin in (self.lin_src, self.lin_msg, self.lin_l, self.lin_r):
             lin.reset_parameters()
 
@@ -134,12 +169,3 @@ class EdgeSAGEConv(MessagePassing):
         chunk = max(1, src.numel()) if edge_chunk is None else int(edge_chunk)
         agg = MeanEdgeMessages.apply(proj, w_e, weight, src, dst, count, chunk)
         return self.lin_l(agg) + self.lin_r(x)
-
-    def forward_generic(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
-        """The same layer through PyG's ``propagate`` (generic message passing), for cross-checks and PyG tools."""
-        proj, w_e = self.node_projection(x)
-        out = self.propagate(edge_index, x=proj, edge_weight=edge_weight.view(-1, self.edge_dim), w_e=w_e)
-        return self.lin_l(out) + self.lin_r(x)
-
-    def message(self, x_j: Tensor, edge_weight: Tensor, w_e: Tensor) -> Tensor:
-        return edge_messages(x_j.clone(), edge_weight, w_e)

@@ -7,10 +7,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn.inits import glorot
 
 from magnet_core.model.config import ModelConfig
-from magnet_core.model.edge_sage_conv import EdgeSAGEConv, glorot_linear
+from magnet_core.model.edge_sage_conv import EdgeSAGEConv, glorot_, glorot_linear
 
 __all__ = ["MAGNET", "EdgeSAGEConv", "ModalityEncoder", "PatientModalityAttention", "build_model"]
 
@@ -54,7 +53,7 @@ class PatientModalityAttention(nn.Module):
     def reset_parameters(self) -> None:
         self.lin_proj.reset_parameters()
         self.out_proj.reset_parameters()
-        glorot(self.att)
+        glorot_(self.att)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """``x``: (n, M, hidden), ``mask``: (n, M) bool/0-1. Returns fused (n, hidden) and weights (n, heads, M)."""
