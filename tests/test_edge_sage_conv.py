@@ -10,31 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from pyg_reference import PyGEdgeSAGE
 from torch_geometric.nn import Linear
-from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.inits import glorot
 
 from magnet_core.model.edge_sage_conv import EdgeSAGEConv, GlorotLinear, edge_messages, glorot_
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class PyGEdgeSAGE(MessagePassing):
-    """The layer through PyG's generic message passing (``propagate``, mean aggregation), on ``conv``'s weights."""
-
-    def __init__(self, conv: EdgeSAGEConv):
-        super().__init__(aggr="mean")
-        self.conv = conv
-
-    def forward(self, x, edge_index, edge_weight):
-        c = self.conv
-        w_x, w_e = c.lin_msg.weight.split([c.in_channels, c.edge_dim], dim=1)
-        proj = c.lin_src(x).relu() @ w_x.T + c.lin_msg.bias
-        out = self.propagate(edge_index, x=proj, edge_weight=edge_weight.view(-1, c.edge_dim), w_e=w_e)
-        return c.lin_l(out) + c.lin_r(x)
-
-    def message(self, x_j, edge_weight, w_e):
-        return torch.addmm(x_j, edge_weight, w_e.T).relu()  # the code before issue 24 (PyG path)
 
 
 def _graph(n: int = 30, e: int = 200, seed: int = 0, dtype=torch.float32):
