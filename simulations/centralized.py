@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from magnet_core.cohort.data import Cohort, DataError, detect_layout, load_for_seed
@@ -109,7 +108,6 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
         if not isinstance(pub, type(key.public_key())) or key.public_key().public_bytes(
                 Encoding.Raw, PublicFormat.Raw) != pub.public_bytes(Encoding.Raw, PublicFormat.Raw):
             raise PackageError(f"{package.signing_cert}: this certificate is not the signing key's certificate")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     generated = data is None
     if generated:
         console.print(f"[bold yellow]Using a {GENERATED_NOTICE}; pass --data PATH for real data.[/]")
@@ -138,7 +136,8 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
             progress.console.print(f"seed {seed}: test MCC {metrics['mcc']:.3f}  acc {metrics['acc']:.3f}")
     wall = time.perf_counter() - t0
     summary = summarize(per_seed)
-    title = f"MAGNET centralized on {'generated cohort' if generated else Path(data).name} ({len(seeds)} seeds, preset {preset.name})"
+    where = "generated cohort" if generated else Path(data).name
+    title = f"MAGNET centralized on {where} ({len(seeds)} seeds, preset {preset.name})"
     if generated:
         title += f" — {GENERATED_NOTICE}"
     print_summary(title, {"centralized": summary})

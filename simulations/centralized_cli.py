@@ -1,15 +1,17 @@
-"""``magnet-fl centralized``: the paper's protocol on pooled data, one model per seed."""
+"""``magnet-fl centralized``: the paper's protocol on pooled data, one model per seed.
+
+Arguments are defined without importing the data and training modules (pandas, torch): ``--help`` and a bad argument
+answer at once; :func:`run` imports them.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from magnet_core.cohort.data import available_seeds, detect_layout
 from magnet_core.consortium.methods import DEFAULT_SEEDS
 from magnet_core.model.config import DEFAULT_PRESET, PRESETS, get_preset
 
-from .centralized import PackageSpec, run_centralized
 from .cli import existing_dir, parse_seeds, positive_int
 from .outputs import check_output, run_staged
 
@@ -36,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from magnet_core.cohort.data import available_seeds, detect_layout  # lazy: pandas
+
+    from .centralized import PackageSpec, run_centralized  # lazy: torch (when training starts)
+
     seeds = args.seeds or list(DEFAULT_SEEDS)
     package = None
     if args.package is not None or args.signing_key is not None or args.signing_cert is not None:

@@ -336,8 +336,23 @@ def _reference(root):
                            gap5=s3(float(np.mean(np.subtract(same["ours_mcc"], same["reference_mcc"])))))
 
 
+def _epochs(root):
+    """benchmarks/results/epoch_profile.json: per-epoch medians before / after, the load range, the setting."""
+    d = _load_json(root, "benchmarks/results/epoch_profile.json")["trees"]
+    b, a = d["before"], d["after"]
+    loads = [x for t in (b, a) for turn in t["load1_per_turn"] for x in turn]
+    return SimpleNamespace(bc=f"{b['epoch_cpu_ms_median']:.1f}", bw=f"{b['epoch_wall_ms_median']:.1f}",
+                           ac=f"{a['epoch_cpu_ms_median']:.1f}", aw=f"{a['epoch_wall_ms_median']:.1f}",
+                           load=f"{min(loads):.1f}-{max(loads):.1f}", n=f"{a['patients']}",
+                           edges=f"{a['edges']:,}", epochs=f"{a['epochs_timed']}")
+
+
 CLAIMS: list[Claim] = [
     # ---------------------------------------------------------------- README.md
+    _c(B, "benchmarks/results/epoch_profile.json",
+       "(shared, load average {e.load} during the run; `results/epoch_profile.json`), OV seed 10, {e.n} training "
+       "patients, {e.edges} edges, 1 thread, {e.epochs} timed epochs per tree: before (914b358) {e.bc} ms CPU / "
+       "{e.bw} ms wall per epoch (median), after {e.ac} ms CPU / {e.aw} ms wall.", e=_epochs),
     _c(R, "benchmarks/results/reference_comparison.json",
        "test MCC per split {r.ref} (reference) and {r.ours} (ours)", r=_reference),
     _c(R, "benchmarks/results/reference_comparison.json",

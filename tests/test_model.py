@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch_geometric.nn.conv import MessagePassing
 
 from magnet_core.model.config import PRESETS, ModelConfig, get_preset
 from magnet_core.model.graph import build_patient_graph
@@ -193,7 +192,7 @@ class NaiveEdgeSAGE(torch.nn.Module):
 def test_edge_sage_conv_equals_naive_per_edge_messages_and_gradients(seed):
     torch.manual_seed(seed)
     conv = EdgeSAGEConv(6, 4).double()
-    assert isinstance(conv, MessagePassing) and conv.aggr == "mean"
+    assert conv.aggr == "mean"  # PyG's MessagePassing with mean aggregation: tests/test_edge_sage_conv.py
     n = 9
     # directed edges with uneven in-degrees, a repeated edge, and node 8 without incoming edges
     src = torch.randint(0, n, (30,))

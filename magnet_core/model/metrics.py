@@ -130,10 +130,40 @@ def auprc_bounds(hist: np.ndarray) -> tuple[float, float]:
     return low, high
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, float | None]:
-    """acc, f1, mcc for any task; auroc/auprc (exact, scikit-learn) for binary tasks, else None."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
+def _threshold_counts(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True and false positives (float64) at each distinct score, highest first (scikit-learn's
+    ``confusion_matrix_at_thresholds`` without weights)."""
+    order = np.argsort(score, kind="stable")[::-1]
+    score, y = score[order], (np.asarray(y_true)[order] == 1).astype(np.float64)
+    idx = np.r_[np.flatnonzero(np.diff(score)), y.size - 1]
+    tps = np.cumsum(y, dtype=np.float64)[idx]
+    return tps, 1 + idx.astype(np.float64) - tps
 
+
+def binary_auroc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve, as ``sklearn.metrics.roc_auc_score`` computes it (same curve points, same
+    trapezoids, same value), without importing scikit-learn (seconds per process). Needs both classes."""
+    tps, fps = _threshold_counts(y_true, score)
+    if fps.size > 2:  # drop collinear points as roc_curve(drop_intermediate=True) does
+        keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+        tps, fps = tps[keep], fps[keep]
+    tpr, fpr = np.r_[0.0, tps] / tps[-1], np.r_[0.0, fps] / fps[-1]
+    return float((np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0).sum())
+
+
+def binary_average_precision(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Average precision (step-wise area under precision-recall), as ``sklearn.metrics.average_precision_score``
+    computes it. Needs at least one positive."""
+    tps, fps = _threshold_counts(y_true, score)
+    ps = tps + fps
+    precision = np.where(ps != 0, tps / np.where(ps != 0, ps, 1.0), 0.0)
+    recall = tps / tps[-1]
+    precision, recall = np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0]
+    return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, float | None]:
+    """acc, f1, mcc for any task; auroc/auprc (exact, scikit-learn's definitions) for binary tasks, else None."""
     y_true = np.asarray(y_true)
     probs = np.asarray(probs)
     if len(y_true) == 0:
@@ -141,8 +171,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: i
     out: dict[str, float | None] = dict(metrics_from_confusion(confusion_counts(y_true, probs.argmax(1), num_classes)))
     out["auroc"] = out["auprc"] = None
     if num_classes == 2 and len(np.unique(y_true)) == 2:
-        out["auroc"] = float(roc_auc_score(y_true, probs[:, 1]))
-        out["auprc"] = float(average_precision_score(y_true, probs[:, 1]))
+        out["auroc"] = binary_auroc(y_true, probs[:, 1])
+        out["auprc"] = binary_average_precision(y_true, probs[:, 1])
     return out
 
 

@@ -7,15 +7,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import Linear
-from torch_geometric.nn.conv import MessagePassing
-from torch_geometric.nn.inits import glorot
 
 from magnet_core.model.config import ModelConfig
+from magnet_core.model.edge_sage_conv import EdgeSAGEConv, glorot_, glorot_linear
 
-
-def _linear(i: int, o: int, bias: bool = True) -> Linear:
-    return Linear(i, o, bias=bias, weight_initializer="glorot", bias_initializer="zeros")
+__all__ = ["MAGNET", "EdgeSAGEConv", "ModalityEncoder", "PatientModalityAttention", "build_model"]
 
 
 class ModalityEncoder(nn.Module):
@@ -24,7 +20,8 @@ class ModalityEncoder(nn.Module):
     def __init__(self, in_dims: int, hidden: int, dropout: float = 0.0, negative_slope: float = 0.2):
         super().__init__()
         self.net = nn.Sequential(
-            _linear(in_dims, hidden), nn.LeakyReLU(negative_slope), nn.Dropout(dropout), _linear(hidden, hidden)
+            glorot_linear(in_dims, hidden), nn.LeakyReLU(negative_slope), nn.Dropout(dropout),
+            glorot_linear(hidden, hidden),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -48,15 +45,15 @@ class PatientModalityAttention(nn.Module):
         if hidden % heads:
             raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
         self.heads, self.head_dims = heads, hidden // heads
-        self.lin_proj = _linear(hidden, hidden, bias=False)
+        self.lin_proj = glorot_linear(hidden, hidden, bias=False)
         self.att = nn.Parameter(torch.empty(heads, 1, self.head_dims))
-        self.out_proj = _linear(hidden, hidden, bias=False)
+        self.out_proj = glorot_linear(hidden, hidden, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self.lin_proj.reset_parameters()
         self.out_proj.reset_parameters()
-        glorot(self.att)
+        glorot_(self.att)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """``x``: (n, M, hidden), ``mask``: (n, M) bool/0-1. Returns fused (n, hidden) and weights (n, heads, M)."""
@@ -72,43 +69,6 @@ class PatientModalityAttention(nn.Module):
         return self.out_proj(fused), weights
 
 
-class EdgeSAGEConv(MessagePassing):
-    r"""Edge-aware GraphSAGE layer (MAGNET's decoder convolution).
-
-    .. math::
-        \tilde{x}_j = \mathrm{ReLU}(W_s x_j + b_s),\quad
-        m_{ji} = \mathrm{ReLU}(W_m [\tilde{x}_j \,\Vert\, w_{ji}] + b_m),\quad
-        x_i' = W_l \,\mathrm{mean}_{j \in \mathcal{N}(i)} m_{ji} + b_l + W_r x_i
-
-    where :math:`w_{ji}` is the edge weight (patient similarity).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, edge_dim: int = 1, aggr: str = "mean"):
-        super().__init__(aggr=aggr)
-        self.in_channels, self.out_channels, self.edge_dim = in_channels, out_channels, edge_dim
-        self.lin_src = _linear(in_channels, in_channels)
-        self.lin_msg = _linear(in_channels + edge_dim, in_channels)
-        self.lin_l = _linear(in_channels, out_channels)
-        self.lin_r = _linear(in_channels, out_channels, bias=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        for lin in (self.lin_src, self.lin_msg, self.lin_l, self.lin_r):
-            lin.reset_parameters()
-
-    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
-        src = self.lin_src(x).relu()
-        # W_m [x_j || w] = W_x x_j + W_w w: project once per node, not once per edge (same result, O(n) matmuls).
-        w_x, w_e = self.lin_msg.weight.split([self.in_channels, self.edge_dim], dim=1)
-        proj = src @ w_x.T + self.lin_msg.bias
-        out = self.propagate(edge_index, x=proj, edge_weight=edge_weight.view(-1, self.edge_dim), w_e=w_e)
-        return self.lin_l(out) + self.lin_r(x)
-
-    def message(self, x_j: Tensor, edge_weight: Tensor, w_e: Tensor) -> Tensor:
-        return torch.addmm(x_j, edge_weight, w_e.T).relu_()
-
-
 class MAGNET(nn.Module):
     """Encoders (one per modality, keyed by name) -> masked attention -> EdgeSAGE layers -> MLP head."""
 
@@ -122,8 +82,8 @@ class MAGNET(nn.Module):
         )
         self.attention = PatientModalityAttention(h, cfg.heads)
         self.convs = nn.ModuleList([EdgeSAGEConv(h, h) for _ in range(cfg.gnn_layers)])
-        self.head_hidden = _linear(h, h)
-        self.head_out = _linear(h, num_classes)
+        self.head_hidden = glorot_linear(h, h)
+        self.head_out = glorot_linear(h, num_classes)
 
     def fuse(self, xs: Sequence[Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
         """Encode each available modality and fuse per patient: (n, hidden), attention (n, heads, M)."""
@@ -134,16 +94,21 @@ class MAGNET(nn.Module):
                            for m, (name, x) in enumerate(zip(self.modalities, xs))], dim=1)
         return self.attention(emb, mask)
 
-    def forward(self, xs: Sequence[Tensor], mask: Tensor, edge_index: Tensor, edge_weight: Tensor
-                ) -> tuple[Tensor, Tensor]:
+    def decode(self, fused: Tensor, edge_index: Tensor, edge_weight: Tensor, edge_chunk: int | None = None
+               ) -> Tensor:
+        """Logits (n, C) from fused embeddings: the EdgeSAGE layers and the head (``edge_chunk``: see
+        :class:`EdgeSAGEConv`)."""
+        x, p = fused, self.cfg.dropout
+        for conv in self.convs:
+            x = F.dropout(conv(x, edge_index, edge_weight, edge_chunk).relu(), p=p, training=self.training)
+        x = F.dropout(self.head_hidden(x).relu(), p=p, training=self.training)
+        return self.head_out(x)
+
+    def forward(self, xs: Sequence[Tensor], mask: Tensor, edge_index: Tensor, edge_weight: Tensor,
+                edge_chunk: int | None = None) -> tuple[Tensor, Tensor]:
         """Logits (n, C) and fused embeddings (n, hidden)."""
         fused, _ = self.fuse(xs, mask)
-        x = fused
-        p = self.cfg.dropout
-        for conv in self.convs:
-            x = F.dropout(conv(x, edge_index, edge_weight).relu(), p=p, training=self.training)
-        x = F.dropout(self.head_hidden(x).relu(), p=p, training=self.training)
-        return self.head_out(x), fused
+        return self.decode(fused, edge_index, edge_weight, edge_chunk), fused
 
     # --- helpers for federated aggregation -------------------------------------------------------------
     @staticmethod

@@ -7,23 +7,23 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from magnet_core.cohort.data import Cohort
+from magnet_core.model.allocator import keep_freed_memory
 from magnet_core.model.config import GraphConfig, ModelConfig, TrainConfig
 from magnet_core.model.graph import PatientGraph
 from magnet_core.model.graph_topk import DEFAULT_K, NeighbourSampler, build_graph
 from magnet_core.model.loss import magnet_loss
-from magnet_core.model.network import MAGNET, EdgeSAGEConv, build_model
+from magnet_core.model.network import MAGNET, build_model
 
 Batching = Literal["full", "neighbour", "auto"]
 FUSE_CHUNK = 8192  # patients encoded per (checkpointed) chunk when a sparse graph is larger than this
 MEMORY_BUDGET_BYTES = 6 * 2**30  # "auto" batching: full-graph epochs while their estimate stays below this
 DEFAULT_BATCH_SIZE = 8192  # seed patients per mini-batch (neighbour sampling)
-# Edges per checkpointed block of a graph convolution (16,384 x hidden 256 = 16 MB per block tensor; measured
-# faster than 2^18-edge blocks at 20,000 patients: 6.9 vs 8.7 CPU s per epoch).
+# Edges per block of a graph convolution on a large sparse graph (16,384 x hidden 256 = 16 MB per block tensor;
+# blocks of this size measured faster than 2^18-edge blocks at 20,000 patients: 6.9 vs 8.7 CPU s per epoch).
 CONV_EDGE_CHUNK = 2**14
 
 
@@ -36,7 +36,6 @@ class PatientSet:
     y: Tensor
     paired: Tensor
     graph: PatientGraph
-    _in_edges: "_InEdges | None" = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -78,61 +77,6 @@ def make_optimizer(model: MAGNET, cfg: TrainConfig) -> tuple[torch.optim.Optimiz
 # ------------------------------------------------------------------------------------------- forward passes
 
 
-@dataclasses.dataclass
-class _InEdges:
-    """A graph's edges sorted by target, with row pointers: the in-edges of targets [a, b) are contiguous."""
-
-    src: Tensor
-    weight: Tensor
-    rowptr: Tensor
-
-    @classmethod
-    def of(cls, graph: PatientGraph) -> "_InEdges":
-        dst = graph.edge_index[1]
-        order = torch.argsort(dst, stable=True)
-        rowptr = torch.zeros(graph.num_nodes + 1, dtype=torch.long)
-        rowptr[1:] = torch.cumsum(torch.bincount(dst, minlength=graph.num_nodes), 0)
-        return cls(graph.edge_index[0][order], graph.edge_weight[order].view(-1, 1), rowptr)
-
-
-def _conv_rows(conv: EdgeSAGEConv, x: Tensor, proj: Tensor, w_e: Tensor, src: Tensor, weight: Tensor,
-               counts: Tensor, a: int) -> Tensor:
-    """``EdgeSAGEConv`` output for targets a..a+len(counts)-1 from their in-edges (``src``, ``weight``)."""
-    # m_ji = ReLU(W_m [x~_j || w_ji] + b_m); index_select's backward is deterministic with several threads
-    msg = torch.addmm(proj.index_select(0, src), weight, w_e.T).relu_()
-    dst = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    agg = torch.zeros(len(counts), msg.size(1), dtype=msg.dtype).index_add_(0, dst, msg)
-    agg = agg / counts.clamp_min(1).unsqueeze(1).to(msg.dtype)  # mean over in-edges (0 without any)
-    return conv.lin_l(agg) + conv.lin_r(x[a : a + len(counts)])
-
-
-def edge_chunked_conv(conv: EdgeSAGEConv, x: Tensor, edges: _InEdges, chunk: int) -> Tensor:
-    """``conv(x, edge_index, edge_weight)`` computed over blocks of targets holding about ``chunk`` in-edges each;
-    each block is checkpointed, so no (edges x hidden) tensor lives longer than one block, forward or backward."""
-    src_feat = conv.lin_src(x).relu()
-    w_x, w_e = conv.lin_msg.weight.split([conv.in_channels, conv.edge_dim], dim=1)
-    proj = src_feat @ w_x.T + conv.lin_msg.bias
-    n, rowptr = x.size(0), edges.rowptr
-    bounds = torch.searchsorted(rowptr, torch.arange(0, int(rowptr[-1]) + chunk, chunk)).clamp_max(n).tolist()
-    bounds = sorted(set([0, *bounds, n]))
-    parts = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        e0, e1 = int(rowptr[a]), int(rowptr[b])
-        args = (conv, x, proj, w_e, edges.src[e0:e1], edges.weight[e0:e1], rowptr[a + 1 : b + 1] - rowptr[a:b], a)
-        parts.append(checkpoint(_conv_rows, *args, use_reentrant=False) if torch.is_grad_enabled()
-                     else _conv_rows(*args))
-    return torch.cat(parts)
-
-
-def _decode(model: MAGNET, fused: Tensor, edges: _InEdges, chunk: int) -> Tensor:
-    """``MAGNET.forward`` after the fusion step (same layers, same dropout order), convolutions edge-chunked."""
-    x, p = fused, model.cfg.dropout
-    for conv in model.convs:
-        x = F.dropout(edge_chunked_conv(conv, x, edges, chunk).relu(), p=p, training=model.training)
-    x = F.dropout(model.head_hidden(x).relu(), p=p, training=model.training)
-    return model.head_out(x)
-
-
 def _fuse_chunk(model: MAGNET, mask: Tensor, *xs: Tensor) -> Tensor:
     return model.fuse(list(xs), mask)[0]
 
@@ -141,8 +85,9 @@ def forward(model: MAGNET, data: PatientSet, chunk: int | None = None, edge_chun
             ) -> tuple[Tensor, Tensor]:
     """Logits and fused embeddings of all patients. Dense graphs (and sets of at most ``chunk`` patients) use
     ``model(...)`` unchanged; a large sparse graph encodes patients in checkpointed chunks and runs each
-    convolution over checkpointed blocks of edges, so activation memory is O(n x hidden + one chunk), not
-    O(edges x hidden x layers). The gradient is the same; only the dropout draws differ (per chunk)."""
+    convolution over blocks of ``edge_chunk`` edges whose messages are recomputed in the backward pass
+    (:class:`~magnet_core.model.edge_sage_conv.EdgeSAGEConv`), so activation memory is O(n x hidden + one chunk),
+    not O(edges x hidden x layers). The gradient is the same; only the dropout draws differ (per chunk)."""
     g = data.graph
     chunk = chunk or FUSE_CHUNK
     if g.rule == "dense" or data.n <= chunk:
@@ -155,9 +100,7 @@ def forward(model: MAGNET, data: PatientSet, chunk: int | None = None, edge_chun
         parts.append(checkpoint(_fuse_chunk, model, mask, *xs, use_reentrant=False) if grad
                      else _fuse_chunk(model, mask, *xs))
     fused = torch.cat(parts)
-    if data._in_edges is None:
-        data._in_edges = _InEdges.of(g)  # sorted once per patient set
-    return _decode(model, fused, data._in_edges, edge_chunk), fused
+    return model.decode(fused, g.edge_index, g.edge_weight, edge_chunk), fused
 
 
 def estimate_epoch_bytes(data: PatientSet, hidden: int, num_layers: int) -> int:
@@ -220,6 +163,7 @@ def train_epochs(
     if not (proximal_mu >= 0 and np.isfinite(proximal_mu)):
         raise ValueError(f"proximal_mu must be a finite number >= 0, got {proximal_mu}")
     prox = Proximal.at(model, proximal_mu) if proximal_mu > 0 else None
+    keep_freed_memory()  # epochs reuse the previous epoch's memory instead of page-faulting fresh pages
     model.train()
     stats: dict[str, float] = {}
     for epoch in range(epochs):
