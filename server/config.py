@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from magnet_core.artefacts.run_record import fingerprint
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, DEFAULT_SEED, MIN_COUNT_FLOOR
+from magnet_core.federation.eval_screen import DEFAULT_ALPHA as EVAL_ALPHA
 from magnet_core.federation.privacy import DEFAULT_MAX_BINS
 from magnet_core.model.config import DEFAULT_PRESET
 from magnet_core.protocol.messages import MAX_HISTOGRAM_BINS, MAX_PROXIMAL_MU
@@ -37,8 +38,18 @@ class FederatedConfig(BaseModel):
     norm_ratio: float = Field(10.0, gt=1, description="reject a step > this x (or < 1/this x) the reference norm")
     update_max_ratio: float = Field(0.5, gt=0, description="reject a step longer than this x the global norm")
     update_min_ratio: float = Field(1e-4, ge=0, description="reject a step shorter than this x the global norm")
+    clip_factor: float = Field(1.0, ge=0, allow_inf_nan=False,
+                               description="clip every accepted step to this x the median step norm of this and "
+                                           "past rounds before weighting (0 = off; DP clips to dp-clip-norm)")
+    trust_weighting: bool = Field(True, description="with 3+ sites, scale each site's weight by its steps' agreement "
+                                                    "with the others, and reject one whose agreement is under "
+                                                    "min-agreement x the median (off under DP)")
+    min_agreement: float = Field(0.25, ge=0, lt=1, description="see trust-weighting")
     histogram_bins: int = Field(DEFAULT_MAX_BINS, ge=2, le=MAX_HISTOGRAM_BINS,
                                 description="most score-histogram bins a site may release (sites cap it too)")
+    eval_flag_alpha: float = Field(EVAL_ALPHA, ge=0, lt=1, description="flag a site whose evaluation has more "
+                                   "correct predictions than the others' recall makes plausible (p < this; 0 = off)")
+    eval_exclude_flagged: bool = Field(False, description="leave flagged sites out of the pooled (global) metric")
     test_graph: Literal["among-test", "attach-to-train"] = Field(
         "among-test", description="test-graph rule of the sites' evaluation (reported in every result)")
     min_count: int = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,

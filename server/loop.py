@@ -17,7 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from magnet_core.artefacts.run_record import RoundRecord
-from magnet_core.federation.aggregate import ScreenMemory
+from magnet_core.federation.screening import ScreenMemory
 from magnet_core.model.config import get_preset
 from magnet_core.model.network import build_model
 from magnet_core.protocol.enrolment import Enrolment

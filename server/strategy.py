@@ -13,18 +13,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from magnet_core.federation.aggregate import (
-    ScreenMemory,
-    ScreenRules,
     ServerOptState,
     SiteUpdate,
     aggregate_updates,
     flat_delta,
-    screen_updates,
     server_opt_step,
     trained_arrays,
     validate_update,
 )
+from magnet_core.federation.eval_screen import screen_evaluations
 from magnet_core.federation.privacy import check_eval_release, pool_releases
+from magnet_core.federation.screening import ScreenMemory, ScreenRules, model_norm, screen_updates, shrink
 from magnet_core.protocol.enrolment import Enrolment, SiteFacts, check_eval_against, check_train_against
 from magnet_core.protocol.errors import ContractError
 from magnet_core.protocol.keys import ARRAYS_KEY, LAYOUT_KEY, METRICS_KEY, MODEL_KEY, SITE_KEY
@@ -109,7 +108,8 @@ class MagnetFedAvg(FedAvg):
         self.enrolment = enrolment
         self.memory = memory or ScreenMemory()
         self.rules = ScreenRules(max_to_global=cfg.update_max_ratio, min_to_global=cfg.update_min_ratio,
-                                 peer_ratio=cfg.norm_ratio)
+                                 peer_ratio=cfg.norm_ratio, clip_factor=cfg.clip_factor,
+                                 trust=cfg.trust_weighting, min_agreement=cfg.min_agreement)
         self.registry = SiteRegistry()
         self.dp = None
         if cfg.dp_clip_norm > 0:
@@ -129,6 +129,8 @@ class MagnetFedAvg(FedAvg):
         # message id -> addressed node, filled by `server.loop.collect` (error replies may come from the SuperLink)
         self.destinations: dict[str, int] = {}
         self.live_nodes: set[int] | None = None
+        # site -> p-values of its evaluation replies so far (``eval_screen``; not kept across a resume)
+        self.eval_evidence: dict[str, list[float]] = {}
 
     def wire(self, params: dict[str, np.ndarray]) -> ArrayRecord:
         """``params`` as the flat model record (its layout, the params' order, is kept for ``unwire``)."""
@@ -226,22 +228,30 @@ class MagnetFedAvg(FedAvg):
                 continue
             candidates[node] = (reply, params)
         deltas = {node: flat_delta(self.current, params) for node, (_, params) in candidates.items()}
-        rejected, norms = screen_updates(self.current, deltas, self.memory, self.rules)
+        decisions = screen_updates(self.current, deltas, self.memory, self.rules,
+                                   dp_clip=self.dp.clip_norm if self.dp is not None else None)
         self.report.screening = {
-            "global_norm": float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in self.current.values()))),
-            "step_norms": {self.registry.label(n): v for n, v in norms.items()},
-            "direction_reference": self.memory.direction is not None,
+            "global_norm": model_norm(self.current),
+            "step_norms": {self.registry.label(n): d.norm for n, d in decisions.items()},
+            "direction_reference": self.memory.direction is not None and self.dp is None,
+            "clip": {"bound": next((d.bound for d in decisions.values() if d.accepted), None),
+                     "scale": {self.registry.label(n): d.scale for n, d in decisions.items() if d.accepted},
+                     "rule": "dp-clip-norm" if self.dp is not None else f"{self.rules.clip_factor:g} x median norm"},
+            "trust": {self.registry.label(n): d.trust for n, d in decisions.items() if d.accepted},
         }
-        for node, reason in rejected.items():
-            self._reject(server_round, node, reason)
+        for node, d in decisions.items():
+            if not d.accepted:
+                self._reject(server_round, node, d.reason)
         updates, losses, weights, accepted_norms = [], [], [], []
         for node, (reply, params) in candidates.items():
-            if node in rejected:
+            d = decisions[node]
+            if not d.accepted:
                 continue
-            updates.append(SiteUpdate(reply.site, params, reply.num_examples, dict(reply.modality_counts)))
+            params = shrink(self.current, params, d.scale)  # bounded influence: clipped before weighting
+            updates.append(SiteUpdate(reply.site, params, reply.num_examples, dict(reply.modality_counts), d.trust))
             self.report.accepted.append(reply.site)
             self.report.nodes[reply.site] = node
-            accepted_norms.append(norms[node])
+            accepted_norms.append(d.norm * d.scale)
             if reply.loss is not None:
                 losses.append(reply.loss)
                 weights.append(reply.num_examples)
@@ -350,6 +360,9 @@ class MagnetFedAvg(FedAvg):
                 self.report.withheld[reply.site] = list(reply.withheld)
             good.append(reply)
         pooled = [r for r in good if "all" in r.confusion]
+        excluded = self._screen_evaluations(server_round, pooled)
+        good = [r for r in good if r.site not in excluded]
+        pooled = [r for r in pooled if r.site not in excluded]
         self.report.pooled_sites = [r.site for r in pooled]
         self.report.pooled_patients = sum(r.num_examples for r in pooled)
         if not pooled:
@@ -362,3 +375,24 @@ class MagnetFedAvg(FedAvg):
         log(INFO, "round %d: global metrics pooled over %d site(s), %d patients", server_round, len(pooled),
             self.report.pooled_patients)
         return MetricRecord({k: float(v) for k, v in self.report.global_metrics.items() if v is not None})
+
+    def _screen_evaluations(self, server_round: int, pooled: list[EvalReply]) -> set[str]:
+        """Flag replies out of line with the others (``eval_screen``) in the round's screening record; returns the
+        sites to leave out of the pooled metric (the flagged ones if ``eval-exclude-flagged``)."""
+        checks = screen_evaluations({r.site: np.asarray(r.confusion["all"]) for r in pooled}, self.cfg.eval_flag_alpha,
+                                    self.eval_evidence)
+        for site, c in checks.items():
+            self.eval_evidence.setdefault(site, []).append(c.p_value)
+        flagged = sorted(s for s, c in checks.items() if c.flagged)
+        excluded = set(flagged) if self.cfg.eval_exclude_flagged else set()
+        self.report.screening["evaluation"] = {"alpha": self.cfg.eval_flag_alpha, "flagged": flagged,
+                                               "excluded": sorted(excluded),
+                                               "checks": {s: c.to_dict() for s, c in checks.items()}}
+        for site in flagged:
+            c = checks[site]
+            shift = "moves by %+.3f with" % c.shift if c.shift is not None else "with"
+            log(WARNING, "round %d: evaluation of node %s (%s) out of line: %d of %d correct where the others' "
+                "recall makes %.1f expected (p = %.2g, %.2g over its rounds); pooled MCC %s it%s", server_round,
+                self.report.nodes.get(site), site, c.correct, c.num, c.expected, c.p_value, c.p_combined, shift,
+                ", excluded from the pooled metric" if site in excluded else "")
+        return excluded

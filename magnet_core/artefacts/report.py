@@ -29,7 +29,8 @@ METRICS = ("mcc", "acc", "f1", "auroc", "auprc")
 GROUPS = ("", "paired_", "unpaired_")
 ARTEFACT_PATTERNS = ("model.pt", "*.magnet", "model.pkg*", "*.sig")
 # Round-table columns shown only when some round has them.
-OPTIONAL_COLUMNS = {"norms": "update norms", "withheld": "groups withheld (< k)", "dp": "differential privacy"}
+OPTIONAL_COLUMNS = {"norms": "update norms", "eval_flags": "evaluations out of line (flagged)",
+                    "withheld": "groups withheld (< k)", "dp": "differential privacy"}
 
 
 # ------------------------------------------------------------------------------------------- reading records
@@ -398,6 +399,26 @@ def _step_norms(screening: Any) -> str:
     return ", ".join(f"{s} {v:.3g}" if isinstance(v, (int, float)) else f"{s} {v}" for s, v in norms.items())
 
 
+def _eval_flags(screening: Any) -> str:
+    """Flagged evaluation replies: site, correct of n against the expected, p-value, MCC shift, excluded or not."""
+    ev = screening.get("evaluation") if isinstance(screening, Mapping) else None
+    if not isinstance(ev, Mapping) or not ev.get("flagged"):
+        return ""
+    checks = ev.get("checks") if isinstance(ev.get("checks"), Mapping) else {}
+    excluded = set(ev.get("excluded") or [])
+    parts = []
+    for site in ev["flagged"]:
+        c = checks.get(site) if isinstance(checks.get(site), Mapping) else {}
+        text = f"{site}: {c.get('correct')} of {c.get('num')} correct"
+        if isinstance(c.get("expected"), (int, float)) and isinstance(c.get("p_value"), (int, float)):
+            text += f" ({c['expected']:.1f} expected, p {c['p_value']:.2g}"
+            text += f", {c['p_combined']:.2g} over its rounds)" if isinstance(c.get("p_combined"), float) else ")"
+        if isinstance(c.get("shift"), (int, float)):
+            text += f", pooled MCC {c['shift']:+.3f}"
+        parts.append(text + (" — excluded" if site in excluded else " — kept in the pooled metric"))
+    return "; ".join(parts)
+
+
 def round_rows(history: Iterable[dict]) -> list[dict]:
     """One display row per round record; unknown or missing fields never break it."""
     rows = []
@@ -414,6 +435,7 @@ def round_rows(history: Iterable[dict]) -> list[dict]:
             "failed": _entries(rec.get("failed"), nodes),
             "pooled_over": _pooled(rec.get("pooled_over")) if rec.get("pooled_over") else "",
             "withheld": _describe(rec.get("withheld")), "norms": _step_norms(rec.get("screening")),
+            "eval_flags": _eval_flags(rec.get("screening")),
             "dp": _describe(rec.get("dp")), "fingerprint": rec.get("config_fingerprint"),
         })
     return rows
@@ -580,8 +602,7 @@ def comparison_rows(results: Mapping[str, Any] | None) -> list[dict]:
     if not results or not isinstance(results.get("results"), Mapping):
         return []
     rows = []
-    methods = sorted(results["results"], key=_method_rank)
-    for method in methods:
+    for method in sorted(results["results"], key=_method_rank):
         metrics = results["results"][method]
         for g in GROUPS:
             if not any(f"{g}{m}" in metrics for m in METRICS):

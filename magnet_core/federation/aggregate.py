@@ -1,4 +1,5 @@
-"""Pure aggregation math: modality-aware FedAvg, robust variants, server optimizers, update checks, pooled metrics."""
+"""Pure aggregation math: modality-aware FedAvg, robust variants, server optimizers, update validation, pooled
+metrics. (The per-site screen of updates and its clipping bound are in ``screening``.)"""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class SiteUpdate:
     params: Params
     num_train: int
     modality_counts: dict[str, int]
+    trust: float = 1.0  # factor on the site's weight (the screen's agreement trust), in [0, 1]
 
 
 def _combine(stack: np.ndarray, weights: np.ndarray, robust: Robust, trim: float) -> np.ndarray:
@@ -48,8 +50,9 @@ def aggregate_updates(
     Modality-aware: the encoder of modality m is averaged over the sites that trained it, weighted by their
     number of training patients holding m; if no site holds m it stays as it was. Shared layers (attention, GNN,
     head) are averaged over all sites weighted by training patients. ``modality_aware=False`` is plain FedAvg
-    (every parameter weighted by training patients). ``robust`` replaces the weighted mean with a coordinate-wise
-    trimmed mean or median over the contributing sites.
+    (every parameter weighted by training patients). Each weight is multiplied by the update's ``trust`` (the
+    screen's agreement factor). ``robust`` replaces the weighted mean with a coordinate-wise trimmed mean or median
+    over the contributing sites.
     """
     if not updates:
         return {k: v.copy() for k, v in global_params.items()}
@@ -57,10 +60,10 @@ def aggregate_updates(
     for name, current in global_params.items():
         modality = MAGNET.encoder_modality(name)
         if modality_aware and modality is not None:
-            contrib = [(u, u.modality_counts.get(modality, 0)) for u in updates]
+            contrib = [(u, u.modality_counts.get(modality, 0) * u.trust) for u in updates]
             contrib = [(u, c) for u, c in contrib if c > 0]
         else:
-            contrib = [(u, u.num_train) for u in updates]
+            contrib = [(u, u.num_train * u.trust) for u in updates]
         if not contrib or sum(c for _, c in contrib) <= 0:
             out[name] = current.copy()
             continue
@@ -190,93 +193,6 @@ def flat_delta(global_params: Params, params: Mapping[str, np.ndarray]) -> np.nd
 def update_norm(global_params: Params, params: Mapping[str, np.ndarray]) -> float:
     """L2 norm of (update - global) over all arrays."""
     return float(np.linalg.norm(flat_delta(global_params, params)))
-
-
-@dataclasses.dataclass(frozen=True)
-class ScreenRules:
-    """Bounds on one site's update, checked by the coordinator without trusting any site.
-
-    Measured on tcga-ov-magnet and tcga-brca-rjive (3 sites, 10 local epochs): honest updates move the model by
-    1.5-3% of its norm, their pairwise cosines are 0.2-0.7 and their cosine with the previous round's aggregate
-    step is 0.3-0.8; the defaults leave a wide margin around that.
-    """
-
-    max_to_global: float = 0.5  # reject a step longer than this fraction of the global model's norm
-    min_to_global: float = 1e-4  # reject a step shorter than this: the site (nearly) returned the global model
-    peer_ratio: float = 10.0  # reject a step more than this x (or less than 1/this x) the reference norm
-    history_rounds: int = 5  # accepted norms of this many past rounds join the reference
-
-
-@dataclasses.dataclass
-class ScreenMemory:
-    """What the coordinator remembers of accepted rounds: step norms and the last aggregate step."""
-
-    norms: list[list[float]] = dataclasses.field(default_factory=list)  # per past round, accepted step norms
-    direction: np.ndarray | None = None  # last aggregate step (flat)
-
-    def remember(self, accepted_norms: Sequence[float], step: np.ndarray | None, keep: int) -> None:
-        if accepted_norms:
-            self.norms = (self.norms + [list(map(float, accepted_norms))])[-keep:]
-        if step is not None and np.linalg.norm(step) > 0:
-            self.direction = step
-
-    def past_norms(self) -> list[float]:
-        return [v for rnd in self.norms for v in rnd]
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
-
-
-def screen_updates(global_params: Params, deltas: Mapping[int, np.ndarray], memory: ScreenMemory,
-                   rules: ScreenRules = ScreenRules()) -> tuple[dict[int, str], dict[int, float]]:
-    """Which updates (node id -> flat step) to reject, and why; also each step's norm.
-
-    1. Band: the step's norm must lie within [min_to_global, max_to_global] x the global model's norm (works
-       with a single site and in round 1).
-    2. Norm vs reference: within [1/peer_ratio, peer_ratio] x the median of the other sites' in-band norms this
-       round and the accepted norms of past rounds (keyed by node id: no site can stand in for another).
-    3. Direction: a step must agree (positive cosine) with at least half of its references: the other in-band
-       steps and the last aggregate step. With one other site and no past step there is no trusted reference and
-       the direction is not judged.
-    """
-    gnorm = float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in global_params.values())))
-    norms = {node: float(np.linalg.norm(d)) for node, d in deltas.items()}
-    rejected: dict[int, str] = {}
-    for node, n in norms.items():
-        if n < rules.min_to_global * gnorm:
-            rejected[node] = (f"update barely differs from the global model (step {n:.3g}, "
-                              f"{n / gnorm if gnorm else 0:.2g} of the model's norm {gnorm:.3g})")
-        elif n > rules.max_to_global * gnorm:
-            rejected[node] = (f"update norm {n:.3g} is {n / gnorm:.3g}x the global model's norm {gnorm:.3g} "
-                              f"(bound {rules.max_to_global})")
-    in_band = [node for node in deltas if node not in rejected]
-    past = memory.past_norms()
-    for node in in_band:
-        ref_values = [norms[o] for o in in_band if o != node] + past
-        if not ref_values:
-            continue
-        ref = float(np.median(ref_values))
-        if norms[node] > rules.peer_ratio * ref:
-            rejected[node] = (f"update norm {norms[node]:.3g} is {norms[node] / ref:.1f}x the reference "
-                              f"{ref:.3g} (median of other sites this round and accepted past rounds)")
-        elif norms[node] * rules.peer_ratio < ref:
-            rejected[node] = (f"update norm {norms[node]:.3g} is under 1/{rules.peer_ratio:g} of the reference "
-                              f"{ref:.3g} (median of other sites this round and accepted past rounds)")
-    survivors = [node for node in in_band if node not in rejected]
-    for node in survivors:
-        refs = [deltas[o] for o in survivors if o != node]
-        trusted = memory.direction is not None
-        if trusted:
-            refs.append(memory.direction)
-        if not refs or (len(refs) == 1 and not trusted):
-            continue
-        agree = sum(_cos(deltas[node], r) > 0 for r in refs)
-        if 2 * agree < len(refs):
-            rejected[node] = (f"update points away from its references (positive cosine with {agree} of "
-                              f"{len(refs)}: other sites' steps and the last aggregate step)")
-    return rejected, norms
 
 
 # --------------------------------------------------------------------------------------- pooled evaluation
