@@ -105,8 +105,6 @@ class MagnetFedAvg(FedAvg):
             self.server_opt = server_opt if server_opt is not None else ServerOptState()
         # message id -> addressed node, filled by `server.collect.collect` (error replies may come from the SuperLink)
         self.destinations: dict[str, int] = {}
-        # site -> p-values of its evaluation replies so far (``eval_screen``; not kept across a resume)
-        self.eval_evidence: dict[str, list[float]] = {}
 
     def wire(self, params: dict[str, np.ndarray]) -> ArrayRecord:
         """``params`` as the flat model record (its layout, the params' order, is kept for ``unwire``)."""
@@ -335,10 +333,7 @@ class MagnetFedAvg(FedAvg):
     def _screen_evaluations(self, server_round: int, pooled: list[EvalReply]) -> set[str]:
         """Flag replies out of line with the others (``eval_screen``) in the round's screening record; returns the
         sites to leave out of the pooled metric (the flagged ones if ``eval-exclude-flagged``)."""
-        checks = screen_evaluations({r.site: np.asarray(r.confusion["all"]) for r in pooled}, self.cfg.eval_flag_alpha,
-                                    self.eval_evidence)
-        for site, c in checks.items():
-            self.eval_evidence.setdefault(site, []).append(c.p_value)
+        checks = screen_evaluations({r.site: np.asarray(r.confusion["all"]) for r in pooled}, self.cfg.eval_flag_alpha)
         flagged = sorted(s for s, c in checks.items() if c.flagged)
         excluded = set(flagged) if self.cfg.eval_exclude_flagged else set()
         self.report.screening["evaluation"] = {"alpha": self.cfg.eval_flag_alpha, "flagged": flagged,
@@ -348,7 +343,7 @@ class MagnetFedAvg(FedAvg):
             c = checks[site]
             shift = "moves by %+.3f with" % c.shift if c.shift is not None else "with"
             log(WARNING, "round %d: evaluation of node %s (%s) out of line: %d of %d correct where the others' "
-                "recall makes %.1f expected (p = %.2g, %.2g over its rounds); pooled MCC %s it%s", server_round,
-                self.report.nodes.get(site), site, c.correct, c.num, c.expected, c.p_value, c.p_combined, shift,
+                "recall makes %.1f expected (p = %.2g); pooled MCC %s it%s", server_round,
+                self.report.nodes.get(site), site, c.correct, c.num, c.expected, c.p_value, shift,
                 ", excluded from the pooled metric" if site in excluded else "")
         return excluded

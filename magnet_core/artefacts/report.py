@@ -423,8 +423,7 @@ def _eval_flags(screening: Any) -> str:
         c = checks.get(site) if isinstance(checks.get(site), Mapping) else {}
         text = f"{site}: {c.get('correct')} of {c.get('num')} correct"
         if isinstance(c.get("expected"), (int, float)) and isinstance(c.get("p_value"), (int, float)):
-            text += f" ({c['expected']:.1f} expected, p {c['p_value']:.2g}"
-            text += f", {c['p_combined']:.2g} over its rounds)" if isinstance(c.get("p_combined"), float) else ")"
+            text += f" ({c['expected']:.1f} expected, p {c['p_value']:.2g})"
         if isinstance(c.get("shift"), (int, float)):
             text += f", pooled MCC {c['shift']:+.3f}"
         parts.append(text + (" — excluded" if site in excluded else " — kept in the pooled metric"))
@@ -614,7 +613,8 @@ def comparison_rows(results: Mapping[str, Any] | None) -> list[dict]:
     if not results or not isinstance(results.get("results"), Mapping):
         return []
     rows = []
-    for method in sorted(results["results"], key=_method_rank):
+    methods = sorted(results["results"], key=_method_rank)
+    for method in methods:
         metrics = results["results"][method]
         for g in GROUPS:
             if not any(f"{g}{m}" in metrics for m in METRICS):
