@@ -314,7 +314,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         meter.start()
         out = work / "run"
         run_config = (f"num-server-rounds={args.rounds} local-epochs={args.local_epochs} min-sites=3 preset='brca' "
-                      f"round-timeout=600.0 report=false manifest='{manifest}' out-dir='{out}'")
+                      f"round-timeout=600.0 report=false manifest='{manifest}' out-dir='{out}' "
+                      f"site-keys='{pki}/registered_sites.csv'")
         t_run = time.time()
         started = subprocess.run(["flwr", "run", str(REPO), "consortium", "--run-config", run_config], env=env,
                                  capture_output=True, text=True, timeout=300, cwd=REPO)

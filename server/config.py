@@ -60,6 +60,12 @@ class FederatedConfig(BaseModel):
     modalities: str = Field("", description="comma-separated subset of the data's modalities ('' = all)")
     # deployment: the consortium manifest (modalities, features, classes, enrolled sites)
     manifest: str = ""
+    site_keys: str = Field("", description="deployment: a CSV of site name -> its node's OpenSSH public key (the PKI's "
+                                          "registered_sites.csv) for enrolled sites whose [sites] entry has no "
+                                          "public_key; a site's name is bound to the node holding its key")
+    allow_unenrolled: bool = Field(False, description="deployment: accept a manifest without [sites] or without a "
+                                                      "public key for every site; names are then taken from each "
+                                                      "node's first reply (NOT bound to keys; the run record says so)")
     server_eval: bool = True
     out_dir: str = "runs/flwr-run"
     resume: bool = False

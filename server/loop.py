@@ -6,13 +6,13 @@ import dataclasses
 import json
 import os
 import time
-from logging import DEBUG, INFO, WARNING
+from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -24,6 +24,8 @@ from magnet_core.protocol.enrolment import Enrolment
 from magnet_core.protocol.messages import RoundConfig
 
 from .config import FederatedConfig, RunConfigError
+from .names import SiteNames
+from .secure_strategy import SecureMagnetFedAvg
 from .strategy import MagnetFedAvg
 
 CHECKPOINT = "checkpoint.pt"
@@ -41,39 +43,6 @@ class ModelSpec:
 
     in_dims: dict[str, int]
     num_classes: int
-
-
-def collect(grid: Grid, messages: Iterable[Message], timeout: float, min_replies: int,
-            grace: float, destinations: dict[str, int] | None = None) -> list[Message]:
-    """Send and wait for replies; stop at ``timeout``, or ``grace`` seconds after ``min_replies`` successful
-    replies have arrived (so one dead site delays a round by at most ``grace`` once enough sites have answered;
-    error replies, e.g. the SuperLink's for a node that went away, are returned but do not count).
-    ``destinations``, if given, receives message id -> addressed node for every message sent."""
-    messages = list(messages)
-    log(DEBUG, "collect: sending %d message(s) at %.3f", len(messages), time.time())  # FLWR_LOG_LEVEL=DEBUG shows it
-    pushed = list(grid.push_messages(messages))  # the grid sets each message's id
-    if destinations is not None:
-        destinations.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages})
-    ids = {mid for mid in pushed if mid}
-    if len(ids) < len(messages):
-        log(WARNING, "%d message(s) could not be sent", len(messages) - len(ids))
-    replies: list[Message] = []
-    start, enough_at = time.monotonic(), None
-    log(DEBUG, "collect: sent %d message(s) at %.3f", len(ids), time.time())
-    while ids:
-        for msg in grid.pull_messages(list(ids)):
-            replies.append(msg)
-            ids.discard(msg.metadata.reply_to_message_id)
-            log(DEBUG, "collect: reply from node %d at %.3f", msg.metadata.src_node_id, time.time())
-        now = time.monotonic()
-        if enough_at is None and sum(not m.has_error() for m in replies) >= min_replies:
-            enough_at = now
-        if not ids or now - start > timeout or (enough_at is not None and now - enough_at > grace):
-            break
-        time.sleep(0.05)
-    if ids:
-        log(WARNING, "%d site(s) did not reply in time; continuing with %d replies", len(ids), len(replies))
-    return replies
 
 
 def initial_params(spec: ModelSpec, cfg: FederatedConfig) -> dict[str, np.ndarray]:
@@ -204,8 +173,10 @@ def run_federation(
     on_round: Callable[[dict], None] | None = None,
     min_count: int | None = None,
     manifest=None,
+    names: SiteNames | None = None,
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Run (or resume) ``cfg.num_server_rounds`` rounds; returns final global params and per-round history."""
+    """Run (or resume) ``cfg.num_server_rounds`` rounds; returns final global params and per-round history.
+    ``names``: how nodes get their site names (server/names.py; default: at first contact)."""
     out = Path(cfg.out_dir)
     prepare_out_dir(out, cfg)
     k = cfg.min_count if min_count is None else min_count
@@ -217,34 +188,24 @@ def run_federation(
         log(INFO, "resuming from %s after round %d", out / CHECKPOINT, done)
     elif cfg.resume:
         log(WARNING, "resume=true but %s holds no checkpoint: starting at round 1", out)
-    magnet = MagnetFedAvg(cfg, list(spec.in_dims), spec.num_classes, enrolment, memory, min_count=k,
-                          accountant=accountant, server_opt=server_opt)
+    strategy_class = SecureMagnetFedAvg if cfg.secagg else MagnetFedAvg  # secagg: the coordinator sees sums only
+    magnet = strategy_class(cfg, list(spec.in_dims), spec.num_classes, enrolment, memory, min_count=k,
+                            accountant=accountant, server_opt=server_opt, names=names)
     fp = cfg.fingerprint()
     for rnd in range(start, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
-        if cfg.secagg:  # masked vectors only: the coordinator learns the sums it needs and nothing of one site
-            from .secure import secure_train_round
-
-            new_params = secure_train_round(grid, magnet, params, rnd, round_config(cfg, rnd, k), cfg)
-            if new_params is not None:
-                params = new_params
-        else:
-            msgs = magnet.configure_train(rnd, magnet.wire(params), round_config(cfg, rnd, k), grid)
-            replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, cfg.straggler_grace,
-                              magnet.destinations)
-            new, _ = magnet.aggregate_train(rnd, replies)
-            if new is not None:
-                params = magnet.unwire(new)
+        new_params = magnet.train_round(grid, params, rnd, round_config(cfg, rnd, k))
+        if new_params is not None:
+            params = new_params
         t_train = time.perf_counter() - t0
-        msgs = magnet.configure_evaluate(rnd, magnet.wire(params), round_config(cfg, rnd, k), grid)
-        replies = collect(grid, msgs, cfg.round_timeout, cfg.min_sites, cfg.straggler_grace, magnet.destinations)
-        magnet.aggregate_evaluate(rnd, replies)
+        magnet.evaluate_round(grid, params, rnd, round_config(cfg, rnd, k))
         rep = magnet.report  # one report per round: training and evaluation outcomes together
         record = RoundRecord(
             round=rnd, train_seconds=t_train, seconds=time.perf_counter() - t0, accepted=rep.accepted,
             rejected=rep.rejected, failed=rep.failed, nodes=rep.nodes, train_loss=rep.train_loss,
             global_metrics=rep.global_metrics, sites=rep.site_metrics, withheld=rep.withheld,
-            pooled_over={"sites": rep.pooled_sites, "patients": rep.pooled_patients}, screening=rep.screening,
+            pooled_over={"sites": rep.pooled_sites, "patients": rep.pooled_patients},
+            screening={**rep.screening, "site_names": magnet.names.description},
             dp=rep.dp if cfg.dp_clip_norm > 0 else None,
             server=server_eval(params) if server_eval is not None else None, config_fingerprint=fp)
         history.append(_jsonable(record.dump()))

@@ -1,4 +1,8 @@
-"""MagnetFedAvg: Flower's FedAvg checking every reply by node id; modality-aware, optionally with FedAdam/FedYogi."""
+"""MagnetFedAvg: Flower's FedAvg checking every reply by node id; modality-aware, optionally with FedAdam/FedYogi.
+
+The round loop (server/loop.py) drives every strategy through the same hooks: ``train_round`` (send, collect, check,
+aggregate; the new global model or None) and ``evaluate_round`` (send, collect, check, pool). The secure-aggregation
+strategy (server/secure_strategy.py) overrides ``train_round`` only."""
 
 from __future__ import annotations
 
@@ -25,12 +29,15 @@ from magnet_core.federation.eval_screen import screen_evaluations
 from magnet_core.federation.privacy import check_eval_release, pool_releases
 from magnet_core.federation.screening import ScreenMemory, ScreenRules, model_norm, screen_updates, shrink
 from magnet_core.protocol.enrolment import Enrolment, SiteFacts, check_eval_against, check_train_against
-from magnet_core.protocol.errors import ContractError
 from magnet_core.protocol.keys import ARRAYS_KEY, LAYOUT_KEY, METRICS_KEY, MODEL_KEY, SITE_KEY
 from magnet_core.protocol.messages import EvalReply, TrainReply
 from magnet_core.protocol.wire import Layout, flat_of, pack, unpack
 
+from .collect import collect
 from .config import FederatedConfig
+from .ledger import Ledger, RoundReport
+from .names import SiteNames
+from .replies import checked_replies
 
 
 def to_record(params: dict[str, np.ndarray], layout: Layout) -> ArrayRecord:
@@ -45,47 +52,15 @@ def to_numpy(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
 
 
 @dataclasses.dataclass
-class RoundReport:
-    """What happened in one round, for the history (no patient-level data). Keys are site labels."""
+class TrainUpdate:
+    """A decoded training reply and the model it carries (split with the coordinator's own layout)."""
 
-    accepted: list[str] = dataclasses.field(default_factory=list)
-    rejected: dict[str, str] = dataclasses.field(default_factory=dict)
-    failed: dict[str, str] = dataclasses.field(default_factory=dict)
-    nodes: dict[str, int] = dataclasses.field(default_factory=dict)
-    train_loss: float | None = None
-    global_metrics: dict = dataclasses.field(default_factory=dict)
-    pooled_sites: list[str] = dataclasses.field(default_factory=list)
-    pooled_patients: int = 0
-    withheld: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    site_metrics: dict = dataclasses.field(default_factory=dict)
-    screening: dict = dataclasses.field(default_factory=dict)
-    dp: dict | None = None
+    reply: TrainReply
+    params: dict[str, np.ndarray]
 
-
-class SiteRegistry:
-    """Node id <-> site name. A name belongs to the first node that uses it for the rest of the run (unless that
-    node has left the federation); a node keeps its first name. Every decision is keyed by node id."""
-
-    def __init__(self) -> None:
-        self.by_node: dict[int, str] = {}
-
-    def bind(self, node: int, name: str, live_nodes: set[int] | None = None) -> str | None:
-        """None if ``node`` may speak as ``name``, else the reason it may not."""
-        if node in self.by_node:
-            if self.by_node[node] != name:
-                return f"node {node} enrolled as {self.by_node[node]!r} and now calls itself {name!r}"
-            return None
-        for other, other_name in list(self.by_node.items()):
-            if other_name == name:
-                if live_nodes is not None and other not in live_nodes:
-                    del self.by_node[other]  # the site rejoined under a new node id
-                    break
-                return f"site name {name!r} already belongs to node {other}"
-        self.by_node[node] = name
-        return None
-
-    def label(self, node: int) -> str:
-        return self.by_node.get(node, f"node{node}")
+    @property
+    def site(self) -> str:
+        return self.reply.site
 
 
 class MagnetFedAvg(FedAvg):
@@ -93,7 +68,8 @@ class MagnetFedAvg(FedAvg):
 
     def __init__(self, cfg: FederatedConfig, modalities: list[str], num_classes: int,
                  enrolment: Enrolment | None = None, memory: ScreenMemory | None = None,
-                 min_count: int | None = None, accountant=None, server_opt: ServerOptState | None = None):
+                 min_count: int | None = None, accountant=None, server_opt: ServerOptState | None = None,
+                 names: SiteNames | None = None):
         super().__init__(
             fraction_train=cfg.fraction_train,
             fraction_evaluate=1.0,
@@ -110,7 +86,8 @@ class MagnetFedAvg(FedAvg):
         self.rules = ScreenRules(max_to_global=cfg.update_max_ratio, min_to_global=cfg.update_min_ratio,
                                  peer_ratio=cfg.norm_ratio, clip_factor=cfg.clip_factor,
                                  trust=cfg.trust_weighting, min_agreement=cfg.min_agreement)
-        self.registry = SiteRegistry()
+        # node id -> site name, bound from the enrolment (server/names.py); without one, at first contact
+        self.names = names if names is not None else SiteNames.at_first_contact()
         self.dp = None
         if cfg.dp_clip_norm > 0:
             from magnet_core.federation.dp import DPConfig, PrivacyAccountant
@@ -126,9 +103,8 @@ class MagnetFedAvg(FedAvg):
         self.server_opt: ServerOptState | None = None
         if cfg.server_optimizer != "none":
             self.server_opt = server_opt if server_opt is not None else ServerOptState()
-        # message id -> addressed node, filled by `server.loop.collect` (error replies may come from the SuperLink)
+        # message id -> addressed node, filled by `server.collect.collect` (error replies may come from the SuperLink)
         self.destinations: dict[str, int] = {}
-        self.live_nodes: set[int] | None = None
 
     def wire(self, params: dict[str, np.ndarray]) -> ArrayRecord:
         """``params`` as the flat model record (its layout, the params' order, is kept for ``unwire``)."""
@@ -154,40 +130,59 @@ class MagnetFedAvg(FedAvg):
         self.current = self.unwire(arrays)
         self.report = RoundReport()
         self.destinations.clear()
-        self.live_nodes = set(grid.get_node_ids())
-        return self._with_layout(super().configure_train(server_round, arrays, config, grid))
+        self.names.refresh(grid)
+        return self._with_layout(self._enrolled(server_round, super().configure_train(server_round, arrays, config,
+                                                                                       grid)))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
         if self.layout is None:
             raise RuntimeError("configure_evaluate before wire: the strategy knows no model layout yet")
-        return self._with_layout(super().configure_evaluate(server_round, arrays, config, grid))
+        return self._with_layout(self._enrolled(server_round, super().configure_evaluate(server_round, arrays,
+                                                                                          config, grid)))
+
+    def _enrolled(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        """The messages addressed to enrolled nodes; every other node is refused by node id and sent nothing."""
+        out = []
+        for msg in messages:
+            refusal = self.names.refusal(msg.metadata.dst_node_id)
+            if refusal is None:
+                out.append(msg)
+            else:
+                self.ledger(server_round).reject(msg.metadata.dst_node_id, refusal, "node")
+        return out
+
+    # ------------------------------------------------------------------------------------------- the rounds
+
+    def train_round(self, grid: Grid, params: dict[str, np.ndarray], server_round: int, config: ConfigRecord
+                    ) -> dict[str, np.ndarray] | None:
+        """One training round: the new global parameters, or None (nothing usable: the model is unchanged). What
+        happened is in ``self.report``."""
+        c = self.cfg
+        messages = self.configure_train(server_round, self.wire(params), config, grid)
+        replies = collect(grid, messages, c.round_timeout, c.min_sites, c.straggler_grace, self.destinations)
+        new, _ = self.aggregate_train(server_round, replies)
+        return None if new is None else self.unwire(new)
+
+    def evaluate_round(self, grid: Grid, params: dict[str, np.ndarray], server_round: int, config: ConfigRecord
+                       ) -> MetricRecord | None:
+        """One evaluation round of ``params``: the pooled global metrics (also in ``self.report``), or None."""
+        c = self.cfg
+        messages = self.configure_evaluate(server_round, self.wire(params), config, grid)
+        replies = collect(grid, messages, c.round_timeout, c.min_sites, c.straggler_grace, self.destinations)
+        return self.aggregate_evaluate(server_round, replies)
 
     # ---------------------------------------------------------------------------------------------- helpers
 
-    def node_of(self, msg: Message) -> int:
-        """The node a reply answers for: the one the server addressed (its own record), else the sender."""
-        return self.destinations.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+    def ledger(self, server_round: int) -> Ledger:
+        """Where this round's failures and rejections go: the round's report, labelled by the run's site names."""
+        return Ledger(self.report, self.names.label, f"round {server_round}", self.destinations)
 
-    def _facts(self, name: str) -> SiteFacts | None:
+    def facts(self, name: str) -> SiteFacts | None:
+        """What site ``name`` enrolled with (None: not enrolled)."""
         if self.enrolment is None:
             return SiteFacts(train=2**62, test=2**62)  # no enrolment known: only the contract's own checks
         return self.enrolment.sites.get(name)
-
-    def _claim(self, node: int, name: str) -> str | None:
-        return self.registry.bind(node, name, self.live_nodes)
-
-    def _failed(self, server_round: int, node: int, msg: Message) -> None:
-        label = self.registry.label(node)
-        self.report.failed[label] = f"node {node}: {msg.error.reason}"
-        self.report.nodes[label] = node
-        log(WARNING, "round %d: node %d (%s) failed: %s", server_round, node, label, msg.error.reason)
-
-    def _reject(self, server_round: int, node: int, reason: str, what: str = "update") -> None:
-        label = self.registry.label(node)
-        self.report.rejected[label] = f"node {node}: {reason}"
-        self.report.nodes[label] = node
-        log(WARNING, "round %d: REJECTED %s from node %d (%s): %s", server_round, what, node, label, reason)
 
     # --------------------------------------------------------------------------------------------- training
 
@@ -195,57 +190,38 @@ class MagnetFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply (contract, enrolment, arrays, step size and direction), drop bad ones (logged with
         node id and reason), aggregate the rest."""
-        candidates: dict[int, tuple[TrainReply, dict[str, np.ndarray]]] = {}
         own = Layout.from_params(self.current)  # the order sent; names, shapes, dtypes are the server's own
-        seen: set[int] = set()
-        for msg in sorted(replies, key=self.node_of):
-            node = self.node_of(msg)
-            if node in seen:
-                self._reject(server_round, node, "more than one reply in a round")
-                candidates.pop(node, None)
-                continue
-            seen.add(node)
-            if msg.has_error():
-                self._failed(server_round, node, msg)
-                continue
-            try:
-                content = msg.content
-                reply = TrainReply.decode(content[METRICS_KEY], content[SITE_KEY], self.modalities)
-                params = to_numpy(content[ARRAYS_KEY], own)
-            except ContractError as exc:
-                self._reject(server_round, node, str(exc))
-                continue
-            except Exception as exc:  # noqa: BLE001 - a reply of the wrong shape must not end the run
-                self._reject(server_round, node, f"malformed reply ({type(exc).__name__}: {exc})")
-                continue
-            problems = [p for p in [self._claim(node, reply.site)] if p]
-            problems += check_train_against(reply, self._facts(reply.site)) if not problems else []
-            problems += validate_update(self.current, params) if not problems else []
-            if problems:
-                self._reject(server_round, node, "; ".join(problems))
-                continue
-            candidates[node] = (reply, params)
-        deltas = {node: flat_delta(self.current, params) for node, (_, params) in candidates.items()}
+        ledger = self.ledger(server_round)
+
+        def decode(msg: Message) -> TrainUpdate:
+            content = msg.content
+            return TrainUpdate(TrainReply.decode(content[METRICS_KEY], content[SITE_KEY], self.modalities),
+                               to_numpy(content[ARRAYS_KEY], own))
+
+        candidates = checked_replies(replies, ledger, self.names, decode, [
+            lambda u: check_train_against(u.reply, self.facts(u.site)),
+            lambda u: validate_update(self.current, u.params)], "update", "more than one reply in a round")
+        deltas = {node: flat_delta(self.current, u.params) for node, u in candidates.items()}
         decisions = screen_updates(self.current, deltas, self.memory, self.rules,
                                    dp_clip=self.dp.clip_norm if self.dp is not None else None)
         self.report.screening = {
             "global_norm": model_norm(self.current),
-            "step_norms": {self.registry.label(n): d.norm for n, d in decisions.items()},
+            "step_norms": {self.names.label(n): d.norm for n, d in decisions.items()},
             "direction_reference": self.memory.direction is not None and self.dp is None,
             "clip": {"bound": next((d.bound for d in decisions.values() if d.accepted), None),
-                     "scale": {self.registry.label(n): d.scale for n, d in decisions.items() if d.accepted},
+                     "scale": {self.names.label(n): d.scale for n, d in decisions.items() if d.accepted},
                      "rule": "dp-clip-norm" if self.dp is not None else f"{self.rules.clip_factor:g} x median norm"},
-            "trust": {self.registry.label(n): d.trust for n, d in decisions.items() if d.accepted},
+            "trust": {self.names.label(n): d.trust for n, d in decisions.items() if d.accepted},
         }
         for node, d in decisions.items():
             if not d.accepted:
-                self._reject(server_round, node, d.reason)
+                ledger.reject(node, d.reason, "update")
         updates, losses, weights, accepted_norms = [], [], [], []
-        for node, (reply, params) in candidates.items():
-            d = decisions[node]
+        for node, update in candidates.items():
+            d, reply = decisions[node], update.reply
             if not d.accepted:
                 continue
-            params = shrink(self.current, params, d.scale)  # bounded influence: clipped before weighting
+            params = shrink(self.current, update.params, d.scale)  # bounded influence: clipped before weighting
             updates.append(SiteUpdate(reply.site, params, reply.num_examples, dict(reply.modality_counts), d.trust))
             self.report.accepted.append(reply.site)
             self.report.nodes[reply.site] = node
@@ -324,39 +300,19 @@ class MagnetFedAvg(FedAvg):
         """Check each evaluation reply (contract, enrolment, minimum count k), then pool the good ones: confusion
         matrices summed (metrics exactly those of the pooled predictions of the sites that released a group),
         AUROC as an interval from the sites' merged score bins."""
-        good: list[EvalReply] = []
-        seen: set[int] = set()
-        for msg in sorted(replies, key=self.node_of):
-            node = self.node_of(msg)
-            if node in seen:
-                self._reject(server_round, node, "more than one evaluation reply", "evaluation")
-                good = [r for r in good if self.report.nodes.get(r.site) != node]
-                continue
-            seen.add(node)
-            if msg.has_error():
-                self._failed(server_round, node, msg)
-                continue
-            try:
-                content = msg.content
-                reply = EvalReply.decode(content[METRICS_KEY], content[SITE_KEY], self.num_classes,
-                                         self.cfg.histogram_bins)
-            except ContractError as exc:
-                self._reject(server_round, node, str(exc), "evaluation")
-                continue
-            except Exception as exc:  # noqa: BLE001
-                self._reject(server_round, node, f"malformed reply ({type(exc).__name__}: {exc})", "evaluation")
-                continue
-            problems = [p for p in [self._claim(node, reply.site)] if p]
-            problems += check_eval_against(reply, self._facts(reply.site)) if not problems else []
-            problems += check_eval_release(reply.release(self.min_count), self.cfg.histogram_bins) \
-                if not problems else []
-            if problems:
-                self._reject(server_round, node, "; ".join(problems), "evaluation")
-                continue
+        def decode(msg: Message) -> EvalReply:
+            content = msg.content
+            return EvalReply.decode(content[METRICS_KEY], content[SITE_KEY], self.num_classes, self.cfg.histogram_bins)
+
+        checked = checked_replies(replies, self.ledger(server_round), self.names, decode, [
+            lambda r: check_eval_against(r, self.facts(r.site)),
+            lambda r: check_eval_release(r.release(self.min_count), self.cfg.histogram_bins)],
+            "evaluation", "more than one evaluation reply")
+        for node, reply in checked.items():
             self.report.nodes[reply.site] = node
             if reply.withheld:
                 self.report.withheld[reply.site] = list(reply.withheld)
-            good.append(reply)
+        good = list(checked.values())
         pooled = [r for r in good if "all" in r.confusion]
         excluded = self._screen_evaluations(server_round, pooled)
         good = [r for r in good if r.site not in excluded]

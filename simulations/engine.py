@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # what Grid.get_nodes returns in Flower 1.41
 from flwr.serverapp import Grid
 
 from server.config import FederatedConfig
@@ -51,6 +52,12 @@ class InProcessGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        """Like Flower's simulation engine, partition i is the i-th node registered (the coordinator binds names
+        to partition ids by registration order: server/names.py)."""
+        return [NodeInfo(node_id=n, registered_at=f"1970-01-01T00:00:00.{i:06d}+00:00")
+                for i, n in enumerate(self.contexts)]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []

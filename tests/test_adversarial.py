@@ -184,6 +184,127 @@ def test_a_site_cannot_change_its_name_between_rounds(tmp_path):
     assert history[1]["accepted"] == ["site0"]
 
 
+def test_the_node_answering_first_under_another_sites_name_does_not_own_it(tmp_path):
+    """Name squatting: node 1 (simulated site0) answers every message as site1, before the real site1 (node 2) does.
+    The name comes from the enrolment (partition ids here), never from the first reply: node 1 is refused by node id
+    in every round, site1's own updates and evaluations count under its name."""
+    grid, params, history = _run(tmp_path, 3, {1: _claim("site1")}, rounds=3)
+    for record in history:
+        assert record["screening"]["site_names"] == "bound to the simulation's partition ids"
+        reason = _named(record, 1)
+        assert "enrolled as 'site0'" in reason and "'site1' belongs to node 2" in reason, reason
+        assert sorted(record["accepted"]) == ["site1", "site2"] and record["nodes"]["site1"] == 2, record
+        assert not any(r.startswith("node 2:") for r in record["rejected"].values()), record["rejected"]
+        assert sorted(record["pooled_over"]["sites"]) == ["site1", "site2"]
+    _within_honest_range(grid, params, 3, {1})
+
+
+def _ec_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1()).public_key()
+
+
+def _openssh(key) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def _pem(key) -> bytes:  # what Flower's SuperLink keeps for a registered node (public_key_to_bytes)
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+class KeyedGrid(AttackGrid):
+    """Nodes known by the public key Flower's node authentication registered (``Grid.get_nodes``, as the SuperLink
+    reports them); records which nodes were sent anything."""
+
+    def __init__(self, num_nodes: int, run_config: dict, attacks: dict[int, Attack], keys: dict[int, bytes]):
+        super().__init__(num_nodes, run_config, attacks)
+        self.keys, self.addressed = keys, set()
+
+    def get_nodes(self):
+        from flwr.proto.node_pb2 import NodeInfo
+
+        return [NodeInfo(node_id=n, public_key=self.keys[n]) for n in self.contexts]
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.addressed |= {m.metadata.dst_node_id for m in messages}
+        return super().push_messages(messages)
+
+
+def _speak_as(name: str) -> Attack:
+    """Any reply that carries a site record (training, secure-aggregation stage 0, evaluation) sent under ``name``."""
+    def attack(instruction: Message, honest: Message, rnd: int) -> Message:
+        if honest.has_error() or "site" not in honest.content:
+            return honest
+        content = RecordDict(dict(honest.content.items()))
+        content["site"] = ConfigRecord(site_record(name))
+        reply = Message(content, reply_to=instruction)
+        reply.metadata.__dict__["_src_node_id"] = instruction.metadata.dst_node_id
+        return reply
+
+    return attack
+
+
+@pytest.mark.parametrize("secagg", [False, True])
+def test_names_are_bound_to_the_enrolled_keys_of_the_nodes(tmp_path, secagg):
+    """Deployment binding: [sites] maps each site to its node's public key. Node 1 holds site0's key but answers as
+    site1 before node 2 (site1's key) does; node 3 holds a key nobody enrolled. Node 3 is refused by node id and sent
+    nothing; node 1 is refused by node id; site1 (node 2) and site3 (node 4) are aggregated and pooled."""
+    from server.app import model_spec_enrolment_and_evaluator
+    from server.loop import run_federation
+    from server.names import SiteNames
+
+    scenario = tmp_path / "iid-4.toml"
+    scenario.write_text('name = "iid-4"\nnum_sites = 4\npartition = "iid"\n')
+    cfg = FederatedConfig(num_server_rounds=2, local_epochs=1, data_path="generated:200", scenario=str(scenario),
+                          min_sites=1, server_eval=False, seed=3, out_dir=str(tmp_path / "run"), histogram_bins=20,
+                          secagg=secagg, secagg_clip_norm=0.1, report=False)
+    spec, enrolment, k, _, _, _ = model_spec_enrolment_and_evaluator(cfg)
+    keys = {name: _ec_key() for name in enrolment.sites}
+    enrolment = enrolment.model_copy(update={"sites": {
+        n: f.model_copy(update={"public_key": _openssh(keys[n])}) for n, f in enrolment.sites.items()}})
+    names = SiteNames.from_keys({n: f.public_key for n, f in enrolment.sites.items()})
+    grid = KeyedGrid(4, cfg.to_run_config(), {1: _speak_as("site1")},
+                     {1: _pem(keys["site0"]), 2: _pem(keys["site1"]), 3: _pem(_ec_key()), 4: _pem(keys["site3"])})
+    params, history = run_federation(grid, cfg, spec, enrolment, min_count=k, names=names)
+    assert 3 not in grid.addressed
+    for record in history:
+        assert record["screening"]["site_names"] == "bound to each enrolled site's node public key"
+        assert "not enrolled (its public key matches no enrolled site)" in _named(record, 3)
+        assert "enrolled as 'site0' and now calls itself 'site1'; 'site1' belongs to node 2" in _named(record, 1)
+        assert sorted(record["accepted"]) == ["site1", "site3"] and record["nodes"]["site1"] == 2, record
+        assert sorted(record["pooled_over"]["sites"]) == ["site1", "site3"]
+
+
+def test_a_deployment_without_keys_for_its_sites_is_refused_unless_allowed(tmp_path):
+    """A manifest without [sites], or with a site lacking its node's key, is refused before any round; with
+    allow-unenrolled=true the run goes on with names from first replies, and every round's record says so."""
+    from magnet_core.cohort.manifest import EnrolledSite
+    from magnet_core.protocol.enrolment import Enrolment
+    from server.app import deployment_names
+    from server.config import RunConfigError
+
+    cfg = FederatedConfig(manifest="consortium.toml")
+    with pytest.raises(RunConfigError, match=r"enrols no sites.*allow-unenrolled=true"):
+        deployment_names(cfg, None)
+    partly = Enrolment(sites={"a": EnrolledSite(train=5, test=5, public_key=_openssh(_ec_key())),
+                              "b": EnrolledSite(train=5, test=5)})
+    with pytest.raises(RunConfigError, match=r"\['b'\] have no public key"):
+        deployment_names(cfg, partly)
+    allowed = cfg.model_copy(update={"allow_unenrolled": True})
+    assert deployment_names(allowed, None).binding == "first-contact"
+    keys = tmp_path / "registered_sites.csv"
+    keys.write_text(f"site,public_key\nb,{_openssh(_ec_key())}\n")
+    assert deployment_names(cfg.model_copy(update={"site_keys": str(keys)}), partly).binding == "keys"
+    with pytest.raises(ValueError, match="public_key"):
+        EnrolledSite(train=5, test=5, public_key="ssh-rsa not-a-key")
+
+
 # ---------------------------------------------------------------------------------------------- updates
 
 

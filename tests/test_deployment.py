@@ -311,7 +311,8 @@ def test_deployment_on_loopback(data_root, tmp_path):
 
         out = tmp_path / "run"
         run_config = (f"num-server-rounds=3 local-epochs=10 min-sites=2 preset='brca' straggler-grace=10.0 "
-                      f"round-timeout=100.0 manifest='{manifest}' out-dir='{out}'")
+                      f"round-timeout=100.0 manifest='{manifest}' out-dir='{out}' "
+                      f"site-keys='{pki}/registered_sites.csv'")
         started = _run(["flwr", "run", str(REPO), "consortium", "--run-config", run_config], env)
         assert started.returncode == 0, started.stdout + started.stderr
         run_id = re.search(r"run (\d+)", started.stdout).group(1)
@@ -351,6 +352,7 @@ def test_deployment_on_loopback(data_root, tmp_path):
         secure_out = tmp_path / "run-secure"
         secure_config = (f"num-server-rounds=2 local-epochs=1 min-sites=3 preset='brca' straggler-grace=10.0 "
                          f"round-timeout=100.0 manifest='{manifest}' out-dir='{secure_out}' secagg=true "
+                         f"site-keys='{pki}/registered_sites.csv' "
                          f"dp-clip-norm={DP_CLIP} dp-noise-multiplier={DP_Z}")
         t_secure = time.monotonic()
         secured = _run(["flwr", "run", str(REPO), "consortium", "--run-config", secure_config], env)

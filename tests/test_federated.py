@@ -97,7 +97,7 @@ def test_error_replies_are_reported_as_failures_not_crashes():
         "metrics": MetricRecord({"num-examples": 10, "count-mRNA": 10, "count-miRNA": 5, "loss": 0.5})})
     failed = _reply(_instruction(2, "train"), error="node unavailable")
     failed.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node that went away
-    strategy.destinations = {"instruction-2-train": 2}  # filled by server.loop.collect
+    strategy.destinations = {"instruction-2-train": 2}  # filled by server.collect.collect
     new, _ = strategy.aggregate_train(1, [failed, good])
     np.testing.assert_allclose(to_numpy(new, layout)["attention.att"], 1.01)
     assert strategy.report.accepted == ["site-a"]
@@ -137,7 +137,7 @@ class _ScriptedGrid:
 
 
 def test_collect_waits_for_enough_successful_replies_and_bounds_stragglers():
-    from server.loop import collect
+    from server.collect import collect
 
     def instructions():
         return [_instruction(n, "train") for n in (1, 2, 3)]

@@ -65,7 +65,7 @@ def test_report_of_a_run_with_a_rejected_update_and_a_failed_site(attacked_run):
     history = json.loads((attacked_run / "history.json").read_text())
     reason = history[0]["rejected"]["site1"]
     assert reason.replace("'", "&#39;") in html  # the rejection reason, as recorded
-    assert "site1 · node 2" in html and ">node3</span>" in html  # site and node id of each
+    assert "site1 · node 2" in html and "site2 · node 3" in html  # site and node id of each (names enrolled)
     assert "manifest not found" in html  # the failed site's error
     assert history[0]["config_fingerprint"] in html
     assert html.count("data:image/png;base64,") >= 2  # rounds + site availability figures

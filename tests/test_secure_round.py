@@ -34,7 +34,7 @@ class _Recorder:
 
     def __init__(self, monkeypatch):
         import client.secure as site_side
-        import server.secure as server_side
+        import server.secure_strategy as server_side
 
         self.calls: list[dict] = []
         self.servers: list[SecAggServer] = []

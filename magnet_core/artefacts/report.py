@@ -196,6 +196,7 @@ def load_run(run_dir: str | Path, rebuild_sites: bool = True) -> RunRecords:
     if results is not None and not isinstance(results, dict):
         raise DataError(f"{run_dir / 'results.json'}: expected a JSON object")
     kind, histories, ckpt, notes = _read_histories(run_dir)
+    notes += _unbound_names(histories)
     run_config = _run_config(run_dir, ckpt, histories)
     config: dict[str, dict[str, Any]] = {}
     if results is not None:
@@ -219,6 +220,17 @@ def load_run(run_dir: str | Path, rebuild_sites: bool = True) -> RunRecords:
     else:
         records.site_data_note = "the sites did not report modality availability or class balance in this run"
     return records
+
+
+def _unbound_names(histories: Mapping[str, list[dict]]) -> list[str]:
+    """A warning when site names were not bound to the sites' keys (the coordinator's allow-unenrolled=true: each
+    round's screening records how names were bound, server/names.py)."""
+    rounds = [r.get("round") for h in histories.values() for r in h
+              if str((r.get("screening") or {}).get("site_names", "")).startswith("taken from the first reply")]
+    if not rounds:
+        return []
+    return [f"Site names were taken from each node's first reply, NOT bound to enrolled keys (allow-unenrolled=true), "
+            f"in {len(rounds)} round(s): a node could have answered under another site's name."]
 
 
 def _is_generated(run_config: Mapping[str, Any]) -> bool:

@@ -6,7 +6,16 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from cryptography.hazmat.primitives import serialization
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from magnet_core.cohort.errors import DataError
 from magnet_core.cohort.limits import DEFAULT_INPUT_LIMITS, InputLimits
@@ -46,6 +55,20 @@ class ModalitySpec(BaseModel):
         return self
 
 
+def public_key_der(key: str | bytes) -> bytes:
+    """A public key given as an OpenSSH line or PEM, as DER SubjectPublicKeyInfo (one spelling per key), so that the
+    manifest's key and the key Flower's node authentication registered compare equal. ValueError otherwise."""
+    data = (key.encode() if isinstance(key, str) else bytes(key)).strip()
+    try:
+        loaded = (serialization.load_pem_public_key(data) if data.startswith(b"-----BEGIN")
+                  else serialization.load_ssh_public_key(data))
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ValueError(f"not an OpenSSH or PEM public key ({type(exc).__name__}: {str(exc)[:80]})") from None
+    except Exception as exc:  # noqa: BLE001 - cryptography raises UnsupportedAlgorithm for unknown key types
+        raise ValueError(f"not a usable public key ({type(exc).__name__})") from None
+    return loaded.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 class EnrolledSite(BaseModel):
     """What a site enrolled with (from its validate-site report): upper bounds the coordinator checks replies by."""
 
@@ -54,6 +77,17 @@ class EnrolledSite(BaseModel):
     train: int = Field(ge=0, strict=True, description="training patients (train + validation split)")
     test: int = Field(ge=0, strict=True, description="test patients")
     modalities: dict[str, int] = Field(default_factory=dict, description="training patients holding each modality")
+    public_key: str | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="the public key of the site's node (OpenSSH line or PEM; what `flwr supernode register` was "
+                    "given): the coordinator binds the site's name to the node holding it")
+
+    @field_validator("public_key")
+    @classmethod
+    def _a_public_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            public_key_der(value)
+        return value
 
 
 class ConsortiumManifest(BaseModel):
