@@ -365,8 +365,8 @@ def test_a_site_refuses_a_round_message_of_another_protocol_version():
     from flower_messages import instruction, model_records
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from client.app import CONTRACT_ERROR_CODE
     from client.app import app as client_app
+    from magnet_core.protocol.errors import CONTRACT_ERROR_CODE
     from magnet_core.protocol.keys import CONFIG_KEY
     from magnet_core.protocol.messages import RoundConfig
 
@@ -384,9 +384,9 @@ def test_a_site_refuses_secure_aggregation_and_preparation_messages_of_another_v
     from flower_messages import instruction
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from client.app import CONTRACT_ERROR_CODE
     from client.app import app as client_app
     from client.prepare_app import app as prepare_app
+    from magnet_core.protocol.errors import CONTRACT_ERROR_CODE
     from magnet_core.protocol.keys import CONFIG_KEY, NAME_FIELD, SECAGG_KEY, SITE_KEY
     from magnet_core.protocol.prepare import PrepareRequest
     from magnet_core.protocol.secagg import UnmaskRequest
