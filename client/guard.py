@@ -1,6 +1,8 @@
 """Where a site's policy meets the coordinator's messages: decode what a message asks, check it against the site's
-policy and memory, remember it, answer, and append both to the site's audit log. One call per message:
-``screened(msg, context, answer)``; without a policy in the node config it only calls ``answer``."""
+policy and memory, remember it, answer, and append both to the site's audit log. One call per message, on the site's
+one message path (client/site_path.py): ``screened(msg, context, answer)``; without a policy in the node config it
+only calls ``answer``. In deployment it runs in the site's own worker, whose node config names the policy of the
+worker's command line (client/worker.py), never one the coordinator's bundle chose."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 from flwr.app import Context, Error, Message
 
-from magnet_core.protocol.errors import ContractError
+from magnet_core.protocol.errors import CONTRACT_ERROR_CODE, POLICY_ERROR_CODE, ContractError
 from magnet_core.protocol.keys import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -49,8 +51,6 @@ from .policy import (
 )
 from .site_state import SiteState
 
-POLICY_ERROR_CODE = 4006  # refused by the site's own policy; the reason names the policy file and line
-REQUEST_ERROR_CODE = 4002  # as client.app.CONTRACT_ERROR_CODE: the request could not be read for the policy check
 SECURE_TRAIN = message_type(TRAIN, SECAGG_ACTION)
 SECURE_PREPARE = message_type(QUERY, PREPARE_SECAGG)
 ROUND_KINDS = (TRAIN, EVALUATE, SECURE_TRAIN)
@@ -135,6 +135,22 @@ def _site_name(context: Context) -> str:
     return f"site{node[NODE_PARTITION_ID]}" if NODE_PARTITION_ID in node else f"node{context.node_id}"
 
 
+def refused_before_screening(msg: Message, context: Context, code: int, reason: str, rule: str) -> Message:
+    """The error reply of a request the site refuses before its policy check (``rule`` names the check), appended
+    to the site's audit log when the node config names a policy."""
+    reply = Message(Error(code=code, reason=reason), reply_to=msg)
+    try:
+        policy = policy_of(context.node_config)
+    except (OSError, PolicyError):
+        return reply
+    if policy is not None:
+        config = msg.content.config_records.get(CONFIG_KEY) if msg.has_content() else None
+        append(policy.state_path(), exchange_entry(msg, reply, decision="refused", rule=rule, where=None,
+                                                   site=_site_name(context), consortium=policy.consortium,
+                                                   round_=round_of(config) or None))
+    return reply
+
+
 def screened(msg: Message, context: Context, answer: Callable[[], Message]) -> Message:
     """``answer()`` if the site's policy admits ``msg``, else a refusal naming the policy line; both recorded in
     the site's audit log. Without a policy (node config ``site-policy``) just ``answer()``."""
@@ -151,7 +167,7 @@ def screened(msg: Message, context: Context, answer: Callable[[], Message]) -> M
     try:
         req = decode_request(msg)
     except (ContractError, SecAggError, KeyError, ValueError, TypeError) as exc:
-        reply = Message(Error(code=REQUEST_ERROR_CODE, reason=f"request refused before the site's policy check "
+        reply = Message(Error(code=CONTRACT_ERROR_CODE, reason=f"request refused before the site's policy check "
                                                               f"(it cannot be read): {type(exc).__name__}: {exc}"),
                         reply_to=msg)
         append(folder, exchange_entry(msg, reply, decision="refused", **audit))

@@ -19,7 +19,6 @@ from magnet_core.protocol.keys import (
     NODE_MANIFEST,
     NODE_PARTITION_ID,
     NODE_SITE_NAME,
-    NODE_TEST_POISON,
 )
 from magnet_core.protocol.messages import EvalReply, RoundConfig, TrainReply
 from magnet_core.protocol.wire import Layout, pack, unpack
@@ -81,7 +80,6 @@ def train_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, f
     got, state = received_state(site, cfg, flat, layout)
     new, stats = site.fit(state, get_preset(cfg.preset).train, cfg.local_epochs, cfg.server_round, cfg.seed,
                           proximal_mu=cfg.proximal_mu)
-    new = poison_for_testing(new, node_config)
     loss = stats.get("loss")
     reply = TrainReply(site=site.name, num_examples=site.train.n, modality_counts=site.modality_counts,
                        loss=float(loss) if loss is not None and math.isfinite(loss) else None)
@@ -110,15 +108,3 @@ def site_min_count(node_config: Mapping[str, Any]) -> int:
         return ConsortiumManifest.load(str(node_config[NODE_MANIFEST])).min_count
     return MIN_COUNT_FLOOR
 
-
-def poison_for_testing(state: dict[str, torch.Tensor], node_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """node_config ``test-poison`` = "nan" | "scale": corrupt this site's update, to test the server's defences
-    in deployment tests. Never set it on a real site."""
-    mode = str(node_config.get(NODE_TEST_POISON, ""))
-    if mode == "nan":
-        state = dict(state)
-        name = next(k for k in state if k.startswith("attention"))
-        state[name] = torch.full_like(state[name], float("nan"))
-    elif mode == "scale":
-        state = {k: v * 1e4 if v.is_floating_point() else v for k, v in state.items()}
-    return state

@@ -17,7 +17,6 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 
 from magnet_core.cohort.data import DataError
 from magnet_core.cohort.preprocess import (
@@ -42,25 +41,19 @@ from magnet_core.protocol.keys import (
     PREPARE_APPLY,
     PREPARE_SECAGG,
     PREPARE_STATS,
-    SECAGG_MASK,
-    SECAGG_SHARE,
-    SECAGG_UNMASK,
+    QUERY,
     SITE_KEY,
     STATE_DONE,
     STATE_PREPARE_SUMMED,
     STATS_KEY,
+    message_type,
 )
 from magnet_core.protocol.prepare import PrepareApplied, PrepareRefusal, PrepareRequest, StatsReply, stats_key
 from magnet_core.protocol.secagg import SecAggError, SecAggStart
 
-from .guard import screened
-from .secure import guarded, secagg_mask, secagg_share, secagg_unmask, secure_reply, start_secure_sum
+from .secure import STAGE_HANDLERS, abandoned_on_refusal, secagg_record, secure_reply, start_secure_sum
+from .site_path import Handler, client_app
 
-app = ClientApp()
-# the secure sum's stages 1-3, the very handlers training uses (any vector stored by start_secure_sum)
-app.query(SECAGG_SHARE)(secagg_share)
-app.query(SECAGG_MASK)(secagg_mask)
-app.query(SECAGG_UNMASK)(secagg_unmask)
 REQUIRE_SECAGG = NODE_PREPARE_REQUIRE_SECAGG  # node config: this site answers only a secure preparation
 RELEASED_FIELDS = [f for f in STAT_FIELDS if f not in ("minimum", "maximum")]  # never released: single patients
 
@@ -121,15 +114,9 @@ def released_statistics(site: RawSite, cfg: PrepareConfig, num_classes: int | No
                       for m, r in report.items()}
 
 
-@app.query(PREPARE_STATS)
 def stats(msg: Message, context: Context) -> Message:
     """Per class and feature, over this site's training patients, released only where >= k patients back it:
-    counts, sums and sums of squares (in the clear, or only feature names when they go through a secure sum);
-    behind the site's policy and audit log (client/guard.py)."""
-    return screened(msg, context, lambda: _stats(msg, context))
-
-
-def _stats(msg: Message, context: Context) -> Message:
+    counts, sums and sums of squares (in the clear, or only feature names when they go through a secure sum)."""
     from magnet_core.federation.privacy import release_summary
 
     name = f"node {context.node_id}"
@@ -159,14 +146,12 @@ def _stats(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.query(PREPARE_SECAGG)
 def secure_stats(msg: Message, context: Context) -> Message:
     """Stage 0 of the secure sum of this site's k-released statistics in the consortium's StatsLayout: the vector
     is kept here (masked in query.secagg_mask); the reply holds public keys only."""
+    from magnet_core.federation.secagg import StatsLayout  # torch: only once a secure preparation is asked for
 
-    def body(rec) -> Message:
-        from magnet_core.federation.secagg import StatsLayout
-
+    with abandoned_on_refusal(context):
         if STATE_PREPARE_SUMMED in context.state.config_records:
             raise SecAggError("this site already contributed its statistics to a secure sum in this run: a second "
                               "sum over other sites would reveal this site's statistics by difference")
@@ -175,22 +160,14 @@ def secure_stats(msg: Message, context: Context) -> Message:
         cfg, site = _site(request, spec)
         layout = StatsLayout.from_record(msg.content[LAYOUT_KEY])
         released, _ = released_statistics(site, cfg, layout.num_classes)
-        start = SecAggStart.from_record(rec)
+        start = SecAggStart.from_record(secagg_record(msg))
         advert = start_secure_sum(context, start.setup, start.site_id, layout.encode(released))
         context.state[STATE_PREPARE_SUMMED] = ConfigRecord({STATE_DONE: True})
         return secure_reply(msg, advert, site=site.name)
 
-    return guarded(msg, context, body)
 
-
-@app.query(PREPARE_APPLY)
 def apply(msg: Message, context: Context) -> Message:
-    """Impute, scale and select locally with the consortium's manifest; write the prepared cohort; report counts
-    (behind the site's policy and audit log)."""
-    return screened(msg, context, lambda: _apply(msg, context))
-
-
-def _apply(msg: Message, context: Context) -> Message:
+    """Impute, scale and select locally with the consortium's manifest; write the prepared cohort; report counts."""
     name = f"node {context.node_id}"
     try:
         request = PrepareRequest.decode(msg.content[CONFIG_KEY])
@@ -205,3 +182,12 @@ def _apply(msg: Message, context: Context) -> Message:
         return _refusal(msg, name, exc)
     applied = PrepareApplied(site=name, out_dir=spec.out_dir, report=report)
     return Message(content=RecordDict({SITE_KEY: ConfigRecord(applied.encode())}), reply_to=msg)
+
+
+HANDLERS: dict[str, Handler] = {message_type(QUERY, PREPARE_STATS): stats,
+                                message_type(QUERY, PREPARE_SECAGG): secure_stats,
+                                message_type(QUERY, PREPARE_APPLY): apply,
+                                **STAGE_HANDLERS}  # the secure sum's stages 1-3: the very handlers training uses
+# Every message through the site's one path (client/site_path.py: policy, audit, error replies); answered in this
+# process (preparation reads the raw data folder of the node config; it is not served by the site worker).
+app = client_app(HANDLERS, forward=False)

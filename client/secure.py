@@ -10,27 +10,27 @@
 #   query.secagg_mask     ShareInbox -> "masked" uint64 array (the only form in which the update leaves the site)
 #   query.secagg_unmask   UnmaskRequest -> UnmaskShares; the site's secrets are then deleted from context.state
 # Nothing individual leaves the site in the clear besides its name and public keys: not its patient counts, not
-# its loss (both travel inside the masked vector).
+# its loss (both travel inside the masked vector). In deployment these handlers run in the site's own worker
+# (client/worker.py): context.state is then the worker's memory of the run, never the SuperNode's.
 # With "dp" in the setup record (differential privacy with distributed noise, magnet_core/federation/dp.py) the site
 # clips its update to the clip norm over the blocks it holds, encodes it with uniform weights (1 per block held; no
 # patient counts, no loss) and adds its own noise piece N(0, (z C)^2 / t), t = the setup's threshold, before masking.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from contextlib import contextmanager
+from typing import Iterator, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from magnet_core.protocol.errors import ContractError
 from magnet_core.protocol.keys import (
-    ARRAYS_KEY,
     CONFIG_KEY,
     DEPLOYED_KEYS,
-    LAYOUT_KEY,
     MASKED_KEY,
     NODE_DP_FLOOR,
-    NODE_WORKER_SOCKET,
+    QUERY,
     SECAGG_ACTION,
     SECAGG_KEY,
     SECAGG_MASK,
@@ -42,6 +42,7 @@ from magnet_core.protocol.keys import (
     STATE_VECTOR,
     STATE_VECTOR_ARRAY,
     TRAIN,
+    message_type,
 )
 from magnet_core.protocol.messages import RoundConfig, TrainReply, site_record
 from magnet_core.protocol.secagg import (
@@ -52,11 +53,11 @@ from magnet_core.protocol.secagg import (
     ShareInbox,
     UnmaskRequest,
 )
-from magnet_core.protocol.wire import Layout, flat_of, unpack
+from magnet_core.protocol.wire import Layout, unpack
 
-from .app import CONTRACT_ERROR_CODE, DATA_ERROR_CODE, app, error_reply, received_model
+from .rounds import dp_floor, received_model, site_handlers
+from .site_path import Handler
 
-SECAGG_ERROR_CODE = 4005  # the secure-aggregation exchange cannot go on at this site; the reason says why
 LOSS_SLOTS = 2  # after the UpdateLayout: loss * training patients, training patients with a finite loss
 
 
@@ -108,19 +109,12 @@ def dp_vector(global_params: Mapping[str, np.ndarray], new_params: Mapping[str, 
 
 def _train_locally(msg: Message, context: Context, cfg: RoundConfig, layout: Layout
                    ) -> tuple[dict, dict[str, np.ndarray], dict]:
-    """(site record, new parameters, train metrics) from the site's own training path (worker or in-process); the
-    flat reply is split with the received ``layout`` (which the training path checked against the site's model)."""
-    if NODE_WORKER_SOCKET in context.node_config:  # deployment: the site's persistent worker trains
-        from .worker_link import forward
-
-        metrics, site, new = forward(TRAIN, msg.content[CONFIG_KEY], msg.content[ARRAYS_KEY], context.node_id,
-                                     context.node_config, msg.content[LAYOUT_KEY])
-        return dict(site), unpack(flat_of(new), layout), dict(metrics)
-    from .handlers import site_for, train_site
-
-    site_for(cfg, context.node_config, context.node_id)
-    metrics, site, new = train_site(cfg, context.node_config, context.node_id, *received_model(msg.content))
-    return dict(site), unpack(new, layout), dict(metrics)
+    """(site record, new parameters, train metrics) from the site's own training path; the flat reply is split with
+    the received ``layout`` (which the training path checked against the site's model)."""
+    site = site_handlers()
+    site.site_for(cfg, context.node_config, context.node_id)
+    metrics, name, new = site.train_site(cfg, context.node_config, context.node_id, *received_model(msg.content))
+    return dict(name), unpack(new, layout), dict(metrics)
 
 
 def _stored(context: Context, round_id: str):
@@ -159,8 +153,9 @@ def start_secure_sum(context: Context, setup, site_id: int, vector: np.ndarray) 
     return site.advertise().to_record()
 
 
-def _reply(msg: Message, secagg: dict, arrays: dict[str, np.ndarray] | None = None, site: str | None = None
-           ) -> Message:
+def secure_reply(msg: Message, secagg: dict, arrays: dict[str, np.ndarray] | None = None, site: str | None = None
+                 ) -> Message:
+    """A stage's reply: its secagg record, optionally the site's name and the masked vector."""
     content = RecordDict({SECAGG_KEY: ConfigRecord(secagg)})
     if site is not None:
         content[SITE_KEY] = ConfigRecord(site_record(site))
@@ -169,56 +164,35 @@ def _reply(msg: Message, secagg: dict, arrays: dict[str, np.ndarray] | None = No
     return Message(content=content, reply_to=msg)
 
 
-def _guarded(msg: Message, context: Context, body: Callable[[Mapping[str, Any]], Message]) -> Message:
-    """The site's policy and audit log (client/guard.py), clear error replies for every way a stage can fail at
-    the site, and the site's own message log."""
-    from .guard import screened
-    from .site_log import record
-
-    reply = screened(msg, context, lambda: _answered(msg, context, body))
-    record(msg, reply, context.node_config)
-    return reply
+def secagg_record(msg: Message) -> ConfigRecord:
+    """The stage's secure-aggregation record; ContractError without one."""
+    if SECAGG_KEY not in msg.content.config_records:
+        raise ContractError(f"secure-aggregation message without its {SECAGG_KEY!r} record")
+    return msg.content[SECAGG_KEY]
 
 
-def _answered(msg: Message, context: Context, body: Callable[[Mapping[str, Any]], Message]) -> Message:
-    from magnet_core.cohort.data import DataError
-
-    from .worker_link import WORKER_ERROR_CODE, WorkerFailure
-
+@contextmanager
+def abandoned_on_refusal(context: Context) -> Iterator[None]:
+    """A stage that refuses (SecAggError) drops this site's secure-sum state: the sum cannot go on with it."""
     try:
-        if SECAGG_KEY not in msg.content.config_records:
-            raise ContractError(f"secure-aggregation message without its {SECAGG_KEY!r} record")
-        reply = body(msg.content[SECAGG_KEY])
-    except SecAggError as exc:
+        yield
+    except SecAggError:
         _forget(context)
-        reply = error_reply(msg, SECAGG_ERROR_CODE, f"secure aggregation refused: {exc}")
-    except DataError as exc:
-        reply = error_reply(msg, DATA_ERROR_CODE, f"site data rejected: {exc}")
-    except WorkerFailure as exc:
-        code = {"data": DATA_ERROR_CODE, "contract": CONTRACT_ERROR_CODE}.get(exc.kind, WORKER_ERROR_CODE)
-        reply = error_reply(msg, code, exc.reason)
-    except (ContractError, KeyError, ValueError, TypeError) as exc:
-        reply = error_reply(msg, CONTRACT_ERROR_CODE, f"secure-aggregation message rejected: "
-                                                      f"{type(exc).__name__}: {exc}")
-    return reply
-
-
-guarded, secure_reply = _guarded, _reply  # for other ClientApps' secure-sum stage 0 (client/prepare_app.py)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------- stages
+# Each stage is a handler of the site's one message path (client/site_path.py: policy, audit, error replies).
 
 
-@app.train(SECAGG_ACTION)
 def secagg_train(msg: Message, context: Context) -> Message:
     """Stage 0: local epochs from the global weights, update clipped and encoded and kept here; reply keys."""
-
-    def body(rec: Mapping[str, Any]) -> Message:
+    with abandoned_on_refusal(context):
         _forget(context)
+        start = SecAggStart.from_record(secagg_record(msg), training=True)
         cfg = RoundConfig.decode(msg.content[CONFIG_KEY])
         flat, layout_rec = received_model(msg.content)
         sa = _secagg()
-        start = SecAggStart.from_record(rec, training=True)
         setup, terms = start.setup, start.train
         clip_norm, modality_aware, dp, z = terms.clip_norm, terms.modality_aware, terms.dp, terms.dp_noise_multiplier
         received = Layout.from_record(layout_rec)
@@ -228,7 +202,7 @@ def secagg_train(msg: Message, context: Context) -> Message:
         if setup.vector_length != expected:
             raise SecAggError(f"the setup's vector length {setup.vector_length} does not fit the model "
                               f"({expected})")
-        floor = float(context.node_config.get(NODE_DP_FLOOR, 0.0))
+        floor = dp_floor(context)
         if floor > 0 and not (dp and z >= floor):  # checked before any work: the site's own privacy floor
             raise SecAggError(f"this site requires differential privacy with noise multiplier >= {floor} "
                               f"({NODE_DP_FLOOR} in its node config); the round asks for "
@@ -247,33 +221,25 @@ def secagg_train(msg: Message, context: Context) -> Message:
         else:
             vec, _, _ = site_vector(global_params, new, reply.num_examples, reply.modality_counts, reply.loss,
                                     clip_norm, modality_aware)
-        return _reply(msg, start_secure_sum(context, setup, start.site_id, vec), site=reply.site)
-
-    return _guarded(msg, context, body)
+        return secure_reply(msg, start_secure_sum(context, setup, start.site_id, vec), site=reply.site)
 
 
-# The three handlers below work for any vector stored by start_secure_sum; the preparation ClientApp registers them
+# The three handlers below work for any vector stored by start_secure_sum; the preparation ClientApp answers them
 # too (client/prepare_app.py).
-@app.query(SECAGG_SHARE)
 def secagg_share(msg: Message, context: Context) -> Message:
-    """Stage 2: Shamir shares of this site's secrets, encrypted for each other site."""
-
-    def body(rec: Mapping[str, Any]) -> Message:
-        book = KeyBook.from_record(rec)
+    """Stage 1: Shamir shares of this site's secrets, encrypted for each other site."""
+    with abandoned_on_refusal(context):
+        book = KeyBook.from_record(secagg_record(msg))
         site = _stored(context, book.round_id)
         bundle = site.share(book)
         _store(context, site)
-        return _reply(msg, bundle.to_record())
-
-    return _guarded(msg, context, body)
+        return secure_reply(msg, bundle.to_record())
 
 
-@app.query(SECAGG_MASK)
 def secagg_mask(msg: Message, context: Context) -> Message:
-    """Stage 3: the masked vector; the plain one is deleted here."""
-
-    def body(rec: Mapping[str, Any]) -> Message:
-        inbox = ShareInbox.from_record(rec)
+    """Stage 2: the masked vector; the plain one is deleted here."""
+    with abandoned_on_refusal(context):
+        inbox = ShareInbox.from_record(secagg_record(msg))
         site = _stored(context, inbox.round_id)
         if STATE_VECTOR not in context.state:
             raise SecAggError("this site holds no update to mask in this round")
@@ -281,20 +247,20 @@ def secagg_mask(msg: Message, context: Context) -> Message:
         masked = site.mask(inbox, vec)
         _store(context, site)
         del context.state[STATE_VECTOR]
-        return _reply(msg, masked.to_record(), arrays={MASKED_KEY: masked.masked})
-
-    return _guarded(msg, context, body)
+        return secure_reply(msg, masked.to_record(), arrays={MASKED_KEY: masked.masked})
 
 
-@app.query(SECAGG_UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """Stage 4: shares that remove the masks of the survivors' sum (never both secrets of one site)."""
-
-    def body(rec: Mapping[str, Any]) -> Message:
-        request = UnmaskRequest.from_record(rec)
+    """Stage 3: shares that remove the masks of the survivors' sum (never both secrets of one site)."""
+    with abandoned_on_refusal(context):
+        request = UnmaskRequest.from_record(secagg_record(msg))
         site = _stored(context, request.round_id)
         shares = site.unmask(request)
         _forget(context)  # this round's secrets are no longer needed
-        return _reply(msg, shares.to_record())
+        return secure_reply(msg, shares.to_record())
 
-    return _guarded(msg, context, body)
+
+STAGE_HANDLERS: dict[str, Handler] = {message_type(QUERY, SECAGG_SHARE): secagg_share,
+                                      message_type(QUERY, SECAGG_MASK): secagg_mask,
+                                      message_type(QUERY, SECAGG_UNMASK): secagg_unmask}
+HANDLERS: dict[str, Handler] = {message_type(TRAIN, SECAGG_ACTION): secagg_train, **STAGE_HANDLERS}

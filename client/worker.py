@@ -1,12 +1,14 @@
-"""``magnet-fl site-worker``: a site's long-lived process that keeps its data, graphs and libraries loaded and
-answers the per-message ClientApp over a Unix socket that only this user can open."""
+"""``magnet-fl site-worker``: the site's own long-lived process, installed and started by the hospital. It alone
+reads the site's data, keys and state: it keeps the data, graphs and libraries loaded and answers every message the
+per-message ClientApp (the coordinator's bundle) forwards over a Unix socket that only this user can open, as an
+untrusted request checked against the contract and the site's policy (``--policy``, the worker's own command line),
+audited in the site's audit log."""
 
 from __future__ import annotations
 
 import argparse
 import fcntl
 import hashlib
-import io
 import logging
 import os
 import signal
@@ -15,39 +17,39 @@ import stat
 import struct
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.common.serde import message_from_proto, recorddict_to_proto
+from flwr.proto.message_pb2 import Message as MessageProto
+from google.protobuf.message import DecodeError
 
-from magnet_core.protocol.errors import ContractError
-from magnet_core.protocol.keys import (
-    CONFIG_KEY,
-    EVALUATE,
-    LAYOUT_KEY,
-    METRICS_KEY,
-    NODE_DATA_DIR,
-    NODE_MANIFEST,
-    NODE_SITE_NAME,
-    SITE_KEY,
-    TRAIN,
+from magnet_core.artefacts.processes import process_alive
+from magnet_core.protocol.errors import CONTRACT_ERROR_CODE, WORKER_ERROR_CODE, ContractError
+from magnet_core.protocol.keys import CONFIG_KEY, NODE_DATA_DIR, NODE_MANIFEST, NODE_SITE_NAME
+from magnet_core.protocol.messages import round_of
+from magnet_core.protocol.worker import (
+    CONTENT_PAYLOAD,
+    MESSAGE_PAYLOAD,
+    PING,
+    WorkerAnswer,
+    WorkerRequest,
+    WorkerStatus,
 )
-from magnet_core.protocol.version import check_version
 
-from .worker_link import MAX_PAYLOAD_BYTES, Blob, FrameError, check_private_dir, encode_frame, flat_record, recv_frame
+from .guard import refused_before_screening
+from .policy import POLICY_KEY, load_policy
+from .site_handlers import HANDLERS
+from .site_path import serve
+from .worker_link import MAX_PAYLOAD_BYTES, FrameError, check_private_dir, encode_frame, recv_frame
 
 log = logging.getLogger("magnet_fl.site_worker")
 LOG_FORMAT = "%(asctime)s %(levelname)s site-worker[%(process)d]: %(message)s"
 MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
 REQUEST_TIMEOUT = 30.0  # seconds a client may take to send its request / read the answer
-
-
-class RequestError(Exception):
-    """A request the worker answers with an error: ``kind`` is "request", "contract", "data" or "worker"."""
-
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
-        self.kind, self.reason = kind, reason
+MAX_RUNS = 8  # runs whose state (secure-aggregation secrets between stages) the worker keeps in memory
 
 
 # ------------------------------------------------------------------------------------------------ the socket
@@ -147,54 +149,65 @@ def fingerprint(data: Path, manifest: Path) -> str:
 # ------------------------------------------------------------------------------------------------ the worker
 
 
-def _array(blob: Blob) -> np.ndarray:
-    """A received .npy array, exactly as Flower's Array.numpy() builds it."""
-    try:
-        arr = np.load(io.BytesIO(blob.data), allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - any broken bytes are the sender's error
-        raise RequestError("contract", f"round message rejected: array {blob.name!r} is not a valid .npy array "
-                                       f"({type(exc).__name__}: {exc})") from None
-    if not isinstance(arr, np.ndarray) or str(arr.dtype) != blob.dtype or tuple(arr.shape) != blob.shape:
-        raise RequestError("contract", f"round message rejected: array {blob.name!r} does not match its declared "
-                                       f"dtype {blob.dtype} and shape {list(blob.shape)}")
-    return arr
-
-
-def _blob(name: str, arr: np.ndarray) -> Blob:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return Blob(name, str(arr.dtype), tuple(arr.shape), buf.getvalue())
+class NodeConfigRefused(Exception):
+    """A request whose node config names another folder, manifest, site name or policy than this worker's own."""
 
 
 class SiteWorker:
-    """One site's data folder and manifest, served for many messages; the site (cohort, graphs, model) is built
-    by client.handlers on the first message of each (seed, preset) and rebuilt when the data change."""
+    """One site's data folder, manifest and policy, served for many messages. Every message takes the site's one
+    path (client/site_path.py ``serve``) in this process: the policy check, the privacy accountant and the audit log
+    run here, under the policy of the worker's own command line; the secure-aggregation state of each run is kept
+    here, in this process's memory. The site (cohort, graphs, model) is built by client.handlers on the first
+    message of each (seed, preset) and rebuilt when the data change."""
 
-    def __init__(self, data: Path, manifest: Path, site_name: str = "", max_payload: int = MAX_PAYLOAD_BYTES):
+    def __init__(self, data: Path, manifest: Path, site_name: str = "", policy: Path | None = None,
+                 max_payload: int = MAX_PAYLOAD_BYTES, max_runs: int = MAX_RUNS):
         self.data, self.manifest = Path(data).resolve(), Path(manifest).resolve()
-        self.site_name, self.max_payload = site_name, max_payload
+        self.policy = None if policy is None else Path(policy).resolve()
+        self.site_name, self.max_payload, self.max_runs = site_name, max_payload, max_runs
         self.fingerprint = fingerprint(self.data, self.manifest)
         self.requests = 0
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.states: OrderedDict[int, RecordDict] = OrderedDict()  # run id -> the site's state for that run
 
     # -- requests
 
-    def node_config(self, given: Any) -> dict:
-        """The SuperNode's node config, with this worker's folder and manifest (which it must agree with)."""
-        if not isinstance(given, dict):
-            raise RequestError("request", "'node_config' must be an object")
-        for key, own in ((NODE_DATA_DIR, self.data), (NODE_MANIFEST, self.manifest)):
-            if key in given and Path(str(given[key])).resolve() != own:
-                raise RequestError("worker", f"the SuperNode's node config {key}={given[key]!r} is not the "
-                                             f"{'folder' if key == NODE_DATA_DIR else 'manifest'} this site worker "
-                                             f"serves ({own}); start the worker on the same --data and --manifest")
-        if self.site_name and given.get(NODE_SITE_NAME, self.site_name) != self.site_name:
-            raise RequestError("worker", f"the SuperNode's site-name {given[NODE_SITE_NAME]!r} is not the worker's "
-                                         f"--site-name {self.site_name!r}")
-        out = {**given, NODE_DATA_DIR: str(self.data), NODE_MANIFEST: str(self.manifest)}
+    def own(self) -> dict[str, str]:
+        """The node config keys this worker holds itself (its command line), never the request's."""
+        out = {NODE_DATA_DIR: str(self.data), NODE_MANIFEST: str(self.manifest)}
         if self.site_name:
             out[NODE_SITE_NAME] = self.site_name
+        if self.policy is not None:
+            out[POLICY_KEY] = str(self.policy)
         return out
+
+    def node_config(self, given: Mapping[str, Any]) -> dict:
+        """The request's node config with this worker's own folder, manifest, site name and policy. A request that
+        names others is refused: NodeConfigRefused (the bundle cannot choose the site's data or its policy)."""
+        for key, own in ((NODE_DATA_DIR, self.data), (NODE_MANIFEST, self.manifest)):
+            if key in given and Path(str(given[key])).resolve() != own:
+                raise NodeConfigRefused(f"the SuperNode's node config {key}={str(given[key])!r} is not the "
+                                        f"{'folder' if key == NODE_DATA_DIR else 'manifest'} this site worker "
+                                        f"serves ({own}); start the worker on the same --data and --manifest")
+        if self.site_name and given.get(NODE_SITE_NAME, self.site_name) != self.site_name:
+            raise NodeConfigRefused(f"the SuperNode's site-name {given[NODE_SITE_NAME]!r} is not the worker's "
+                                    f"--site-name {self.site_name!r}")
+        if POLICY_KEY in given and (self.policy is None or Path(str(given[POLICY_KEY])).resolve() != self.policy):
+            mine = f"the policy {self.policy}" if self.policy else "no policy"
+            raise NodeConfigRefused(f"the request names the site policy {str(given[POLICY_KEY])!r}; this site "
+                                    f"worker enforces {mine} (its --policy): a site's policy is given to its "
+                                    f"worker, never chosen by the request")
+        return {**given, **self.own()}
+
+    def context(self, run_id: int, node_id: int, node_config: dict) -> Context:
+        """The site's context for a message of run ``run_id``: its state is this worker's memory of that run (the
+        last ``max_runs`` runs are kept)."""
+        state = self.states.pop(run_id, None)
+        self.states[run_id] = RecordDict() if state is None else state
+        while len(self.states) > self.max_runs:
+            self.states.popitem(last=False)
+        return Context(run_id=run_id, node_id=node_id, node_config=node_config, state=self.states[run_id],
+                       run_config={})
 
     def refresh(self) -> None:
         """Forget the built site when the data folder or the manifest changed since the last message."""
@@ -207,83 +220,43 @@ class SiteWorker:
             forget_sites()
             self.fingerprint = now
 
-    def status(self) -> dict:
-        return {"ok": True, "pid": os.getpid(), "data": str(self.data), "manifest": str(self.manifest),
-                "site": self.site_name, "fingerprint": self.fingerprint, "requests": self.requests,
-                "started": self.started}
+    def status(self) -> WorkerStatus:
+        return WorkerStatus(pid=os.getpid(), data=str(self.data), manifest=str(self.manifest), site=self.site_name,
+                            policy=None if self.policy is None else str(self.policy), fingerprint=self.fingerprint,
+                            requests=self.requests, started=self.started)
 
-    def answer(self, header: dict, blobs: list[Blob]) -> tuple[dict, list[Blob]]:
-        """The reply to one request; never raises (an error becomes an error answer)."""
-        kind = header.get("kind")
+    def answer(self, request: WorkerRequest, payloads: Mapping[str, bytes]) -> tuple[WorkerAnswer, dict[str, bytes]]:
+        """The answer to one request; never raises (an error becomes an error answer)."""
+        if request.kind == PING:
+            return WorkerAnswer(ok=True, status=self.status()), {}
         try:
-            check_version(header, "request to the site worker")
+            msg = decode_message(payloads.get(MESSAGE_PAYLOAD))
         except ContractError as exc:
-            log.warning("%s request refused: %s", str(kind)[:40], exc)
-            return {"ok": False, "error": "request", "reason": f"{exc}; restart the site worker with the "
-                                                              f"SuperNode's magnet-fl"}, []
-        if kind == "ping":
-            return self.status(), []
-        t0 = time.monotonic()
-        what = f"{str(kind)[:40]} message"
+            log.warning("request refused: %s", exc)
+            return WorkerAnswer(ok=False, code=CONTRACT_ERROR_CODE, reason=str(exc)), {}
+        t0, kind = time.monotonic(), msg.metadata.message_type[:64]
+        config = msg.content.config_records.get(CONFIG_KEY) if msg.has_content() else None
+        what = (f"{kind} message (run {msg.metadata.run_id}, round {round_of(config)}, node {request.node_id})")
         try:
-            if kind not in (TRAIN, EVALUATE):
-                raise RequestError("request", f"unknown request kind {str(kind)[:40]!r} (train, evaluate or ping)")
-            out, what = self._run(kind, header, blobs)
-        except RequestError as exc:
-            log.warning("%s -> %s error: %s", what, exc.kind, exc.reason.splitlines()[0])
-            return {"ok": False, "error": exc.kind, "reason": exc.reason}, []
+            try:
+                node_config = self.node_config(request.node_config)
+            except NodeConfigRefused as exc:
+                ctx = self.context(int(msg.metadata.run_id), request.node_id, {**request.node_config, **self.own()})
+                reply = refused_before_screening(msg, ctx, WORKER_ERROR_CODE, str(exc), "site-worker.node_config")
+            else:
+                self.refresh()
+                reply = serve(msg, self.context(int(msg.metadata.run_id), request.node_id, node_config), HANDLERS)
         except Exception as exc:  # noqa: BLE001 - the worker outlives any one message
             log.exception("%s failed", what)
-            return {"ok": False, "error": "worker",
-                    "reason": f"site worker failed on this message ({type(exc).__name__}: {exc})"}, []
+            return WorkerAnswer(ok=False, code=WORKER_ERROR_CODE,
+                                reason=f"site worker failed on this message ({type(exc).__name__}: {exc})"), {}
         self.requests += 1
+        if reply.has_error():
+            log.warning("%s -> error %s in %.2f s: %s", what, reply.error.code, time.monotonic() - t0,
+                        reply.error.reason.splitlines()[0] if reply.error.reason else "")
+            return WorkerAnswer(ok=False, code=int(reply.error.code), reason=str(reply.error.reason)), {}
         log.info("%s answered in %.2f s", what, time.monotonic() - t0)
-        return out
-
-    def _run(self, kind: str, header: dict, blobs: list[Blob]) -> tuple[tuple[dict, list[Blob]], str]:
-        from magnet_core.cohort.data import DataError
-        from magnet_core.protocol.messages import RoundConfig
-        from magnet_core.protocol.wire import MODEL_KEY, check_model_keys
-
-        from .handlers import evaluate_site, site_for, train_site
-
-        config, node_id = header.get(CONFIG_KEY), header.get("node_id")
-        if not isinstance(config, dict):
-            raise RequestError("request", "'config' must be an object")
-        if not isinstance(node_id, int) or isinstance(node_id, bool):
-            raise RequestError("request", "'node_id' must be an integer")
-        try:
-            cfg = RoundConfig.decode(config)
-        except ContractError as exc:
-            raise RequestError("contract", f"round config rejected: {exc}") from None
-        what = f"{kind} message (round {cfg.server_round}, seed {cfg.seed}, node {node_id})"
-        node_config = self.node_config(header.get("node_config", {}))
-        self.refresh()
-        try:
-            site_for(cfg, node_config, node_id)  # loads and validates the site's data once (per seed, preset)
-            if not header.get("has_arrays"):
-                raise RequestError("contract", "round message rejected: no model weights ('arrays')")
-            layout = header.get(LAYOUT_KEY)
-            if not isinstance(layout, dict):
-                raise RequestError("contract", f"round message rejected: no model layout ({LAYOUT_KEY!r})")
-            check_model_keys([b.name for b in blobs])
-            flat = _array(blobs[0])
-            if kind == TRAIN:
-                metrics, site, new = train_site(cfg, node_config, node_id, flat, layout)
-                out = [_blob(MODEL_KEY, new)]
-            else:
-                metrics, site = evaluate_site(cfg, node_config, node_id, flat, layout)
-                out = []
-        except DataError as exc:
-            raise RequestError("data", f"site data rejected: {exc}") from None
-        except ContractError as exc:
-            raise RequestError("contract", f"round message rejected: {exc}") from None
-        try:
-            answer = {"ok": True, METRICS_KEY: flat_record(metrics, "metrics"), SITE_KEY: flat_record(site, "site"),
-                      "has_arrays": kind == TRAIN}
-        except FrameError as exc:
-            raise RequestError("worker", f"site worker cannot send its reply: {exc}") from None
-        return (answer, out), what
+        return WorkerAnswer(ok=True), {CONTENT_PAYLOAD: recorddict_to_proto(reply.content).SerializeToString()}
 
     # -- serving
 
@@ -295,22 +268,28 @@ class SiteWorker:
                         os.getuid())
             return
         conn.settimeout(timeout)
+        out: dict[str, bytes] = {}
         try:
-            header, blobs = recv_frame(conn, self.max_payload)
+            request, payloads = recv_frame(conn, WorkerRequest, "request to the site worker", self.max_payload)
         except FrameError as exc:
             log.warning("malformed request: %s", exc)
-            reply, out = {"ok": False, "error": "request", "reason": f"malformed request to the site worker: {exc}"}, []
+            reply = WorkerAnswer(ok=False, code=WORKER_ERROR_CODE, reason=f"malformed request to the site worker: "
+                                                                          f"{exc}")
+        except ContractError as exc:  # another protocol version, or a header of the wrong shape
+            log.warning("request refused: %s", exc)
+            reply = WorkerAnswer(ok=False, code=WORKER_ERROR_CODE,
+                                 reason=f"{exc}; run the SuperNode and the site worker on the same magnet-fl")
         except (socket.timeout, OSError) as exc:
             log.warning("request not received: %s", exc or type(exc).__name__)
             return
         else:
-            reply, out = self.answer(header, blobs)
+            reply, out = self.answer(request, payloads)
         try:
             frame = encode_frame(reply, out)
         except (FrameError, ValueError) as exc:
             log.error("cannot encode the answer: %s", exc)
-            frame = encode_frame({"ok": False, "error": "worker", "reason": f"site worker cannot encode its "
-                                                                             f"answer: {exc}"})
+            frame = encode_frame(WorkerAnswer(ok=False, code=WORKER_ERROR_CODE,
+                                              reason=f"site worker cannot encode its answer: {exc}"))
         try:
             conn.settimeout(timeout)
             conn.sendall(frame)
@@ -334,6 +313,22 @@ class SiteWorker:
                 self.serve_one(conn)
 
 
+def decode_message(data: bytes | None) -> Message:
+    """The Flower message a request carries (Flower's protobuf); ContractError when absent or unreadable."""
+    if data is None:
+        raise ContractError(f"the request carries no message (payload {MESSAGE_PAYLOAD!r})")
+    proto = MessageProto()
+    try:
+        proto.ParseFromString(data)
+        msg = message_from_proto(proto)
+    except (DecodeError, ValueError, TypeError, KeyError) as exc:
+        raise ContractError(f"the request's message is not a Flower message ({type(exc).__name__}: {exc})") \
+            from None
+    if msg.has_error():
+        raise ContractError("the request's message is an error message, not a request")
+    return msg
+
+
 # ------------------------------------------------------------------------------------------------ command line
 
 
@@ -343,6 +338,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="the site's prepared data folder")
     p.add_argument("--manifest", type=Path, required=True, help="the consortium manifest (TOML)")
     p.add_argument("--site-name", default="", help="the site's name (default: the SuperNode's node config)")
+    p.add_argument("--policy", type=Path, default=None,
+                   help="the site's policy file (`magnet-fl site policy init`): every message is checked against "
+                        "it and recorded in the site's audit log, here; a request that names another is refused")
     p.add_argument("--exit-with", type=int, default=None, metavar="PID",
                    help="exit when this process (e.g. the SuperNode) is gone")
     p.add_argument("--takeover-wait", type=float, default=5.0, metavar="SECONDS",
@@ -361,16 +359,6 @@ def setup_logging(log_file: Path | None) -> None:
         log.addHandler(h)
     log.setLevel(logging.INFO)
     log.propagate = False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -394,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     def stop() -> bool:
-        if args.exit_with is not None and not _alive(args.exit_with) and not stopping:
+        if args.exit_with is not None and not process_alive(args.exit_with) and not stopping:
             stopping.append(f"process {args.exit_with} exited")
         return bool(stopping)
 
@@ -406,13 +394,19 @@ def run(args: argparse.Namespace) -> int:
 
         from . import handlers  # noqa: F401 - imports magnet_core.model.site, torch_geometric
 
+        policy = None
+        if args.policy is not None:  # a policy the worker cannot read stops it here, not at the first message
+            policy = args.policy.resolve()
+            loaded = load_policy(policy)
+            log.info("enforcing the site policy %s (consortium %r, state folder %s)", policy, loaded.consortium,
+                     loaded.state_path())
         report, _ = validate_site(data, ConsortiumManifest.load(manifest))
         if not report.ok:
             for e in report.errors:
                 log.error("site data: %s", e)
             log.error("site data in %s failed validation; the worker does not start", data)
             return 1
-        worker = SiteWorker(data, manifest, args.site_name, args.max_message_mb << 20)
+        worker = SiteWorker(data, manifest, args.site_name, policy, args.max_message_mb << 20)
         log.info("serving %s on %s (pid %d, torch %s, %d thread(s), data fingerprint %s; ready after %.1f s)",
                  data, path, os.getpid(), torch.__version__, torch.get_num_threads(), worker.fingerprint,
                  time.monotonic() - t0)

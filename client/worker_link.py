@@ -1,51 +1,60 @@
-"""The persistent site worker's wire format and the ClientApp's side of it: forward one message over a Unix socket.
+"""The site worker link: its frames, and the ClientApp's side of it (forward one whole message over a Unix socket).
 
-No torch here: the per-message ClientApp process imports only flwr, numpy and this module. A frame is
-``MAGIC`` + 4-byte big-endian header length + a JSON header + the raw bytes of each array (numpy ``.npy`` bytes, as
-Flower's ``Array.data`` already holds them; read back with ``np.load(allow_pickle=False)``). No pickle anywhere.
-Every header carries the protocol version (magnet_core.protocol.keys.PROTOCOL_VERSION): the worker refuses a
-request of another version, the ClientApp an answer of another version.
+In deployment the ClientApp (the coordinator's bundle) reads nothing of the site: it hands every message, as Flower
+serialised it, to the site's own persistent worker (client/worker.py, installed and started by the hospital), which
+decodes it, checks it against the contract and the site's policy, answers and audits it, and sends back the reply.
+No torch here: the per-message ClientApp process imports only flwr and this module.
+
+A frame is ``MAGIC`` + 4-byte big-endian header length + a JSON header (magnet_core.protocol.worker: a typed
+WorkerRequest / WorkerAnswer, carrying the protocol version) + its payloads' bytes (Flower's protobuf; no pickle
+anywhere). The worker refuses a request of another version, the ClientApp an answer of another version.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import stat
 import struct
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, TypeVar
 
-from magnet_core.protocol.errors import ContractError
+from flwr.app import Context, Error, Message
+from flwr.common.serde import message_to_proto, recorddict_from_proto
+from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
+from google.protobuf.message import DecodeError
+
+from magnet_core.protocol.errors import WORKER_ERROR_CODE, ContractError
 from magnet_core.protocol.keys import (
-    CONFIG_KEY,
-    LAYOUT_KEY,
-    METRICS_KEY,
     NODE_WORKER_CONNECT_TIMEOUT,
     NODE_WORKER_SOCKET,
     NODE_WORKER_TIMEOUT,
-    PROTOCOL_VERSION,
-    SITE_KEY,
-    VERSION_KEY,
     WORKER_LINK_KEYS,
 )
-from magnet_core.protocol.version import check_version
+from magnet_core.protocol.worker import (
+    CONTENT_PAYLOAD,
+    MESSAGE,
+    MESSAGE_PAYLOAD,
+    PING,
+    Frame,
+    Payload,
+    WorkerAnswer,
+    WorkerRequest,
+    WorkerStatus,
+    read_header,
+)
 
-MAGIC = b"MFLW\x01"  # the frame layout; what the header means is versioned by its PROTOCOL_VERSION
-MAX_HEADER_BYTES = 1 << 20  # 1 MiB of JSON: configs, metrics (histograms: a few thousand numbers) and array names
-MAX_ARRAYS = 10_000  # arrays in one message
-MAX_PAYLOAD_BYTES = 1 << 31  # 2 GiB of array bytes per message (a MAGNET model is a few MB)
-NPY = "numpy.ndarray"  # Flower's serialisation type of an Array holding .npy bytes
-WORKER_ERROR_CODE = 4003  # the site worker is unreachable, timed out, or failed; the reason says which
+MAGIC = b"MFLW\x02"  # the frame layout; what the header means is versioned by its PROTOCOL_VERSION
+MAX_HEADER_BYTES = 1 << 20  # 1 MiB of JSON: the node config, an error reason, the payloads' sizes
+MAX_PAYLOAD_BYTES = 1 << 31  # 2 GiB of payload per frame (a MAGNET model is a few MB)
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds to reach the worker (node config ``worker-connect-timeout``)
 DEFAULT_TIMEOUT = 600.0  # seconds the worker may take to answer one message (node config ``worker-timeout``)
-SOCKET_KEYS = WORKER_LINK_KEYS  # node config keys of this link (not forwarded to the worker)
+ANSWER = "the site worker's answer"
+F = TypeVar("F", bound=Frame)
 
 log = logging.getLogger("magnet_fl.worker_link")
 if not log.handlers:  # the ClientApp's process writes to the SuperNode's output; every line carries its time
@@ -61,42 +70,25 @@ class FrameError(ValueError):
 
 
 class WorkerFailure(Exception):
-    """The worker could not answer (``kind`` "worker") or answered an error (``kind`` "data" / "contract" /
-    "request" / "worker"); ``reason`` is the text for the error reply."""
+    """The ClientApp could not get an answer from the site worker (unreachable, timed out, broken or foreign
+    answer); ``reason`` is the text of the error reply (code WORKER_ERROR_CODE)."""
 
-    def __init__(self, kind: str, reason: str):
+    def __init__(self, reason: str):
         super().__init__(reason)
-        self.kind, self.reason = kind, reason
-
-
-@dataclass(frozen=True)
-class Blob:
-    """One array on the wire: its name, Flower's dtype/shape/stype, and its .npy bytes."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes
-    stype: str = NPY
-
-    def meta(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "stype": self.stype,
-                "nbytes": len(self.data)}
+        self.reason = reason
 
 
 # ------------------------------------------------------------------------------------------------ framing
 
 
-def encode_frame(header: Mapping[str, Any], blobs: Sequence[Blob] = ()) -> bytes:
-    """One frame: the header gets the protocol version and the arrays' metadata under ``"arrays"``; JSON only (no
-    NaN/inf in headers)."""
-    head = dict(header)
-    head[VERSION_KEY] = PROTOCOL_VERSION
-    head["arrays"] = [b.meta() for b in blobs]
-    text = json.dumps(head, allow_nan=False, separators=(",", ":")).encode()
+def encode_frame(header: Frame, payloads: Mapping[str, bytes] | None = None) -> bytes:
+    """One frame: ``header`` with ``payloads`` announced in it (name, size), as JSON, then the payloads' bytes."""
+    payloads = dict(payloads or {})
+    head = header.model_copy(update={"payloads": tuple(Payload(name=n, nbytes=len(b)) for n, b in payloads.items())})
+    text = json.dumps(head.model_dump(mode="json"), allow_nan=False, separators=(",", ":")).encode()
     if len(text) > MAX_HEADER_BYTES:
         raise FrameError(f"header of {len(text)} bytes exceeds {MAX_HEADER_BYTES}")
-    return b"".join([MAGIC, struct.pack(">I", len(text)), text, *(b.data for b in blobs)])
+    return b"".join([MAGIC, struct.pack(">I", len(text)), text, *payloads.values()])
 
 
 def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
@@ -110,24 +102,11 @@ def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-def _check_meta(meta: Any, i: int) -> tuple[str, str, tuple[int, ...], str, int]:
-    if not isinstance(meta, dict) or set(meta) != {"name", "dtype", "shape", "stype", "nbytes"}:
-        raise FrameError(f"array {i}: metadata must have exactly name, dtype, shape, stype, nbytes")
-    name, dtype, shape, stype, nbytes = (meta[k] for k in ("name", "dtype", "shape", "stype", "nbytes"))
-    if not isinstance(name, str) or not 0 < len(name) <= 512:
-        raise FrameError(f"array {i}: name must be a non-empty string of at most 512 characters")
-    if not isinstance(dtype, str) or not 0 < len(dtype) <= 32 or stype != NPY:
-        raise FrameError(f"array {name!r}: dtype must be a short string and stype {NPY!r}")
-    if not isinstance(shape, list) or len(shape) > 32 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise FrameError(f"array {name!r}: shape must be a list of at most 32 non-negative integers")
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-        raise FrameError(f"array {name!r}: nbytes must be a non-negative integer")
-    return name, dtype, tuple(shape), stype, nbytes
-
-
-def recv_frame(sock: socket.socket, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[dict, list[Blob]]:
-    """Read one frame; sizes are checked before anything is allocated. Raises FrameError."""
+def recv_frame(sock: socket.socket, cls: type[F], what: str, max_payload: int = MAX_PAYLOAD_BYTES
+               ) -> tuple[F, dict[str, bytes]]:
+    """Read one frame whose header is a ``cls``: (header, payload name -> bytes); sizes are checked before anything
+    is allocated. FrameError for a broken frame, ContractError (ProtocolVersionError) for a header of another
+    version or shape."""
     prefix = _recv_exact(sock, len(MAGIC) + 4, "frame prefix")
     if prefix[:len(MAGIC)] != MAGIC:
         raise FrameError("not a magnet-fl worker frame (bad magic bytes)")
@@ -135,37 +114,19 @@ def recv_frame(sock: socket.socket, max_payload: int = MAX_PAYLOAD_BYTES) -> tup
     if size > MAX_HEADER_BYTES:
         raise FrameError(f"header of {size} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(_recv_exact(sock, size, "header").decode())
+        raw = json.loads(_recv_exact(sock, size, "header").decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FrameError(f"header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
+    if not isinstance(raw, dict):
         raise FrameError("header must be a JSON object")
-    metas = header.pop("arrays", [])
-    if not isinstance(metas, list) or len(metas) > MAX_ARRAYS:
-        raise FrameError(f"'arrays' must be a list of at most {MAX_ARRAYS} entries")
-    checked = [_check_meta(m, i) for i, m in enumerate(metas)]
-    total = sum(c[4] for c in checked)
+    header = read_header(cls, raw, what)
+    total = sum(p.nbytes for p in header.payloads)
     if total > max_payload:
-        raise FrameError(f"arrays total {total} bytes, more than the limit of {max_payload}")
-    names = [c[0] for c in checked]
+        raise FrameError(f"payloads total {total} bytes, more than the limit of {max_payload}")
+    names = [p.name for p in header.payloads]
     if len(set(names)) != len(names):
-        raise FrameError("array names repeat")
-    blobs = [Blob(name, dtype, shape, _recv_exact(sock, nbytes, f"array {name!r}"), stype)
-             for name, dtype, shape, stype, nbytes in checked]
-    return header, blobs
-
-
-def flat_record(record: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """A Flower config/metric record's items as JSON-safe values (str keys; scalars or lists of scalars)."""
-    out = {}
-    for k, v in record.items():
-        items = v if isinstance(v, list) else [v]
-        if not isinstance(k, str) or not all(isinstance(x, (str, int, float, bool)) for x in items):
-            raise FrameError(f"{what}: {k!r} holds a value that cannot cross to the worker ({type(v).__name__})")
-        if any(isinstance(x, float) and not math.isfinite(x) for x in items):
-            raise FrameError(f"{what}: {k!r} is not finite")
-        out[k] = list(v) if isinstance(v, list) else v
-    return out
+        raise FrameError("payload names repeat")
+    return header, {p.name: _recv_exact(sock, p.nbytes, f"payload {p.name!r}") for p in header.payloads}
 
 
 # ------------------------------------------------------------------------------------------------ the channel
@@ -198,7 +159,7 @@ def _connect(path: Path, connect_timeout: float, where: str) -> socket.socket:
             try:
                 check_private_dir(path.parent)
             except PermissionError as exc:
-                raise WorkerFailure("worker", f"{where}: {exc}") from None
+                raise WorkerFailure(f"{where}: {exc}") from None
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
@@ -212,73 +173,69 @@ def _connect(path: Path, connect_timeout: float, where: str) -> socket.socket:
                 problem = "the connection was not accepted in time"
             except OSError as exc:
                 sock.close()
-                raise WorkerFailure("worker", f"{where}: {exc.strerror or exc}") from None
+                raise WorkerFailure(f"{where}: {exc.strerror or exc}") from None
             sock.close()
         if time.monotonic() >= deadline:
-            raise WorkerFailure("worker", f"{where}: {problem} (tried for {connect_timeout:g} s)")
+            raise WorkerFailure(f"{where}: {problem} (tried for {connect_timeout:g} s)")
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
-def exchange(path: str | Path, header: Mapping[str, Any], blobs: Sequence[Blob] = (),
+def exchange(path: str | Path, request: WorkerRequest, payloads: Mapping[str, bytes] | None = None,
              connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, timeout: float = DEFAULT_TIMEOUT,
-             max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[dict, list[Blob]]:
-    """Send one request, read one answer. Raises WorkerFailure("worker", ...) when the worker cannot be reached,
-    closes the connection, or does not answer within ``timeout`` seconds; never waits longer."""
+             max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[WorkerAnswer, dict[str, bytes]]:
+    """Send one request, read one answer. Raises WorkerFailure when the worker cannot be reached, closes the
+    connection, answers a broken frame or another protocol version, or does not answer within ``timeout``
+    seconds; never waits longer."""
     path = Path(path)
     where = f"site worker not reachable at {path}"
-    frame = encode_frame(header, blobs)
+    frame = encode_frame(request, payloads)
     sock = _connect(path, connect_timeout, where)
     try:
         sock.settimeout(timeout)
         try:
             sock.sendall(frame)
             sock.shutdown(socket.SHUT_WR)
-            answer, out = recv_frame(sock, max_payload)
-            check_version(answer, "the site worker's answer")
-            return answer, out
+            return recv_frame(sock, WorkerAnswer, ANSWER, max_payload)
         except socket.timeout:
-            raise WorkerFailure("worker", f"{where}: no answer within {timeout:g} s (worker-timeout)") from None
+            raise WorkerFailure(f"{where}: no answer within {timeout:g} s (worker-timeout)") from None
         except FrameError as exc:
-            raise WorkerFailure("worker", f"{where}: the worker closed the connection or sent a broken answer "
-                                          f"({exc}); it may have died (check its log)") from None
+            raise WorkerFailure(f"{where}: the worker closed the connection or sent a broken answer ({exc}); it "
+                                f"may have died (check its log)") from None
         except (BrokenPipeError, ConnectionResetError) as exc:
-            raise WorkerFailure("worker", f"{where}: the worker closed the connection ({exc.strerror}); it may "
-                                          f"have died (check its log)") from None
+            raise WorkerFailure(f"{where}: the worker closed the connection ({exc.strerror}); it may have died "
+                                f"(check its log)") from None
         except ContractError as exc:
-            raise WorkerFailure("worker", f"{path}: {exc}; restart the site worker with this magnet-fl") from None
+            raise WorkerFailure(f"{path}: {exc}; restart the site worker with this magnet-fl") from None
         except OSError as exc:
-            raise WorkerFailure("worker", f"{where}: {exc.strerror or exc}") from None
+            raise WorkerFailure(f"{where}: {exc.strerror or exc}") from None
     finally:
         sock.close()
 
 
-def ping(path: str | Path, timeout: float = 5.0) -> dict:
-    """The worker's status (pid, site, data fingerprint). Raises WorkerFailure."""
-    header, _ = exchange(path, {"kind": "ping"}, connect_timeout=timeout, timeout=timeout)
-    if not header.get("ok"):
-        raise WorkerFailure(str(header.get("error", "worker")), str(header.get("reason", "ping failed")))
-    return header
+def ping(path: str | Path, timeout: float = 5.0, connect_timeout: float | None = None) -> WorkerStatus:
+    """The worker's status (pid, site, policy, data fingerprint). Raises WorkerFailure."""
+    answer, _ = exchange(path, WorkerRequest(kind=PING), connect_timeout=timeout if connect_timeout is None
+                         else connect_timeout, timeout=timeout)
+    if not answer.ok or answer.status is None:
+        raise WorkerFailure(answer.reason or "ping failed")
+    return answer.status
 
 
-def wait_ready(path: str | Path, timeout: float, proc=None) -> dict:
+def wait_ready(path: str | Path, timeout: float, proc=None) -> WorkerStatus:
     """Ping until the worker answers (it imports torch and validates the site first); ``proc``: stop early if
     that process has exited."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise WorkerFailure("worker", f"the site worker exited with code {proc.returncode} before it served "
-                                          f"{path} (see its log)")
+            raise WorkerFailure(f"the site worker exited with code {proc.returncode} before it served {path} "
+                                f"(see its log)")
         try:
-            header, _ = exchange(path, {"kind": "ping"}, connect_timeout=1.0,
-                                 timeout=max(0.5, deadline - time.monotonic()))
-            if header.get("ok"):
-                return header
-            last = str(header.get("reason", "ping failed"))
+            return ping(path, timeout=max(0.5, deadline - time.monotonic()), connect_timeout=1.0)
         except WorkerFailure as exc:
             last = exc.reason
         time.sleep(0.2)
-    raise WorkerFailure("worker", f"{last or path} (waited {timeout:g} s)")
+    raise WorkerFailure(f"{last or path} (waited {timeout:g} s)")
 
 
 # ------------------------------------------------------------------------------------------------ the ClientApp side
@@ -289,9 +246,9 @@ def _seconds(node_config: Mapping[str, Any], key: str, default: float) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise WorkerFailure("worker", f"node config {key} must be a number of seconds, got {value!r}") from None
+        raise WorkerFailure(f"node config {key} must be a number of seconds, got {value!r}") from None
     if not 0 < value <= 86_400:
-        raise WorkerFailure("worker", f"node config {key} must be in (0, 86400] seconds, got {value!r}")
+        raise WorkerFailure(f"node config {key} must be in (0, 86400] seconds, got {value!r}")
     return value
 
 
@@ -307,42 +264,40 @@ def process_age() -> float | None:
         return None
 
 
-def forward(kind: str, config: Mapping[str, Any], arrays, node_id: int, node_config: Mapping[str, Any],
-            layout: Mapping[str, Any] | None = None):
-    """Hand one train/evaluate message to the site's worker (node config ``worker-socket``).
-
-    ``config`` is the round's config record, ``arrays`` its ArrayRecord (one flat model array, or None),
-    ``layout`` the message's model layout record (the worker checks it against its own model). Returns (metrics,
-    site record, ArrayRecord or None), exactly what the in-process path would reply. Raises WorkerFailure."""
-    from flwr.app import Array, ArrayRecord
-
-    path = str(node_config[NODE_WORKER_SOCKET])
-    timeout = _seconds(node_config, NODE_WORKER_TIMEOUT, DEFAULT_TIMEOUT)
-    connect_timeout = _seconds(node_config, NODE_WORKER_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT)
-    if arrays is not None and not isinstance(arrays, ArrayRecord):
-        raise WorkerFailure("contract", f"round message rejected: 'arrays' is a {type(arrays).__name__}, "
-                                        f"not an ArrayRecord")
+def forward_message(msg: Message, context: Context) -> Message:
+    """The site's reply to ``msg``, answered by the site's worker (node config ``worker-socket``): the whole message
+    goes to the worker as Flower serialised it; this process decodes, checks and reads nothing of the site. An
+    unreachable, hung or broken worker gives an error reply (WORKER_ERROR_CODE) naming the socket."""
+    kind = msg.metadata.message_type
     try:
-        blobs = [] if arrays is None else [Blob(k, a.dtype, tuple(a.shape), a.data, a.stype) for k, a in arrays.items()]
-        header = {"kind": kind, CONFIG_KEY: flat_record(config, "round config"), "node_id": int(node_id),
-                  "has_arrays": arrays is not None,
-                  LAYOUT_KEY: None if layout is None else flat_record(layout, "model layout"),
-                  "node_config": flat_record({k: v for k, v in node_config.items() if k not in SOCKET_KEYS},
-                                             "node config")}
-    except FrameError as exc:
-        raise WorkerFailure("contract", f"round message rejected: {exc}") from None
-    t0, age = time.monotonic(), process_age()
-    answer, out = exchange(path, header, blobs, connect_timeout, timeout)
-    if not answer.get("ok"):
-        kind_, reason = str(answer.get("error", "worker")), str(answer.get("reason", "the worker gave no reason"))
-        log.warning("%s message: the site worker answered an error (%s): %s", kind, kind_, reason.splitlines()[0])
-        raise WorkerFailure(kind_, reason)
-    metrics, site = answer.get(METRICS_KEY), answer.get(SITE_KEY)
-    if not isinstance(metrics, dict) or not isinstance(site, dict):
-        raise WorkerFailure("worker", f"site worker at {path} sent an answer without metrics/site records")
-    record = ArrayRecord({b.name: Array(dtype=b.dtype, shape=b.shape, stype=b.stype, data=b.data) for b in out}) \
-        if answer.get("has_arrays") else None
+        path = str(context.node_config[NODE_WORKER_SOCKET])
+        timeout = _seconds(context.node_config, NODE_WORKER_TIMEOUT, DEFAULT_TIMEOUT)
+        connect_timeout = _seconds(context.node_config, NODE_WORKER_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT)
+        request = WorkerRequest(kind=MESSAGE, node_id=int(context.node_id),
+                                node_config={k: v for k, v in context.node_config.items()
+                                             if k not in WORKER_LINK_KEYS})
+        t0, age = time.monotonic(), process_age()
+        answer, payloads = exchange(path, request, {MESSAGE_PAYLOAD: message_to_proto(msg).SerializeToString()},
+                                    connect_timeout, timeout)
+        if not answer.ok:
+            log.warning("%s message: the site answered an error (%s): %s", kind, answer.code,
+                        (answer.reason or "").splitlines()[0] if answer.reason else "no reason")
+            return Message(Error(code=answer.code if answer.code is not None else WORKER_ERROR_CODE,
+                                 reason=answer.reason or "the site worker gave no reason"), reply_to=msg)
+        content = payloads.get(CONTENT_PAYLOAD)
+        if content is None:
+            raise WorkerFailure(f"site worker at {path} answered without the reply's content")
+        proto = RecordDictProto()
+        try:
+            proto.ParseFromString(content)
+            reply = Message(recorddict_from_proto(proto), reply_to=msg)
+        except (DecodeError, ValueError, TypeError) as exc:
+            raise WorkerFailure(f"site worker at {path} sent a reply that is not a Flower record dict ({exc})"
+                                ) from None
+    except WorkerFailure as exc:
+        log.warning("%s message: %s", kind, exc.reason.splitlines()[0])
+        return Message(Error(code=WORKER_ERROR_CODE, reason=exc.reason), reply_to=msg)
     log.info("%s message answered by the site worker at %s in %.2f s (this ClientApp process had started %s s "
              "before it forwarded the message)", kind, path, time.monotonic() - t0,
              "?" if age is None else f"{age:.2f}")
-    return metrics, site, record
+    return reply

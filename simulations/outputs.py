@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from magnet_core.artefacts.processes import process_alive
+
 MARKER = ".magnet-fl-output.json"  # written into every committed output folder: what produced it
 RESULT_FILES = (MARKER, "results.json", "rounds.csv", "manifest.toml", "prepare_report.json", "history.json",
                 "model.pt", "checkpoint.pt", "summary.json")
@@ -55,16 +57,6 @@ def check_output(out: Path, overwrite: bool = False, resume: bool = False) -> No
                            "replaces only a result folder: choose another --out")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_stale(out: Path) -> None:
     """Partial folders left by runs that were killed (their process is gone)."""
     for p in out.parent.glob(f".{out.name}.partial-*"):
@@ -72,7 +64,7 @@ def _clean_stale(out: Path) -> None:
             pid = int(p.name.rsplit(".partial-", 1)[1].split("-")[0])
         except ValueError:
             continue
-        if not _alive(pid):
+        if not process_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
 
 

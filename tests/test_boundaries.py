@@ -365,8 +365,8 @@ def test_a_site_refuses_a_round_message_of_another_protocol_version():
     from flower_messages import instruction, model_records
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from client.app import CONTRACT_ERROR_CODE
     from client.app import app as client_app
+    from magnet_core.protocol.errors import CONTRACT_ERROR_CODE
     from magnet_core.protocol.keys import CONFIG_KEY
     from magnet_core.protocol.messages import RoundConfig
 
@@ -384,9 +384,9 @@ def test_a_site_refuses_secure_aggregation_and_preparation_messages_of_another_v
     from flower_messages import instruction
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from client.app import CONTRACT_ERROR_CODE
     from client.app import app as client_app
     from client.prepare_app import app as prepare_app
+    from magnet_core.protocol.errors import CONTRACT_ERROR_CODE
     from magnet_core.protocol.keys import CONFIG_KEY, NAME_FIELD, SECAGG_KEY, SITE_KEY
     from magnet_core.protocol.prepare import PrepareRequest
     from magnet_core.protocol.secagg import UnmaskRequest
@@ -463,21 +463,34 @@ def test_the_coordinator_refuses_a_preparation_reply_of_another_version():
 def test_the_site_worker_link_refuses_a_frame_of_another_version(tmp_path):
     """The worker answers a request of another protocol version with an error naming both; the ClientApp's side of
     the link refuses an answer of another version (a worker left running across an upgrade)."""
+    import json
     import socket
+    import struct
     import threading
 
     from client.worker import SiteWorker
-    from client.worker_link import WorkerFailure, encode_frame, exchange, recv_frame
+    from client.worker_link import MAGIC, WorkerFailure, encode_frame, exchange, recv_frame
     from magnet_core.protocol.keys import PROTOCOL_VERSION, VERSION_KEY
+    from magnet_core.protocol.worker import WorkerAnswer, WorkerRequest
 
     data, manifest = tmp_path / "data", tmp_path / "manifest.toml"
     data.mkdir()
     manifest.write_text("")
     worker = SiteWorker(data, manifest)
-    answer, _ = worker.answer({"kind": "ping", VERSION_KEY: FOREIGN}, [])
-    assert answer["ok"] is False and _both_versions(answer["reason"]), answer
-    assert worker.answer({"kind": "ping"}, [])[0]["ok"] is False  # no version at all: refused too
-    assert worker.answer({"kind": "ping", VERSION_KEY: PROTOCOL_VERSION}, [])[0]["ok"] is True
+
+    def asked(header: dict) -> WorkerAnswer:
+        text = json.dumps({"kind": "ping", **header}).encode()
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.sendall(MAGIC + struct.pack(">I", len(text)) + text)
+            ours.shutdown(socket.SHUT_WR)
+            worker.serve_one(theirs)
+            return recv_frame(ours, WorkerAnswer, "answer")[0]
+
+    answer = asked({VERSION_KEY: FOREIGN})
+    assert answer.ok is False and _both_versions(answer.reason), answer
+    assert asked({}).ok is False  # no version at all: refused too
+    assert asked({VERSION_KEY: PROTOCOL_VERSION}).ok is True
 
     folder = tmp_path / "sock"
     folder.mkdir(mode=0o700)
@@ -489,15 +502,15 @@ def test_the_site_worker_link_refuses_a_frame_of_another_version(tmp_path):
     def old_worker():  # answers with a frame whose header claims another version
         conn, _ = listener.accept()
         with conn:
-            recv_frame(conn)
-            frame = encode_frame({"ok": True})
+            recv_frame(conn, WorkerRequest, "request")
+            frame = encode_frame(WorkerAnswer(ok=True))
             conn.sendall(frame.replace(PROTOCOL_VERSION.encode(), FOREIGN.encode()))
 
     t = threading.Thread(target=old_worker)
     t.start()
     try:
         with pytest.raises(WorkerFailure) as exc:
-            exchange(path, {"kind": "ping"}, connect_timeout=5, timeout=10)
+            exchange(path, WorkerRequest(kind="ping"), connect_timeout=5, timeout=10)
     finally:
         t.join(10)
         listener.close()

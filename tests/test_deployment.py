@@ -207,7 +207,8 @@ def _prepare_sites(data_root: Path, work: Path) -> tuple[list[Path], Path]:
             df.loc[df.index.intersection(part)].to_csv(d / f"{m}.csv.gz")
         sites.append(d)
     manifest = ConsortiumManifest(name="brca", classes=["Basal", "Her2", "LumA"],
-                                  modalities=[ModalitySpec(name=m, features=list(df.columns)) for m, df in mods.items()])
+                                  modalities=[ModalitySpec(name=m, features=list(df.columns))
+                                              for m, df in mods.items()])
     # each site enrols with its patient counts (what `validate-site --enrol` prints); the server bounds replies by them
     from magnet_core.cohort.validation import load_site_cohort
     from magnet_core.consortium.simulated import enrolled_site
@@ -296,12 +297,16 @@ def test_deployment_on_loopback(data_root, tmp_path):
         sockets = {"a": site_dirs["a"] / "worker" / "worker.sock"}
         for i, s in enumerate("bc", start=1):  # sites b and c run their worker as a service of its own
             sockets[s] = tmp_path / f"worker-{s}" / "worker.sock"
-            procs.start(f"worker-{s}", [*cli, "site-worker", "--socket", str(sockets[s]), "--data", str(sites[i]),
+            # site-c sends a huge-norm update every round: its worker is the real one with its training wrapped
+            # from the test side (tests/poisoned_worker.py; the site's code has no poisoning hook)
+            worker = [sys.executable, str(REPO / "tests" / "poisoned_worker.py"), "--poison", "site-c=scale"] \
+                if s == "c" else [*cli, "site-worker"]
+            procs.start(f"worker-{s}", [*worker, "--socket", str(sockets[s]), "--data", str(sites[i]),
                                         "--manifest", str(manifest), "--site-name", f"site-{s}"])
         for i, s in enumerate("bc", start=1):
             extra = f"worker-socket='{sockets[s]}'"
-            if s == "c":  # site-c: a huge-norm update every round, and its own log of what crossed its boundary
-                extra += f" test-poison='scale' site-log-dir='{tmp_path / 'log-c'}'"
+            if s == "c":  # site-c keeps its own log of what crossed its boundary (written by its worker)
+                extra += f" site-log-dir='{tmp_path / 'log-c'}'"
             procs.start(f"supernode-{s}", supernode_command(site_dirs[s], sites[i], manifest, _free_port(), extra))
         _wait(lambda: all(p.exists() for p in sockets.values()), 300, "the site workers to listen")
 

@@ -297,12 +297,15 @@ def test_simulate_cli_writes_results_csv_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("poison", ["nan", "scale"])
-def test_poisoned_update_is_rejected_and_named(ov_path, tmp_path, poison, caplog):
+def test_poisoned_update_is_rejected_and_named(ov_path, tmp_path, poison, caplog, monkeypatch):
+    from poisoned_site import poison as poison_sites
+
     from simulations.engine import run_inprocess
 
     cfg = _cfg(ov_path, tmp_path, f"poison-{poison}", scenario="iid-3", min_sites=2, num_server_rounds=1)
+    poison_sites(monkeypatch, {"site1": poison})  # the test side corrupts site1's update (no hook in the site)
     with caplog.at_level("WARNING", logger="flwr"):
-        params, hist = run_inprocess(cfg, 3, node_configs={1: {"test-poison": poison}})
+        params, hist = run_inprocess(cfg, 3)
     assert hist[0]["accepted"] == ["site0", "site2"]
     assert set(hist[0]["rejected"]) == {"site1"}
     reason = hist[0]["rejected"]["site1"]
@@ -335,9 +338,9 @@ def test_site_with_invalid_data_replies_a_clear_error(tmp_path, data_root):
     import pandas as pd
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from client.app import DATA_ERROR_CODE
     from client.app import app as client_app
     from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
+    from magnet_core.protocol.errors import DATA_ERROR_CODE
 
     root = data_root / "tcga-brca-mixomics"
     site = tmp_path / "site"

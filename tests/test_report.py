@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from poisoned_site import poison
 
 from magnet_core.artefacts.report import (
     RunRecords,
@@ -45,11 +46,13 @@ def attacked_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("attacked") / "run"
     cfg = FederatedConfig(num_server_rounds=2, local_epochs=1, data_path="generated:120", scenario="iid-3",
                           min_sites=1, seed=3, out_dir=str(out))
-    nodes = {0: {}, 1: {"test-poison": "scale"},
+    nodes = {0: {}, 1: {},
              2: {"data-dir": str(out / "no-such-site"), "manifest": str(out / "no-such-manifest.toml")}}
     for pid, node in nodes.items():
         node["site-log-dir"] = str(out / "sites" / f"site{pid}")
-    _, history = run_inprocess(cfg, 3, node_configs=nodes)
+    with pytest.MonkeyPatch.context() as mp:
+        poison(mp, {"site1": "scale"})  # the test side corrupts site1's update (no hook in the site)
+        _, history = run_inprocess(cfg, 3, node_configs=nodes)
     assert [r["accepted"] for r in history] == [["site0"], ["site0"]]
     return out
 

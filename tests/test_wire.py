@@ -117,8 +117,8 @@ def _site(tmp_path):
 
 
 def test_a_site_refuses_a_model_whose_layout_does_not_fit_its_own(tmp_path):
-    from client.app import CONTRACT_ERROR_CODE
     from client.app import app as client_app
+    from magnet_core.protocol.errors import CONTRACT_ERROR_CODE
 
     params, config, ctx = _site(tmp_path)
     ok = client_app(instruction(1, "train", {**model_records(params), "config": config}), ctx)

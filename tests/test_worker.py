@@ -1,8 +1,9 @@
 """The persistent site worker: same replies as the in-process ClientApp, a private socket, clear errors when it is
-dead or hung, restart on the same socket, reload after a data change, and survival of malformed requests.
+dead or hung, restart on the same socket, reload after a data change, survival of malformed requests, and the site's
+policy enforced in the worker whatever the coordinator's bundle (the ClientApp) does.
 
-One real worker process (``magnet-fl site-worker``) serves a small site cut from tcga-brca-mixomics; every process
-is stopped by its pid."""
+Real worker processes (``magnet-fl site-worker``) serve a small site cut from tcga-brca-mixomics; every process is
+stopped by its pid."""
 
 from __future__ import annotations
 
@@ -23,12 +24,15 @@ import pandas as pd
 import pytest
 import torch
 from flower_messages import instruction, model_of, model_records
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common.serde import message_to_proto
 
 from client.app import app as client_app
-from client.worker_link import MAGIC, WORKER_ERROR_CODE, WorkerFailure, ping, wait_ready
+from client.worker_link import MAGIC, WorkerFailure, encode_frame, ping, recv_frame, wait_ready
+from magnet_core.protocol.errors import POLICY_ERROR_CODE, WORKER_ERROR_CODE
 from magnet_core.protocol.keys import PROTOCOL_VERSION, VERSION_KEY
 from magnet_core.protocol.messages import site_record
+from magnet_core.protocol.worker import WorkerAnswer, WorkerRequest
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ("mRNA", "miRNA", "protein")
@@ -57,19 +61,20 @@ class Worker:
     """A `magnet-fl site-worker` process, started and stopped by pid; it exits by itself if this test process
     ends first (--exit-with)."""
 
-    def __init__(self, data: Path, manifest: Path, sock: Path, log: Path):
-        self.data, self.manifest, self.sock, self.log = data, manifest, sock, log
+    def __init__(self, data: Path, manifest: Path, sock: Path, log: Path, policy: Path | None = None):
+        self.data, self.manifest, self.sock, self.log, self.policy = data, manifest, sock, log, policy
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> dict:
+    def start(self):
         env = {**os.environ, "MAGNET_FL_THREADS": "1", "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+        policy = [] if self.policy is None else ["--policy", str(self.policy)]
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "simulations.cli", "site-worker", "--socket", str(self.sock),
-                 "--data", str(self.data), "--manifest", str(self.manifest), "--exit-with", str(os.getpid())],
+                 "--data", str(self.data), "--manifest", str(self.manifest), *policy, "--exit-with", str(os.getpid())],
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
         status = wait_ready(self.sock, 120, self.proc)
-        assert status["pid"] == self.proc.pid
+        assert status.pid == self.proc.pid
         return status
 
     def signal(self, sig: int) -> None:
@@ -96,15 +101,15 @@ def worker(data_root, tmp_path_factory):
         w.kill()
 
 
-def _message(kind: str, server_round: int = 1, clipping_norm: float | None = None):
+def _message(kind: str, server_round: int = 1, clipping_norm: float | None = None, local_epochs: int = 1):
     from magnet_core.model.config import get_preset
     from magnet_core.model.network import MAGNET
     from magnet_core.protocol.messages import RoundConfig
 
     torch.manual_seed(0)
     model = MAGNET({m: 40 for m in MODALITIES}, 3, get_preset("brca").model)
-    config = RoundConfig(server_round=server_round, seed=3, preset="brca", local_epochs=1, histogram_bins=100,
-                         clipping_norm=clipping_norm)
+    config = RoundConfig(server_round=server_round, seed=3, preset="brca", local_epochs=local_epochs,
+                         histogram_bins=100, clipping_norm=clipping_norm)
     return instruction(7, kind, {**model_records(model.state_dict()), "config": ConfigRecord(config.encode())})
 
 
@@ -148,7 +153,7 @@ def test_worker_replies_equal_in_process_replies(worker, monkeypatch):
     update = np.sqrt(sum(float(((v - sent[n]) ** 2).sum()) for n, v in _arrays(via["clipped"]).items()))
     assert update == pytest.approx(0.05, rel=1e-3)  # the mod clipped the worker's update (it was larger)
     assert "arrays" not in via["evaluate"].content
-    assert "train message (round 1, seed 3, node 7) answered" in worker.text()
+    assert "train message (run 1, round 1, node 7) answered" in worker.text()
 
 
 def test_socket_is_private_and_single_owner(worker, tmp_path, capsys):
@@ -158,7 +163,7 @@ def test_socket_is_private_and_single_owner(worker, tmp_path, capsys):
     assert stat.S_IMODE(os.lstat(worker.sock).st_mode) == 0o600
     with pytest.raises(FileExistsError, match="another site worker"):  # the live worker holds the socket
         bind_private_socket(worker.sock)
-    assert ping(worker.sock)["data"] == str(worker.data.resolve())
+    assert ping(worker.sock).data == str(worker.data.resolve())
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o750)
@@ -183,17 +188,15 @@ def test_socket_is_private_and_single_owner(worker, tmp_path, capsys):
         os.close(lock)
 
 
-def _raw(path: Path, data: bytes) -> dict:
+def _raw(path: Path, data: bytes) -> WorkerAnswer:
     """Send raw bytes, read the worker's answer header."""
-    from client.worker_link import recv_frame
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(30)
+        s.settimeout(60)
         s.connect(str(path))
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)
-        header, _ = recv_frame(s)
-    return header
+        answer, _ = recv_frame(s, WorkerAnswer, "answer")
+    return answer
 
 
 def _frame(header: dict, payload: bytes = b"") -> bytes:
@@ -201,39 +204,55 @@ def _frame(header: dict, payload: bytes = b"") -> bytes:
     return MAGIC + struct.pack(">I", len(text)) + text + payload
 
 
+def _request(msg, node_config: dict | None = None) -> bytes:
+    """A whole message as the ClientApp forwards it (or as a modified bundle builds it itself)."""
+    return encode_frame(WorkerRequest(kind="message", node_id=7, node_config=node_config or {}),
+                        {"message": message_to_proto(msg).SerializeToString()})
+
+
 def test_malformed_requests_get_error_answers_and_worker_survives(worker):
     good = _message("train")
-    config = dict(good.content["config"])
+    bad_config = _message("train")
+    bad_config.content["config"] = ConfigRecord({"server-round": "one", VERSION_KEY: PROTOCOL_VERSION})
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"x": 1}], dtype=object), allow_pickle=True)  # needs pickle to load: refused
-    meta = {"name": "model", "dtype": "object", "shape": [1], "stype": "numpy.ndarray",
-            "nbytes": len(pickled.getvalue())}
+    with_pickle = _message("train")
+    with_pickle.content["arrays"] = ArrayRecord({"model": Array(dtype="object", shape=(1,), stype="numpy.ndarray",
+                                                                data=pickled.getvalue())})
+    meta = {"name": "message", "encoding": "protobuf"}
     cases = {
         "bad magic": b"GET / HTTP/1.1\r\n\r\n",
         "header too large": MAGIC + struct.pack(">I", 50_000_000),
         "not json": MAGIC + struct.pack(">I", 5) + b"{oops",
-        "truncated": _frame({"kind": "train", "arrays": [{**meta, "nbytes": 1000}]}, b"x" * 10),
-        "payload too large": _frame({"kind": "train", "arrays": [{**meta, "nbytes": 1 << 40}]}),
+        "foreign version": _frame({"kind": "ping", VERSION_KEY: "magnet-fl/2"}),
+        "truncated": _frame({"kind": "message", "payloads": [{**meta, "nbytes": 1000}]}, b"x" * 10),
+        "payload too large": _frame({"kind": "message", "payloads": [{**meta, "nbytes": 1 << 40}]}),
         "unknown kind": _frame({"kind": "shell"}),
-        "bad config": _frame({"kind": "train", "config": {"server-round": "one", VERSION_KEY: PROTOCOL_VERSION},
-                                     "node_id": 7, "node_config": {}}),
-        "pickled array": _frame({"kind": "train", "config": config, "node_id": 7, "node_config": {},
-                                 "has_arrays": True, "layout": dict(good.content["layout"]), "arrays": [meta]},
-                                pickled.getvalue()),
-        "foreign data dir": _frame({"kind": "evaluate", "config": config, "node_id": 7,
-                                    "node_config": {"data-dir": "/etc"}, "has_arrays": True}),
+        "unknown field": _frame({"kind": "ping", "exec": "rm -rf /"}),
+        "no message": _frame({"kind": "message"}),
+        "not a message": _frame({"kind": "message", "payloads": [{**meta, "nbytes": 6}]}, b"\xff\xffoops"),
+        "unknown type": _request(_message("query.shell")),
+        "bad config": _request(bad_config),
+        "pickled array": _request(with_pickle),
+        "foreign data dir": _request(_message("evaluate"), {"data-dir": "/etc"}),
+        "foreign policy": _request(_message("evaluate"), {"site-policy": "/tmp/lax-policy.toml"}),
     }
     expected = {"bad magic": "bad magic", "header too large": "exceeds", "not json": "not valid JSON",
-                "truncated": "connection closed", "payload too large": "more than the limit",
-                "unknown kind": "unknown request kind", "bad config": "round config rejected",
-                "pickled array": "not a valid .npy array", "foreign data dir": "is not the folder this site worker serves"}
+                "foreign version": "magnet-fl/2", "truncated": "connection closed",
+                "payload too large": "more than the limit", "unknown kind": "kind: Input should be",
+                "unknown field": "exec: Extra inputs are not permitted", "no message": "carries no message",
+                "not a message": "is not a Flower message", "unknown type": "is not one this site answers",
+                "bad config": "round message rejected: round config", "pickled array": "allow_pickle=False",
+                "foreign data dir": "is not the folder this site worker serves",
+                "foreign policy": "never chosen by the request"}
     for name, data in cases.items():
         answer = _raw(worker.sock, data)
-        assert answer["ok"] is False and expected[name] in answer["reason"], (name, answer)
+        assert answer.ok is False and expected[name] in answer.reason, (name, answer)
+    assert _raw(worker.sock, _request(good)).ok  # the same frame, well formed, is answered
     # a client that connects and sends nothing, then leaves
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(worker.sock))
-    assert worker.proc.poll() is None and ping(worker.sock)["ok"]
+    assert worker.proc.poll() is None and ping(worker.sock).pid == worker.proc.pid
     reply = client_app(_message("evaluate"), _context(worker, **{"worker-socket": str(worker.sock)}))
     assert not reply.has_error()
 
@@ -258,7 +277,7 @@ def test_data_change_reloads_the_site(worker):
     finally:
         (worker.data / "protein.csv").write_text(protein)
     assert bad.has_error() and bad.error.code == 4001 and "site data rejected" in bad.error.reason
-    assert ping(worker.sock)["ok"]
+    assert ping(worker.sock).pid == worker.proc.pid
 
 
 def test_dead_or_hung_worker_gives_a_clear_error_then_a_restart_takes_over(worker):
@@ -284,6 +303,99 @@ def test_dead_or_hung_worker_gives_a_clear_error_then_a_restart_takes_over(worke
     with pytest.raises(WorkerFailure, match="not reachable"):
         ping(worker.sock, timeout=0.5)
     status = worker.start()  # a new worker on the same path removes the stale socket and serves
-    assert status["pid"] != os.getpid() and "removed the stale socket" in worker.text()
+    assert status.pid != os.getpid() and "removed the stale socket" in worker.text()
     again = client_app(_message("train"), _context(worker, **{"worker-socket": str(worker.sock)}))
     assert not again.has_error(), again.error.reason
+
+
+# ------------------------------------------------------------------------------------- the site's policy, in the worker
+
+POLICY = """\
+consortium = "brca-test"
+state_dir = "state"
+min_count = 5
+
+[secure_aggregation]
+train = false
+
+[privacy]
+min_noise_multiplier = 0.0
+epsilon_budget = inf
+
+[ranges]
+local_epochs = [1, 5]
+histogram_bins = [2, 20]
+"""
+
+
+@pytest.fixture(scope="module")
+def guarded_worker(data_root, tmp_path_factory):
+    """A worker started by the hospital with its own policy (--policy); plain rounds allowed, so that only the
+    rule under test refuses."""
+    folder = tmp_path_factory.mktemp("guarded")
+    data, manifest = _site(data_root, folder)
+    policy = folder / "hospital" / "policy.toml"
+    policy.parent.mkdir(mode=0o700)
+    policy.write_text(POLICY)
+    w = Worker(data, manifest, folder / "run" / "worker.sock", folder / "worker.log", policy)
+    w.start()
+    try:
+        yield w
+    finally:
+        w.kill()
+
+
+def _audit(w: Worker) -> list[dict]:
+    path = w.policy.parent / "state" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _refused_in_worker(w: Worker, reply, rule: str, code: int = POLICY_ERROR_CODE) -> None:
+    """Refused by the worker with ``rule`` named, nothing released, the refusal the last entry of the worker's audit
+    log."""
+    assert reply.has_error(), f"answered (keys {list(reply.content.keys())}); expected a refusal by {rule}"
+    assert reply.error.code == code and rule in reply.error.reason, reply.error.reason
+    last = _audit(w)[-1]
+    assert (last["decision"], last["rule"], last["release"]) == ("refused", rule, None), last
+    assert last["error"] == reply.error.reason
+
+
+def test_a_bundle_that_skips_the_policy_check_is_refused_by_the_site_worker(guarded_worker, tmp_path, monkeypatch):
+    """The coordinator ships a modified ClientApp that never calls the site's policy check and knows no policy (its
+    node config names none): every request it forwards is still checked by the worker against the hospital's policy
+    (the worker's --policy), refused with the rule named, and recorded in the worker's audit log. On code where the
+    check runs in the ClientApp, the bundle's requests are answered."""
+    import client.guard
+    import client.site_path
+
+    def skipped(msg, context, answer):  # the modified bundle: no policy check, no audit
+        return answer()
+
+    monkeypatch.setattr(client.guard, "screened", skipped)
+    monkeypatch.setattr(client.site_path, "screened", skipped)
+    w = guarded_worker
+    ctx = Context(run_id=1, node_id=7, node_config={"worker-socket": str(w.sock), "site-name": "site-a"},
+                  state=RecordDict(), run_config={})
+    first = client_app(_message("train"), ctx)
+    assert not first.has_error(), first.error.reason  # the policy allows a plain round 1
+    assert [e["decision"] for e in _audit(w)] == ["answered"] and _audit(w)[0]["kind"] == "train"
+    # the same round again (a repeated round gives the site's update by difference)
+    _refused_in_worker(w, client_app(_message("train"), ctx), "rounds.never_repeat")
+    # an evaluation asking for more score bins than the site releases
+    _refused_in_worker(w, client_app(_message("evaluate"), ctx), "ranges.histogram_bins")
+    assert "rounds.never_repeat" in w.text() and not (tmp_path / "state").exists()
+
+    # a bundle that builds its own requests: naming a policy it wrote itself (allowing anything) is refused ...
+    lax = tmp_path / "lax.toml"
+    lax.write_text('consortium = "brca-test"\nstate_dir = "lax-state"\n')
+    answer = _raw(w.sock, _request(_message("train", server_round=2), {"site-policy": str(lax)}))
+    assert answer.ok is False and answer.code == WORKER_ERROR_CODE and "never chosen by the request" in answer.reason
+    last = _audit(w)[-1]
+    assert (last["decision"], last["rule"], last["release"]) == ("refused", "site-worker.node_config", None), last
+    assert not (tmp_path / "lax-state").exists()
+    # ... and naming none does not lift the hospital's policy: 50 local epochs are outside its range
+    answer = _raw(w.sock, _request(_message("train", server_round=2, local_epochs=50)))
+    assert answer.ok is False and answer.code == POLICY_ERROR_CODE and "ranges.local_epochs" in answer.reason
+    assert _audit(w)[-1]["rule"] == "ranges.local_epochs"
+    assert [e["decision"] for e in _audit(w)] == ["answered"] + ["refused"] * 4
+    assert ping(w.sock).policy == str(w.policy.resolve())

@@ -61,7 +61,6 @@ NODE_DP_FLOOR = "dp-min-noise-multiplier"  # the site trains only under secagg +
 NODE_RAW_DIR = "raw-dir"  # preparation: the site's raw data folder
 NODE_PREPARED_DIR = "prepared-dir"  # preparation: where the site writes its prepared data
 NODE_PREPARE_REQUIRE_SECAGG = "prepare-require-secagg"  # preparation: answer only a secure preparation
-NODE_TEST_POISON = "test-poison"  # deployment tests only: corrupt this site's update (client/handlers.py)
 WORKER_LINK_KEYS = (NODE_WORKER_SOCKET, NODE_WORKER_TIMEOUT, NODE_WORKER_CONNECT_TIMEOUT)  # not sent to the worker
 DEPLOYED_KEYS = frozenset({NODE_DATA_DIR, NODE_WORKER_SOCKET})  # a site holding its own data (not a simulation)
 
