@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from server.deploy_cli import DEFAULT_CONTROL_PORT, FleetOnlyGate, flower_superlink_args, supernode_command
+from client.deploy_site import supernode_command
+from server.deploy_cli import DEFAULT_CONTROL_PORT, FleetOnlyGate, flower_superlink_args
 from server.pki import SITE_KEY, SITE_PUB, init_ca, issue_server_cert, make_site, make_site_key
 
 CONTROL, FLEET = 9093, 9092
@@ -136,7 +137,7 @@ def test_supernode_print_is_a_line_a_shell_runs_unchanged(pki, tmp_path, deploy)
     assert out.returncode == 0, out.stderr
     expected = supernode_command(at_site.resolve(), data.resolve(), manifest.resolve(), 9094)
     # the SuperNode runs through magnet-fl's launcher (fast polling, forked ClientApps), then Flower's own arguments
-    launcher = [sys.executable, "-m", "server.deploy_cli", "--pull-interval=0.25", "--clientapp-start=fork"]
+    launcher = [sys.executable, "-m", "client.supernode_launcher", "--pull-interval=0.25", "--clientapp-start=fork"]
     assert expected[:len(launcher)] == launcher and expected[len(launcher)] == "--root-certificates"
     # pasted into bash, with the program replaced by one that prints the argv it receives
     echo = f"{shlex.quote(sys.executable)} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
@@ -217,7 +218,7 @@ def test_fast_polling_shortens_flowers_sleeps_only_while_a_run_is_active():
     out = _python("""
 import time
 from flwr.supernode import start_client_internal as sci
-from server.deploy_cli import fast_polling
+from flower_compat.supernode import fast_polling
 slept = []
 real = time.sleep
 time.sleep = slept.append  # records what the patched clock asks for
@@ -244,7 +245,7 @@ def test_forking_superexec_runs_flowers_clientapp_entry_point_in_a_forked_child(
     out = _python("""
 import os, sys, time
 from flwr.supercore.superexec.executor import subprocess_executor as se
-from server.deploy_cli import forking_superexec
+from flower_compat.supernode import forking_superexec
 assert forking_superexec()
 assert "pandas" in sys.modules and "flwr.supernode.runtime.run_clientapp" in sys.modules
 child = se.subprocess.Popen(["flwr-clientapp", "--help"])
@@ -265,7 +266,7 @@ print("parent goes on", os.getpid())
 
 
 def test_launcher_options_are_separated_from_flowers_arguments():
-    from server.deploy_cli import _launcher_options
+    from client.supernode_launcher import launcher_options as _launcher_options
 
     names = {"pull-interval": "0.25", "clientapp-start": "fork"}
     values, rest = _launcher_options(["--pull-interval=1", "--clientapp-start=spawn", "--superlink", "h:1",

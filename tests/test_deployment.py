@@ -167,7 +167,7 @@ def _one_line(text: str) -> str:
 def _outsider_is_refused(procs: Processes, outsider: Path, env: dict, data: Path, manifest: Path) -> None:
     """An outsider with ca.crt and its own fresh key, reaching the Fleet address, cannot register a node, list runs,
     start a run, or join with a SuperNode. Each refusal is printed for the record."""
-    from server.deploy_cli import supernode_command
+    from client.deploy_site import supernode_command
 
     forbidden = "Forbidden: this address serves only the Fleet API"
     attempts = {"register a node": ["flwr", "supernode", "register", str(outsider / "node_auth_key.pub"), "outsider"],
@@ -283,7 +283,7 @@ def test_deployment_on_loopback(data_root, tmp_path):
             said, _ = reg.communicate(timeout=150)  # `timeout` ends it first
             assert reg.returncode == 0, said
 
-        from server.deploy_cli import supernode_command
+        from client.deploy_site import supernode_command
 
         # site-a is started from the line `deploy supernode --print` prints, pasted into a shell
         # (with --worker: a persistent site worker holds the data, graphs and torch; the per-message ClientApp only

@@ -1,0 +1,177 @@
+"""``magnet-fl deploy supernode``, the site's side: start this site's SuperNode (TLS against the consortium CA, the
+site's own key, its local data, optionally its persistent worker). The SuperNode process itself is
+``client/supernode_launcher.py``; the coordinator's side is ``server/deploy_cli.py``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from flower_compat import FLOWER_ENV, FLOWER_IDLE_PULL
+from magnet_core.artefacts.site_bundle import load_bundle
+
+ACTIONS = ("supernode",)
+ISOLATION = "subprocess"  # the SuperNode starts each ClientApp in a child process
+LAUNCHER = "client.supernode_launcher"
+# Flower 1.41's SuperNode sleeps a fixed 3 s after every empty pull; ``deploy supernode`` polls every PULL_INTERVAL
+# seconds while a run is active (a message seen in the last ACTIVE_WINDOW seconds) and at Flower's 3 s otherwise.
+DEFAULT_PULL_INTERVAL, ACTIVE_WINDOW = 0.25, 120.0
+# With CLIENTAPP_START "fork" the SuperExec imports Flower, numpy, pandas and pydantic once and forks a child per
+# message that runs Flower's own `flwr-clientapp` entry point; "spawn" is Flower's new interpreter per message.
+CLIENTAPP_STARTS = ("fork", "spawn")
+
+
+def site_private_key(bundle: Path, key: Path | None) -> Path:
+    """The site's own private key (default: next to the bundle files), checked against the registered public key."""
+    site = load_bundle(bundle)
+    path = key if key is not None else bundle / site.auth_private_key
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: give --key, the node_auth_key made at this site by "
+                                f"`magnet-fl pki site-key` (or copy the bundle's files into that folder)")
+    try:
+        private = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not an OpenSSH private key ({exc})") from None
+    registered = serialization.load_ssh_public_key((bundle / site.auth_public_key).read_bytes())
+    if private.public_key().public_numbers() != registered.public_numbers():  # type: ignore[union-attr]
+        raise ValueError(f"{path} does not belong to the public key registered for site {site.site!r} "
+                         f"({bundle / site.auth_public_key})")
+    return path
+
+
+def supernode_command(bundle: Path, data: Path, manifest: Path, port: int = 9094, extra_node_config: str = "",
+                      key: Path | None = None, pull_interval: float = DEFAULT_PULL_INTERVAL,
+                      clientapp_start: str = "fork") -> list[str]:
+    """flower-supernode for one site: TLS against the consortium CA, its own key, its local data. With a
+    ``pull_interval`` below Flower's 3 s or ``clientapp_start`` "fork" it runs through the site's launcher
+    (``client/supernode_launcher.py``); every argument after the launcher's own ``--name=value`` options is
+    flower-supernode's."""
+    site = load_bundle(bundle)
+    private = site_private_key(bundle, key)
+    node_config = f"data-dir='{data}' manifest='{manifest}' site-name='{site.site}'"
+    if extra_node_config:
+        node_config += f" {extra_node_config}"
+    if clientapp_start not in CLIENTAPP_STARTS:
+        raise ValueError(f"clientapp_start must be one of {CLIENTAPP_STARTS}, got {clientapp_start!r}")
+    program = ["flower-supernode"] if pull_interval >= FLOWER_IDLE_PULL and clientapp_start == "spawn" else \
+        [sys.executable, "-m", LAUNCHER, f"--pull-interval={pull_interval:g}", f"--clientapp-start={clientapp_start}"]
+    return [*program, "--root-certificates", str(bundle / site.ca_certificate),
+            "--superlink", site.superlink, "--auth-supernode-private-key", str(private),
+            "--isolation", ISOLATION, "--port", str(port), "--node-config", node_config]
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def add_actions(sub) -> None:
+    """The site's actions (ACTIONS) as sub-parsers of ``magnet-fl deploy``."""
+    d = sub.add_parser("supernode", help="site: run this site's SuperNode on its local data")
+    d.add_argument("--bundle", type=Path, required=True, help="the site's folder: bundle files from the coordinator "
+                                                              "+ the key pair made by `magnet-fl pki site-key`")
+    d.add_argument("--key", type=Path, default=None, help="the site's private key (default BUNDLE/node_auth_key)")
+    d.add_argument("--data", type=Path, required=True, help="the site's prepared data folder")
+    d.add_argument("--manifest", type=Path, required=True)
+    d.add_argument("--port", type=_port, default=9094, help="local ClientApp API port")
+    d.add_argument("--log-dir", type=Path, default=None,
+                   help="keep the site's own record of what it sent and received (site_log.jsonl; "
+                        "`magnet-fl report LOG_DIR` shows it)")
+    d.add_argument("--skip-validation", action="store_true")
+    d.add_argument("--worker", action="store_true",
+                   help="start a persistent site worker beside the SuperNode: it keeps the data, graphs and torch "
+                        "loaded, and each message is handed to it over a private Unix socket")
+    d.add_argument("--worker-socket", type=Path, default=None,
+                   help="the worker's socket (default BUNDLE/worker/worker.sock); without --worker, the SuperNode "
+                        "uses a worker you run yourself (`magnet-fl site-worker`, e.g. as a service)")
+    d.add_argument("--worker-timeout", type=float, default=600.0,
+                   help="seconds one message may take at the worker before the site replies an error (default 600)")
+    d.add_argument("--pull-interval", type=float, default=DEFAULT_PULL_INTERVAL,
+                   help=f"seconds between the SuperNode's polls of the SuperLink while a run is active (default "
+                        f"{DEFAULT_PULL_INTERVAL:g}; after {ACTIVE_WINDOW:g} s without a message, and always with "
+                        f"{FLOWER_IDLE_PULL:g} or more, Flower's own {FLOWER_IDLE_PULL:g} s)")
+    d.add_argument("--clientapp-start", choices=CLIENTAPP_STARTS, default="fork",
+                   help="how the per-message ClientApp process starts: forked from a SuperExec that has imported "
+                        "Flower, numpy, pandas and pydantic once (default), or Flower's own new interpreter (spawn)")
+    d.add_argument("--print", action="store_true", help="print the flower-supernode command instead of running it")
+
+
+def start_worker(worker: list[str], sock: Path, env: dict, timeout: float = 300.0) -> subprocess.Popen:
+    """Start the site worker, which exits with this process (whose pid becomes the SuperNode's after exec), and
+    wait until it listens on ``sock`` (a new socket, not the stale file of a worker that died)."""
+    def identity():
+        try:
+            st = os.stat(sock)
+            return st.st_ino, st.st_ctime_ns
+        except OSError:
+            return None
+
+    stale = identity()
+    proc = subprocess.Popen([*worker, "--exit-with", str(os.getpid())], env=env)
+    deadline = time.monotonic() + timeout
+    while identity() in (None, stale):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the site worker exited with code {proc.returncode} before listening on {sock} "
+                               f"(its log is above)")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise RuntimeError(f"the site worker did not listen on {sock} within {timeout:.0f} s")
+        time.sleep(0.2)
+    print(f"site worker (pid {proc.pid}) listens on {sock}", flush=True)
+    return proc
+
+
+def _magnet_fl() -> list[str]:
+    exe = shutil.which("magnet-fl")
+    return [exe] if exe else [sys.executable, "-m", "simulations.cli"]
+
+
+def run(args: argparse.Namespace) -> int:
+    env = {**os.environ, **FLOWER_ENV}
+    # the bundle and the site's key first (cheap, clear errors), then the data
+    bundle, data, manifest = args.bundle.resolve(), args.data.resolve(), args.manifest.resolve()
+    sock = (args.worker_socket or bundle / "worker" / "worker.sock").absolute() \
+        if args.worker or args.worker_socket else None
+    extra = [f"site-log-dir='{args.log_dir.resolve()}'" if args.log_dir else "",
+             f"worker-socket='{sock}' worker-timeout={float(args.worker_timeout)}" if sock else ""]
+    if not 0 < args.pull_interval <= 60:
+        print(f"error: --pull-interval must be in (0, 60] seconds, got {args.pull_interval:g}", file=sys.stderr)
+        return 2
+    cmd = supernode_command(bundle, data, manifest, args.port, " ".join(e for e in extra if e),
+                            key=args.key.resolve() if args.key else None, pull_interval=args.pull_interval,
+                            clientapp_start=args.clientapp_start)
+    worker = [*_magnet_fl(), "site-worker", "--socket", str(sock), "--data", str(data), "--manifest", str(manifest),
+              "--site-name", load_bundle(bundle).site] if args.worker else []
+    if not args.skip_validation:
+        from magnet_core.cohort.manifest import ConsortiumManifest  # pandas: only when the data are validated
+        from magnet_core.cohort.validation import validate_site
+
+        report, _ = validate_site(args.data, ConsortiumManifest.load(args.manifest))
+        if not report.ok:
+            print("site data failed validation (run `magnet-fl validate-site` for the summary):", file=sys.stderr)
+            for e in report.errors:
+                print(f"- {e}", file=sys.stderr)
+            return 1
+    if args.print:  # one line that pastes and runs, with the same environment
+        line = shlex.join(["env", *(f"{k}={v}" for k, v in FLOWER_ENV.items()), *cmd])
+        if worker:  # in that shell $$ is the shell's pid, which `exec` hands to the SuperNode
+            line = f"{shlex.join(worker)} --exit-with $$ & exec {line}"
+        print(line)
+        return 0
+    if worker:
+        try:
+            start_worker(worker, sock, env)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    os.execvpe(cmd[0], cmd, env)  # replace this process: its pid is the Flower process's pid
+    return 0  # pragma: no cover
