@@ -1,10 +1,12 @@
-"""``magnet-fl deploy supernode``, the site's side: start this site's SuperNode (TLS against the consortium CA, the
-site's own key, its local data, optionally its persistent worker). The SuperNode process itself is
-``client/supernode_launcher.py``; the coordinator's side is ``server/deploy_cli.py``."""
+"""``magnet-fl deploy supernode|approve-app``, the site's side: start this site's SuperNode (TLS against the
+consortium CA, the site's own key, its local data, optionally its persistent worker), running only the app bundles
+the site approved. The SuperNode process itself is ``client/supernode_launcher.py``; the coordinator's side is
+``server/deploy_cli.py``."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shlex
 import shutil
@@ -18,9 +20,12 @@ from cryptography.hazmat.primitives import serialization
 from flower_compat import FLOWER_ENV, FLOWER_IDLE_PULL
 from magnet_core.artefacts.site_bundle import load_bundle
 
-ACTIONS = ("supernode",)
-ISOLATION = "subprocess"  # the SuperNode starts each ClientApp in a child process
+from . import approved_apps
+
+ACTIONS = ("supernode", "approve-app")
 LAUNCHER = "client.supernode_launcher"
+RUNTIME_HOST = "127.0.0.1"  # the SuperNode's Runtime API (its ClientApps' and SuperExec's): loopback only
+SUPERNODE_DIR = "supernode"  # BUNDLE/supernode/ (0700): the SuperExec secret, written fresh at every start
 # Flower 1.41's SuperNode sleeps a fixed 3 s after every empty pull; ``deploy supernode`` polls every PULL_INTERVAL
 # seconds while a run is active (a message seen in the last ACTIVE_WINDOW seconds) and at Flower's 3 s otherwise.
 DEFAULT_PULL_INTERVAL, ACTIVE_WINDOW = 0.25, 120.0
@@ -49,11 +54,12 @@ def site_private_key(bundle: Path, key: Path | None) -> Path:
 
 def supernode_command(bundle: Path, data: Path, manifest: Path, port: int = 9094, extra_node_config: str = "",
                       key: Path | None = None, pull_interval: float = DEFAULT_PULL_INTERVAL,
-                      clientapp_start: str = "fork") -> list[str]:
-    """flower-supernode for one site: TLS against the consortium CA, its own key, its local data. With a
-    ``pull_interval`` below Flower's 3 s or ``clientapp_start`` "fork" it runs through the site's launcher
-    (``client/supernode_launcher.py``); every argument after the launcher's own ``--name=value`` options is
-    flower-supernode's."""
+                      clientapp_start: str = "fork", approved: Path | None = None,
+                      approved_sha256: tuple[str, ...] = ()) -> list[str]:
+    """The site's SuperNode: the launcher's own ``--name=value`` options (``client/supernode_launcher.py``: the
+    approved app bundles, the Runtime API port and its secret, polling, ClientApp start), then flower-supernode's
+    arguments: TLS against the consortium CA, the site's own key, its local data. ``approved``: the site's list of
+    approved bundles (default BUNDLE/approved-apps.toml); ``approved_sha256``: more, for this start only."""
     site = load_bundle(bundle)
     private = site_private_key(bundle, key)
     node_config = f"data-dir='{data}' manifest='{manifest}' site-name='{site.site}'"
@@ -61,11 +67,38 @@ def supernode_command(bundle: Path, data: Path, manifest: Path, port: int = 9094
         node_config += f" {extra_node_config}"
     if clientapp_start not in CLIENTAPP_STARTS:
         raise ValueError(f"clientapp_start must be one of {CLIENTAPP_STARTS}, got {clientapp_start!r}")
-    program = ["flower-supernode"] if pull_interval >= FLOWER_IDLE_PULL and clientapp_start == "spawn" else \
-        [sys.executable, "-m", LAUNCHER, f"--pull-interval={pull_interval:g}", f"--clientapp-start={clientapp_start}"]
-    return [*program, "--root-certificates", str(bundle / site.ca_certificate),
-            "--superlink", site.superlink, "--auth-supernode-private-key", str(private),
-            "--isolation", ISOLATION, "--port", str(port), "--node-config", node_config]
+    given = [approved_apps.sha256_text(h, "--approved-fab-sha256") for h in approved_sha256]
+    launcher = [sys.executable, "-m", LAUNCHER, f"--approved-apps={approved or bundle / approved_apps.FILE}",
+                *([f"--approved-fab-sha256={','.join(given)}"] if given else []),
+                f"--secret-file={bundle / SUPERNODE_DIR / f'superexec-{port}.secret'}", f"--runtime-port={port}",
+                f"--pull-interval={pull_interval:g}", f"--clientapp-start={clientapp_start}"]
+    return [*launcher, "--root-certificates", str(bundle / site.ca_certificate), "--superlink", site.superlink,
+            "--auth-supernode-private-key", str(private), "--node-config", node_config]
+
+
+def require_an_approved_app(listed: Path, given: tuple[str, ...]) -> None:
+    """ValueError (what to do) when neither the site's list nor ``given`` approves any app bundle."""
+    if not approved_apps.load(listed).hashes() and not given:
+        raise ValueError(f"no app bundle is approved for this site ({listed} lists none): its SuperNode would refuse "
+                         f"every run. Review the release the coordinator will run, then `magnet-fl deploy "
+                         f"approve-app --bundle SITE_DIR APP_DIR` (or --fab FILE, --sha256 HEX)")
+
+
+def approved_hash(app: Path | None, fab: Path | None, sha256: str | None) -> tuple[str, str]:
+    """(sha256, what it is) of an app source tree (the bundle `flwr run APP` builds), a .fab file or a given hash."""
+    if sum(x is not None for x in (app, fab, sha256)) != 1:
+        raise ValueError("give exactly one of APP_DIR, --fab FILE or --sha256 HEX")
+    if sha256 is not None:
+        return approved_apps.sha256_text(sha256, "--sha256"), "given as a hash"
+    if fab is not None:
+        if not fab.is_file():
+            raise FileNotFoundError(f"{fab}: no such app bundle file")
+        return hashlib.sha256(fab.read_bytes()).hexdigest(), f"bundle file {fab.resolve()}"
+    if not (app / "pyproject.toml").is_file():
+        raise FileNotFoundError(f"{app}: not an app source tree (no pyproject.toml)")
+    from flower_compat.app_bundle import app_bundle_sha256  # Flower's builder (its CLI): only for this action
+
+    return app_bundle_sha256(app), f"source tree {app.resolve()}"
 
 
 def _port(text: str) -> int:
@@ -76,6 +109,14 @@ def _port(text: str) -> int:
 
 def add_actions(sub) -> None:
     """The site's actions (ACTIONS) as sub-parsers of ``magnet-fl deploy``."""
+    a = sub.add_parser("approve-app", help="site: approve an app bundle (the only code its SuperNode runs)")
+    a.add_argument("app", type=Path, nargs="?", help="the app's source tree you reviewed (the folder `flwr run` is "
+                                                      "given): the bundle Flower builds from it is approved")
+    a.add_argument("--fab", type=Path, help="an app bundle file (.fab, e.g. from `flwr build`) instead")
+    a.add_argument("--sha256", help="a bundle's sha256 (64 hex digits) instead")
+    a.add_argument("--bundle", type=Path, help=f"the site's folder: the list is BUNDLE/{approved_apps.FILE}")
+    a.add_argument("--file", type=Path, help="the list of approved bundles (instead of --bundle)")
+    a.add_argument("--note", default="", help="what was reviewed (release, reviewer), kept in the list")
     d = sub.add_parser("supernode", help="site: run this site's SuperNode on its local data")
     d.add_argument("--bundle", type=Path, required=True, help="the site's folder: bundle files from the coordinator "
                                                               "+ the key pair made by `magnet-fl pki site-key`")
@@ -102,7 +143,12 @@ def add_actions(sub) -> None:
     d.add_argument("--clientapp-start", choices=CLIENTAPP_STARTS, default="fork",
                    help="how the per-message ClientApp process starts: forked from a SuperExec that has imported "
                         "Flower, numpy, pandas and pydantic once (default), or Flower's own new interpreter (spawn)")
-    d.add_argument("--print", action="store_true", help="print the flower-supernode command instead of running it")
+    d.add_argument("--approved-apps", type=Path, default=None,
+                   help=f"the site's list of approved app bundles (default BUNDLE/{approved_apps.FILE}, made by "
+                        f"`magnet-fl deploy approve-app`); any other bundle is refused before it is stored")
+    d.add_argument("--approved-fab-sha256", action="append", default=[], metavar="HEX",
+                   help="also approve this bundle sha256 for this start (repeatable)")
+    d.add_argument("--print", action="store_true", help="print the SuperNode's command instead of running it")
 
 
 def start_worker(worker: list[str], sock: Path, env: dict, timeout: float = 300.0) -> subprocess.Popen:
@@ -136,9 +182,19 @@ def _magnet_fl() -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.deploy_command == "approve-app":
+        if (args.bundle is None) == (args.file is None):
+            raise ValueError("give the site's folder (--bundle) or the list itself (--file)")
+        listed = args.file or args.bundle / approved_apps.FILE
+        digest, what = approved_hash(args.app, args.fab, args.sha256)
+        apps = approved_apps.approve(listed, digest, args.note or what)
+        print(f"approved app bundle sha256 {digest} ({what}) in {listed}; {len(apps.app)} approved")
+        return 0
     env = {**os.environ, **FLOWER_ENV}
-    # the bundle and the site's key first (cheap, clear errors), then the data
+    # the bundle, the site's key and its approved apps first (cheap, clear errors), then the data
     bundle, data, manifest = args.bundle.resolve(), args.data.resolve(), args.manifest.resolve()
+    listed = (args.approved_apps or bundle / approved_apps.FILE).resolve()
+    given = tuple(args.approved_fab_sha256)
     sock = (args.worker_socket or bundle / "worker" / "worker.sock").absolute() \
         if args.worker or args.worker_socket else None
     extra = [f"site-log-dir='{args.log_dir.resolve()}'" if args.log_dir else "",
@@ -148,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cmd = supernode_command(bundle, data, manifest, args.port, " ".join(e for e in extra if e),
                             key=args.key.resolve() if args.key else None, pull_interval=args.pull_interval,
-                            clientapp_start=args.clientapp_start)
+                            clientapp_start=args.clientapp_start, approved=listed, approved_sha256=given)
+    require_an_approved_app(listed, given)
     worker = [*_magnet_fl(), "site-worker", "--socket", str(sock), "--data", str(data), "--manifest", str(manifest),
               "--site-name", load_bundle(bundle).site] if args.worker else []
     if not args.skip_validation:
@@ -173,5 +230,5 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    os.execvpe(cmd[0], cmd, env)  # replace this process: its pid is the Flower process's pid
+    os.execvpe(cmd[0], cmd, env)  # replace this process: its pid is the SuperNode's pid
     return 0  # pragma: no cover

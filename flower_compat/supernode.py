@@ -3,7 +3,13 @@
 * ``fast_polling``: the SuperNode's fixed waits (3 s after an empty pull, 0.5 s between checks for its ClientApp's
   reply) and the SuperExec's task poll shortened while a run is active;
 * ``forking_superexec``: the SuperExec forks a child per ClientApp that runs Flower's own ``flwr-clientapp`` entry
-  point, instead of starting a new interpreter that imports Flower again.
+  point, instead of starting a new interpreter that imports Flower again (and the task's token never appears on a
+  command line);
+* ``refuse_unapproved_apps``: the SuperNode checks every app bundle (FAB) a run brings against the site's own rule
+  before storing it; a refused bundle is never stored, so no ClientApp can run it, and the coordinator gets an
+  error reply naming the check;
+* ``start_superexec``: the SuperExec as a process of the site's own (Flower's ``process`` isolation), sharing the
+  Runtime API's authentication secret with the SuperNode: without the secret no local process can claim a task.
 
 ``python -m flower_compat.supernode --superexec [--fork] FLOWER-SUPEREXEC-ARGS`` runs Flower's SuperExec (with
 ``forking_superexec`` when ``--fork``). The site's launcher (``client/deploy_site.py``) decides which hooks to use.
@@ -11,6 +17,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import os
@@ -20,15 +27,20 @@ import sys
 import time
 import traceback
 import types
+from logging import ERROR
+from typing import Callable
 
 # (importing this module runs flower_compat/__init__.py first: the Flower version is checked before these imports)
+from flwr.app import Error, Message
+from flwr.common.constant import ISOLATION_MODE_PROCESS, ErrorCode
+from flwr.supercore import log as flower_log
 from flwr.supercore.cli import flower_superexec
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.superexec.executor import subprocess_executor
 from flwr.supernode import start_client_internal as sci
 from flwr.supernode.cli import flower_supernode, flwr_clientapp
 
-from . import FLOWER_IDLE_PULL
+from . import FLOWER_IDLE_PULL, FlowerVersionError
 
 FLOWER_REPLY_CHECK = 0.5  # seconds between the SuperNode's checks for its ClientApp's reply (Flower 1.41, fixed)
 REPLY_CHECK_INTERVAL, TASK_POLL_INTERVAL = 0.05, 0.1
@@ -130,19 +142,68 @@ def forking_superexec() -> bool:
     return True
 
 
-def superexec_through(command: list[str]) -> bool:
-    """Make this process's SuperNode start its SuperExec as ``command + <flower-superexec's arguments>`` instead of
-    Flower's ``flower-superexec`` program. Returns False, changing nothing, if the SuperNode does not start it so."""
-    if getattr(sci, "subprocess", None) is not subprocess:
-        return False
+class UnapprovedApp(Exception):
+    """An app bundle the site's rule refused; the text is the reason sent back to the coordinator."""
 
-    def popen(args, **kwargs):
-        if args and args[0] == "flower-superexec":
-            args = [*command, *args[1:]]
-        return subprocess.Popen(args, **kwargs)
 
-    sci.subprocess = types.SimpleNamespace(Popen=popen)
-    return True
+def refuse_unapproved_apps(check: Callable[[str], str | None]) -> None:
+    """Make this process's SuperNode check every app bundle (FAB) before it stores it: ``check(sha256)`` gets the
+    sha256 of the bundle's bytes as received (computed here: Flower does not check that the bytes match the hash the
+    SuperLink announces) and returns None to accept or the reason to refuse. A refused bundle is not stored, no task
+    is created, and the message gets Flower's own INVALID_FAB error reply with that reason (the run's next message
+    is checked again). Raises FlowerVersionError, changing nothing, if this Flower's SuperNode does not fetch
+    bundles the way this was written for (the check must never silently not apply)."""
+    pull = getattr(sci, "_pull_and_store_message", None)
+    insert = getattr(sci, "_insert_message", None)
+    params = set(inspect.signature(pull).parameters) if callable(pull) else set()
+    if not callable(insert) or not {"state", "object_store", "receive", "get_fab"} <= params:
+        raise FlowerVersionError("this Flower's SuperNode does not pull app bundles as Flower 1.41.0 does; "
+                                 "magnet-fl cannot check them and refuses to start the SuperNode")
+
+    def pull_and_store(**kwargs):
+        received, get_fab = [], kwargs["get_fab"]
+
+        def receive():
+            got = kwargs["receive"]()
+            received[:] = [got[0]] if got else []
+            return got
+
+        def checked_get_fab(fab_hash: str, run_id: int):
+            fab = get_fab(fab_hash, run_id)
+            digest = hashlib.sha256(fab.content).hexdigest()
+            if digest != fab_hash or fab.hash_str != fab_hash:
+                raise UnapprovedApp(f"app bundle refused by this site: its bytes hash to sha256 {digest}, not the "
+                                    f"{fab_hash} announced for run {run_id}")
+            reason = check(digest)
+            if reason is not None:
+                raise UnapprovedApp(reason)
+            return fab
+
+        try:
+            return pull(**{**kwargs, "receive": receive, "get_fab": checked_get_fab})
+        except UnapprovedApp as exc:
+            message = received[0]
+            flower_log(ERROR, "%s (run %s)", exc, message.metadata.run_id)
+            insert(Message(Error(code=ErrorCode.INVALID_FAB, reason=str(exc)), reply_to=message),
+                   kwargs["state"], kwargs["object_store"])
+            return message.metadata.run_id
+
+    sci._pull_and_store_message = pull_and_store
+
+
+def start_superexec(runtime_address: str, secret_file: str, fork: bool) -> subprocess.Popen:
+    """Start Flower's SuperExec for this process's SuperNode (``process`` isolation: the SuperNode does not start
+    one itself): it claims tasks on the loopback Runtime API signing each claim with the secret in ``secret_file``,
+    and exits with this process."""
+    return subprocess.Popen([*superexec_command(fork), "--runtime-api-address", runtime_address, "--insecure",
+                             "--parent-pid", str(os.getpid()), "--superexec-auth-secret-file", secret_file])
+
+
+def supernode_isolation_args(host: str, port: int, secret_file: str) -> list[str]:
+    """flower-supernode's flags for a Runtime API on ``host:port`` that only holders of the secret can claim tasks
+    from (Flower 1.41 applies the secret in ``process`` isolation only; in ``subprocess`` it ignores it)."""
+    return ["--isolation", ISOLATION_MODE_PROCESS, "--host", host, "--port", str(port),
+            "--superexec-auth-secret-file", secret_file]
 
 
 def superexec_command(fork: bool) -> list[str]:

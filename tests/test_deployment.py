@@ -207,7 +207,8 @@ def _prepare_sites(data_root: Path, work: Path) -> tuple[list[Path], Path]:
             df.loc[df.index.intersection(part)].to_csv(d / f"{m}.csv.gz")
         sites.append(d)
     manifest = ConsortiumManifest(name="brca", classes=["Basal", "Her2", "LumA"],
-                                  modalities=[ModalitySpec(name=m, features=list(df.columns)) for m, df in mods.items()])
+                                  modalities=[ModalitySpec(name=m, features=list(df.columns))
+                                              for m, df in mods.items()])
     # each site enrols with its patient counts (what `validate-site --enrol` prints); the server bounds replies by them
     from magnet_core.cohort.validation import load_site_cohort
     from magnet_core.consortium.simulated import enrolled_site
@@ -251,6 +252,16 @@ def test_deployment_on_loopback(data_root, tmp_path):
         for f in make_site(pki, f"site-{s}", d / "node_auth_key.pub", f"127.0.0.1:{fleet}").iterdir():
             shutil.copy(f, d / f.name)
     _assert_no_site_private_key(pki, site_dirs)
+    # each site approves the app bundle of the release it reviewed (this checkout): the only code its SuperNode runs
+    from client import approved_apps
+    from flower_compat.app_bundle import app_bundle_sha256
+
+    approval = _run([*cli, "deploy", "approve-app", "--bundle", str(site_dirs["a"]), str(REPO)], env)
+    assert approval.returncode == 0, approval.stderr
+    release = app_bundle_sha256(REPO)
+    for d in (site_dirs["b"], site_dirs["c"], tmp_path / "outsider"):
+        approved_apps.approve(d / approved_apps.FILE, release, "this checkout")
+    assert approved_apps.load(site_dirs["a"] / approved_apps.FILE).hashes() == {release}
 
     # the outsider: on the sites' network (reaches only the Fleet address), holds ca.crt and its own fresh key
     from server.deploy_cli import write_connection
