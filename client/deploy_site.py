@@ -8,24 +8,28 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
+import tomli_w
 from cryptography.hazmat.primitives import serialization
 
 from flower_compat import FLOWER_ENV, FLOWER_IDLE_PULL
 from magnet_core.artefacts.site_bundle import load_bundle
 
 from . import approved_apps
+from .private_files import write_private
 
 ACTIONS = ("supernode", "approve-app")
 LAUNCHER = "client.supernode_launcher"
 RUNTIME_HOST = "127.0.0.1"  # the SuperNode's Runtime API (its ClientApps' and SuperExec's): loopback only
-SUPERNODE_DIR = "supernode"  # BUNDLE/supernode/ (0700): the SuperExec secret, written fresh at every start
+SUPERNODE_DIR = "supernode"  # BUNDLE/supernode/ (0700): node config (0600), SuperExec secret (new at every start)
 # Flower 1.41's SuperNode sleeps a fixed 3 s after every empty pull; ``deploy supernode`` polls every PULL_INTERVAL
 # seconds while a run is active (a message seen in the last ACTIVE_WINDOW seconds) and at Flower's 3 s otherwise.
 DEFAULT_PULL_INTERVAL, ACTIVE_WINDOW = 0.25, 120.0
@@ -52,28 +56,50 @@ def site_private_key(bundle: Path, key: Path | None) -> Path:
     return path
 
 
-def supernode_command(bundle: Path, data: Path, manifest: Path, port: int = 9094, extra_node_config: str = "",
+NODE_CONFIG_KEY = re.compile(r"[a-z][a-z0-9-]*")
+
+
+def node_config_file(bundle: Path, port: int, config: Mapping[str, str | int | float | bool]) -> Path:
+    """The SuperNode's node config as a TOML file (BUNDLE/supernode/node-config-PORT.toml, 0600), which Flower reads
+    as typed values: a path or a name holding quotes or spaces stays one value (on a command line,
+    ``data-dir='...'`` with a quote in the path would end the value and let the rest set other keys)."""
+    bad = [k for k in config if not NODE_CONFIG_KEY.fullmatch(str(k))]
+    if bad:
+        raise ValueError(f"node-config key {bad[0]!r}: use lower-case letters, digits and '-'")
+    wrong = {k: type(v).__name__ for k, v in config.items() if not isinstance(v, (str, int, float, bool))}
+    if wrong:
+        raise ValueError(f"node-config values must be text, numbers or true/false; got {wrong}")
+    path = bundle / SUPERNODE_DIR / f"node-config-{port}.toml"
+    write_private(path, tomli_w.dumps(dict(config)).encode())
+    return path
+
+
+def supernode_command(bundle: Path, data: Path, manifest: Path, port: int = 9094,
+                      extra_node_config: Mapping[str, str | int | float | bool] | None = None,
                       key: Path | None = None, pull_interval: float = DEFAULT_PULL_INTERVAL,
                       clientapp_start: str = "fork", approved: Path | None = None,
                       approved_sha256: tuple[str, ...] = ()) -> list[str]:
     """The site's SuperNode: the launcher's own ``--name=value`` options (``client/supernode_launcher.py``: the
     approved app bundles, the Runtime API port and its secret, polling, ClientApp start), then flower-supernode's
-    arguments: TLS against the consortium CA, the site's own key, its local data. ``approved``: the site's list of
-    approved bundles (default BUNDLE/approved-apps.toml); ``approved_sha256``: more, for this start only."""
+    arguments: TLS against the consortium CA, the site's own key, its local data (node config written to a TOML
+    file, ``node_config_file``). ``approved``: the site's list of approved bundles (default
+    BUNDLE/approved-apps.toml); ``approved_sha256``: more, for this start only."""
     site = load_bundle(bundle)
     private = site_private_key(bundle, key)
-    node_config = f"data-dir='{data}' manifest='{manifest}' site-name='{site.site}'"
-    if extra_node_config:
-        node_config += f" {extra_node_config}"
+    own = {"data-dir": str(data), "manifest": str(manifest), "site-name": site.site}
+    clash = sorted(set(own) & set(extra_node_config or {}))
+    if clash:
+        raise ValueError(f"node-config key {clash[0]!r} is set by deploy supernode itself")
     if clientapp_start not in CLIENTAPP_STARTS:
         raise ValueError(f"clientapp_start must be one of {CLIENTAPP_STARTS}, got {clientapp_start!r}")
     given = [approved_apps.sha256_text(h, "--approved-fab-sha256") for h in approved_sha256]
+    node_config = node_config_file(bundle, port, {**own, **dict(extra_node_config or {})})
     launcher = [sys.executable, "-m", LAUNCHER, f"--approved-apps={approved or bundle / approved_apps.FILE}",
                 *([f"--approved-fab-sha256={','.join(given)}"] if given else []),
                 f"--secret-file={bundle / SUPERNODE_DIR / f'superexec-{port}.secret'}", f"--runtime-port={port}",
                 f"--pull-interval={pull_interval:g}", f"--clientapp-start={clientapp_start}"]
     return [*launcher, "--root-certificates", str(bundle / site.ca_certificate), "--superlink", site.superlink,
-            "--auth-supernode-private-key", str(private), "--node-config", node_config]
+            "--auth-supernode-private-key", str(private), "--node-config", str(node_config)]
 
 
 def require_an_approved_app(listed: Path, given: tuple[str, ...]) -> None:
@@ -148,7 +174,9 @@ def add_actions(sub) -> None:
                         f"`magnet-fl deploy approve-app`); any other bundle is refused before it is stored")
     d.add_argument("--approved-fab-sha256", action="append", default=[], metavar="HEX",
                    help="also approve this bundle sha256 for this start (repeatable)")
-    d.add_argument("--print", action="store_true", help="print the SuperNode's command instead of running it")
+    d.add_argument("--print", action="store_true",
+                   help="print the SuperNode's command instead of running it (it reads the node config written to "
+                        f"BUNDLE/{SUPERNODE_DIR}/node-config-PORT.toml)")
 
 
 def start_worker(worker: list[str], sock: Path, env: dict, timeout: float = 300.0) -> subprocess.Popen:
@@ -197,12 +225,12 @@ def run(args: argparse.Namespace) -> int:
     given = tuple(args.approved_fab_sha256)
     sock = (args.worker_socket or bundle / "worker" / "worker.sock").absolute() \
         if args.worker or args.worker_socket else None
-    extra = [f"site-log-dir='{args.log_dir.resolve()}'" if args.log_dir else "",
-             f"worker-socket='{sock}' worker-timeout={float(args.worker_timeout)}" if sock else ""]
+    extra = {**({"site-log-dir": str(args.log_dir.resolve())} if args.log_dir else {}),
+             **({"worker-socket": str(sock), "worker-timeout": float(args.worker_timeout)} if sock else {})}
     if not 0 < args.pull_interval <= 60:
         print(f"error: --pull-interval must be in (0, 60] seconds, got {args.pull_interval:g}", file=sys.stderr)
         return 2
-    cmd = supernode_command(bundle, data, manifest, args.port, " ".join(e for e in extra if e),
+    cmd = supernode_command(bundle, data, manifest, args.port, extra,
                             key=args.key.resolve() if args.key else None, pull_interval=args.pull_interval,
                             clientapp_start=args.clientapp_start, approved=listed, approved_sha256=given)
     require_an_approved_app(listed, given)

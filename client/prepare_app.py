@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -32,6 +33,7 @@ from magnet_core.cohort.preprocess import (
     write_prepared_site,
 )
 
+from .private_files import private_output
 from .secure import guarded, secagg_mask, secagg_share, secagg_unmask, secure_reply, start_secure_sum
 
 app = ClientApp()
@@ -168,7 +170,8 @@ def apply(msg: Message, context: Context) -> Message:
         cfg, site = _site(config, spec, keep=False)
         manifest = ConsortiumManifest.model_validate_json(str(config["manifest"]))
         frames, report = apply_manifest(site, manifest, cfg.clip)
-        write_prepared_site(spec.out_dir, site, frames)
+        with private_output(Path(spec.out_dir)):  # patient-level: 0600 files in a 0700 folder
+            write_prepared_site(spec.out_dir, site, frames)
     except DataError as exc:
         return _refusal(msg, name, exc)
     return Message(content=RecordDict({"site": ConfigRecord({"name": name, "out-dir": spec.out_dir,

@@ -10,10 +10,25 @@ from pathlib import Path
 FILE_MODE, DIR_MODE = 0o600, 0o700
 
 
+def make_dirs(path: Path) -> Path:
+    """Create ``path`` and any missing parents as 0700 folders (``Path.mkdir(parents=True)`` would give the parents
+    the default mode); folders that exist are left as they are."""
+    target = folder = Path(path)
+    missing = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another process: left as it is
+            folder.mkdir(mode=DIR_MODE)
+            os.chmod(folder, DIR_MODE)  # in case the umask removed bits we want (it cannot add any)
+    return target
+
+
 def private_dir(path: Path) -> Path:
     """``path`` as a folder only this user can open: created 0700 (with any missing parents) or set to 0700."""
     path = Path(path)
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    make_dirs(path)
     os.chmod(path, DIR_MODE)
     return path
 
@@ -26,7 +41,7 @@ def write_private(path: Path, data: bytes, overwrite: bool = True) -> Path:
     path = Path(path)
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()

@@ -10,8 +10,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import tomllib
 
 from client import approved_apps
 from client.deploy_site import supernode_command
@@ -161,7 +163,9 @@ def test_supernode_print_is_a_line_a_shell_runs_unchanged(pki, tmp_path, deploy)
                               clientapp_start="spawn")
     assert plain[:3] == launcher[:3] and "--pull-interval=3" in plain and "--clientapp-start=spawn" in plain
     assert "--isolation" not in expected  # the launcher sets it (process), with the secret
-    assert f"data-dir='{data.resolve()}'" in expected[expected.index("--node-config") + 1]
+    node_config = tomllib.loads(Path(expected[expected.index("--node-config") + 1]).read_text())
+    assert node_config == {"data-dir": str(data.resolve()), "manifest": str(manifest.resolve()),
+                           "site-name": "hospital-a"}
     assert expected[expected.index("--auth-supernode-private-key") + 1] == str((at_site / SITE_KEY).resolve())
 
 

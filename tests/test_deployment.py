@@ -310,9 +310,9 @@ def test_deployment_on_loopback(data_root, tmp_path):
             procs.start(f"worker-{s}", [*cli, "site-worker", "--socket", str(sockets[s]), "--data", str(sites[i]),
                                         "--manifest", str(manifest), "--site-name", f"site-{s}"])
         for i, s in enumerate("bc", start=1):
-            extra = f"worker-socket='{sockets[s]}'"
+            extra = {"worker-socket": str(sockets[s])}
             if s == "c":  # site-c: a huge-norm update every round, and its own log of what crossed its boundary
-                extra += f" test-poison='scale' site-log-dir='{tmp_path / 'log-c'}'"
+                extra |= {"test-poison": "scale", "site-log-dir": str(tmp_path / "log-c")}
             procs.start(f"supernode-{s}", supernode_command(site_dirs[s], sites[i], manifest, _free_port(), extra))
         _wait(lambda: all(p.exists() for p in sockets.values()), 300, "the site workers to listen")
 
@@ -347,7 +347,7 @@ def test_deployment_on_loopback(data_root, tmp_path):
 
         # the killed site rejoins with the same key once the SuperLink has marked it offline (<= ~60 s)
         _rejoin(procs, "supernode-b", supernode_command(site_dirs["b"], sites[1], manifest, _free_port(),
-                                                        f"worker-socket='{sockets['b']}'"), 240)
+                                                        {"worker-socket": str(sockets["b"])}), 240)
 
         # all three sites are up again: the resumed run waits for all of them (no straggler cut-off for site-b)
         resumed_config = run_config.replace("min-sites=2", "min-sites=3") + " resume=true"
