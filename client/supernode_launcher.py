@@ -35,7 +35,7 @@ from flower_compat.supernode import (
 
 from . import approved_apps
 from .deploy_site import ACTIVE_WINDOW, CLIENTAPP_STARTS, DEFAULT_PULL_INTERVAL, RUNTIME_HOST
-from .private_files import write_private
+from .private_files import private_dir, write_private
 
 OPTIONS = {"pull-interval": str(DEFAULT_PULL_INTERVAL), "clientapp-start": "fork", "runtime-port": "9094",
            "approved-apps": "", "approved-fab-sha256": "", "secret-file": ""}
@@ -84,7 +84,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ.update({k: os.environ.get(k, v) for k, v in {**FLOWER_ENV, **OBJECT_CONCURRENCY}.items()})
-    write_private(secret, secrets.token_bytes(SECRET_BYTES))  # a new secret at every start
+    private_dir(secret.parent)
+    write_private(secret, secrets.token_bytes(SECRET_BYTES))  # a new secret at every start, 0600 in a 0700 folder
     refuse_unapproved_apps(approved_apps.checker(listed, given))
     if interval < FLOWER_IDLE_PULL and not fast_polling(interval, ACTIVE_WINDOW):
         print("warning: this Flower version's SuperNode loop is not the one magnet-fl knows; polling at Flower's "
