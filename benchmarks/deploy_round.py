@@ -287,6 +287,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         make_site_key(d, comment=f"site-{s}")
         for f in make_site(pki, f"site-{s}", d / "node_auth_key.pub", f"127.0.0.1:{fleet}").iterdir():
             shutil.copy(f, d / f.name)
+        # the site approves the app bundle of the release it reviewed (this checkout)
+        subprocess.run([*cli, "deploy", "approve-app", "--bundle", str(d), str(REPO)], env=env, check=True,
+                       capture_output=True, timeout=120)
         bundles[s] = d
     procs = Stamped(logs, env)
     meter = CpuMeter(procs)

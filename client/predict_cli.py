@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from magnet_core.artefacts.model_package import ModelPackage, read_package
+from magnet_core.artefacts.model_package import ModelPackage, PackageError, PackageStamp, read_package, require_identity
 from magnet_core.cohort.data import (
     LABEL_FILE_RE,
     MODALITY_SUFFIXES,
@@ -27,6 +31,8 @@ from magnet_core.model.graph_topk import DENSE_MAX_PATIENTS
 from magnet_core.model.inductive import AttachRule, Reference, default_attach_rule, predict_new
 from magnet_core.model.metrics import confusion_counts, metrics_from_confusion
 
+from .private_files import open_to_others, write_private
+
 PROGRESS_FROM = 2000  # show a progress bar from this many patients on
 
 
@@ -39,7 +45,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patients", type=Path, required=True,
                    help="new patients: a folder of per-modality tables <modality>.csv[.gz] (any subset of the "
                         "modalities), one such file, or a prepared site folder (use --split to pick patients)")
-    p.add_argument("--out", type=Path, required=True, help="CSV with one row per patient")
+    p.add_argument("--out", type=Path, required=True,
+                   help="CSV with one row per patient (written 0600; missing folders are made 0700)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
+    p.add_argument("--require-run", metavar="RUN",
+                   help="refuse a package that is not from this run (the run its metadata names)")
+    p.add_argument("--require-round", type=int, metavar="N", help="refuse a package that is not from round N")
+    p.add_argument("--require-latest", type=Path, metavar="RECORD",
+                   help="refuse a package older than the newest this site used (written earlier, or an earlier "
+                        "round of the same run), as kept in RECORD (JSON, 0600; created at the first use), and "
+                        "record this one")
     p.add_argument("--manifest", type=Path, help="this site's manifest; the package must have been trained for it")
     p.add_argument("--split", choices=("train", "val", "test"),
                    help="score only the patients of this split of a labelled --patients folder (e.g. test)")
@@ -275,14 +290,35 @@ def score_patients(pkg: ModelPackage, ref: Cohort, patients: NewPatients, rule: 
     return Scored(pred.probs, pred.reference_neighbours, pred.no_shared_modality, rule.rule)
 
 
+def used_packages(record: Path) -> list[PackageStamp]:
+    """The packages this site scored with, as ``--require-latest`` keeps them (absent file: none)."""
+    if not record.exists():
+        return []
+    try:
+        return [PackageStamp.model_validate(e) for e in json.loads(record.read_text())]
+    except (ValueError, TypeError) as exc:
+        raise PackageError(f"{record}: not this site's record of used packages ({str(exc).splitlines()[0]})") \
+            from None
+
+
+def newest(stamps: list[PackageStamp]) -> PackageStamp | None:
+    """The most recently written package (latest round among equals)."""
+    return max(stamps, key=lambda s: (dt.datetime.fromisoformat(s.created), s.round or 0), default=None)
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False, soft_wrap=True, stderr=True)
     log = lambda text: console.print(escape(text))  # noqa: E731
+    if os.path.lexists(args.out) and not args.overwrite:  # before any work; checked again when writing
+        raise FileExistsError(f"{args.out} exists; refusing to overwrite it (pass --overwrite to replace it)")
     site_manifest = ConsortiumManifest.load(args.manifest) if args.manifest else None
     pkg = read_package(args.package, ca_cert=args.ca, manifest=site_manifest)
     meta = pkg.metadata
-    log(f"package {args.package}: {meta.method} model, round {meta.round}, signed by {pkg.signer!r} "
-        f"(verified against {args.ca}); run {meta.run_fingerprint[:12]}")
+    used = used_packages(args.require_latest) if args.require_latest else []
+    require_identity(meta, args.require_run, args.require_round, newest(used))
+    stamp = PackageStamp.of(meta, hashlib.sha256(Path(args.package).read_bytes()).hexdigest())
+    log(f"package {args.package}: {meta.method} model, signed by {pkg.signer!r} (verified against {args.ca}); "
+        f"{stamp.describe()}; run settings {meta.run_fingerprint[:12]}")
     seed = args.seed if args.seed is not None else int(meta.run_config.get("seed", 0))
     pkg.build_model()  # the weights must fit the described model before any data is read
     ref = load_reference(args.reference, pkg.manifest, seed)
@@ -296,8 +332,16 @@ def run(args: argparse.Namespace) -> int:
     pred = score_patients(pkg, ref, patients, attach_rule(args.attach, args.k, args.link_new, ref.n),
                           args.batch_size, log, console)
     frame = predictions_frame(pkg, patients, pred.probs, pred.reference_neighbours, pred.no_shared_modality)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out, index=False, float_format="%.6g")
+    try:  # patient-level: 0600, new folders 0700
+        write_private(args.out, frame.to_csv(index=False, float_format="%.6g").encode(), overwrite=args.overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"{args.out} exists; refusing to overwrite it (pass --overwrite to replace it)") \
+            from None
+    if open_to_others(args.out.parent):
+        log(f"note: {args.out} is readable by this user only, but its folder {args.out.parent} is open to others "
+            f"(they see the file's name); keep patient-level outputs in a folder only you can open (chmod 700)")
+    if args.require_latest and stamp not in used:
+        write_private(args.require_latest, json.dumps([e.model_dump() for e in [*used, stamp]], indent=1).encode())
     counts = frame["predicted_class"].value_counts().reindex(meta.classes, fill_value=0)
     n = len(patients.ids)
     log(f"{n} patient(s) scored against {ref.n} reference patients ({pred.rule} rule): "

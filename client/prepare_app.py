@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -51,6 +52,7 @@ from magnet_core.protocol.keys import (
 from magnet_core.protocol.prepare import PrepareApplied, PrepareRefusal, PrepareRequest, StatsReply, stats_key
 from magnet_core.protocol.secagg import SecAggError, SecAggStart
 
+from .private_files import private_output
 from .secure import STAGE_HANDLERS, abandoned_on_refusal, secagg_record, secure_reply, start_secure_sum
 from .site_path import Handler, client_app
 
@@ -177,7 +179,8 @@ def apply(msg: Message, context: Context) -> Message:
         if request.manifest is None:
             raise ContractError("preparation request: query.prepare_apply without the consortium's manifest")
         frames, report = apply_manifest(site, request.manifest, cfg.clip)
-        write_prepared_site(spec.out_dir, site, frames)
+        with private_output(Path(spec.out_dir)):  # patient-level: 0600 files in a 0700 folder
+            write_prepared_site(spec.out_dir, site, frames)
     except (DataError, ContractError) as exc:
         return _refusal(msg, name, exc)
     applied = PrepareApplied(site=name, out_dir=spec.out_dir, report=report)

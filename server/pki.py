@@ -7,7 +7,6 @@ import csv
 import datetime as dt
 import hashlib
 import io
-import ipaddress
 import os
 import re
 from pathlib import Path
@@ -17,7 +16,17 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from magnet_core.artefacts.site_bundle import (  # noqa: F401  (re-exported: the coordinator writes bundles)
+    CA_CERT,
+    SETTINGS,
+    SITE_KEY,
+    SITE_PUB,
+    SiteBundle,
+    check_site_name,
+    parse_host,
+    split_host_port,
+)
 
 # Coordinator layout under one PKI root (e.g. ./pki). Each folder is read by one party only:
 #   ca/        ca.key + ca.crt       the consortium CA; keep offline, nothing running reads it
@@ -26,68 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 #   sites/<name>/  ca.crt, site.toml, node_auth_key.pub   a site's bundle (public material only)
 #   registered_sites.csv   site name -> OpenSSH public key, what `flwr supernode register` is given
 CA_DIR, SUPERLINK_DIR, SIGNING_DIR, SITES_DIR = "ca", "superlink", "signing", "sites"
-CA_KEY, CA_CERT = "ca.key", "ca.crt"
+CA_KEY = "ca.key"
 SERVER_KEY, SERVER_CERT = "server.key", "server.pem"
 SIGNING_KEY, SIGNING_CERT = "model_signing.key", "model_signing.crt"
-SITE_KEY, SITE_PUB = "node_auth_key", "node_auth_key.pub"  # made at the site by `magnet-fl pki site-key`
 REGISTRY = "registered_sites.csv"
 
 _NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)  # what Flower's node authentication accepts
-_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DNS_NAME = re.compile(rf"^(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?$")
-
-
-def parse_host(host: str) -> x509.GeneralName:
-    """A SAN entry for a DNS name or an IP address; a clear error for anything else (a port, a URL, a blank)."""
-    text = host.strip()
-    try:
-        return x509.IPAddress(ipaddress.ip_address(text.strip("[]")))
-    except ValueError:
-        pass
-    if not _DNS_NAME.match(text) or len(text) > 253:
-        hint = " (give the host without a port or scheme)" if (":" in text or "/" in text) else ""
-        raise ValueError(f"--host {host!r} is neither a DNS name nor an IP address{hint}")
-    return x509.DNSName(text.rstrip(".").lower())
-
-
-def check_site_name(value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
-        raise ValueError(f"site name {value!r} must start with a letter or digit and contain only letters, "
-                         f"digits, '.', '_' and '-' (at most 64 characters; it names a folder)")
-    return value
-
-
-def split_host_port(value: str, what: str = "address") -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port), with a clear error."""
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{what} {value!r} must be HOST:PORT, e.g. fl.example.org:9092")
-    parse_host(host)  # raises with a clear message for a malformed host
-    return host.strip("[]"), int(port)
-
-
-class SiteBundle(BaseModel):
-    """Connection settings handed to a site (written as site.toml in its bundle, next to ca.crt)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    site: str = Field(description="site name; also the bundle's folder name")
-    superlink: str = Field(description="HOST:PORT of the SuperLink's Fleet API (default port 9092)")
-    ca_certificate: str = CA_CERT
-    auth_public_key: str = Field(SITE_PUB, description="the public key the coordinator registered for this site")
-    auth_private_key: str = Field(SITE_KEY, description="file name of the site's own private key (made at the "
-                                                        "site by `magnet-fl pki site-key`; never in the bundle)")
-
-    @field_validator("site")
-    @classmethod
-    def _site_name(cls, value: str) -> str:
-        return check_site_name(value)
-
-    @field_validator("superlink")
-    @classmethod
-    def _host_port(cls, value: str) -> str:
-        split_host_port(value, "superlink address")
-        return value.strip()
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -308,7 +261,7 @@ def make_site(pki: Path, site: str, public_key: Path, superlink: str, force: boo
     bundle_dir.mkdir(parents=True, exist_ok=True)
     (bundle_dir / settings.auth_public_key).write_text(f"{public} {site}\n")
     (bundle_dir / CA_CERT).write_bytes(ca_cert.read_bytes())
-    (bundle_dir / "site.toml").write_text(tomli_w.dumps(settings.model_dump()))
+    (bundle_dir / SETTINGS).write_text(tomli_w.dumps(settings.model_dump()))
     sites[site] = public
     _write_registry(pki, sites)
     return bundle_dir

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("client.predict_cli", "score new patients with a consortium model package"),
     "prepare": ("simulations.prepare_cli", "preprocess raw site matrices (locally or federated)"),
     "pki": ("server.pki_cli", "consortium PKI: CA, SuperLink TLS certificate, site bundles"),
-    "deploy": ("server.deploy_cli", "start a SuperLink (coordinator) or SuperNode (site) with the right flags"),
+    "deploy": ("simulations.deploy_cli", "start a SuperLink (coordinator) or SuperNode (site) with the right flags"),
     "site": ("client.site_cli", "a site's own policy (policy init|check) and audit log (audit)"),
     "site-worker": ("client.worker", "run a site's persistent worker (keeps data, graphs and libraries loaded)"),
     "report": ("simulations.report_cli", "write the HTML report of a run"),

@@ -13,6 +13,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # what Grid.get_nodes returns in Flower 1.41
 from flwr.serverapp import Grid
 
+from flower_compat.simulation import enter_task_identity, run_simulation, set_message_id
 from server.config import FederatedConfig
 
 
@@ -25,11 +26,7 @@ class InProcessGrid(Grid):
 
     def __init__(self, client_app, num_nodes: int, run_config: dict | None = None,
                  node_configs: dict[int, dict] | None = None):
-        from flwr.common.constant import SUPERLINK_NODE_ID
-        from flwr.supercore.task_identity import TaskIdentity
-
-        # messages created outside a SuperLink need a task identity, as in Flower's own legacy simulation API
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+        enter_task_identity(1)  # messages created outside a SuperLink need a task identity
         self.client_app = client_app
         extra = node_configs or {}
         self.contexts = {
@@ -62,7 +59,7 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            set_message_id(msg, str(uuid.uuid4()))
             reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
             self._replies[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
@@ -123,27 +120,11 @@ def run_flower_app(server_app, client_app, run_config: dict, num_sites: int, ver
                    ray_address: str | None = None, cpus_per_site: float = 1.0) -> None:
     """Run a ServerApp/ClientApp pair on Flower's simulation engine with ``run_config`` as the ServerApp's Flower
     run config (no environment variables, no module globals)."""
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation  # the public wrapper takes no run config
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
-
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
-    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     # a no-op if Ray is running (run_flower started it); federated preparation needs no torch in the driver
     init_args = start_ray(verbose, ray_address, cpus_per_site, warm_imports=False)
-    _run_simulation(num_supernodes=num_sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app=client_app, server_app=server_app, server_app_context=context, run=run,
-                    backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-                                    "init_args": init_args},
-                    verbose_logging=verbose)
+    run_simulation(server_app, client_app, run_config, num_sites,
+                   {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0}, "init_args": init_args},
+                   verbose)
 
 
 def _import_training_stack() -> None:

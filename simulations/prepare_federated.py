@@ -33,15 +33,12 @@ def run_inprocess(run, node_configs: dict[int, dict] | None = None) -> dict:
     """The same ServerApp body and ClientApp handlers, messages delivered by direct calls (no Ray).
     ``node_configs``: extra node_config per partition id (e.g. deployment-style ``raw-dir`` / ``prepared-dir``)."""
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
 
     from client.prepare_app import app as client_app
     from server.prepare_app import prepare_and_record
 
     from .engine import InProcessGrid
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     num_nodes = max(run.expected_sites(), len(node_configs or {}))
     grid = InProcessGrid(client_app, num_nodes, node_configs=node_configs)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})

@@ -10,13 +10,18 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import tomllib
 
-from server.deploy_cli import DEFAULT_CONTROL_PORT, FleetOnlyGate, flower_superlink_args, supernode_command
+from client import approved_apps
+from client.deploy_site import supernode_command
+from server.deploy_cli import DEFAULT_CONTROL_PORT, FleetOnlyGate, flower_superlink_args
 from server.pki import SITE_KEY, SITE_PUB, init_ca, issue_server_cert, make_site, make_site_key
 
 CONTROL, FLEET = 9093, 9092
+APPROVED = "ab" * 32  # an app bundle's sha256
 
 
 async def _flower(scope, receive, send):  # stands for Flower's app: answers 200
@@ -123,6 +128,7 @@ def _site(pki, tmp_path, name="hospital a"):
     bundle = make_site(pki, name.replace(" ", "-"), at_site / SITE_PUB, "127.0.0.1:9092")
     for f in bundle.iterdir():
         shutil.copy(f, at_site / f.name)
+    approved_apps.approve(at_site / approved_apps.FILE, APPROVED, "the release this site reviewed")
     return at_site
 
 
@@ -135,8 +141,12 @@ def test_supernode_print_is_a_line_a_shell_runs_unchanged(pki, tmp_path, deploy)
                  "--print")
     assert out.returncode == 0, out.stderr
     expected = supernode_command(at_site.resolve(), data.resolve(), manifest.resolve(), 9094)
-    # the SuperNode runs through magnet-fl's launcher (fast polling, forked ClientApps), then Flower's own arguments
-    launcher = [sys.executable, "-m", "server.deploy_cli", "--pull-interval=0.25", "--clientapp-start=fork"]
+    # the SuperNode runs through the site's launcher (approved bundles, the Runtime API's secret, polling, forked
+    # ClientApps), then Flower's own arguments
+    site = at_site.resolve()
+    launcher = [sys.executable, "-m", "client.supernode_launcher", f"--approved-apps={site / 'approved-apps.toml'}",
+                f"--secret-file={site / 'supernode' / 'superexec-9094.secret'}", "--runtime-port=9094",
+                "--pull-interval=0.25", "--clientapp-start=fork"]
     assert expected[:len(launcher)] == launcher and expected[len(launcher)] == "--root-certificates"
     # pasted into bash, with the program replaced by one that prints the argv it receives
     echo = f"{shlex.quote(sys.executable)} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
@@ -148,11 +158,14 @@ def test_supernode_print_is_a_line_a_shell_runs_unchanged(pki, tmp_path, deploy)
                             capture_output=True, text=True, timeout=60)
     assert pasted.returncode == 0, pasted.stderr
     assert json.loads(pasted.stdout) == expected[3:]
-    # Flower's own program when neither is asked for
+    # Flower's polling and its own ClientApp start: still the launcher, which checks every bundle and holds the secret
     plain = supernode_command(at_site.resolve(), data.resolve(), manifest.resolve(), 9094, pull_interval=3.0,
                               clientapp_start="spawn")
-    assert plain[0] == "flower-supernode" and plain[1:] == expected[len(launcher):]
-    assert f"data-dir='{data.resolve()}'" in expected[expected.index("--node-config") + 1]
+    assert plain[:3] == launcher[:3] and "--pull-interval=3" in plain and "--clientapp-start=spawn" in plain
+    assert "--isolation" not in expected  # the launcher sets it (process), with the secret
+    node_config = tomllib.loads(Path(expected[expected.index("--node-config") + 1]).read_text())
+    assert node_config == {"data-dir": str(data.resolve()), "manifest": str(manifest.resolve()),
+                           "site-name": "hospital-a"}
     assert expected[expected.index("--auth-supernode-private-key") + 1] == str((at_site / SITE_KEY).resolve())
 
 
@@ -217,7 +230,7 @@ def test_fast_polling_shortens_flowers_sleeps_only_while_a_run_is_active():
     out = _python("""
 import time
 from flwr.supernode import start_client_internal as sci
-from server.deploy_cli import fast_polling
+from flower_compat.supernode import fast_polling
 slept = []
 real = time.sleep
 time.sleep = slept.append  # records what the patched clock asks for
@@ -244,7 +257,7 @@ def test_forking_superexec_runs_flowers_clientapp_entry_point_in_a_forked_child(
     out = _python("""
 import os, sys, time
 from flwr.supercore.superexec.executor import subprocess_executor as se
-from server.deploy_cli import forking_superexec
+from flower_compat.supernode import forking_superexec
 assert forking_superexec()
 assert "pandas" in sys.modules and "flwr.supernode.runtime.run_clientapp" in sys.modules
 child = se.subprocess.Popen(["flwr-clientapp", "--help"])
@@ -265,7 +278,7 @@ print("parent goes on", os.getpid())
 
 
 def test_launcher_options_are_separated_from_flowers_arguments():
-    from server.deploy_cli import _launcher_options
+    from client.supernode_launcher import launcher_options as _launcher_options
 
     names = {"pull-interval": "0.25", "clientapp-start": "fork"}
     values, rest = _launcher_options(["--pull-interval=1", "--clientapp-start=spawn", "--superlink", "h:1",

@@ -167,7 +167,7 @@ def _one_line(text: str) -> str:
 def _outsider_is_refused(procs: Processes, outsider: Path, env: dict, data: Path, manifest: Path) -> None:
     """An outsider with ca.crt and its own fresh key, reaching the Fleet address, cannot register a node, list runs,
     start a run, or join with a SuperNode. Each refusal is printed for the record."""
-    from server.deploy_cli import supernode_command
+    from client.deploy_site import supernode_command
 
     forbidden = "Forbidden: this address serves only the Fleet API"
     attempts = {"register a node": ["flwr", "supernode", "register", str(outsider / "node_auth_key.pub"), "outsider"],
@@ -252,6 +252,16 @@ def test_deployment_on_loopback(data_root, tmp_path):
         for f in make_site(pki, f"site-{s}", d / "node_auth_key.pub", f"127.0.0.1:{fleet}").iterdir():
             shutil.copy(f, d / f.name)
     _assert_no_site_private_key(pki, site_dirs)
+    # each site approves the app bundle of the release it reviewed (this checkout): the only code its SuperNode runs
+    from client import approved_apps
+    from flower_compat.app_bundle import app_bundle_sha256
+
+    approval = _run([*cli, "deploy", "approve-app", "--bundle", str(site_dirs["a"]), str(REPO)], env)
+    assert approval.returncode == 0, approval.stderr
+    release = app_bundle_sha256(REPO)
+    for d in (site_dirs["b"], site_dirs["c"], tmp_path / "outsider"):
+        approved_apps.approve(d / approved_apps.FILE, release, "this checkout")
+    assert approved_apps.load(site_dirs["a"] / approved_apps.FILE).hashes() == {release}
 
     # the outsider: on the sites' network (reaches only the Fleet address), holds ca.crt and its own fresh key
     from server.deploy_cli import write_connection
@@ -284,7 +294,7 @@ def test_deployment_on_loopback(data_root, tmp_path):
             said, _ = reg.communicate(timeout=150)  # `timeout` ends it first
             assert reg.returncode == 0, said
 
-        from server.deploy_cli import supernode_command
+        from client.deploy_site import supernode_command
 
         # site-a is started from the line `deploy supernode --print` prints, pasted into a shell
         # (with --worker: a persistent site worker holds the data, graphs and torch; the per-message ClientApp only
@@ -304,9 +314,9 @@ def test_deployment_on_loopback(data_root, tmp_path):
             procs.start(f"worker-{s}", [*worker, "--socket", str(sockets[s]), "--data", str(sites[i]),
                                         "--manifest", str(manifest), "--site-name", f"site-{s}"])
         for i, s in enumerate("bc", start=1):
-            extra = f"worker-socket='{sockets[s]}'"
+            extra = {"worker-socket": str(sockets[s])}
             if s == "c":  # site-c keeps its own log of what crossed its boundary (written by its worker)
-                extra += f" site-log-dir='{tmp_path / 'log-c'}'"
+                extra |= {"site-log-dir": str(tmp_path / "log-c")}
             procs.start(f"supernode-{s}", supernode_command(site_dirs[s], sites[i], manifest, _free_port(), extra))
         _wait(lambda: all(p.exists() for p in sockets.values()), 300, "the site workers to listen")
 
@@ -342,7 +352,7 @@ def test_deployment_on_loopback(data_root, tmp_path):
 
         # the killed site rejoins with the same key once the SuperLink has marked it offline (<= ~60 s)
         _rejoin(procs, "supernode-b", supernode_command(site_dirs["b"], sites[1], manifest, _free_port(),
-                                                        f"worker-socket='{sockets['b']}'"), 240)
+                                                        {"worker-socket": str(sockets["b"])}), 240)
 
         # all three sites are up again: the resumed run waits for all of them (no straggler cut-off for site-b)
         resumed_config = run_config.replace("min-sites=2", "min-sites=3") + " resume=true"

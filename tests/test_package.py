@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import io
@@ -17,10 +18,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from magnet_core.artefacts.model_package import (
     PackageError,
+    PackageStamp,
     canonical_json,
     fingerprint,
     manifest_differences,
     read_package,
+    require_identity,
     sign,
     verify,
     write_package,
@@ -34,9 +37,10 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def make_pki(tmp_path, tag: str = "", usage=ExtendedKeyUsageOID.CODE_SIGNING):
-    """A consortium CA (EC P-384, as `magnet-fl pki init`) and an Ed25519 signing certificate it issues (as
-    `magnet-fl pki signing-key`). Returns (ca.crt path, signing key path, signing cert path)."""
+def make_pki(tmp_path, tag: str = "", usage=ExtendedKeyUsageOID.CODE_SIGNING, key_usage: bool = True):
+    """A consortium CA (EC P-384, as `magnet-fl pki init`) and an Ed25519 signing certificate it issues, as
+    `magnet-fl pki signing-key` does: key usage digital signature + content commitment (left out if not
+    ``key_usage``), extended key usage ``usage`` (left out if None). Returns (ca.crt, signing key, cert) paths."""
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = (x509.CertificateBuilder().subject_name(_name(f"test CA{tag}")).issuer_name(_name(f"test CA{tag}"))
@@ -48,9 +52,15 @@ def make_pki(tmp_path, tag: str = "", usage=ExtendedKeyUsageOID.CODE_SIGNING):
     cert = (x509.CertificateBuilder().subject_name(_name("model signing")).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .sign(ca_key, hashes.SHA384()))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+    if usage is not None:
+        cert = cert.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if key_usage:
+        cert = cert.add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True,
+                                                key_encipherment=False, data_encipherment=False,
+                                                key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                                encipher_only=False, decipher_only=False), critical=True)
+    cert = cert.sign(ca_key, hashes.SHA384())
     d = tmp_path / f"pki{tag}"
     d.mkdir()
     (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
@@ -166,6 +176,69 @@ def test_a_package_of_another_consortium_or_key_is_refused(tmp_path):
         x509.load_pem_x509_certificate(ours[2].read_bytes()).subject
     with pytest.raises(PackageError, match="modified after signing"):
         verify(data + b"!", sign(data, ours[1]), ours[2], ours[0])
+
+
+def test_a_signing_certificate_must_carry_the_signing_key_usages(tmp_path):
+    """A certificate from the consortium CA without the key-usage extension (or without the extended one) signs no
+    package a site accepts; `magnet-fl pki signing-key` issues both."""
+    bare = make_pki(tmp_path, "bare", key_usage=False)
+    path, _ = _package(tmp_path, bare, name="bare.magnet")
+    with pytest.raises(PackageError, match="carries no key usage: a signing certificate must allow digital sign"):
+        read_package(path, ca_cert=bare[0])
+    no_purpose = make_pki(tmp_path, "nopurpose", usage=None)
+    path, _ = _package(tmp_path, no_purpose, name="nopurpose.magnet")
+    with pytest.raises(PackageError, match="carries no extended key usage"):
+        read_package(path, ca_cert=no_purpose[0])
+    from server.pki import init_ca, issue_signing_key
+
+    init_ca(tmp_path / "real")
+    key, cert = issue_signing_key(tmp_path / "real")
+    path, _ = _package(tmp_path, (tmp_path / "real" / "ca" / "ca.crt", key, cert), name="real.magnet")
+    assert read_package(path, ca_cert=tmp_path / "real" / "ca" / "ca.crt").signer == "magnet-fl model signing"
+
+
+def _resigned(src, dst, pki, edit):
+    """A package whose metadata ``edit(dict)`` changed, signed again with the consortium's own key (what an older
+    release of magnet-fl, or the coordinator itself, could have written)."""
+    meta = json.loads(zipfile.ZipFile(src).read("metadata.json"))
+    edit(meta)
+    data = canonical_json(meta)
+    signature = json.loads(zipfile.ZipFile(src).read("signature.json"))
+    signature["signature"] = base64.b64encode(sign(data, pki[1])).decode()
+    return _rewrite(src, dst, lambda n, d: data if n == "metadata.json" else
+                    canonical_json(signature) if n == "signature.json" else d)
+
+
+def test_a_package_names_its_run_round_and_date_and_a_site_can_require_them(tmp_path):
+    pki = make_pki(tmp_path)
+    path, _ = _package(tmp_path, pki, run="flwr-run-42")
+    meta = read_package(path, ca_cert=pki[0]).metadata
+    assert meta.format_version == 2 and meta.run == "flwr-run-42" and meta.round == 3
+    assert dt.datetime.fromisoformat(meta.created).tzinfo is not None
+    unnamed = read_package(_package(tmp_path, pki, name="unnamed.magnet")[0], ca_cert=pki[0]).metadata
+    assert unnamed.run == meta.run_fingerprint[:16]  # a package always names its run
+    require_identity(meta, run="flwr-run-42", round=3)
+    with pytest.raises(PackageError, match="the package is from run flwr-run-42, round 3, written .*; this site "
+                                           "requires run flwr-run-43"):
+        require_identity(meta, run="flwr-run-43")
+    with pytest.raises(PackageError, match="requires round 5"):
+        require_identity(meta, round=5)
+    newest = PackageStamp(run="flwr-run-42", round=4, created=meta.created)
+    with pytest.raises(PackageError, match="older than the newest this site has used"):
+        require_identity(meta, newest=newest)  # an earlier round of the same run
+    later = (dt.datetime.fromisoformat(meta.created) + dt.timedelta(seconds=1)).isoformat()
+    with pytest.raises(PackageError, match="older than the newest"):
+        require_identity(meta, newest=PackageStamp(run="another", round=1, created=later))
+    require_identity(meta, newest=PackageStamp.of(meta))  # the same package again
+    # a format-1 package (before packages named their run) is still read, but never matches a required run
+    old = _resigned(path, tmp_path / "v1.magnet", pki, lambda m: (m.pop("run"), m.update(format_version=1)))
+    v1 = read_package(old, ca_cert=pki[0]).metadata
+    assert v1.run is None and v1.format_version == 2 - 1
+    with pytest.raises(PackageError, match=r"run \(unnamed\)"):
+        require_identity(v1, run="flwr-run-42")
+    no_run = _resigned(path, tmp_path / "norun.magnet", pki, lambda m: m.pop("run"))
+    with pytest.raises(PackageError, match="a format 2 package names its run"):
+        read_package(no_run, ca_cert=pki[0])
 
 
 def test_a_site_with_another_manifest_is_told_what_differs(tmp_path):

@@ -29,6 +29,7 @@ from magnet_core.cohort.manifest import ConsortiumManifest
 from magnet_core.model.config import GraphConfig, ModelConfig
 
 FORMAT = "magnet-fl-model-package"
+FORMAT_VERSION = 2  # 2: names its run (1: run unnamed, still read)
 METADATA, SIGNATURE = "metadata.json", "signature.json"
 ALLOWED_DTYPES = ("<f4", "<f8", "<i8")  # raw little-endian arrays only: nothing in a package is ever unpickled
 MAX_METADATA_BYTES = 256 * 2**20
@@ -95,8 +96,10 @@ class PackageMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["magnet-fl-model-package"] = FORMAT
-    format_version: Literal[1] = 1
+    format_version: Literal[1, 2] = FORMAT_VERSION
     created: str = Field(description="UTC time the package was written (ISO 8601)")
+    run: str | None = Field(None, min_length=1, max_length=200,
+                            description="the run the weights come from (format 2 on; format 1 did not name it)")
     method: str = Field("federated", description="what produced the weights: federated, centralized, ...")
     manifest: ConsortiumManifest
     manifest_sha256: str = Field(description="fingerprint of the manifest")
@@ -113,6 +116,14 @@ class PackageMetadata(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PackageMetadata":
+        if self.format_version >= 2 and self.run is None:
+            raise ValueError("a format 2 package names its run")
+        try:
+            created = dt.datetime.fromisoformat(self.created)
+        except ValueError:
+            raise ValueError(f"created {self.created!r} is not an ISO 8601 time") from None
+        if created.tzinfo is None:
+            raise ValueError(f"created {self.created!r} has no time zone")
         if self.classes != self.manifest.classes:
             raise ValueError(f"classes {self.classes} differ from the manifest's {self.manifest.classes}")
         if self.run_fingerprint != fingerprint(self.run_config):
@@ -191,8 +202,9 @@ def _subject(cert: x509.Certificate) -> str:
 
 
 def check_signer(signer_cert, ca_cert, now: dt.datetime | None = None) -> x509.Certificate:
-    """The signer certificate must be issued by the consortium CA, valid now, Ed25519, not a CA, and (when it says
-    so) meant for signing. Returns it; raises PackageError otherwise."""
+    """The signer certificate must be issued by the consortium CA, valid now, Ed25519, not a CA, and meant for
+    signing: key usage digital signature and extended key usage code signing, both present. Returns it; raises
+    PackageError otherwise."""
     cert, ca = load_certificate(signer_cert), load_certificate(ca_cert)
     who = f"signer certificate {_subject(cert)!r}"
     try:
@@ -213,15 +225,19 @@ def check_signer(signer_cert, ca_cert, now: dt.datetime | None = None) -> x509.C
     except x509.ExtensionNotFound:
         pass
     try:
-        if not ext.get_extension_for_class(x509.KeyUsage).value.digital_signature:
-            raise PackageError(f"{who} is not allowed to make digital signatures (key usage)")
+        usage = ext.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
-        pass
+        raise PackageError(f"{who} carries no key usage: a signing certificate must allow digital signatures "
+                           f"(as `magnet-fl pki signing-key` issues it)") from None
+    if not usage.digital_signature:
+        raise PackageError(f"{who} is not allowed to make digital signatures (key usage)")
     try:
-        if ExtendedKeyUsageOID.CODE_SIGNING not in ext.get_extension_for_class(x509.ExtendedKeyUsage).value:
-            raise PackageError(f"{who} is not a code/content-signing certificate (extended key usage)")
+        purposes = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
-        pass
+        raise PackageError(f"{who} carries no extended key usage: a signing certificate must be for code "
+                           f"signing (as `magnet-fl pki signing-key` issues it)") from None
+    if ExtendedKeyUsageOID.CODE_SIGNING not in purposes:
+        raise PackageError(f"{who} is not a code/content-signing certificate (extended key usage)")
     return cert
 
 
@@ -274,11 +290,14 @@ def _member(i: int) -> str:
 def write_package(path: str | Path, params: Mapping[str, np.ndarray], *, manifest: ConsortiumManifest, preset: str,
                   model_cfg: ModelConfig, graph_cfg: GraphConfig, run_config: Mapping[str, Any],
                   signing_key, signing_cert, round: int | None = None,
-                  metrics: Mapping[str, float | None] | None = None, method: str = "federated") -> Path:
+                  metrics: Mapping[str, float | None] | None = None, method: str = "federated",
+                  run: str | None = None) -> Path:
     """Write and sign a model package (a zip: metadata.json, signature.json, weights/*.npy raw arrays).
 
-    The signature covers metadata.json, which holds each array's sha256: changing any weight or any metadata byte
-    makes :func:`read_package` refuse the file."""
+    The package names its ``run`` (default: the first 16 hex digits of the run configuration's fingerprint), its
+    ``round`` and the time it was written, so that a site can require a given or the newest one. The signature
+    covers metadata.json, which holds each array's sha256: changing any weight or any metadata byte makes
+    :func:`read_package` refuse the file."""
     key, cert = load_signing_key(signing_key), load_certificate(signing_cert)
     if cert.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) != \
             key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw):
@@ -298,7 +317,8 @@ def write_package(path: str | Path, params: Mapping[str, np.ndarray], *, manifes
     run_config = json.loads(canonical_json(dict(run_config)))
     try:
         meta = PackageMetadata(
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), method=method,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), method=method,
+            run=run or fingerprint(run_config)[:16],
             manifest=manifest, manifest_sha256=fingerprint(manifest.model_dump(mode="json")),
             classes=list(manifest.classes), preset=preset, model=model_cfg, graph=graph_cfg, run_config=run_config,
             run_fingerprint=fingerprint(run_config), round=round, metrics=_finite(dict(metrics or {})),
@@ -392,6 +412,43 @@ def read_package(path: str | Path, *, ca_cert, manifest: ConsortiumManifest | No
             raise PackageError(f"{path}: the package was trained for another manifest than this site's:\n- "
                                + "\n- ".join(problems[:10]))
     return ModelPackage(meta, params, _subject(cert), path)
+
+
+class PackageStamp(BaseModel):
+    """What identifies a package in time: its run, round and creation time (and the file's sha256)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str | None
+    round: int | None
+    created: str
+    sha256: str = ""
+
+    @classmethod
+    def of(cls, meta: PackageMetadata, sha256: str = "") -> "PackageStamp":
+        return cls(run=meta.run, round=meta.round, created=meta.created, sha256=sha256)
+
+    def describe(self) -> str:
+        return f"run {self.run or '(unnamed)'}, round {self.round if self.round is not None else '-'}, " \
+               f"written {self.created}"
+
+
+def require_identity(meta: PackageMetadata, run: str | None = None, round: int | None = None,
+                     newest: PackageStamp | None = None) -> None:
+    """PackageError naming what differs when the package is not from ``run``, not from ``round``, or older than
+    ``newest`` (the newest package this site used: written earlier, or an earlier round of the same run)."""
+    this = PackageStamp.of(meta)
+    if run is not None and meta.run != run:
+        raise PackageError(f"the package is from {this.describe()}; this site requires run {run}")
+    if round is not None and meta.round != round:
+        raise PackageError(f"the package is from {this.describe()}; this site requires round {round}")
+    if newest is None:
+        return
+    written, latest = dt.datetime.fromisoformat(meta.created), dt.datetime.fromisoformat(newest.created)
+    earlier_round = meta.run == newest.run and (meta.round or 0) < (newest.round or 0)
+    if written < latest or earlier_round:
+        raise PackageError(f"the package is older than the newest this site has used: it is from "
+                           f"{this.describe()}; the newest is from {newest.describe()}")
 
 
 def manifest_from_cohort(cohort, classes: list[str] | None = None, name: str | None = None) -> ConsortiumManifest:
