@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Message, RecordDict
-from flwr.common.serde import recorddict_to_proto
 
+from flower_compat.wire import recorddict_bytes
 from magnet_core.artefacts.audit_chain import AUDIT_FILE, GENESIS, HEAD_FILE, chained
 
 from .site_log import items
@@ -28,7 +28,7 @@ TAIL_BYTES = 1 << 20  # the last entry is found in the log's last MiB (an entry 
 
 def content_digest(content: RecordDict) -> dict[str, Any]:
     """Size and sha256 of a message's content as Flower serialises it (deterministic protobuf)."""
-    data = recorddict_to_proto(content).SerializeToString(deterministic=True)
+    data = recorddict_bytes(content)
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 

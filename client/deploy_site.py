@@ -22,6 +22,14 @@ from cryptography.hazmat.primitives import serialization
 
 from flower_compat import FLOWER_ENV, FLOWER_IDLE_PULL
 from magnet_core.artefacts.site_bundle import load_bundle
+from magnet_core.protocol.keys import (
+    NODE_DATA_DIR,
+    NODE_MANIFEST,
+    NODE_SITE_LOG_DIR,
+    NODE_SITE_NAME,
+    NODE_WORKER_SOCKET,
+    NODE_WORKER_TIMEOUT,
+)
 
 from . import approved_apps
 from .private_files import write_private
@@ -86,7 +94,7 @@ def supernode_command(bundle: Path, data: Path, manifest: Path, port: int = 9094
     BUNDLE/approved-apps.toml); ``approved_sha256``: more, for this start only."""
     site = load_bundle(bundle)
     private = site_private_key(bundle, key)
-    own = {"data-dir": str(data), "manifest": str(manifest), "site-name": site.site}
+    own = {NODE_DATA_DIR: str(data), NODE_MANIFEST: str(manifest), NODE_SITE_NAME: site.site}
     clash = sorted(set(own) & set(extra_node_config or {}))
     if clash:
         raise ValueError(f"node-config key {clash[0]!r} is set by deploy supernode itself")
@@ -225,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
     given = tuple(args.approved_fab_sha256)
     sock = (args.worker_socket or bundle / "worker" / "worker.sock").absolute() \
         if args.worker or args.worker_socket else None
-    extra = {**({"site-log-dir": str(args.log_dir.resolve())} if args.log_dir else {}),
-             **({"worker-socket": str(sock), "worker-timeout": float(args.worker_timeout)} if sock else {})}
+    extra = {**({NODE_SITE_LOG_DIR: str(args.log_dir.resolve())} if args.log_dir else {}),
+             **({NODE_WORKER_SOCKET: str(sock), NODE_WORKER_TIMEOUT: float(args.worker_timeout)} if sock else {})}
     if not 0 < args.pull_interval <= 60:
         print(f"error: --pull-interval must be in (0, 60] seconds, got {args.pull_interval:g}", file=sys.stderr)
         return 2

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from flwr.app import Context, Message, RecordDict
-from flwr.common.serde import message_from_proto, recorddict_to_proto
-from flwr.proto.message_pb2 import Message as MessageProto
 from google.protobuf.message import DecodeError
 
+from flower_compat.wire import message_of, recorddict_bytes
 from magnet_core.artefacts.processes import process_alive
 from magnet_core.protocol.errors import CONTRACT_ERROR_CODE, WORKER_ERROR_CODE, ContractError
 from magnet_core.protocol.keys import CONFIG_KEY, NODE_DATA_DIR, NODE_MANIFEST, NODE_SITE_NAME
@@ -256,7 +255,7 @@ class SiteWorker:
                         reply.error.reason.splitlines()[0] if reply.error.reason else "")
             return WorkerAnswer(ok=False, code=int(reply.error.code), reason=str(reply.error.reason)), {}
         log.info("%s answered in %.2f s", what, time.monotonic() - t0)
-        return WorkerAnswer(ok=True), {CONTENT_PAYLOAD: recorddict_to_proto(reply.content).SerializeToString()}
+        return WorkerAnswer(ok=True), {CONTENT_PAYLOAD: recorddict_bytes(reply.content)}
 
     # -- serving
 
@@ -317,10 +316,8 @@ def decode_message(data: bytes | None) -> Message:
     """The Flower message a request carries (Flower's protobuf); ContractError when absent or unreadable."""
     if data is None:
         raise ContractError(f"the request carries no message (payload {MESSAGE_PAYLOAD!r})")
-    proto = MessageProto()
     try:
-        proto.ParseFromString(data)
-        msg = message_from_proto(proto)
+        msg = message_of(data)
     except (DecodeError, ValueError, TypeError, KeyError) as exc:
         raise ContractError(f"the request's message is not a Flower message ({type(exc).__name__}: {exc})") \
             from None

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 from flwr.app import Context, Error, Message
-from flwr.common.serde import message_to_proto, recorddict_from_proto
-from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
 from google.protobuf.message import DecodeError
 
+from flower_compat.wire import message_bytes, recorddict_of
 from magnet_core.protocol.errors import WORKER_ERROR_CODE, ContractError
 from magnet_core.protocol.keys import (
     NODE_WORKER_CONNECT_TIMEOUT,
@@ -277,7 +276,7 @@ def forward_message(msg: Message, context: Context) -> Message:
                                 node_config={k: v for k, v in context.node_config.items()
                                              if k not in WORKER_LINK_KEYS})
         t0, age = time.monotonic(), process_age()
-        answer, payloads = exchange(path, request, {MESSAGE_PAYLOAD: message_to_proto(msg).SerializeToString()},
+        answer, payloads = exchange(path, request, {MESSAGE_PAYLOAD: message_bytes(msg)},
                                     connect_timeout, timeout)
         if not answer.ok:
             log.warning("%s message: the site answered an error (%s): %s", kind, answer.code,
@@ -287,10 +286,8 @@ def forward_message(msg: Message, context: Context) -> Message:
         content = payloads.get(CONTENT_PAYLOAD)
         if content is None:
             raise WorkerFailure(f"site worker at {path} answered without the reply's content")
-        proto = RecordDictProto()
         try:
-            proto.ParseFromString(content)
-            reply = Message(recorddict_from_proto(proto), reply_to=msg)
+            reply = Message(recorddict_of(content), reply_to=msg)
         except (DecodeError, ValueError, TypeError) as exc:
             raise WorkerFailure(f"site worker at {path} sent a reply that is not a Flower record dict ({exc})"
                                 ) from None

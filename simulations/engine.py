@@ -10,10 +10,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
-from flwr.proto.node_pb2 import NodeInfo  # what Grid.get_nodes returns in Flower 1.41
 from flwr.serverapp import Grid
 
 from flower_compat.simulation import enter_task_identity, run_simulation, set_message_id
+from flower_compat.wire import NodeInfo  # what Grid.get_nodes returns in Flower 1.41
 from server.config import FederatedConfig
 
 
