@@ -112,7 +112,8 @@ def main() -> int:
         steady = row["epochs"][1:] or row["epochs"]
         wall = min(e["wall_s"] for e in steady)
         cpu = min(e["cpu_s"] for e in steady)
-        print(f"{n:>7} patients: {row['graph_rule']} graph, {row['edges']:,} edges (graph {row['graph_build_wall_s']:.1f} s); "
+        print(f"{n:>7} patients: {row['graph_rule']} graph, {row['edges']:,} edges "
+              f"(graph {row['graph_build_wall_s']:.1f} s); "
               f"{row['batching']} batching; epoch {wall:.1f} s wall / {cpu:.1f} s CPU "
               f"(best of {len(steady)}; load {steady[0]['load1']:.1f}); peak RSS {row['peak_rss_gib']:.2f} GiB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Does OMP_WAIT_POLICY=PASSIVE work when set after ``import torch``? CPU and wall time of intermittent 2-thread
-work (300 x: a 256 x 256 matmul and a reduction, then 2 ms of serial Python) with the variable unset, set after, set before."""
+work (300 x: a 256 x 256 matmul and a reduction, then 2 ms of serial Python) with the variable unset, set after,
+set before."""
 
 from __future__ import annotations
 

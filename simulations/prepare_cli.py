@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--config", type=Path, help="TOML file of PrepareConfig fields")
     t.add_argument("--name", default=None, help="consortium name in the manifest")
     t.add_argument("--classes", default=None, help="comma-separated class names (text labels map to their index)")
-    t.add_argument("--seed", type=int, default=None, help=f"seed of each site's 70/10/20 split (default {DEFAULT_SEED})")
+    t.add_argument("--seed", type=int, default=None,
+                   help=f"seed of each site's 70/10/20 split (default {DEFAULT_SEED})")
     t.add_argument("--n-features", type=positive_int, default=None,
                    help="features kept per modality by ANOVA F (1000)")
     t.add_argument("--features-per-modality", type=_pairs(int), default=None, metavar="M=K,...",
@@ -147,7 +148,8 @@ def build_sites(args: argparse.Namespace):
         if name in {s.name for s in specs}:
             raise DataError(f"two sites are named {name!r}; give --site-name")
         specs.append(SiteSpec(name=name, out_dir=str(args.out / name), labels=str(args.labels),
-                              modalities={m: str(p) for m, p in args.modality}, split=str(args.split_file) if args.split_file else None))
+                              modalities={m: str(p) for m, p in args.modality},
+                              split=str(args.split_file) if args.split_file else None))
     elif args.split_file is not None or args.site_name is not None:
         raise DataError("--split-file and --site-name describe a site given by --labels/--modality")
     if not specs:

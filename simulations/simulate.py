@@ -64,8 +64,9 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
                                {"aggregation": "modality-aware", "server_lr": FEDYOGI_LR}),
 }
 METHODS = METHOD_NAMES
-PERSONALIZE_PART = "head+graph"  # personalized: the part each site fine-tunes (magnet_core.model.personalize.PARTS); the
-# only part with a detectable gain over federated in 5-seed OV / BRCA runs (OV attach-to-train, +0.024 MCC)
+# personalized: the part each site fine-tunes (magnet_core.model.personalize.PARTS). It was kept for its gain in
+# earlier 5-seed runs scored on test patients, not chosen on validation patients (issue 23: to be re-derived).
+PERSONALIZE_PART = "head+graph"
 DEFAULT_METHODS = ("federated", "centralized", "local_only", "fedavg_plain")  # simulate's default (demo budget)
 # run-config keys simulate sets itself (from its own options, or per method and seed): --set may not touch them
 MANAGED_KEYS = frozenset({"num_server_rounds", "local_epochs", "seed", "preset", "data_path", "scenario", "modalities",

@@ -104,7 +104,7 @@ def test_shares_replayed_from_another_round_fail_authentication():
         sites_b[1].mask(inboxes_a[1], np.ones(6))
 
 
-# ----------------------------------------------------------------------------------------------- (b) curious coordinator
+# ---------------------------------------------------------------------------------------- (b) curious coordinator
 
 
 @pytest.mark.parametrize("n,t", [(2, 1), (3, 1), (4, 2), (5, 2), (1, 1), (3, 4)])

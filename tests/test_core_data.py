@@ -56,7 +56,7 @@ def test_patients_with_no_modality_are_dropped_with_a_count(tmp_path):
 
 
 @pytest.mark.parametrize("value, match", [("abc", "line 3 \\(sample 'p2'\\), column 4 'c': non-numeric value 'abc'"),
-                                          (np.inf, "non-finite \\(inf\\) value"), (np.nan, "missing \\(empty or NA\\) value")])
+                                          (np.inf, "non-finite \\(inf\\) value"), (np.nan, "missing \\(empty or NA\\) value")])  # noqa: E501 (one assertion string)
 def test_bad_cells_are_named(tmp_path, value, match):
     mrna = pd.DataFrame(np.random.default_rng(0).random((3, 4)), index=["p1", "p2", "p3"], columns=list("abcd"))
     mrna = mrna.astype(object)

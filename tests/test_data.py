@@ -97,7 +97,7 @@ def test_unlabelled_modality_rows_are_reported_and_ignored(tmp_path):
     (np.inf, "line 4 (sample 'p3'), column 3 'g2': non-finite (inf) value"),
     (-np.inf, "line 4 (sample 'p3'), column 3 'g2': non-finite (-inf) value"),
     (np.nan, "line 4 (sample 'p3'), column 3 'g2': missing (empty or NA) value"),
-    (1e300, "line 4 (sample 'p3'), column 3 'g2': too large for float32: value 1e+300 (float32 holds up to 3.4e+38; 1 such cells)"),
+    (1e300, "line 4 (sample 'p3'), column 3 'g2': too large for float32: value 1e+300 (float32 holds up to 3.4e+38; 1 such cells)"),  # noqa: E501 (one assertion string)
 ])
 def test_bad_cell_names_file_sample_and_column(tmp_path, cell, expected):
     write_cohort(tmp_path, mrna=_mrna_with(cell))

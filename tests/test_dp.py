@@ -46,7 +46,9 @@ def test_exact_epsilon_matches_the_hockey_stick_divergence_and_dp_accounting():
     z, delta = 1.0, 1e-5
     eps = exact_epsilon([z], delta)
     # independent check: delta(eps) = int max(0, p(x) - e^eps q(x)) dx for p = N(1, z^2), q = N(0, z^2)
-    integrand = lambda x: max(0.0, stats.norm.pdf(x, 1.0, z) - math.exp(eps) * stats.norm.pdf(x, 0.0, z))
+    def integrand(x):
+        return max(0.0, stats.norm.pdf(x, 1.0, z) - math.exp(eps) * stats.norm.pdf(x, 0.0, z))
+
     num, _ = integrate.quad(integrand, eps * z * z + 0.5, 40, epsabs=1e-14, limit=200)
     assert num == pytest.approx(delta, rel=1e-6)
     # reference values from dp-accounting 0.6.0 (GaussianDpEvent composed T times, delta = 1e-5):

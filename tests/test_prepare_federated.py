@@ -149,8 +149,8 @@ def test_a_site_with_bad_data_stops_the_run_naming_site_and_cell(mixomics_sites,
     frame.iloc[3, 7] = "n/a?"
     frame.to_csv(bad / "miRNA.csv.gz")
     dirs = [mixomics_sites[0], bad]
-    with pytest.raises(DataError, match=r"badsite: .*miRNA.csv.gz, line 5 \(sample '[^']+'\), column 9 '[^']+': non-numeric value 'n/a\?'"):
-        run_inprocess(make_run(site_specs(dirs, tmp_path / "out"), tmp_path / "out", PrepareConfig(n_features=20, value_ranges=MIX)))
+    with pytest.raises(DataError, match=r"badsite: .*miRNA.csv.gz, line 5 \(sample '[^']+'\), column 9 '[^']+': non-numeric value 'n/a\?'"):  # noqa: E501 (one assertion string)
+        run_inprocess(make_run(site_specs(dirs, tmp_path / "out"), tmp_path / "out", PrepareConfig(n_features=20, value_ranges=MIX)))  # noqa: E501 (one assertion string)
 
 
 def test_deployment_style_sites_read_their_folders_from_node_config(mixomics_sites, tmp_path):

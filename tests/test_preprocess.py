@@ -92,7 +92,7 @@ def test_wrong_orientation_and_unmatched_ids_are_clear_errors(tmp_path):
      "line 3 \\(feature 'g2'\\), column 3 'p2': non-numeric value 'high'"),
     ("id,g1,g2\np1,1,inf\np2,3,4\n", "auto", "line 2 \\(sample 'p1'\\), column 3 'g2': non-finite \\(inf\\) value"),
     ("id,g1,g2\np1,1,1e300\np2,3,4\n", "auto", "column 3 'g2': too large for float32: value 1e\\+300"),
-    ("id,g1,g2\np1,1,2\np2,3\n", "auto", "m.csv, line 3: 2 cells where the other rows have 3 \\(a truncated or ragged row"),
+    ("id,g1,g2\np1,1,2\np2,3\n", "auto", "m.csv, line 3: 2 cells where the other rows have 3 \\(a truncated or ragged row"),  # noqa: E501 (one assertion string)
     ("id,g1,g2\np1,1,2,3,4\np2,3,4,5,6\n", "auto", "header has 3 cells but the rows have 5"),
     ("id,g1,g2\np1,1,2\np2,3,4,5,6\n", "auto", "cannot be read as a table"),
     ("id,g1,\np1,1,2\np2,3,4\n", "auto", "empty name in header cell 3"),

@@ -17,7 +17,8 @@ from magnet_core.protocol.secagg import UnmaskRequest
 from server.config import FederatedConfig
 from simulations.engine import InProcessGrid
 
-# fixed point (magnet_core/federation/secagg.py): the sum is off by <= 3 * 2^-33 per coordinate before division by a weight
+# fixed point (magnet_core/federation/secagg.py): the sum is off by <= 3 * 2^-33 per coordinate before division by a
+# weight
 # >= 1; both paths then cast to float32, so they agree to one float32 rounding step
 RTOL, ATOL = 2.0**-22, 1e-6
 

@@ -60,7 +60,8 @@ def test_server_step_matches_flowers_fedadam_and_fedyogi(rule):
     from flwr.serverapp.strategy import FedAdam, FedYogi
 
     rng = np.random.default_rng(0)
-    w0 = {"encoders.mRNA.w": rng.normal(size=(3, 4)).astype(np.float32), "head.b": rng.normal(size=5).astype(np.float32)}
+    w0 = {"encoders.mRNA.w": rng.normal(size=(3, 4)).astype(np.float32),
+          "head.b": rng.normal(size=5).astype(np.float32)}
     eta, b1, b2, tau = 0.05, 0.9, 0.99, 1e-3
     cls = FedAdam if rule == "adam" else FedYogi
     ours, state, flower, strategy = w0, ServerOptState(), w0, None
@@ -107,7 +108,8 @@ def test_optimizer_state_round_trips_and_bad_state_is_refused():
     glob = {"a": np.zeros((2, 2), np.float32)}
     _, state = server_opt_step(glob, {"a": np.ones((2, 2), np.float32)}, ServerOptState(), "adam", .1, .9, .99, 1e-3)
     back = ServerOptState.from_tensors(state.to_tensors(), glob)
-    np.testing.assert_array_equal(back.m["a"], state.m["a"]) and np.testing.assert_array_equal(back.v["a"], state.v["a"])
+    np.testing.assert_array_equal(back.m["a"], state.m["a"])
+    np.testing.assert_array_equal(back.v["a"], state.v["a"])
     assert back.steps == {"a": 1}
     with pytest.raises(ValueError, match="does not fit the model"):
         ServerOptState.from_tensors(state.to_tensors(), {"a": np.zeros(3, np.float32)})
@@ -199,7 +201,7 @@ def test_server_optimizer_state_survives_resume(tmp_path):
 
     def cfg(name, rounds, **kw):
         return FederatedConfig(num_server_rounds=rounds, local_epochs=1, scenario="iid-2", seed=3, min_sites=2,
-                               server_optimizer="yogi", server_lr=0.02, report=False, out_dir=str(tmp_path / name), **kw)
+                               server_optimizer="yogi", server_lr=0.02, report=False, out_dir=str(tmp_path / name), **kw)  # noqa: E501 (one assertion string)
 
     straight, _ = run_inprocess(cfg("a", 3), 2)
     run_inprocess(cfg("b", 2), 2)

@@ -29,7 +29,7 @@ REPORT = ("import json, os, torch; print(json.dumps({'policy': p.model_dump(), '
 
 
 def test_policy_before_torch_sets_threads_from_cores_and_workers_and_passive_wait():
-    out = _run("import sys\nfrom magnet_core.model.threads import apply_thread_policy\nassert 'torch' not in sys.modules\n"
+    out = _run("import sys\nfrom magnet_core.model.threads import apply_thread_policy\nassert 'torch' not in sys.modules\n"  # noqa: E501 (one assertion string)
                "p = apply_thread_policy(workers=2, cores=4)\n" + REPORT)
     assert out["policy"]["threads"] == 2 == out["torch"]  # 4 cores / 2 workers
     assert out["interop"] == 1 and out["policy"]["interop_threads"] == 1
@@ -38,7 +38,7 @@ def test_policy_before_torch_sets_threads_from_cores_and_workers_and_passive_wai
 
 
 def test_env_override_and_launcher_budget():
-    forced = _run("from magnet_core.model.threads import apply_thread_policy\np = apply_thread_policy(workers=4)\n" + REPORT,
+    forced = _run("from magnet_core.model.threads import apply_thread_policy\np = apply_thread_policy(workers=4)\n" + REPORT,  # noqa: E501 (one assertion string)
                   MAGNET_FL_THREADS="3")
     assert forced["torch"] == 3 and forced["policy"]["source"] == "MAGNET_FL_THREADS"
     # a launcher's OMP_NUM_THREADS (Ray sets it per actor from num_cpus) caps the cores

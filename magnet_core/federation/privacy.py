@@ -19,7 +19,8 @@
 #     bin across 0.5 together with the confusion matrix would split into smaller groups. A side holding fewer than
 #     k patients is released as one bin: it says exactly what the confusion matrix's column already says. So
 #     every other score interval released describes >= k patients, and a single patient's score is known only to
-#     lie in an interval shared with at least k - 1 others. Merged bins differ between sites, so pooled AUROC comes as an
+#     lie in an interval shared with at least k - 1 others. Merged bins differ between sites, so pooled AUROC comes as
+#     an
 #     interval (``auroc_bounds``); on identical edges its midpoint is the usual tied-histogram AUROC. When both
 #     subgroups are released, "all" sends no histogram of its own (its AUROC comes from the subgroups' bins):
 #     two different merge grids over the same patients would let a difference isolate fewer than k of them.
