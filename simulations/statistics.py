@@ -103,33 +103,31 @@ def verdict(ci_low: float, ci_high: float) -> Verdict:
     return "no difference detected"
 
 
+def _ascending(p_values: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(p as float64, an all-nan output of its shape, the indices of the finite p-values in ascending order)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    finite = np.flatnonzero(np.isfinite(p))
+    return p, np.full(p.shape, math.nan), finite[np.argsort(p[finite], kind="stable")]
+
+
 def holm(p_values: Sequence[float]) -> np.ndarray:
     """Holm's step-down adjusted p-values (family-wise error), in the input order; nan stays nan and is not counted
     in the family. adjusted_(i) = max over j <= i of min(1, (m - j + 1) p_(j)) for the ascending p_(1..m)."""
-    p = np.asarray(p_values, dtype=np.float64)
-    out = np.full(p.shape, math.nan)
-    finite = np.flatnonzero(np.isfinite(p))
-    m = finite.size
-    if m == 0:
-        return out
-    order = finite[np.argsort(p[finite], kind="stable")]
-    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
-    out[order] = np.maximum.accumulate(scaled)
+    p, out, order = _ascending(p_values)
+    m = order.size
+    if m:
+        out[order] = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
     return out
 
 
 def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (false discovery rate), in the input order; nan stays nan and is not
     counted. adjusted_(i) = min over j >= i of min(1, m p_(j) / j) for the ascending p_(1..m)."""
-    p = np.asarray(p_values, dtype=np.float64)
-    out = np.full(p.shape, math.nan)
-    finite = np.flatnonzero(np.isfinite(p))
-    m = finite.size
-    if m == 0:
-        return out
-    order = finite[np.argsort(p[finite], kind="stable")]
-    scaled = np.minimum(1.0, p[order] * m / np.arange(1, m + 1))
-    out[order] = np.minimum.accumulate(scaled[::-1])[::-1]
+    p, out, order = _ascending(p_values)
+    m = order.size
+    if m:
+        scaled = np.minimum(1.0, p[order] * m / np.arange(1, m + 1))
+        out[order] = np.minimum.accumulate(scaled[::-1])[::-1]
     return out
 
 
