@@ -69,6 +69,9 @@ METHODS = METHOD_NAMES
 # personalized: the part each site fine-tunes (magnet_core.model.personalize.PARTS); the only part with a
 # detectable gain over federated in 5-seed OV / BRCA runs (OV attach-to-train, +0.024 MCC)
 PERSONALIZE_PART = "head+graph"
+# Without --data: the generated cohort and scenario of the first run (README "Two commands"), where sites differ
+# enough that one site alone learns less than the consortium (magnet_core.cohort.generated.GENERATED_VARIANTS).
+DEMO_DATA, DEMO_SCENARIO = "generated:demo", "demo-6"
 DEFAULT_METHODS = ("federated", "centralized", "local_only", "fedavg_plain")  # simulate's default (demo budget)
 # run-config keys simulate sets itself (from its own options, or per method and seed): --set may not touch them
 MANAGED_KEYS = frozenset({"num_server_rounds", "local_epochs", "seed", "preset", "data_path", "scenario", "modalities",
@@ -82,10 +85,11 @@ TABLE_CAPTION = ("Own sites' test patients: each site scores its own test patien
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=existing_dir, default=None, help="cohort folder; omitted: a generated cohort")
+    p.add_argument("--data", type=existing_dir, default=None,
+                   help=f"cohort folder; omitted: the generated demo cohort ({DEMO_DATA})")
     p.add_argument("--scenario", default=None,
-                   help="built-in scenario name or a scenario TOML file (default: demo-3 on the generated cohort, "
-                        "iid-3 with --data)")
+                   help=f"built-in scenario name or a scenario TOML file (default: {DEMO_SCENARIO} on the generated "
+                        "cohort, iid-3 with --data)")
     p.add_argument("--rounds", type=positive_int, default=RunSpec.rounds,
                    help=f"federated rounds (default {RunSpec.rounds})")
     p.add_argument("--local-epochs", type=positive_int, default=RunSpec.local_epochs,
@@ -325,8 +329,13 @@ def method_settings(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return {k.replace("_", "-"): getattr(cfg, k) for k in dict.fromkeys(keys)}
 
 
+def data_path_of(args: argparse.Namespace) -> str:
+    """The run's data path: --data, or the generated demo cohort."""
+    return str(args.data) if args.data else DEMO_DATA
+
+
 def run_seed(args: argparse.Namespace, seed: int, methods: list[str], progress: Progress, task) -> tuple[dict, list]:
-    spec = RunSpec(data_path=str(args.data) if args.data else "", scenario=args.scenario, seed=seed,
+    spec = RunSpec(data_path=data_path_of(args), scenario=args.scenario, seed=seed,
                    preset=args.preset, rounds=args.rounds, local_epochs=args.local_epochs, engine=args.engine,
                    out_dir=args.out, ray_address=args.ray_address, test_graph=args.test_graph,
                    overrides=dict(getattr(args, "override_fields", {})))
@@ -408,12 +417,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--methods: unknown {bad or 'none given'}; choose from {list(METHODS)}")
     args.override_fields = parse_overrides(list(getattr(args, "overrides", None) or []), methods)
     if args.scenario is None:
-        args.scenario = "demo-3" if args.data is None else "iid-3"
+        args.scenario = DEMO_SCENARIO if args.data is None else "iid-3"
     if not getattr(args, "_staged", False):  # checks before any work, then the run writes into a staging folder
         check_output(args.out, args.overwrite)
         load_scenario(args.scenario)
         for seed in args.seeds:  # every seed's data and sites are read (and cached) before any training
-            load_consortium(str(args.data) if args.data else "", args.scenario, seed, "")
+            load_consortium(data_path_of(args), args.scenario, seed, "")
         return run_staged(args, "simulate", run)
     scenario = load_scenario(args.scenario)
     generated = args.data is None
@@ -445,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
         title += f" — {GENERATED_NOTICE}"
     print_comparison(title, results, caption=TABLE_CAPTION + f" Mean ± std (ddof 0) over {len(args.seeds)} seed(s).")
     payload = {
-        "mode": "simulate", "scenario": scenario.model_dump(), "data": "generated" if generated else str(args.data),
+        "mode": "simulate", "scenario": scenario.model_dump(), "data": DEMO_DATA if generated else str(args.data),
         "generated_data": generated, "engine": args.engine, "preset": args.preset, "seeds": args.seeds,
         "methods": methods,
         "overrides": {k.replace("_", "-"): v for k, v in args.override_fields.items()},
