@@ -65,7 +65,7 @@ def main() -> None:
         load_before = os.getloadavg()
         one_seed = simulate(README_ARGS, Path(tmp) / "one")
         load_after = os.getloadavg()
-        three = simulate([*README_ARGS[:3], REPORTED_SEEDS, *README_ARGS[4:]], Path(tmp) / "three")
+        three = simulate([*README_ARGS[:4], REPORTED_SEEDS, *README_ARGS[5:]], Path(tmp) / "three")
         results = json.loads((Path(tmp) / "three" / "results.json").read_text())
     payload = {
         "command": "magnet-fl " + " ".join(README_ARGS) + " --out runs/demo",

@@ -26,11 +26,9 @@ TUNING_SEEDS = (1, 2, 3)
 BUILTIN = Path(__file__).resolve().parents[1] / "magnet_core" / "consortium" / "builtin"
 # name -> (generator settings, scenario)
 CANDIDATES: dict[str, tuple[dict, str]] = {
-    "n300-s1.0-demo3": ({}, "demo-3"),
     "n360-s0.45-demo6": ({"n": 360, "signal": 0.45}, "demo-6"),
     "n360-s0.3-demo6": ({"n": 360, "signal": 0.3}, "demo-6"),
     "n360-s0.6-demo6": ({"n": 360, "signal": 0.6}, "demo-6"),
-    "n300-s0.6-demo6": ({"n": 300, "signal": 0.6}, "demo-6"),
     "n360-s0.8-demo6": ({"n": 360, "signal": 0.8}, "demo-6"),
 }
 
