@@ -114,10 +114,9 @@ def check_seed(data: str, scenario: str, seed: int, preset_name: str, modalities
 def _from_simulate(run_dir: Path, seeds: list[int] | None) -> list[tuple]:
     """(data, scenario, seed, preset, modalities, params, history, rule) per federated seed of a simulate out-dir."""
     res = json.loads((run_dir / "results.json").read_text())
-    if res.get("generated_data"):
-        data = ""
-    else:
-        data = res["data"]
+    data = res["data"]
+    if res.get("generated_data") and not str(data).startswith("generated:"):
+        data = ""  # simulate before named generated cohorts: the default one
     rule = res.get("test_graph", "among-test")
     out = []
     for seed in seeds or res["seeds"]:

@@ -12,9 +12,13 @@ from typing import Any, Mapping
 from rich.console import Console
 from rich.table import Table
 
+from magnet_core.artefacts.report import EVALUATIONS, pooled_over
+
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
 TABLE_METRICS = ("mcc", "acc", "f1", "auroc", "auprc")
+# simulate's metrics: the sites release no AUPRC (average precision needs the order of scores inside a histogram bin)
+COMPARISON_METRICS = ("mcc", "acc", "f1", "auroc")
 
 
 def fmt(stat: Mapping[str, Any] | None) -> str:
@@ -36,6 +40,23 @@ def print_summary(title: str, rows: Mapping[str, Mapping[str, Mapping[str, Any]]
             if not any(f"{g}{m}" in metrics for m in TABLE_METRICS):
                 continue
             table.add_row(method, g.rstrip("_") or "all", *[fmt(metrics.get(f"{g}{m}")) for m in TABLE_METRICS])
+    console.print(table)
+
+
+def print_comparison(title: str, results: Mapping[str, Mapping[str, Mapping[str, Any]]], caption: str = "") -> None:
+    """simulate's table: per method, its evaluation on its own sites' test patients and on the consortium's test
+    patients (all test patients of each), with over how many sites and patients each row is pooled."""
+    table = Table(title=title, caption=caption, caption_justify="left")
+    for col in ("method", "evaluation", "pooled over"):
+        table.add_column(col)
+    for m in COMPARISON_METRICS:
+        table.add_column(m)
+    for method, metrics in results.items():
+        for prefix, evaluation in EVALUATIONS.items():
+            if f"{prefix}mcc" not in metrics:
+                continue
+            table.add_row(method, evaluation, pooled_over(metrics, prefix),
+                          *[fmt(metrics.get(f"{prefix}{m}")) for m in COMPARISON_METRICS])
     console.print(table)
 
 

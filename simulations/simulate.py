@@ -7,7 +7,7 @@ import csv
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import tomllib
@@ -21,8 +21,9 @@ from magnet_core.consortium import methods as vocabulary
 from magnet_core.consortium.methods import DEFAULT_SEEDS, METHOD_NAMES, REFERENCE_METHODS
 from magnet_core.consortium.scenarios import load_scenario
 from magnet_core.consortium.simulated import load_consortium
+from magnet_core.federation.privacy import DEFAULT_MAX_BINS, EvalRelease, release_eval
 from magnet_core.model.config import PRESETS, Preset, get_preset
-from magnet_core.model.metrics import EvalCounts, summarize
+from magnet_core.model.metrics import summarize
 from magnet_core.model.personalize import personalize_sites
 from magnet_core.model.site import TEST_GRAPHS, SiteRuntime
 from magnet_core.model.train import make_optimizer, train_epochs
@@ -30,7 +31,8 @@ from server.config import FederatedConfig
 
 from .cli import comma_list, existing_dir, parse_seeds, positive_int
 from .outputs import check_output, run_staged
-from .reporting import console, print_summary, write_json
+from .pooled_evaluation import CONSORTIUM, pooled, pooled_as_released
+from .reporting import console, print_comparison, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,20 +69,27 @@ METHODS = METHOD_NAMES
 # personalized: the part each site fine-tunes (magnet_core.model.personalize.PARTS). It was kept for its gain in
 # earlier 5-seed runs scored on test patients, not chosen on validation patients (issue 23: to be re-derived).
 PERSONALIZE_PART = "head+graph"
+# Without --data: the generated cohort and scenario of the first run (README "Two commands"), where sites differ
+# enough that one site alone learns less than the consortium (magnet_core.cohort.generated.GENERATED_VARIANTS).
+DEMO_DATA, DEMO_SCENARIO = "generated:demo", "demo-6"
 DEFAULT_METHODS = ("federated", "centralized", "local_only", "fedavg_plain")  # simulate's default (demo budget)
 # run-config keys simulate sets itself (from its own options, or per method and seed): --set may not touch them
 MANAGED_KEYS = frozenset({"num_server_rounds", "local_epochs", "seed", "preset", "data_path", "scenario", "modalities",
                           "min_sites", "out_dir", "overwrite", "resume", "test_graph", "report", "manifest",
                           "signing_key", "signing_cert"})
-ROUND_FIELDS = ("method", "seed", "round", "mcc", "acc", "f1", "auroc", "auprc", "server_mcc", "train_loss",
-                "sites_aggregated", "sites_rejected", "seconds")
+ROUND_FIELDS = ("method", "seed", "round", "mcc", "acc", "f1", "auroc", "auroc_low", "auroc_high", "server_mcc",
+                "train_loss", "sites_aggregated", "sites_rejected", "seconds")
+TABLE_CAPTION = ("Own sites' test patients: each site scores its own test patients with the model it would use "
+                 "(local-only: its own). Consortium test patients: every model of the method scores every site's "
+                 "test patients. Pooled over: test sites, their distinct test patients (and models scored), per seed.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=existing_dir, default=None, help="cohort folder; omitted: a generated cohort")
+    p.add_argument("--data", type=existing_dir, default=None,
+                   help=f"cohort folder; omitted: the generated demo cohort ({DEMO_DATA})")
     p.add_argument("--scenario", default=None,
-                   help="built-in scenario name or a scenario TOML file (default: demo-3 on the generated cohort, "
-                        "iid-3 with --data)")
+                   help=f"built-in scenario name or a scenario TOML file (default: {DEMO_SCENARIO} on the generated "
+                        "cohort, iid-3 with --data)")
     p.add_argument("--rounds", type=positive_int, default=RunSpec.rounds,
                    help=f"federated rounds (default {RunSpec.rounds})")
     p.add_argument("--local-epochs", type=positive_int, default=RunSpec.local_epochs,
@@ -184,18 +193,30 @@ def fresh_runtime(name: str, cohort: Cohort, preset: Preset, seed: int) -> SiteR
     return SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity, preset.graph.rule, preset.graph.k)
 
 
-def site_counts(sites: list[SiteRuntime], params_for, test_graph: str = "among-test") -> list[EvalCounts]:
-    return [s.evaluate_counts(params_for(s), test_graph=test_graph) for s in sites]
+def release_settings(overrides: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(minimum count k, score bins) the sites release their evaluations with in this run (--set may change them)."""
+    cfg = method_config("federated", "", "demo-3", 0, overrides)
+    return cfg.min_count, min(cfg.histogram_bins, DEFAULT_MAX_BINS)
 
 
-def released_metrics(counts: list[EvalCounts]) -> dict:
-    """Global metrics of the references computed exactly as the federated ones: each site's counts released under
-    the minimum count k with at most the site's cap of score bins, then pooled (AUROC as an interval)."""
-    from magnet_core.federation.privacy import DEFAULT_MAX_BINS, pool_releases, release_eval
+def evaluate(pairs: Iterable[tuple[str, SiteRuntime]], params: Mapping[str, dict[str, np.ndarray]],
+             test_graph: str, release: tuple[int, int]) -> list[tuple[str, EvalRelease]]:
+    """(model, site) pairs: the model's evaluation counts on the site's test patients, released by that site under
+    the minimum count k with at most its cap of score bins (exactly as the federated evaluation is)."""
+    k, bins = release
+    return [(model, release_eval(site.evaluate_counts(params[model], test_graph=test_graph), k, bins))
+            for model, site in pairs]
 
-    k = FederatedConfig.model_fields["min_count"].default
-    bins = min(FederatedConfig.model_fields["histogram_bins"].default, DEFAULT_MAX_BINS)
-    return pool_releases([release_eval(c, k, bins) for c in counts])["metrics"]
+
+def evaluated_both_ways(runtimes: list[SiteRuntime], params: Mapping[str, dict[str, np.ndarray]], test_graph: str,
+                        release: tuple[int, int]) -> dict:
+    """A method's two evaluations (simulations.pooled_evaluation): ``params`` holds one model per site (keyed by
+    site name) or a single model (any other key)."""
+    per_site = set(params) == {s.name for s in runtimes}
+    own = evaluate([(s.name if per_site else next(iter(params)), s) for s in runtimes], params, test_graph, release)
+    everyone = own if not per_site else evaluate([(m, s) for m in params for s in runtimes], params, test_graph,
+                                                 release)
+    return {**pooled(own), **pooled(everyone, CONSORTIUM)}
 
 
 @dataclasses.dataclass
@@ -223,6 +244,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
     _, sites = load_consortium(spec.data_path, spec.scenario, spec.seed, spec.modalities)
     runtimes = [fresh_runtime(s.name, s, preset, spec.seed) for s in sites]
     epochs = spec.rounds * spec.local_epochs
+    release = release_settings(spec.overrides)
     results: dict[str, dict] = {}
     rounds: list[dict] = []
     seconds: dict[str, float] = {}
@@ -231,7 +253,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         t0 = time.perf_counter()
         pooled = fresh_runtime("pooled", concat_cohorts(list(sites)), preset, spec.seed)
         params = train_alone(pooled, preset, epochs, spec.seed)
-        results["centralized"] = released_metrics(site_counts(runtimes, lambda s: params, spec.test_graph))
+        results["centralized"] = evaluated_both_ways(runtimes, {"centralized": params}, spec.test_graph, release)
         seconds["centralized"] = time.perf_counter() - t0
         advance(spec.rounds)
     if "local_only" in methods:
@@ -240,7 +262,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         for s in runtimes:
             alone = fresh_runtime(s.name, s.cohort, preset, spec.seed)
             own[s.name] = train_alone(alone, preset, epochs, spec.seed)
-        results["local_only"] = released_metrics(site_counts(runtimes, lambda s: own[s.name], spec.test_graph))
+        results["local_only"] = evaluated_both_ways(runtimes, own, spec.test_graph, release)
         seconds["local_only"] = time.perf_counter() - t0
         advance(spec.rounds)
     for method in FEDERATED_METHODS:
@@ -255,12 +277,13 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         history = run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1), ray_address=spec.ray_address)
         seconds[method] = time.perf_counter() - t0
         write_report(cfg.out_dir)  # each federated run (a simulate seed, a study cell) gets its report once, at the end
-        results[method] = history[-1]["global"]
+        results[method] = federated_evaluation(runtimes, history[-1], final_params(cfg.out_dir), spec.test_graph,
+                                               release)
         results[method + "_server"] = history[-1].get("server") or {}
         for rec in history:
             g = rec["global"]
             rounds.append({"method": method, "seed": spec.seed, "round": rec["round"],
-                           **{k: g.get(k) for k in ("mcc", "acc", "f1", "auroc", "auprc")},
+                           **{k: g.get(k) for k in ("mcc", "acc", "f1", "auroc", "auroc_low", "auroc_high")},
                            "server_mcc": (rec.get("server") or {}).get("mcc"), "train_loss": rec.get("train_loss"),
                            "sites_aggregated": len(rec["accepted"]), "sites_rejected": len(rec["rejected"]),
                            "seconds": rec["seconds"]})
@@ -273,13 +296,29 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
                                 modalities=spec.modalities, min_sites=len(sites), overwrite=True, report=False,
                                 out_dir=str(fed_dir), test_graph=spec.test_graph)
             run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1), ray_address=spec.ray_address)
-        global_params = {k: v.numpy() for k, v in torch.load(fed_dir / "model.pt", weights_only=True).items()}
+        global_params = final_params(fed_dir)
         own, records = personalize_sites(runtimes, global_params, PERSONALIZE_PART, preset.train, seed=spec.seed)
         write_json(fed_dir / "personalization.json",
                    {"part": PERSONALIZE_PART, "sites": [r.model_dump() for r in records]})
-        results["personalized"] = released_metrics(site_counts(runtimes, lambda s: own[s.name], spec.test_graph))
+        results["personalized"] = evaluated_both_ways(runtimes, own, spec.test_graph, release)
         seconds["personalized"] = time.perf_counter() - t0
     return results, rounds, seconds
+
+
+def final_params(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """The final global model a federated run wrote (``model.pt``)."""
+    return {k: v.numpy() for k, v in torch.load(Path(run_dir) / "model.pt", weights_only=True).items()}
+
+
+def federated_evaluation(runtimes: list[SiteRuntime], last: Mapping[str, Any], params: dict[str, np.ndarray],
+                         test_graph: str, release: tuple[int, int]) -> dict:
+    """A federated method's two evaluations: on the sites' own test patients, the coordinator's pooled metrics of
+    the last round (over the sites it pooled); on the consortium's test patients, the final global model scored
+    on every site's test patients here, released and pooled the same way."""
+    everyone = evaluate([("global", s) for s in runtimes], {"global": params}, test_graph, release)
+    pooled_over = (last.get("pooled_over") or {}).get("sites") or []
+    own = pooled_as_released(last["global"], everyone, pooled_over, last.get("withheld") or {})
+    return {**own, **pooled(everyone, CONSORTIUM)}
 
 
 def method_settings(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -290,8 +329,13 @@ def method_settings(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return {k.replace("_", "-"): getattr(cfg, k) for k in dict.fromkeys(keys)}
 
 
+def data_path_of(args: argparse.Namespace) -> str:
+    """The run's data path: --data, or the generated demo cohort."""
+    return str(args.data) if args.data else DEMO_DATA
+
+
 def run_seed(args: argparse.Namespace, seed: int, methods: list[str], progress: Progress, task) -> tuple[dict, list]:
-    spec = RunSpec(data_path=str(args.data) if args.data else "", scenario=args.scenario, seed=seed,
+    spec = RunSpec(data_path=data_path_of(args), scenario=args.scenario, seed=seed,
                    preset=args.preset, rounds=args.rounds, local_epochs=args.local_epochs, engine=args.engine,
                    out_dir=args.out, ray_address=args.ray_address, test_graph=args.test_graph,
                    overrides=dict(getattr(args, "override_fields", {})))
@@ -307,6 +351,21 @@ def run_engine(engine: str, cfg: FederatedConfig, num_sites: int, on_round, ray_
     if engine == "inprocess":
         return run_inprocess(cfg, num_sites, on_round=on_round)[1]
     return run_flower(cfg, num_sites, ray_address=ray_address, on_round=on_round)[1]
+
+
+def evaluation_text(test_graph: str) -> str:
+    """How results.json's metrics were obtained (its "evaluation" field)."""
+    return (f"Two evaluations of every method, test graph rule {test_graph!r}. Keys without prefix: each site scores "
+            "its own test patients with the model it would use (local-only and personalized: its own model; the "
+            "other methods: the one global model; for the federated methods, the coordinator's pooled metrics of "
+            "the last round). Keys prefixed 'consortium_': every model of the method scores every site's test "
+            "patients, one release per (model, site) pair. In both, each site releases its confusion matrices and "
+            "score histograms under the minimum count k (a group of fewer than k patients is withheld) and the "
+            "releases are summed: MCC, accuracy and F1 are exactly those of the pooled predictions; AUROC is the "
+            "midpoint of the interval auroc_low..auroc_high that the binned scores allow. AUPRC is not released "
+            "(average precision needs the order of scores inside a bin): every auprc value is null. 'sites', "
+            "'patients' and 'models' (with the same prefixes, and paired_/unpaired_ per group) give the test sites "
+            "that released the group, their distinct test patients and the models scored.")
 
 
 def write_rounds_csv(path: Path, rounds: list[dict]) -> None:
@@ -358,12 +417,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--methods: unknown {bad or 'none given'}; choose from {list(METHODS)}")
     args.override_fields = parse_overrides(list(getattr(args, "overrides", None) or []), methods)
     if args.scenario is None:
-        args.scenario = "demo-3" if args.data is None else "iid-3"
+        args.scenario = DEMO_SCENARIO if args.data is None else "iid-3"
     if not getattr(args, "_staged", False):  # checks before any work, then the run writes into a staging folder
         check_output(args.out, args.overwrite)
         load_scenario(args.scenario)
         for seed in args.seeds:  # every seed's data and sites are read (and cached) before any training
-            load_consortium(str(args.data) if args.data else "", args.scenario, seed, "")
+            load_consortium(data_path_of(args), args.scenario, seed, "")
         return run_staged(args, "simulate", run)
     scenario = load_scenario(args.scenario)
     generated = args.data is None
@@ -393,18 +452,16 @@ def run(args: argparse.Namespace) -> int:
     title = f"{scenario.name} on {'generated cohort' if generated else args.data.name} ({len(args.seeds)} seeds)"
     if generated:
         title += f" — {GENERATED_NOTICE}"
-    print_summary(title, results, groups=("",))
+    print_comparison(title, results, caption=TABLE_CAPTION + f" Mean ± std (ddof 0) over {len(args.seeds)} seed(s).")
     payload = {
-        "mode": "simulate", "scenario": scenario.model_dump(), "data": "generated" if generated else str(args.data),
+        "mode": "simulate", "scenario": scenario.model_dump(), "data": DEMO_DATA if generated else str(args.data),
         "generated_data": generated, "engine": args.engine, "preset": args.preset, "seeds": args.seeds,
         "methods": methods,
         "overrides": {k.replace("_", "-"): v for k, v in args.override_fields.items()},
         "method_settings": {m: method_settings(m, args.override_fields) for m in methods if m in FEDERATED_METHODS},
         "rounds_config": {"rounds": args.rounds, "local_epochs": args.local_epochs},
         "test_graph": args.test_graph,
-        "evaluation": (f"each site scores its own test patients (test graph rule {args.test_graph!r}); global "
-                       "metrics from summed confusion matrices; AUROC/AUPRC from summed score histograms with "
-                       "their exact bounds (auroc_low/auroc_high, auprc_low/auprc_high)"),
+        "evaluation": evaluation_text(args.test_graph),
         "results": results, "server_side_held_out": server, "rounds": rounds, "wall_seconds": wall,
     }
     write_json(args.out / "results.json", payload)

@@ -347,12 +347,34 @@ def _epochs(root):
                            edges=f"{a['edges']:,}", epochs=f"{a['epochs_timed']}")
 
 
+def _demo(root) -> SimpleNamespace:
+    """The README's first run (benchmarks/results/demo.json): its time and the paired differences over 3 seeds."""
+    d = _load_json(root, "benchmarks/results/demo.json")
+
+    def diff(evaluation: str, pair: str) -> SimpleNamespace:
+        return _ns(d[evaluation]["paired_differences"][pair])
+
+    return SimpleNamespace(t=f"{d['readme_command_seconds']:.0f} s", load=f"{d['loadavg_before'][0]:.1f}",
+                           own=diff("own", "federated - local_only"),
+                           cons=diff("consortium", "federated - local_only"),
+                           cen=diff("own", "federated - centralized"),
+                           fed=f3(d["own"]["mcc_mean"]["federated"]), cent=f3(d["own"]["mcc_mean"]["centralized"]),
+                           loc=f3(d["own"]["mcc_mean"]["local_only"]),
+                           locc=f3(d["consortium"]["mcc_mean"]["local_only"]))
+
+
 CLAIMS: list[Claim] = [
     # ---------------------------------------------------------------- README.md
     _c(B, "benchmarks/results/epoch_profile.json",
        "(shared, load average {e.load} during the run; `results/epoch_profile.json`), OV seed 10, {e.n} training "
        "patients, {e.edges} edges, 1 thread, {e.epochs} timed epochs per tree: before (914b358) {e.bc} ms CPU / "
        "{e.bw} ms wall per epoch (median), after {e.ac} ms CPU / {e.aw} ms wall.", e=_epochs),
+    _c(R, "benchmarks/results/demo.json",
+       "The command took {d.t} here (one torch thread; load average {d.load} from other jobs)", d=_demo),
+    _c(R, "benchmarks/results/demo.json",
+       "mean MCC federated {d.fed}, centralized {d.cent}, local-only {d.loc} on the sites' own test patients and "
+       "{d.locc} on the consortium's; federated - local-only {d.own.dci} (own sites' test patients) and "
+       "{d.cons.dci} (consortium test patients); federated - centralized {d.cen.dci}", d=_demo),
     _c(R, "benchmarks/results/reference_comparison.json",
        "test MCC per split {r.ref} (reference) and {r.ours} (ours)", r=_reference),
     _c(R, "benchmarks/results/reference_comparison.json",

@@ -608,24 +608,56 @@ def _latest(histories: Mapping[str, list[dict]], key: str) -> dict:
     return {}
 
 
+# A simulation's two evaluations of every method (simulations.pooled_evaluation): results.json key prefix -> label.
+EVALUATIONS = {"": "own sites' test patients", "consortium_": "consortium test patients"}
+
+
+def _per_seed_range(stat: Mapping[str, Any] | None) -> str | None:
+    """"62" when every seed has the same count, "58-66" otherwise; None when not recorded."""
+    values = [int(v) for v in (stat or {}).get("per_seed") or [] if isinstance(v, (int, float))]
+    if not values:
+        return None
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def pooled_over(metrics: Mapping[str, Any], key: str) -> str:
+    """Over how many test sites and distinct test patients a row is pooled, per seed, and by how many models they
+    were scored ("" for results written before these counts were recorded). ``key``: evaluation + group prefix."""
+    sites, patients = _per_seed_range(metrics.get(f"{key}sites")), _per_seed_range(metrics.get(f"{key}patients"))
+    if sites is None or patients is None:
+        return ""
+    text = f"{sites} site{'' if sites == '1' else 's'}, {patients} patients"
+    models, pairs = _per_seed_range(metrics.get(f"{key}models")), _per_seed_range(metrics.get(f"{key}pairs"))
+    if models in (None, "0", "1"):
+        return text
+    if pairs == sites:
+        return f"{text}, each by its own model"
+    return f"{text}, each by {models} models"
+
+
 def comparison_rows(results: Mapping[str, Any] | None) -> list[dict]:
-    """Methods x groups x metrics (mean ± std over seeds) from a simulation's results.json."""
+    """Methods x evaluations x groups x metrics (mean ± std over seeds) from a simulation's results.json, each row
+    with the evaluation's label and over how many sites and patients it is pooled (``pooled_over``)."""
     if not results or not isinstance(results.get("results"), Mapping):
         return []
     rows = []
     methods = sorted(results["results"], key=_method_rank)
     for method in methods:
         metrics = results["results"][method]
-        for g in GROUPS:
-            if not any(f"{g}{m}" in metrics for m in METRICS):
-                continue
-            cells = {}
-            for m in METRICS:
-                stat = metrics.get(f"{g}{m}") or {}
-                cells[m] = {"mean": stat.get("mean"), "std": stat.get("std"),
-                            "n": len([v for v in stat.get("per_seed") or [] if v is not None])}
-            rows.append({"method": method, "label": vocabulary.detail(method),
-                         "group": g.rstrip("_") or "all", "cells": cells})
+        for prefix, evaluation in EVALUATIONS.items():
+            for g in GROUPS:
+                key = f"{prefix}{g}"
+                if not any(f"{key}{m}" in metrics for m in METRICS):
+                    continue
+                cells = {}
+                for m in METRICS:
+                    stat = metrics.get(f"{key}{m}") or {}
+                    cells[m] = {"mean": stat.get("mean"), "std": stat.get("std"),
+                                "n": len([v for v in stat.get("per_seed") or [] if v is not None])}
+                rows.append({"method": method, "label": vocabulary.detail(method), "evaluation": evaluation,
+                             "group": g.rstrip("_") or "all", "pooled_over": pooled_over(metrics, key),
+                             "cells": cells})
     return rows
 
 
@@ -695,7 +727,7 @@ def figure_rounds(histories: Mapping[str, list[dict]]) -> str | None:
 
 
 def figure_comparison(rows: list[dict]) -> str | None:
-    """MCC (mean ± std over seeds) per method, all test patients."""
+    """MCC (mean ± std over seeds) per method and evaluation, all test patients (consortium evaluation hatched)."""
     rows = [r for r in rows if r["group"] == "all" and r["cells"]["mcc"]["mean"] is not None]
     if not rows:
         return None
@@ -703,8 +735,9 @@ def figure_comparison(rows: list[dict]) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.55 * len(rows)))
     y = np.arange(len(rows))[::-1]
     ax.barh(y, [r["cells"]["mcc"]["mean"] for r in rows], xerr=[r["cells"]["mcc"]["std"] or 0 for r in rows],
-            color=[f"C{_method_rank(r['method'])}" for r in rows], alpha=0.85, capsize=3)
-    ax.set_yticks(y, [r["label"] for r in rows], fontsize=8)
+            color=[f"C{_method_rank(r['method'])}" for r in rows], alpha=0.85, capsize=3,
+            hatch=["//" if r.get("evaluation") == EVALUATIONS["consortium_"] else "" for r in rows])
+    ax.set_yticks(y, [f"{r['label']}\n{r.get('evaluation', '')}".strip() for r in rows], fontsize=7)
     ax.set_xlabel("test MCC (mean ± std over seeds)")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()

@@ -104,12 +104,12 @@ TEMPLATES: dict[str, str] = {
 {% if comparison %}
 <section id="comparison">
 <h2>Comparison: federated vs centralized vs local-only</h2>
-<p class="muted">Same sites, same patients, same seeds. Every method is evaluated the same way: each site scores its own test patients and the confusion matrices are summed, so metrics are those of the pooled predictions. Mean ± standard deviation over seeds.</p>
+<p class="muted">Same sites, same patients, same seeds; mean ± standard deviation over seeds. Every method is evaluated twice, and the confusion matrices each site releases (groups under the minimum count k withheld) are summed, so metrics are those of the pooled predictions. <b>Own sites' test patients</b>: each site scores its own test patients with the model it would use (local-only and personalized: its own model; the others: the one global model). <b>Consortium test patients</b>: every model of the method is scored on every site's test patients (for one global model, the same patients as above); a local-only model that only learned its own site's label mix or missingness scores high on its own site and low here. "Pooled over" gives, per seed, the test sites that released the group and their distinct test patients (and how many models were scored): groups of different rows can cover different sites. AUROC is the midpoint of the interval the score histograms allow; AUPRC is not released by the sites (n/a).</p>
 {% if fig_comparison %}<img class="fig" alt="MCC per method" src="{{ fig_comparison }}">{% endif %}
 <table>
-<tr><th>method</th><th>test patients</th>{% for m in metrics %}<th>{{ m|upper }}</th>{% endfor %}<th>seeds</th></tr>
+<tr><th>method</th><th>evaluation</th><th>test patients</th><th>pooled over</th>{% for m in metrics %}<th>{{ m|upper }}</th>{% endfor %}<th>seeds</th></tr>
 {% for row in comparison %}
-<tr><td>{{ row.label }}</td><td>{{ row.group }}</td>
+<tr><td>{{ row.label }}</td><td>{{ row.evaluation }}</td><td>{{ row.group }}</td><td>{{ row.pooled_over }}</td>
 {% for m in metrics %}{% set c = row.cells[m] %}<td class="n">{% if c.mean is none %}n/a{% else %}{{ c.mean|num }} ± {{ c.std|num }}{% endif %}</td>{% endfor %}
 <td class="n">{{ row.cells.mcc.n }}</td></tr>
 {% endfor %}

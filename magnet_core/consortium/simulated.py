@@ -2,27 +2,49 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
 import numpy as np
 
 from magnet_core.cohort.data import Cohort, load_for_seed
-from magnet_core.cohort.generated import make_generated_cohort
+from magnet_core.cohort.generated import GENERATED_VARIANTS, generated_cohort
 from magnet_core.consortium.scenarios import build_consortium, load_scenario
 from magnet_core.protocol.enrolment import Enrolment, SiteFacts
+
+GENERATED_PREFIX = "generated:"
+
+
+def parse_generated(data_path: str) -> tuple[str, int | None] | None:
+    """(variant, patients or None for the variant's own) of a generated-cohort data path, None for a real one.
+
+    "" and "generated:N" are the default variant (300 or N patients); "generated:NAME" and "generated:NAME:N" a
+    named one (magnet_core.cohort.generated.GENERATED_VARIANTS). A bad path raises ValueError naming it."""
+    if not data_path:
+        return "default", None
+    if not data_path.startswith(GENERATED_PREFIX):
+        return None
+    parts = data_path[len(GENERATED_PREFIX):].split(":")
+    if len(parts) == 1 and parts[0].isdigit():
+        parts = ["default", parts[0]]
+    variant, size = parts[0], parts[1] if len(parts) == 2 else None
+    if len(parts) > 2 or variant not in GENERATED_VARIANTS or (size is not None and not size.isdigit()) \
+            or (size is not None and int(size) < 10):
+        raise ValueError(f"data path {data_path!r}: expected 'generated:N', 'generated:NAME' or "
+                         f"'generated:NAME:N' with NAME one of {sorted(GENERATED_VARIANTS)} and N >= 10 patients")
+    return variant, None if size is None else int(size)
 
 
 @functools.lru_cache(maxsize=8)
 def load_consortium(data_path: str, scenario: str, seed: int, modalities: str = ""
                     ) -> tuple[Cohort, tuple[Cohort, ...]]:
-    """(pooled cohort, sites) for a data path ("" or "generated:N" = a generated cohort of 300 or N patients),
-    scenario name/file, seed and an optional
-    comma-separated subset of modalities."""
+    """(pooled cohort, sites) for a data path (a generated cohort, see :func:`parse_generated`, or a cohort
+    folder), scenario name/file, seed and an optional comma-separated subset of modalities."""
     wanted = [m for m in modalities.split(",") if m] or None
-    if not data_path or data_path.startswith("generated:"):
-        size = int(data_path.split(":", 1)[1]) if data_path else 300
-        cohort = make_generated_cohort(n=size, seed=seed)
+    generated = parse_generated(data_path)
+    if generated is not None:
+        cohort = generated_cohort(*generated, seed=seed)
         if wanted:
             cohort = select_modalities(cohort, wanted)
     else:
@@ -55,10 +77,6 @@ def enrolment_of(sites: Sequence[Cohort]) -> Enrolment:
 
 def select_modalities(cohort: Cohort, wanted: list[str]) -> Cohort:
     """The cohort restricted to ``wanted`` modalities; patients left with none are dropped."""
-    import dataclasses
-
-    import numpy as np
-
     cols = [cohort.modalities.index(m) for m in wanted]
     reduced = dataclasses.replace(cohort, modalities=list(wanted), features={m: cohort.features[m] for m in wanted},
                                   X={m: cohort.X[m] for m in wanted}, mask=cohort.mask[:, cols],
