@@ -147,3 +147,28 @@ def test_a_site_with_a_roster_refuses_an_unauthenticated_secure_round(tmp_path, 
     reasons = {**r["failed"], **r["rejected"]}
     assert set(reasons) == set(NAMES), reasons
     assert all("the key book does not hold this site's own signed advert" in v for v in reasons.values()), reasons
+
+
+def test_the_site_worker_holds_the_identity_key_and_roster_from_its_own_command_line(tmp_path, pki):
+    """In deployment the key and roster are the worker's (--secagg-roster / --identity-key), never the request's:
+    the bundle's node config cannot point the site at another key or roster, nor give one to a worker without."""
+    from client.worker import NodeConfigRefused, SiteWorker, check_secagg_identity
+
+    roster, node_configs = pki
+    key = node_configs[1][NODE_SECAGG_IDENTITY_KEY]
+    data, manifest = tmp_path / "data", tmp_path / "manifest.toml"
+    data.mkdir()
+    manifest.write_text("")
+    worker = SiteWorker(data, manifest, "site1", secagg_roster=roster, identity_key=key)
+    got = worker.node_config({})
+    assert got[NODE_SECAGG_ROSTER] == str(roster.resolve()) and got[NODE_SECAGG_IDENTITY_KEY] == key
+    with pytest.raises(NodeConfigRefused, match="secagg-identity-key"):
+        worker.node_config({NODE_SECAGG_IDENTITY_KEY: node_configs[0][NODE_SECAGG_IDENTITY_KEY]})
+    with pytest.raises(NodeConfigRefused, match="secagg-roster"):
+        worker.node_config({NODE_SECAGG_ROSTER: str(tmp_path / "other.csv")})
+    plain = SiteWorker(data, manifest, "site1")
+    with pytest.raises(NodeConfigRefused, match="no key"):
+        plain.node_config({NODE_SECAGG_ROSTER: str(roster), NODE_SECAGG_IDENTITY_KEY: key})
+    check_secagg_identity(roster, key, "site1")
+    with pytest.raises(Exception, match="not this site's identity key"):
+        check_secagg_identity(roster, key, "site0")  # another site's name: the roster's key is not this key
