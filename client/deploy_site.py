@@ -170,6 +170,9 @@ def add_actions(sub) -> None:
                         "uses a worker you run yourself (`magnet-fl site-worker`, e.g. as a service)")
     d.add_argument("--worker-timeout", type=float, default=600.0,
                    help="seconds one message may take at the worker before the site replies an error (default 600)")
+    d.add_argument("--policy", type=Path, default=None,
+                   help="the site's policy (`magnet-fl site policy init`), enforced by the site worker (--worker) "
+                        "on every message; the coordinator's bundle never reads or names it")
     d.add_argument("--secagg-roster", type=Path, default=None,
                    help="authenticated secure aggregation: the consortium roster (registered_sites.csv from the "
                         "coordinator's PKI); given to the site worker (--worker) with the site's own key")
@@ -250,6 +253,12 @@ def run(args: argparse.Namespace) -> int:
     require_an_approved_app(listed, given)
     worker = [*_magnet_fl(), "site-worker", "--socket", str(sock), "--data", str(data), "--manifest", str(manifest),
               "--site-name", load_bundle(bundle).site] if args.worker else []
+    if args.policy is not None:
+        if not args.worker:
+            print("error: --policy is enforced by the site worker: add --worker (or give --policy to your own "
+                  "`magnet-fl site-worker`)", file=sys.stderr)
+            return 2
+        worker += ["--policy", str(args.policy.resolve())]
     if args.secagg_roster is not None or args.identity_key is not None:
         if args.secagg_roster is None:
             print("error: --identity-key is for authenticated secure aggregation: give --secagg-roster too",
