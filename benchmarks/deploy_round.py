@@ -18,6 +18,10 @@ the median of each step above per message kind. Writes everything as JSON (``--o
 
     python benchmarks/deploy_round.py --rounds 6
     python benchmarks/deploy_round.py --rounds 6 --supernode-args "--pull-interval 3"   # Flower's idle poll
+    # secure aggregation (plain or authenticated: each site's worker signs with its node_auth_key and checks the
+    # roster), each site under its own policy (`magnet-fl site policy init`, which requires DP: z >= 1)
+    python benchmarks/deploy_round.py --rounds 3 --local-epochs 1 --secure authenticated --policy \
+        --run-config-extra "dp-clip-norm=1.0 dp-noise-multiplier=1.0" --out benchmarks/results/x.json
 """
 
 from __future__ import annotations
@@ -290,10 +294,20 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         # the site approves the app bundle of the release it reviewed (this checkout)
         subprocess.run([*cli, "deploy", "approve-app", "--bundle", str(d), str(REPO)], env=env, check=True,
                        capture_output=True, timeout=120)
+        if args.policy:  # the site's own policy, with its defaults (state folder next to it)
+            subprocess.run([*cli, "site", "policy", "init", str(d / "policy.toml"), "--consortium", "brca",
+                            "--state-dir", str(d / "site-state")], env=env, check=True, capture_output=True,
+                           timeout=120)
         bundles[s] = d
     procs = Stamped(logs, env)
     meter = CpuMeter(procs)
-    result: dict = {"rounds_requested": args.rounds, "local_epochs": args.local_epochs,
+    roster = pki / "registered_sites.csv"
+    site_args = {s: [*(["--policy", str(bundles[s] / "policy.toml")] if args.policy else []),
+                     *(["--secagg-roster", str(roster)] if args.secure == "authenticated" else [])] for s in "abc"}
+    secure_config = {"none": "", "plain": " secagg=true",
+                     "authenticated": f" secagg=true secagg-roster='{roster}'"}[args.secure]
+    result: dict = {"rounds_requested": args.rounds, "local_epochs": args.local_epochs, "secure": args.secure,
+                    "site_policy": args.policy, "run_config_extra": args.run_config_extra,
                     "supernode_args": args.supernode_args, "cpus": os.cpu_count(),
                     "loadavg_start": loadavg(), "flwr_env": {k: v for k, v in os.environ.items()
                                                                if k.startswith("FLWR_")}}
@@ -311,14 +325,14 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         for i, s in enumerate("abc"):
             procs.start(f"site-{s}", [*cli, "deploy", "supernode", "--bundle", str(bundles[s]), "--data",
                                       str(sites[i]), "--manifest", str(manifest), "--port", str(free_port()),
-                                      "--worker", *shlex.split(args.supernode_args)])
+                                      "--worker", *site_args[s], *shlex.split(args.supernode_args)])
         for s in "abc":
             wait(lambda: "SuperNode ID:" in procs.text(f"site-{s}"), 300, f"site-{s}'s SuperNode", procs)
         meter.start()
         out = work / "run"
         run_config = (f"num-server-rounds={args.rounds} local-epochs={args.local_epochs} min-sites=3 preset='brca' "
                       f"round-timeout=600.0 report=false manifest='{manifest}' out-dir='{out}' "
-                      f"site-keys='{pki}/registered_sites.csv'")
+                      f"site-keys='{pki}/registered_sites.csv'{secure_config} {args.run_config_extra}")
         t_run = time.time()
         started = subprocess.run(["flwr", "run", str(REPO), "consortium", "--run-config", run_config], env=env,
                                  capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -367,9 +381,19 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         "median_cpu_seconds_per_round": round(statistics.median(cpu), 2) if cpu else None,
         "loadavg_per_round": load_at[1:], "loadavg_end": loadavg(),
         "accepted": [r["accepted"] for r in history],
+        "secure_aggregation": [secure_summary(r) for r in history],
         "steps": breakdown(coord, events), "step_meaning": STEP_TEXT,
     })
     return result
+
+
+def secure_summary(r: dict) -> dict | None:
+    """A round's secure-aggregation record (history.json): status, its seconds, bytes per site both ways."""
+    sa = r.get("screening", {}).get("secure_aggregation")
+    if sa is None:
+        return None
+    return {k: sa.get(k) for k in ("status", "authenticated", "seconds", "model_bytes", "bytes_per_site", "left_out",
+                                   "error")}
 
 
 def report(result: dict) -> None:
@@ -396,6 +420,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6, help="rounds to run (median over them; default 6)")
     ap.add_argument("--local-epochs", type=int, default=3)
     ap.add_argument("--supernode-args", default="", help="extra flags for every `magnet-fl deploy supernode`")
+    ap.add_argument("--secure", choices=("none", "plain", "authenticated"), default="none",
+                    help="secure aggregation: none, plain (secagg=true) or authenticated (secagg-roster at the "
+                         "coordinator, --secagg-roster for every site's worker, which signs with its node_auth_key)")
+    ap.add_argument("--policy", action="store_true", help="every site's worker enforces its own default policy")
+    ap.add_argument("--run-config-extra", default="", help="more run-config settings (e.g. DP, which a policy needs)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds the rounds may take in all")
     ap.add_argument("--work", type=Path, default=None, help="keep the run's folders and logs here (default: a "
                                                             "temporary folder, removed unless --keep)")

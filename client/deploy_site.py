@@ -170,6 +170,15 @@ def add_actions(sub) -> None:
                         "uses a worker you run yourself (`magnet-fl site-worker`, e.g. as a service)")
     d.add_argument("--worker-timeout", type=float, default=600.0,
                    help="seconds one message may take at the worker before the site replies an error (default 600)")
+    d.add_argument("--policy", type=Path, default=None,
+                   help="the site's policy (`magnet-fl site policy init`), enforced by the site worker (--worker) "
+                        "on every message; the coordinator's bundle never reads or names it")
+    d.add_argument("--secagg-roster", type=Path, default=None,
+                   help="authenticated secure aggregation: the consortium roster (registered_sites.csv from the "
+                        "coordinator's PKI); given to the site worker (--worker) with the site's own key")
+    d.add_argument("--identity-key", type=Path, default=None,
+                   help="the key the site signs its secure-aggregation keys with (default: --key, the site's "
+                        "node_auth_key, the one the roster lists); only with --secagg-roster")
     d.add_argument("--pull-interval", type=float, default=DEFAULT_PULL_INTERVAL,
                    help=f"seconds between the SuperNode's polls of the SuperLink while a run is active (default "
                         f"{DEFAULT_PULL_INTERVAL:g}; after {ACTIVE_WINDOW:g} s without a message, and always with "
@@ -244,6 +253,24 @@ def run(args: argparse.Namespace) -> int:
     require_an_approved_app(listed, given)
     worker = [*_magnet_fl(), "site-worker", "--socket", str(sock), "--data", str(data), "--manifest", str(manifest),
               "--site-name", load_bundle(bundle).site] if args.worker else []
+    if args.policy is not None:
+        if not args.worker:
+            print("error: --policy is enforced by the site worker: add --worker (or give --policy to your own "
+                  "`magnet-fl site-worker`)", file=sys.stderr)
+            return 2
+        worker += ["--policy", str(args.policy.resolve())]
+    if args.secagg_roster is not None or args.identity_key is not None:
+        if args.secagg_roster is None:
+            print("error: --identity-key is for authenticated secure aggregation: give --secagg-roster too",
+                  file=sys.stderr)
+            return 2
+        if not args.worker:
+            print("error: --secagg-roster: the site's identity key is held by its own worker, never by the "
+                  "coordinator's app bundle: add --worker (or give --secagg-roster / --identity-key to your own "
+                  "`magnet-fl site-worker`)", file=sys.stderr)
+            return 2
+        identity = (args.identity_key or site_private_key(bundle, args.key.resolve() if args.key else None)).resolve()
+        worker += ["--secagg-roster", str(args.secagg_roster.resolve()), "--identity-key", str(identity)]
     if not args.skip_validation:
         from magnet_core.cohort.manifest import ConsortiumManifest  # pandas: only when the data are validated
         from magnet_core.cohort.validation import validate_site

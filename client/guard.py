@@ -25,6 +25,7 @@ from magnet_core.protocol.keys import (
     PREPARE_STATS,
     QUERY,
     SECAGG_ACTION,
+    SECAGG_EXCLUDE,
     SECAGG_KEY,
     SECAGG_MASK,
     SECAGG_SHARE,
@@ -55,7 +56,7 @@ SECURE_TRAIN = message_type(TRAIN, SECAGG_ACTION)
 SECURE_PREPARE = message_type(QUERY, PREPARE_SECAGG)
 ROUND_KINDS = (TRAIN, EVALUATE, SECURE_TRAIN)
 PREPARE_KINDS = tuple(message_type(QUERY, a) for a in (PREPARE_STATS, PREPARE_SECAGG, PREPARE_APPLY))
-STAGE_KINDS = tuple(message_type(QUERY, a) for a in (SECAGG_SHARE, SECAGG_MASK, SECAGG_UNMASK))
+STAGE_KINDS = tuple(message_type(QUERY, a) for a in (SECAGG_SHARE, SECAGG_MASK, SECAGG_UNMASK, SECAGG_EXCLUDE))
 
 _POLICIES: dict[tuple[str, int, int], SitePolicy] = {}
 

@@ -9,6 +9,14 @@
 #   query.secagg_share    KeyBook -> ShareBundle
 #   query.secagg_mask     ShareInbox -> "masked" uint64 array (the only form in which the update leaves the site)
 #   query.secagg_unmask   UnmaskRequest -> UnmaskShares; the site's secrets are then deleted from context.state
+#                         (authenticated: kept until the sum is done, for stage 4b)
+#   query.secagg_exclude  authenticated only: ExclusionRequest (evidence that a dealer's signed shares contradict
+#                         its commitment) -> PairwiseSeeds with that dealer; the site checks the evidence itself.
+# Authenticated secure aggregation (node config secagg-roster + secagg-identity-key; in deployment the site
+# worker's own command line): the site signs its keys with its enrolled identity, checks every other advert against
+# ITS roster, signs its shares and the transcript (context = the global model and round config it received) and
+# refuses to unmask unless every site in the sum signed the same transcript. A site holding a roster trains only in
+# authenticated secure sums (an unsigned key book is refused); the secure preparation sum is not authenticated yet.
 # Nothing individual leaves the site in the clear besides its name and public keys: not its patient counts, not
 # its loss (both travel inside the masked vector). In deployment these handlers run in the site's own worker
 # (client/worker.py): context.state is then the worker's memory of the run, never the SuperNode's.
@@ -24,20 +32,25 @@ from typing import Iterator, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from magnet_core.federation.secagg_auth import Roster, SiteAuth, SiteIdentity, context_digest
 from magnet_core.protocol.errors import ContractError
 from magnet_core.protocol.keys import (
     CONFIG_KEY,
     DEPLOYED_KEYS,
     MASKED_KEY,
     NODE_DP_FLOOR,
+    NODE_SECAGG_IDENTITY_KEY,
+    NODE_SECAGG_ROSTER,
     QUERY,
     SECAGG_ACTION,
+    SECAGG_EXCLUDE,
     SECAGG_KEY,
     SECAGG_MASK,
     SECAGG_SHARE,
     SECAGG_UNMASK,
     SITE_KEY,
     STATE_SECAGG,
+    STATE_SECAGG_IDENTITY,
     STATE_SECAGG_SITE,
     STATE_VECTOR,
     STATE_VECTOR_ARRAY,
@@ -47,6 +60,7 @@ from magnet_core.protocol.keys import (
 from magnet_core.protocol.messages import RoundConfig, TrainReply, site_record
 from magnet_core.protocol.secagg import (
     ROUND_ID,
+    ExclusionRequest,
     KeyBook,
     SecAggError,
     SecAggStart,
@@ -117,18 +131,41 @@ def _train_locally(msg: Message, context: Context, cfg: RoundConfig, layout: Lay
     return dict(name), unpack(new, layout), dict(metrics)
 
 
+def site_auth(node_config: Mapping, name: str):
+    """This site's SiteAuth (its identity key and its own roster, both named by its node config) signing as
+    ``name``, or None when the node config names neither; a clear error naming the key when only one is given or a
+    file is wrong."""
+    roster, key = node_config.get(NODE_SECAGG_ROSTER), node_config.get(NODE_SECAGG_IDENTITY_KEY)
+    if not roster and not key:
+        return None
+    if not roster or not key:
+        missing = NODE_SECAGG_ROSTER if not roster else NODE_SECAGG_IDENTITY_KEY
+        raise SecAggError(f"authenticated secure aggregation needs both {NODE_SECAGG_ROSTER} and "
+                          f"{NODE_SECAGG_IDENTITY_KEY} in the site's node config; {missing} is missing")
+    try:
+        return SiteAuth(SiteIdentity.from_key_file(name, str(key)), Roster.from_file(str(roster)))
+    except (OSError, ValueError) as exc:
+        raise SecAggError(f"authenticated secure aggregation ({NODE_SECAGG_ROSTER}={roster!r}, "
+                          f"{NODE_SECAGG_IDENTITY_KEY}={key!r}): {exc}") from None
+
+
 def _stored(context: Context, round_id: str):
-    """This site's SecAggSite of secure sum ``round_id``, from context.state."""
+    """This site's SecAggSite of secure sum ``round_id``, from context.state (with its identity again when the sum
+    is authenticated: the identity key is never in the state)."""
     sa = _secagg()
     rec = context.state.config_records.get(STATE_SECAGG)
     if rec is None or rec.get(ROUND_ID) != round_id:
         raise SecAggError(f"this site holds no secure-aggregation state for {round_id!r} (it did not train "
                           "in this round, or it restarted since)")
-    return sa.SecAggSite.from_state(str(rec[STATE_SECAGG_SITE]))
+    name = str(rec.get(STATE_SECAGG_IDENTITY, ""))
+    auth = site_auth(context.node_config, name) if name else None
+    return sa.SecAggSite.from_state(str(rec[STATE_SECAGG_SITE]), auth)
 
 
 def _store(context: Context, site) -> None:
-    context.state[STATE_SECAGG] = ConfigRecord({ROUND_ID: site.setup.round_id, STATE_SECAGG_SITE: site.to_state()})
+    name = site.auth.identity.name if site.auth is not None else ""
+    context.state[STATE_SECAGG] = ConfigRecord({ROUND_ID: site.setup.round_id, STATE_SECAGG_SITE: site.to_state(),
+                                                STATE_SECAGG_IDENTITY: name})
 
 
 def _forget(context: Context) -> None:
@@ -137,17 +174,19 @@ def _forget(context: Context) -> None:
             del context.state[key]
 
 
-def start_secure_sum(context: Context, setup, site_id: int, vector: np.ndarray) -> dict:
+def start_secure_sum(context: Context, setup, site_id: int, vector: np.ndarray, auth=None, sum_context: bytes = b""
+                     ) -> dict:
     """Begin this site's part of a secure sum of ``vector`` (any float vector of the setup's length: a model
     update, preprocessing statistics): keep the vector and fresh secrets in context.state for the share / mask /
-    unmask handlers below, return the key advert to send."""
+    unmask handlers below, return the key advert to send. ``auth`` (SiteAuth): authenticated, with
+    ``sum_context`` the digest of what the coordinator sent this site (secagg_auth.context_digest)."""
     sa = _secagg()
     vector = np.asarray(vector, dtype=np.float64).ravel()
     if vector.shape[0] != setup.vector_length:
         raise SecAggError(f"the setup's vector length {setup.vector_length} does not fit this site's vector "
                           f"({vector.shape[0]})")
     _forget(context)
-    site = sa.SecAggSite(setup, int(site_id))
+    site = sa.SecAggSite(setup, int(site_id), auth, sum_context)
     _store(context, site)
     context.state[STATE_VECTOR] = ArrayRecord({STATE_VECTOR_ARRAY: Array(vector)})
     return site.advertise().to_record()
@@ -221,7 +260,11 @@ def secagg_train(msg: Message, context: Context) -> Message:
         else:
             vec, _, _ = site_vector(global_params, new, reply.num_examples, reply.modality_counts, reply.loss,
                                     clip_norm, modality_aware)
-        return secure_reply(msg, start_secure_sum(context, setup, start.site_id, vec), site=reply.site)
+        auth = site_auth(context.node_config, reply.site)
+        digest = b""
+        if auth is not None:
+            digest = context_digest(global_params, dict(msg.content[CONFIG_KEY]))
+        return secure_reply(msg, start_secure_sum(context, setup, start.site_id, vec, auth, digest), site=reply.site)
 
 
 # The three handlers below work for any vector stored by start_secure_sum; the preparation ClientApp answers them
@@ -256,11 +299,26 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
         request = UnmaskRequest.from_record(secagg_record(msg))
         site = _stored(context, request.round_id)
         shares = site.unmask(request)
-        _forget(context)  # this round's secrets are no longer needed
+        if site.auth is None:
+            _forget(context)  # this round's secrets are no longer needed
+        else:  # kept for stage 4b (an exclusion request), which the site answers at most once
+            _store(context, site)
         return secure_reply(msg, shares.to_record())
+
+
+def secagg_exclude(msg: Message, context: Context) -> Message:
+    """Stage 4b (authenticated): check the evidence against each named dealer, give this site's pairwise seed with
+    it (the dealer's input is then taken out of the sum); never without valid evidence."""
+    with abandoned_on_refusal(context):
+        request = ExclusionRequest.from_record(secagg_record(msg))
+        site = _stored(context, request.round_id)
+        seeds = site.exclude(request)
+        _forget(context)
+        return secure_reply(msg, seeds.to_record())
 
 
 STAGE_HANDLERS: dict[str, Handler] = {message_type(QUERY, SECAGG_SHARE): secagg_share,
                                       message_type(QUERY, SECAGG_MASK): secagg_mask,
-                                      message_type(QUERY, SECAGG_UNMASK): secagg_unmask}
+                                      message_type(QUERY, SECAGG_UNMASK): secagg_unmask,
+                                      message_type(QUERY, SECAGG_EXCLUDE): secagg_exclude}
 HANDLERS: dict[str, Handler] = {message_type(TRAIN, SECAGG_ACTION): secagg_train, **STAGE_HANDLERS}

@@ -26,8 +26,16 @@ from google.protobuf.message import DecodeError
 
 from flower_compat.wire import message_of, recorddict_bytes
 from magnet_core.artefacts.processes import process_alive
+from magnet_core.federation.secagg_auth import Roster, SiteAuth, SiteIdentity
 from magnet_core.protocol.errors import CONTRACT_ERROR_CODE, WORKER_ERROR_CODE, ContractError
-from magnet_core.protocol.keys import CONFIG_KEY, NODE_DATA_DIR, NODE_MANIFEST, NODE_SITE_NAME
+from magnet_core.protocol.keys import (
+    CONFIG_KEY,
+    NODE_DATA_DIR,
+    NODE_MANIFEST,
+    NODE_SECAGG_IDENTITY_KEY,
+    NODE_SECAGG_ROSTER,
+    NODE_SITE_NAME,
+)
 from magnet_core.protocol.messages import round_of
 from magnet_core.protocol.worker import (
     CONTENT_PAYLOAD,
@@ -160,9 +168,15 @@ class SiteWorker:
     message of each (seed, preset) and rebuilt when the data change."""
 
     def __init__(self, data: Path, manifest: Path, site_name: str = "", policy: Path | None = None,
-                 max_payload: int = MAX_PAYLOAD_BYTES, max_runs: int = MAX_RUNS):
+                 max_payload: int = MAX_PAYLOAD_BYTES, max_runs: int = MAX_RUNS,
+                 secagg_roster: Path | None = None, identity_key: Path | None = None):
         self.data, self.manifest = Path(data).resolve(), Path(manifest).resolve()
         self.policy = None if policy is None else Path(policy).resolve()
+        if (secagg_roster is None) != (identity_key is None):
+            raise ValueError("authenticated secure aggregation needs both --secagg-roster and --identity-key")
+        # the site's identity key and its roster: held here, from the worker's own command line, never a request's
+        self.secagg = {} if secagg_roster is None else {NODE_SECAGG_ROSTER: str(Path(secagg_roster).resolve()),
+                                                        NODE_SECAGG_IDENTITY_KEY: str(Path(identity_key).resolve())}
         self.site_name, self.max_payload, self.max_runs = site_name, max_payload, max_runs
         self.fingerprint = fingerprint(self.data, self.manifest)
         self.requests = 0
@@ -178,6 +192,7 @@ class SiteWorker:
             out[NODE_SITE_NAME] = self.site_name
         if self.policy is not None:
             out[POLICY_KEY] = str(self.policy)
+        out.update(self.secagg)
         return out
 
     def node_config(self, given: Mapping[str, Any]) -> dict:
@@ -196,6 +211,12 @@ class SiteWorker:
             raise NodeConfigRefused(f"the request names the site policy {str(given[POLICY_KEY])!r}; this site "
                                     f"worker enforces {mine} (its --policy): a site's policy is given to its "
                                     f"worker, never chosen by the request")
+        for key in (NODE_SECAGG_ROSTER, NODE_SECAGG_IDENTITY_KEY):
+            if key in given and Path(str(given[key])).resolve() != Path(self.secagg.get(key, "/nonexistent")):
+                raise NodeConfigRefused(f"the request names {key}={str(given[key])!r}; this site worker signs with "
+                                        f"{'its own --secagg-roster / --identity-key' if self.secagg else 'no key'}: "
+                                        "a site's identity key and roster are given to its worker, never chosen by "
+                                        "the request")
         return {**given, **self.own()}
 
     def context(self, run_id: int, node_id: int, node_config: dict) -> Context:
@@ -338,6 +359,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", type=Path, default=None,
                    help="the site's policy file (`magnet-fl site policy init`): every message is checked against "
                         "it and recorded in the site's audit log, here; a request that names another is refused")
+    p.add_argument("--secagg-roster", type=Path, default=None,
+                   help="the consortium roster (registered_sites.csv from the PKI): authenticated secure "
+                        "aggregation, every other site's keys checked against it (with --identity-key)")
+    p.add_argument("--identity-key", type=Path, default=None,
+                   help="this site's enrolled private key (BUNDLE/node_auth_key): signs its secure-aggregation keys, "
+                        "shares and transcript (with --secagg-roster)")
     p.add_argument("--exit-with", type=int, default=None, metavar="PID",
                    help="exit when this process (e.g. the SuperNode) is gone")
     p.add_argument("--takeover-wait", type=float, default=5.0, metavar="SECONDS",
@@ -345,6 +372,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-file", type=Path, default=None, help="also append the log to this file")
     p.add_argument("--max-message-mb", type=int, default=MAX_PAYLOAD_BYTES >> 20,
                    help=f"largest array payload accepted per message (default {MAX_PAYLOAD_BYTES >> 20})")
+
+
+def check_secagg_identity(roster: Path | None, key: Path | None, site_name: str) -> None:
+    """The worker's roster and identity key load and belong together (the roster's key for ``site_name`` is this
+    key); a clear error naming the option otherwise."""
+    if roster is None or key is None:
+        raise ValueError("authenticated secure aggregation needs both --secagg-roster and --identity-key")
+    if not site_name:
+        raise ValueError("--secagg-roster / --identity-key need --site-name (the name the roster lists)")
+    SiteAuth(SiteIdentity.from_key_file(site_name, key), Roster.from_file(roster))
 
 
 def setup_logging(log_file: Path | None) -> None:
@@ -403,7 +440,10 @@ def run(args: argparse.Namespace) -> int:
                 log.error("site data: %s", e)
             log.error("site data in %s failed validation; the worker does not start", data)
             return 1
-        worker = SiteWorker(data, manifest, args.site_name, policy, args.max_message_mb << 20)
+        if args.secagg_roster is not None or args.identity_key is not None:  # unreadable: stop here, not mid-round
+            check_secagg_identity(args.secagg_roster, args.identity_key, args.site_name)
+        worker = SiteWorker(data, manifest, args.site_name, policy, args.max_message_mb << 20,
+                            secagg_roster=args.secagg_roster, identity_key=args.identity_key)
         log.info("serving %s on %s (pid %d, torch %s, %d thread(s), data fingerprint %s; ready after %.1f s)",
                  data, path, os.getpid(), torch.__version__, torch.get_num_threads(), worker.fingerprint,
                  time.monotonic() - t0)

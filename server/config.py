@@ -80,6 +80,9 @@ class FederatedConfig(BaseModel):
     secagg_max_dropouts: int = Field(1, ge=0, description="sites that may drop after masking without losing the sum")
     secagg_clip_norm: float = Field(1.0, gt=0, description="under secure aggregation each site clips its update "
                                                           "to this norm (the coordinator cannot check norms)")
+    secagg_roster: str = Field("", description="the consortium roster (PKI/registered_sites.csv): authenticated "
+                                               "secure aggregation (signed keys, shares and transcript; a dealer "
+                                               "of bad shares is named and left out); empty = unauthenticated")
     # differential privacy at site level: each site clips its update to dp-clip-norm (0 = off); the coordinator
     # averages the clipped updates with uniform weights per block and adds Gaussian noise of std
     # dp-noise-multiplier * dp-clip-norm / (sites averaged)
@@ -125,6 +128,8 @@ class FederatedConfig(BaseModel):
             raise ValueError("differential privacy bounds each site's influence on a mean: use robust='mean'")
         if self.secagg and self.robust != "mean":
             raise ValueError("secure aggregation reveals only the sum: robust aggregation needs individual updates")
+        if self.secagg_roster and not self.secagg:
+            raise ValueError("secagg-roster authenticates secure aggregation: set secagg=true too")
         return self
 
     def identity(self) -> dict[str, Any]:

@@ -11,6 +11,9 @@
 #   1  query.secagg_share   key book of U1 -> encrypted Shamir shares (ShareBundle)
 #   2  query.secagg_mask    each site's inbox -> its masked vector, added at once to the running sum (U3)
 #   3  query.secagg_unmask  survivors / dropped -> shares; the server removes the masks and decodes the sum.
+#   4b query.secagg_exclude authenticated only, when a dealer's signed shares contradict its commitment
+#                           (SharesRefuted): the evidence to every honest survivor -> its pairwise seeds with the
+#                           dealer, which take the dealer's input out; the sum is then over server.included.
 # A site failing (error reply, no reply, rejected name) before stage 2's reply is left out of the sum; a site of U3
 # failing afterwards is still in it. Fewer than t sites at any stage: the round fails, the model is unchanged.
 
@@ -22,11 +25,12 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from magnet_core.federation.secagg import SecAggServer
+from magnet_core.federation.secagg import SecAggServer, SharesRefuted
 from magnet_core.protocol.keys import (
     CONFIG_KEY,
     MASKED_KEY,
     QUERY,
+    SECAGG_EXCLUDE,
     SECAGG_KEY,
     SECAGG_MASK,
     SECAGG_SHARE,
@@ -36,6 +40,7 @@ from magnet_core.protocol.keys import (
 from magnet_core.protocol.secagg import (
     KeyAdvert,
     MaskedInput,
+    PairwiseSeeds,
     SecAggError,
     ShareBundle,
     UnmaskRequest,
@@ -160,7 +165,7 @@ def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: l
         if masked.site_id != sid:
             return f"masked input claims secagg site {masked.site_id}, was told {sid}"
         try:
-            server.add_masked(MaskedInput(sid, masked.masked))
+            server.add_masked(MaskedInput(sid, masked.masked, masked.transcript_signature))
         except SecAggError as exc:  # one bad vector is that site's problem, not the round's
             return str(exc)
         return None
@@ -185,5 +190,28 @@ def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: l
                                  lambda msg: UnmaskShares.from_record(msg.content[SECAGG_KEY]), "unmask shares",
                                  answers_the_request).values())
     answered = {s.site_id for s in shares}
-    total = server.finish(shares)
+    try:
+        total = server.finish(shares)
+    except SharesRefuted as refuted:
+        total = exclusion_stage(grid, stage, server, refuted, config)
     return total, request, answered
+
+
+def exclusion_stage(grid: Grid, stage: Stage, server: SecAggServer, refuted: SharesRefuted, config: ConfigRecord
+                    ) -> np.ndarray:
+    """Stage 4b: the evidence against the dealers of bad shares to every honest survivor, their pairwise seeds
+    with those dealers back; the sum over ``server.included``. The dealers are rejected by name (their evidence
+    in the reason). SecAggError when an honest survivor does not answer (the others' sum cannot be recovered)."""
+    for sid, why in server.excluded.items():
+        stage.reject(sid, f"left out of the secure sum: {why}")
+    r = ConfigRecord(refuted.request.to_record())
+    honest = server.included
+    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), _size(r)) for sid in honest}
+
+    def for_the_request(sid: int, seeds: PairwiseSeeds) -> str | None:
+        return None if seeds.site_id == sid else f"pairwise seeds claim secagg site {seeds.site_id}, was told {sid}"
+
+    seeds = stage.exchange(grid, message_type(QUERY, SECAGG_EXCLUDE), payloads, len(honest),
+                           lambda msg: PairwiseSeeds.from_record(msg.content[SECAGG_KEY]), "pairwise seeds",
+                           for_the_request)
+    return server.finish_excluding(list(seeds.values()))

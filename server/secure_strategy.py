@@ -34,6 +34,7 @@ from magnet_core.federation.dp import (
     noise_piece_std,
 )
 from magnet_core.federation.secagg import SecAggServer, UpdateLayout
+from magnet_core.federation.secagg_auth import Roster
 from magnet_core.federation.secagg_bounds import clip_bound_problems
 from magnet_core.protocol.enrolment import SiteFacts
 from magnet_core.protocol.keys import (
@@ -57,7 +58,22 @@ LOSS_SLOTS = 2  # the sites append loss * training patients and training patient
 
 
 class SecureMagnetFedAvg(MagnetFedAvg):
-    """MagnetFedAvg whose training round is a secure sum: the coordinator sees masked vectors only."""
+    """MagnetFedAvg whose training round is a secure sum: the coordinator sees masked vectors only. With
+    ``secagg-roster`` the sum is authenticated (magnet_core/federation/secagg_auth.py): every advert must be signed
+    by the roster's key of the name the node is bound to, and a dealer of bad shares is named and left out."""
+
+    _roster: Roster | None = None
+
+    def roster(self) -> Roster | None:
+        """The coordinator's copy of the consortium roster (run config secagg-roster), read once; None without."""
+        if not self.cfg.secagg_roster:
+            return None
+        if self._roster is None:
+            try:
+                self._roster = Roster.from_file(self.cfg.secagg_roster)
+            except (OSError, ValueError) as exc:
+                raise RunConfigError(f"secagg-roster: {exc}") from None
+        return self._roster
 
     def train_round(self, grid: Grid, params: dict[str, np.ndarray], server_round: int, config: ConfigRecord
                     ) -> dict[str, np.ndarray] | None:
@@ -107,7 +123,8 @@ class SecureMagnetFedAvg(MagnetFedAvg):
                       setup: SecAggSetup, layout: UpdateLayout, node_of_sid: dict[int, int], summary: dict,
                       dp: DPConfig | None = None) -> dict[str, np.ndarray]:
         cfg = self.cfg
-        server = SecAggServer(setup)
+        roster = self.roster()
+        server = SecAggServer(setup, roster)
         stage = Stage(self.ledger(rnd), str(rnd), node_of_sid, cfg.round_timeout, cfg.straggler_grace)
         t = setup.threshold
         wait_for = max(t, min(cfg.min_sites, len(node_of_sid)))
@@ -134,6 +151,9 @@ class SecureMagnetFedAvg(MagnetFedAvg):
                 None if self.facts(name) is not None else f"site {name!r} is not enrolled")
             if not problem and advert.site_id != sid:
                 problem = f"answers as secagg site {advert.site_id}, was told {sid}"
+            problem = problem or server.check_advert(advert) or None
+            if not problem and roster is not None and advert.site_name != name:
+                problem = f"its secure-aggregation keys are signed as {advert.site_name!r}, the node is {name!r}"
             if not problem:
                 names[sid] = name
             return problem
@@ -144,13 +164,17 @@ class SecureMagnetFedAvg(MagnetFedAvg):
         summary["dropped_before_masking"] = [names.get(s, f"node{node_of_sid[s]}") for s in request.dropped]
         summary["dropped_after_masking"] = [names[s] for s in request.survivors if s not in answered]
 
-        # decode and check the counts against what the surviving sites enrolled with
-        sites = [names[s] for s in request.survivors]
+        # decode and check the counts against what the sites in the sum enrolled with (authenticated: a dealer
+        # of bad shares was left out, server.included)
+        included = server.included
+        summary["left_out"] = {names[s]: why for s, why in server.excluded.items()}
+        summary["blamed"] = {names[s]: why for s, why in server.blamed.items()}
+        sites = [names[s] for s in included]
         facts = [self.facts(s) for s in sites]
         update, tail = total[:layout.length], total[layout.length:]
         _, wsum = layout.split(update)
         if dp is not None:  # the noisy sum is now known to the coordinator: account for it whatever follows
-            self._account(dp, rnd, len(request.survivors), setup.threshold)
+            self._account(dp, rnd, len(included), setup.threshold)
             problems = site_count_problems(layout, wsum, sites, facts, modality_aware)
         else:
             problems = count_problems(layout, wsum, sites, facts, modality_aware)
@@ -169,11 +193,12 @@ class SecureMagnetFedAvg(MagnetFedAvg):
         # server optimizer (FedAdam / FedYogi): a step along the decoded aggregate; blocks no surviving site held stay
         new = self.server_step(rnd, params, new, {k for k in params if wsum.get(layout.block(k), 0.0) > 0.5})
         self.report.accepted = sites
-        for sid in request.survivors:
+        for sid in included:
             self.report.nodes[names[sid]] = node_of_sid[sid]
         self.report.train_loss = float(tail[0] / tail[1]) if tail[1] > 0.5 else None
         summary.update(sites=sites, excluded=[names.get(s, self.names.label(node_of_sid[s]))
-                                              for s in setup.site_ids if s not in request.survivors],
+                                              for s in setup.site_ids if s not in included],
+                       authenticated=roster is not None,
                        model_bytes=model_bytes,
                        weights={"shared": wsum[None], **{m: wsum[m] for m in layout.modalities}},
                        bytes_per_site={names.get(s, f"node{node_of_sid[s]}"): {"up": stage.up[s],

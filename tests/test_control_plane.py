@@ -286,3 +286,30 @@ def test_launcher_options_are_separated_from_flowers_arguments():
     assert values == {"pull-interval": "1", "clientapp-start": "spawn"}
     assert rest == ["--superlink", "h:1", "--pull-interval=9"]  # after Flower's first argument, all Flower's
     assert _launcher_options(["--max-retries", "1"], names) == (names, ["--max-retries", "1"])
+
+
+def test_supernode_gives_the_identity_key_roster_and_policy_to_the_site_worker_only(pki, tmp_path, deploy):
+    """`deploy supernode --secagg-roster --policy`: the worker's own command line holds them (the site's key by
+    default), the SuperNode's node config (which the coordinator's bundle reads) names none; without --worker
+    they are refused."""
+    at_site = _site(pki, tmp_path)
+    data, manifest, roster, policy = (tmp_path / "data", tmp_path / "m.toml", tmp_path / "roster.csv",
+                                      tmp_path / "policy.toml")
+    data.mkdir()
+    for f in (manifest, roster, policy):
+        f.write_text("")
+    out = deploy("supernode", "--bundle", at_site, "--data", data, "--manifest", manifest, "--skip-validation",
+                 "--worker", "--secagg-roster", roster, "--policy", policy, "--print")
+    assert out.returncode == 0, out.stderr
+    worker_part, supernode_part = out.stdout.split(" & exec ", 1)
+    words = shlex.split(worker_part)
+    assert words[words.index("--secagg-roster") + 1] == str(roster.resolve())
+    assert words[words.index("--identity-key") + 1] == str((at_site / SITE_KEY).resolve())
+    assert words[words.index("--policy") + 1] == str(policy.resolve())
+    node_config = Path(shlex.split(supernode_part)[shlex.split(supernode_part).index("--node-config") + 1])
+    assert set(tomllib.loads(node_config.read_text())) == {"data-dir", "manifest", "site-name", "worker-socket",
+                                                          "worker-timeout"}
+    for flags in (("--secagg-roster", roster), ("--policy", policy)):
+        refused = deploy("supernode", "--bundle", at_site, "--data", data, "--manifest", manifest,
+                         "--skip-validation", *flags, "--print")
+        assert refused.returncode == 2 and "--worker" in refused.stderr

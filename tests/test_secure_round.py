@@ -51,8 +51,8 @@ class _Recorder:
             return vec, clipped, norm
 
         class Recording(SecAggServer):
-            def __init__(self, setup):
-                super().__init__(setup)
+            def __init__(self, setup, roster=None):
+                super().__init__(setup, roster)
                 rec.servers.append(self)
 
             def add_masked(self, item):

@@ -36,6 +36,7 @@ SECAGG_ACTION = "secagg"  # train.secagg: stage 0 of a secure training round
 SECAGG_SHARE = "secagg_share"  # query.secagg_share / secagg_mask / secagg_unmask: stages 1-3 of any secure sum
 SECAGG_MASK = "secagg_mask"
 SECAGG_UNMASK = "secagg_unmask"
+SECAGG_EXCLUDE = "secagg_exclude"  # query.secagg_exclude: stage 4b, only after a dealer's shares were refuted
 PREPARE_STATS = "prepare_stats"  # query.prepare_*: federated preparation
 PREPARE_SECAGG = "prepare_secagg"
 PREPARE_APPLY = "prepare_apply"
@@ -61,6 +62,8 @@ NODE_DP_FLOOR = "dp-min-noise-multiplier"  # the site trains only under secagg +
 NODE_RAW_DIR = "raw-dir"  # preparation: the site's raw data folder
 NODE_PREPARED_DIR = "prepared-dir"  # preparation: where the site writes its prepared data
 NODE_PREPARE_REQUIRE_SECAGG = "prepare-require-secagg"  # preparation: answer only a secure preparation
+NODE_SECAGG_ROSTER = "secagg-roster"  # the consortium roster (registered_sites.csv): authenticated secure aggregation
+NODE_SECAGG_IDENTITY_KEY = "secagg-identity-key"  # the site's enrolled identity private key (signs its secagg keys)
 WORKER_LINK_KEYS = (NODE_WORKER_SOCKET, NODE_WORKER_TIMEOUT, NODE_WORKER_CONNECT_TIMEOUT)  # not sent to the worker
 DEPLOYED_KEYS = frozenset({NODE_DATA_DIR, NODE_WORKER_SOCKET})  # a site holding its own data (not a simulation)
 
@@ -68,6 +71,7 @@ DEPLOYED_KEYS = frozenset({NODE_DATA_DIR, NODE_WORKER_SOCKET})  # a site holding
 # context.state records (private to the site; never sent)
 STATE_SECAGG = "secagg"  # ConfigRecord: round id + the serialised SecAggSite (private keys)
 STATE_SECAGG_SITE = "site"  # its field holding the SecAggSite
+STATE_SECAGG_IDENTITY = "identity"  # its field: the site name it signs as ("" = unauthenticated sum)
 STATE_VECTOR = "secagg-vector"  # ArrayRecord: the site's vector until it is masked
 STATE_VECTOR_ARRAY = "vector"  # its one array
 STATE_PREPARE_SUMMED = "prepare-secure-sum"  # ConfigRecord: this site already contributed to a secure sum
