@@ -251,7 +251,11 @@ def main() -> None:
     if args.reference is not None and not args.reference.is_dir():
         sys.exit(f"error: --reference {args.reference}: no such directory")
 
-    record: dict = {"seeds": args.seeds, "data": str(args.data), "cpus": os.cpu_count(),
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    record: dict = {"magnet_fl_commit": commit.stdout.strip() or None, "magnet_fl_uncommitted_changes":
+                    bool(dirty.stdout.strip()), "seeds": args.seeds, "data": str(args.data), "cpus": os.cpu_count(),
                     "machine": platform.platform(), "load_average_start": _load(), "threads_per_process": 1}
     with tempfile.TemporaryDirectory(prefix="side-by-side-") as tmp:
         work = Path(tmp)
