@@ -233,6 +233,7 @@ def _side(root):
         speedup=f"{r['workers2_speedup_over_serial']:.2f}x",
         per_seed_seconds=f"one by one {secs(ours)} s, on two workers {secs(two)} s (seeds {', '.join(seeds)})")
 
+
 def _priv(mode: str, key: str = "mcc"):
     def get(root):
         m = _load_json(root, PRIV)["modes"][mode]
@@ -383,7 +384,6 @@ def _epochs(root):
                            ac=f"{a['epoch_cpu_ms_median']:.1f}", aw=f"{a['epoch_wall_ms_median']:.1f}",
                            load=f"{min(loads):.1f}-{max(loads):.1f}", n=f"{a['patients']}",
                            edges=f"{a['edges']:,}", epochs=f"{a['epochs_timed']}")
-
 
 
 CLAIMS: list[Claim] = [
