@@ -808,7 +808,8 @@ def test_a_changed_result_file_fails(tmp_path):
 
 def _copy_repo_docs(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
-    for rel in ("README.md", "benchmarks/README.md", "docs", "benchmarks/results"):
+    for rel in ("README.md", "benchmarks/README.md", "docs", "benchmarks/results",
+                "tests/data/training_trace_before.json"):  # the pre-issue-24 record a side-by-side claim reads
         src = ROOT / rel
         if src.is_dir():
             shutil.copytree(src, root / rel)
