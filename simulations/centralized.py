@@ -15,6 +15,7 @@ from magnet_core.cohort.generated import GENERATED_NOTICE, make_generated_cohort
 from magnet_core.model.config import Preset
 from magnet_core.model.metrics import metrics_with_groups, summarize
 
+from .parallel import resolve_workers, run_tasks
 from .reporting import console, print_summary, write_json
 
 
@@ -41,6 +42,32 @@ def evaluate_centralized(cohort: Cohort, preset: Preset, seed: int, epochs: int 
                          on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, float | None]:
     """Train one model on the cohort's train+val patients and return its test metrics (all/paired/unpaired)."""
     return train_centralized(cohort, preset, seed, epochs, on_epoch)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedRun:
+    """One seed's training, as sent to a worker process (or run here)."""
+
+    cohort: Cohort
+    preset: Preset
+    seed: int
+
+    def __str__(self) -> str:
+        return f"seed {self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedResult:
+    params: dict[str, np.ndarray]
+    metrics: dict[str, float | None]
+    seconds: float  # training and testing of this seed, in the process that ran it
+
+
+def train_seed(run: SeedRun, advance: Callable[[int], None]) -> SeedResult:
+    """Train and test one seed; ``advance(1)`` after every epoch (a task of :func:`simulations.parallel.run_tasks`)."""
+    t0 = time.perf_counter()
+    params, metrics = train_centralized(run.cohort, run.preset, run.seed, None, on_epoch=lambda e, s: advance(1))
+    return SeedResult(params, metrics, time.perf_counter() - t0)
 
 
 @dataclasses.dataclass
@@ -88,11 +115,13 @@ def write_centralized_package(spec: PackageSpec, path: Path, params: dict[str, n
 
 def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, out: Path,
                     epochs: int | None = None, shown_as: Path | None = None,
-                    package: PackageSpec | None = None) -> dict:
+                    package: PackageSpec | None = None, workers: int | str = 1) -> dict:
     """Read every seed's cohort first (bad data stop the run before any training), then train each seed with a
     progress bar, print the table and write ``out/results.json`` (``shown_as``: the path to print instead of
     ``out``, when ``out`` is a staging folder). ``results.json`` records the epochs that ran. ``package``: also
-    write each seed's model as a signed package (see :class:`PackageSpec`)."""
+    write each seed's model as a signed package (see :class:`PackageSpec`). ``workers``: seeds train on up to this
+    many worker processes (``"auto"``: one per CPU; see :mod:`simulations.parallel`), with the same results as
+    one by one; per-seed lines, packages and results are written in seed order."""
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     if len(set(seeds)) != len(seeds) or not seeds:
@@ -111,29 +140,41 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
     generated = data is None
     if generated:
         console.print(f"[bold yellow]Using a {GENERATED_NOTICE}; pass --data PATH for real data.[/]")
+    n_workers = resolve_workers(workers, len(seeds))
     load = cohort_loader(data)
     cohorts = {seed: load(seed) for seed in seeds}
     if epochs is not None:  # what runs is what is recorded
         preset = preset.model_copy(update={"train": preset.train.model_copy(update={"epochs": epochs})})
     n_epochs = preset.train.epochs
-    per_seed, info, packages = [], {}, []
+    info: dict = {}  # the cohort of the last seed, as before
+    runs = [SeedRun(cohorts.pop(seed), preset, seed) for seed in seeds]
+    per_seed: list[dict] = []
+    seconds: list[float] = []
+    packages: list[str] = []
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         task = progress.add_task("centralized", total=len(seeds) * n_epochs)
-        for seed in seeds:
-            cohort = cohorts.pop(seed)
-            info = {"cohort": cohort.name, "generated": cohort.generated, **cohort.availability()}
-            progress.update(task, description=f"seed {seed}")
-            params, metrics = train_centralized(cohort, preset, seed, None,
-                                                on_epoch=lambda e, s: progress.advance(task))
-            per_seed.append(metrics)
+
+        def finished(i: int, result: SeedResult) -> None:  # called in seed order
+            run = runs[i]
+            info.update({"cohort": run.cohort.name, "generated": run.cohort.generated,
+                         **run.cohort.availability()})
+            per_seed.append(result.metrics)
+            seconds.append(result.seconds)
             if package is not None:
-                path = write_centralized_package(package, package.path_for(seed, seeds), params, cohort, preset,
-                                                 seed, data, metrics)
+                path = write_centralized_package(package, package.path_for(run.seed, seeds), result.params,
+                                                 run.cohort, preset, run.seed, data, result.metrics)
                 packages.append(str(path))
-                progress.console.print(f"seed {seed}: signed model package {path}")
-            progress.console.print(f"seed {seed}: test MCC {metrics['mcc']:.3f}  acc {metrics['acc']:.3f}")
+                progress.console.print(f"seed {run.seed}: signed model package {path}")
+            progress.console.print(f"seed {run.seed}: test MCC {result.metrics['mcc']:.3f}  "
+                                   f"acc {result.metrics['acc']:.3f}")
+            if i + 1 < len(runs) and n_workers == 1:
+                progress.update(task, description=f"seed {runs[i + 1].seed}")
+
+        progress.update(task, description=f"seed {seeds[0]}" if n_workers == 1 else f"{len(seeds)} seeds on "
+                        f"{n_workers} workers")
+        run_tasks(train_seed, runs, n_workers, advance=lambda n: progress.advance(task, n), on_result=finished)
     wall = time.perf_counter() - t0
     summary = summarize(per_seed)
     where = "generated cohort" if generated else Path(data).name
@@ -151,6 +192,8 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
         "epochs": n_epochs,
         "metrics": summary,
         "wall_seconds": wall,
+        "workers": n_workers,
+        "seconds_per_seed": seconds,  # each seed's training and testing, in the process that ran it
     }
     if package is not None:
         payload["packages"] = packages

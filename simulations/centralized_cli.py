@@ -14,6 +14,7 @@ from magnet_core.model.config import DEFAULT_PRESET, PRESETS, get_preset
 
 from .cli import existing_dir, parse_seeds, positive_int
 from .outputs import check_output, run_staged
+from .parallel import parse_workers
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ed25519 model-signing key (magnet-fl pki signing-key: pki/signing/model_signing.key)")
     p.add_argument("--signing-cert", type=Path, default=None,
                    help="its certificate, issued by the consortium CA (pki/signing/model_signing.crt)")
+    p.add_argument("--workers", type=parse_workers, default=1,
+                   help="train seeds on this many worker processes, one torch thread each on a machine with that "
+                        "many cores (auto: one per CPU); same results as one by one (default 1)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --out (default: refuse a folder that holds results)")
 
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
     def staged(inner: argparse.Namespace) -> int:
         run_centralized(inner.data, seeds, get_preset(inner.preset), inner.out, epochs=inner.epochs,
-                        shown_as=inner.out_final, package=package)
+                        shown_as=inner.out_final, package=package,
+                        workers=args.workers)
         return 0
 
     return run_staged(args, "centralized", staged)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -23,6 +25,7 @@ from magnet_core.consortium.scenarios import Scenario
 
 from . import statistics as st
 from .cli import existing_dir
+from .parallel import parse_workers, resolve_workers, run_tasks
 from .reporting import console, write_json
 from .simulate import METHODS, RunSpec, run_methods
 
@@ -195,7 +198,10 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
     cell_dir.mkdir(parents=True, exist_ok=True)
     scenario_file = cell_dir / "scenario.toml"
     scenario = study.scenario_of(cell).model_dump(mode="json", exclude_none=True)  # TOML keys are strings
-    scenario_file.write_text(tomli_w.dumps(scenario))
+    # Atomic (temporary file, then one rename): workers running other seeds of this cell read it meanwhile.
+    tmp = scenario_file.with_name(f".{scenario_file.name}.tmp-{os.getpid()}")
+    tmp.write_text(tomli_w.dumps(scenario))
+    os.replace(tmp, scenario_file)
     dataset = cell.dataset or study.dataset
     spec = RunSpec(data_path=str(resolve_dataset(data, dataset)), scenario=str(scenario_file), seed=seed,
                    preset=cell.preset or study.preset, rounds=study.rounds, local_epochs=study.local_epochs,
@@ -216,6 +222,56 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
                    "seconds_per_round": seconds.get(method, float("nan")) / study.rounds,
                    "modalities": cell.modalities, "test_graph": study.test_graph_of(cell), "error": error}
         write_json(cell_result_path(out, cell, method, seed), payload)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellSeedRun:
+    """One (cell, seed) of a study, as sent to a worker process (or run here)."""
+
+    study: Study
+    cell: Cell
+    seed: int
+    data: Path
+    out: Path
+    engine: str
+
+    def __str__(self) -> str:
+        return f"cell {self.cell.id} seed {self.seed}"
+
+
+def run_cell_seed_task(run: CellSeedRun, advance) -> None:
+    """:func:`run_cell_seed` as a task of :func:`simulations.parallel.run_tasks` (its results are its files)."""
+    run_cell_seed(run.study, run.cell, run.seed, run.data, run.out, run.engine, advance)
+
+
+def run_grid(study: Study, data: Path, out: Path, engine: str = "inprocess", workers: int | str = 1,
+             advance=lambda n: None, describe=lambda text: None) -> int:
+    """Run every (cell, seed) of the study that has methods without a result file, seed-major (an interrupted
+    serial study has whole seeds for every cell), on up to ``workers`` processes (same result files as one by one;
+    see :mod:`simulations.parallel`). ``advance(n)``: rounds done (finished ones counted at once). Returns the
+    number of processes used."""
+    todo = []
+    for seed in study.seeds:
+        for cell in study.cells:
+            done = [m for m in study.methods if cell_result_path(out, cell, m, seed).exists()]
+            advance(len(done) * study.rounds)
+            if len(done) < len(study.methods):
+                todo.append(CellSeedRun(study, cell, seed, data, out, engine))
+    n_workers = resolve_workers(workers, max(1, len(todo)))
+    if n_workers > 1 and engine != "inprocess":
+        raise ValueError(f"--workers {workers} needs --engine inprocess: the {engine!r} engine starts its own "
+                         f"simulation runtime per run, which parallel workers would contend for")
+    if n_workers == 1:
+        def announce(i: int, _: None) -> None:
+            if i + 1 < len(todo):
+                describe(f"{study.name} {todo[i + 1].cell.id} seed {todo[i + 1].seed}")
+        if todo:
+            describe(f"{study.name} {todo[0].cell.id} seed {todo[0].seed}")
+        run_tasks(run_cell_seed_task, todo, 1, advance=advance, on_result=announce)
+    else:
+        describe(f"{study.name}: {len(todo)} cell-seeds on {n_workers} workers")
+        run_tasks(run_cell_seed_task, todo, n_workers, advance=advance)
+    return n_workers
 
 
 def tidy_frame(study: Study, out: Path) -> pd.DataFrame:
@@ -585,6 +641,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None, help="run only these of the study's methods (comma-separated)")
     p.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
                    help="inprocess (default for sweeps) or Flower's simulation engine")
+    p.add_argument("--workers", type=parse_workers, default=1,
+                   help="run cell-seeds on this many worker processes, one torch thread each on a machine with "
+                        "that many cores (auto: one per CPU; needs --engine inprocess); same result files as one "
+                        "by one (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -604,13 +664,8 @@ def run(args: argparse.Namespace) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task(study.name, total=total)
-        for seed in study.seeds:  # seed-major: an interrupted study has whole seeds for every cell
-            for cell in study.cells:
-                done = [m for m in study.methods if cell_result_path(out, cell, m, seed).exists()]
-                progress.update(task, description=f"{study.name} {cell.id} seed {seed}")
-                progress.advance(task, len(done) * study.rounds)
-                run_cell_seed(study, cell, seed, args.data, out, args.engine,
-                              advance=lambda n: progress.advance(task, n))
+        run_grid(study, args.data, out, args.engine, args.workers, advance=lambda n: progress.advance(task, n),
+                 describe=lambda text: progress.update(task, description=text))
     df = tidy_frame(study, out)
     report = write_outputs(study, df, out, f"real TCGA data from {args.data}",
                            wall_seconds=time.perf_counter() - t0)

@@ -194,6 +194,45 @@ R, S, B = "README.md", "docs/studies/README.md", "benchmarks/README.md"
 PRIV = "docs/studies/privacy/privacy_summary.json"
 
 
+def _side(root):
+    """benchmarks/results/reference_side_by_side.json: the 5-seed OV run, ours (serial, --workers 2) vs reference."""
+    d = _load_json(root, "benchmarks/results/reference_side_by_side.json")
+    ours, two, ref = d["ours"], d["ours_workers2"], d["reference"]
+    seeds = [str(x) for x in d["seeds"]]
+    loads = [x[0] for x in (d["load_average_start"], d["load_average_end"], ours["load_average_before"],
+                            ours["load_average_after"], two["load_average_before"], two["load_average_after"],
+                            ref["load_average_before"], ref["load_average_after"])]
+
+    def mean_sd(side):
+        v = [side["mcc_per_seed"][k] for k in seeds]
+        return f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}"
+
+    rows = [("reference (`main_inference.py`)", ref), ("magnet-fl, one seed after another", ours),
+            ("magnet-fl `--workers 2`, 1 thread each", two)]
+    table = "\n".join([f"| {len(seeds)} OV seeds, 200 epochs, 1 thread | wall s | in-program s | "
+                        "test MCC mean ± sd (ddof 1) |", "|---|---|---|---|"]
+                       + [f"| {name} | {side['process_wall_seconds']:.1f} | {side['in_program_seconds']:.1f} | "
+                          f"{mean_sd(side)} |" for name, side in rows])
+    before = {str(r["seed"]): r["mcc"] for r in _load_json(root, "tests/data/training_trace_before.json")["runs"]}
+    v = ref["versions"]
+    r = d["ratios"]
+
+    def secs(side):
+        return " / ".join(f"{x:.1f}" for x in side["seconds_per_seed"])
+
+    return SimpleNamespace(
+        load=f"{min(loads):.1f}-{max(loads):.1f}", commit=d["magnet_fl_commit"][:7]
+        + (" with uncommitted changes" if d["magnet_fl_uncommitted_changes"] else ""),
+        versions=f"torch {v['torch']}, lightning {v['lightning']}, torch_geometric {v['torch_geometric']}",
+        table=table, ratio=f"{r['reference_over_ours_wall']:.2f}x",
+        own=f"{r['reference_own_timer_over_ours_sum_of_seeds']:.2f}x",
+        per_seed=", ".join(f"seed {k} {ours['mcc_per_seed'][k]:.3f} vs {ref['mcc_per_seed'][k]:.3f}" for k in seeds),
+        same="the same" if all(ours["mcc_per_seed"][k] == before.get(k) for k in seeds) else "NOT the same",
+        same2="the same" if two["mcc_per_seed"] == ours["mcc_per_seed"] else "NOT the same",
+        speedup=f"{r['workers2_speedup_over_serial']:.2f}x",
+        per_seed_seconds=f"one by one {secs(ours)} s, on two workers {secs(two)} s (seeds {', '.join(seeds)})")
+
+
 def _priv(mode: str, key: str = "mcc"):
     def get(root):
         m = _load_json(root, PRIV)["modes"][mode]
@@ -641,6 +680,14 @@ CLAIMS: list[Claim] = [
       for what, rel in (("the policy's default", "contention.json"),
                         ("an earlier run with `--epochs 100`", "contention_100_epochs.json"),
                         ("with `MAGNET_FL_THREADS=1`", "contention_1_thread.json"))],
+    *[_c(B, "benchmarks/results/reference_side_by_side.json", text, s=_side) for text in (
+        "(load average {s.load} during the run: indicative only), magnet-fl {s.commit}, the reference with "
+        "{s.versions}", "{s.table}",
+        "Ratio reference / magnet-fl: **{s.ratio}** on process wall ({s.own} on the in-program timers). Per-seed "
+        "test MCC, magnet-fl vs reference: {s.per_seed}.",
+        "Ours are {s.same} per-seed MCC as the record of the code before issue 24",
+        "and `--workers 2` gave {s.same2} per-seed MCC as one by one.",
+        "`--workers 2` over one by one: {s.speedup} on process wall.", "per seed, {s.per_seed_seconds}.")],
 ]
 
 # Snippets whose numbers are not results: versions, defaults, settings, counts of things, test tolerances.
@@ -783,7 +830,8 @@ def test_a_changed_result_file_fails(tmp_path):
 
 def _copy_repo_docs(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
-    for rel in ("README.md", "benchmarks/README.md", "docs", "benchmarks/results"):
+    for rel in ("README.md", "benchmarks/README.md", "docs", "benchmarks/results",
+                "tests/data/training_trace_before.json"):  # the pre-issue-24 record a side-by-side claim reads
         src = ROOT / rel
         if src.is_dir():
             shutil.copytree(src, root / rel)
