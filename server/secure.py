@@ -119,7 +119,8 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-def _size(rec: ConfigRecord) -> int:
+def record_size(rec: ConfigRecord) -> int:
+    """Bytes of one secure-aggregation record as Flower carries it."""
     return payload_bytes(RecordDict({SECAGG_KEY: rec}))
 
 
@@ -143,7 +144,7 @@ def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: l
 
     # stage 1: shares
     rec = ConfigRecord(book.to_record())
-    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: rec}), _size(rec)) for sid in book.keys}
+    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: rec}), record_size(rec)) for sid in book.keys}
 
     def for_the_others(sid: int, bundle: ShareBundle) -> str | None:
         if bundle.site_id != sid or set(bundle.ciphertexts) != set(book.keys) - {sid}:
@@ -159,7 +160,7 @@ def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: l
     payloads = {}
     for sid, inbox in inboxes.items():
         r = ConfigRecord(inbox.to_record())
-        payloads[sid] = (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), _size(r))
+        payloads[sid] = (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), record_size(r))
 
     def added(sid: int, masked: MaskedInput) -> str | None:
         if masked.site_id != sid:
@@ -178,7 +179,7 @@ def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: l
 
     # stage 3: unmask
     r = ConfigRecord(request.to_record())
-    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), _size(r)) for sid in request.survivors}
+    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), record_size(r)) for sid in request.survivors}
 
     def answers_the_request(sid: int, got: UnmaskShares) -> str | None:
         if got.site_id != sid or set(got.self_shares) != set(request.survivors) \
@@ -206,7 +207,7 @@ def exclusion_stage(grid: Grid, stage: Stage, server: SecAggServer, refuted: Sha
         stage.reject(sid, f"left out of the secure sum: {why}")
     r = ConfigRecord(refuted.request.to_record())
     honest = server.included
-    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), _size(r)) for sid in honest}
+    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), record_size(r)) for sid in honest}
 
     def for_the_request(sid: int, seeds: PairwiseSeeds) -> str | None:
         return None if seeds.site_id == sid else f"pairwise seeds claim secagg site {seeds.site_id}, was told {sid}"

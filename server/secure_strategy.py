@@ -51,7 +51,7 @@ from magnet_core.protocol.messages import site_name_of
 from magnet_core.protocol.secagg import KeyAdvert, SecAggError, SecAggSetup, SecAggStart, SecureTrainTerms
 
 from .config import FederatedConfig, RunConfigError
-from .secure import Stage, effective_max_dropouts, payload_bytes, secure_sum_stages
+from .secure import Stage, effective_max_dropouts, record_size, secure_sum_stages
 from .strategy import MagnetFedAvg
 
 LOSS_SLOTS = 2  # the sites append loss * training patients and training patients (client/secure.py)
@@ -139,7 +139,7 @@ class SecureMagnetFedAvg(MagnetFedAvg):
             r = ConfigRecord(SecAggStart(setup, sid, terms).to_record())
             payloads[sid] = (RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config, SECAGG_KEY: r,
                                          LAYOUT_KEY: layout_rec}),
-                             model_bytes + _size(r) + _size(layout_rec))
+                             model_bytes + record_size(r) + record_size(layout_rec))
         names: dict[int, str] = {}
 
         def decode(msg: Message) -> tuple[str, KeyAdvert]:
@@ -219,10 +219,6 @@ class SecureMagnetFedAvg(MagnetFedAvg):
                           "effective_noise_multiplier": z_eff, **spent}
         log(INFO, "round %d: DP (distributed): %d noise piece(s) sized for %d, effective multiplier %.3g; spent "
             "epsilon %.3g at delta %g", rnd, pieces, threshold, z_eff, spent["epsilon"], dp.delta)
-
-
-def _size(rec: ConfigRecord) -> int:
-    return payload_bytes(RecordDict({SECAGG_KEY: rec}))
 
 
 def train_terms(dp: DPConfig | None, cfg: FederatedConfig, modality_aware: bool) -> SecureTrainTerms:
