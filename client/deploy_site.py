@@ -161,6 +161,9 @@ def add_actions(sub) -> None:
     d.add_argument("--log-dir", type=Path, default=None,
                    help="keep the site's own record of what it sent and received (site_log.jsonl; "
                         "`magnet-fl report LOG_DIR` shows it)")
+    d.add_argument("--dp-min-noise-multiplier", type=float, default=None, metavar="Z",
+                   help="with --worker: the site's DP floor, held by its worker (train only under secure aggregation "
+                        "with distributed DP of at least this noise multiplier)")
     d.add_argument("--skip-validation", action="store_true")
     d.add_argument("--worker", action="store_true",
                    help="start a persistent site worker beside the SuperNode: it keeps the data, graphs and torch "
@@ -253,6 +256,12 @@ def run(args: argparse.Namespace) -> int:
     require_an_approved_app(listed, given)
     worker = [*_magnet_fl(), "site-worker", "--socket", str(sock), "--data", str(data), "--manifest", str(manifest),
               "--site-name", load_bundle(bundle).site] if args.worker else []
+    if args.dp_min_noise_multiplier is not None:
+        if not args.worker:
+            print("error: --dp-min-noise-multiplier is held by the site worker: add --worker (or give it to your own "
+                  "`magnet-fl site-worker`)", file=sys.stderr)
+            return 2
+        worker += ["--dp-min-noise-multiplier", repr(float(args.dp_min_noise_multiplier))]
     if args.policy is not None:
         if not args.worker:
             print("error: --policy is enforced by the site worker: add --worker (or give --policy to your own "

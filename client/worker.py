@@ -31,6 +31,7 @@ from magnet_core.protocol.errors import CONTRACT_ERROR_CODE, WORKER_ERROR_CODE, 
 from magnet_core.protocol.keys import (
     CONFIG_KEY,
     NODE_DATA_DIR,
+    NODE_DP_FLOOR,
     NODE_MANIFEST,
     NODE_SECAGG_IDENTITY_KEY,
     NODE_SECAGG_ROSTER,
@@ -169,7 +170,8 @@ class SiteWorker:
 
     def __init__(self, data: Path, manifest: Path, site_name: str = "", policy: Path | None = None,
                  max_payload: int = MAX_PAYLOAD_BYTES, max_runs: int = MAX_RUNS,
-                 secagg_roster: Path | None = None, identity_key: Path | None = None):
+                 secagg_roster: Path | None = None, identity_key: Path | None = None,
+                 dp_floor: float | None = None):
         self.data, self.manifest = Path(data).resolve(), Path(manifest).resolve()
         self.policy = None if policy is None else Path(policy).resolve()
         if (secagg_roster is None) != (identity_key is None):
@@ -178,6 +180,9 @@ class SiteWorker:
         self.secagg = {} if secagg_roster is None else {NODE_SECAGG_ROSTER: str(Path(secagg_roster).resolve()),
                                                         NODE_SECAGG_IDENTITY_KEY: str(Path(identity_key).resolve())}
         self.site_name, self.max_payload, self.max_runs = site_name, max_payload, max_runs
+        if dp_floor is not None and not dp_floor >= 0:
+            raise ValueError(f"--dp-min-noise-multiplier must be >= 0, got {dp_floor}")
+        self.dp_floor = dp_floor  # the site's DP floor from its own command line: a request's value cannot lower it
         self.fingerprint = fingerprint(self.data, self.manifest)
         self.requests = 0
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -193,6 +198,8 @@ class SiteWorker:
         if self.policy is not None:
             out[POLICY_KEY] = str(self.policy)
         out.update(self.secagg)
+        if self.dp_floor is not None:
+            out[NODE_DP_FLOOR] = self.dp_floor
         return out
 
     def node_config(self, given: Mapping[str, Any]) -> dict:
@@ -359,6 +366,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", type=Path, default=None,
                    help="the site's policy file (`magnet-fl site policy init`): every message is checked against "
                         "it and recorded in the site's audit log, here; a request that names another is refused")
+    p.add_argument("--dp-min-noise-multiplier", type=float, default=None, metavar="Z",
+                   help="the site's DP floor: train only under secure aggregation with distributed DP of at least this "
+                        "noise multiplier; held here, so the SuperNode's forwarded node config cannot lower or drop it")
     p.add_argument("--secagg-roster", type=Path, default=None,
                    help="the consortium roster (registered_sites.csv from the PKI): authenticated secure "
                         "aggregation, every other site's keys checked against it (with --identity-key)")
@@ -443,7 +453,8 @@ def run(args: argparse.Namespace) -> int:
         if args.secagg_roster is not None or args.identity_key is not None:  # unreadable: stop here, not mid-round
             check_secagg_identity(args.secagg_roster, args.identity_key, args.site_name)
         worker = SiteWorker(data, manifest, args.site_name, policy, args.max_message_mb << 20,
-                            secagg_roster=args.secagg_roster, identity_key=args.identity_key)
+                            secagg_roster=args.secagg_roster, identity_key=args.identity_key,
+                            dp_floor=args.dp_min_noise_multiplier)
         log.info("serving %s on %s (pid %d, torch %s, %d thread(s), data fingerprint %s; ready after %.1f s)",
                  data, path, os.getpid(), torch.__version__, torch.get_num_threads(), worker.fingerprint,
                  time.monotonic() - t0)

@@ -399,3 +399,21 @@ def test_a_bundle_that_skips_the_policy_check_is_refused_by_the_site_worker(guar
     assert _audit(w)[-1]["rule"] == "ranges.local_epochs"
     assert [e["decision"] for e in _audit(w)] == ["answered"] + ["refused"] * 4
     assert ping(w.sock).policy == str(w.policy.resolve())
+
+
+def test_the_site_workers_dp_floor_cannot_be_lowered_or_dropped_by_the_forwarded_node_config(tmp_path):
+    """The DP floor given on the worker's command line wins over whatever the (coordinator's) bundle forwards: a
+    forwarded floor of 0, or none at all, still yields the worker's floor in the node config the handlers read."""
+    from client.worker import SiteWorker
+    from magnet_core.protocol.keys import NODE_DP_FLOOR
+
+    data, manifest = tmp_path / "data", tmp_path / "manifest.toml"
+    data.mkdir()
+    manifest.write_text("")
+    worker = SiteWorker(data, manifest, "site-a", dp_floor=1.0)
+    assert worker.node_config({NODE_DP_FLOOR: 0.0})[NODE_DP_FLOOR] == 1.0
+    assert worker.node_config({})[NODE_DP_FLOOR] == 1.0
+    without = SiteWorker(data, manifest, "site-a")  # no floor of its own: the SuperNode's node config decides
+    assert without.node_config({NODE_DP_FLOOR: 0.5})[NODE_DP_FLOOR] == 0.5
+    with pytest.raises(ValueError, match="must be >= 0"):
+        SiteWorker(data, manifest, "site-a", dp_floor=-1.0)
