@@ -2,6 +2,7 @@
 
 The site worker link sends a whole Flower message to the site's own worker and the reply's content back; the site's
 audit log hashes what left the site. Both need the bytes Flower itself would send, deterministic, without pickle.
+(Importing this module runs ``flower_compat/__init__.py`` first, which refuses any Flower but 1.41.x.)
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from flwr.common.serde import message_from_proto, message_to_proto, recorddict_f
 from flwr.proto.message_pb2 import Message as MessageProto
 from flwr.proto.node_pb2 import NodeInfo
 from google.protobuf.message import DecodeError
-
-import flower_compat  # noqa: F401  (checks the installed Flower series first)
 
 __all__ = ["DecodeError", "NodeInfo", "message_bytes", "message_of", "recorddict_bytes", "recorddict_of"]
 
