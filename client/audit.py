@@ -20,8 +20,9 @@ from flwr.app import Message, RecordDict
 from flower_compat.wire import recorddict_bytes
 from magnet_core.artefacts.audit_chain import AUDIT_FILE, GENESIS, HEAD_FILE, chained
 
+from .private_files import write_private
 from .site_log import items
-from .site_state import private_folder, write_private
+from .site_state import private_folder
 
 TAIL_BYTES = 1 << 20  # the last entry is found in the log's last MiB (an entry is a few KiB)
 
@@ -68,7 +69,7 @@ def append(folder: str | Path, entry: dict[str, Any]) -> dict[str, Any]:
         os.write(fd, (json.dumps(line, sort_keys=True, allow_nan=False) + "\n").encode())
         os.fsync(fd)
         write_private(folder / HEAD_FILE, json.dumps({"entries": seq + 1, "hash": line["hash"],
-                                                      "time": line.get("time")}))
+                                                      "time": line.get("time")}).encode())
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

@@ -49,6 +49,8 @@ def write_private(path: Path, data: bytes, overwrite: bool = True) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before it replaces the old file (the site's state, its outputs)
         os.chmod(tmp, FILE_MODE)  # in case the umask removed bits we want (it cannot add any)
         if overwrite:
             os.replace(tmp, path)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .accountant import SiteAccountant
 from .policy import ConsortiumMemory
+from .private_files import write_private
 
 MEMORY_FILE = "answered.json"
 LOCK_FILE = ".lock"
@@ -47,17 +48,6 @@ def private_folder(folder: Path) -> Path:
     return folder
 
 
-def write_private(path: Path, text: str) -> None:
-    """Replace ``path`` atomically with ``text``, mode 0600."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class SiteState:
     """``with SiteState(folder) as state:`` the folder locked, its memory and accountant loaded; ``save()`` writes
     both. Concurrent messages of one site wait for each other here."""
@@ -85,5 +75,5 @@ class SiteState:
         return self.memory.consortia.setdefault(name, ConsortiumMemory())
 
     def save(self) -> None:
-        write_private(self.folder / MEMORY_FILE, self.memory.model_dump_json(indent=1))
-        write_private(self.accountant.path, self.accountant.dump())
+        write_private(self.folder / MEMORY_FILE, self.memory.model_dump_json(indent=1).encode())
+        write_private(self.accountant.path, self.accountant.dump().encode())
