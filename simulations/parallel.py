@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from magnet_core.model.threads import available_cores
 
+from .cli import positive_int
+
 T = TypeVar("T")
 R = TypeVar("R")
 Advance = Callable[[int], None]
@@ -42,12 +44,9 @@ def parse_workers(text: str) -> int | str:
     if text.strip().lower() == AUTO:
         return AUTO
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or {AUTO!r}, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (or {AUTO!r}), got {value}")
-    return value
+        return positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or {AUTO!r})") from None
 
 
 def resolve_workers(workers: int | str, tasks: int) -> int:
