@@ -296,7 +296,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                        capture_output=True, timeout=120)
         if args.policy:  # the site's own policy, with its defaults (state folder next to it)
             subprocess.run([*cli, "site", "policy", "init", str(d / "policy.toml"), "--consortium", "brca",
-                            "--state-dir", str(d / "site-state")], env=env, check=True, capture_output=True,
+                            "--state-dir", str(d / "site-state"),
+                            *([] if args.secure == "authenticated" else ["--unauthenticated"])],
+                           env=env, check=True, capture_output=True,
                            timeout=120)
         bundles[s] = d
     procs = Stamped(logs, env)

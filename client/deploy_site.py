@@ -245,7 +245,9 @@ def run(args: argparse.Namespace) -> int:
     given = tuple(args.approved_fab_sha256)
     sock = (args.worker_socket or bundle / "worker" / "worker.sock").absolute() \
         if args.worker or args.worker_socket else None
-    extra = {**({NODE_SITE_LOG_DIR: str(args.log_dir.resolve())} if args.log_dir else {}),
+    # the site's message log: kept by its worker when it has one (its own command line; a node config value would
+    # be forwarded by the coordinator's bundle, which the worker ignores), else by the in-process ClientApp
+    extra = {**({NODE_SITE_LOG_DIR: str(args.log_dir.resolve())} if args.log_dir and not args.worker else {}),
              **({NODE_WORKER_SOCKET: str(sock), NODE_WORKER_TIMEOUT: float(args.worker_timeout)} if sock else {})}
     if not 0 < args.pull_interval <= 60:
         print(f"error: --pull-interval must be in (0, 60] seconds, got {args.pull_interval:g}", file=sys.stderr)
@@ -256,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
     require_an_approved_app(listed, given)
     worker = [*_magnet_fl(), "site-worker", "--socket", str(sock), "--data", str(data), "--manifest", str(manifest),
               "--site-name", load_bundle(bundle).site] if args.worker else []
+    if args.worker and args.log_dir:
+        worker += ["--site-log-dir", str(args.log_dir.resolve())]
     if args.dp_min_noise_multiplier is not None:
         if not args.worker:
             print("error: --dp-min-noise-multiplier is held by the site worker: add --worker (or give it to your own "

@@ -19,6 +19,8 @@ from magnet_core.protocol.keys import (
     CONFIG_KEY,
     EVALUATE,
     NODE_PARTITION_ID,
+    NODE_SECAGG_IDENTITY_KEY,
+    NODE_SECAGG_ROSTER,
     NODE_SITE_NAME,
     PREPARE_APPLY,
     PREPARE_SECAGG,
@@ -35,7 +37,7 @@ from magnet_core.protocol.keys import (
 )
 from magnet_core.protocol.messages import RoundConfig, round_of
 from magnet_core.protocol.prepare import PrepareRequest
-from magnet_core.protocol.secagg import SecAggError, SecAggSetup, SecAggStart
+from magnet_core.protocol.secagg import KeyBook, SecAggError, SecAggSetup, SecAggStart
 from magnet_core.protocol.wire import flat_of
 
 from .accountant import round_multiplier
@@ -84,10 +86,13 @@ def model_sha256(content) -> str | None:
     return h.hexdigest()
 
 
-def decode_request(msg: Message) -> SiteRequest:
+def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None) -> SiteRequest:
     """What ``msg`` asks of this site, read with the protocol's own message classes; ContractError (or KeyError /
-    ValueError / TypeError) when unreadable."""
+    ValueError / TypeError) when unreadable. ``node_config`` (the site's own): whether it can sign and check a
+    secure sum (its roster and identity key)."""
     kind, run, content = msg.metadata.message_type, int(msg.metadata.run_id), msg.content
+    node = node_config or {}
+    signs = bool(node.get(NODE_SECAGG_ROSTER)) and bool(node.get(NODE_SECAGG_IDENTITY_KEY))
     if kind in ROUND_KINDS:
         cfg = RoundConfig.decode(content[CONFIG_KEY])
         fields: dict[str, Any] = dict(round=cfg.server_round, local_epochs=cfg.local_epochs,
@@ -97,6 +102,7 @@ def decode_request(msg: Message) -> SiteRequest:
             start = SecAggStart.from_record(content[SECAGG_KEY], training=True)
             terms = start.train
             fields.update(secure=True, secure_round_id=start.setup.round_id, secagg_threshold=start.setup.threshold,
+                          authenticated=signs,
                           dp_noise_multiplier=terms.dp_noise_multiplier if terms is not None and terms.dp else None)
         return SiteRequest(kind=kind, run=run, **fields)
     if kind in PREPARE_KINDS:
@@ -105,9 +111,14 @@ def decode_request(msg: Message) -> SiteRequest:
         secure = kind == SECURE_PREPARE or request.secagg
         round_id = SecAggSetup.from_record(content[SECAGG_KEY]).round_id if kind == SECURE_PREPARE else None
         return SiteRequest(kind=kind, run=run, secure=secure, min_count=cfg.min_count, secure_round_id=round_id,
-                           split_seed=cfg.seed, split_ratios=cfg.split_ratios, use_split_file=cfg.use_split_file)
+                           split_seed=cfg.seed, split_ratios=cfg.split_ratios, use_split_file=cfg.use_split_file,
+                           authenticated=signs if kind == SECURE_PREPARE else None)
     if kind in STAGE_KINDS:  # a later stage of a secure sum the site accepted (its state checks the round id)
-        return SiteRequest(kind=kind, run=run, secure=True)
+        signed = None
+        if kind == message_type(QUERY, SECAGG_SHARE):  # the key book: every advert signed by an enrolled name
+            book = KeyBook.from_record(content[SECAGG_KEY])
+            signed = bool(book.keys) and all(book.signatures.get(i) and book.names.get(i) for i in book.keys)
+        return SiteRequest(kind=kind, run=run, secure=True, authenticated=signed)
     raise ContractError(f"message type {kind!r} is not one this site answers")
 
 
@@ -166,7 +177,7 @@ def screened(msg: Message, context: Context, answer: Callable[[], Message]) -> M
     config = msg.content.config_records.get(CONFIG_KEY) if msg.has_content() else None
     audit = dict(site=_site_name(context), consortium=policy.consortium, round_=round_of(config) or None)
     try:
-        req = decode_request(msg)
+        req = decode_request(msg, context.node_config)
     except (ContractError, SecAggError, KeyError, ValueError, TypeError) as exc:
         reply = Message(Error(code=CONTRACT_ERROR_CODE, reason=f"request refused before the site's policy check "
                                                               f"(it cannot be read): {type(exc).__name__}: {exc}"),

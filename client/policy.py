@@ -56,6 +56,10 @@ class SecureAggregation(BaseModel):
     train: bool = Field(True, description="answer training only inside a secure sum (never a clear update)")
     evaluate: bool = Field(False, description="answer no clear evaluation (there is no secure evaluation: refuse all)")
     prepare: bool = Field(True, description="send preparation statistics only inside a secure sum")
+    authenticated: bool = Field(False, description="take part only in authenticated secure sums (signed key adverts "
+                                "checked against this site's roster, a signed transcript before unmasking); training "
+                                "and preparation statistics outside one are refused. Absent from a file: false "
+                                "(policies written before it); `site policy init` writes true")
 
 
 class Privacy(BaseModel):
@@ -230,6 +234,8 @@ class SiteRequest(BaseModel):
     split_seed: int | None = None
     split_ratios: tuple[float, float, float] | None = None
     use_split_file: bool | None = None
+    authenticated: bool | None = Field(None, description="secure sums: stage 0, whether this site holds its roster and "
+                                       "identity key (it signs and checks); a key book, whether every advert is signed")
 
     @property
     def training(self) -> bool:
@@ -282,6 +288,19 @@ def check_secure(policy: SitePolicy, req: SiteRequest) -> None:
     if req.kind == "query.prepare_stats" and sa.prepare and not req.secure:
         raise PolicyRefusal(policy, "secure_aggregation.prepare", "this site sends preparation statistics only "
                             "through a secure sum; run the preparation with secagg=true")
+    if sa.authenticated:
+        if (req.training or req.kind == "query.prepare_stats") and not req.secure:
+            raise PolicyRefusal(policy, "secure_aggregation.authenticated", "this site answers training and "
+                                "preparation statistics only inside an authenticated secure sum; the request "
+                                "would send them in the clear")
+        if req.authenticated is False and req.kind == "query.secagg_share":
+            raise PolicyRefusal(policy, "secure_aggregation.authenticated", "the key book holds key adverts without "
+                                "an enrolled site's signature: this site takes part only in authenticated secure sums "
+                                "(every other site's keys signed and checked against its own roster)")
+        if req.authenticated is False:
+            raise PolicyRefusal(policy, "secure_aggregation.authenticated", "this site takes part only in "
+                                "authenticated secure sums, but holds no roster and identity key to sign and check "
+                                "them with (the site worker's --secagg-roster / --identity-key)")
 
 
 def check_ranges(policy: SitePolicy, req: SiteRequest) -> None:
@@ -432,6 +451,7 @@ min_count = {min_count}    # k: no release describes fewer patients; the larger 
 train = true    # training only inside a secure sum: a plain 'train' message is refused
 evaluate = false    # true: no evaluation at all (there is no secure evaluation)
 prepare = true    # preparation statistics only inside a secure sum
+authenticated = {authenticated}    # only authenticated secure sums: keys signed, checked against the site's roster
 
 [privacy]
 min_noise_multiplier = 1.0    # train only with this site's own noise, multiplier >= this
@@ -463,8 +483,8 @@ use_split_file = true
 
 
 def template(consortium: str, state_dir: str = "site-state", min_count: int = DEFAULT_MIN_COUNT,
-             split_seed: int = DEFAULT_SEED) -> str:
+             split_seed: int = DEFAULT_SEED, authenticated: bool = True) -> str:
     text = TEMPLATE.format(consortium=json.dumps(consortium), state_dir=json.dumps(state_dir), min_count=min_count,
-                           split_seed=split_seed)
+                           split_seed=split_seed, authenticated=str(bool(authenticated)).lower())
     parse_policy(text)  # the template must always be a valid policy
     return text

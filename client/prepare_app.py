@@ -32,6 +32,7 @@ from magnet_core.cohort.preprocess import (
 from magnet_core.protocol.errors import ContractError
 from magnet_core.protocol.keys import (
     CONFIG_KEY,
+    DEPLOYED_KEYS,
     FEATURES_KEY,
     LAYOUT_KEY,
     NODE_PARTITION_ID,
@@ -53,7 +54,7 @@ from magnet_core.protocol.prepare import PrepareApplied, PrepareRefusal, Prepare
 from magnet_core.protocol.secagg import SecAggError, SecAggStart
 
 from .private_files import private_output
-from .secure import STAGE_HANDLERS, abandoned_on_refusal, secagg_record, secure_reply, start_secure_sum
+from .secure import STAGE_HANDLERS, abandoned_on_refusal, secagg_record, secure_reply, site_auth, start_secure_sum
 from .site_path import Handler, client_app
 
 REQUIRE_SECAGG = NODE_PREPARE_REQUIRE_SECAGG  # node config: this site answers only a secure preparation
@@ -73,6 +74,8 @@ def site_spec(request: PrepareRequest, context: Context) -> SiteSpec:
         raw = str(node[NODE_RAW_DIR])
         return SiteSpec(name=str(node.get(NODE_SITE_NAME, os.path.basename(raw.rstrip("/")) or "site")),
                         raw_dir=raw, out_dir=str(node[NODE_PREPARED_DIR]))
+    if DEPLOYED_KEYS & set(node):  # a real site never reads or writes the folders a request names
+        raise DataError("this site serves no raw data folder for the preparation (its site worker's --raw-dir)")
     pid = int(node.get(NODE_PARTITION_ID, -1))
     if not 0 <= pid < len(request.sites):
         raise DataError(f"simulated node with partition-id {pid} has no site (the run lists {len(request.sites)} "
@@ -150,8 +153,11 @@ def stats(msg: Message, context: Context) -> Message:
 
 def secure_stats(msg: Message, context: Context) -> Message:
     """Stage 0 of the secure sum of this site's k-released statistics in the consortium's StatsLayout: the vector
-    is kept here (masked in query.secagg_mask); the reply holds public keys only."""
+    is kept here (masked in query.secagg_mask); the reply holds public keys only. With a roster and identity key
+    (the site worker's own) the sum is authenticated as the training rounds' are: the keys signed, every other
+    site's checked against the site's roster, the transcript (the request and layout every site received) signed."""
     from magnet_core.federation.secagg import StatsLayout  # torch: only once a secure preparation is asked for
+    from magnet_core.federation.secagg_auth import context_digest
 
     with abandoned_on_refusal(context):
         if STATE_PREPARE_SUMMED in context.state.config_records:
@@ -163,7 +169,12 @@ def secure_stats(msg: Message, context: Context) -> Message:
         layout = StatsLayout.from_record(msg.content[LAYOUT_KEY])
         released, _ = released_statistics(site, cfg, layout.num_classes)
         start = SecAggStart.from_record(secagg_record(msg))
-        advert = start_secure_sum(context, start.setup, start.site_id, layout.encode(released))
+        auth = site_auth(context.node_config, site.name)
+        digest = b""
+        if auth is not None:  # what the coordinator sent: the same request and layout to every site of the sum
+            digest = context_digest({}, {CONFIG_KEY: dict(msg.content[CONFIG_KEY]),
+                                         LAYOUT_KEY: dict(msg.content[LAYOUT_KEY])})
+        advert = start_secure_sum(context, start.setup, start.site_id, layout.encode(released), auth, digest)
         context.state[STATE_PREPARE_SUMMED] = ConfigRecord({STATE_DONE: True})
         return secure_reply(msg, advert, site=site.name)
 
@@ -191,6 +202,7 @@ HANDLERS: dict[str, Handler] = {message_type(QUERY, PREPARE_STATS): stats,
                                 message_type(QUERY, PREPARE_SECAGG): secure_stats,
                                 message_type(QUERY, PREPARE_APPLY): apply,
                                 **STAGE_HANDLERS}  # the secure sum's stages 1-3: the very handlers training uses
-# Every message through the site's one path (client/site_path.py: policy, audit, error replies); answered in this
-# process (preparation reads the raw data folder of the node config; it is not served by the site worker).
-app = client_app(HANDLERS, forward=False)
+# Every message through the site's one path (client/site_path.py: policy, audit, error replies): in deployment with a
+# site worker (node config worker-socket) this ClientApp only forwards it and the worker answers from its own
+# --raw-dir, under its own policy (client/worker.py); otherwise (simulation) it is answered in this process.
+app = client_app(HANDLERS)

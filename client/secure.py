@@ -15,8 +15,8 @@
 # Authenticated secure aggregation (node config secagg-roster + secagg-identity-key; in deployment the site
 # worker's own command line): the site signs its keys with its enrolled identity, checks every other advert against
 # ITS roster, signs its shares and the transcript (context = the global model and round config it received) and
-# refuses to unmask unless every site in the sum signed the same transcript. A site holding a roster trains only in
-# authenticated secure sums (an unsigned key book is refused); the secure preparation sum is not authenticated yet.
+# refuses to unmask unless every site in the sum signed the same transcript. A site holding a roster takes part only
+# in authenticated secure sums, training and preparation alike (an unsigned key book is refused).
 # Nothing individual leaves the site in the clear besides its name and public keys: not its patient counts, not
 # its loss (both travel inside the masked vector). In deployment these handlers run in the site's own worker
 # (client/worker.py): context.state is then the worker's memory of the run, never the SuperNode's.

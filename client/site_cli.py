@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="the site's own folder for its audit log and privacy spent (relative to the policy)")
     init.add_argument("--min-count", type=int, default=None, help="k, the site's minimum count (default 5)")
     init.add_argument("--split-seed", type=int, default=None, help="the seed of the site's own split")
+    init.add_argument("--unauthenticated", action="store_true",
+                      help="write secure_aggregation.authenticated = false (a consortium without a roster); by default "
+                           "the site takes part only in authenticated secure sums")
     check = psub.add_parser("check", help="read a policy back: every rule, its line, what the site has spent")
     check.add_argument("path", type=Path)
     audit = sub.add_parser("audit", help="verify the site's audit log and summarise what left the site per run")
@@ -68,7 +71,7 @@ def init(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/] {escape(str(args.path))} exists; edit it, or choose another path")
         return 1
     kw = {k: v for k, v in (("min_count", args.min_count), ("split_seed", args.split_seed)) if v is not None}
-    text = template(args.consortium, args.state_dir, **kw)
+    text = template(args.consortium, args.state_dir, authenticated=not args.unauthenticated, **kw)
     args.path.parent.mkdir(parents=True, exist_ok=True)
     args.path.write_text(text, encoding="utf-8")
     args.path.chmod(0o600)

@@ -33,9 +33,14 @@ from magnet_core.protocol.keys import (
     NODE_DATA_DIR,
     NODE_DP_FLOOR,
     NODE_MANIFEST,
+    NODE_PREPARE_REQUIRE_SECAGG,
+    NODE_PREPARED_DIR,
+    NODE_RAW_DIR,
     NODE_SECAGG_IDENTITY_KEY,
     NODE_SECAGG_ROSTER,
+    NODE_SITE_LOG_DIR,
     NODE_SITE_NAME,
+    WORKER_OWNED_KEYS,
 )
 from magnet_core.protocol.messages import round_of
 from magnet_core.protocol.worker import (
@@ -49,6 +54,7 @@ from magnet_core.protocol.worker import (
 
 from .guard import refused_before_screening
 from .policy import POLICY_KEY, load_policy
+from .prepare_app import HANDLERS as PREPARE_HANDLERS
 from .site_handlers import HANDLERS
 from .site_path import serve
 from .worker_link import MAX_PAYLOAD_BYTES, FrameError, check_private_dir, encode_frame, recv_frame
@@ -58,6 +64,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s site-worker[%(process)d]: %(message)s"
 MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
 REQUEST_TIMEOUT = 30.0  # seconds a client may take to send its request / read the answer
 MAX_RUNS = 8  # runs whose state (secure-aggregation secrets between stages) the worker keeps in memory
+# every message a site answers: training / evaluation and the secure sums' stages, and the preparation queries
+WORKER_HANDLERS = {**HANDLERS, **PREPARE_HANDLERS}
 
 
 # ------------------------------------------------------------------------------------------------ the socket
@@ -171,8 +179,14 @@ class SiteWorker:
     def __init__(self, data: Path, manifest: Path, site_name: str = "", policy: Path | None = None,
                  max_payload: int = MAX_PAYLOAD_BYTES, max_runs: int = MAX_RUNS,
                  secagg_roster: Path | None = None, identity_key: Path | None = None,
-                 dp_floor: float | None = None):
+                 dp_floor: float | None = None, raw_dir: Path | None = None, site_log_dir: Path | None = None,
+                 prepare_require_secagg: bool = False):
         self.data, self.manifest = Path(data).resolve(), Path(manifest).resolve()
+        # preparation (its raw data folder; it writes the prepared cohort to --data), the site's message log and
+        # its preparation rule: held here, from the worker's own command line; forwarded values are dropped
+        self.raw_dir = None if raw_dir is None else Path(raw_dir).resolve()
+        self.site_log_dir = None if site_log_dir is None else Path(site_log_dir).resolve()
+        self.prepare_require_secagg = bool(prepare_require_secagg)
         self.policy = None if policy is None else Path(policy).resolve()
         if (secagg_roster is None) != (identity_key is None):
             raise ValueError("authenticated secure aggregation needs both --secagg-roster and --identity-key")
@@ -200,6 +214,12 @@ class SiteWorker:
         out.update(self.secagg)
         if self.dp_floor is not None:
             out[NODE_DP_FLOOR] = self.dp_floor
+        if self.raw_dir is not None:
+            out[NODE_RAW_DIR], out[NODE_PREPARED_DIR] = str(self.raw_dir), str(self.data)
+        if self.site_log_dir is not None:
+            out[NODE_SITE_LOG_DIR] = str(self.site_log_dir)
+        if self.prepare_require_secagg:
+            out[NODE_PREPARE_REQUIRE_SECAGG] = True
         return out
 
     def node_config(self, given: Mapping[str, Any]) -> dict:
@@ -224,7 +244,11 @@ class SiteWorker:
                                         f"{'its own --secagg-roster / --identity-key' if self.secagg else 'no key'}: "
                                         "a site's identity key and roster are given to its worker, never chosen by "
                                         "the request")
-        return {**given, **self.own()}
+        dropped = sorted(set(given) & WORKER_OWNED_KEYS)
+        if dropped:  # the site's own settings: a forwarded value neither sets nor lifts them
+            log.warning("ignored the forwarded node config %s: this site worker takes them from its own command "
+                        "line only", ", ".join(dropped))
+        return {**{k: v for k, v in given.items() if k not in WORKER_OWNED_KEYS}, **self.own()}
 
     def context(self, run_id: int, node_id: int, node_config: dict) -> Context:
         """The site's context for a message of run ``run_id``: its state is this worker's memory of that run (the
@@ -268,11 +292,12 @@ class SiteWorker:
             try:
                 node_config = self.node_config(request.node_config)
             except NodeConfigRefused as exc:
-                ctx = self.context(int(msg.metadata.run_id), request.node_id, {**request.node_config, **self.own()})
+                ctx = self.context(int(msg.metadata.run_id), request.node_id, self.own())
                 reply = refused_before_screening(msg, ctx, WORKER_ERROR_CODE, str(exc), "site-worker.node_config")
             else:
                 self.refresh()
-                reply = serve(msg, self.context(int(msg.metadata.run_id), request.node_id, node_config), HANDLERS)
+                reply = serve(msg, self.context(int(msg.metadata.run_id), request.node_id, node_config),
+                              WORKER_HANDLERS)
         except Exception as exc:  # noqa: BLE001 - the worker outlives any one message
             log.exception("%s failed", what)
             return WorkerAnswer(ok=False, code=WORKER_ERROR_CODE,
@@ -375,6 +400,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identity-key", type=Path, default=None,
                    help="this site's enrolled private key (BUNDLE/node_auth_key): signs its secure-aggregation keys, "
                         "shares and transcript (with --secagg-roster)")
+    p.add_argument("--raw-dir", type=Path, default=None,
+                   help="the site's raw data folder: this worker answers the federated preparation from it and writes "
+                        "the prepared cohort to --data (which may then be empty at start)")
+    p.add_argument("--prepare-require-secagg", action="store_true",
+                   help="send preparation statistics only through a secure sum (also the policy's "
+                        "secure_aggregation.prepare); held here, a forwarded node config cannot lift it")
+    p.add_argument("--site-log-dir", type=Path, default=None,
+                   help="keep the site's own message log (site_log.jsonl) here; a forwarded node config cannot "
+                        "move or drop it")
     p.add_argument("--exit-with", type=int, default=None, metavar="PID",
                    help="exit when this process (e.g. the SuperNode) is gone")
     p.add_argument("--takeover-wait", type=float, default=5.0, metavar="SECONDS",
@@ -444,8 +478,12 @@ def run(args: argparse.Namespace) -> int:
             loaded = load_policy(policy)
             log.info("enforcing the site policy %s (consortium %r, state folder %s)", policy, loaded.consortium,
                      loaded.state_path())
-        report, _ = validate_site(data, ConsortiumManifest.load(manifest))
-        if not report.ok:
+        unprepared = args.raw_dir is not None and not (data / "labels.csv").exists()
+        if unprepared:  # a worker for the preparation: the prepared cohort (and perhaps the manifest) come later
+            log.warning("%s holds no prepared cohort yet: preparation is answered from %s; rounds are refused "
+                        "until it is written", data, args.raw_dir.resolve())
+        report, _ = (None, None) if unprepared else validate_site(data, ConsortiumManifest.load(manifest))
+        if report is not None and not report.ok:
             for e in report.errors:
                 log.error("site data: %s", e)
             log.error("site data in %s failed validation; the worker does not start", data)
@@ -454,7 +492,8 @@ def run(args: argparse.Namespace) -> int:
             check_secagg_identity(args.secagg_roster, args.identity_key, args.site_name)
         worker = SiteWorker(data, manifest, args.site_name, policy, args.max_message_mb << 20,
                             secagg_roster=args.secagg_roster, identity_key=args.identity_key,
-                            dp_floor=args.dp_min_noise_multiplier)
+                            dp_floor=args.dp_min_noise_multiplier, raw_dir=args.raw_dir,
+                            site_log_dir=args.site_log_dir, prepare_require_secagg=args.prepare_require_secagg)
         log.info("serving %s on %s (pid %d, torch %s, %d thread(s), data fingerprint %s; ready after %.1f s)",
                  data, path, os.getpid(), torch.__version__, torch.get_num_threads(), worker.fingerprint,
                  time.monotonic() - t0)

@@ -84,6 +84,8 @@ class PrepareRun(BaseModel):
                                   "site's data (magnet-fl prepare without --federated); refused with secagg")
     straggler_grace: float = Field(30.0, ge=0, description="secure sum: once enough sites replied, wait this "
                                    "long for the rest")
+    secagg_roster: str = Field("", description="secure sum: the consortium roster (registered_sites.csv); the sum "
+                               "is then authenticated (signed adverts checked, a dealer of bad shares named)")
 
     def expected_sites(self) -> int:
         return self.min_sites or len(self.sites) or 1
@@ -205,7 +207,15 @@ def secure_statistics(grid: Grid, replies: list[tuple[Message, StatsReply]], num
         ledger = Ledger()
         ledger.names = {node_of_name[nm]: nm for nm in names}
         stage = Stage(ledger, "prepare", node_of_sid, run.timeout, run.straggler_grace)
-        server = SecAggServer(setup)
+        roster = None
+        if run.secagg_roster:
+            from magnet_core.federation.secagg_auth import Roster
+
+            try:
+                roster = Roster.from_file(Path(run.secagg_roster))
+            except (OSError, ValueError) as exc:
+                raise DataError(f"secagg_roster: {exc}") from None
+        server = SecAggServer(setup, roster)
         config, lay = ConfigRecord(request.encode()), ConfigRecord(layout.to_record())
         payloads = {}
         for sid in setup.site_ids:
@@ -224,18 +234,26 @@ def secure_statistics(grid: Grid, replies: list[tuple[Message, StatsReply]], num
                 stage.reject(sid, f"answers as {name!r} / secagg site {advert.site_id}, was asked as "
                                   f"{name_of_sid[sid]!r} / {sid}")
                 continue
+            problem = server.check_advert(advert) if roster is not None else None
+            if not problem and roster is not None and advert.site_name != name:
+                problem = f"its secure-aggregation keys are signed as {advert.site_name!r}, the site is {name!r}"
+            if problem:
+                stage.reject(sid, problem)
+                continue
             adverts.append(advert)
         total, unmask, answered = secure_sum_stages(grid, stage, server, adverts, config)
     except SecAggError as exc:
         raise DataError(f"the secure sum of the sites' statistics failed: {exc}") from None
-    report = {"sites": [name_of_sid[s] for s in unmask.survivors],
+    report = {"sites": [name_of_sid[s] for s in server.included],
               "dropped_before_masking": [name_of_sid[s] for s in unmask.dropped],
               "dropped_after_masking": [name_of_sid[s] for s in unmask.survivors if s not in answered],
+              "authenticated": roster is not None,
+              "left_out": {name_of_sid[s]: why for s, why in server.excluded.items()},
               "threshold": setup.threshold, "vector_length": layout.length, "frac_bits": setup.frac_bits,
               "failed": ledger.failed, "rejected": ledger.rejected, "seconds": time.perf_counter() - t0,
               "bytes_per_site": {name_of_sid[s]: {"up": stage.up[s], "down": stage.down[s]} for s in setup.site_ids}}
     log(INFO, "secure sum of statistics over %d site(s) (threshold %d)", len(report["sites"]), setup.threshold)
-    survivors = [pair for sid, pair in zip(setup.site_ids, replies) if sid in unmask.survivors]
+    survivors = [pair for sid, pair in zip(setup.site_ids, replies) if sid in server.included]
     return checked_sum(layout, total, announced_training_patients(survivors, run.prepare.min_count)), report
 
 

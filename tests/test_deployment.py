@@ -311,12 +311,12 @@ def test_deployment_on_loopback(data_root, tmp_path):
             # from the test side (tests/poisoned_worker.py; the site's code has no poisoning hook)
             worker = [sys.executable, str(REPO / "tests" / "poisoned_worker.py"), "--poison", "site-c=scale"] \
                 if s == "c" else [*cli, "site-worker"]
+            # site-c keeps its own log of what crossed its boundary (its worker's own --site-log-dir)
+            log_c = ["--site-log-dir", str(tmp_path / "log-c")] if s == "c" else []
             procs.start(f"worker-{s}", [*worker, "--socket", str(sockets[s]), "--data", str(sites[i]),
-                                        "--manifest", str(manifest), "--site-name", f"site-{s}"])
+                                        "--manifest", str(manifest), "--site-name", f"site-{s}", *log_c])
         for i, s in enumerate("bc", start=1):
             extra = {"worker-socket": str(sockets[s])}
-            if s == "c":  # site-c keeps its own log of what crossed its boundary (written by its worker)
-                extra |= {"site-log-dir": str(tmp_path / "log-c")}
             procs.start(f"supernode-{s}", supernode_command(site_dirs[s], sites[i], manifest, _free_port(), extra))
         _wait(lambda: all(p.exists() for p in sockets.values()), 300, "the site workers to listen")
 

@@ -298,13 +298,13 @@ def test_secure_preparation_equals_the_clear_one_and_the_coordinator_never_holds
     vectors, servers = [], []
     start = site_side.start_secure_sum
 
-    def recording_start(context, setup, site_id, vector):
+    def recording_start(context, setup, site_id, vector, *auth):
         vectors.append(np.asarray(vector, dtype=np.float64).copy())
-        return start(context, setup, site_id, vector)
+        return start(context, setup, site_id, vector, *auth)
 
     class Recording(secagg.SecAggServer):
-        def __init__(self, setup):
-            super().__init__(setup)
+        def __init__(self, setup, roster=None):
+            super().__init__(setup, roster)
             servers.append(self)
 
     monkeypatch.setattr(site_side, "start_secure_sum", recording_start)

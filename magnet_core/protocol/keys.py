@@ -66,6 +66,10 @@ NODE_SECAGG_ROSTER = "secagg-roster"  # the consortium roster (registered_sites.
 NODE_SECAGG_IDENTITY_KEY = "secagg-identity-key"  # the site's enrolled identity private key (signs its secagg keys)
 WORKER_LINK_KEYS = (NODE_WORKER_SOCKET, NODE_WORKER_TIMEOUT, NODE_WORKER_CONNECT_TIMEOUT)  # not sent to the worker
 DEPLOYED_KEYS = frozenset({NODE_DATA_DIR, NODE_WORKER_SOCKET})  # a site holding its own data (not a simulation)
+# What the site worker takes only from its own configuration (its command line, its policy), never from the node
+# config the coordinator's bundle forwards: the forwarded values of these keys are dropped by the worker.
+WORKER_OWNED_KEYS = frozenset({NODE_SITE_LOG_DIR, NODE_PREPARE_REQUIRE_SECAGG, NODE_RAW_DIR, NODE_PREPARED_DIR,
+                               NODE_PARTITION_ID, NODE_NUM_PARTITIONS})
 
 # ------------------------------------------------------------------------------------ a site's own state
 # context.state records (private to the site; never sent)
