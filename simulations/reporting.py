@@ -22,15 +22,19 @@ COMPARISON_METRICS = ("mcc", "acc", "f1", "auroc")
 
 
 def fmt(stat: Mapping[str, Any] | None) -> str:
+    """``mean ± sample std`` (ddof 1) of a :func:`magnet_core.model.metrics.summarize` entry; the mean alone when
+    there is no std (a single finite value)."""
     if not stat or stat.get("mean") is None:
         return "n/a"
+    if stat.get("std") is None:
+        return f"{stat['mean']:.3f} (n = 1)"
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
 def print_summary(title: str, rows: Mapping[str, Mapping[str, Mapping[str, Any]]], groups=("", "paired_", "unpaired_")
                   ) -> None:
     """One row per method (or one row when ``rows`` has a single entry), one column per metric."""
-    table = Table(title=title)
+    table = Table(title=title, caption="Mean ± sample std (ddof 1) over seeds.", caption_justify="left")
     table.add_column("method")
     table.add_column("patients")
     for m in TABLE_METRICS:

@@ -389,7 +389,8 @@ def plot_rounds(path: Path, rounds: list[dict], results: dict, title: str) -> No
             continue
         rs = sorted({r["round"] for r in rows})
         by_round = [[r["mcc"] for r in rows if r["round"] == k] for k in rs]
-        mean, std = np.array([np.mean(v) for v in by_round]), np.array([np.std(v) for v in by_round])
+        mean = np.array([np.mean(v) for v in by_round])
+        std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in by_round])  # sample std
         ax.plot(rs, mean, marker="o", ms=3, color=color, label=vocabulary.label(method))
         ax.fill_between(rs, mean - std, mean + std, color=color, alpha=0.15)
     for method in REFERENCE_METHODS:
@@ -452,7 +453,8 @@ def run(args: argparse.Namespace) -> int:
     title = f"{scenario.name} on {'generated cohort' if generated else args.data.name} ({len(args.seeds)} seeds)"
     if generated:
         title += f" — {GENERATED_NOTICE}"
-    print_comparison(title, results, caption=TABLE_CAPTION + f" Mean ± std (ddof 0) over {len(args.seeds)} seed(s).")
+    print_comparison(title, results,
+                     caption=TABLE_CAPTION + f" Mean ± sample std (ddof 1) over {len(args.seeds)} seed(s).")
     payload = {
         "mode": "simulate", "scenario": scenario.model_dump(), "data": DEMO_DATA if generated else str(args.data),
         "generated_data": generated, "engine": args.engine, "preset": args.preset, "seeds": args.seeds,

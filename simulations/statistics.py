@@ -39,6 +39,12 @@ class PairedComparison:
     ci_high: float
     p_value: float  # two-sided paired t-test (scipy.stats.ttest_rel); nan if undefined (n < 2 or no variation)
     units: tuple  # the keys that were paired, in order
+    # Nadeau-Bengio corrected resampled t interval and p-value (corrected_resampled_t) with the mean test/train size
+    # ratio over the paired units; nan where the sizes were not recorded
+    nb_ci_low: float = math.nan
+    nb_ci_high: float = math.nan
+    nb_p_value: float = math.nan
+    test_train_ratio: float = math.nan
 
     @property
     def verdict(self) -> Verdict:
@@ -72,8 +78,11 @@ def cell_stats(values: Sequence[float], confidence: float = CONFIDENCE) -> CellS
     return CellStats(n, float(x.mean()), float(x.std(ddof=1)) if n > 1 else math.nan, lo, hi)
 
 
-def paired_comparison(a: Mapping, b: Mapping, confidence: float = CONFIDENCE) -> PairedComparison:
-    """``a - b`` paired by key (a seed, or (seed, split)); keys missing or non-finite on either side are left out."""
+def paired_comparison(a: Mapping, b: Mapping, confidence: float = CONFIDENCE,
+                      ratios: Mapping | None = None) -> PairedComparison:
+    """``a - b`` paired by key (a seed, or (seed, split)); keys missing or non-finite on either side are left out.
+    ``ratios``: per key, the test/train size ratio of that resplit; when every paired key has one, their mean gives
+    the Nadeau-Bengio corrected interval (:func:`corrected_resampled_t`) next to the plain one."""
     keys = tuple(k for k in a if k in b and is_finite(a[k]) and is_finite(b[k]))
     try:
         keys = tuple(sorted(keys))
@@ -91,7 +100,50 @@ def paired_comparison(a: Mapping, b: Mapping, confidence: float = CONFIDENCE) ->
         return PairedComparison(n, mean, 0.0, math.nan, math.nan, math.nan, keys)
     lo, hi = t_interval(d, confidence)
     p = float(stats.ttest_rel([float(a[k]) for k in keys], [float(b[k]) for k in keys]).pvalue)
-    return PairedComparison(n, mean, sd, lo, hi, p, keys)
+    ratio = mean_ratio(ratios, keys)
+    nb = corrected_resampled_t(d, 1.0, ratio, confidence)
+    return PairedComparison(n, mean, sd, lo, hi, p, keys, nb.ci_low, nb.ci_high, nb.p_value, ratio)
+
+
+def mean_ratio(ratios: Mapping | None, keys: Sequence) -> float:
+    """The mean of ``ratios[k]`` over ``keys``; nan if any key has no finite ratio (or there are none)."""
+    if not ratios or not keys or not all(k in ratios and is_finite(ratios[k]) for k in keys):
+        return math.nan
+    return float(np.mean([float(ratios[k]) for k in keys]))
+
+
+@dataclass(frozen=True)
+class CorrectedInterval:
+    """Nadeau-Bengio corrected resampled t interval (and two-sided p-value) of a mean paired difference over ``J``
+    train/test resplits (seeds), with test/train size ratio ``ratio`` (nan fields when undefined)."""
+
+    ci_low: float
+    ci_high: float
+    p_value: float
+    ratio: float
+
+
+def corrected_resampled_t(differences: Sequence[float], n_train: float, n_test: float,
+                          confidence: float = CONFIDENCE) -> CorrectedInterval:
+    """Nadeau & Bengio (2003, Machine Learning 52: 239-281), corrected resampled t-test: the ``J`` differences come
+    from ``J`` random train/test resplits of one data set, whose training sets overlap, so their sample variance
+    ``s^2`` underestimates the variance of the mean. The corrected variance of the mean is
+    ``(1/J + n_test/n_train) s^2`` instead of ``s^2 / J``; the interval is ``mean ± t_{J-1} sqrt(that)`` and the
+    p-value is that of ``mean / sqrt(that)`` on ``J - 1`` degrees of freedom. With ``n_test/n_train -> 0`` it is
+    the plain paired t interval. nan fields below two differences, with no spread, or without positive sizes."""
+    d = np.asarray(differences, dtype=np.float64)
+    j = len(d)
+    ratio = float(n_test) / float(n_train) if is_finite(n_train) and is_finite(n_test) and n_train > 0 else math.nan
+    if j < 2 or not np.isfinite(ratio) or ratio < 0:
+        return CorrectedInterval(math.nan, math.nan, math.nan, ratio)
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:
+        return CorrectedInterval(math.nan, math.nan, math.nan, ratio)
+    mean = float(d.mean())
+    se = math.sqrt((1.0 / j + ratio) * sd ** 2)
+    half = float(stats.t.ppf(0.5 + confidence / 2, j - 1)) * se
+    p = float(2 * stats.t.sf(abs(mean) / se, j - 1))
+    return CorrectedInterval(mean - half, mean + half, p, ratio)
 
 
 def verdict(ci_low: float, ci_high: float) -> Verdict:
@@ -177,8 +229,12 @@ def fmt_difference(c: PairedComparison, metric: str = "MCC", unit: str = "seeds"
     if adjusted is not None and np.isfinite(adjusted.holm):
         adj = (f" (adjusted over {adjusted.m} comparisons: Holm {_fmt_p(adjusted.holm)}, "
                f"Benjamini-Hochberg {_fmt_p(adjusted.bh)})")
+    nb = ""
+    if is_finite(c.nb_ci_low) and is_finite(c.nb_ci_high):
+        nb = (f"; resampling-corrected (Nadeau-Bengio) 95% CI {c.nb_ci_low:+.{digits}f} to "
+              f"{c.nb_ci_high:+.{digits}f}")
     return (f"{c.mean_diff:+.{digits}f} {metric}, 95% CI {c.ci_low:+.{digits}f} to {c.ci_high:+.{digits}f}, "
-            f"paired t-test {_fmt_p(c.p_value)}{adj}, n = {c.n} {unit}")
+            f"paired t-test {_fmt_p(c.p_value)}{adj}{nb}, n = {c.n} {unit}")
 
 
 def comparison_sentence(a_label: str, b_label: str, c: PairedComparison, metric: str = "MCC",

@@ -18,10 +18,12 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from magnet_core.cohort.data import DataError, detect_layout
+from magnet_core.cohort.data import SPLITS, DataError, detect_layout
+from magnet_core.cohort.manifest import DEFAULT_SEED
 from magnet_core.consortium import methods as vocabulary
-from magnet_core.consortium.methods import BASELINE_METHOD, DEFAULT_SEEDS, REFERENCE_METHODS
+from magnet_core.consortium.methods import BASELINE_METHOD, REFERENCE_METHODS
 from magnet_core.consortium.scenarios import Scenario
+from magnet_core.consortium.simulated import load_consortium
 
 from . import statistics as st
 from .cli import existing_dir
@@ -30,14 +32,22 @@ from .reporting import console, write_json
 from .simulate import METHODS, RunSpec, run_methods
 
 BUILTIN_DIR = Path(__file__).parent / "studies"
+# A study's default seeds: ten, from the one default seed (simulate and centralized keep DEFAULT_SEEDS, five).
+STUDY_SEEDS: tuple[int, ...] = tuple(DEFAULT_SEED + 10 * i for i in range(10))
 METRIC_COLUMNS = ("mcc", "acc", "f1", "auroc", "auprc", "paired_mcc", "unpaired_mcc")
+# The validation score the "highest-validation-mcc" rule reads (a run record's metrics key; never a test metric).
+VALIDATION_METRIC = "val_mcc"
+# Per (cell, seed): the consortium's training patients (train + val, what every method fits on) and test patients,
+# counted from the sites the run built; the Nadeau-Bengio correction uses n_test / n_train.
+SIZE_COLUMNS = ("n_train", "n_test")
 SUMMARY_METRICS = ("mcc", "acc", "f1", "paired_mcc", "unpaired_mcc")
 # Contrast order: each trained method vs local-only, then vs centralized, then vs the baseline strategy.
 REFERENCES = ("local_only", "centralized")
 assert set(REFERENCES) == set(REFERENCE_METHODS)
 BASELINE = BASELINE_METHOD
 COMPARISON_COLUMNS = ["kind", "label", "cell", "cell_b", "method", "method_b", "metric", "n", "mean_diff", "std_diff",
-                      "ci_low", "ci_high", "p_value", "p_holm", "p_bh", "units", "verdict"]
+                      "ci_low", "ci_high", "p_value", "p_holm", "p_bh", "nb_ci_low", "nb_ci_high", "nb_p_value",
+                      "test_train_ratio", "units", "verdict"]
 CELL_WORDS = ("higher", "lower")  # cell contrasts: the same method scores higher / lower in cell a than in b
 FINDINGS = "## Findings (generated from the per-seed results)"
 STATISTICS_NOTE = ("Per cell: mean, sample standard deviation (ddof = 1) and a 95% t interval for the mean over "
@@ -46,7 +56,12 @@ STATISTICS_NOTE = ("Per cell: mean, sample standard deviation (ddof = 1) and a 9
                    "MCC differences with its 95% t interval and a two-sided paired t-test (scipy.stats.ttest_rel). "
                    "A method \"helps\" or \"hurts\" only where that interval excludes 0; otherwise the report says "
                    "no difference was detected. Next to each raw p-value: Holm and Benjamini-Hochberg adjusted "
-                   "p-values over all of the report's comparisons with a p-value (one family per report).")
+                   "p-values over all of the report's comparisons with a p-value (one family per report). Seeds "
+                   "re-split the same patients, so their training sets overlap and the plain t interval is too "
+                   "narrow; next to it, the resampling-corrected interval of Nadeau and Bengio (2003): variance of "
+                   "the mean (1/J + n_test/n_train) s^2 instead of s^2/J, J paired seeds, n_test/n_train the mean "
+                   "over those seeds of the consortium's test over training (train + val) patients recorded by "
+                   "each run; blank where the runs did not record their sizes. Verdicts follow the plain interval.")
 
 
 class Cell(BaseModel):
@@ -76,6 +91,29 @@ class Contrast(BaseModel):
     methods: list[str] = Field(default_factory=list, description="methods to compare (default: all of the study's)")
 
 
+class BestMethodRule(BaseModel):
+    """The rule, declared in the study before it runs, that names each cell's best trained method (the one the
+    target sentence judges). ``highest-validation-mcc``: the trained method with the highest mean validation MCC
+    (``VALIDATION_METRIC`` of the run records; the sites' validation patients, never test patients) over the
+    cell's seeds; none when no method recorded it. ``declared``: ``method``, the pre-declared primary comparison."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["highest-validation-mcc", "declared"] = "highest-validation-mcc"
+    method: str | None = Field(None, description="the declared method (rule 'declared' only)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "BestMethodRule":
+        if (self.rule == "declared") != (self.method is not None):
+            raise ValueError("best_method: rule 'declared' needs `method`, and only it takes one")
+        return self
+
+    def describe(self) -> str:
+        if self.rule == "declared":
+            return f"the method declared before the runs, {method_label(self.method)}"
+        return "highest mean validation MCC over the seeds, declared before the runs; test metrics are not read"
+
+
 class Study(BaseModel):
     """A study: shared settings, its cells and optional cell-vs-cell contrasts."""
 
@@ -88,7 +126,7 @@ class Study(BaseModel):
     preset: str = "ov"
     rounds: int = Field(20, ge=1)
     local_epochs: int = Field(10, ge=1)
-    seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: list(STUDY_SEEDS), min_length=1)
     methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1,
                                description="names from magnet_core.consortium.methods.METHODS")
     x_label: str = "x"
@@ -96,6 +134,9 @@ class Study(BaseModel):
         "among-test", description="test-graph rule: among-test (the paper's) or attach-to-train (deployment)")
     target_gap: float | None = Field(None, ge=0, description="per cell, report whether the best trained method is at "
                                      "or above local-only and within this MCC of centralized")
+    best_method: "BestMethodRule" = Field(default_factory=lambda: BestMethodRule(),
+                                          description="how a cell's best trained method is chosen, fixed before "
+                                          "the runs (never from test results)")
     cells: list[Cell] = Field(min_length=1)
     contrasts: list[Contrast] = Field(default_factory=list)
 
@@ -113,6 +154,10 @@ class Study(BaseModel):
             extra = sorted(set(con.methods) - set(self.methods))
             if extra:
                 raise ValueError(f"contrasts[{k}] names methods {extra} that the study does not run")
+        declared = self.best_method.method
+        if declared is not None and (declared not in self.methods or declared in REFERENCES):
+            raise ValueError(f"best_method.method {declared!r} is not a trained method the study runs "
+                             f"({[m for m in self.methods if m not in REFERENCES]})")
         return self
 
     def test_graph_of(self, cell: Cell) -> str:
@@ -208,7 +253,9 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
                    modalities=",".join(cell.modalities), engine=engine, out_dir=cell_dir,
                    test_graph=study.test_graph_of(cell))
     t0 = time.perf_counter()
+    sizes: dict[str, int] = {}
     try:
+        sizes = split_sizes(spec)
         results, _, seconds = run_methods(spec, todo, advance=advance)
         error = None
     except Exception as exc:  # a failing cell is a finding, not a crash: record it and go on
@@ -220,8 +267,23 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
                    "method": method, "seed": seed, "metrics": results.get(method, {}),
                    "seconds": seconds.get(method, time.perf_counter() - t0),
                    "seconds_per_round": seconds.get(method, float("nan")) / study.rounds,
-                   "modalities": cell.modalities, "test_graph": study.test_graph_of(cell), "error": error}
+                   "modalities": cell.modalities, "test_graph": study.test_graph_of(cell), "split_sizes": sizes,
+                   "error": error}
         write_json(cell_result_path(out, cell, method, seed), payload)
+
+
+def split_sizes(spec: RunSpec) -> dict[str, int]:
+    """Patients per split (train, val, test) summed over the consortium's sites, as the run builds them (the same
+    data, scenario, seed and modalities; a split depends on nothing else)."""
+    _, sites = load_consortium(spec.data_path, spec.scenario, spec.seed, spec.modalities)
+    return {name: int(sum((s.split == name).sum() for s in sites)) for name in SPLITS}
+
+
+def sizes_columns(split: dict[str, int] | None) -> dict[str, int | None]:
+    """``n_train`` (train + val: every method fits on both) and ``n_test`` of a run record's ``split_sizes``."""
+    if not split or "test" not in split:
+        return {k: None for k in SIZE_COLUMNS}
+    return {"n_train": int(split.get("train", 0)) + int(split.get("val", 0)), "n_test": int(split["test"])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +347,8 @@ def tidy_frame(study: Study, out: Path) -> pd.DataFrame:
                     continue
                 r = json.loads(path.read_text())
                 row = {k: r[k] for k in ("study", "cell", "group", "x", "dataset", "method", "seed")}
-                row.update({k: r["metrics"].get(k) for k in METRIC_COLUMNS})
+                row.update({k: r["metrics"].get(k) for k in (*METRIC_COLUMNS, VALIDATION_METRIC)})
+                row.update(sizes_columns(r.get("split_sizes")))
                 row.update({"seconds": r["seconds"], "seconds_per_round": r["seconds_per_round"],
                             "n_modalities": len(r["modalities"]) or None, "error": r["error"] or ""})
                 rows.append(row)
@@ -325,7 +388,8 @@ def comparisons_frame(study: Study, df: pd.DataFrame, metric: str = "mcc") -> pd
 
     def add(kind: str, label: str, cell: str, cell_b: str, method: str, method_b: str, a: pd.DataFrame,
             b: pd.DataFrame) -> None:
-        c = st.paired_comparison(st.values_by_unit(a, metric), st.values_by_unit(b, metric))
+        c = st.paired_comparison(st.values_by_unit(a, metric), st.values_by_unit(b, metric),
+                                 ratios=test_train_ratios(pd.concat([a, b])))
         rows.append({"kind": kind, "label": label, "cell": cell, "cell_b": cell_b, "method": method,
                      "method_b": method_b, "metric": metric, **c.to_dict()})
 
@@ -345,13 +409,26 @@ def comparisons_frame(study: Study, df: pd.DataFrame, metric: str = "mcc") -> pd
     return frame
 
 
+def test_train_ratios(rows: pd.DataFrame) -> dict:
+    """``{seed: n_test / n_train}`` from the rows' recorded sizes (the mean over the rows of a seed: two cells of a
+    contrast have their own splits); {} when the rows carry no sizes (runs made before they were recorded)."""
+    if not set(SIZE_COLUMNS) <= set(rows.columns) or rows.empty:
+        return {}
+    n_train = pd.to_numeric(rows["n_train"], errors="coerce")
+    n_test = pd.to_numeric(rows["n_test"], errors="coerce")
+    ratio = (n_test / n_train.where(n_train > 0)).rename("ratio")
+    per_seed = pd.concat([rows["seed"], ratio], axis=1).dropna().groupby("seed")["ratio"].mean()
+    return {k: float(v) for k, v in per_seed.items()}
+
+
 def _adjusted(row: pd.Series, comparisons: pd.DataFrame) -> st.Adjusted:
     return st.Adjusted(row["p_holm"], row["p_bh"], int(comparisons["p_value"].map(st.is_finite).sum()))
 
 
 def _comparison(row: pd.Series) -> st.PairedComparison:
     return st.PairedComparison(int(row["n"]), row["mean_diff"], row["std_diff"], row["ci_low"], row["ci_high"],
-                               row["p_value"], tuple(row["units"]))
+                               row["p_value"], tuple(row["units"]), row["nb_ci_low"], row["nb_ci_high"],
+                               row["nb_p_value"], row["test_train_ratio"])
 
 
 def _cell_stats(row: pd.Series, metric: str = "mcc") -> st.CellStats:
@@ -446,11 +523,28 @@ def multiplicity_note(comparisons: pd.DataFrame) -> str:
     return (f"This report makes {n} comparisons ({tested} with a p-value); each interval is a 95% interval on its own, "
             f"so about one in twenty comparisons without a real difference is expected to read \"helps\" or "
             f"\"hurts\" by chance. {detected} of the {n} read \"helps\"/\"hurts\" (or higher/lower) on their own "
-            f"interval; adjusted over the {tested} p-values, Holm (family-wise) leaves {holm} below 0.05 and "
-            f"Benjamini-Hochberg (false discovery rate) {bh}.")
+            f"interval; adjusted over the {tested} p-values (the family: every comparison of this report with a "
+            f"p-value), Holm (family-wise error) leaves {holm} below 0.05 and Benjamini-Hochberg (false discovery "
+            f"rate) {bh}.{_corrected_note(comparisons)}")
 
 
-def headline(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame) -> list[str]:
+def _corrected_note(comparisons: pd.DataFrame) -> str:
+    """How many comparisons have a Nadeau-Bengio interval, and how many of the detected ones it keeps."""
+    if comparisons.empty or "nb_ci_low" not in comparisons:
+        return ""
+    has = comparisons["nb_ci_low"].map(st.is_finite) & comparisons["nb_ci_high"].map(st.is_finite)
+    if not has.any():
+        return (" No resampling-corrected interval: these runs did not record their train/test sizes.")
+    detected = comparisons["verdict"].isin(["helps", "hurts"])
+    kept = detected & has & ((comparisons["nb_ci_low"] > 0) | (comparisons["nb_ci_high"] < 0))
+    return (f" {int(has.sum())} comparisons have a resampling-corrected (Nadeau-Bengio) interval (mean test/train "
+            f"ratio {comparisons.loc[has, 'test_train_ratio'].min():.3f} to "
+            f"{comparisons.loc[has, 'test_train_ratio'].max():.3f}); of the {int((detected & has).sum())} of them "
+            f"that read \"helps\"/\"hurts\", {int(kept.sum())} keep a corrected interval that excludes 0.")
+
+
+def headline(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
+             best: dict[str, str | None] | None = None) -> list[str]:
     """Markdown bullets generated from the numbers: per cell, each method's MCC (mean ± sample std, 95% CI, n) and
     every paired comparison ("helps"/"hurts" only where its interval excludes 0); then the cell contrasts."""
     lines = []
@@ -469,7 +563,8 @@ def headline(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame) -> 
         for _, row in comp[comp["n"] > 0].iterrows():
             lines.append("  - " + st.comparison_sentence(method_label(row["method"]), method_label(row["method_b"]),
                                                          _comparison(row), adjusted=_adjusted(row, comparisons)))
-        target = target_sentence(study, sub, comp, comparisons) if study.target_gap is not None else None
+        target = (target_sentence(study, sub, comp, comparisons, (best or {}).get(cell.id))
+                  if study.target_gap is not None else None)
         if target:
             lines.append("  - " + target)
     contrasts = comparisons[(comparisons["kind"] == "cells") & (comparisons["n"] > 0)]
@@ -483,15 +578,45 @@ def headline(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame) -> 
     return lines
 
 
-def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame, comparisons: pd.DataFrame) -> str | None:
-    """Whether the best trained method (highest mean MCC, picked after the runs) is at or above local-only and within
-    ``target_gap`` of centralized, judged on the mean paired differences, shown with their intervals and adjusted
-    p-values (``comparisons``: the report's whole family)."""
-    trained = [m for m in study.methods
-               if m not in REFERENCES and m in sub.index and st.is_finite(sub.loc[m, "mcc_mean"])]
-    if not trained or not set(REFERENCES) <= set(study.methods):
+def best_methods(study: Study, df: pd.DataFrame) -> dict[str, str | None]:
+    """Per cell, the trained method the study's pre-declared rule (``study.best_method``) names; None where the rule
+    cannot name one (no validation MCC recorded). Only the method, seed and validation columns of ``df`` are passed
+    on to the rule: no test metric can take part in the choice."""
+    keep = [c for c in ("cell", "method", "seed", VALIDATION_METRIC) if c in df.columns]
+    validation = df[keep] if not df.empty else pd.DataFrame(columns=["cell", "method", "seed"])
+    trained = [m for m in study.methods if m not in REFERENCES]
+    return {cell.id: choose_best(study.best_method, trained,
+                                 validation[validation["cell"] == cell.id] if "cell" in validation else validation)
+            for cell in study.cells}
+
+
+def choose_best(rule: BestMethodRule, trained: list[str], validation: pd.DataFrame) -> str | None:
+    """The rule applied to one cell's rows (method, seed and at most the validation MCC)."""
+    if rule.rule == "declared":
+        return rule.method
+    if VALIDATION_METRIC not in validation.columns:
         return None
-    best = max(trained, key=lambda m: sub.loc[m, "mcc_mean"])
+    score = pd.to_numeric(validation[VALIDATION_METRIC], errors="coerce")
+    means = score.groupby(validation["method"]).mean().dropna()
+    means = means[[m for m in trained if m in means.index]]
+    if means.empty:
+        return None
+    return max(trained, key=lambda m: (means.get(m, -np.inf), -trained.index(m)))  # ties: the study's order
+
+
+def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame, comparisons: pd.DataFrame,
+                    best: str | None) -> str | None:
+    """Whether the cell's best trained method (``best``, named by the study's pre-declared rule, never by test
+    results) is at or above local-only and within ``target_gap`` of centralized, judged on the mean paired
+    differences, shown with their intervals and adjusted p-values (``comparisons``: the report's whole family)."""
+    if not set(REFERENCES) <= set(study.methods):
+        return None
+    rule = study.best_method.describe()
+    if best is None:
+        return (f"target not judged: the study's rule for the best trained method ({rule}) names none, because no "
+                f"run of this cell recorded a validation MCC; no method is picked from test results")
+    if best not in sub.index or not st.is_finite(sub.loc[best, "mcc_mean"]):
+        return f"target not judged: {method_label(best)}, named by the rule ({rule}), has no finished run"
     diffs = {}
     for ref in REFERENCES:
         row = comp[(comp["method"] == best) & (comp["method_b"] == ref)]
@@ -500,14 +625,13 @@ def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame, compari
         diffs[ref] = (_comparison(row.iloc[0]), _adjusted(row.iloc[0], comparisons))
     met = diffs["local_only"][0].mean_diff >= 0 and diffs["centralized"][0].mean_diff >= -study.target_gap
     return (f"target (at or above local-only and within {study.target_gap:.2f} of centralized, on the means) "
-            f"{'**met**' if met else '**not met**'} by the best trained method (highest mean MCC, picked after the "
-            f"runs), {method_label(best)}: "
+            f"{'**met**' if met else '**not met**'} by the best trained method ({rule}), {method_label(best)}: "
             f"vs local-only {st.fmt_difference(*diffs['local_only'][:1], adjusted=diffs['local_only'][1])}; "
             f"vs centralized {st.fmt_difference(*diffs['centralized'][:1], adjusted=diffs['centralized'][1])}")
 
 
 def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame, figures: list[Path], out: Path,
-                 data_note: str) -> Path:
+                 data_note: str, best: dict[str, str | None] | None = None) -> Path:
     table = summary.copy()
     table["method"] = table["method"].map(method_label)
     table["MCC mean ± sd"] = [f"{_f(a)} ± {_f(b)}" if st.is_finite(a) else "failed"
@@ -533,8 +657,10 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
            "value means every site withheld that split (a site with between 1 and k - 1 test patients in either "
            "group, k the consortium's minimum count, releases neither, so one cannot be derived from the total).",
            "",
-           f"**Statistics.** {STATISTICS_NOTE} {multiplicity_note(comparisons)}", "", FINDINGS, ""]
-    md += headline(study, summary, comparisons) + [""]
+           f"**Statistics.** {STATISTICS_NOTE} {multiplicity_note(comparisons)}"
+           + (f" Best trained method per cell (for the target): {study.best_method.describe()}."
+              if study.target_gap is not None else ""), "", FINDINGS, ""]
+    md += headline(study, summary, comparisons, best) + [""]
     md += [f"![{p.stem}]({p.name})" for p in figures] + [""]
     md += ["## Table", "", _markdown_table(table[cols]), ""]
     if (comparisons["n"] > 0).any():
@@ -546,8 +672,15 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
         comp["p (paired t)"] = comp["p_value"].map(st.fmt_p_cell)
         comp["p Holm"] = comp["p_holm"].map(st.fmt_p_cell)
         comp["p BH"] = comp["p_bh"].map(st.fmt_p_cell)
+        comp["corrected 95% CI"] = [_interval(lo, hi, sign=True) for lo, hi in zip(comp["nb_ci_low"],
+                                                                                    comp["nb_ci_high"])]
+        comp["p corrected"] = comp["nb_p_value"].map(st.fmt_p_cell)
         md += ["## Paired comparisons (MCC)", "",
-               _markdown_table(comp[["a", "b", "n", "a − b", "95% CI", "p (paired t)", "p Holm", "p BH", "verdict"]]),
+               f"Family: the {int(comp['p_value'].map(st.is_finite).sum())} comparisons with a p-value; Holm and "
+               "Benjamini-Hochberg adjust within it. Corrected: the Nadeau-Bengio resampling-corrected interval "
+               "and p-value (blank where the runs did not record their train/test sizes).", "",
+               _markdown_table(comp[["a", "b", "n", "a − b", "95% CI", "p (paired t)", "p Holm", "p BH",
+                                     "corrected 95% CI", "p corrected", "verdict"]]),
                ""]
     md += [f"Per-seed rows: `{study.name}_tidy.csv`; summary (mean, sample std, 95% CI and n per cell and method, and "
            f"every paired comparison): `{study.name}_summary.json`. Rerun with the same command to resume; finished "
@@ -578,14 +711,18 @@ def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wal
     df.to_csv(out / f"{study.name}_tidy.csv", index=False)
     summary = summary_frame(df)
     comparisons = comparisons_frame(study, df)
+    best = best_methods(study, df)
     write_json(out / f"{study.name}_summary.json",
                {"study": study.name, "seeds": study.seeds, "methods": study.methods, "statistics": STATISTICS_NOTE,
+                "adjustment": {"methods": ["holm", "benjamini-hochberg"],
+                               "family_size": int(comparisons["p_value"].map(st.is_finite).sum())},
+                "best_method": {**study.best_method.model_dump(), "chosen": best},
                 "rows": summary.to_dict(orient="records"), "comparisons": comparisons.to_dict(orient="records"),
                 "wall_seconds": wall_seconds,  # of this invocation only: a resumed study re-trains nothing
                 "runs_seconds_total": float(pd.to_numeric(df.get("seconds", pd.Series(dtype=float)),
                                                           errors="coerce").sum())})
     figures = plot_study(study, summary, out)
-    return write_report(study, summary, comparisons, figures, out, data_note)
+    return write_report(study, summary, comparisons, figures, out, data_note, best)
 
 
 def reanalyse(study: Study, tidy_csv: Path, out: Path, data_note: str, drop_groups: bool = False) -> Path:

@@ -179,7 +179,7 @@ def test_classification_metrics_and_summary():
     m = classification_metrics(np.array([0, 1, 1, 1]), probs, 2)
     assert m["acc"] == 0.75 and m["auroc"] == 1.0
     s = summarize([{"mcc": 0.2, "auroc": None}, {"mcc": 0.4, "auroc": 0.6}])
-    assert s["mcc"]["mean"] == pytest.approx(0.3) and s["mcc"]["std"] == pytest.approx(0.1)
+    assert s["mcc"]["mean"] == pytest.approx(0.3) and s["mcc"]["std"] == pytest.approx(0.1 * 2 ** 0.5)  # ddof 1
     assert s["auroc"]["mean"] == 0.6 and s["auroc"]["per_seed"] == [None, 0.6]
     json.dumps(s)
 

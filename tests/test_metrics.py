@@ -211,15 +211,20 @@ def test_classification_metrics_and_paired_unpaired_groups():
     assert classification_metrics(np.array([], int), np.zeros((0, 2)), 2)["mcc"] is None
 
 
-def test_summarize_mean_and_population_std_over_seeds():
-    # The reference's per-seed test MCCs on OV; it reports 0.240 +- 0.123 (population std).
-    per_seed = [{"mcc": v, "auroc": a} for v, a in zip([0.331, 0.281, 0.395, 0.118, 0.077],
-                                                       [0.7, None, 0.6, float("nan"), 0.8])]
+def test_summarize_mean_and_sample_std_over_seeds():
+    # The reference's per-seed test MCCs on OV; it reports 0.240 +- 0.123, the population std (ddof 0). The project's
+    # one convention is the sample std (ddof 1): sqrt(sum of squared deviations / 4) = 0.137 here.
+    values = [0.331, 0.281, 0.395, 0.118, 0.077]
+    per_seed = [{"mcc": v, "auroc": a} for v, a in zip(values, [0.7, None, 0.6, float("nan"), 0.8])]
     s = summarize(per_seed)
-    assert round(s["mcc"]["mean"], 3) == 0.240 and round(s["mcc"]["std"], 3) == 0.123
-    assert s["mcc"]["mean"] == pytest.approx(np.mean([0.331, 0.281, 0.395, 0.118, 0.077]))
-    assert s["mcc"]["per_seed"] == [0.331, 0.281, 0.395, 0.118, 0.077]
-    assert s["auroc"]["mean"] == pytest.approx(0.7) and s["auroc"]["std"] == pytest.approx(np.std([0.7, 0.6, 0.8]))
+    mean = sum(values) / 5
+    by_hand = math.sqrt(sum((v - mean) ** 2 for v in values) / 4)
+    assert round(s["mcc"]["mean"], 3) == 0.240 and s["mcc"]["std"] == pytest.approx(by_hand)
+    assert round(s["mcc"]["std"], 3) == 0.137 and round(float(np.std(values)), 3) == 0.123  # ddof 0 would fail
+    assert s["mcc"]["per_seed"] == values
+    assert s["auroc"]["mean"] == pytest.approx(0.7)
+    assert s["auroc"]["std"] == pytest.approx(0.1)  # 0.7, 0.6, 0.8: sum of squares 0.02 / (3 - 1)
     assert s["auroc"]["per_seed"][1] is None
     assert summarize([{"auprc": None}])["auprc"] == {"mean": None, "std": None, "per_seed": [None]}
+    assert summarize([{"mcc": 0.4}])["mcc"] == {"mean": 0.4, "std": None, "per_seed": [0.4]}  # no std from one value
     json.dumps(summarize([{"mcc": 0.1}, {"mcc": 0.3}]))

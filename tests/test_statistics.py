@@ -121,3 +121,50 @@ def test_frames():
     assert st.values_by_unit(df[df["method"] == "n"], "mcc") == {1: 0.4}
     with pytest.raises(ValueError, match="more than one row"):
         st.values_by_unit(df, "mcc")
+
+
+def test_nadeau_bengio_corrected_interval_by_hand():
+    # d = 0.10, 0.05, 0.12 over J = 3 resplits: mean 0.09, deviations 0.01, -0.04, 0.03, s^2 = 0.0026 / 2 = 0.0013.
+    # 20 test and 80 training patients: corrected variance of the mean (1/3 + 20/80) x 0.0013 = 0.000758333...,
+    # standard error 0.0275379, half-width t(0.975, 2) x 0.0275379 = 4.3027 x 0.0275379 = 0.118486.
+    nb = st.corrected_resampled_t([0.10, 0.05, 0.12], n_train=80, n_test=20)
+    assert nb.ratio == 0.25
+    assert (nb.ci_low, nb.ci_high) == (pytest.approx(-0.028486, abs=1e-6), pytest.approx(0.208486, abs=1e-6))
+    assert nb.p_value == pytest.approx(0.0822, abs=1e-4)  # t = 0.09 / 0.0275379 = 3.268 on 2 degrees of freedom
+    plain = st.paired_comparison({1: 0.10, 2: 0.05, 3: 0.12}, {1: 0.0, 2: 0.0, 3: 0.0})
+    assert plain.ci_low > 0 and nb.ci_low < 0  # the plain interval excludes 0, the corrected one does not
+    assert plain.ci_high - plain.ci_low < nb.ci_high - nb.ci_low
+
+
+def test_nadeau_bengio_equals_the_plain_interval_as_the_test_share_vanishes():
+    rng = np.random.default_rng(3)
+    a = dict(enumerate(rng.normal(0.7, 0.05, size=6)))
+    b = {k: v - rng.normal(0.03, 0.04) for k, v in a.items()}
+    plain = st.paired_comparison(a, b)
+    d = [a[k] - b[k] for k in sorted(a)]
+    zero = st.corrected_resampled_t(d, n_train=100, n_test=0)
+    assert (zero.ci_low, zero.ci_high) == (pytest.approx(plain.ci_low), pytest.approx(plain.ci_high))
+    assert zero.p_value == pytest.approx(plain.p_value)
+    tiny = st.corrected_resampled_t(d, n_train=10**9, n_test=1)
+    assert (tiny.ci_low, tiny.ci_high) == (pytest.approx(plain.ci_low), pytest.approx(plain.ci_high))
+    widths = [st.corrected_resampled_t(d, 100, n).ci_high - st.corrected_resampled_t(d, 100, n).ci_low
+              for n in (0, 10, 25, 50)]
+    assert widths == sorted(widths) and widths[0] < widths[-1]  # wider as the test share grows
+
+
+def test_paired_comparison_carries_the_corrected_interval_when_sizes_are_known():
+    a = {10: 0.80, 20: 0.75, 30: 0.90}
+    b = {10: 0.70, 20: 0.70, 30: 0.78}
+    bare = st.paired_comparison(a, b)
+    assert math.isnan(bare.nb_ci_low) and math.isnan(bare.test_train_ratio)
+    assert "Nadeau-Bengio" not in st.fmt_difference(bare)
+    c = st.paired_comparison(a, b, ratios={10: 0.2, 20: 0.3, 30: 0.25, 40: 9.0})  # seed 40 is not paired
+    assert c.test_train_ratio == pytest.approx(0.25)
+    nb = st.corrected_resampled_t([0.10, 0.05, 0.12], n_train=4, n_test=1)
+    assert (c.nb_ci_low, c.nb_ci_high, c.nb_p_value) == (pytest.approx(nb.ci_low), pytest.approx(nb.ci_high),
+                                                         pytest.approx(nb.p_value))
+    assert "resampling-corrected (Nadeau-Bengio) 95% CI -0.028 to +0.208" in st.fmt_difference(c)
+    missing = st.paired_comparison(a, b, ratios={10: 0.2, 20: 0.3})  # a paired seed without sizes: no correction
+    assert math.isnan(missing.nb_ci_low)
+    assert math.isnan(st.corrected_resampled_t([0.1], 80, 20).ci_low)
+    assert math.isnan(st.corrected_resampled_t([0.1, 0.1], 80, 20).ci_low)  # no spread

@@ -188,3 +188,21 @@ def test_a_study_can_be_restricted_to_some_cells_and_methods(tmp_path):
                                     (None, "fedprox", "--methods: unknown \\['fedprox'\\]"), (",", None, "none given")):
         with pytest.raises(ValueError, match=message):
             select(study, cells, methods)
+
+
+def test_best_method_rule_reads_validation_mcc_never_test_metrics():
+    from simulations.study import BestMethodRule, Study, best_methods
+
+    study = Study.model_validate({"name": "r", "dataset": "d", "seeds": [1, 2],
+                                  "methods": ["centralized", "local_only", "federated", "fedadam"],
+                                  "cells": [{"id": "c", "x": 1, "scenario": {"num_sites": 2}}]})
+    rows = [{"cell": "c", "method": m, "seed": s, "val_mcc": v, "mcc": t}
+            for m, v, t in (("federated", 0.6, 0.1), ("fedadam", 0.4, 0.9)) for s in (1, 2)]
+    df = pd.DataFrame(rows)
+    assert best_methods(study, df) == {"c": "federated"}  # highest validation MCC although its test MCC is lower
+    df["mcc"] = df["mcc"][::-1].to_numpy()  # any test metric: no effect
+    assert best_methods(study, df) == {"c": "federated"}
+    assert best_methods(study, df.drop(columns="mcc")) == {"c": "federated"}
+    assert best_methods(study, df.drop(columns="val_mcc")) == {"c": None}  # no validation score: no pick
+    declared = study.model_copy(update={"best_method": BestMethodRule(rule="declared", method="fedadam")})
+    assert best_methods(declared, df) == {"c": "fedadam"}

@@ -637,8 +637,8 @@ def pooled_over(metrics: Mapping[str, Any], key: str) -> str:
 
 
 def comparison_rows(results: Mapping[str, Any] | None) -> list[dict]:
-    """Methods x evaluations x groups x metrics (mean ± std over seeds) from a simulation's results.json, each row
-    with the evaluation's label and over how many sites and patients it is pooled (``pooled_over``)."""
+    """Methods x evaluations x groups x metrics (mean ± sample std over seeds) from a simulation's results.json, each
+    row with the evaluation's label and over how many sites and patients it is pooled (``pooled_over``)."""
     if not results or not isinstance(results.get("results"), Mapping):
         return []
     rows = []
@@ -738,7 +738,7 @@ def figure_comparison(rows: list[dict]) -> str | None:
             color=[f"C{_method_rank(r['method'])}" for r in rows], alpha=0.85, capsize=3,
             hatch=["//" if r.get("evaluation") == EVALUATIONS["consortium_"] else "" for r in rows])
     ax.set_yticks(y, [f"{r['label']}\n{r.get('evaluation', '')}".strip() for r in rows], fontsize=7)
-    ax.set_xlabel("test MCC (mean ± std over seeds)")
+    ax.set_xlabel("test MCC (mean ± sample std over seeds)")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return _png(fig)

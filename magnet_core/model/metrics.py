@@ -188,7 +188,8 @@ def metrics_with_groups(y_true: np.ndarray, probs: np.ndarray, paired: np.ndarra
 
 
 def summarize(per_seed: Iterable[Mapping[str, float | None]]) -> dict[str, dict]:
-    """{metric: {"mean", "std", "per_seed"}} over seeds; None values (undefined metric) are left out of mean/std."""
+    """{metric: {"mean", "std", "per_seed"}} over seeds; None values (undefined metric) are left out of mean/std.
+    ``std`` is the sample standard deviation (ddof = 1, the project's one convention); None below two values."""
     rows = list(per_seed)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     out = {}
@@ -197,7 +198,7 @@ def summarize(per_seed: Iterable[Mapping[str, float | None]]) -> dict[str, dict]
         finite = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
         out[k] = {
             "mean": float(np.mean(finite)) if finite else None,
-            "std": float(np.std(finite)) if finite else None,
+            "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
             "per_seed": vals,
         }
     return out
