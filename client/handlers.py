@@ -79,7 +79,8 @@ def train_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, f
     site = site_for(cfg, node_config, node_id)
     got, state = received_state(site, cfg, flat, layout)
     new, stats = site.fit(state, get_preset(cfg.preset).train, cfg.local_epochs, cfg.server_round, cfg.seed,
-                          proximal_mu=cfg.proximal_mu)
+                          proximal_mu=cfg.proximal_mu, label_adjustment=cfg.label_adjustment,
+                          label_tau=cfg.label_tau)
     loss = stats.get("loss")
     reply = TrainReply(site=site.name, num_examples=site.train.n, modality_counts=site.modality_counts,
                        loss=float(loss) if loss is not None and math.isfinite(loss) else None)

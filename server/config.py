@@ -12,6 +12,7 @@ from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, DEFAULT_SEED, MIN_COU
 from magnet_core.federation.eval_screen import DEFAULT_ALPHA as EVAL_ALPHA
 from magnet_core.federation.privacy import DEFAULT_MAX_BINS
 from magnet_core.model.config import DEFAULT_PRESET
+from magnet_core.model.loss import MAX_LABEL_TAU
 from magnet_core.protocol.messages import MAX_HISTOGRAM_BINS, MAX_PROXIMAL_MU
 
 
@@ -95,6 +96,13 @@ class FederatedConfig(BaseModel):
     # optimizer at the coordinator (FedAdam / FedYogi, Reddi et al. 2021) stepping along aggregate - global
     proximal_mu: float = Field(0.0, ge=0, le=MAX_PROXIMAL_MU, allow_inf_nan=False,
                                description="FedProx: sites add (mu / 2) ||w - w_global||^2 to their loss (0 = off)")
+    # label skew: logit offsets from each site's own training-label counts inside its local cross-entropy (logit
+    # adjustment / Balanced Softmax, FedLC; magnet_core.model.loss.label_offsets); the counts never leave the site
+    label_adjustment: Literal["none", "logit-adjust", "fedlc"] = Field(
+        "none", description="none, logit-adjust (Menon et al. 2021; tau 1 = Balanced Softmax) or fedlc (Zhang et "
+                            "al. 2022)")
+    label_tau: float = Field(0.0, ge=0, le=MAX_LABEL_TAU, allow_inf_nan=False,
+                             description="strength tau of label-adjustment (0 = plain cross-entropy)")
     server_optimizer: Literal["none", "adam", "yogi"] = Field(
         "none", description="none: the aggregate is the new model; adam / yogi: a server step along it")
     server_lr: float = Field(0.01, gt=0, le=10, allow_inf_nan=False, description="server optimizer step size (eta)")

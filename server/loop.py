@@ -161,6 +161,7 @@ def round_config(cfg: FederatedConfig, rnd: int, min_count: int) -> ConfigRecord
         server_round=rnd, seed=cfg.seed, preset=cfg.preset, local_epochs=cfg.local_epochs,
         histogram_bins=cfg.histogram_bins, test_graph=cfg.test_graph, min_count=min_count,
         data_path=cfg.data_path, scenario=cfg.scenario, modalities=cfg.modalities, proximal_mu=cfg.proximal_mu,
+        label_adjustment=cfg.label_adjustment, label_tau=cfg.label_tau,
         clipping_norm=cfg.dp_clip_norm if cfg.dp_clip_norm > 0 else None).encode())
 
 

@@ -68,10 +68,45 @@ def similarity_kl_loss(edge_index: Tensor, edge_weight: Tensor, embeddings: Tens
     return torch.sum(p * torch.log(p / q))
 
 
+LABEL_ADJUSTMENTS = ("none", "logit-adjust", "fedlc")
+MAX_LABEL_TAU = 10.0  # the papers use tau in 0.5..2 (Menon et al.) and 0.01..1 (FedLC); beyond 10 training stalls
+
+
+def label_offsets(counts: Tensor, kind: str, tau: float) -> Tensor | None:
+    r"""Per-class offsets added to the logits inside the training loss only (prediction uses the raw logits), from
+    a site's own training-label counts ``counts`` (C,). None for "none" or ``tau`` = 0 (plain cross-entropy).
+
+    - "logit-adjust": :math:`\tau \log \pi_c`, :math:`\pi_c = n_c / \sum_j n_j` -- the logit-adjusted loss of
+      Menon et al., "Long-tail learning via logit adjustment", ICLR 2021 (eq. 10); :math:`\tau = 1` is the
+      Balanced Softmax of Ren et al., "Balanced Meta-Softmax for long-tailed visual recognition", NeurIPS 2020.
+      Minimising it makes the raw logits estimate the class-balanced posterior, so a site whose patients are
+      mostly of one class does not teach the shared model that class's prior.
+    - "fedlc": :math:`-\tau\, n_c^{-1/4}` -- the logits calibration of FedLC, Zhang et al., "Federated learning
+      with label distribution skew via logits calibration", ICML 2022 (eq. 8; as the authors' public code, the
+      softmax's denominator runs over all classes).
+
+    A class with no training patient at the site gets :math:`-\infty` in both (its softmax share is 0): the site
+    neither raises nor lowers that class's logit, instead of pushing it down on every patient it has."""
+    if kind not in LABEL_ADJUSTMENTS:
+        raise ValueError(f"unknown label adjustment {kind!r}; choose one of {list(LABEL_ADJUSTMENTS)}")
+    if not (0.0 <= tau <= MAX_LABEL_TAU):
+        raise ValueError(f"label-adjustment tau must be in [0, {MAX_LABEL_TAU}], got {tau}")
+    if kind == "none" or tau == 0.0:
+        return None
+    counts = counts.to(torch.float64)
+    if counts.dim() != 1 or bool((counts < 0).any()) or not bool((counts > 0).any()):
+        raise ValueError(f"label counts must be a 1-d vector of counts >= 0 with a positive one, got {counts}")
+    absent = counts == 0
+    safe = counts.clamp_min(1.0)
+    out = tau * torch.log(safe / counts.sum()) if kind == "logit-adjust" else -tau * safe.pow(-0.25)
+    return out.masked_fill(absent, float("-inf")).to(torch.float32)
+
+
 def magnet_loss(logits: Tensor, y: Tensor, edge_index: Tensor, edge_weight: Tensor, fused: Tensor,
-                kl_weight: float = 0.1) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy on ``logits``/``y`` plus ``kl_weight`` times the similarity KL on ``fused``."""
-    ce = F.cross_entropy(logits, y)
+                kl_weight: float = 0.1, offsets: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy on ``logits``/``y`` plus ``kl_weight`` times the similarity KL on ``fused``. ``offsets`` (C,)
+    (:func:`label_offsets`) are added to the logits inside the cross-entropy only."""
+    ce = F.cross_entropy(logits if offsets is None else logits + offsets.to(logits.dtype), y)
     kl = similarity_kl_loss(edge_index, edge_weight, fused)
     total = ce + kl_weight * kl
     return total, {"ce": float(ce.detach()), "kl": float(kl.detach()), "loss": float(total.detach())}

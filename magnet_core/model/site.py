@@ -10,6 +10,7 @@ import torch
 
 from magnet_core.cohort.data import Cohort
 from magnet_core.model.config import ModelConfig, TrainConfig
+from magnet_core.model.loss import label_offsets
 from magnet_core.model.metrics import DEFAULT_BINS, EvalCounts, confusion_counts, score_histogram
 from magnet_core.model.network import MAGNET
 from magnet_core.model.train import PatientSet, in_dims_of, make_optimizer, predict_proba, split_sets, train_epochs
@@ -53,11 +54,13 @@ class SiteRuntime:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def fit(self, params: Mapping[str, np.ndarray | torch.Tensor], cfg: TrainConfig, local_epochs: int,
-            server_round: int, seed: int, proximal_mu: float = 0.0
-            ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+            server_round: int, seed: int, proximal_mu: float = 0.0, label_adjustment: str = "none",
+            label_tau: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Train ``local_epochs`` from the global ``params``. The learning rate follows the global StepLR
         schedule ((round - 1) * local_epochs epochs done so far); the RNG is seeded by (seed, round, site).
-        ``proximal_mu`` > 0: FedProx, the local loss gains (mu / 2) * ||w - params||^2."""
+        ``proximal_mu`` > 0: FedProx, the local loss gains (mu / 2) * ||w - params||^2. ``label_adjustment`` /
+        ``label_tau``: logit offsets from this site's own training-label counts (:meth:`label_counts`; nothing
+        about them leaves the site) inside the local cross-entropy (:func:`~magnet_core.model.loss.label_offsets`)."""
         self.set_params(params)
         done = (server_round - 1) * local_epochs
         lr = cfg.lr * cfg.lr_gamma ** (done // cfg.lr_step)
@@ -65,9 +68,14 @@ class SiteRuntime:
         torch.manual_seed(seed * 100_003 + server_round * 1_009 + _stable_hash(self.name))
         if self.train.n == 0:
             return self.get_state(), {"loss": float("nan")}
+        offsets = label_offsets(self.label_counts(), label_adjustment, label_tau)
         stats = train_epochs(self.model, self.train, cfg, local_epochs, optimizer=opt, scheduler=None,
-                             proximal_mu=proximal_mu)
+                             proximal_mu=proximal_mu, offsets=offsets)
         return self.get_state(), stats
+
+    def label_counts(self) -> torch.Tensor:
+        """Training patients per class at this site (C,), from its own labels."""
+        return torch.bincount(self.train.y.long(), minlength=self.cohort.num_classes)
 
     def evaluate_counts(self, params: Mapping[str, np.ndarray | torch.Tensor], bins: int = DEFAULT_BINS,
                         test_graph: TestGraph = "among-test") -> EvalCounts:

@@ -143,6 +143,7 @@ def train_epochs(
     fanouts: Sequence[int] | None = None,
     memory_budget: int = MEMORY_BUDGET_BYTES,
     proximal_mu: float = 0.0,
+    offsets: Tensor | None = None,
 ) -> dict[str, float]:
     """Train for ``epochs`` epochs; returns the last epoch's losses (mean over its mini-batches).
 
@@ -150,6 +151,9 @@ def train_epochs(
     at the call (the global model a site starts a round from); its gradient mu * (w - w_start) is added only to
     parameters the task loss reached (a gradient exists), so the term never makes the optimiser step a parameter
     it would otherwise leave alone. The last epoch's term is reported as "proximal"; "loss" stays the task loss.
+
+``offsets`` (C,): per-class logit offsets inside the cross-entropy (label-skew methods, see
+:func:`magnet_core.model.loss.label_offsets`); None = plain cross-entropy.
 
     ``batching``: "full" = one step per epoch on the whole graph; "neighbour" = mini-batches of ``batch_size``
     seed patients with sampled neighbourhoods (``fanouts`` per layer, default 10 each; cross-entropy on the
@@ -168,9 +172,9 @@ def train_epochs(
     stats: dict[str, float] = {}
     for epoch in range(epochs):
         if sampler is None:
-            stats = _step(model, data, cfg, optimizer, prox=prox)
+            stats = _step(model, data, cfg, optimizer, prox=prox, offsets=offsets)
         else:
-            stats = _neighbour_epoch(model, data, cfg, optimizer, sampler, batch_size, prox)
+            stats = _neighbour_epoch(model, data, cfg, optimizer, sampler, batch_size, prox, offsets)
         if scheduler is not None:
             scheduler.step()
         if on_epoch is not None:
@@ -203,14 +207,16 @@ class Proximal:
 
 
 def _step(model: MAGNET, data: PatientSet, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-          num_seeds: int | None = None, prox: Proximal | None = None) -> dict[str, float]:
+          num_seeds: int | None = None, prox: Proximal | None = None, offsets: Tensor | None = None
+          ) -> dict[str, float]:
     """One optimiser step on ``data`` (cross-entropy on its first ``num_seeds`` patients, default all); with
     ``prox``, FedProx's proximal gradient is added before the step."""
     optimizer.zero_grad(set_to_none=True)
     g = data.graph
     logits, fused = forward(model, data)
     seeds = slice(0, num_seeds if num_seeds is not None else data.n)
-    loss, stats = magnet_loss(logits[seeds], data.y[seeds], g.edge_index, g.edge_weight, fused, cfg.kl_weight)
+    loss, stats = magnet_loss(logits[seeds], data.y[seeds], g.edge_index, g.edge_weight, fused, cfg.kl_weight,
+                               offsets)
     loss.backward()
     if prox is not None:
         stats = {**stats, "proximal": prox.add_gradient(model)}
@@ -219,8 +225,8 @@ def _step(model: MAGNET, data: PatientSet, cfg: TrainConfig, optimizer: torch.op
 
 
 def _neighbour_epoch(model: MAGNET, data: PatientSet, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                     sampler: NeighbourSampler, batch_size: int, prox: Proximal | None = None
-                     ) -> dict[str, float]:
+                     sampler: NeighbourSampler, batch_size: int, prox: Proximal | None = None,
+                     offsets: Tensor | None = None) -> dict[str, float]:
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))  # from the (seeded) global RNG
     order = torch.randperm(data.n, generator=gen)
     totals: dict[str, float] = {}
@@ -228,7 +234,8 @@ def _neighbour_epoch(model: MAGNET, data: PatientSet, cfg: TrainConfig, optimize
     for s in range(0, data.n, batch_size):
         seeds = order[s : s + batch_size]
         nodes, sub = sampler.sample(seeds, gen)
-        stats = _step(model, data.subset(nodes, sub), cfg, optimizer, num_seeds=len(seeds), prox=prox)
+        stats = _step(model, data.subset(nodes, sub), cfg, optimizer, num_seeds=len(seeds), prox=prox,
+                      offsets=offsets)
         for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + value
         batches += 1

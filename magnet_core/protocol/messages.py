@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
 from magnet_core.model.config import PRESETS
+from magnet_core.model.loss import MAX_LABEL_TAU
 from magnet_core.protocol.errors import ContractError
 from magnet_core.protocol.keys import NAME_FIELD, VERSION_KEY
 from magnet_core.protocol.version import check_version, stamped
@@ -71,6 +72,11 @@ class RoundConfig(BaseModel):
     local_epochs: StrictInt = Field(ge=1, le=1000, description="local epochs per round")
     proximal_mu: float = Field(0.0, ge=0, le=MAX_PROXIMAL_MU, allow_inf_nan=False,
                                description="FedProx: the local loss gains (mu / 2) ||w - w_global||^2 (0 = off)")
+    label_adjustment: Literal["none", "logit-adjust", "fedlc"] = Field(
+        "none", description="label skew: per-class logit offsets from the site's own training-label counts inside "
+                            "its local cross-entropy (magnet_core.model.loss.label_offsets)")
+    label_tau: float = Field(0.0, ge=0, le=MAX_LABEL_TAU, allow_inf_nan=False,
+                             description="strength tau of label-adjustment (0 = plain cross-entropy)")
     histogram_bins: StrictInt = Field(ge=2, le=MAX_HISTOGRAM_BINS, description="score-histogram bins (binary tasks)")
     test_graph: Literal["among-test", "attach-to-train"] = Field(
         "among-test", description="evaluation: a graph among the test patients (paper) or attached to training ones")
