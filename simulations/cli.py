@@ -108,7 +108,8 @@ def _requested_command() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    importlib.import_module("magnet_core.model.threads").apply_thread_policy()  # before torch loads (threads, PASSIVE)
+    threads = importlib.import_module("magnet_core.model.threads")
+    threads.prepare_wait_policy()  # before anything loads torch (OpenMP reads it once); torch itself not loaded yet
     parser = build_parser()
     try:
         args = parser.parse_args()
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    threads.apply_thread_policy()  # a command will run: torch's threads (this imports torch)
     from magnet_core.cohort.data import DataError
 
     module = importlib.import_module(args._module)

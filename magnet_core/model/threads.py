@@ -69,6 +69,14 @@ def openmp_started() -> bool:
     return any(lib in maps for lib in ("libgomp", "libiomp", "libomp"))
 
 
+def prepare_wait_policy() -> None:
+    """Put ``OMP_WAIT_POLICY=PASSIVE`` in the environment (unless set) without importing torch: a command line
+    calls this first and :func:`apply_thread_policy` once it knows it will work, so ``--help`` and argument errors
+    never load torch, and OpenMP still starts with the passive policy whenever torch does load."""
+    if os.environ.get("OMP_WAIT_POLICY") is None and not openmp_started():
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def apply_thread_policy(workers: int = 1, cores: int | None = None) -> ThreadPolicy:
     """Set torch's threads for ``workers`` concurrent workers sharing ``cores`` CPUs (default: the CPUs this
     process may use) and make OpenMP's idle threads sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``).
