@@ -68,7 +68,9 @@ def test_study_runs_resumes_and_reruns_from_its_files(data_root, tmp_path):
     assert len(summary["comparisons"]) == 2 * 5 + 4  # per cell 5 method pairs; the contrast for 4 methods
     for comp in summary["comparisons"]:  # every verdict and sentence follows from its paired interval
         c = st.PairedComparison(comp["n"], comp["mean_diff"], comp["std_diff"], _nan(comp["ci_low"]),
-                                _nan(comp["ci_high"]), _nan(comp["p_value"]), tuple(comp["units"]))
+                                _nan(comp["ci_high"]), _nan(comp["p_value"]), tuple(comp["units"]),
+                                _nan(comp.get("nb_ci_low")), _nan(comp.get("nb_ci_high")),
+                                _nan(comp.get("nb_p_value")), _nan(comp.get("test_train_ratio")))
         finite_p = sum(1 for x in summary["comparisons"] if x["p_value"] is not None)
         adj = st.Adjusted(_nan(comp["p_holm"]), _nan(comp["p_bh"]), finite_p)
         if comp["p_value"] is not None:  # adjusted p-values: Holm / BH over the whole report, never below the raw
@@ -112,13 +114,14 @@ def test_new_methods_join_comparisons_report_and_figure(tmp_path):
     study = study.model_copy(update={"methods": methods})
     rng = np.random.default_rng(0)
     rows = [{"study": "tiny", "cell": c.id, "group": c.group, "x": c.x, "dataset": "d", "method": m, "seed": s,
-             "mcc": 0.5 + 0.1 * (m == "fedprox") + rng.normal(0, 0.01), "acc": 0.7, "f1": 0.6, "paired_mcc": 0.5,
+             "mcc": 0.5 + 0.1 * (m == "fedprox") + rng.normal(0, 0.01), "val_mcc": 0.4 + 0.1 * (m == "fedprox"),
+             "acc": 0.7, "f1": 0.6, "paired_mcc": 0.5,
              "unpaired_mcc": np.nan, "seconds_per_round": 0.1, "error": ""}
             for c in study.cells for m in methods for s in (10, 20, 30)]
     report = write_outputs(study, pd.DataFrame(rows), tmp_path, "synthetic rows for a wording test").read_text()
     assert "FedProx vs local-only: **helps** (+0.0" in report and "FedProx vs plain FedAvg: **helps**" in report
     assert "target (at or above local-only and within 0.03 of centralized, on the means) **met** by the best " \
-           "trained method (highest mean MCC, picked after the runs), FedProx: vs local-only +0.0" in report
+           f"trained method ({study.best_method.describe()}), FedProx: vs local-only +0.0" in report
     assert (tmp_path / "tiny_mcc.png").stat().st_size > 1000
     comps = comparisons_frame(study, pd.DataFrame(rows))
     assert set(comps[comps["kind"] == "cells"]["method"]) == set(methods)
@@ -144,7 +147,7 @@ def test_report_names_each_cells_dataset_and_preset_and_adjusted_p_values(tmp_pa
     assert np.allclose(comps["p_holm"].astype(float), st.holm(p), equal_nan=True)
     assert np.allclose(comps["p_bh"].astype(float), st.benjamini_hochberg(p), equal_nan=True)
     assert f"This report makes {len(comps)} comparisons ({int(p.notna().sum())} with a p-value)" in report
-    assert "| p (paired t) | p Holm | p BH | verdict |" in report
+    assert "| p (paired t) | p Holm | p BH | corrected 95% CI | p corrected | verdict |" in report
 
 
 def load_study_text(tmp_path, text):

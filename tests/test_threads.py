@@ -55,7 +55,9 @@ def test_late_call_after_openmp_started_falls_back_to_one_thread():
 
 
 def test_cli_applies_the_policy_before_the_command():
-    out = _run("import json, os, sys\nfrom simulations import cli\nsys.argv = ['magnet-fl']\ncli.main()\n"
+    # a command that runs (and fails at once on a missing file): the policy is applied before its module loads
+    out = _run("import json, os, sys\nfrom simulations import cli\n"
+               "assert cli.main(['site', 'policy', 'check', '/nonexistent/policy.toml']) != 0\n"
                "import torch\nprint(json.dumps({'torch': torch.get_num_threads(), "
                "'wait': os.environ.get('OMP_WAIT_POLICY')}))", MAGNET_FL_THREADS="1")
     assert out == {"torch": 1, "wait": "PASSIVE"}
