@@ -22,7 +22,6 @@ from magnet_core.cohort.manifest import ConsortiumManifest, EnrolledSite, Modali
 from magnet_core.protocol.messages import site_record
 from server.app import model_spec_enrolment_and_evaluator, server_main
 from server.config import FederatedConfig, RunConfigError
-from server.names import SiteNames
 from simulations.engine import InProcessGrid
 
 MODALITIES = {"mRNA": 6, "miRNA": 4}
@@ -227,6 +226,8 @@ def test_flower_binds_node_ids_to_the_keys_that_signed():
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
     from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
     from flwr.superlink.servicer.fleet.fleet_handlers import register_node
+
+    from server.names import SiteNames
 
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     site_a, site_b, impostor = _key(), _key(), _key()
