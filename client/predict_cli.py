@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from magnet_core.artefacts.model_package import ModelPackage, PackageError, PackageStamp, read_package, require_identity
+from magnet_core.cohort import tables
 from magnet_core.cohort.data import (
     LABEL_FILE_RE,
     MODALITY_SUFFIXES,
@@ -205,7 +206,7 @@ def load_patients(path: Path, manifest: ConsortiumManifest, seed: int, split: st
         raise DataError(f"{path}: no such file or directory")
     if path.is_dir() and (_has_labels(path) or _is_magnet_split(path)):
         cohort = load_labelled(path, manifest, seed)
-        unscored = _labelled_without_data(path, cohort)
+        unscored = _labelled_without_data(path, cohort, manifest)
         if unscored:
             log(f"note: {len(unscored)} labelled patient(s) of {path} have no value for any modality and are not "
                 f"scored: {', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}")
@@ -221,13 +222,14 @@ def load_patients(path: Path, manifest: ConsortiumManifest, seed: int, split: st
     return read_tables([path], manifest, log)
 
 
-def _labelled_without_data(folder: Path, cohort: Cohort) -> list[str]:
-    """Ids in the folder's labels.csv that the loaded cohort does not hold (no modality: nothing to score)."""
+def _labelled_without_data(folder: Path, cohort: Cohort, manifest: ConsortiumManifest) -> list[str]:
+    """Ids in the folder's labels.csv that the loaded cohort does not hold (no modality: nothing to score); the file
+    is read again through the one bounded reader, within the manifest's input limits."""
     label_file = next((folder / f"labels{s}" for s in MODALITY_SUFFIXES if (folder / f"labels{s}").exists()), None)
     if label_file is None:
         return []
-    ids = pd.read_csv(label_file, sep="\t" if ".tsv" in label_file.name else ",", usecols=[0], dtype=str).iloc[:, 0]
-    return sorted(set(ids.str.strip().dropna()) - set(cohort.sample_ids.tolist()))
+    ids = tables.read_table(label_file, manifest.input_limits).index
+    return sorted(set(ids) - {"", "nan"} - set(cohort.sample_ids.tolist()))
 
 
 def predictions_frame(pkg: ModelPackage, patients: NewPatients, probs: np.ndarray, neighbours: np.ndarray,

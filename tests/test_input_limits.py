@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -333,3 +334,28 @@ def test_predict_reads_new_patients_within_the_package_manifests_limits(tmp_path
     with pytest.raises(DataError, match=r"mRNA\.csv\.gz: more than 11 rows below the header.*max_rows = 11"):
         load_patients(site / "mRNA.csv.gz", ConsortiumManifest.model_validate(_manifest(max_rows=11)), 0, None,
                       log.append)
+
+
+# ----------------------------------------------------------------------------------------- no reader left unbounded
+
+# a pandas/numpy table parser, or a decompressor, called directly (not through a module such as ``tables.``)
+UNBOUNDED_READER = re.compile(r"(?<![\w.])(?:(?:pd|pandas|np|numpy)\.)?(?:read_csv|read_table|read_fwf|read_excel|"
+                              r"read_parquet|loadtxt|genfromtxt)\(|(?<![\w.])(?:gzip|zlib|bz2|lzma)\."
+                              r"(?:open|decompress|GzipFile|BZ2File|LZMAFile)\(")
+
+
+def test_every_site_table_is_read_through_the_bounded_reader():
+    """The code that runs at a site or at the coordinator (magnet_core, client, server, flower_compat) parses or
+    decompresses a table only in magnet_core/cohort/tables.py; everything else calls its read_table, whose limits
+    hold. (simulations/ and benchmarks/ are the operator's own tools over its own cohort files.)"""
+    allowed = REPO / "magnet_core" / "cohort" / "tables.py"
+    found = []
+    for package in ("magnet_core", "client", "server", "flower_compat"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                code = line.split("#", 1)[0]
+                if path != allowed and not code.lstrip().startswith("def ") and UNBOUNDED_READER.search(code):
+                    found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert found == [], "table reads outside the bounded reader:\n" + "\n".join(found)
+    assert UNBOUNDED_READER.search("x = pd.read_csv(path)") and UNBOUNDED_READER.search("gzip.decompress(b)")
+    assert not UNBOUNDED_READER.search("tables.read_table(path, limits)")
