@@ -347,6 +347,7 @@ def test_supernode_gives_the_raw_folder_and_the_secure_preparation_rule_to_the_s
     assert own[NODE_RAW_DIR] == str(raw.resolve()) and own[NODE_PREPARED_DIR] == str(data.resolve())
     assert own[NODE_PREPARE_REQUIRE_SECAGG] is True
     words = shlex.split(supernode_part)
+    assert "--allow-runtime-dependency-installation" not in words and "--insecure" not in words
     node_config = tomllib.loads(Path(words[words.index("--node-config") + 1]).read_text())
     assert not {NODE_RAW_DIR, NODE_PREPARED_DIR, NODE_PREPARE_REQUIRE_SECAGG} & set(node_config), node_config
     for flags in (("--raw-dir", raw), ("--prepare-require-secagg",)):
