@@ -182,6 +182,13 @@ def add_actions(sub) -> None:
     d.add_argument("--identity-key", type=Path, default=None,
                    help="the key the site signs its secure-aggregation keys with (default: --key, the site's "
                         "node_auth_key, the one the roster lists); only with --secagg-roster")
+    d.add_argument("--raw-dir", type=Path, default=None,
+                   help="with --worker: the site's raw data folder; its worker answers the federated preparation "
+                        "from it under the site's policy and writes the prepared cohort to --data (which may be "
+                        "empty until then: its validation waits for the preparation)")
+    d.add_argument("--prepare-require-secagg", action="store_true",
+                   help="with --worker: the site sends preparation statistics only through a secure sum (held by "
+                        "its worker; a forwarded node config cannot lift it)")
     d.add_argument("--pull-interval", type=float, default=DEFAULT_PULL_INTERVAL,
                    help=f"seconds between the SuperNode's polls of the SuperLink while a run is active (default "
                         f"{DEFAULT_PULL_INTERVAL:g}; after {ACTIVE_WINDOW:g} s without a message, and always with "
@@ -284,7 +291,25 @@ def run(args: argparse.Namespace) -> int:
             return 2
         identity = (args.identity_key or site_private_key(bundle, args.key.resolve() if args.key else None)).resolve()
         worker += ["--secagg-roster", str(args.secagg_roster.resolve()), "--identity-key", str(identity)]
-    if not args.skip_validation:
+    if args.raw_dir is not None or args.prepare_require_secagg:
+        flag = "--raw-dir" if args.raw_dir is not None else "--prepare-require-secagg"
+        if not args.worker:
+            print(f"error: {flag}: the site's preparation is answered by its own worker, never by the coordinator's "
+                  f"app bundle: add --worker (or give {flag} to your own `magnet-fl site-worker`)", file=sys.stderr)
+            return 2
+        if args.raw_dir is not None:
+            if not args.raw_dir.is_dir():
+                print(f"error: --raw-dir {args.raw_dir}: no such folder", file=sys.stderr)
+                return 2
+            worker += ["--raw-dir", str(args.raw_dir.resolve())]
+        if args.prepare_require_secagg:
+            worker += ["--prepare-require-secagg"]
+    # a site that prepares its cohort first: --data is validated by its worker once the preparation wrote it
+    unprepared = args.raw_dir is not None and not (data / "labels.csv").exists()
+    if unprepared:
+        print(f"{data} holds no prepared cohort yet: the site worker answers the preparation from "
+              f"{args.raw_dir.resolve()} and refuses rounds until the cohort is written", file=sys.stderr)
+    if not args.skip_validation and not unprepared:
         from magnet_core.cohort.manifest import ConsortiumManifest  # pandas: only when the data are validated
         from magnet_core.cohort.validation import validate_site
 

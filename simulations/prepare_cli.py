@@ -96,7 +96,70 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "per-feature minima / maxima); needed for every modality with --federated")
     t.add_argument("--secagg", action="store_true",
                    help="with --federated: the sites' statistics go through secure aggregation (masked sums)")
+    t.add_argument("--secagg-roster", type=Path, default=None, metavar="FILE",
+                   help="with --federated --secagg: authenticated secure sum: every site signs its keys with its "
+                        "enrolled identity (--site-key) and every advert is checked against this consortium roster "
+                        "(registered_sites.csv from `magnet-fl pki`, or a TOML [sites] table); a substituted key "
+                        "is refused by the site it targets")
+    t.add_argument("--site-key", type=_named_file, action="append", default=[], metavar="NAME=FILE",
+                   help="with --secagg-roster: a site's identity private key (its node_auth_key), one per site "
+                        "(here one party holds every site's data and keys; in a deployment each site's worker holds "
+                        "its own: `deploy supernode --worker --secagg-roster`)")
     p.add_argument("--verbose", action="store_true", help="Flower's logs")
+
+
+def _named_file(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"--site-key expects NAME=FILE, got {text!r}")
+    return name.strip(), Path(path.strip()).expanduser()
+
+
+def secagg_sites(args: argparse.Namespace, specs) -> tuple[str, dict[int, dict]]:
+    """With --secagg-roster: the roster's path and, per partition (the order of ``specs``), the node config of
+    that simulated site's identity (its own copy of the roster and its key); ("", {}) without. A clear DataError
+    naming the file and what is wrong for a roster that does not load, a site it does not list, a site without
+    --site-key or whose key is not the roster's."""
+    if args.secagg_roster is None:
+        if args.site_key:
+            raise DataError("--site-key is a site's identity for an authenticated secure sum: give --secagg-roster")
+        return "", {}
+    if not (args.federated and args.secagg):
+        raise DataError("--secagg-roster authenticates the secure sum of a --federated --secagg preparation; add "
+                        "--federated --secagg")
+    from magnet_core.federation.secagg_auth import Roster, SiteAuth, SiteIdentity
+    from magnet_core.protocol.keys import NODE_SECAGG_IDENTITY_KEY, NODE_SECAGG_ROSTER
+    from magnet_core.protocol.secagg import SecAggError
+
+    path = args.secagg_roster.resolve()
+    try:
+        roster = Roster.from_file(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--secagg-roster {path}: {str(exc).removeprefix(f'{path}: ')}") from None
+    keys: dict[str, Path] = {}
+    for name, key in args.site_key:
+        if name in keys:
+            raise DataError(f"--site-key {name}: given twice")
+        keys[name] = key.resolve()
+    names = [s.name for s in specs]
+    unknown = sorted(set(keys) - set(names))
+    if unknown:
+        raise DataError(f"--site-key {unknown[0]}: no site of this preparation is named {unknown[0]!r} "
+                        f"(sites: {', '.join(names)})")
+    nodes = {}
+    for pid, name in enumerate(names):
+        if name not in roster.sites:
+            raise DataError(f"--secagg-roster {path}: site {name!r} is not listed (it lists "
+                            f"{', '.join(sorted(roster.sites))})")
+        if name not in keys:
+            raise DataError(f"site {name!r} has no identity key for the authenticated secure sum: give --site-key "
+                            f"{name}=FILE (its node_auth_key)")
+        try:
+            SiteAuth(SiteIdentity.from_key_file(name, keys[name]), roster)
+        except (OSError, ValueError, SecAggError) as exc:
+            raise DataError(f"--site-key {name}={keys[name]}: {exc}") from None
+        nodes[pid] = {NODE_SECAGG_ROSTER: str(path), NODE_SECAGG_IDENTITY_KEY: str(keys[name])}
+    return str(path), nodes
 
 
 def build_config(args: argparse.Namespace):
@@ -163,7 +226,9 @@ def run(args: argparse.Namespace) -> int:
     prepared (a refused site or a failure leaves the previous preparation as it was)."""
     cfg = build_config(args)
     check_output(args.out, args.overwrite)
-    for spec in build_sites(args):  # the door: unreadable or malformed raw data stop here, before any work
+    specs = build_sites(args)
+    secagg_sites(args, specs)  # a bad roster or key stops here too
+    for spec in specs:  # the door: unreadable or malformed raw data stop here, before any work
         spec.load(cfg, log=lambda *_: None)
     return run_staged(args, "prepare", lambda inner: _prepare(inner, cfg), relocate=("prepare_report.json",))
 
@@ -174,8 +239,11 @@ def _prepare(args: argparse.Namespace, cfg) -> int:
     from .prepare_federated import make_run, run_flower, run_inprocess
 
     # without --federated one party holds every site's data: observed minima / maxima may be used
-    run_ = make_run(build_sites(args), args.out, cfg, observed_ranges=not args.federated, secagg=args.secagg)
-    summary = run_flower(run_, verbose=args.verbose) if args.federated else run_inprocess(run_)
+    specs = build_sites(args)
+    roster, nodes = secagg_sites(args, specs)
+    run_ = make_run(specs, args.out, cfg, observed_ranges=not args.federated, secagg=args.secagg,
+                    secagg_roster=roster)
+    summary = run_flower(run_, verbose=args.verbose, node_configs=nodes) if args.federated else run_inprocess(run_)
     summary = relocate_paths(summary, args.out, args.out_final)
     table = Table(title=f"consortium preprocessing ({len(run_.sites)} site(s), training patients only)")
     for col in ("modality", "features in", "> missing", "low variance", "below top-k F", "kept", "training patients"):
@@ -204,5 +272,9 @@ def _prepare(args: argparse.Namespace, cfg) -> int:
     if summary["refused"]:
         console.print(f"[red]{len(summary['refused'])} site(s) refused: nothing written to {args.out_final}[/]")
         return 2
+    sa = summary.get("secure_aggregation") or {}
+    if sa:
+        signed = ", authenticated (signed keys checked against the roster)" if sa.get("authenticated") else ""
+        console.print(f"secure sum of the statistics over {len(sa.get('sites', []))} site(s){signed}")
     console.print(f"manifest: {summary['manifest']} ({summary['wall_seconds']:.1f} s)")
     return 0

@@ -48,9 +48,28 @@ def run_inprocess(run, node_configs: dict[int, dict] | None = None) -> dict:
     return summary
 
 
-def run_flower(run, verbose: bool = False, cpus_per_site: float = 1.0) -> dict:
+def simulated_sites_app(node_configs: dict[int, dict]):
+    """The preparation ClientApp whose simulated site of partition i also holds ``node_configs[i]`` in its node
+    config (e.g. its identity key and roster for an authenticated secure sum), as a deployed site's worker holds
+    them from its own command line: Flower's simulation engine gives a node only its partition id."""
+    from client.prepare_app import HANDLERS
+    from client.site_path import client_app
+    from magnet_core.protocol.keys import NODE_PARTITION_ID
+
+    own = {int(k): dict(v) for k, v in node_configs.items()}
+
+    def with_own_config(msg, context, call_next):
+        context.node_config = {**context.node_config, **own.get(int(context.node_config[NODE_PARTITION_ID]), {})}
+        return call_next(msg, context)
+
+    return client_app(HANDLERS, mods={kind: [with_own_config] for kind in HANDLERS})
+
+
+def run_flower(run, verbose: bool = False, cpus_per_site: float = 1.0, node_configs: dict[int, dict] | None = None
+               ) -> dict:
     """Through Flower's simulation engine: one SuperNode per site (Ray actors), the ServerApp in this process.
-    Results are read back from the run's output directory."""
+    Results are read back from the run's output directory. ``node_configs``: extra node config per partition id
+    (``simulated_sites_app``)."""
     from client.prepare_app import app as client_app
     from server.prepare_app import RUN_KEY
     from server.prepare_app import app as server_app
@@ -59,6 +78,8 @@ def run_flower(run, verbose: bool = False, cpus_per_site: float = 1.0) -> dict:
 
     report = Path(run.out_dir) / "prepare_report.json"
     report.unlink(missing_ok=True)
+    if node_configs:
+        client_app = simulated_sites_app(node_configs)
     t0 = time.perf_counter()
     run_flower_app(server_app, client_app, {RUN_KEY: run.model_dump_json()}, run.expected_sites(), verbose,
                    cpus_per_site=cpus_per_site)

@@ -313,3 +313,47 @@ def test_supernode_gives_the_identity_key_roster_and_policy_to_the_site_worker_o
         refused = deploy("supernode", "--bundle", at_site, "--data", data, "--manifest", manifest,
                          "--skip-validation", *flags, "--print")
         assert refused.returncode == 2 and "--worker" in refused.stderr
+
+
+def test_supernode_gives_the_raw_folder_and_the_secure_preparation_rule_to_the_site_worker_only(pki, tmp_path,
+                                                                                                 deploy):
+    """`deploy supernode --worker --raw-dir --prepare-require-secagg`: a site deploying with one command has its
+    preparation answered by its worker from its raw folder, statistics only through a secure sum; the data folder,
+    still empty before the preparation, is not validated yet; the SuperNode's node config (which the coordinator's
+    bundle reads and forwards) names neither; without --worker both are refused."""
+    import argparse
+
+    from client.worker import SiteWorker
+    from client.worker import add_arguments as worker_arguments
+    from magnet_core.protocol.keys import NODE_PREPARE_REQUIRE_SECAGG, NODE_PREPARED_DIR, NODE_RAW_DIR
+
+    at_site = _site(pki, tmp_path)
+    data, manifest, raw = tmp_path / "prepared here", tmp_path / "m.toml", tmp_path / "raw data"
+    raw.mkdir()
+    out = deploy("supernode", "--bundle", at_site, "--data", data, "--manifest", manifest, "--worker",
+                 "--raw-dir", raw, "--prepare-require-secagg", "--print")
+    assert out.returncode == 0, out.stderr
+    assert "holds no prepared cohort yet" in out.stderr
+    worker_part, supernode_part = out.stdout.split(" & exec ", 1)
+    words = shlex.split(worker_part)
+    assert words[words.index("--raw-dir") + 1] == str(raw.resolve()) and "--prepare-require-secagg" in words
+    # the printed line is one the worker's own command line reads: its worker holds the folder and the rule
+    parser = argparse.ArgumentParser()
+    worker_arguments(parser)
+    assert words[-2:] == ["--exit-with", "$$"]  # the shell's pid, which `exec` hands to the SuperNode
+    args = parser.parse_args(words[words.index("site-worker") + 1:-2])
+    own = SiteWorker(args.data, args.manifest, args.site_name, raw_dir=args.raw_dir,
+                     prepare_require_secagg=args.prepare_require_secagg).own()
+    assert own[NODE_RAW_DIR] == str(raw.resolve()) and own[NODE_PREPARED_DIR] == str(data.resolve())
+    assert own[NODE_PREPARE_REQUIRE_SECAGG] is True
+    words = shlex.split(supernode_part)
+    assert "--allow-runtime-dependency-installation" not in words and "--insecure" not in words
+    node_config = tomllib.loads(Path(words[words.index("--node-config") + 1]).read_text())
+    assert not {NODE_RAW_DIR, NODE_PREPARED_DIR, NODE_PREPARE_REQUIRE_SECAGG} & set(node_config), node_config
+    for flags in (("--raw-dir", raw), ("--prepare-require-secagg",)):
+        refused = deploy("supernode", "--bundle", at_site, "--data", data, "--manifest", manifest,
+                         "--skip-validation", *flags, "--print")
+        assert refused.returncode == 2 and "--worker" in refused.stderr and flags[0] in refused.stderr
+    missing = deploy("supernode", "--bundle", at_site, "--data", data, "--manifest", manifest, "--worker",
+                     "--raw-dir", tmp_path / "nowhere", "--print")
+    assert missing.returncode == 2 and "nowhere: no such folder" in missing.stderr

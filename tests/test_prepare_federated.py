@@ -396,3 +396,109 @@ def test_cli_range_and_secagg_flags(tmp_path, monkeypatch, capsys):
                               "mRNA=-5:20"])
     cfg = build_config(args)
     assert cfg.min_count == 7 and cfg.value_ranges == {"mRNA": (-5.0, 20.0)}
+
+
+# ------------------------------------------------------------------ magnet-fl prepare --secagg-roster --site-key
+
+
+def _keyed_sites(root):
+    """Three tiny raw sites (named h0, h1, h2 after their folders), each one's key as `magnet-fl pki site-key`
+    makes it, and the roster as registered_sites.csv."""
+    from test_malicious_coordinator import raw_site
+
+    from server.pki import make_site_key
+
+    dirs, keys, rows = [], {}, ["site,public_key"]
+    for i, name in enumerate(["h0", "h1", "h2"]):
+        dirs.append(raw_site(root / "raw" / name, per=40 + 4 * i))
+        keys[name], pub = make_site_key(root / "keys" / name, comment=name)
+        rows.append(f"{name},{pub.read_text().strip()}")
+    roster = root / "registered_sites.csv"
+    roster.write_text("\n".join(rows) + "\n")
+    return dirs, keys, roster
+
+
+def _prepare_args(dirs, out, *extra):
+    import argparse
+
+    from simulations.prepare_cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args([*(a for d in dirs for a in ("--site", str(d))), "--out", str(out), "--federated",
+                              "--secagg", "--n-features", "5", "--value-range", "mRNA=0:12", *map(str, extra)])
+
+
+def test_cli_secagg_roster_a_bad_roster_or_key_is_one_line_naming_the_file_and_what_is_wrong(tmp_path, monkeypatch,
+                                                                                            capsys):
+    dirs, keys, roster = _keyed_sites(tmp_path)
+    sites = [a for d in dirs for a in ("--site", str(d))]
+    common = [*sites, "--federated", "--secagg", "--value-range", "mRNA=0:12", "--out", str(tmp_path / "out")]
+    site_keys = [a for n, k in keys.items() for a in ("--site-key", f"{n}={k}")]
+    header = tmp_path / "header.csv"
+    header.write_text("name,key\n" + "\n".join(roster.read_text().splitlines()[1:]) + "\n")
+    one = tmp_path / "one.csv"
+    one.write_text("\n".join(roster.read_text().splitlines()[:2]) + "\n")
+    garbled = tmp_path / "garbled.csv"
+    garbled.write_text(roster.read_text().replace("ecdsa-sha2-nistp384 AAAA", "ecdsa-sha2-nistp384 ####", 1))
+    twice = tmp_path / "twice.csv"
+    twice.write_text(roster.read_text() + roster.read_text().splitlines()[1] + "\n")
+    no_h2 = tmp_path / "no_h2.csv"
+    no_h2.write_text("\n".join(roster.read_text().splitlines()[:3]) + "\n")
+    cases = [(tmp_path / "absent.csv", "no such roster file"),
+             (header, "the first row must be 'site,public_key'"),
+             (one, "a roster needs at least 2 sites, got 1"),
+             (garbled, "roster site 'h0': not an OpenSSH or PEM public key"),
+             (twice, "site 'h0' is listed twice"),
+             (no_h2, "site 'h2' is not listed")]
+    for path, what in cases:
+        assert _cli(monkeypatch, *common, "--secagg-roster", str(path), *site_keys) == 2, path
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --secagg-roster {path.resolve()}: ") and what in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err and "pydantic" not in err, err
+    # the sites' keys: one missing, one that is not the roster's key for that site, one for no site
+    assert _cli(monkeypatch, *common, "--secagg-roster", str(roster), *site_keys[:4]) == 2
+    assert "site 'h2' has no identity key" in capsys.readouterr().err
+    swapped = ["--site-key", f"h0={keys['h1']}", "--site-key", f"h1={keys['h0']}", *site_keys[4:]]
+    assert _cli(monkeypatch, *common, "--secagg-roster", str(roster), *swapped) == 2
+    assert f"--site-key h0={keys['h1'].resolve()}: the roster's key for 'h0' is not this site's identity key" in \
+        capsys.readouterr().err
+    assert _cli(monkeypatch, *common, "--secagg-roster", str(roster), *site_keys, "--site-key",
+                f"h9={keys['h0']}") == 2
+    assert "--site-key h9: no site of this preparation is named 'h9'" in capsys.readouterr().err
+    # the roster authenticates a federated secure sum only
+    plain = [c for c in common if c != "--secagg"]
+    assert _cli(monkeypatch, *plain, "--secagg-roster", str(roster), *site_keys) == 2
+    assert "add --federated --secagg" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_secagg_roster_authenticates_the_sum_each_simulated_site_signing_with_its_own_key(tmp_path):
+    """What `magnet-fl prepare --federated --secagg --secagg-roster --site-key` runs, with messages delivered in this
+    process: every site signs its keys and the coordinator checks them against the roster; without the sites' keys
+    (the run config's roster alone) no site can sign and the sum fails."""
+    from flwr.app import Context, RecordDict
+
+    from server.prepare_app import prepare_and_record
+    from simulations.prepare_cli import build_config, build_sites, secagg_sites
+    from simulations.prepare_federated import simulated_sites_app
+
+    dirs, keys, roster = _keyed_sites(tmp_path)
+    args = _prepare_args(dirs, tmp_path / "out", "--secagg-roster", roster,
+                         *(a for n, k in keys.items() for a in ("--site-key", f"{n}={k}")))
+    specs = build_sites(args)
+    path, nodes = secagg_sites(args, specs)
+    assert path == str(roster.resolve()) and [n["secagg-identity-key"] for n in nodes.values()] == \
+        [str(keys[s.name].resolve()) for s in specs]
+    run = make_run(specs, args.out, build_config(args), secagg=True, secagg_roster=path)
+
+    def prepare(app):
+        return prepare_and_record(InProcessGrid(app, 3), Context(run_id=1, node_id=0, node_config={},
+                                                                 state=RecordDict(), run_config={}), run)
+
+    summary = prepare(simulated_sites_app(nodes))
+    sa = summary["secure_aggregation"]
+    assert summary["status"] == "ok" and sa["authenticated"] and sorted(sa["sites"]) == ["h0", "h1", "h2"], sa
+    assert ConsortiumManifest.load(args.out / "manifest.toml").modalities[0].features
+    with pytest.raises(DataError, match="secure sum of the sites' statistics failed"):
+        prepare(simulated_sites_app({}))

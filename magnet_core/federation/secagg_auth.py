@@ -31,7 +31,7 @@ import tomllib
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from magnet_core.protocol.secagg import KeyBook, SecAggError, SecAggSetup
 
@@ -101,18 +101,25 @@ class Roster(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such roster file")
-        text = path.read_text()
         try:
+            text = path.read_text()
             if path.suffix == ".toml":
                 return cls(sites=dict(tomllib.loads(text).get("sites", {})))
             rows = list(csv.reader(io.StringIO(text)))
             if not rows or [c.strip() for c in rows[0][:2]] != ["site", "public_key"]:
-                raise ValueError(f"{path}: the first row must be 'site,public_key'")
+                raise ValueError("the first row must be 'site,public_key'")
             bad = [i + 2 for i, r in enumerate(rows[1:]) if len(r) < 2]
             if bad:
-                raise ValueError(f"{path}: row {bad[0]} has no public_key column")
+                raise ValueError(f"row {bad[0]} has no public_key column")
+            names = [r[0].strip() for r in rows[1:]]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:  # a dict would keep only the last key of a site listed twice
+                raise ValueError(f"site {twice[0]!r} is listed twice")
             return cls(sites={r[0].strip(): r[1] for r in rows[1:]})
-        except ValueError as exc:
+        except ValidationError as exc:  # one line: what is wrong, without pydantic's framing
+            raise ValueError(f"{path}: " + "; ".join(str(e["msg"]).removeprefix("Value error, ")
+                                                     for e in exc.errors())) from None
+        except (ValueError, csv.Error) as exc:  # incl. TOML syntax and a file that is not text
             raise ValueError(f"{path}: {exc}") from None
 
     def public_key(self, name: str):
