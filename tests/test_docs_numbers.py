@@ -727,7 +727,6 @@ CLAIMS: list[Claim] = [
 # Snippets whose numbers are not results: versions, defaults, settings, counts of things, test tolerances.
 ALLOWED: dict[str, list[str]] = {
     R: ["for Flower 1.41.x only",  # the Flower series flower_compat knows
-        "`min-agreement` (0.25)",  # default of the agreement rule
         "between 1e-4 and 0.5 of the global model's norm",  # defaults of update-min-ratio / update-max-ratio
         "server lr 0.03 / 0.01", "proximal term mu = 0.1",  # built-in defaults
         "`dp-delta`, default 1e-5", "delta 1e-5",  # default
