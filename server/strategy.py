@@ -211,7 +211,8 @@ class MagnetFedAvg(FedAvg):
             "direction_reference": self.memory.direction is not None and self.dp is None,
             "clip": {"bound": next((d.bound for d in decisions.values() if d.accepted), None),
                      "scale": {self.names.label(n): d.scale for n, d in decisions.items() if d.accepted},
-                     "rule": "dp-clip-norm" if self.dp is not None else f"{self.rules.clip_factor:g} x median norm"},
+                     "rule": "dp-clip-norm" if self.dp is not None
+                     else f"{self.rules.clip_factor:g} x lower median norm"},
             "trust": {self.names.label(n): d.trust for n, d in decisions.items() if d.accepted},
         }
         for node, d in decisions.items():

@@ -148,18 +148,27 @@ def _absent_from_training(instruction: Message, honest: Message, rnd: int) -> Me
     return Message(Error(code=0, reason="not taking part"), reply_to=instruction)
 
 
-def test_one_in_band_model_replacer_of_three_does_not_move_the_held_out_mcc(ov_path, tmp_path):
-    """Held-out MCC with the attacker within 0.05, in every round after the first, of the best any defence can do:
-    the run whose third site sends no update. (Measured before the change: the attacker was accepted in every
-    round and the held-out MCC was 0.0 in rounds 1-8.)"""
+def test_one_in_band_model_replacer_of_three_is_clipped_and_the_held_out_mcc_holds(ov_path, tmp_path):
+    """The replacer is kept (in band, not large) but clipped to the round's bound, so its step moves the model no
+    further than an honest site's; by the last round the held-out MCC is within 0.1 of the run whose third site
+    sends no update. Bounded influence is not immunity: measured, held-out MCC 0.0, 0.0, -0.13, 0.20, 0.30 in
+    rounds 1-5 against 0.06, 0.24, 0.17, 0.17, 0.36 without the attacker (before issue 22's first change it was
+    accepted unclipped and the MCC was 0.0 in rounds 1-8; the agreement rule that then rejected it also rejected
+    honest label-skewed steps)."""
     rounds = 5
     _, attacked = _ov_run(tmp_path, "attacked", ov_path, 3, {1: _steer_to_one_class}, rounds)
     _, without = _ov_run(tmp_path, "without", ov_path, 3, {1: _absent_from_training}, rounds)
-    for a, w in zip(attacked, without):
-        assert sorted(a["accepted"]) == ["site1", "site2"], a
-        assert a["screening"]["step_norms"]["site0"] > 5 * a["screening"]["step_norms"]["site1"]  # in band, long
-        if a["round"] > 1:
-            assert abs(a["server"]["mcc"] - w["server"]["mcc"]) <= 0.05, (a["round"], a["server"], w["server"])
+    mccs = [(a["server"]["mcc"], w["server"]["mcc"]) for a, w in zip(attacked, without)]
+    honest_max = 0.0  # the longest honest step so far: the bound comes from this and past rounds' honest norms
+    for a in attacked:
+        screen = a["screening"]
+        honest_max = max(honest_max, screen["step_norms"]["site1"], screen["step_norms"]["site2"])
+        assert sorted(a["accepted"]) == ["site0", "site1", "site2"], a["rejected"]
+        assert screen["step_norms"]["site0"] > 5 * screen["step_norms"]["site1"]  # in band, long
+        assert screen["step_norms"]["site0"] * screen["clip"]["scale"]["site0"] == pytest.approx(
+            screen["clip"]["bound"])
+        assert screen["clip"]["bound"] <= honest_max * 1.0001
+    assert abs(mccs[-1][0] - mccs[-1][1]) <= 0.1, mccs
 
 
 def _sign_flip(instruction: Message, honest: Message, rnd: int) -> Message:
@@ -230,7 +239,9 @@ def _perfect_evaluation(instruction: Message, honest: Message, rnd: int) -> Mess
 def test_a_perfect_confusion_matrix_is_flagged_shown_and_excludable(ov_path, tmp_path):
     """Every round whose perfect matrix is implausible at alpha is flagged, and with eval-exclude-flagged left out
     of the pooled metric. With 21 test patients a site one round cannot always tell: measured p = 1.5e-6, 0.0034,
-    0.00064 in rounds 1-3 (peers' recall 77% in round 2), so 2 of 3 rounds are flagged."""
+    0.0011 in rounds 1-3 at alpha 0.001, so 1 of 3 rounds is flagged (2 of 3, round 3 at p = 0.00064, with the
+    screen before bounded influence: trust weights and the plain median bound trained a slightly different
+    model)."""
     rounds = 3
     _, kept = _ov_run(tmp_path, "kept", ov_path, 3, {1: _perfect_evaluation}, rounds)
     _, dropped = _ov_run(tmp_path, "dropped", ov_path, 3, {1: _perfect_evaluation}, rounds,
@@ -251,6 +262,6 @@ def test_a_perfect_confusion_matrix_is_flagged_shown_and_excludable(ov_path, tmp
         assert d["pooled_over"]["patients"] == k["pooled_over"]["patients"] - k["sites"]["site0"]["num"]
         assert d["global"]["mcc"] == pytest.approx(check["mcc_without"])
         assert d["global"]["mcc"] < k["global"]["mcc"]  # the reply inflated the global metric
-    assert flagged_rounds >= 2
+    assert flagged_rounds >= 1, [k["screening"]["evaluation"]["checks"]["site0"]["p_value"] for k in kept]
     html = (tmp_path / "kept" / "report.html").read_text()
     assert "evaluations out of line" in html and "site0: 21 of 21 correct" in html
