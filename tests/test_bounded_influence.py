@@ -237,3 +237,16 @@ def test_dp_neighbouring_consortia_adding_or_removing_a_site_changes_no_other_de
         plain_one = screen_updates(GLOBAL, {**steps, 99: extra}, other_memory)
         changed_without_dp += any(_decision_key(plain[n]) != _decision_key(plain_one[n]) for n in steps)
     assert changed_without_dp > 0
+
+
+def test_the_strategy_refuses_a_round_it_cannot_trim(tmp_path):
+    """Through the real strategy and round loop (generated cohort, 3 sites, 1 epoch): a trimmed mean at trim 0.2
+    trims nobody of 3, so the round is refused (reason recorded, model unchanged), never a plain mean in disguise.
+    (The trimmed mean itself is checked against numpy above.)"""
+    from test_adversarial import _run
+
+    grid, params, history = _run(tmp_path, 3, {}, robust="trimmed-mean", trim=0.2)
+    agg = history[0]["screening"]["aggregator"]
+    assert agg["rule"] == "trimmed-mean" and agg["sites"] == 3 and "2b + 1 sites" in agg["refused"]
+    for k, v in grid.sent[1].items():
+        np.testing.assert_array_equal(params[k], v)
