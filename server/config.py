@@ -44,7 +44,7 @@ class FederatedConfig(BaseModel):
     update_max_ratio: float = Field(0.5, gt=0, description="reject a step longer than this x the global norm")
     update_min_ratio: float = Field(1e-4, ge=0, description="reject a step shorter than this x the global norm")
     clip_factor: float = Field(1.0, ge=0, allow_inf_nan=False,
-                               description="clip every accepted step to this x the median step norm of this and "
+                               description="clip every accepted step to this x the lower median step norm of this and "
                                            "past rounds before weighting (0 = off; DP clips to dp-clip-norm)")
     trust_weighting: bool = Field(False, description="with 3+ sites, scale each site's weight by its steps' agreement "
                                                      "with the others (raises the others' share; off under DP)")

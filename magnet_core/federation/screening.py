@@ -3,11 +3,12 @@ clipped to before weighting (bounded influence). Pure functions; the strategy ap
 
 Bounded influence, not reject-on-disagreement: a step is rejected only when it is out of band (its own norm
 against the global model's) or when it is both **opposed** (it points away from strictly more than half of the
-sites) and **large** (more than ``peer_ratio`` x the median of the other sites' and past rounds' norms). Every other
-step, whatever its direction, is kept and clipped to ``clip_factor`` x the median norm of this round's accepted steps
-and past rounds' accepted (clipped) steps, then weighted by its enrolled share. So no site moves the model further
-than its share x that bound, and a minority can neither veto a majority nor get honest steps that point elsewhere
-(label skew) rejected: both need strictly more than half of the votes.
+sites) and **large** (more than ``peer_ratio`` x the upper median norm of this round's and past rounds' steps).
+Every other step, whatever its direction, is kept and clipped to ``clip_factor`` x the lower median norm of this
+round's accepted steps and past rounds' accepted (clipped) steps, then weighted by its enrolled share. So no site
+moves the model further than its share x that bound; up to half of the sites can neither lift the bound above the
+others' norms nor make an honest step look large; and a minority can neither veto a majority nor get honest steps
+that point elsewhere (label skew) rejected: "opposed" needs strictly more than half of the votes.
 
 Two modes:
 
@@ -41,7 +42,7 @@ class ScreenRules:
     min_to_global: float = 1e-4  # reject a step shorter than this: the site (nearly) returned the global model
     peer_ratio: float = 10.0  # "large": a step more than this x the reference norm (rejected only if also opposed)
     history_rounds: int = 5  # accepted norms of this many past rounds join the reference
-    clip_factor: float = 1.0  # clip accepted steps to this x the median norm (0 = no clipping)
+    clip_factor: float = 1.0  # clip accepted steps to this x the lower median norm (0 = no clipping)
     trust: bool = False  # with 3+ sites, weight each step by its agreement with the others (``agreement_trust``)
 
 
