@@ -29,23 +29,25 @@ class FederatedConfig(BaseModel):
     local_epochs: int = Field(10, ge=1, le=1000)
     preset: str = DEFAULT_PRESET
     aggregation: Literal["modality-aware", "fedavg"] = "modality-aware"
-    robust: Literal["mean", "trimmed-mean", "median"] = "mean"
-    trim: float = Field(0.2, ge=0, lt=0.5)
+    robust: Literal["mean", "trimmed-mean", "median"] = Field(
+        "mean", description="coordinate-wise rule over the clipped updates: the weighted mean, a trimmed mean "
+                            "(unweighted) or the median (unweighted); a round whose sites cannot be trimmed is refused")
+    trim: float = Field(0.2, ge=0, lt=0.5, description="trimmed-mean: drop b = floor(trim x sites) on each side; "
+                                                        "needs b >= 1 (2b + 1 sites)")
     seed: int = Field(DEFAULT_SEED, ge=0, lt=2**31)
     min_sites: int = Field(2, ge=1, description="minimum sites per round (train and evaluate)")
     fraction_train: float = Field(1.0, gt=0, le=1)
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in one round")
     straggler_grace: float = Field(30.0, ge=0, description="once min-sites replied, wait this long for the rest")
-    norm_ratio: float = Field(10.0, gt=1, description="reject a step > this x (or < 1/this x) the reference norm")
+    norm_ratio: float = Field(10.0, gt=1, description="a step > this x the reference norm is large: rejected if it "
+                                                       "also points away from the majority, else clipped")
     update_max_ratio: float = Field(0.5, gt=0, description="reject a step longer than this x the global norm")
     update_min_ratio: float = Field(1e-4, ge=0, description="reject a step shorter than this x the global norm")
     clip_factor: float = Field(1.0, ge=0, allow_inf_nan=False,
-                               description="clip every accepted step to this x the median step norm of this and "
+                               description="clip every accepted step to this x the lower median step norm of this and "
                                            "past rounds before weighting (0 = off; DP clips to dp-clip-norm)")
-    trust_weighting: bool = Field(True, description="with 3+ sites, scale each site's weight by its steps' agreement "
-                                                    "with the others, and reject one whose agreement is under "
-                                                    "min-agreement x the median (off under DP)")
-    min_agreement: float = Field(0.25, ge=0, lt=1, description="see trust-weighting")
+    trust_weighting: bool = Field(False, description="with 3+ sites, scale each site's weight by its steps' agreement "
+                                                     "with the others (raises the others' share; off under DP)")
     histogram_bins: int = Field(DEFAULT_MAX_BINS, ge=2, le=MAX_HISTOGRAM_BINS,
                                 description="most score-histogram bins a site may release (sites cap it too)")
     eval_flag_alpha: float = Field(EVAL_ALPHA, ge=0, lt=1, description="flag a site whose evaluation has more "

@@ -21,6 +21,7 @@ from magnet_core.federation.aggregate import (
     SiteUpdate,
     aggregate_updates,
     flat_delta,
+    robust_refusal,
     server_opt_step,
     trained_arrays,
     validate_update,
@@ -85,7 +86,7 @@ class MagnetFedAvg(FedAvg):
         self.memory = memory or ScreenMemory()
         self.rules = ScreenRules(max_to_global=cfg.update_max_ratio, min_to_global=cfg.update_min_ratio,
                                  peer_ratio=cfg.norm_ratio, clip_factor=cfg.clip_factor,
-                                 trust=cfg.trust_weighting, min_agreement=cfg.min_agreement)
+                                 trust=cfg.trust_weighting)
         # node id -> site name, bound from the enrolment (server/names.py); without one, at first contact
         self.names = names if names is not None else SiteNames.at_first_contact()
         self.dp = None
@@ -210,7 +211,8 @@ class MagnetFedAvg(FedAvg):
             "direction_reference": self.memory.direction is not None and self.dp is None,
             "clip": {"bound": next((d.bound for d in decisions.values() if d.accepted), None),
                      "scale": {self.names.label(n): d.scale for n, d in decisions.items() if d.accepted},
-                     "rule": "dp-clip-norm" if self.dp is not None else f"{self.rules.clip_factor:g} x median norm"},
+                     "rule": "dp-clip-norm" if self.dp is not None
+                     else f"{self.rules.clip_factor:g} x lower median norm"},
             "trust": {self.names.label(n): d.trust for n, d in decisions.items() if d.accepted},
         }
         for node, d in decisions.items():
@@ -235,8 +237,20 @@ class MagnetFedAvg(FedAvg):
         if self.dp is not None:
             new = self._dp_aggregate(server_round, updates)
         else:
-            new = aggregate_updates(self.current, updates, modality_aware=self.cfg.aggregation == "modality-aware",
-                                    robust=self.cfg.robust, trim=self.cfg.trim)
+            refusal = robust_refusal(self.cfg.robust, self.cfg.trim, len(updates))
+            if refusal is None:
+                try:
+                    new = aggregate_updates(self.current, updates,
+                                            modality_aware=self.cfg.aggregation == "modality-aware",
+                                            robust=self.cfg.robust, trim=self.cfg.trim)
+                except ValueError as exc:  # a block held by too few sites for the trimmed mean
+                    refusal = str(exc)
+            self.report.screening["aggregator"] = {"rule": self.cfg.robust, "trim": self.cfg.trim,
+                                                   "sites": len(updates), "refused": refusal}
+            if refusal is not None:
+                log(WARNING, "round %d: %s aggregation refused: %s; the global model is unchanged", server_round,
+                    self.cfg.robust, refusal)
+                return None, None
         # the screen's direction reference is the aggregate step (what honest sites' steps agree with), not the
         # server optimizer's rescaled one
         self.memory.remember(accepted_norms, flat_delta(self.current, new), self.rules.history_rounds)

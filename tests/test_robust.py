@@ -28,17 +28,21 @@ def _steps(rng: np.random.Generator, n: int, dim: int = 400, spread: float = 0.6
 GLOBAL = {"w": np.full(400, 40.0)}  # norm 800: steps of norm 0.08-400 lie in the band
 
 
-def test_two_sign_flipped_colluders_of_four_get_nobody_rejected_and_one_of_three_is_rejected():
+def test_two_sign_flipped_colluders_of_four_get_nobody_rejected_and_only_an_opposed_large_step_is():
     rng = np.random.default_rng(0)
     h = _steps(rng, 4)
     decisions = screen_updates(GLOBAL, {1: h[0], 2: h[1], 3: -h[2], 4: -h[3]}, ScreenMemory())
     assert all(d.accepted for d in decisions.values()), decisions
+    # one of three flipped at its honest size: kept, clipped (bounded influence; rejecting it on direction alone
+    # is the rule that rejected honest label-skew steps, issue 22); ten times longer as well: rejected
     decisions = screen_updates(GLOBAL, {1: h[0], 2: h[1], 3: -h[2]}, ScreenMemory())
+    assert all(d.accepted for d in decisions.values()), decisions
+    decisions = screen_updates(GLOBAL, {1: h[0], 2: h[1], 3: -12 * h[2]}, ScreenMemory())
     assert [n for n, d in decisions.items() if not d.accepted] == [3]
-    assert "majority" in decisions[3].reason
+    assert "opposed and large" in decisions[3].reason and "majority" in decisions[3].reason
 
 
-def test_an_orthogonal_in_band_step_is_rejected_and_every_step_is_clipped_to_the_median_norm():
+def test_an_orthogonal_in_band_step_is_clipped_and_every_step_is_clipped_to_the_lower_median_norm():
     rng = np.random.default_rng(1)
     h = _steps(rng, 3)
     other = rng.normal(size=400)
@@ -47,10 +51,11 @@ def test_an_orthogonal_in_band_step_is_rejected_and_every_step_is_clipped_to_the
     own = h[2] / np.linalg.norm(h[2])  # cosine 0.05 with its own honest step, the rest orthogonal to the others'
     attacker = 9.5 * np.linalg.norm(h[2]) * (0.05 * own + np.sqrt(1 - 0.05**2) * other / np.linalg.norm(other))
     decisions = screen_updates(GLOBAL, {1: h[0], 2: h[1], 3: attacker}, ScreenMemory())
-    assert not decisions[3].accepted and "no direction" in decisions[3].reason
-    bound = float(np.median([np.linalg.norm(h[0]), np.linalg.norm(h[1])]))
-    assert decisions[1].bound == pytest.approx(bound) and decisions[2].bound == pytest.approx(bound)
-    assert min(decisions[1].scale, decisions[2].scale) < 1.0 == max(decisions[1].scale, decisions[2].scale)
+    assert all(d.accepted for d in decisions.values()), decisions
+    bound = float(max(np.linalg.norm(h[0]), np.linalg.norm(h[1])))  # the lower median of the three norms
+    assert all(d.bound == pytest.approx(bound) for d in decisions.values())
+    assert decisions[3].norm * decisions[3].scale == pytest.approx(bound)  # moved no further than an honest site
+    assert min(decisions[1].scale, decisions[2].scale) == 1.0
     # a long step along the honest direction is kept but clipped: it moves the model no further than the others
     decisions = screen_updates(GLOBAL, {1: h[0], 2: h[1], 3: 5 * h[2]}, ScreenMemory())
     assert decisions[3].accepted and decisions[3].norm * decisions[3].scale == pytest.approx(decisions[3].bound)
@@ -143,18 +148,27 @@ def _absent_from_training(instruction: Message, honest: Message, rnd: int) -> Me
     return Message(Error(code=0, reason="not taking part"), reply_to=instruction)
 
 
-def test_one_in_band_model_replacer_of_three_does_not_move_the_held_out_mcc(ov_path, tmp_path):
-    """Held-out MCC with the attacker within 0.05, in every round after the first, of the best any defence can do:
-    the run whose third site sends no update. (Measured before the change: the attacker was accepted in every
-    round and the held-out MCC was 0.0 in rounds 1-8.)"""
+def test_one_in_band_model_replacer_of_three_is_clipped_and_the_held_out_mcc_holds(ov_path, tmp_path):
+    """The replacer is kept (in band, not large) but clipped to the round's bound, so its step moves the model no
+    further than an honest site's; by the last round the held-out MCC is within 0.1 of the run whose third site
+    sends no update. Bounded influence is not immunity: measured, held-out MCC 0.0, 0.0, -0.13, 0.20, 0.30 in
+    rounds 1-5 against 0.06, 0.24, 0.17, 0.17, 0.36 without the attacker (before issue 22's first change it was
+    accepted unclipped and the MCC was 0.0 in rounds 1-8; the agreement rule that then rejected it also rejected
+    honest label-skewed steps)."""
     rounds = 5
     _, attacked = _ov_run(tmp_path, "attacked", ov_path, 3, {1: _steer_to_one_class}, rounds)
     _, without = _ov_run(tmp_path, "without", ov_path, 3, {1: _absent_from_training}, rounds)
-    for a, w in zip(attacked, without):
-        assert sorted(a["accepted"]) == ["site1", "site2"], a
-        assert a["screening"]["step_norms"]["site0"] > 5 * a["screening"]["step_norms"]["site1"]  # in band, long
-        if a["round"] > 1:
-            assert abs(a["server"]["mcc"] - w["server"]["mcc"]) <= 0.05, (a["round"], a["server"], w["server"])
+    mccs = [(a["server"]["mcc"], w["server"]["mcc"]) for a, w in zip(attacked, without)]
+    honest_max = 0.0  # the longest honest step so far: the bound comes from this and past rounds' honest norms
+    for a in attacked:
+        screen = a["screening"]
+        honest_max = max(honest_max, screen["step_norms"]["site1"], screen["step_norms"]["site2"])
+        assert sorted(a["accepted"]) == ["site0", "site1", "site2"], a["rejected"]
+        assert screen["step_norms"]["site0"] > 5 * screen["step_norms"]["site1"]  # in band, long
+        assert screen["step_norms"]["site0"] * screen["clip"]["scale"]["site0"] == pytest.approx(
+            screen["clip"]["bound"])
+        assert screen["clip"]["bound"] <= honest_max * 1.0001
+    assert abs(mccs[-1][0] - mccs[-1][1]) <= 0.1, mccs
 
 
 def _sign_flip(instruction: Message, honest: Message, rnd: int) -> Message:
@@ -225,7 +239,9 @@ def _perfect_evaluation(instruction: Message, honest: Message, rnd: int) -> Mess
 def test_a_perfect_confusion_matrix_is_flagged_shown_and_excludable(ov_path, tmp_path):
     """Every round whose perfect matrix is implausible at alpha is flagged, and with eval-exclude-flagged left out
     of the pooled metric. With 21 test patients a site one round cannot always tell: measured p = 1.5e-6, 0.0034,
-    0.00064 in rounds 1-3 (peers' recall 77% in round 2), so 2 of 3 rounds are flagged."""
+    0.0011 in rounds 1-3 at alpha 0.001, so 1 of 3 rounds is flagged (2 of 3, round 3 at p = 0.00064, with the
+    screen before bounded influence: trust weights and the plain median bound trained a slightly different
+    model)."""
     rounds = 3
     _, kept = _ov_run(tmp_path, "kept", ov_path, 3, {1: _perfect_evaluation}, rounds)
     _, dropped = _ov_run(tmp_path, "dropped", ov_path, 3, {1: _perfect_evaluation}, rounds,
@@ -246,6 +262,6 @@ def test_a_perfect_confusion_matrix_is_flagged_shown_and_excludable(ov_path, tmp
         assert d["pooled_over"]["patients"] == k["pooled_over"]["patients"] - k["sites"]["site0"]["num"]
         assert d["global"]["mcc"] == pytest.approx(check["mcc_without"])
         assert d["global"]["mcc"] < k["global"]["mcc"]  # the reply inflated the global metric
-    assert flagged_rounds >= 2
+    assert flagged_rounds >= 1, [k["screening"]["evaluation"]["checks"]["site0"]["p_value"] for k in kept]
     html = (tmp_path / "kept" / "report.html").read_text()
     assert "evaluations out of line" in html and "site0: 21 of 21 correct" in html

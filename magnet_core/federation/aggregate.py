@@ -26,14 +26,37 @@ class SiteUpdate:
     trust: float = 1.0  # factor on the site's weight (the screen's agreement trust), in [0, 1]
 
 
+def trimmed_per_side(trim: float, num_sites: int) -> int:
+    """b, the sites a coordinate-wise trimmed mean drops on each side: floor(trim x sites)."""
+    return int(np.floor(trim * num_sites))
+
+
+def robust_refusal(robust: Robust, trim: float, num_sites: int) -> str | None:
+    """Why ``robust`` cannot aggregate ``num_sites`` updates (None: it can). A trimmed mean must drop b >= 1 site on
+    each side and keep one (num_sites >= 2b + 1); with fewer sites it would silently be a plain mean."""
+    if robust != "trimmed-mean":
+        return None if num_sites >= 1 else "no update to aggregate"
+    b = trimmed_per_side(trim, num_sites)
+    if b < 1:
+        need = int(np.ceil(1 / trim)) if trim > 0 else None
+        return (f"a trimmed mean with trim={trim:g} over {num_sites} site(s) drops floor({trim:g} x {num_sites}) = 0 "
+                f"per side: it needs b >= 1 site trimmed on each side and 2b + 1 sites in all "
+                f"({f'at least {max(3, need)} sites at this trim' if need else 'trim > 0'}); "
+                f"use robust='median' or a larger trim")
+    return None
+
+
 def _combine(stack: np.ndarray, weights: np.ndarray, robust: Robust, trim: float) -> np.ndarray:
+    """Coordinate-wise: the median, the trimmed mean (b = floor(trim x sites) dropped on each side; ValueError when
+    b = 0, see :func:`robust_refusal`) or the weighted mean. The median and the trimmed mean are unweighted."""
     if robust == "median":
         return np.median(stack, axis=0)
     if robust == "trimmed-mean":
-        k = int(np.floor(trim * stack.shape[0]))
-        if k > 0 and stack.shape[0] - 2 * k >= 1:
-            return np.sort(stack, axis=0)[k : stack.shape[0] - k].mean(axis=0)
-        return stack.mean(axis=0)
+        refusal = robust_refusal(robust, trim, stack.shape[0])
+        if refusal:
+            raise ValueError(refusal)
+        k = trimmed_per_side(trim, stack.shape[0])
+        return np.sort(stack, axis=0)[k : stack.shape[0] - k].mean(axis=0)
     w = weights / weights.sum()
     return np.tensordot(w, stack, axes=1)
 

@@ -1,13 +1,18 @@
 """The coordinator's per-site screen of training updates: which steps to reject, and the norm every accepted step is
 clipped to before weighting (bounded influence). Pure functions; the strategy applies the decisions.
 
+Bounded influence, not reject-on-disagreement: a step is rejected only when it is out of band (its own norm
+against the global model's) or when it is both **opposed** (it points away from strictly more than half of the
+sites) and **large** (more than ``peer_ratio`` x the upper median norm of this round's and past rounds' steps).
+Every other step, whatever its direction, is kept and clipped to ``clip_factor`` x the lower median norm of this
+round's accepted steps and past rounds' accepted (clipped) steps, then weighted by its enrolled share. So no site
+moves the model further than its share x that bound; up to half of the sites can neither lift the bound above the
+others' norms nor make an honest step look large; and a minority can neither veto a majority nor get honest steps
+that point elsewhere (label skew) rejected: "opposed" needs strictly more than half of the votes.
+
 Two modes:
 
-* **Peer-referenced** (no DP): a site's step is judged against the global model, the median norm of this round's and
-  past rounds' steps, and its agreement with the other sites. Every rule takes a majority (a median, or strictly more
-  than half of the sites) so a minority of sites can never get an honest majority rejected; every accepted step is
-  clipped to ``clip_factor`` x the median norm of this round's in-band steps and past rounds' accepted (clipped)
-  steps, so whatever its direction no site moves the model further than its weight x that bound.
+* **Peer-referenced** (no DP): as above; the bound and the opposed-and-large rule look at the other sites.
 * **Independent** (DP on, ``dp_clip`` = the public clipping norm C): a site's decision uses only its own step, the
   global model and C; never another site's step, nor past rounds' per-site norms. Then adding, removing or changing
   one site changes no other site's accept / clip decision, and the sum's sensitivity C that the accountant assumes
@@ -35,11 +40,10 @@ class ScreenRules:
 
     max_to_global: float = 0.5  # reject a step longer than this fraction of the global model's norm
     min_to_global: float = 1e-4  # reject a step shorter than this: the site (nearly) returned the global model
-    peer_ratio: float = 10.0  # reject a step more than this x (or less than 1/this x) the reference norm
+    peer_ratio: float = 10.0  # "large": a step more than this x the reference norm (rejected only if also opposed)
     history_rounds: int = 5  # accepted norms of this many past rounds join the reference
-    clip_factor: float = 1.0  # clip accepted steps to this x the median norm (0 = no clipping)
-    trust: bool = True  # with 3+ sites, weight each step by its agreement with the others (``agreement_trust``)
-    min_agreement: float = 0.25  # with 3+ sites, reject a step whose agreement is under this x the median's
+    clip_factor: float = 1.0  # clip accepted steps to this x the lower median norm (0 = no clipping)
+    trust: bool = False  # with 3+ sites, weight each step by its agreement with the others (``agreement_trust``)
 
 
 @dataclasses.dataclass
@@ -100,14 +104,34 @@ def _band(norm: float, gnorm: float, rules: ScreenRules) -> str | None:
     return None
 
 
-def clip_bound(in_band_norms: Sequence[float], past_norms: Sequence[float], clip_factor: float) -> float | None:
-    """The round's clipping norm: ``clip_factor`` x the median of this round's in-band step norms and past rounds'
-    accepted (clipped) norms; None without clipping or without any norm. A minority of sites, however long their
-    steps, cannot move a median beyond the majority's norms."""
-    pool = [*in_band_norms, *past_norms]
+def lower_median(values: Sequence[float]) -> float:
+    """The lower of the two middle values (the middle one for an odd count): with at most half of the values
+    arbitrarily large, it is at most the largest of the others."""
+    return float(np.sort(np.asarray(values, np.float64))[(len(values) - 1) // 2])
+
+
+def upper_median(values: Sequence[float]) -> float:
+    """The upper of the two middle values: with at most half of the values arbitrarily small, it is at least the
+    smallest of the others."""
+    return float(np.sort(np.asarray(values, np.float64))[len(values) // 2])
+
+
+def clip_bound(accepted_norms: Sequence[float], past_norms: Sequence[float], clip_factor: float) -> float | None:
+    """The round's clipping norm B: ``clip_factor`` x the lower median of this round's accepted step norms and past
+    rounds' accepted (clipped) norms; None without clipping or without any norm. Sites sending long steps, up to
+    half of them, cannot lift B above the longest of the others' norms."""
+    pool = [*accepted_norms, *past_norms]
     if clip_factor <= 0 or not pool:
         return None
-    return clip_factor * float(np.median(pool))
+    return clip_factor * lower_median(pool)
+
+
+def reference_norm(in_band_norms: Sequence[float], past_norms: Sequence[float]) -> float | None:
+    """What "large" is measured against: the upper median of this round's in-band norms (the step's own included)
+    and past rounds' accepted norms (None if empty). Sites sending short steps, up to half of them, cannot pull it
+    under the shortest of the others' norms, so they cannot make an honest step look large."""
+    pool = [*in_band_norms, *past_norms]
+    return upper_median(pool) if pool else None
 
 
 def screen_updates(global_params: Params, deltas: Mapping[int, np.ndarray], memory: ScreenMemory,
@@ -115,27 +139,23 @@ def screen_updates(global_params: Params, deltas: Mapping[int, np.ndarray], memo
     """The decision on every site's step (node id -> flat step).
 
     1. Band: the step's norm must lie within [min_to_global, max_to_global] x the global model's norm (the site's
-       own step only; works with a single site and in round 1).
+       own step only; works with a single site and in round 1). Non-finite or malformed updates never get here
+       (``aggregate.validate_update``).
 
     With ``dp_clip`` (DP on) that is all: every step in band is accepted and clipped to ``dp_clip``; no decision
     looks at another site. Otherwise:
 
-    2. Norm vs reference: within [1/peer_ratio, peer_ratio] x the median of the other sites' in-band norms this
-       round and the accepted norms of past rounds (keyed by node id: no site can stand in for another).
-    3. Direction, by majority: with three or more sites a step is rejected only if strictly more than half of the
-       sites have a non-positive cosine with it, so a minority (two colluders of four, say) cannot get anyone
-       rejected. With one or two sites no majority exists and the last aggregate step is the reference: a step is
-       rejected if it agrees with none of its references (the other site's step and the last aggregate step); with
-       no last step and at most one other site the direction is not judged.
-    4. Agreement (``rules.trust``, three or more sites left): a site's agreement is the mean over the other sites
-       of max(0, cosine of the two steps) (:func:`agreement`); a step under ``min_agreement`` x the median
-       agreement shares almost no direction with the others (an in-band step that replaces the model, say) and is
-       rejected. Compared to the median, so only a step out of line with the majority can fall under it; two
-       camps of equal size agree equally and neither is rejected.
-    5. Clip: every accepted step is clipped to :func:`clip_bound` (``clip_factor`` x the median norm of the
-       accepted steps and past rounds' accepted steps).
-    6. Trust (``rules.trust``, three or more accepted sites): each accepted site's weight is multiplied by
-       :func:`agreement_trust` among the accepted steps.
+    2. Opposed and large (both): a step is rejected only if it is longer than ``peer_ratio`` x
+       :func:`reference_norm` (this round's in-band norms and past rounds' accepted norms) **and** points
+       away from the majority (:func:`opposed`). A long step along the others' direction is clipped, not
+       rejected; a step of honest size in any direction is clipped and weighted, not rejected, so honest steps
+       that point elsewhere (label skew) always count, and a minority can reject nobody.
+    3. Clip: every accepted step is clipped to :func:`clip_bound` (``clip_factor`` x the lower median norm of the
+       accepted steps and past rounds' accepted steps): whatever its direction, a site of weight share s moves
+       the weighted mean by at most s x that bound from where it would be without its step.
+    4. Trust (``rules.trust``, off by default, three or more accepted sites): each accepted site's weight is
+       multiplied by :func:`agreement_trust` among the accepted steps. It lowers the weights of steps out of line
+       with the others, and so raises the others' effective share: off unless asked for.
     """
     gnorm = model_norm(global_params)
     norms = {node: float(np.linalg.norm(d)) for node, d in deltas.items()}
@@ -145,22 +165,13 @@ def screen_updates(global_params: Params, deltas: Mapping[int, np.ndarray], memo
         return {node: SiteDecision(n, reasons.get(node), None if node in reasons else float(dp_clip))
                 for node, n in norms.items()}
     past = memory.past_norms()
+    against = opposed(deltas, in_band, memory.direction)
+    ref = reference_norm([norms[o] for o in in_band], past)
     for node in in_band:
-        ref_values = [norms[o] for o in in_band if o != node] + past
-        if not ref_values:
-            continue
-        ref = float(np.median(ref_values))
-        if norms[node] > rules.peer_ratio * ref:
-            reasons[node] = (f"update norm {norms[node]:.3g} is {norms[node] / ref:.1f}x the reference "
-                             f"{ref:.3g} (median of other sites this round and accepted past rounds)")
-        elif norms[node] * rules.peer_ratio < ref:
-            reasons[node] = (f"update norm {norms[node]:.3g} is under 1/{rules.peer_ratio:g} of the reference "
-                             f"{ref:.3g} (median of other sites this round and accepted past rounds)")
-    survivors = [node for node in in_band if node not in reasons]
-    reasons.update(_direction(deltas, survivors, memory.direction))
-    if rules.trust:
-        survivors = [node for node in survivors if node not in reasons]
-        reasons.update(_agreement(deltas, survivors, rules.min_agreement))
+        if node in against and ref is not None and norms[node] > rules.peer_ratio * ref:
+            reasons[node] = (f"update is opposed and large: norm {norms[node]:.3g} is {norms[node] / ref:.1f}x the "
+                             f"reference {ref:.3g} (upper median of this round's steps and accepted past rounds') "
+                             f"and it {against[node]}")
     accepted = [node for node in in_band if node not in reasons]
     bound = clip_bound([norms[o] for o in accepted], past, rules.clip_factor)
     trust = agreement_trust({node: deltas[node] for node in accepted}) if rules.trust else {}
@@ -172,17 +183,6 @@ def agreement(deltas: Mapping[int, np.ndarray]) -> dict[int, float]:
     """Per step, the mean over the other steps of max(0, cosine of the two)."""
     nodes = list(deltas)
     return {i: float(np.mean([max(0.0, _cos(deltas[i], deltas[j])) for j in nodes if j != i])) for i in nodes}
-
-
-def _agreement(deltas: Mapping[int, np.ndarray], survivors: Sequence[int], min_agreement: float) -> dict[int, str]:
-    """Step 4 of :func:`screen_updates`: node -> reason for the steps out of line with the majority's agreement."""
-    if len(survivors) < 3:
-        return {}
-    agree = agreement({node: deltas[node] for node in survivors})
-    mid = float(np.median(list(agree.values())))
-    return {node: (f"update shares almost no direction with the other sites (agreement {a:.2g}, under "
-                   f"{min_agreement:g} x the median agreement {mid:.2g} of the {len(survivors)} sites)")
-            for node, a in agree.items() if mid > 0 and a < min_agreement * mid}
 
 
 def agreement_trust(deltas: Mapping[int, np.ndarray]) -> dict[int, float]:
@@ -200,25 +200,27 @@ def agreement_trust(deltas: Mapping[int, np.ndarray]) -> dict[int, float]:
     return {i: min(1.0, a / mid) for i, a in agree.items()}
 
 
-def _direction(deltas: Mapping[int, np.ndarray], survivors: Sequence[int], last: np.ndarray | None
-               ) -> dict[int, str]:
-    """Step 3 of :func:`screen_updates`: node -> reason for the steps the direction rule rejects."""
+def opposed(deltas: Mapping[int, np.ndarray], nodes: Sequence[int], last: np.ndarray | None) -> dict[int, str]:
+    """The steps among ``nodes`` that point away from the majority: node -> how. With three or more steps, one
+    whose cosine is non-positive with strictly more than half of the ``len(nodes)`` steps (a minority of
+    colluders alone can never make a step opposed). With one or two steps no majority exists and the last
+    aggregate step joins the references: opposed if no reference (the other step, the last aggregate step) has a
+    positive cosine with it; with no last step and at most one other step, nothing is judged opposed."""
     out: dict[int, str] = {}
-    n = len(survivors)
-    for node in survivors:
-        others = [o for o in survivors if o != node]
+    n = len(nodes)
+    for node in nodes:
+        others = [o for o in nodes if o != node]
         if n >= 3:
-            against = sum(_cos(deltas[node], deltas[o]) <= 0 for o in others)
-            if 2 * against > n:
-                out[node] = (f"update points away from the majority of sites (non-positive cosine with {against} "
-                             f"of the {n} sites' steps)")
+            count = sum(_cos(deltas[node], deltas[o]) <= 0 for o in others)
+            if 2 * count > n:
+                out[node] = f"points away from the majority (non-positive cosine with {count} of the {n} steps)"
             continue
         if last is None:
             continue  # one other site at most and no past step: no trusted reference
         refs = [deltas[o] for o in others] + [last]
         if not any(_cos(deltas[node], r) > 0 for r in refs):
-            out[node] = (f"update points away from all its references (non-positive cosine with "
-                         f"{'the other site and ' if others else ''}the last aggregate step)")
+            out[node] = (f"points away from all its references (non-positive cosine with "
+                         f"{'the other step and ' if others else ''}the last aggregate step)")
     return out
 
 
