@@ -16,7 +16,7 @@ from magnet_core.model.config import Preset
 from magnet_core.model.metrics import metrics_with_groups, summarize
 
 from .parallel import resolve_workers, run_tasks
-from .reporting import console, print_summary, write_json
+from .reporting import console, print_summary, test_patient_text, write_json
 
 
 def cohort_loader(data: str | Path | None, log: Callable[..., None] = console.print) -> Callable[[int], Cohort]:
@@ -149,6 +149,7 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
     info: dict = {}  # the cohort of the last seed, as before
     runs = [SeedRun(cohorts.pop(seed), preset, seed) for seed in seeds]
     per_seed: list[dict] = []
+    test_patients: dict[str, list[int]] = {"all": [], "paired": [], "unpaired": []}  # per seed
     seconds: list[float] = []
     packages: list[str] = []
     t0 = time.perf_counter()
@@ -161,6 +162,9 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
             info.update({"cohort": run.cohort.name, "generated": run.cohort.generated,
                          **run.cohort.availability()})
             per_seed.append(result.metrics)
+            paired = run.cohort.paired[run.cohort.split_indices("test")]
+            for group, n in (("all", paired.size), ("paired", int(paired.sum())), ("unpaired", int((~paired).sum()))):
+                test_patients[group].append(int(n))
             seconds.append(result.seconds)
             if package is not None:
                 path = write_centralized_package(package, package.path_for(run.seed, seeds), result.params,
@@ -181,7 +185,8 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
     title = f"MAGNET centralized on {where} ({len(seeds)} seeds, preset {preset.name})"
     if generated:
         title += f" — {GENERATED_NOTICE}"
-    print_summary(title, {"centralized": summary})
+    print_summary(title, {"centralized": summary},
+                  pooled={g: test_patient_text(v) for g, v in test_patients.items()})
     payload = {
         "mode": "centralized",
         "data": "generated" if generated else str(data),
@@ -191,6 +196,7 @@ def run_centralized(data: str | Path | None, seeds: list[int], preset: Preset, o
         "seeds": seeds,
         "epochs": n_epochs,
         "metrics": summary,
+        "test_patients": test_patients,  # group -> per seed, the test patients its metrics are computed over
         "wall_seconds": wall,
         "workers": n_workers,
         "seconds_per_seed": seconds,  # each seed's training and testing, in the process that ran it

@@ -31,19 +31,35 @@ def fmt(stat: Mapping[str, Any] | None) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
-def print_summary(title: str, rows: Mapping[str, Mapping[str, Mapping[str, Any]]], groups=("", "paired_", "unpaired_")
-                  ) -> None:
-    """One row per method (or one row when ``rows`` has a single entry), one column per metric."""
-    table = Table(title=title, caption="Mean ± sample std (ddof 1) over seeds.", caption_justify="left")
+def test_patient_text(per_seed: list[int] | None, sites: int = 1) -> str:
+    """"1 site, 58 patients" (or "56-60 patients" when the seeds differ); "" when not recorded."""
+    if not per_seed:
+        return ""
+    lo, hi = min(per_seed), max(per_seed)
+    return f"{sites} site{'' if sites == 1 else 's'}, {lo if lo == hi else f'{lo}-{hi}'} patients"
+
+
+def print_summary(title: str, rows: Mapping[str, Mapping[str, Mapping[str, Any]]], groups=("", "paired_", "unpaired_"),
+                  pooled: Mapping[str, str] | None = None) -> None:
+    """One row per method (or one row when ``rows`` has a single entry), one column per metric; ``pooled``: per
+    group ("all", "paired", "unpaired"), over how many sites and test patients its metrics are computed."""
+    caption = "Mean ± sample std (ddof 1) over seeds."
+    if pooled:
+        caption += " Pooled over: the test sites and test patients of the group, per seed."
+    table = Table(title=title, caption=caption, caption_justify="left")
     table.add_column("method")
     table.add_column("patients")
+    if pooled:
+        table.add_column("pooled over")
     for m in TABLE_METRICS:
         table.add_column(m)
     for method, metrics in rows.items():
         for g in groups:
             if not any(f"{g}{m}" in metrics for m in TABLE_METRICS):
                 continue
-            table.add_row(method, g.rstrip("_") or "all", *[fmt(metrics.get(f"{g}{m}")) for m in TABLE_METRICS])
+            group = g.rstrip("_") or "all"
+            cells = [fmt(metrics.get(f"{g}{m}")) for m in TABLE_METRICS]
+            table.add_row(method, group, *([pooled.get(group, "")] if pooled else []), *cells)
     console.print(table)
 
 

@@ -93,6 +93,15 @@ def test_cli_without_data_runs_on_a_generated_cohort_and_says_so(tmp_path):
     res = json.loads((out / "results.json").read_text())
     _check_results(res, [1])
     assert res["generated_data"] is True and res["data"] == "generated" and res["cohort"]["generated"] is True
+    # the table says over how many test patients each row (all / paired / unpaired) is computed, as run
+    cohort = make_generated_cohort(seed=1)
+    paired = cohort.paired[cohort.split_indices("test")]
+    counts = {"all": paired.size, "paired": int(paired.sum()), "unpaired": int((~paired).sum())}
+    assert res["test_patients"] == {g: [n] for g, n in counts.items()}
+    assert 0 < counts["paired"] < counts["all"]
+    printed = " ".join(proc.stdout.split())
+    for group, n in counts.items():
+        assert f"{group} │ 1 site, {n} patients │" in printed
 
 
 def test_cli_on_a_cohort_layout_folder_writes_real_data_results(tmp_path, capsys):

@@ -125,3 +125,30 @@ def test_simulate_reports_both_evaluations_and_their_coverage(tmp_path, capsys):
     for m in ("federated", "centralized"):  # one model: the consortium is the own sites' test population
         assert r[m]["consortium_mcc"] == pytest.approx(r[m]["mcc"])
     assert "auprc_low" not in res["evaluation"] and "AUPRC is not released" in res["evaluation"]
+
+
+def test_generated_cohort_is_deterministic_per_seed():
+    from magnet_core.cohort.generated import generated_cohort
+
+    a, b, c = (generated_cohort("demo", seed=s) for s in (5, 5, 6))
+    for m in a.modalities:
+        assert np.array_equal(a.X[m], b.X[m]) and not np.array_equal(a.X[m], c.X[m])
+    assert np.array_equal(a.mask, b.mask) and np.array_equal(a.labels, b.labels)
+    for part in ("train", "val", "test"):
+        assert np.array_equal(a.split_indices(part), b.split_indices(part))
+    _, sites_a = load_consortium("generated:demo", "demo-6", 5)
+    _, sites_b = load_consortium("generated:demo", "demo-6", 5)
+    for sa, sb in zip(sites_a, sites_b):
+        assert np.array_equal(sa.labels, sb.labels) and np.array_equal(sa.mask, sb.mask)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 5])
+def test_equal_separation_puts_every_pair_of_class_centres_at_the_same_distance(num_classes):
+    from magnet_core.cohort.generated import simplex_centers
+
+    for seed in range(4):
+        c = simplex_centers(num_classes, 8, np.random.default_rng(seed))
+        d = np.linalg.norm(c[:, None] - c[None], axis=-1)[np.triu_indices(num_classes, 1)]
+        assert np.allclose(d, 4.0)  # sqrt(2 * 8), whatever the seed
+    with pytest.raises(ValueError, match="num_classes <= 8"):
+        simplex_centers(9, 8, np.random.default_rng(0))
