@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from simulations import statistics as st
+from simulations.reporting import write_json
 
 README_ARGS = ["simulate", "--rounds", "5", "--seeds", "10", "--engine", "inprocess"]
 REPORTED_SEEDS = "10,20,30"
@@ -85,7 +86,7 @@ def main() -> None:
         **summary(results),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.out, payload)  # strict JSON: a missing value (NaN) is written as null
     print(json.dumps({k: payload[k] for k in ("readme_command_seconds", "readme_command_cpu_seconds",
                                                        "loadavg_before", "three_seed_seconds")}))
     for name in EVALUATIONS:
