@@ -552,7 +552,7 @@ class SecAggServer:
     def _adjacent(self, u: int, v: int) -> bool:
         return self.graph is None or v in self.graph[u]
 
-    def _holds(self, site: int) -> set[int]:
+    def holds(self, site: int) -> set[int]:
         """The dealers whose shares ``site`` holds (itself included)."""
         return {u for u in self.u2 if u == site or self._adjacent(site, u)}
 
@@ -673,7 +673,7 @@ class SecAggServer:
         for r in responses:
             if r.site_id not in req.survivors or r.site_id in got:
                 raise SecAggError(f"unmask shares from site {r.site_id}: not a survivor or sent twice")
-            held = self._holds(r.site_id)
+            held = self.holds(r.site_id)
             if set(r.self_shares) != set(req.survivors) & held or set(r.key_shares) != set(req.dropped) & held:
                 raise SecAggError(f"unmask shares from site {r.site_id} do not answer the request")
             got[r.site_id] = r
@@ -690,7 +690,7 @@ class SecAggServer:
                 if len(shares) < self.setup.threshold:  # neighbourhoods only (the complete graph checked above)
                     what = "self-mask seed" if kind == "self" else "mask key"
                     raise SecAggError(f"secure aggregation {self.setup.round_id!r}: only {len(shares)} of the share "
-                                      f"holders of {self.label(u)} (its neighbourhood {sorted(self._holds(u))}) "
+                                      f"holders of {self.label(u)} (its neighbourhood {sorted(self.holds(u))}) "
                                       f"answered, threshold {self.setup.threshold}: its {what} cannot be "
                                       "reconstructed and the sum cannot be recovered; run the round again")
                 secret, proof = self._recover(kind, u, shares, sigs)
