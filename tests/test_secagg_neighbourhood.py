@@ -267,6 +267,14 @@ def test_stage_by_stage_through_records_and_serialised_state():
 def test_the_complete_graph_record_is_unchanged_and_bad_degrees_are_refused():
     full = SecAggSetup.for_sites("r", range(1, 6), 8, max_dropouts=1)
     assert "graph-degree" not in full.to_record() and full.graph_degree == 0
+    # the complete graph's messages carry nothing new: one book for all, inboxes without a participant list
+    sites = {i: SecAggSite(full, i) for i in full.site_ids}
+    server = SecAggServer(full)
+    book = server.collect_keys([s.advertise() for s in sites.values()])
+    assert all(server.book_for(i) is book for i in full.site_ids) and server.graph is None
+    inboxes = server.route_shares([s.share(book) for s in sites.values()])
+    assert all(set(x.to_record()) == {"recipient", "from", "ciphertexts", "round-id", "protocol"}
+               for x in inboxes.values())
     with pytest.raises(SecAggError, match="must be even"):
         SecAggSetup.for_neighbourhoods("r", range(1, 21), 8, 5)
     with pytest.raises(SecAggError, match="must be even"):
