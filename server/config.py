@@ -83,6 +83,15 @@ class FederatedConfig(BaseModel):
     secagg_max_dropouts: int = Field(1, ge=0, description="sites that may drop after masking without losing the sum")
     secagg_clip_norm: float = Field(1.0, gt=0, description="under secure aggregation each site clips its update "
                                                           "to this norm (the coordinator cannot check norms)")
+    secagg_graph: Literal["full", "neighbourhood"] = Field(
+        "full", description="full: every site exchanges keys and shares with every other (SecAgg); neighbourhood: "
+                            "with its neighbours in a graph every site derives from the round id and the site ids "
+                            "(SecAgg+, magnet_core/federation/secagg_graph.py); full stays the default until the "
+                            "neighbourhood graph has been measured in deployments (benchmarks/secagg_scaling.py "
+                            "measures it in-process)")
+    secagg_graph_degree: int = Field(0, ge=0, description="neighbourhood graph: neighbours per site (even); 0 = "
+                                                          "secagg_graph.choose_degree(sites, 10 % dropout), which is "
+                                                          "the complete graph below 30 sites")
     secagg_roster: str = Field("", description="the consortium roster (PKI/registered_sites.csv): authenticated "
                                                "secure aggregation (signed keys, shares and transcript; a dealer "
                                                "of bad shares is named and left out); empty = unauthenticated")
@@ -140,6 +149,11 @@ class FederatedConfig(BaseModel):
             raise ValueError("secure aggregation reveals only the sum: robust aggregation needs individual updates")
         if self.secagg_roster and not self.secagg:
             raise ValueError("secagg-roster authenticates secure aggregation: set secagg=true too")
+        if self.secagg_graph == "neighbourhood" and self.dp_clip_norm > 0:
+            raise ValueError("secagg-graph='neighbourhood' with DP: the distributed noise is calibrated to the "
+                             "complete graph's threshold; use secagg-graph='full' with dp-clip-norm > 0")
+        if self.secagg_graph_degree and (self.secagg_graph != "neighbourhood" or self.secagg_graph_degree % 2):
+            raise ValueError("secagg-graph-degree needs secagg-graph='neighbourhood' and must be even")
         return self
 
     def identity(self) -> dict[str, Any]:

@@ -143,11 +143,12 @@ def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: l
     book = server.collect_keys(adverts)
 
     # stage 1: shares
-    rec = ConfigRecord(book.to_record())
-    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: rec}), record_size(rec)) for sid in book.keys}
+    # (neighbourhood graph: each site gets its own neighbours' keys only; complete graph: the same book for all)
+    recs = {sid: ConfigRecord(server.book_for(sid).to_record()) for sid in book.keys}
+    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: rec}), record_size(rec)) for sid, rec in recs.items()}
 
     def for_the_others(sid: int, bundle: ShareBundle) -> str | None:
-        if bundle.site_id != sid or set(bundle.ciphertexts) != set(book.keys) - {sid}:
+        if bundle.site_id != sid or set(bundle.ciphertexts) != set(server.book_for(sid).keys) - {sid}:
             return "share bundle from the wrong site or for the wrong recipients"
         return None
 
@@ -182,8 +183,9 @@ def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: l
     payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), record_size(r)) for sid in request.survivors}
 
     def answers_the_request(sid: int, got: UnmaskShares) -> str | None:
-        if got.site_id != sid or set(got.self_shares) != set(request.survivors) \
-                or set(got.key_shares) != set(request.dropped):
+        held = server.holds(sid)  # complete graph: every share dealer
+        if got.site_id != sid or set(got.self_shares) != set(request.survivors) & held \
+                or set(got.key_shares) != set(request.dropped) & held:
             return "unmask shares from the wrong site or not answering the request"
         return None
 

@@ -36,6 +36,7 @@ from magnet_core.federation.dp import (
 from magnet_core.federation.secagg import SecAggServer, UpdateLayout
 from magnet_core.federation.secagg_auth import Roster
 from magnet_core.federation.secagg_bounds import clip_bound_problems
+from magnet_core.federation.secagg_graph import choose_degree
 from magnet_core.protocol.enrolment import SiteFacts
 from magnet_core.protocol.keys import (
     ARRAYS_KEY,
@@ -56,6 +57,18 @@ from .strategy import MagnetFedAvg
 
 LOSS_SLOTS = 2  # the sites append loss * training patients and training patients (client/secure.py)
 
+
+
+def graph_degree(cfg: FederatedConfig, n: int) -> int:
+    """Neighbours per site of this round's secure sum; 0 = the complete graph (secagg-graph, secagg-graph-degree)."""
+    if cfg.secagg_graph != "neighbourhood":
+        return 0
+    k = cfg.secagg_graph_degree or choose_degree(n, 0.1)
+    if k > n - 1 or k == 0:
+        log(WARNING, "secagg-graph='neighbourhood' over %d sites: degree %s is not below %d, the complete graph is "
+            "used", n, k or "choose_degree(n, 0.1)", n - 1)
+        return 0
+    return k
 
 class SecureMagnetFedAvg(MagnetFedAvg):
     """MagnetFedAvg whose training round is a secure sum: the coordinator sees masked vectors only. With
@@ -96,8 +109,14 @@ class SecureMagnetFedAvg(MagnetFedAvg):
             if max_drop < cfg.secagg_max_dropouts:
                 log(WARNING, "round %d: secure aggregation over %d sites tolerates %d dropout(s), not %d (the "
                     "threshold must stay a majority)", rnd, n, max_drop, cfg.secagg_max_dropouts)
-            setup = SecAggSetup.for_sites(f"{cfg.fingerprint()[:16]}/round-{rnd}/{secrets.token_hex(8)}",
-                                          list(range(1, n + 1)), layout.length + LOSS_SLOTS, max_drop)
+            rid = f"{cfg.fingerprint()[:16]}/round-{rnd}/{secrets.token_hex(8)}"
+            degree = graph_degree(cfg, n)
+            if degree:
+                setup = SecAggSetup.for_neighbourhoods(rid, list(range(1, n + 1)), layout.length + LOSS_SLOTS,
+                                                       degree)
+            else:
+                setup = SecAggSetup.for_sites(rid, list(range(1, n + 1)), layout.length + LOSS_SLOTS, max_drop)
+            summary.update(graph_degree=degree or n - 1)
             summary.update(threshold=setup.threshold, max_dropouts=setup.max_dropouts,
                            vector_length=setup.vector_length,
                            clip_norm=cfg.secagg_clip_norm if dp is None else dp.clip_norm)

@@ -827,6 +827,7 @@ ALLOWED: dict[str, list[str]] = {
         "(bar <= 1.5x)", "(< 8 GB)", "(< 60 s per epoch)",  # targets
         "features 200/184/142",  # generator settings
         "1,000 / 10,000 / 100,000",  # sizes the script runs
+        "10 % of sites dropping after masking",  # secagg_scaling.py's setting
         "is above 60 s",  # the time bar
         "cannot stay at 1.0x",  # the ideal ratio
         ],

@@ -321,3 +321,25 @@ def test_site_refuses_a_stage_without_its_state():
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__, "-q"])
+
+
+def test_a_neighbourhood_graph_round_equals_plain_aggregation(tmp_path, monkeypatch):
+    """secagg-graph='neighbourhood' over 5 sites with 2 neighbours each (a ring; threshold 2 of 3 per neighbourhood):
+    each site gets its own neighbours' keys only, and with a site dropping after masking the mean equals plain
+    aggregation of all five clipped updates."""
+    from client.app import app as client_app
+    from server.app import server_main
+
+    rec = _Recorder(monkeypatch)
+    cfg = _cfg(tmp_path, "hood", data_path="generated:250", scenario="iid-5", secagg_graph="neighbourhood",
+               secagg_graph_degree=2, num_server_rounds=1)
+    grid = DroppingGrid(client_app, 5, cfg.to_run_config(), drop={(1, "query.secagg_unmask", 4)})
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+    params, history = server_main(grid, ctx)
+    sa = history[0]["screening"]["secure_aggregation"]
+    assert sa["status"] == "aggregated" and sa["graph_degree"] == 2 and sa["threshold"] == 2
+    assert len(history[0]["accepted"]) == 5 and sa["dropped_after_masking"] == ["site3"]
+    (server,) = rec.servers
+    assert server.setup.graph_degree == 2
+    assert all(len(server.book_for(i).keys) == 3 for i in server.setup.site_ids)
+    _assert_params_close(params, _plain(rec.calls[:5]))

@@ -26,7 +26,14 @@
 # names its dealer, who is then excluded: stage 4b ExclusionRequest -> PairwiseSeeds), and a transcript signature
 # (context = global model + round config, key book, U2) checked before unmasking. In that mode the coordinator
 # keeps the masked vectors one by one until the sum is done (to take an excluded dealer's out again).
-# Complete graph (SecAgg); the sparse neighbourhoods of SecAgg+ (Bell et al. 2020) pay off only for hundreds of sites.
+# Graph: complete (SecAgg, setup.graph_degree == 0, the default) or sparse (SecAgg+, Bell et al. 2020:
+# setup.graph_degree = k > 0). Sparse: the graph is derived by every party from the round id and the sorted site ids
+# (magnet_core/federation/secagg_graph.py); a site gets the key book of its own neighbourhood only and refuses one
+# naming any other site, deals its shares (threshold t per closed neighbourhood of k + 1 sites) and pairwise masks
+# with its neighbours only, signs a transcript holding the global list of share dealers (ShareInbox.participants),
+# and before unmasking checks that its neighbourhood keeps >= t survivors and that the survivors are connected in
+# the graph (so only the sum over all of them can be unmasked). The coordinator reconstructs each secret from the
+# holders in that site's neighbourhood and fails naming the site when fewer than t of them answer.
 #
 # Fixed point: x -> round(x * 2^frac_bits) as a two's-complement int64 in Z_2^64. Each site's values must satisfy
 # |x| < 2^(63 - frac_bits) / n_sites so that the sum cannot wrap (checked, clear error). Per coordinate the decoded
@@ -72,11 +79,13 @@ from .secagg_auth import (
     SiteAuth,
     advert_payload,
     check_book,
+    neighbourhood_transcript_digest,
     seed_commitment,
     share_payload,
     transcript_digest,
     transcript_payload,
 )
+from .secagg_graph import connected, neighbourhood_graph
 
 PRIME = 2**521 - 1  # Mersenne prime: the Shamir field holds a 256-bit secret directly
 SHARE_BYTES = 66
@@ -207,6 +216,7 @@ class SecAggSite:
         self._shares: dict[int, tuple[bytes, bytes]] = {}  # sender -> (share of its b, share of its mask key)
         self._sigs: dict[int, tuple[bytes, bytes]] = {}  # sender -> its signatures over those two shares
         self._u2: list[int] = []
+        self._participants: dict[int, str] = {}  # neighbourhood graph: every share dealer (global U2) -> its name
         self._digest = b""
         self._revealed: str = ""  # "" | "masked" | "unmasked" | "excluded"
 
@@ -222,7 +232,8 @@ class SecAggSite:
             "book": {k: {str(i): (v.hex() if isinstance(v, bytes) else v) for i, v in d.items()}
                      for k, d in self._book.items()},
             "authenticated": self.auth is not None, "context": self.context.hex(), "digest": self._digest.hex(),
-            "u2": self._u2, "revealed": self._revealed})
+            "u2": self._u2, "revealed": self._revealed,
+            **({"participants": {str(k): v for k, v in self._participants.items()}} if self._participants else {})})
 
     @classmethod
     def from_state(cls, text: str, auth: SiteAuth | None = None) -> "SecAggSite":
@@ -241,14 +252,23 @@ class SecAggSite:
                       for k, x in d.get("book", {}).items()}
         site._digest = bytes.fromhex(d.get("digest", ""))
         site._u2, site._revealed = [int(i) for i in d["u2"]], d["revealed"]
+        site._participants = {int(k): str(v) for k, v in d.get("participants", {}).items()}
         return site
+
+    def _graph(self) -> dict[int, frozenset[int]]:
+        """The neighbourhood graph of this sum, computed by this site from the setup (sparse sums only)."""
+        g = getattr(self, "_graph_cache", None)
+        if g is None:
+            g = self._graph_cache = neighbourhood_graph(self.setup.round_id, self.setup.site_ids,
+                                                        self.setup.graph_degree)
+        return g
 
     def _book_view(self) -> KeyBook:
         return KeyBook(dict(self._keys), self.setup.round_id, dict(self._book.get("names", {})),
                        dict(self._book.get("commits", {})), dict(self._book.get("signatures", {})))
 
     def _name(self, site: int) -> str:
-        name = self._book.get("names", {}).get(site)
+        name = self._book.get("names", {}).get(site) or self._participants.get(site)
         return f"secagg site {site} ({name!r})" if name else f"secagg site {site}"
 
     # -- stages -----------------------------------------------------------------------------------------
@@ -280,6 +300,13 @@ class SecAggSite:
         unknown = set(keys) - set(self.setup.site_ids)
         if unknown:
             raise SecAggError(f"site {self.site_id}: key book names sites outside the setup: {sorted(unknown)}")
+        if self.setup.graph_degree:  # only this site's own neighbourhood, as this site computes it
+            hood = self._graph()[self.site_id] | {self.site_id}
+            foreign = sorted(set(keys) - hood)
+            if foreign:
+                raise SecAggError(f"site {self.site_id}: the key book holds sites {foreign} that are not its "
+                                  f"neighbours {sorted(hood - {self.site_id})} in the degree-{self.setup.graph_degree}"
+                                  f" graph of round {self.setup.round_id!r}; refusing")
         if len(keys) < self.setup.threshold:
             raise SecAggError(f"site {self.site_id}: only {len(keys)} sites advertised keys, threshold is "
                               f"{self.setup.threshold}")
@@ -348,6 +375,19 @@ class SecAggSite:
         if len(u2) < self.setup.threshold:
             raise SecAggError(f"site {self.site_id}: only {len(u2)} sites shared their secrets, threshold is "
                               f"{self.setup.threshold}")
+        parts: dict[int, str] = {}
+        if self.setup.graph_degree:
+            parts = {int(k): str(v) for k, v in inbox.participants.items()}
+            if self.site_id not in parts or set(u2) - set(parts) or set(parts) - set(self.setup.site_ids):
+                raise SecAggError(f"site {self.site_id}: the participant list {sorted(parts)} does not hold this "
+                                  f"site and every neighbour that dealt it shares {u2}, or names sites outside the "
+                                  "setup")
+            if self.auth is not None:
+                named = [n for n in parts.values() if n]
+                wrong = [u for u in u2 if parts[u] != self._book["names"][u]]
+                if len(named) != len(parts) or len(set(named)) != len(named) or wrong:
+                    raise SecAggError(f"site {self.site_id}: the participant list gives a missing, repeated or wrong "
+                                      f"name (neighbours {wrong} differ from their signed adverts)")
         x = np.asarray(vector, dtype=np.float64).ravel()
         if x.shape[0] != self.setup.vector_length:
             raise SecAggError(f"site {self.site_id}: vector of length {x.shape[0]}, the setup says "
@@ -363,10 +403,11 @@ class SecAggSite:
                 y += p
             else:
                 y -= p
-        self._u2, self._revealed = u2, "masked"
+        self._u2, self._revealed, self._participants = u2, "masked", parts
         if self.auth is None:
             return MaskedInput(self.site_id, y)
-        self._digest = transcript_digest(self.setup, self.context, self._book_view(), u2)
+        self._digest = (neighbourhood_transcript_digest(self.setup, self.context, parts) if parts
+                        else transcript_digest(self.setup, self.context, self._book_view(), u2))
         sig = self.auth.identity.sign(transcript_payload(self.setup.round_id, self.site_id, self._digest))
         return MaskedInput(self.site_id, y, sig)
 
@@ -378,9 +419,20 @@ class SecAggSite:
         if surv & drop:
             raise SecAggError(f"site {self.site_id}: sites {sorted(surv & drop)} are named both survivors and "
                               "dropped; refusing (it would reveal their input)")
-        if surv | drop != set(self._u2) or self.site_id not in surv:
+        dealers = sorted(self._participants) if self.setup.graph_degree else self._u2
+        if surv | drop != set(dealers) or self.site_id not in surv:
             raise SecAggError(f"site {self.site_id}: survivors + dropped {sorted(surv | drop)} do not match the "
-                              f"sites that shared secrets {self._u2}")
+                              f"sites that shared secrets {dealers}")
+        if self.setup.graph_degree:
+            live = sorted(surv & set(self._u2))
+            if len(live) < self.setup.threshold:
+                raise SecAggError(f"site {self.site_id}: only {len(live)} of the {len(self._u2)} sites of its "
+                                  f"neighbourhood {self._u2} sent masked input, threshold is {self.setup.threshold} "
+                                  "per neighbourhood; refusing to help unmask")
+            if not connected(self._graph(), surv):
+                raise SecAggError(f"site {self.site_id}: the survivors {sorted(surv)} are not connected in the "
+                                  "neighbourhood graph (unmasking would reveal the sum of a part of them); refusing "
+                                  "to help unmask")
         if len(surv) < self.setup.threshold:
             raise SecAggError(f"site {self.site_id}: only {len(surv)} sites sent masked input, threshold is "
                               f"{self.setup.threshold}; refusing to help unmask")
@@ -388,7 +440,8 @@ class SecAggSite:
             rid, bad = self.setup.round_id, []
             for u in sorted(surv - {self.site_id}):
                 payload = transcript_payload(rid, u, self._digest)
-                if not self.auth.roster.verifies(self._book["names"][u], payload,
+                name = self._participants[u] if self.setup.graph_degree else self._book["names"][u]
+                if not self.auth.roster.verifies(name, payload,
                                                  request.transcript_signatures.get(u, b"")):
                     bad.append(self._name(u))
             if bad:
@@ -396,6 +449,8 @@ class SecAggSite:
                                   "saw (a different global model, round config, key book or participant list was "
                                   "sent to different sites); refusing to help unmask")
         self._revealed = "unmasked"
+        held = set(self._u2)  # complete graph: every dealer; neighbourhoods: this site's neighbours that dealt
+        surv, drop = surv & held, drop & held
         return UnmaskShares(self.site_id, {u: self._shares[u][0] for u in sorted(surv)},
                             {v: self._shares[v][1] for v in sorted(drop)},
                             {u: self._sigs[u][0] for u in sorted(surv) if u in self._sigs},
@@ -411,15 +466,21 @@ class SecAggSite:
             raise SecAggError(f"site {self.site_id}: an exclusion request before unmasking, or a second one")
         if not request.proofs:
             raise SecAggError(f"site {self.site_id}: an exclusion request without evidence")
+        sparse = bool(self.setup.graph_degree)
+        mine = set(self._u2) - {self.site_id}
         for proof in request.proofs:
-            problem = refutes(proof, self.setup, self._book_view(), self.auth.roster)
+            if sparse and proof.sender not in mine:
+                continue  # not a neighbour: no pairwise mask with it, nothing to give
+            holders = (self._graph()[proof.sender] | {proof.sender}) if sparse else None
+            problem = refutes(proof, self.setup, self._book_view(), self.auth.roster, holders)
             if problem:
                 raise SecAggError(f"site {self.site_id}: the evidence against {self._name(proof.sender)} does not "
                                   f"hold ({problem}); refusing")
         self._revealed = "excluded"
         rid = self.setup.round_id
+        senders = [u for u in request.senders if u in mine] if sparse else request.senders
         return PairwiseSeeds(self.site_id, {u: _pairwise_seed(self._mask_sk, self._keys[u][1], rid, self.site_id, u)
-                                            for u in request.senders})
+                                            for u in senders})
 
 
 def _committed(kind: str, secret: bytes, round_id: str, sender: int, book: KeyBook) -> bool:
@@ -438,16 +499,18 @@ def _combine_or_none(shares: Mapping[int, bytes]) -> bytes | None:
         return None
 
 
-def refutes(proof: ShareProof, setup: SecAggSetup, book: KeyBook, roster: Roster) -> str:
-    """'' if ``proof`` shows that its sender dealt shares contradicting its own commitment, else what is wrong."""
+def refutes(proof: ShareProof, setup: SecAggSetup, book: KeyBook, roster: Roster,
+            holders: Iterable[int] | None = None) -> str:
+    """'' if ``proof`` shows that its sender dealt shares contradicting its own commitment, else what is wrong.
+    ``holders``: the sender's share holders (neighbourhood graph: its closed neighbourhood; default the key book)."""
     u, rid = proof.sender, setup.round_id
     if u not in book.keys or u not in book.names:
         return f"sender {u} is not in the key book"
     if proof.kind not in ("self", "mask"):
         return f"unknown secret {proof.kind!r}"
     xs = sorted(proof.shares)
-    if len(xs) != setup.threshold or set(xs) - set(book.keys):
-        return f"{len(xs)} shares from {xs}, need {setup.threshold} from sites of the key book"
+    if len(xs) != setup.threshold or set(xs) - set(book.keys if holders is None else holders):
+        return f"{len(xs)} shares from {xs}, need {setup.threshold} from the sender's share holders"
     for x in xs:
         if not roster.verifies(book.names[u], share_payload(rid, u, x, proof.kind, proof.shares[x]),
                                proof.signatures.get(x, b"")):
@@ -483,6 +546,27 @@ class SecAggServer:
         self.blamed: dict[int, str] = {}  # secagg id -> why its unmask reply was discarded
         self.exclusion: ExclusionRequest | None = None
         self.total: np.ndarray | None = None
+        self.graph: dict[int, frozenset[int]] | None = (
+            neighbourhood_graph(setup.round_id, setup.site_ids, setup.graph_degree) if setup.graph_degree else None)
+
+    def _adjacent(self, u: int, v: int) -> bool:
+        return self.graph is None or v in self.graph[u]
+
+    def holds(self, site: int) -> set[int]:
+        """The dealers whose shares ``site`` holds (itself included)."""
+        return {u for u in self.u2 if u == site or self._adjacent(site, u)}
+
+    def book_for(self, site: int) -> KeyBook:
+        """The key book to send ``site``: complete graph, every advert; neighbourhoods, its neighbours' only."""
+        if self.book is None:
+            raise SecAggError("stage 1 (collect_keys) has not run")
+        if self.graph is None:
+            return self.book
+        ids = [i for i in self.book.keys if i == site or self._adjacent(site, i)]
+        b = self.book
+        return KeyBook({i: b.keys[i] for i in ids}, b.round_id, {i: b.names[i] for i in ids if i in b.names},
+                       {i: b.commits[i] for i in ids if i in b.commits},
+                       {i: b.signatures[i] for i in ids if i in b.signatures})
 
     @property
     def included(self) -> list[int]:
@@ -546,14 +630,16 @@ class SecAggServer:
         for b in bundles:
             if b.site_id not in self.keys or b.site_id in got:
                 raise SecAggError(f"shares from site {b.site_id}: unknown or sent twice")
-            expected = set(self.keys) - {b.site_id}
+            expected = set(self.book_for(b.site_id).keys) - {b.site_id}
             if set(b.ciphertexts) != expected:
                 raise SecAggError(f"site {b.site_id} sent shares for {sorted(b.ciphertexts)}, expected "
                                   f"{sorted(expected)}")
             got[b.site_id] = dict(b.ciphertexts)
         self.u2 = sorted(got)
         self._need(self.u2, "shared their secrets")
-        return {v: ShareInbox(v, {u: got[u][v] for u in self.u2 if u != v}, self.setup.round_id) for v in self.u2}
+        parts = {u: self.book.names.get(u, "") for u in self.u2} if self.graph is not None else {}
+        return {v: ShareInbox(v, {u: got[u][v] for u in self.u2 if u != v and v in got[u]}, self.setup.round_id,
+                              parts) for v in self.u2}
 
     def add_masked(self, item: MaskedInput) -> None:
         """Stage 3: add one masked vector into the running sum (the vector itself is not kept)."""
@@ -587,7 +673,8 @@ class SecAggServer:
         for r in responses:
             if r.site_id not in req.survivors or r.site_id in got:
                 raise SecAggError(f"unmask shares from site {r.site_id}: not a survivor or sent twice")
-            if set(r.self_shares) != set(req.survivors) or set(r.key_shares) != set(req.dropped):
+            held = self.holds(r.site_id)
+            if set(r.self_shares) != set(req.survivors) & held or set(r.key_shares) != set(req.dropped) & held:
                 raise SecAggError(f"unmask shares from site {r.site_id} do not answer the request")
             got[r.site_id] = r
         if self.roster is not None:
@@ -596,9 +683,16 @@ class SecAggServer:
         proofs = []
         for kind, whose in (("self", req.survivors), ("mask", req.dropped)):
             for u in whose:
-                shares = {s: (r.self_shares if kind == "self" else r.key_shares)[u] for s, r in got.items()}
+                shares = {s: (r.self_shares if kind == "self" else r.key_shares)[u] for s, r in got.items()
+                          if u in (r.self_shares if kind == "self" else r.key_shares)}
                 sigs = {s: (r.self_signatures if kind == "self" else r.key_signatures).get(u, b"")
-                        for s, r in got.items()}
+                        for s, r in got.items() if s in shares}
+                if len(shares) < self.setup.threshold:  # neighbourhoods only (the complete graph checked above)
+                    what = "self-mask seed" if kind == "self" else "mask key"
+                    raise SecAggError(f"secure aggregation {self.setup.round_id!r}: only {len(shares)} of the share "
+                                      f"holders of {self.label(u)} (its neighbourhood {sorted(self.holds(u))}) "
+                                      f"answered, threshold {self.setup.threshold}: its {what} cannot be "
+                                      "reconstructed and the sum cannot be recovered; run the round again")
                 secret, proof = self._recover(kind, u, shares, sigs)
                 if proof is not None:
                     proofs.append(proof)
@@ -665,8 +759,12 @@ class SecAggServer:
         req = self.exclusion_request()
         honest = self.included
         got = {}
+        owed = {w: {c for c in req.senders if self._adjacent(w, c)} for w in honest}
+        honest = [w for w in honest if owed[w]]
         for r in replies:
-            if r.site_id not in honest or r.site_id in got or set(r.seeds) != set(req.senders) \
+            if r.site_id in owed and not owed[r.site_id] and not r.seeds:
+                continue  # neighbourhoods: a survivor with no excluded neighbour has nothing to give
+            if r.site_id not in honest or r.site_id in got or set(r.seeds) != owed[r.site_id] \
                     or any(len(v) != 32 for v in r.seeds.values()):
                 raise SecAggError(f"pairwise seeds from site {r.site_id}: not an honest survivor, sent twice or "
                                   "not answering the exclusion request")
@@ -695,6 +793,8 @@ class SecAggServer:
         for v in dropped:
             sk = self._secrets[("mask", v)]
             for u in honest:
+                if not self._adjacent(u, v):
+                    continue
                 p = prg(_pairwise_seed(sk, self.keys[u][1], rid, v, u), n)
                 if v > u:  # u added +p for v > u
                     acc -= p
@@ -723,8 +823,8 @@ def run_local(setup: SecAggSetup, vectors: Mapping[int, np.ndarray], drop_before
     make = site_class or SecAggSite
     sites = {i: make(setup, i, auth[i], context) if auth else make(setup, i) for i in setup.site_ids}
     server = SecAggServer(setup, roster)
-    book = server.collect_keys([s.advertise() for s in sites.values()])
-    inboxes = server.route_shares([s.share(book) for s in sites.values()])
+    server.collect_keys([s.advertise() for s in sites.values()])
+    inboxes = server.route_shares([s.share(server.book_for(i)) for i, s in sites.items()])
     for i, s in sites.items():
         if i not in before:
             server.add_masked(s.mask(inboxes[i], vectors[i]))

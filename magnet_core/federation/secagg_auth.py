@@ -213,6 +213,16 @@ def transcript_digest(setup: SecAggSetup, context: bytes, book: KeyBook, u2: Seq
     return h.digest()
 
 
+def neighbourhood_transcript_digest(setup: SecAggSetup, context: bytes, participants: Mapping[int, str]) -> bytes:
+    """The transcript of a sum on a neighbourhood graph, alike at every site: the setup (with its degree, so the
+    graph), the context and every site that dealt shares with its enrolled name. Each site checked the signed
+    adverts of its own neighbours against its roster; no site sees the other neighbourhoods' key books."""
+    h = hashlib.sha256(_frame("neighbourhood-transcript", json.dumps(setup.to_record(), sort_keys=True), context))
+    for i in sorted(participants):
+        h.update(_frame("participant", i, participants[i]))
+    return h.digest()
+
+
 def transcript_payload(round_id: str, site_id: int, digest: bytes) -> bytes:
     return _frame("transcript-signature", round_id, site_id, digest)
 

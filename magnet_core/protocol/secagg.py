@@ -51,6 +51,7 @@ class SecAggSetup:
     threshold: int
     vector_length: int
     frac_bits: int = DEFAULT_FRAC_BITS
+    graph_degree: int = 0  # 0: complete graph (SecAgg); k > 0: neighbourhoods of k sites (SecAgg+), t per neighbourhood
 
     def __post_init__(self) -> None:
         ids = tuple(sorted(int(i) for i in self.site_ids))
@@ -60,7 +61,16 @@ class SecAggSetup:
             raise SecAggError(f"site ids must be distinct integers in 1..2^63-1, got {list(ids)}")
         if n < 2:
             raise SecAggError(f"secure aggregation needs at least 2 sites, got {n}")
-        if not (n // 2 < self.threshold <= n and self.threshold >= 2):
+        k = self.graph_degree
+        if k:
+            if k < 2 or k % 2 or k > n - 1:
+                raise SecAggError(f"graph degree {k} for {n} sites: it must be even and in 2..{n - 1} (0 for the "
+                                  "complete graph)")
+            if not ((k + 1) // 2 < self.threshold <= k + 1 and self.threshold >= 2):
+                raise SecAggError(f"threshold {self.threshold} for neighbourhoods of {k + 1} sites (a site and its "
+                                  f"{k} neighbours): it must be > {(k + 1) // 2} (a majority, so the coordinator "
+                                  f"cannot learn both secrets of a site) and <= {k + 1}")
+        elif not (n // 2 < self.threshold <= n and self.threshold >= 2):
             raise SecAggError(f"threshold {self.threshold} for {n} sites: it must be > {n // 2} (a majority, so the "
                               f"coordinator cannot learn both secrets of a site) and <= {n}")
         if self.vector_length < 1 or not 1 <= self.frac_bits <= 52:
@@ -72,19 +82,31 @@ class SecAggSetup:
         """Threshold t = n - max_dropouts (refused unless it stays a majority and >= 2)."""
         return cls(str(round_id), tuple(site_ids), len(site_ids) - max_dropouts, vector_length, frac_bits)
 
+    @classmethod
+    def for_neighbourhoods(cls, round_id: str, site_ids: Sequence[int], vector_length: int, degree: int,
+                           threshold: int | None = None, frac_bits: int = DEFAULT_FRAC_BITS) -> "SecAggSetup":
+        """Sparse graph of ``degree`` neighbours per site (magnet_core.federation.secagg_graph); threshold per
+        closed neighbourhood (default: its smallest majority, floor((degree + 1) / 2) + 1)."""
+        t = (degree + 1) // 2 + 1 if threshold is None else threshold
+        return cls(str(round_id), tuple(site_ids), t, vector_length, frac_bits, int(degree))
+
     @property
     def max_dropouts(self) -> int:
-        return len(self.site_ids) - self.threshold
+        """Complete graph: how many sites may drop; neighbourhoods: how many of one closed neighbourhood may."""
+        return (self.graph_degree + 1 if self.graph_degree else len(self.site_ids)) - self.threshold
 
     def to_record(self) -> dict:
-        return stamped({ROUND_ID: self.round_id, "site-ids": list(self.site_ids), "threshold": self.threshold,
-                        "vector-length": self.vector_length, "frac-bits": self.frac_bits})
+        out = {ROUND_ID: self.round_id, "site-ids": list(self.site_ids), "threshold": self.threshold,
+               "vector-length": self.vector_length, "frac-bits": self.frac_bits}
+        if self.graph_degree:
+            out["graph-degree"] = self.graph_degree
+        return stamped(out)
 
     @classmethod
     def from_record(cls, r: Mapping) -> "SecAggSetup":
         check_version(r, "secure-aggregation setup")
         return cls(str(r[ROUND_ID]), tuple(r["site-ids"]), int(r["threshold"]), int(r["vector-length"]),
-                   int(r["frac-bits"]))
+                   int(r["frac-bits"]), int(r.get("graph-degree", 0)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,17 +246,25 @@ class ShareInbox:
     recipient: int
     ciphertexts: dict[int, bytes]  # sender -> ciphertext
     round_id: str = dataclasses.field(default="", compare=False)
+    # neighbourhood graph only: every site that dealt shares (global U2) -> its enrolled name ("" unauthenticated);
+    # it goes into the transcript each site signs, so all survivors must have been told the same list
+    participants: dict[int, str] = dataclasses.field(default_factory=dict, compare=False)
 
     def to_record(self) -> dict:
         ids = _ids(self.ciphertexts)
-        return stamped({"recipient": self.recipient, "from": ids, "ciphertexts": [self.ciphertexts[i] for i in ids],
-                        ROUND_ID: self.round_id})
+        out = {"recipient": self.recipient, "from": ids, "ciphertexts": [self.ciphertexts[i] for i in ids],
+               ROUND_ID: self.round_id}
+        if self.participants:
+            p = _ids(self.participants)
+            out.update({"participant-ids": p, "participant-names": [self.participants[i] for i in p]})
+        return stamped(out)
 
     @classmethod
     def from_record(cls, r: Mapping) -> "ShareInbox":
         check_version(r, "share inbox")
         return cls(int(r["recipient"]), {int(i): bytes(c) for i, c in zip(r["from"], r["ciphertexts"])},
-                   str(r[ROUND_ID]))
+                   str(r[ROUND_ID]),
+                   {int(i): str(n) for i, n in zip(r.get("participant-ids", []), r.get("participant-names", []))})
 
 
 @dataclasses.dataclass(frozen=True)
