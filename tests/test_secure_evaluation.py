@@ -199,3 +199,73 @@ def test_multiclass_layout_has_no_histograms():
                                              np.zeros((4, 4), np.int64) for g in GROUPS}, {}))
     out, _ = secure_pool_local(per_site, K)
     assert out["metrics"]["mcc"] == metrics_from_confusion(sum(s.confusion["all"] for s in per_site))["mcc"]
+
+
+# ------------------------------------------------------------------------------------------ the site's policy
+
+
+def _policy(evaluate: bool):
+    from client.policy import parse_policy
+
+    return parse_policy(f'consortium = "ov"\n[secure_aggregation]\nevaluate = {str(evaluate).lower()}\n', "p.toml")
+
+
+def test_the_site_policy_evaluates_only_inside_a_secure_sum():
+    from client.policy import ConsortiumMemory, PolicyRefusal, SiteRequest, check_request, remember
+
+    policy = _policy(True)
+    memory = ConsortiumMemory()
+    train = SiteRequest(kind="train.secagg", run=1, round=1, secure=True, secure_round_id="t1", model_sha256="a",
+                        dp_noise_multiplier=1.0, secagg_threshold=2)
+    check_request(policy, train, memory, None)
+    remember(memory, train)
+    with pytest.raises(PolicyRefusal, match="secure_aggregation.evaluate"):
+        check_request(policy, SiteRequest(kind="evaluate", run=1, round=1, model_sha256="b"), memory, None)
+    secure = SiteRequest(kind="evaluate.secagg", run=1, round=1, secure=True, secure_round_id="e1",
+                         model_sha256="b", min_count=5)
+    check_request(policy, secure, memory, None)  # admitted: its counts go only masked into the sum
+    remember(memory, secure)
+    # after a secure evaluation of a model, a clear evaluation of the same model (which could be subtracted from
+    # the sum) is refused even by a site whose policy allows clear evaluations
+    open_policy = _policy(False)
+    with pytest.raises(PolicyRefusal, match="evaluation"):
+        check_request(open_policy, SiteRequest(kind="evaluate", run=1, round=1, model_sha256="b", min_count=5),
+                      memory, None)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_federation_of_small_sites_gets_an_exact_global_metric_under_secure_evaluation(ov_path, tmp_path):
+    """The in-process engine (the real ClientApp and ServerApp message paths): 5 OV sites of ~12 test patients each,
+    k = 15 (so every site alone is below k, as 20 sites of ~3 are below k = 5). Under secure evaluation the
+    coordinator's global MCC / accuracy / F1 are exactly those of the pooled predictions of the final model, where
+    the plain rule withholds every site's evaluation; no per-site metric exists."""
+    from magnet_core.consortium.simulated import load_consortium
+    from magnet_core.model.config import get_preset
+    from server.config import FederatedConfig
+    from simulations.engine import run_inprocess
+    from simulations.simulate import fresh_runtime
+
+    k = 15
+    cfg = FederatedConfig(num_server_rounds=1, local_epochs=1, data_path=str(ov_path), scenario="iid-5",
+                          seed=10, min_sites=5, out_dir=str(tmp_path / "run"), report=False, min_count=k,
+                          secure_evaluation=True)
+    params, hist = run_inprocess(cfg, 5)
+    last = hist[-1]
+    preset = get_preset(cfg.preset)
+    _, sites = load_consortium(str(ov_path), "iid-5", cfg.seed, "")
+    counts = [fresh_runtime(s.name, s, preset, cfg.seed).evaluate_counts(params, test_graph=cfg.test_graph)
+              for s in sites]
+    assert max(c.num for c in counts) < k <= sum(c.num for c in counts)  # every site alone is below k
+    plain = pool_releases([release_eval(c, k) for c in counts])["metrics"]
+    assert plain["mcc"] is None
+    exact = metrics_from_confusion(sum(c.confusion["all"] for c in counts))
+    for m in ("mcc", "acc", "f1"):
+        assert last["global"][m] == exact[m]
+    assert last["global"]["auroc_low"] <= last["global"]["auroc"] <= last["global"]["auroc_high"]
+    assert last["pooled_over"]["patients"] == sum(c.num for c in counts)
+    assert len(last["pooled_over"]["sites"]) == 5
+    assert last["sites"] == {}  # no per-site metric exists
+    summary = last["screening"]["secure_evaluation"]
+    assert summary["status"] == "pooled" and summary["k"] == k
