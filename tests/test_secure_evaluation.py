@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_secure_round_auth import pki  # noqa: F401, F811  (the consortium PKI fixture)
 
 from magnet_core.federation.privacy import pool_releases, release_eval
 from magnet_core.federation.secagg import SecAggError, SecAggServer, SecAggSetup, SecAggSite, prg
@@ -269,3 +270,52 @@ def test_federation_of_small_sites_gets_an_exact_global_metric_under_secure_eval
     assert last["sites"] == {}  # no per-site metric exists
     summary = last["screening"]["secure_evaluation"]
     assert summary["status"] == "pooled" and summary["k"] == k
+
+
+def _flower_run(tmp_path, name: str, drop=frozenset(), node_configs=None, **kw):
+    from test_secure_round import _cfg
+    from test_secure_round import _run as run_secure
+
+    cfg = _cfg(tmp_path, name, num_server_rounds=1, secure_evaluation=True, min_count=K, **kw)
+    params, history, grid = run_secure(cfg, drop=set(drop), node_configs=node_configs)
+    return cfg, params, history
+
+
+def _site_counts(cfg, params):
+    from magnet_core.consortium.simulated import load_consortium
+    from magnet_core.model.config import get_preset
+    from simulations.simulate import fresh_runtime
+
+    _, sites = load_consortium(cfg.data_path, cfg.scenario, cfg.seed, cfg.modalities)
+    preset = get_preset(cfg.preset)
+    return [fresh_runtime(s.name, s, preset, cfg.seed).evaluate_counts(params, test_graph=cfg.test_graph)
+            for s in sites]
+
+
+def test_a_site_dropping_before_masking_leaves_the_exact_sum_of_the_others(tmp_path):
+    """Through the real message paths (3 generated sites, secure training and secure evaluation): node 2 goes away
+    before sending its masked evaluation counts; the coordinator's metric is exactly that of the other two sites'
+    pooled predictions, and the dropped site is named."""
+    cfg, params, history = _flower_run(tmp_path, "drop", drop={(1, "query.secagg_mask", 2)})
+    last = history[-1]
+    summary = last["screening"]["secure_evaluation"]
+    assert summary["status"] == "pooled" and summary["dropped_before_masking"] == ["site1"]
+    counts = _site_counts(cfg, params)
+    others = [c for c in counts if c.site != "site1"]
+    exact = metrics_from_confusion(sum(c.confusion["all"] for c in others))
+    for m in ("mcc", "acc", "f1"):
+        assert last["global"][m] == exact[m]
+    assert last["pooled_over"] == {"sites": ["site0", "site2"], "patients": sum(c.num for c in others)}
+    assert last["sites"] == {}
+
+
+def test_authenticated_secure_evaluation_pools_exactly(tmp_path, pki):  # noqa: F811
+    """With the consortium roster (signed keys, shares and transcript), as a site holding a roster requires."""
+    roster, node_configs = pki
+    cfg, params, history = _flower_run(tmp_path, "auth", node_configs=node_configs, secagg_roster=str(roster))
+    last = history[-1]
+    assert last["screening"]["secure_evaluation"]["status"] == "pooled"
+    counts = _site_counts(cfg, params)
+    exact = metrics_from_confusion(sum(c.confusion["all"] for c in counts))
+    assert last["global"]["mcc"] == exact["mcc"] and last["global"]["acc"] == exact["acc"]
+    assert last["pooled_over"]["patients"] == sum(c.num for c in counts)
