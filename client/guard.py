@@ -55,8 +55,9 @@ from .policy import (
 from .site_state import SiteState
 
 SECURE_TRAIN = message_type(TRAIN, SECAGG_ACTION)
+SECURE_EVALUATE = message_type(EVALUATE, SECAGG_ACTION)
 SECURE_PREPARE = message_type(QUERY, PREPARE_SECAGG)
-ROUND_KINDS = (TRAIN, EVALUATE, SECURE_TRAIN)
+ROUND_KINDS = (TRAIN, EVALUATE, SECURE_TRAIN, SECURE_EVALUATE)
 PREPARE_KINDS = tuple(message_type(QUERY, a) for a in (PREPARE_STATS, PREPARE_SECAGG, PREPARE_APPLY))
 STAGE_KINDS = tuple(message_type(QUERY, a) for a in (SECAGG_SHARE, SECAGG_MASK, SECAGG_UNMASK, SECAGG_EXCLUDE))
 
@@ -104,6 +105,10 @@ def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None) -
             fields.update(secure=True, secure_round_id=start.setup.round_id, secagg_threshold=start.setup.threshold,
                           authenticated=signs,
                           dp_noise_multiplier=terms.dp_noise_multiplier if terms is not None and terms.dp else None)
+        if kind == SECURE_EVALUATE:
+            setup = SecAggStart.from_record(content[SECAGG_KEY]).setup
+            fields.update(secure=True, secure_round_id=setup.round_id, secagg_threshold=setup.threshold,
+                          authenticated=signs)
         return SiteRequest(kind=kind, run=run, **fields)
     if kind in PREPARE_KINDS:
         request = PrepareRequest.decode(content[CONFIG_KEY])

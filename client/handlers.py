@@ -101,6 +101,15 @@ def evaluate_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int
     return EvalReply.from_release(release).encode()
 
 
+def evaluation_counts(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, flat: np.ndarray,
+                      layout: Mapping[str, Any]):
+    """(site name, EvalCounts of the global model on the site's test patients): the counts of a secure evaluation,
+    which leave the site only masked (client/secure.py), never released on their own."""
+    site = site_for(cfg, node_config, node_id)
+    _, state = received_state(site, cfg, flat, layout)
+    return site.name, site.evaluate_counts(state, DEFAULT_BINS, cfg.test_graph)
+
+
 def site_min_count(node_config: Mapping[str, Any]) -> int:
     """The k of the site's own consortium manifest (deployment); the floor otherwise."""
     from magnet_core.cohort.manifest import MIN_COUNT_FLOOR, ConsortiumManifest

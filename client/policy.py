@@ -54,7 +54,9 @@ class SecureAggregation(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     train: bool = Field(True, description="answer training only inside a secure sum (never a clear update)")
-    evaluate: bool = Field(False, description="answer no clear evaluation (there is no secure evaluation: refuse all)")
+    evaluate: bool = Field(False, description="answer no clear evaluation: evaluate only inside a secure sum "
+                           "(secure evaluation, evaluate.secagg: the counts masked, k applied to the consortium's "
+                           "sum; a plain 'evaluate' is refused)")
     prepare: bool = Field(True, description="send preparation statistics only inside a secure sum")
     authenticated: bool = Field(False, description="take part only in authenticated secure sums (signed key adverts "
                                 "checked against this site's roster, a signed transcript before unmasking); training "
@@ -243,7 +245,7 @@ class SiteRequest(BaseModel):
 
     @property
     def evaluation(self) -> bool:
-        return self.kind == "evaluate"
+        return self.kind in ("evaluate", "evaluate.secagg")
 
     @property
     def preparation(self) -> bool:
@@ -283,8 +285,9 @@ def check_secure(policy: SitePolicy, req: SiteRequest) -> None:
     if req.training and sa.train and not req.secure:
         raise PolicyRefusal(policy, "secure_aggregation.train", "this site trains only inside a secure sum; a plain "
                             "'train' message would send its update in the clear")
-    if req.evaluation and sa.evaluate:
-        raise PolicyRefusal(policy, "secure_aggregation.evaluate", "this site releases no clear evaluation")
+    if req.evaluation and sa.evaluate and not req.secure:
+        raise PolicyRefusal(policy, "secure_aggregation.evaluate", "this site releases no clear evaluation; it "
+                            "evaluates only inside a secure sum (run with secure-evaluation=true)")
     if req.kind == "query.prepare_stats" and sa.prepare and not req.secure:
         raise PolicyRefusal(policy, "secure_aggregation.prepare", "this site sends preparation statistics only "
                             "through a secure sum; run the preparation with secagg=true")
@@ -449,7 +452,7 @@ min_count = {min_count}    # k: no release describes fewer patients; the larger 
 
 [secure_aggregation]
 train = true    # training only inside a secure sum: a plain 'train' message is refused
-evaluate = false    # true: no evaluation at all (there is no secure evaluation)
+evaluate = false    # true: evaluation only inside a secure sum (secure-evaluation); a plain 'evaluate' is refused
 prepare = true    # preparation statistics only inside a secure sum
 authenticated = {authenticated}    # only authenticated secure sums: keys signed, checked against the site's roster
 

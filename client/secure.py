@@ -6,6 +6,10 @@
 #                         clip norm, weighting)
 #                         -> "site" {name}, "secagg" KeyAdvert. The site trains, clips its update to the clip norm,
 #                         encodes it (UpdateLayout + two loss slots) and keeps vector and SecAggSite in context.state.
+#   evaluate.secagg       arrays + layout + config + "secagg" (SecAggSetup, frac_bits 1, this site's secagg id)
+#                         -> "site" {name}, "secagg" KeyAdvert. The site evaluates the global model on its test
+#                         patients and keeps its counts (EvalLayout: confusion matrices, score histograms) to mask:
+#                         secure evaluation, k applied by the coordinator to the sum; no per-site release.
 #   query.secagg_share    KeyBook -> ShareBundle
 #   query.secagg_mask     ShareInbox -> "masked" uint64 array (the only form in which the update leaves the site)
 #   query.secagg_unmask   UnmaskRequest -> UnmaskShares; the site's secrets are then deleted from context.state
@@ -37,6 +41,7 @@ from magnet_core.protocol.errors import ContractError
 from magnet_core.protocol.keys import (
     CONFIG_KEY,
     DEPLOYED_KEYS,
+    EVALUATE,
     MASKED_KEY,
     NODE_DP_FLOOR,
     NODE_SECAGG_IDENTITY_KEY,
@@ -267,6 +272,36 @@ def secagg_train(msg: Message, context: Context) -> Message:
         return secure_reply(msg, start_secure_sum(context, setup, start.site_id, vec, auth, digest), site=reply.site)
 
 
+def secagg_evaluate(msg: Message, context: Context) -> Message:
+    """Stage 0 of a secure evaluation (evaluate.secagg): the global model on this site's test patients, the counts
+    encoded in the fixed evaluation layout (magnet_core/federation/secure_eval.py) and kept here for masking; reply
+    name + keys only. Nothing per-site is released in this round, whatever the site's size: its counts leave only
+    masked, inside the consortium's sum (a clear release next to the sum could be subtracted from it)."""
+    with abandoned_on_refusal(context):
+        _forget(context)
+        start = SecAggStart.from_record(secagg_record(msg))
+        cfg = RoundConfig.decode(msg.content[CONFIG_KEY])
+        flat, layout_rec = received_model(msg.content)
+        from magnet_core.federation.privacy import DEFAULT_MAX_BINS as SITE_MAX_BINS
+        from magnet_core.federation.secure_eval import EVAL_FRAC_BITS, EvalLayout
+
+        setup = start.setup
+        if setup.frac_bits != EVAL_FRAC_BITS:
+            raise SecAggError(f"a secure evaluation carries whole counts with frac_bits {EVAL_FRAC_BITS}; the setup "
+                              f"asks for {setup.frac_bits}")
+        name, counts = site_handlers().evaluation_counts(cfg, context.node_config, context.node_id, flat, layout_rec)
+        layout = EvalLayout.for_task(counts.confusion["all"].shape[0], min(cfg.histogram_bins, SITE_MAX_BINS))
+        if setup.vector_length != layout.length:
+            raise SecAggError(f"the setup's vector length {setup.vector_length} does not fit this site's evaluation "
+                              f"layout ({layout.length}: {layout.num_classes} classes, {layout.bins} score bins)")
+        auth = site_auth(context.node_config, name)
+        digest = b""
+        if auth is not None:
+            digest = context_digest(unpack(flat, Layout.from_record(layout_rec)), dict(msg.content[CONFIG_KEY]))
+        return secure_reply(msg, start_secure_sum(context, setup, start.site_id, layout.encode(counts), auth, digest),
+                            site=name)
+
+
 # The three handlers below work for any vector stored by start_secure_sum; the preparation ClientApp answers them
 # too (client/prepare_app.py).
 def secagg_share(msg: Message, context: Context) -> Message:
@@ -321,4 +356,5 @@ STAGE_HANDLERS: dict[str, Handler] = {message_type(QUERY, SECAGG_SHARE): secagg_
                                       message_type(QUERY, SECAGG_MASK): secagg_mask,
                                       message_type(QUERY, SECAGG_UNMASK): secagg_unmask,
                                       message_type(QUERY, SECAGG_EXCLUDE): secagg_exclude}
-HANDLERS: dict[str, Handler] = {message_type(TRAIN, SECAGG_ACTION): secagg_train, **STAGE_HANDLERS}
+HANDLERS: dict[str, Handler] = {message_type(TRAIN, SECAGG_ACTION): secagg_train,
+                                message_type(EVALUATE, SECAGG_ACTION): secagg_evaluate, **STAGE_HANDLERS}

@@ -95,6 +95,11 @@ class FederatedConfig(BaseModel):
     secagg_roster: str = Field("", description="the consortium roster (PKI/registered_sites.csv): authenticated "
                                                "secure aggregation (signed keys, shares and transcript; a dealer "
                                                "of bad shares is named and left out); empty = unauthenticated")
+    # secure evaluation (magnet_core/federation/secure_eval.py): the sites' evaluation counts summed by secure
+    # aggregation, k applied to the consortium's sums; no per-site metric exists (sites release none)
+    secure_evaluation: bool = Field(False, description="pool the sites' evaluation counts through a secure sum "
+                                                       "(the minimum count k then applies to the sums; no per-site "
+                                                       "metrics); uses secagg-max-dropouts and secagg-roster")
     # differential privacy at site level: each site clips its update to dp-clip-norm (0 = off); the coordinator
     # averages the clipped updates with uniform weights per block and adds Gaussian noise of std
     # dp-noise-multiplier * dp-clip-norm / (sites averaged)
@@ -147,8 +152,9 @@ class FederatedConfig(BaseModel):
             raise ValueError("differential privacy bounds each site's influence on a mean: use robust='mean'")
         if self.secagg and self.robust != "mean":
             raise ValueError("secure aggregation reveals only the sum: robust aggregation needs individual updates")
-        if self.secagg_roster and not self.secagg:
-            raise ValueError("secagg-roster authenticates secure aggregation: set secagg=true too")
+        if self.secagg_roster and not (self.secagg or self.secure_evaluation):
+            raise ValueError("secagg-roster authenticates secure aggregation: set secagg=true (or "
+                             "secure-evaluation=true) too")
         if self.secagg_graph == "neighbourhood" and self.dp_clip_norm > 0:
             raise ValueError("secagg-graph='neighbourhood' with DP: the distributed noise is calibrated to the "
                              "complete graph's threshold; use secagg-graph='full' with dp-clip-norm > 0")

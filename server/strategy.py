@@ -169,6 +169,10 @@ class MagnetFedAvg(FedAvg):
                        ) -> MetricRecord | None:
         """One evaluation round of ``params``: the pooled global metrics (also in ``self.report``), or None."""
         c = self.cfg
+        if c.secure_evaluation:  # counts only inside a secure sum, k on the sums (server/secure_eval.py)
+            from .secure_eval import secure_evaluate_round
+
+            return secure_evaluate_round(self, grid, params, server_round, config)
         messages = self.configure_evaluate(server_round, self.wire(params), config, grid)
         replies = collect(grid, messages, c.round_timeout, c.min_sites, c.straggler_grace, self.destinations)
         return self.aggregate_evaluate(server_round, replies)

@@ -31,7 +31,7 @@ from server.config import FederatedConfig
 
 from .cli import comma_list, existing_dir, parse_seeds, positive_int
 from .outputs import check_output, run_staged
-from .pooled_evaluation import CONSORTIUM, pooled, pooled_as_released
+from .pooled_evaluation import CONSORTIUM, GROUPS, group_prefix, pooled, pooled_as_released
 from .reporting import console, print_comparison, write_json
 
 
@@ -328,6 +328,13 @@ def federated_evaluation(runtimes: list[SiteRuntime], last: Mapping[str, Any], p
     everyone = evaluate([("global", s) for s in runtimes], {"global": params}, test_graph, release)
     pooled_over = (last.get("pooled_over") or {}).get("sites") or []
     own = pooled_as_released(last["global"], everyone, pooled_over, last.get("withheld") or {})
+    secure = (last.get("screening") or {}).get("secure_evaluation")
+    if secure and secure.get("status") == "pooled":  # the coverage of the secure sum (k applied to the sum)
+        for g in GROUPS:
+            n = (secure.get("patients") or {}).get(g, 0)
+            own.update({f"{group_prefix(g)}sites": len(secure["sites"]) if n else 0, f"{group_prefix(g)}patients": n,
+                        f"{group_prefix(g)}models": 1 if n else 0, f"{group_prefix(g)}pairs": len(secure["sites"])
+                        if n else 0})
     return {**own, **pooled(everyone, CONSORTIUM)}
 
 
