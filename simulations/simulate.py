@@ -50,6 +50,8 @@ class FederatedMethod:
 # (10 rounds x 10 local epochs); PERSONALIZE_PART was kept for its gain in 5-seed runs scored on test patients.
 # LOGIT_ADJUST_TAU = 1 is Balanced Softmax (Ren et al. 2020) and FEDLC_TAU = 1 a literature default; neither was
 # tuned on any data of this project.
+# `magnet-fl tune` (simulations/tune.py) re-derives any of them on validation patients only; a default changes
+# only by a recorded decision, never silently.
 FEDPROX_MU = 0.1
 FEDADAM_LR = 0.03
 FEDYOGI_LR = 0.01
