@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "centralized": ("simulations.centralized_cli", "train MAGNET on pooled data, per seed (the paper's protocol)"),
     "simulate": ("simulations.simulate", "simulate a federated consortium and compare with centralized/local-only"),
     "study": ("simulations.study", "run a missingness study grid (scenarios x methods x seeds)"),
+    "tune": ("simulations.tune", "choose a method's settings on the sites' validation patients (never test)"),
     "privacy-study": ("simulations.privacy_study", "compare plain / secure aggregation / DP on the same seeds"),
     "validate-site": ("client.validate_cli", "check a site's data against the consortium manifest"),
     "predict": ("client.predict_cli", "score new patients with a consortium model package"),

@@ -20,7 +20,7 @@ from magnet_core.cohort.generated import GENERATED_NOTICE
 from magnet_core.consortium import methods as vocabulary
 from magnet_core.consortium.methods import DEFAULT_SEEDS, METHOD_NAMES, REFERENCE_METHODS
 from magnet_core.consortium.scenarios import load_scenario
-from magnet_core.consortium.simulated import load_consortium
+from magnet_core.consortium.simulated import VALIDATION_PREFIX, load_consortium
 from magnet_core.federation.privacy import DEFAULT_MAX_BINS, EvalRelease, release_eval
 from magnet_core.model.config import PRESETS, Preset, get_preset
 from magnet_core.model.metrics import summarize
@@ -50,6 +50,8 @@ class FederatedMethod:
 # (10 rounds x 10 local epochs); PERSONALIZE_PART was kept for its gain in 5-seed runs scored on test patients.
 # LOGIT_ADJUST_TAU = 1 is Balanced Softmax (Ren et al. 2020) and FEDLC_TAU = 1 a literature default; neither was
 # tuned on any data of this project.
+# `magnet-fl tune` (simulations/tune.py) re-derives any of them on validation patients only; a default changes
+# only by a recorded decision, never silently.
 FEDPROX_MU = 0.1
 FEDADAM_LR = 0.03
 FEDYOGI_LR = 0.01
@@ -115,6 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                    help="override a run-config field of the federated methods (repeatable), e.g. "
                         "--set dp-clip-norm=1 --set proximal-mu=0.1; checked by the run configuration")
+    p.add_argument("--record-validation", action="store_true",
+                   help="also run every method on the validation-only view (test patients dropped first) and record "
+                        f"its validation MCC as {VALIDATION_MCC!r} (doubles the run time)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --out (default: refuse a folder that holds results)")
@@ -244,6 +249,29 @@ class RunSpec:
     test_graph: str = FederatedConfig.model_fields["test_graph"].default
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # --set: FederatedConfig field -> value
     personalize_part: str = PERSONALIZE_PART  # what "personalized" fine-tunes (magnet_core.model.personalize.PARTS)
+    # also run every method on the validation-only view of the same data and seed and record its score as
+    # VALIDATION_MCC (what a best-method rule or a tuner may read; test patients take no part in it)
+    record_validation: bool = False
+
+
+# a method's validation MCC in its results: pooled over the sites' validation patients of the validation-only view
+# (magnet_core.consortium.simulated.validation_view), as the coordinator sees them (under k); never a test score
+VALIDATION_MCC = "val_mcc"
+
+
+def validation_scores(spec: RunSpec, methods: list[str], advance=lambda n: None) -> dict[str, float | None]:
+    """Each method's MCC on the sites' validation patients: the same run (method, scenario, seed, budget,
+    settings) on the validation-only view of ``spec``'s data, which drops the test patients before anything else
+    (training on the remaining patients' training part, scoring on their validation part)."""
+    view = dataclasses.replace(spec, data_path=as_validation_view(spec.data_path), record_validation=False,
+                               out_dir=spec.out_dir / "validation")
+    results, _, _ = run_methods(view, methods, advance=advance)
+    return {m: results.get(m, {}).get("mcc") for m in methods}
+
+
+def as_validation_view(data_path: str) -> str:
+    """The data path of the validation-only view of ``data_path`` (itself when it already is one)."""
+    return data_path if data_path.startswith(VALIDATION_PREFIX) else VALIDATION_PREFIX + data_path
 
 
 def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tuple[dict, list, dict]:
@@ -312,6 +340,9 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
                    {"part": spec.personalize_part, "sites": [r.model_dump() for r in records]})
         results["personalized"] = evaluated_both_ways(runtimes, own, spec.test_graph, release)
         seconds["personalized"] = time.perf_counter() - t0
+    if spec.record_validation and not spec.data_path.startswith(VALIDATION_PREFIX):
+        for method, score in validation_scores(spec, methods).items():
+            results[method][VALIDATION_MCC] = score
     return results, rounds, seconds
 
 
@@ -355,7 +386,8 @@ def run_seed(args: argparse.Namespace, seed: int, methods: list[str], progress: 
     spec = RunSpec(data_path=data_path_of(args), scenario=args.scenario, seed=seed,
                    preset=args.preset, rounds=args.rounds, local_epochs=args.local_epochs, engine=args.engine,
                    out_dir=args.out, ray_address=args.ray_address, test_graph=args.test_graph,
-                   overrides=dict(getattr(args, "override_fields", {})))
+                   overrides=dict(getattr(args, "override_fields", {})),
+                   record_validation=bool(getattr(args, "record_validation", False)))
     progress.update(task, description=f"seed {seed}")
     results, rounds, _ = run_methods(spec, methods, advance=lambda n: progress.advance(task, n))
     return results, rounds

@@ -29,14 +29,14 @@ from . import statistics as st
 from .cli import existing_dir
 from .parallel import parse_workers, resolve_workers, run_tasks
 from .reporting import console, write_json
-from .simulate import METHODS, RunSpec, run_methods
+from .simulate import METHODS, VALIDATION_MCC, RunSpec, run_methods
 
 BUILTIN_DIR = Path(__file__).parent / "studies"
 # A study's default seeds: ten, from the one default seed (simulate and centralized keep DEFAULT_SEEDS, five).
 STUDY_SEEDS: tuple[int, ...] = tuple(DEFAULT_SEED + 10 * i for i in range(10))
 METRIC_COLUMNS = ("mcc", "acc", "f1", "auroc", "auprc", "paired_mcc", "unpaired_mcc")
 # The validation score the "highest-validation-mcc" rule reads (a run record's metrics key; never a test metric).
-VALIDATION_METRIC = "val_mcc"
+VALIDATION_METRIC = VALIDATION_MCC
 # Per (cell, seed): the consortium's training patients (train + val, what every method fits on) and test patients,
 # counted from the sites the run built; the Nadeau-Bengio correction uses n_test / n_train.
 SIZE_COLUMNS = ("n_train", "n_test")
@@ -251,7 +251,9 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
     spec = RunSpec(data_path=str(resolve_dataset(data, dataset)), scenario=str(scenario_file), seed=seed,
                    preset=cell.preset or study.preset, rounds=study.rounds, local_epochs=study.local_epochs,
                    modalities=",".join(cell.modalities), engine=engine, out_dir=cell_dir,
-                   test_graph=study.test_graph_of(cell))
+                   test_graph=study.test_graph_of(cell),
+                   # the rule "highest-validation-mcc" reads each run's validation MCC (validation-only view)
+                   record_validation=study.best_method.rule == "highest-validation-mcc")
     t0 = time.perf_counter()
     sizes: dict[str, int] = {}
     try:

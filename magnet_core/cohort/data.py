@@ -315,6 +315,20 @@ def stratified_split(cohort: Cohort, seed: int, ratios: tuple[float, float, floa
     return dataclasses.replace(cohort, split=split.astype(str))
 
 
+def holdout_split(cohort: Cohort, seed: int, fraction: float, held_out: str = "val") -> Cohort:
+    """Every patient "train" except ``fraction`` of them, split ``held_out``: stratified by class within paired and
+    within unpaired patients separately (as :func:`stratified_split`); a group of fewer than 5 stays "train"."""
+    split = np.full(cohort.n, "train", dtype=object)
+    paired = cohort.paired if cohort.paired is not None else np.ones(cohort.n, dtype=bool)
+    for group in (paired, ~paired):
+        idx = np.flatnonzero(group)
+        if len(idx) < 5:
+            continue
+        _, held = _split(idx, cohort.labels[idx], fraction, seed)
+        split[held] = held_out
+    return dataclasses.replace(cohort, split=split.astype(str))
+
+
 def _split(idx: np.ndarray, y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified when every class can be represented on both sides, otherwise a plain random split; a group
     too small for two non-empty sides goes wholly to the side its size rounds to."""

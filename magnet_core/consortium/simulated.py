@@ -8,12 +8,16 @@ from typing import Sequence
 
 import numpy as np
 
-from magnet_core.cohort.data import Cohort, load_for_seed
+from magnet_core.cohort.data import Cohort, holdout_split, load_for_seed
 from magnet_core.cohort.generated import GENERATED_VARIANTS, generated_cohort
 from magnet_core.consortium.scenarios import build_consortium, load_scenario
 from magnet_core.protocol.enrolment import Enrolment, SiteFacts
 
 GENERATED_PREFIX = "generated:"
+# "validation:<data path>": the validation-only view of that data (see :func:`validation_view`)
+VALIDATION_PREFIX = "validation:"
+# the share of a site's non-test patients the validation view scores (0.1 / (0.7 + 0.1), MAGNET's train:val ratio)
+VALIDATION_FRACTION = 0.125
 
 
 def parse_generated(data_path: str) -> tuple[str, int | None] | None:
@@ -40,17 +44,41 @@ def parse_generated(data_path: str) -> tuple[str, int | None] | None:
 def load_consortium(data_path: str, scenario: str, seed: int, modalities: str = ""
                     ) -> tuple[Cohort, tuple[Cohort, ...]]:
     """(pooled cohort, sites) for a data path (a generated cohort, see :func:`parse_generated`, or a cohort
-    folder), scenario name/file, seed and an optional comma-separated subset of modalities."""
+    folder), scenario name/file, seed and an optional comma-separated subset of modalities.
+
+    ``validation:<data path>``: the validation-only view of that data (:func:`validation_view`): the sites hold no
+    test patient at all, and what they call "test" is their validation patients."""
+    if data_path.startswith(VALIDATION_PREFIX):
+        cohort = validation_view(load_cohort(data_path[len(VALIDATION_PREFIX):], seed, modalities), seed)
+    else:
+        cohort = load_cohort(data_path, seed, modalities)
+    sites = build_consortium(cohort, load_scenario(scenario), seed, log=_quiet)
+    return cohort, tuple(sites)
+
+
+def load_cohort(data_path: str, seed: int, modalities: str = "") -> Cohort:
+    """The pooled cohort (with its split for ``seed``) of a generated-cohort data path or a cohort folder."""
+    if data_path.startswith(VALIDATION_PREFIX):
+        raise ValueError(f"data path {data_path!r}: 'validation:' may be given once, before the data path")
     wanted = [m for m in modalities.split(",") if m] or None
     generated = parse_generated(data_path)
     if generated is not None:
         cohort = generated_cohort(*generated, seed=seed)
-        if wanted:
-            cohort = select_modalities(cohort, wanted)
-    else:
-        cohort = load_for_seed(data_path, seed, modalities=wanted, log=_quiet)
-    sites = build_consortium(cohort, load_scenario(scenario), seed, log=_quiet)
-    return cohort, tuple(sites)
+        return select_modalities(cohort, wanted) if wanted else cohort
+    return load_for_seed(data_path, seed, modalities=wanted, log=_quiet)
+
+
+def validation_view(cohort: Cohort, seed: int, fraction: float = VALIDATION_FRACTION) -> Cohort:
+    """The validation-only view of a split cohort, for choosing settings (``magnet-fl tune``): the test patients
+    are dropped FIRST, so nothing that follows (this split, the sites' partition and missingness, training,
+    scoring) can read them; the remaining (train + val) patients get this view's own split, ``fraction`` of them
+    stratified by class within paired and within unpaired patients (seeded by ``seed``) as validation patients.
+    The validation patients carry the split name "test" so that every evaluation path (the sites' released counts,
+    the coordinator's pooled metrics) scores exactly them; the others are "train"."""
+    kept = cohort.subset(cohort.split_indices("train", "val"))
+    view = holdout_split(kept, seed, fraction, held_out="test")
+    view.name = f"{cohort.name} (validation view)"
+    return view
 
 
 def site_name(partition_id: int) -> str:
