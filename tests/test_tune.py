@@ -113,6 +113,7 @@ def test_runs_record_validation_mcc_and_the_study_rule_reads_it(data_root, ov_pa
     number a run on that view scores), the study's tidy rows carry it, and the best-method rule picks by it."""
     study = Study.model_validate({"name": "tiny", "dataset": ov_path.name, "seeds": [10],
                                   "methods": ["centralized", "local_only", "fedavg_plain", "federated"], **TINY,
+                                  "target_gap": 0.03,  # the target is what reads the rule
                                   "cells": [{"id": "c", "x": 3, "scenario": {"num_sites": 3, "partition": "iid"}}]})
     out = tmp_path / "study"
     run_cell_seed(study, study.cells[0], 10, data_root, out, "inprocess", lambda n: None)
