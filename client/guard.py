@@ -7,6 +7,7 @@ worker's command line (client/worker.py), never one the coordinator's bundle cho
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -18,6 +19,7 @@ from magnet_core.protocol.keys import (
     ARRAYS_KEY,
     CONFIG_KEY,
     EVALUATE,
+    LAYOUT_KEY,
     NODE_PARTITION_ID,
     NODE_SECAGG_IDENTITY_KEY,
     NODE_SECAGG_ROSTER,
@@ -87,6 +89,23 @@ def model_sha256(content) -> str | None:
     return h.hexdigest()
 
 
+def preparation_digest(kind: str, request: PrepareRequest, layout: Mapping[str, Any] | None = None,
+                       setup: SecAggSetup | None = None, site_id: int | None = None) -> tuple[str, tuple[str, ...]]:
+    """(sha256, participants) of what defines a release of preparation statistics: the request's thresholds, split,
+    classes, mode and simulated sites, and for a secure sum its statistics layout and setup (the site ids, this
+    site's id, threshold, length; not the round id, new on every retry). The manifest is left out: it comes only
+    with query.prepare_apply, which releases nothing."""
+    participants = [f"site {s.name}" for s in request.sites]
+    fields: dict[str, Any] = {"kind": kind, "request": request.model_dump(mode="json", exclude={"manifest"})}
+    if setup is not None:
+        participants += [f"secure-sum id {i}" for i in setup.site_ids]
+        fields.update(layout=dict(layout or {}), site_ids=list(setup.site_ids), site_id=site_id,
+                      threshold=setup.threshold, vector_length=setup.vector_length, frac_bits=setup.frac_bits,
+                      graph_degree=setup.graph_degree)
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest(), tuple(participants)
+
+
 def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None) -> SiteRequest:
     """What ``msg`` asks of this site, read with the protocol's own message classes; ContractError (or KeyError /
     ValueError / TypeError) when unreadable. ``node_config`` (the site's own): whether it can sign and check a
@@ -114,9 +133,16 @@ def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None) -
         request = PrepareRequest.decode(content[CONFIG_KEY])
         cfg = request.prepare
         secure = kind == SECURE_PREPARE or request.secagg
-        round_id = SecAggSetup.from_record(content[SECAGG_KEY]).round_id if kind == SECURE_PREPARE else None
-        return SiteRequest(kind=kind, run=run, secure=secure, min_count=cfg.min_count, secure_round_id=round_id,
+        start = SecAggStart.from_record(content[SECAGG_KEY]) if kind == SECURE_PREPARE else None
+        digest, participants = None, None
+        if kind != message_type(QUERY, PREPARE_APPLY):  # applying the agreed statistics releases nothing
+            layout = dict(content[LAYOUT_KEY]) if start is not None else None
+            digest, participants = preparation_digest(kind, request, layout, start and start.setup,
+                                                      start and start.site_id)
+        return SiteRequest(kind=kind, run=run, secure=secure, min_count=cfg.min_count,
+                           secure_round_id=start.setup.round_id if start is not None else None,
                            split_seed=cfg.seed, split_ratios=cfg.split_ratios, use_split_file=cfg.use_split_file,
+                           preparation_sha256=digest, participants=participants,
                            authenticated=signs if kind == SECURE_PREPARE else None)
     if kind in STAGE_KINDS:  # a later stage of a secure sum the site accepted (its state checks the round id)
         signed = None

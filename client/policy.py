@@ -113,6 +113,10 @@ class Preparation(BaseModel):
     split_seed: int = Field(DEFAULT_SEED, description="the seed of this site's own train/val/test split")
     split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
     use_split_file: bool = Field(True, description="the site's split.csv, when it has one, wins over the seed")
+    once_per_consortium: bool = Field(
+        True, description="release preparation statistics (clear or secure) to a consortium once: only the very same "
+        "request again (same participants, layout, split and thresholds, by hash) is answered, so a retry works; "
+        "any other is refused (two sums over different sets of sites give one site's statistics by difference)")
 
     @model_validator(mode="after")
     def _ratios(self) -> "Preparation":
@@ -236,6 +240,10 @@ class SiteRequest(BaseModel):
     split_seed: int | None = None
     split_ratios: tuple[float, float, float] | None = None
     use_split_file: bool | None = None
+    preparation_sha256: str | None = Field(None, description="preparation statistics: sha256 of what defines the "
+                                           "release (client/guard.py preparation_digest)")
+    participants: tuple[str, ...] | None = Field(None, description="preparation statistics: who the request says "
+                                                 "takes part (simulated sites, secure-sum site ids)")
     authenticated: bool | None = Field(None, description="secure sums: stage 0, whether this site holds its roster and "
                                        "identity key (it signs and checks); a key book, whether every advert is signed")
 
@@ -262,6 +270,17 @@ class RunMemory(BaseModel):
     last_evaluated_model: str | None = None
 
 
+class PreparationRelease(BaseModel):
+    """One kind of preparation statistics the site released to a consortium: what defined it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_sha256: str
+    participants: list[str] = Field(default_factory=list)
+    run: int
+    answered: int = Field(1, description="times answered (the first and identical retries)")
+
+
 class ConsortiumMemory(BaseModel):
     """What the site answered to one consortium, across runs (kept in its state folder)."""
 
@@ -272,6 +291,8 @@ class ConsortiumMemory(BaseModel):
     evaluated_models: list[str] = Field(default_factory=list)
     secure_round_ids: list[str] = Field(default_factory=list)
     evaluations: int = 0
+    preparations: dict[str, PreparationRelease] = Field(
+        default_factory=dict, description="per message kind (query.prepare_stats / query.prepare_secagg)")
 
     def run(self, run: int) -> RunMemory:
         return self.runs.setdefault(str(run), RunMemory())
@@ -393,7 +414,7 @@ def check_evaluation(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMem
                             f"the model {str(req.model_sha256)[:16]}... was already evaluated by this site")
 
 
-def check_preparation(policy: SitePolicy, req: SiteRequest) -> None:
+def check_preparation(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory) -> None:
     if not req.preparation:
         return
     own = policy.preparation
@@ -407,6 +428,15 @@ def check_preparation(policy: SitePolicy, req: SiteRequest) -> None:
     if req.use_split_file is not None and req.use_split_file != own.use_split_file:
         raise PolicyRefusal(policy, "preparation.use_split_file", f"the coordinator asks for use_split_file = "
                             f"{req.use_split_file}; this site prepares only from its own split")
+    before = memory.preparations.get(req.kind)
+    if own.once_per_consortium and req.preparation_sha256 is not None and before is not None \
+            and req.preparation_sha256 != before.request_sha256:
+        raise PolicyRefusal(policy, "preparation.once_per_consortium", f"this site already released its preparation "
+                            f"statistics ({req.kind}) to consortium {policy.consortium!r} in run {before.run} for "
+                            f"another request (sha256 {before.request_sha256[:16]}..., participants "
+                            f"{before.participants}; now {req.preparation_sha256[:16]}..., participants "
+                            f"{list(req.participants or ())}): a second release over other sites or settings would "
+                            "give a site's statistics by difference; only the same request is answered again")
 
 
 def check_request(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory, spent_with: float | None) -> None:
@@ -414,7 +444,7 @@ def check_request(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory
     check_secure(policy, req)
     check_ranges(policy, req)
     check_min_count(policy, req)
-    check_preparation(policy, req)
+    check_preparation(policy, req, memory)
     check_rounds(policy, req, memory)
     check_evaluation(policy, req, memory)
     check_privacy(policy, req, spent_with)
@@ -425,6 +455,13 @@ def remember(memory: ConsortiumMemory, req: SiteRequest) -> None:
     if req.secure_round_id is not None:
         memory.secure_round_ids.append(req.secure_round_id)
     run = memory.run(req.run)
+    if req.preparation_sha256 is not None:
+        before = memory.preparations.get(req.kind)
+        if before is None:
+            memory.preparations[req.kind] = PreparationRelease(
+                request_sha256=req.preparation_sha256, participants=list(req.participants or ()), run=req.run)
+        elif before.request_sha256 == req.preparation_sha256:
+            before.answered += 1
     if req.training:
         if req.round is not None:
             run.trained_rounds.append(req.round)
@@ -482,6 +519,7 @@ max_per_consortium = 1000    # evaluations answered per consortium, all runs tog
 split_seed = {split_seed}    # this site's own split: the coordinator's seed and ratios are refused
 split_ratios = [0.7, 0.1, 0.2]
 use_split_file = true
+once_per_consortium = true    # release preparation statistics once per consortium; only the same request again
 """
 
 

@@ -22,7 +22,7 @@ RULES = ("consortium", "state_dir", "min_count", "secure_aggregation.train", "se
          "ranges.histogram_bins", "rounds.never_repeat", "rounds.train_once_per_model",
          "evaluation.only_current_round", "evaluation.once_per_model", "evaluation.next_train_from_evaluated",
          "evaluation.max_per_consortium", "preparation.split_seed", "preparation.split_ratios",
-         "preparation.use_split_file")
+         "preparation.use_split_file", "preparation.once_per_consortium")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
