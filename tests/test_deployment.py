@@ -4,15 +4,21 @@ authentication) started by `magnet-fl deploy superlink`, three SuperNodes on rea
 Checks that bundles carry no private key, that an outsider holding ca.crt and its own key cannot register a node,
 list runs, start a run or join, a SuperNode killed during a round does not stop the run and rejoins later with the
 same key, a restarted run resumes from the checkpoint at the next round, malformed site data fail validation, a
-poisoned update is rejected and named in the log, and a 2-round run over the same processes under secure aggregation
-with distributed DP noise sums all three sites' masked updates and records a growing epsilon. Every process is
-bounded by `timeout` and stopped by its pid.
+poisoned update is rejected and named in the log, and a 2-round run over the same processes under authenticated secure
+aggregation (every site's keys signed with its node_auth_key and checked against the roster) with distributed DP noise
+sums all three sites' masked updates and records a growing epsilon. Every site's worker enforces the site's own policy
+(`magnet-fl site policy init`): open for the plain runs (which train in the clear and, on resume, train again from
+the checkpointed model: both refused by the default policy), then, before the secure run, tightened by the site to the
+default (authenticated secure sums with the site's own DP noise only), which the running worker reads on change; each
+site's audit log and privacy accounts show the secure rounds it answered. Every process is bounded by `timeout` and
+stopped by its pid.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -119,7 +125,7 @@ def _rejoin(procs: Processes, name: str, cmd: list[str], timeout: float) -> None
 
 def _dump_logs(procs: Processes, env: dict, scope: dict) -> None:
     """On failure, print what the processes logged so that a failure in CI can be diagnosed from its output."""
-    for path in sorted(procs.logdir.glob("super*.log")):
+    for path in sorted([*procs.logdir.glob("super*.log"), *procs.logdir.glob("worker-*.log")]):
         lines = path.read_text(errors="replace").splitlines()
         print(f"----- last 60 lines of {path.name} -----", *lines[-60:], sep="\n")
     for var in ("run_id", "run2", "run3"):
@@ -189,6 +195,43 @@ def _outsider_is_refused(procs: Processes, outsider: Path, env: dict, data: Path
     line = _one_line(logged[0])
     print(f"OUTSIDER join, SuperLink log: {line[:line.find('public key:') + 11]} ... "
           f"{line[line.find('exception:'):]}")
+
+
+# what a site relaxes in its default policy for the plain runs: training in the clear (no secure sum, no DP noise,
+# no authenticated sum), and training twice from one model (the resumed run trains again from the checkpoint)
+OPEN_POLICY = {"train = true": "train = false", "authenticated = true": "authenticated = false",
+               "min_noise_multiplier = 1.0": "min_noise_multiplier = 0.0",
+               "epsilon_budget = 10.0": "epsilon_budget = inf",
+               "train_once_per_model = true": "train_once_per_model = false"}
+
+
+def _site_policies(site_dirs: dict[str, Path]) -> dict[str, str]:
+    """Each site writes its policy with `magnet-fl site policy init` (in-process: a process per call costs seconds;
+    the defaults, authenticated secure sums only) and opens it for the plain runs; returns the default texts."""
+    import argparse
+
+    from client import site_cli
+
+    parser = argparse.ArgumentParser()
+    site_cli.add_arguments(parser)
+    default = {}
+    for s, d in site_dirs.items():
+        path = d / "policy.toml"
+        assert site_cli.run(parser.parse_args(["policy", "init", str(path), "--consortium", "brca"])) == 0
+        default[s] = text = path.read_text()
+        for old, new in OPEN_POLICY.items():
+            text, n = re.subn(rf"^{re.escape(old)}(?=\s)", new, text, flags=re.M)
+            assert n == 1, old
+        _write_policy(path, text)
+    return default
+
+
+def _write_policy(path: Path, text: str) -> None:
+    """Replace a policy file in one step (a worker reading it meanwhile sees the old or the new file)."""
+    tmp = path.with_suffix(".new")
+    tmp.write_text(text)
+    tmp.chmod(0o600)
+    os.replace(tmp, path)
 
 
 def _prepare_sites(data_root: Path, work: Path) -> tuple[list[Path], Path]:
@@ -262,6 +305,8 @@ def test_deployment_on_loopback(data_root, tmp_path):
     for d in (site_dirs["b"], site_dirs["c"], tmp_path / "outsider"):
         approved_apps.approve(d / approved_apps.FILE, release, "this checkout")
     assert approved_apps.load(site_dirs["a"] / approved_apps.FILE).hashes() == {release}
+    default_policy = _site_policies(site_dirs)
+    roster = pki / "registered_sites.csv"  # the consortium roster: each site's worker checks the others' keys by it
 
     # the outsider: on the sites' network (reaches only the Fleet address), holds ca.crt and its own fresh key
     from server.deploy_cli import write_connection
@@ -301,8 +346,12 @@ def test_deployment_on_loopback(data_root, tmp_path):
         # forwards the message to it over a private Unix socket)
         printed = _run([*cli, "deploy", "supernode", "--bundle", str(site_dirs["a"]), "--data", str(sites[0]),
                         "--manifest", str(manifest), "--port", str(_free_port()), "--skip-validation", "--worker",
+                        "--policy", str(site_dirs["a"] / "policy.toml"), "--secagg-roster", str(roster),
                         "--print"], env)
         assert printed.returncode == 0, printed.stderr
+        words = shlex.split(printed.stdout)  # the worker's own command line holds the policy, roster and site key
+        for flag, path in (("--policy", "policy.toml"), ("--identity-key", "node_auth_key")):
+            assert words[words.index(flag) + 1] == str((site_dirs["a"] / path).resolve())
         procs.start("supernode-a", ["bash", "-c", printed.stdout.strip()])
         sockets = {"a": site_dirs["a"] / "worker" / "worker.sock"}
         for i, s in enumerate("bc", start=1):  # sites b and c run their worker as a service of its own
@@ -314,7 +363,9 @@ def test_deployment_on_loopback(data_root, tmp_path):
             # site-c keeps its own log of what crossed its boundary (its worker's own --site-log-dir)
             log_c = ["--site-log-dir", str(tmp_path / "log-c")] if s == "c" else []
             procs.start(f"worker-{s}", [*worker, "--socket", str(sockets[s]), "--data", str(sites[i]),
-                                        "--manifest", str(manifest), "--site-name", f"site-{s}", *log_c])
+                                        "--manifest", str(manifest), "--site-name", f"site-{s}", *log_c,
+                                        "--policy", str(site_dirs[s] / "policy.toml"), "--secagg-roster", str(roster),
+                                        "--identity-key", str(site_dirs[s] / "node_auth_key")])
         for i, s in enumerate("bc", start=1):
             extra = {"worker-socket": str(sockets[s])}
             procs.start(f"supernode-{s}", supernode_command(site_dirs[s], sites[i], manifest, _free_port(), extra))
@@ -362,12 +413,18 @@ def test_deployment_on_loopback(data_root, tmp_path):
         _wait(lambda: _finished(out, 3), 480, "the resumed run to finish")
         log2 = _run(["flwr", "log", run2, "consortium", "--show"], env).stdout
 
-        # the same three sites, a short run under secure aggregation with distributed DP noise: each site clips its
-        # update to dp-clip-norm and adds its own noise piece before masking; the coordinator sees masked vectors only
+        # the same three sites, a short run under authenticated secure aggregation with distributed DP noise: each
+        # site clips its update to dp-clip-norm and adds its own noise piece before masking, signs its keys with its
+        # node_auth_key and checks every other site's against the roster; the coordinator sees masked vectors only.
+        # First each site tightens its policy back to the default (its worker reads the file again on change);
+        # a new model (seed 11): the default policy never trains twice from one model, and seed 10's initial
+        # model was trained from in the clear above
+        for s, d in site_dirs.items():
+            _write_policy(d / "policy.toml", default_policy[s])
         secure_out = tmp_path / "run-secure"
         secure_config = (f"num-server-rounds=2 local-epochs=1 min-sites=3 preset='brca' straggler-grace=10.0 "
                          f"round-timeout=100.0 manifest='{manifest}' out-dir='{secure_out}' secagg=true "
-                         f"site-keys='{pki}/registered_sites.csv' "
+                         f"site-keys='{roster}' secagg-roster='{roster}' seed=11 "
                          f"dp-clip-norm={DP_CLIP} dp-noise-multiplier={DP_Z}")
         t_secure = time.monotonic()
         secured = _run(["flwr", "run", str(REPO), "consortium", "--run-config", secure_config], env)
@@ -400,6 +457,7 @@ def test_deployment_on_loopback(data_root, tmp_path):
     site_view = write_report(tmp_path / "log-c").read_text()  # site-c's own view: what it sent and received
     assert "site-c" in site_view and "arrays/" in site_view
     _assert_secure_dp_rounds(json.loads((secure_out / "history.json").read_text()), log3)
+    _assert_site_policies_enforced(site_dirs, int(run3))
     seconds = [round(r["seconds"], 1) for r in history]
     print(f"seconds per round: {seconds}; training part: {[round(r['train_seconds'], 1) for r in history]}; "
           f"SuperLink up after {t_up:.0f} s; secure + DP run (2 rounds) {t_secure:.0f} s; "
@@ -418,6 +476,9 @@ def _assert_secure_dp_rounds(history: list[dict], log: str) -> None:
     for r in history:
         secure = r["screening"]["secure_aggregation"]
         assert secure["status"] == "aggregated", secure
+        # authenticated: every site's key advert was signed by the enrolled key the roster lists; none left out
+        assert secure["authenticated"] is True and secure["left_out"] == secure["blamed"] == {}, secure
+        assert secure["excluded"] == []
         assert sorted(secure["sites"]) == ["site-a", "site-b", "site-c"] == sorted(r["accepted"])
         assert secure["threshold"] == 2 and secure["dropped_before_masking"] == secure["dropped_after_masking"] == []
         assert secure["clip_norm"] == DP_CLIP and secure["dp_noise"] == "distributed"
@@ -435,3 +496,42 @@ def _assert_secure_dp_rounds(history: list[dict], log: str) -> None:
     up = sorted({b["up"] for r in history for b in r["screening"]["secure_aggregation"]["bytes_per_site"].values()})
     print(f"secure + DP run: epsilon after each round {[round(r['dp']['epsilon'], 3) for r in history]} "
           f"(delta 1e-5, z {DP_Z}, effective {DP_Z * 1.5 ** 0.5:.3f}); upload bytes per site and round {up}")
+
+
+def _assert_site_policies_enforced(site_dirs: dict[str, Path], secure_run: int) -> None:
+    """Each site's own record of the secure run: its policy (the default, authenticated secure sums with DP only) is
+    the file its worker read; its audit log verifies and shows every message of the secure run answered under it,
+    both secure training rounds among them; its own accountant charged both rounds against its budget."""
+    from client.accountant import epsilon, round_multiplier
+    from client.policy import load_policy
+    from client.site_state import SiteState
+    from magnet_core.artefacts.audit_chain import AUDIT_FILE, read_entries, verify_chain
+    from magnet_core.protocol.keys import QUERY, SECAGG_ACTION, SECAGG_MASK, SECAGG_SHARE, SECAGG_UNMASK, TRAIN
+    from magnet_core.protocol.keys import message_type as kind
+
+    spent = {}
+    for s, d in site_dirs.items():
+        policy = load_policy(d / "policy.toml")
+        assert policy.where("secure_aggregation.authenticated").endswith("line 11: secure_aggregation.authenticated "
+                                                                         "= True")
+        assert policy.secure_aggregation.train and policy.privacy.min_noise_multiplier == DP_Z
+        folder = policy.state_path()
+        assert folder.resolve() == (d / "site-state").resolve()
+        chain = verify_chain(folder / AUDIT_FILE)
+        assert chain.ok, chain.problems
+        entries = [e for e in read_entries(folder / AUDIT_FILE)[0] if e["run"] == secure_run]
+        assert entries and all(e["decision"] == "answered" and e["site"] == f"site-{s}" for e in entries), \
+            [(e["kind"], e["decision"], e["where"], e["error"]) for e in entries if e["decision"] != "answered"]
+        trained = [e for e in entries if e["kind"] == kind(TRAIN, SECAGG_ACTION)]
+        assert sorted(e["round"] for e in trained) == [1, 2] and all(e["release"]["bytes"] > 0 for e in trained)
+        stages = {e["kind"] for e in entries}
+        assert {kind(QUERY, a) for a in (SECAGG_SHARE, SECAGG_MASK, SECAGG_UNMASK)} <= stages, stages
+        with SiteState(folder) as state:
+            charged = state.accountant.rounds(policy.consortium)
+            spent[s] = state.accountant.spent(policy.consortium, policy.privacy.delta, policy.privacy.accounting)
+        z_site = round_multiplier(DP_Z, 2, 0)  # the site counts only the threshold's pieces (t = 2) as its noise
+        assert [(r.run, r.round, r.noise_multiplier) for r in charged] == [(secure_run, 1, z_site),
+                                                                             (secure_run, 2, z_site)]
+        assert spent[s] == epsilon([z_site] * 2, 1e-5, "rdp") <= policy.privacy.epsilon_budget
+    print(f"site policies: every site answered the secure run under its default policy (authenticated, z >= {DP_Z}); "
+          f"epsilon each site counts spent of its budget 10: {spent}")
