@@ -19,13 +19,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from magnet_core.federation.secagg import SecAggServer, SharesRefuted
+from magnet_core.federation.secagg_auth import Roster
 from magnet_core.protocol.keys import (
     CONFIG_KEY,
     MASKED_KEY,
@@ -35,8 +36,10 @@ from magnet_core.protocol.keys import (
     SECAGG_MASK,
     SECAGG_SHARE,
     SECAGG_UNMASK,
+    SITE_KEY,
     message_type,
 )
+from magnet_core.protocol.messages import site_name_of
 from magnet_core.protocol.secagg import (
     KeyAdvert,
     MaskedInput,
@@ -51,7 +54,8 @@ from .collect import collect
 from .ledger import Ledger
 from .replies import decode_one, one_per_node
 
-__all__ = ["Ledger", "Stage", "effective_max_dropouts", "payload_bytes", "secure_sum_stages"]
+__all__ = ["Ledger", "Stage", "advert_check", "decode_advert", "effective_max_dropouts", "payload_bytes",
+           "secure_sum_stages"]
 
 T = TypeVar("T")
 
@@ -105,6 +109,32 @@ class Stage:
 
     def reject(self, sid: int, reason: str) -> None:
         self.ledger.reject(self.node_of_sid[sid], reason)
+
+
+def decode_advert(msg: Message) -> tuple[str, KeyAdvert]:
+    """A stage-0 reply of a secure sum (training or evaluation): the site's claimed name and its key advert."""
+    return site_name_of(msg.content[SITE_KEY]), KeyAdvert.from_record(msg.content[SECAGG_KEY])
+
+
+def advert_check(strategy: Any, server: SecAggServer, roster: Roster | None, node_of_sid: Mapping[int, int],
+                 names: dict[int, str]) -> Callable[[int, tuple[str, KeyAdvert]], str | None]:
+    """The one check of a stage-0 reply, for every secure sum: the name is the node's enrolled one
+    (``strategy.names``), the site is enrolled (``strategy.facts``), it answers as the secagg id it was given, its
+    advert is well formed and, with a roster, its keys are signed under the node's name. A reply that passes is
+    recorded in ``names`` (secagg id -> site name); the check returns the problem, or None."""
+    def enrolled(sid: int, reply: tuple[str, KeyAdvert]) -> str | None:
+        name, advert = reply
+        problem = strategy.names.check(node_of_sid[sid], name) or (
+            None if strategy.facts(name) is not None else f"site {name!r} is not enrolled")
+        if not problem and advert.site_id != sid:
+            problem = f"answers as secagg site {advert.site_id}, was told {sid}"
+        problem = problem or server.check_advert(advert) or None
+        if not problem and roster is not None and advert.site_name != name:
+            problem = f"its secure-aggregation keys are signed as {advert.site_name!r}, the node is {name!r}"
+        if not problem:
+            names[sid] = name
+        return problem
+    return enrolled
 
 
 def payload_bytes(content: RecordDict) -> int:

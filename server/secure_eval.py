@@ -17,7 +17,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -32,14 +32,12 @@ from magnet_core.protocol.keys import (
     LAYOUT_KEY,
     SECAGG_ACTION,
     SECAGG_KEY,
-    SITE_KEY,
     message_type,
 )
-from magnet_core.protocol.messages import site_name_of
-from magnet_core.protocol.secagg import KeyAdvert, SecAggError, SecAggSetup, SecAggStart
+from magnet_core.protocol.secagg import SecAggError, SecAggSetup, SecAggStart
 
 from .config import RunConfigError
-from .secure import Stage, effective_max_dropouts, record_size, secure_sum_stages
+from .secure import Stage, advert_check, decode_advert, effective_max_dropouts, record_size, secure_sum_stages
 
 
 def _roster(strategy) -> Roster | None:
@@ -114,24 +112,10 @@ def _secure_eval(strategy, grid: Grid, arrays, rnd: int, config: ConfigRecord, s
                          model_bytes + record_size(r) + record_size(layout_rec))
     names: dict[int, str] = {}
 
-    def decode(msg: Message) -> tuple[str, KeyAdvert]:
-        return site_name_of(msg.content[SITE_KEY]), KeyAdvert.from_record(msg.content[SECAGG_KEY])
+    enrolled = advert_check(strategy, server, roster, node_of_sid, names)
 
-    def enrolled(sid: int, reply: tuple[str, KeyAdvert]) -> str | None:
-        name, advert = reply
-        problem = strategy.names.check(node_of_sid[sid], name) or (
-            None if strategy.facts(name) is not None else f"site {name!r} is not enrolled")
-        if not problem and advert.site_id != sid:
-            problem = f"answers as secagg site {advert.site_id}, was told {sid}"
-        problem = problem or server.check_advert(advert) or None
-        if not problem and roster is not None and advert.site_name != name:
-            problem = f"its secure-aggregation keys are signed as {advert.site_name!r}, the node is {name!r}"
-        if not problem:
-            names[sid] = name
-        return problem
-
-    adverts = [a for _, a in stage.exchange(grid, message_type(EVALUATE, SECAGG_ACTION), payloads, wait_for, decode,
-                                            "reply", enrolled).values()]
+    adverts = [a for _, a in stage.exchange(grid, message_type(EVALUATE, SECAGG_ACTION), payloads, wait_for,
+                                            decode_advert, "reply", enrolled).values()]
     total, request, answered = secure_sum_stages(grid, stage, server, adverts, config)
     summary["dropped_before_masking"] = [names.get(s, f"node{node_of_sid[s]}") for s in request.dropped]
     summary["dropped_after_masking"] = [names[s] for s in request.survivors if s not in answered]

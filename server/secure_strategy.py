@@ -22,7 +22,7 @@ from logging import INFO, WARNING
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -44,15 +44,13 @@ from magnet_core.protocol.keys import (
     LAYOUT_KEY,
     SECAGG_ACTION,
     SECAGG_KEY,
-    SITE_KEY,
     TRAIN,
     message_type,
 )
-from magnet_core.protocol.messages import site_name_of
-from magnet_core.protocol.secagg import KeyAdvert, SecAggError, SecAggSetup, SecAggStart, SecureTrainTerms
+from magnet_core.protocol.secagg import SecAggError, SecAggSetup, SecAggStart, SecureTrainTerms
 
 from .config import FederatedConfig, RunConfigError
-from .secure import Stage, effective_max_dropouts, record_size, secure_sum_stages
+from .secure import Stage, advert_check, decode_advert, effective_max_dropouts, record_size, secure_sum_stages
 from .strategy import MagnetFedAvg
 
 LOSS_SLOTS = 2  # the sites append loss * training patients and training patients (client/secure.py)
@@ -161,24 +159,10 @@ class SecureMagnetFedAvg(MagnetFedAvg):
                              model_bytes + record_size(r) + record_size(layout_rec))
         names: dict[int, str] = {}
 
-        def decode(msg: Message) -> tuple[str, KeyAdvert]:
-            return site_name_of(msg.content[SITE_KEY]), KeyAdvert.from_record(msg.content[SECAGG_KEY])
-
-        def enrolled(sid: int, reply: tuple[str, KeyAdvert]) -> str | None:
-            name, advert = reply
-            problem = self.names.check(node_of_sid[sid], name) or (
-                None if self.facts(name) is not None else f"site {name!r} is not enrolled")
-            if not problem and advert.site_id != sid:
-                problem = f"answers as secagg site {advert.site_id}, was told {sid}"
-            problem = problem or server.check_advert(advert) or None
-            if not problem and roster is not None and advert.site_name != name:
-                problem = f"its secure-aggregation keys are signed as {advert.site_name!r}, the node is {name!r}"
-            if not problem:
-                names[sid] = name
-            return problem
+        enrolled = advert_check(self, server, roster, node_of_sid, names)
 
         adverts = [advert for _, advert in stage.exchange(grid, message_type(TRAIN, SECAGG_ACTION), payloads,
-                                                          wait_for, decode, "reply", enrolled).values()]
+                                                          wait_for, decode_advert, "reply", enrolled).values()]
         total, request, answered = secure_sum_stages(grid, stage, server, adverts, config)
         summary["dropped_before_masking"] = [names.get(s, f"node{node_of_sid[s]}") for s in request.dropped]
         summary["dropped_after_masking"] = [names[s] for s in request.survivors if s not in answered]
