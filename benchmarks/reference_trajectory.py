@@ -24,6 +24,11 @@ Modes (all dropout handled by one tap on ``torch.nn.functional.dropout``, which 
   to show what float rounding alone does to a trajectory of this model;
 - ``off64``: as ``off`` with both models and all data in float64, and our graph given the reference's similarity
   values (each code computes them in float32 by its own formula); ``off64_ownw``: the same with our own values;
+- ``ref_native``: no shared randomness: ours starts from the reference's initial weights (at the same seed the
+  codes draw the GNN layers' weights in a different order) and each code draws its own masks from its own stream,
+  as its own run does (the reference: its stream after its model is built; ours: ``torch.manual_seed(split)``).
+  With ``ref_masks`` (our initial weights, the reference's masks) and ``our_masks`` this makes the 2 x 2 of
+  initial weights x masks; the reference's MCC here must equal its stored one;
 - ``ref_masks``: dropout on (p = 0.2); the reference draws its masks natively (``seed_everything(split)`` before its
   model is built, as ``main_inference.py``), ours replays exactly those masks, row by row matched by patient id;
 - ``our_masks``: ours draws natively (``build_model(seed)`` then ``torch.manual_seed(seed)``, as ``fit_and_predict``),
@@ -166,10 +171,15 @@ def worker(args) -> dict:
 
     in_dims = {m: int(cohort.X[m].shape[1]) for m in cohort.modalities}
     assert list(in_dims) == ["mRNA", "miRNA"], list(in_dims)
-    if mode == "ref_masks":
+    rng = {}
+    if mode in ("ref_masks", "ref_native"):
         ours = build_model(in_dims, cohort.num_classes, model_cfg, split)
         seed_everything(split)
         ref = build_ref()
+        if mode == "ref_native":  # two RNG streams, each as its own code's run: swapped in around each step
+            rng["ref"] = torch.get_rng_state()
+            torch.manual_seed(split)
+            rng["ours"] = torch.get_rng_state()
     else:
         seed_everything(split)
         ref = build_ref()
@@ -184,7 +194,10 @@ def worker(args) -> dict:
             assert p.shape == q.shape, (name, p.shape, q.shape)
             if not torch.equal(p, q):
                 init_differs_before_copy.append(_our_name(name))
-            p.copy_(q)
+            if mode == "ref_native":
+                q.copy_(p)  # ours starts from the reference's initial weights
+            else:
+                p.copy_(q)
             mapping[name] = _our_name(name)
     assert sorted(mapping.values()) == sorted(ours_p), "not every parameter mapped"
     assert all(torch.equal(p, ours_p[mapping[n]]) for n, p in ref.named_parameters())
@@ -341,10 +354,15 @@ def worker(args) -> dict:
             assert not tap.queue
             ref_calls = list(tap.calls)
         else:
+            if rng:
+                torch.set_rng_state(rng["ref"])
             opt_r.zero_grad()
             loss_r = ref.training_step(batch, 0)
             loss_r.backward()
             ref_calls = list(tap.calls)
+            if rng:
+                rng["ref"] = torch.get_rng_state()
+                torch.set_rng_state(rng["ours"])
             if mode == "ref_masks":
                 tap.mode, tap.record, tap.queue = "replay", False, ours_from_ref(tap.recorded)
             tap.calls.clear()
@@ -355,6 +373,8 @@ def worker(args) -> dict:
             loss_o.backward()
             assert not tap.queue
             ours_calls = list(tap.calls)
+            if rng:
+                rng["ours"] = torch.get_rng_state()
             if no_drop:
                 assert all(p == 0.0 for tr, p, _ in ref_calls + tap.calls if tr), "a dropout call with p > 0"
         gd = grad_diffs(ours_p)
