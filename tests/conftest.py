@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# One torch thread per test process unless the caller says otherwise: the suite runs two workers on two cores
+# (pytest-xdist), and this model trains no faster on two threads. Tests of the thread policy clear it themselves.
+os.environ.setdefault("MAGNET_FL_THREADS", "1")
+# Every Ray a test starts is its own local instance: never one another test (or worker) started with `ray start`
+# (tests that want a running cluster pass its address explicitly).
+os.environ.setdefault("RAY_ADDRESS", "local")
 
 REPO = Path(__file__).resolve().parents[1]
 
