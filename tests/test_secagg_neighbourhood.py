@@ -328,21 +328,7 @@ def test_a_participant_list_differing_between_sites_is_refused_before_unmasking(
 
 
 def test_a_neighbour_dealing_bad_shares_is_named_and_excluded(consortium50):
-    from magnet_core.federation import secagg
-
-    class CorruptShares(SecAggSite):
-        def share(self, book):
-            real = secagg.shamir_split
-
-            def bad(secret, threshold, xs):
-                return {x: (int.from_bytes(v, "big") + 1).to_bytes(secagg.SHARE_BYTES, "big")
-                        for x, v in real(secret, threshold, xs).items()}
-
-            secagg.shamir_split = bad
-            try:
-                return super().share(book)
-            finally:
-                secagg.shamir_split = real
+    from test_secagg_auth import CorruptSharesSite as CorruptShares  # the same dishonest site, one definition
 
     roster, auth = consortium50
     n, degree, cheater = 20, 6, 5
