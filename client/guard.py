@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 
 from magnet_core.protocol.errors import CONTRACT_ERROR_CODE, POLICY_ERROR_CODE, ContractError
 from magnet_core.protocol.keys import (
@@ -39,7 +39,14 @@ from magnet_core.protocol.keys import (
 )
 from magnet_core.protocol.messages import RoundConfig, round_of
 from magnet_core.protocol.prepare import PrepareRequest
-from magnet_core.protocol.secagg import KeyBook, SecAggError, SecAggSetup, SecAggStart
+from magnet_core.protocol.secagg import (
+    KeyBook,
+    SecAggError,
+    SecAggSetup,
+    SecAggStart,
+    ShareInbox,
+    UnmaskRequest,
+)
 from magnet_core.protocol.wire import flat_of
 
 from .accountant import round_multiplier
@@ -62,6 +69,7 @@ SECURE_PREPARE = message_type(QUERY, PREPARE_SECAGG)
 ROUND_KINDS = (TRAIN, EVALUATE, SECURE_TRAIN, SECURE_EVALUATE)
 PREPARE_KINDS = tuple(message_type(QUERY, a) for a in (PREPARE_STATS, PREPARE_SECAGG, PREPARE_APPLY))
 STAGE_KINDS = tuple(message_type(QUERY, a) for a in (SECAGG_SHARE, SECAGG_MASK, SECAGG_UNMASK, SECAGG_EXCLUDE))
+MASK, UNMASK = message_type(QUERY, SECAGG_MASK), message_type(QUERY, SECAGG_UNMASK)
 
 _POLICIES: dict[tuple[str, int, int], SitePolicy] = {}
 
@@ -106,10 +114,40 @@ def preparation_digest(kind: str, request: PrepareRequest, layout: Mapping[str, 
     return hashlib.sha256(text.encode()).hexdigest(), tuple(participants)
 
 
-def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None) -> SiteRequest:
+def sum_sites(kind: str, secagg: Mapping[str, Any], state: RecordDict | None) -> tuple[str | None, tuple | None]:
+    """(round id, enrolled names of the sites) of what a masking or unmasking message asks this site to join: at
+    masking the sites whose shares it holds (U2: every site that can end up in the sum), at unmasking the
+    survivors whose inputs the sum holds. The names are those this site checked against its own roster (the key
+    book in its secure-sum state, client/secure.py ``sum_names``), "secure-sum id N" where it has none (an
+    unauthenticated sum names nobody); None when the site holds no state of that sum (the handler refuses it)."""
+    if kind == MASK:
+        inbox = ShareInbox.from_record(secagg)
+        rid = inbox.round_id
+    else:
+        request = UnmaskRequest.from_record(secagg)
+        rid = request.round_id
+    held = None
+    if state is not None:
+        from .secure import sum_names
+
+        held = sum_names(state, rid)
+    if held is None:
+        return rid, None
+    own, names = held
+    if kind == MASK:  # a neighbourhood sum lists every dealer; a complete one: the senders of this site's shares
+        ids = set(inbox.participants) or set(inbox.ciphertexts) | {own}
+        names = {**{i: n for i, n in inbox.participants.items() if n}, **names}
+    else:
+        ids = set(request.survivors)
+    return rid, tuple(sorted(names.get(i) or f"secure-sum id {i}" for i in ids))
+
+
+def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None,
+                   state: RecordDict | None = None) -> SiteRequest:
     """What ``msg`` asks of this site, read with the protocol's own message classes; ContractError (or KeyError /
     ValueError / TypeError) when unreadable. ``node_config`` (the site's own): whether it can sign and check a
-    secure sum (its roster and identity key)."""
+    secure sum (its roster and identity key); ``state`` (its context.state): the secure sum it is in, whose
+    verified site names a masking or unmasking message is checked by."""
     kind, run, content = msg.metadata.message_type, int(msg.metadata.run_id), msg.content
     node = node_config or {}
     signs = bool(node.get(NODE_SECAGG_ROSTER)) and bool(node.get(NODE_SECAGG_IDENTITY_KEY))
@@ -149,7 +187,8 @@ def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None) -
         if kind == message_type(QUERY, SECAGG_SHARE):  # the key book: every advert signed by an enrolled name
             book = KeyBook.from_record(content[SECAGG_KEY])
             signed = bool(book.keys) and all(book.signatures.get(i) and book.names.get(i) for i in book.keys)
-        return SiteRequest(kind=kind, run=run, secure=True, authenticated=signed)
+        rid, sites = sum_sites(kind, content[SECAGG_KEY], state) if kind in (MASK, UNMASK) else (None, None)
+        return SiteRequest(kind=kind, run=run, secure=True, authenticated=signed, sum_round_id=rid, sum_sites=sites)
     raise ContractError(f"message type {kind!r} is not one this site answers")
 
 
@@ -208,7 +247,7 @@ def screened(msg: Message, context: Context, answer: Callable[[], Message]) -> M
     config = msg.content.config_records.get(CONFIG_KEY) if msg.has_content() else None
     audit = dict(site=_site_name(context), consortium=policy.consortium, round_=round_of(config) or None)
     try:
-        req = decode_request(msg, context.node_config)
+        req = decode_request(msg, context.node_config, context.state)
     except (ContractError, SecAggError, KeyError, ValueError, TypeError) as exc:
         reply = Message(Error(code=CONTRACT_ERROR_CODE, reason=f"request refused before the site's policy check "
                                                               f"(it cannot be read): {type(exc).__name__}: {exc}"),

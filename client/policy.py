@@ -116,7 +116,10 @@ class Preparation(BaseModel):
     once_per_consortium: bool = Field(
         True, description="release preparation statistics (clear or secure) to a consortium once: only the very same "
         "request again (same participants, layout, split and thresholds, by hash) is answered, so a retry works; "
-        "any other is refused (two sums over different sets of sites give one site's statistics by difference)")
+        "any other is refused (two sums over different sets of sites give one site's statistics by difference). "
+        "A secure sum retried is checked by the enrolled names of its sites (the key book the site verified): the "
+        "site masks its statistics only into a sum over exactly the sites of the sum it released, helps unmask only "
+        "that sum, and masks into no second sum at all if it never saw the first one's unmasking")
 
     @model_validator(mode="after")
     def _ratios(self) -> "Preparation":
@@ -246,6 +249,10 @@ class SiteRequest(BaseModel):
                                                  "takes part (simulated sites, secure-sum site ids)")
     authenticated: bool | None = Field(None, description="secure sums: stage 0, whether this site holds its roster and "
                                        "identity key (it signs and checks); a key book, whether every advert is signed")
+    sum_round_id: str | None = Field(None, description="masking / unmasking: the secure sum the message belongs to")
+    sum_sites: tuple[str, ...] | None = Field(None, description="masking: the sites whose shares this site holds "
+                                              "(who can end up in the sum); unmasking: the survivors. Enrolled names "
+                                              "from the key book the site checked (client/guard.py sum_sites)")
 
     @property
     def training(self) -> bool:
@@ -279,6 +286,13 @@ class PreparationRelease(BaseModel):
     participants: list[str] = Field(default_factory=list)
     run: int
     answered: int = Field(1, description="times answered (the first and identical retries)")
+    sums: list[str] = Field(default_factory=list, description="secure preparation: the round ids of the secure sums "
+                            "this site started for it (stage 0 answered)")
+    masked_with: list[str] | None = Field(None, description="the sites (enrolled names) that held shares of the first "
+                                          "secure sum this site masked its statistics into")
+    masked_round: str | None = Field(None, description="that sum's round id")
+    survivors: list[str] | None = Field(None, description="the sites of the sum this site helped unmask: the one sum "
+                                        "of its statistics the coordinator holds")
 
 
 class ConsortiumMemory(BaseModel):
@@ -296,6 +310,10 @@ class ConsortiumMemory(BaseModel):
 
     def run(self, run: int) -> RunMemory:
         return self.runs.setdefault(str(run), RunMemory())
+
+    def preparation_sum(self, round_id: str | None) -> PreparationRelease | None:
+        """The preparation release whose secure sum ``round_id`` is, or None (a training or evaluation sum)."""
+        return next((r for r in self.preparations.values() if round_id is not None and round_id in r.sums), None)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -439,12 +457,42 @@ def check_preparation(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMe
                             "give a site's statistics by difference; only the same request is answered again")
 
 
+def _differs(a: list[str], b: list[str]) -> str:
+    return ", ".join(repr(x) for x in sorted(set(a) ^ set(b)))
+
+
+def check_preparation_sum(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory) -> None:
+    """A secure preparation sum retried (the same request, answered again at stage 0) must be over exactly the sites
+    of the sum this site released: it masks its statistics only into a sum whose share holders are those sites, and
+    helps unmask only a sum over them. Names, not secure-sum ids (the coordinator hands ids out)."""
+    release = memory.preparation_sum(req.sum_round_id)
+    if not policy.preparation.once_per_consortium or release is None or req.sum_sites is None:
+        return
+    rule, sites, rid = "preparation.once_per_consortium", sorted(req.sum_sites), req.sum_round_id
+    if release.survivors is None:
+        if release.masked_round not in (None, rid):
+            raise PolicyRefusal(policy, rule, f"this site's masked statistics already went into secure sum "
+                                f"{release.masked_round!r} over {release.masked_with}, whose unmasking it never saw: "
+                                "the coordinator may have taken a sum of those sites with or without any of them, "
+                                f"so this site masks its statistics into no second sum (now asked for {rid!r} over "
+                                f"{sites})")
+        return
+    if sites == release.survivors:
+        return
+    step = "mask its statistics into" if req.kind == "query.secagg_mask" else "help unmask"
+    raise PolicyRefusal(policy, rule, f"this site released its preparation statistics in the secure sum over "
+                        f"{release.survivors}; asked to {step} secure sum {rid!r} over {sites}: the two sums "
+                        f"differ by {_differs(sites, release.survivors)}, whose statistics their difference would "
+                        "give; a retry is answered only over exactly the same sites")
+
+
 def check_request(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory, spent_with: float | None) -> None:
     """Every check, in the order a data-protection officer would read them; the first refusal is raised."""
     check_secure(policy, req)
     check_ranges(policy, req)
     check_min_count(policy, req)
     check_preparation(policy, req, memory)
+    check_preparation_sum(policy, req, memory)
     check_rounds(policy, req, memory)
     check_evaluation(policy, req, memory)
     check_privacy(policy, req, spent_with)
@@ -462,6 +510,14 @@ def remember(memory: ConsortiumMemory, req: SiteRequest) -> None:
                 request_sha256=req.preparation_sha256, participants=list(req.participants or ()), run=req.run)
         elif before.request_sha256 == req.preparation_sha256:
             before.answered += 1
+        if req.secure_round_id is not None:
+            memory.preparations[req.kind].sums.append(req.secure_round_id)
+    release = memory.preparation_sum(req.sum_round_id)
+    if release is not None and req.sum_sites is not None:  # recorded before answering: a failed step still counts
+        if req.kind == "query.secagg_mask" and release.masked_with is None:
+            release.masked_with, release.masked_round = sorted(req.sum_sites), req.sum_round_id
+        if req.kind == "query.secagg_unmask" and release.survivors is None:
+            release.survivors = sorted(req.sum_sites)
     if req.training:
         if req.round is not None:
             run.trained_rounds.append(req.round)

@@ -167,6 +167,17 @@ def _stored(context: Context, round_id: str):
     return sa.SecAggSite.from_state(str(rec[STATE_SECAGG_SITE]), auth)
 
 
+def sum_names(state, round_id: str) -> tuple[int, dict[int, str]] | None:
+    """(this site's secagg id, secagg id -> enrolled name) of the secure sum ``round_id`` whose state this site
+    holds in ``state`` (its context.state), or None when it holds none: the names come from the key book the site
+    checked against its own roster, never from the message asking (client/guard.py reads them at masking and
+    unmasking)."""
+    rec = state.config_records.get(STATE_SECAGG)
+    if rec is None or rec.get(ROUND_ID) != round_id:
+        return None
+    return _secagg().SecAggSite.names_in_state(str(rec[STATE_SECAGG_SITE]))
+
+
 def _store(context: Context, site) -> None:
     name = site.auth.identity.name if site.auth is not None else ""
     context.state[STATE_SECAGG] = ConfigRecord({ROUND_ID: site.setup.round_id, STATE_SECAGG_SITE: site.to_state(),

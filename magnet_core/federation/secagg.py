@@ -255,6 +255,18 @@ class SecAggSite:
         site._participants = {int(k): str(v) for k, v in d.get("participants", {}).items()}
         return site
 
+    @staticmethod
+    def names_in_state(text: str) -> tuple[int, dict[int, str]]:
+        """(this site's secagg id, secagg id -> the enrolled name this site holds for it) from a :meth:`to_state`
+        text, without the identity key: the names of the key book it checked against its roster (stage 2), and
+        for a neighbourhood sum those of the participant list it signed (stage 3); none when unauthenticated."""
+        d = json.loads(text)
+        names = {int(i): str(n) for i, n in d.get("book", {}).get("names", {}).items() if n}
+        for i, n in d.get("participants", {}).items():
+            if n:
+                names.setdefault(int(i), str(n))
+        return int(d["site_id"]), names
+
     def _graph(self) -> dict[int, frozenset[int]]:
         """The neighbourhood graph of this sum, computed by this site from the setup (sparse sums only)."""
         g = getattr(self, "_graph_cache", None)
