@@ -114,6 +114,11 @@ def preparation_digest(kind: str, request: PrepareRequest, layout: Mapping[str, 
     return hashlib.sha256(text.encode()).hexdigest(), tuple(participants)
 
 
+def holders(setup: SecAggSetup) -> int:
+    """How many sites hold shares of one site's secrets: every site, or a site and its neighbours."""
+    return setup.graph_degree + 1 if setup.graph_degree else len(setup.site_ids)
+
+
 def sum_sites(kind: str, secagg: Mapping[str, Any], state: RecordDict | None) -> tuple[str | None, tuple | None]:
     """(round id, enrolled names of the sites) of what a masking or unmasking message asks this site to join: at
     masking the sites whose shares it holds (U2: every site that can end up in the sum), at unmasking the
@@ -160,12 +165,12 @@ def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None,
             start = SecAggStart.from_record(content[SECAGG_KEY], training=True)
             terms = start.train
             fields.update(secure=True, secure_round_id=start.setup.round_id, secagg_threshold=start.setup.threshold,
-                          authenticated=signs,
+                          secagg_holders=holders(start.setup), authenticated=signs,
                           dp_noise_multiplier=terms.dp_noise_multiplier if terms is not None and terms.dp else None)
         if kind == SECURE_EVALUATE:
             setup = SecAggStart.from_record(content[SECAGG_KEY]).setup
             fields.update(secure=True, secure_round_id=setup.round_id, secagg_threshold=setup.threshold,
-                          authenticated=signs)
+                          secagg_holders=holders(setup), authenticated=signs)
         return SiteRequest(kind=kind, run=run, **fields)
     if kind in PREPARE_KINDS:
         request = PrepareRequest.decode(content[CONFIG_KEY])
@@ -181,7 +186,9 @@ def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None,
                            secure_round_id=start.setup.round_id if start is not None else None,
                            split_seed=cfg.seed, split_ratios=cfg.split_ratios, use_split_file=cfg.use_split_file,
                            preparation_sha256=digest, participants=participants,
-                           authenticated=signs if kind == SECURE_PREPARE else None)
+                           authenticated=signs if kind == SECURE_PREPARE else None,
+                           secagg_threshold=start.setup.threshold if start is not None else None,
+                           secagg_holders=holders(start.setup) if start is not None else None)
     if kind in STAGE_KINDS:  # a later stage of a secure sum the site accepted (its state checks the round id)
         signed = None
         if kind == message_type(QUERY, SECAGG_SHARE):  # the key book: every advert signed by an enrolled name

@@ -73,7 +73,9 @@ class Privacy(BaseModel):
                                          description="cumulative epsilon at delta per consortium, across runs "
                                                      "(inf in the file: no budget, no DP required by it)")
     delta: float = Field(1e-5, gt=0, lt=1)
-    colluding_sites: int = Field(0, ge=0, description="sites assumed to give their noise piece to the coordinator")
+    colluding_sites: int = Field(0, ge=0, description="sites assumed to collude with the coordinator: they give it "
+                                 "their noise piece, and both shares of a site's secrets in a secure sum (the site "
+                                 "then refuses a sum whose threshold t has 2t <= share holders + colluding sites)")
     accounting: Literal["rdp", "exact"] = Field("rdp", description="RDP (conservative) or exact GDP conversion")
 
     @field_validator("epsilon_budget", mode="before")
@@ -238,6 +240,8 @@ class SiteRequest(BaseModel):
     min_count: int | None = None
     dp_noise_multiplier: float | None = Field(None, description="the site's own noise (distributed DP) if any")
     secagg_threshold: int | None = None
+    secagg_holders: int | None = Field(None, description="secure sums, stage 0: the sites holding shares of one "
+                                       "site's secrets (all sites; neighbourhood graph: a site and its neighbours)")
     secure_round_id: str | None = None
     model_sha256: str | None = None
     split_seed: int | None = None
@@ -343,6 +347,19 @@ def check_secure(policy: SitePolicy, req: SiteRequest) -> None:
             raise PolicyRefusal(policy, "secure_aggregation.authenticated", "this site takes part only in "
                                 "authenticated secure sums, but holds no roster and identity key to sign and check "
                                 "them with (the site worker's --secagg-roster / --identity-key)")
+
+
+def check_threshold(policy: SitePolicy, req: SiteRequest) -> None:
+    """The survivor list of an unmask request is not signed: a coordinator can tell some sites that a site survived
+    (they reveal shares of its self-mask seed) and others that it dropped (shares of its mask key). Honest share
+    holders reveal one of the two, colluding ones both, so the coordinator gets both, and that site's input, when
+    2t <= holders + colluders. The site refuses such a sum at stage 0 for the colluders its policy assumes."""
+    c, t, n = policy.privacy.colluding_sites, req.secagg_threshold, req.secagg_holders
+    if c and t and n and 2 * t <= n + c:
+        raise PolicyRefusal(policy, "privacy.colluding_sites", f"the secure sum's threshold t = {t} with {n} share "
+                            f"holders and {c} colluding sites assumed: 2t <= {n} + {c}, so different survivor lists "
+                            "sent to different sites could unmask one site's input; this site needs t > "
+                            f"{(n + c) // 2} (fewer allowed dropouts)")
 
 
 def check_ranges(policy: SitePolicy, req: SiteRequest) -> None:
@@ -489,6 +506,7 @@ def check_preparation_sum(policy: SitePolicy, req: SiteRequest, memory: Consorti
 def check_request(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory, spent_with: float | None) -> None:
     """Every check, in the order a data-protection officer would read them; the first refusal is raised."""
     check_secure(policy, req)
+    check_threshold(policy, req)
     check_ranges(policy, req)
     check_min_count(policy, req)
     check_preparation(policy, req, memory)
@@ -553,7 +571,7 @@ authenticated = {authenticated}    # only authenticated secure sums: keys signed
 min_noise_multiplier = 1.0    # train only with this site's own noise, multiplier >= this
 epsilon_budget = 10.0    # cumulative epsilon per consortium across runs; rounds beyond it are refused (inf: none)
 delta = 1e-05
-colluding_sites = 0    # sites assumed to hand their noise piece to the coordinator
+colluding_sites = 0    # sites assumed to collude with the coordinator (DP noise; secure sums need 2t > holders + this)
 accounting = "rdp"    # "rdp" (conservative) or "exact"
 
 [ranges]
