@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -92,7 +95,36 @@ def one_round(glob: dict, updates: list[SiteUpdate], max_dropouts: int, dropped:
         up[i] += masked.masked.nbytes + _record_bytes(masked.to_record())
         masked = MaskedInput(masked.site_id, masked.masked, masked.transcript_signature)
         timed_server(lambda m=masked: server.add_masked(m))
+    # stage 3a (authenticated only): the consistency check; its own bytes and CPU seconds are recorded apart
+    cons_up = {i: 0 for i in keep}
+    cons_down = {i: 0 for i in keep}
+    cons_cpu = {i: 0.0 for i in keep}
+    cons_server_cpu = 0.0
+    if auth is not None:
+        c0 = time.process_time()
+        lst = timed_server(server.survivor_list)
+        cons_server_cpu += time.process_time() - c0
+        for i in keep:
+            c0 = time.process_time()
+            sig = timed_site(i, lambda i=i: sites[i].sign_survivors(lst))
+            cons_cpu[i] += time.process_time() - c0
+            cons_down[i] += _record_bytes(lst.to_record())
+            cons_up[i] += _record_bytes(sig.to_record())
+            c0 = time.process_time()
+            timed_server(lambda s=sig: server.add_survivor_signature(s))
+            cons_server_cpu += time.process_time() - c0
+        for i in keep:
+            down[i] += cons_down[i]
+            up[i] += cons_up[i]
     req = timed_server(server.unmask_request)
+    if auth is not None:  # the signatures the unmask request carries, and each site's check of them
+        extra = _record_bytes(req.to_record()) - _record_bytes(dataclasses.replace(req, survivor_signatures={})
+                                                               .to_record())
+        for i in keep:
+            cons_down[i] += extra
+            c0 = time.process_time()
+            sites[i]._check_consistency(set(req.survivors), set(req.dropped), req.survivor_signatures)
+            cons_cpu[i] += time.process_time() - c0
     replies = []
     for i in keep:
         down[i] += _record_bytes(req.to_record())
@@ -116,6 +148,13 @@ def one_round(glob: dict, updates: list[SiteUpdate], max_dropouts: int, dropped:
         "secure_extra_download_bytes_per_site": statistics.mean(down[i] for i in keep),
         "plain_upload_bytes_per_site": int(sum(v.nbytes for v in glob.values())) + 8 * (1 + len(OV_DIMS)),
         "max_abs_difference_vs_plain": worst,
+        # the consistency check (stage 3a; authenticated only, else 0): bytes per site both ways (the survivor list,
+        # the signature, the signatures in the unmask request) and CPU seconds (process time) per site signing and
+        # checking them, and on the coordinator (list, verifying each signature)
+        "consistency_upload_bytes_per_site": statistics.mean(cons_up[i] for i in keep),
+        "consistency_download_bytes_per_site": statistics.mean(cons_down[i] for i in keep),
+        "consistency_site_cpu_seconds": statistics.mean(cons_cpu[i] for i in keep),
+        "consistency_server_cpu_seconds": cons_server_cpu,
     }
 
 
@@ -233,6 +272,7 @@ def main() -> None:
     glob = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     rng = np.random.default_rng(0)
     rows = []
+    load_before = os.getloadavg()
     for n in [int(s) for s in args.sites.split(",") if s]:
         updates = []
         for i in range(n):
@@ -252,7 +292,8 @@ def main() -> None:
                   f"{row['plain_upload_bytes_per_site'] / 1e6:.2f} MB plain, extra download "
                   f"{row['secure_extra_download_bytes_per_site'] / 1e3:.1f} kB; max |secure - plain| = "
                   f"{row['max_abs_difference_vs_plain']:.2e}")
-    result: dict = {"cost": rows}
+    result: dict = {"cost": rows, "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+                    "command": "python -m benchmarks.secagg_cost " + " ".join(sys.argv[1:])}
     if args.quality:
         result["quality"] = quality(args.quality, args.scenario, [int(x) for x in args.seeds.split(",")],
                                     args.rounds, args.local_epochs, args.clip,

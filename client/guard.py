@@ -29,6 +29,7 @@ from magnet_core.protocol.keys import (
     PREPARE_STATS,
     QUERY,
     SECAGG_ACTION,
+    SECAGG_CONSISTENCY,
     SECAGG_EXCLUDE,
     SECAGG_KEY,
     SECAGG_MASK,
@@ -68,7 +69,8 @@ SECURE_EVALUATE = message_type(EVALUATE, SECAGG_ACTION)
 SECURE_PREPARE = message_type(QUERY, PREPARE_SECAGG)
 ROUND_KINDS = (TRAIN, EVALUATE, SECURE_TRAIN, SECURE_EVALUATE)
 PREPARE_KINDS = tuple(message_type(QUERY, a) for a in (PREPARE_STATS, PREPARE_SECAGG, PREPARE_APPLY))
-STAGE_KINDS = tuple(message_type(QUERY, a) for a in (SECAGG_SHARE, SECAGG_MASK, SECAGG_UNMASK, SECAGG_EXCLUDE))
+STAGE_KINDS = tuple(message_type(QUERY, a) for a in (SECAGG_SHARE, SECAGG_MASK, SECAGG_CONSISTENCY, SECAGG_UNMASK,
+                                                     SECAGG_EXCLUDE))
 MASK, UNMASK = message_type(QUERY, SECAGG_MASK), message_type(QUERY, SECAGG_UNMASK)
 
 _POLICIES: dict[tuple[str, int, int], SitePolicy] = {}

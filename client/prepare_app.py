@@ -6,7 +6,8 @@
 #                          counts, sums and sums of squares per class (never minima or maxima).
 #   query.prepare_secagg   (secagg=true) stage 0 of a secure sum: the same k-released statistics encoded in the
 #                          consortium's StatsLayout stay here, masked; the reply carries public keys only. Then
-#                          query.secagg_share / secagg_mask / secagg_unmask: the handlers of client/secure.py.
+#                          query.secagg_share / secagg_mask / secagg_consistency (authenticated) / secagg_unmask:
+#                          the handlers of client/secure.py.
 #   query.prepare_apply    counts of what it prepared.
 
 from __future__ import annotations

@@ -12,7 +12,11 @@
 #                         secure evaluation, k applied by the coordinator to the sum; no per-site release.
 #   query.secagg_share    KeyBook -> ShareBundle
 #   query.secagg_mask     ShareInbox -> "masked" uint64 array (the only form in which the update leaves the site)
-#   query.secagg_unmask   UnmaskRequest -> UnmaskShares; the site's secrets are then deleted from context.state
+#   query.secagg_consistency  authenticated only (stage 3a, Bonawitz et al. 2017's consistency check): SurvivorList
+#                         -> SurvivorSignature: the site signs U3 with its identity key, one list per sum (a second,
+#                         different list is refused, naming the consistency check, and the sum abandoned)
+#   query.secagg_unmask   UnmaskRequest -> UnmaskShares (authenticated: only for the list the site signed and >= t
+#                         survivors signed); the site's secrets are then deleted from context.state
 #                         (authenticated: kept until the sum is done, for stage 4b)
 #   query.secagg_exclude  authenticated only: ExclusionRequest (evidence that a dealer's signed shares contradict
 #                         its commitment) -> PairwiseSeeds with that dealer; the site checks the evidence itself.
@@ -48,6 +52,7 @@ from magnet_core.protocol.keys import (
     NODE_SECAGG_ROSTER,
     QUERY,
     SECAGG_ACTION,
+    SECAGG_CONSISTENCY,
     SECAGG_EXCLUDE,
     SECAGG_KEY,
     SECAGG_MASK,
@@ -70,6 +75,7 @@ from magnet_core.protocol.secagg import (
     SecAggError,
     SecAggStart,
     ShareInbox,
+    SurvivorList,
     UnmaskRequest,
 )
 from magnet_core.protocol.wire import Layout, unpack
@@ -339,6 +345,16 @@ def secagg_mask(msg: Message, context: Context) -> Message:
         return secure_reply(msg, masked.to_record(), arrays={MASKED_KEY: masked.masked})
 
 
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """Stage 3a (authenticated): sign the survivor list with this site's identity key, once per sum."""
+    with abandoned_on_refusal(context):
+        request = SurvivorList.from_record(secagg_record(msg))
+        site = _stored(context, request.round_id)
+        signature = site.sign_survivors(request)
+        _store(context, site)
+        return secure_reply(msg, signature.to_record())
+
+
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Stage 3: shares that remove the masks of the survivors' sum (never both secrets of one site)."""
     with abandoned_on_refusal(context):
@@ -365,6 +381,7 @@ def secagg_exclude(msg: Message, context: Context) -> Message:
 
 STAGE_HANDLERS: dict[str, Handler] = {message_type(QUERY, SECAGG_SHARE): secagg_share,
                                       message_type(QUERY, SECAGG_MASK): secagg_mask,
+                                      message_type(QUERY, SECAGG_CONSISTENCY): secagg_consistency,
                                       message_type(QUERY, SECAGG_UNMASK): secagg_unmask,
                                       message_type(QUERY, SECAGG_EXCLUDE): secagg_exclude}
 HANDLERS: dict[str, Handler] = {message_type(TRAIN, SECAGG_ACTION): secagg_train,

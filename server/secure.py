@@ -10,7 +10,11 @@
 #                           t = n - max dropouts) -> site name + public keys. The site trains, clips, encodes.
 #   1  query.secagg_share   key book of U1 -> encrypted Shamir shares (ShareBundle)
 #   2  query.secagg_mask    each site's inbox -> its masked vector, added at once to the running sum (U3)
-#   3  query.secagg_unmask  survivors / dropped -> shares; the server removes the masks and decodes the sum.
+#   3a query.secagg_consistency  authenticated only (the consistency check, Bonawitz et al. 2017 round 3): the
+#                           survivor list U3 to every survivor -> its identity-key signature over it (each site signs
+#                           one list per sum); needs >= t valid signatures, checked here against the roster.
+#   3  query.secagg_unmask  survivors / dropped (authenticated: + the survivor-list signatures, sent to the signers)
+#                           -> shares; the server removes the masks and decodes the sum.
 #   4b query.secagg_exclude authenticated only, when a dealer's signed shares contradict its commitment
 #                           (SharesRefuted): the evidence to every honest survivor -> its pairwise seeds with the
 #                           dealer, which take the dealer's input out; the sum is then over server.included.
@@ -31,6 +35,7 @@ from magnet_core.protocol.keys import (
     CONFIG_KEY,
     MASKED_KEY,
     QUERY,
+    SECAGG_CONSISTENCY,
     SECAGG_EXCLUDE,
     SECAGG_KEY,
     SECAGG_MASK,
@@ -46,6 +51,7 @@ from magnet_core.protocol.secagg import (
     PairwiseSeeds,
     SecAggError,
     ShareBundle,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
 )
@@ -206,11 +212,14 @@ def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: l
                    lambda msg: MaskedInput.from_record(msg.content[SECAGG_KEY],
                                                        msg.content[MASKED_KEY][MASKED_KEY].numpy()),
                    "masked input", added, keep=False)
+    asked = list(server.u3)
+    if server.roster is not None:  # stage 3a: the consistency check
+        asked = consistency_stage(grid, stage, server, config)
     request = server.unmask_request()
 
     # stage 3: unmask
     r = ConfigRecord(request.to_record())
-    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), record_size(r)) for sid in request.survivors}
+    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), record_size(r)) for sid in sorted(asked)}
 
     def answers_the_request(sid: int, got: UnmaskShares) -> str | None:
         held = server.holds(sid)  # complete graph: every share dealer
@@ -228,6 +237,29 @@ def secure_sum_stages(grid: Grid, stage: Stage, server: SecAggServer, adverts: l
     except SharesRefuted as refuted:
         total = exclusion_stage(grid, stage, server, refuted, config)
     return total, request, answered
+
+
+def consistency_stage(grid: Grid, stage: Stage, server: SecAggServer, config: ConfigRecord) -> list[int]:
+    """Stage 3a (authenticated sums): the survivor list to every survivor, its signature back (checked against the
+    roster; a bad or missing one leaves that site out of the unmask request, its input stays in the sum). Returns
+    the signers; SecAggError (from the unmask request) when fewer than t signed."""
+    lst = server.survivor_list()
+    r = ConfigRecord(lst.to_record())
+    payloads = {sid: (RecordDict({CONFIG_KEY: config, SECAGG_KEY: r}), record_size(r)) for sid in lst.survivors}
+
+    def signed(sid: int, item: SurvivorSignature) -> str | None:
+        if item.site_id != sid:
+            return f"survivor-list signature claims secagg site {item.site_id}, was told {sid}"
+        try:
+            server.add_survivor_signature(item)
+        except SecAggError as exc:
+            return str(exc)
+        return None
+
+    stage.exchange(grid, message_type(QUERY, SECAGG_CONSISTENCY), payloads, server.setup.threshold,
+                   lambda msg: SurvivorSignature.from_record(msg.content[SECAGG_KEY]), "survivor-list signature",
+                   signed, keep=False)
+    return server.list_signers
 
 
 def exclusion_stage(grid: Grid, stage: Stage, server: SecAggServer, refuted: SharesRefuted, config: ConfigRecord

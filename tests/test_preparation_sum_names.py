@@ -30,6 +30,7 @@ from magnet_core.federation.secagg import (
     SecAggSetup,
     ShareBundle,
     StatsLayout,
+    SurvivorSignature,
     UnmaskShares,
 )
 from magnet_core.federation.secagg_auth import Roster
@@ -113,8 +114,13 @@ class Coordinator:
                 if reply is not None:
                     self.server.add_masked(MaskedInput.from_record(reply.content["secagg"],
                                                                    reply.content["masked"]["masked"].numpy()))
+            lst = self.server.survivor_list()  # stage 3a, the consistency check: each survivor signs the list
+            for sid in lst.survivors:
+                reply = self._send(sid, "query.secagg_consistency", lst.to_record())
+                if reply is not None:
+                    self.server.add_survivor_signature(SurvivorSignature.from_record(reply.content["secagg"]))
             request = self.server.unmask_request()
-            asked = request.survivors if unmask_from is None else unmask_from
+            asked = self.server.list_signers if unmask_from is None else unmask_from
             shares = [UnmaskShares.from_record(r.content["secagg"]) for sid in asked
                       if (r := self._send(sid, "query.secagg_unmask", request.to_record())) is not None]
             return self.server.finish(shares)

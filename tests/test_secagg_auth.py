@@ -23,6 +23,8 @@ from magnet_core.federation.secagg import (
     ShareBundle,
     ShareInbox,
     SharesRefuted,
+    SurvivorList,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
     UpdateLayout,
@@ -30,6 +32,7 @@ from magnet_core.federation.secagg import (
     _raw_private,
     _raw_public,
     _self_seed,
+    consistency_round,
     decode_fixed,
     prg,
     run_local,
@@ -109,6 +112,10 @@ def test_stage_by_stage_through_records_and_serialised_state(consortium):
     for i in vectors:
         m = step(i, lambda s: s.mask(inboxes[i], vectors[i]))
         server.add_masked(MaskedInput.from_record(m.to_record(), m.masked))
+    lst = SurvivorList.from_record(server.survivor_list().to_record())  # stage 3a: the consistency check
+    for i in vectors:
+        server.add_survivor_signature(SurvivorSignature.from_record(step(i, lambda s: s.sign_survivors(lst))
+                                                                    .to_record()))
     req = UnmaskRequest.from_record(server.unmask_request().to_record())
     replies = [UnmaskShares.from_record(step(i, lambda s: s.unmask(req)).to_record()) for i in vectors]
     assert np.allclose(server.finish(replies), sum(vectors.values()), atol=3 * FP)
@@ -240,6 +247,7 @@ def _to_unmask(consortium, n, contexts, vectors):
     inboxes = server.route_shares([s.share(book) for s in sites.values()])
     for i, s in sites.items():
         server.add_masked(s.mask(inboxes[i], vectors[i]))
+    consistency_round(server, sites)
     return setup, sites, server
 
 
@@ -274,17 +282,23 @@ def test_different_key_books_or_participant_lists_are_refused_before_unmasking(c
     vectors = _vectors(3, 8)
     for i, s in sites.items():
         server.add_masked(s.mask(inboxes[i], vectors[i]))
+    lst = server.survivor_list()  # site 3 cannot sign a list naming site 1, which it never got shares from
+    with pytest.raises(SecAggError, match="do not match the sites that shared secrets"):
+        sites[3].sign_survivors(lst)
+    for i in (1, 2):
+        server.add_survivor_signature(sites[i].sign_survivors(lst))
     req = server.unmask_request()
     with pytest.raises(SecAggError, match="secagg site 3 .* did not sign the transcript"):
         sites[1].unmask(req)
     _, sites, server = _to_unmask(consortium, 3, dict.fromkeys((1, 2, 3), b"ctx"), vectors)
     req = server.unmask_request()
     forged = UnmaskRequest(req.survivors, req.dropped, req.round_id, {**req.transcript_signatures,
-                                                                      3: req.transcript_signatures[2]})
+                                                                      3: req.transcript_signatures[2]},
+                           req.survivor_signatures)
     with pytest.raises(SecAggError, match="secagg site 3 .* did not sign"):
         sites[1].unmask(forged)
     with pytest.raises(SecAggError, match="secagg site 2 .* did not sign"):
-        sites[1].unmask(UnmaskRequest(req.survivors, req.dropped, req.round_id, {}))
+        sites[1].unmask(UnmaskRequest(req.survivors, req.dropped, req.round_id, {}, req.survivor_signatures))
 
 
 # ----------------------------------------------------------------------------------------------- dishonest sites
@@ -348,6 +362,7 @@ def test_corrupted_shares_name_their_dealer_and_the_round_recovers_without_it(co
         for i, s in sites.items():
             if i not in before:
                 server.add_masked(s.mask(inboxes[i], vectors[i]))
+        consistency_round(server, sites)
         req = server.unmask_request()
         server.finish([sites[i].unmask(req) for i in req.survivors])
     request = ExclusionRequest.from_record(server.exclusion_request().to_record())

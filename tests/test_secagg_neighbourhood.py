@@ -23,6 +23,7 @@ from magnet_core.federation.secagg import (
     ShareInbox,
     UnmaskRequest,
     UnmaskShares,
+    consistency_round,
     decode_fixed,
     encode_fixed,
     run_local,
@@ -321,6 +322,9 @@ def test_a_participant_list_differing_between_sites_is_refused_before_unmasking(
                        {**inboxes[2].participants, nb: inboxes[2].participants[far]}), np.zeros(8))
     for i, s in sites.items():
         server.add_masked(s.mask(inboxes[i], np.zeros(8)))
+    with pytest.raises(SecAggError, match="do not match the sites that shared secrets"):
+        sites[1].sign_survivors(server.survivor_list())  # site 1 was told another participant list
+    consistency_round(server, sites, absent=(1,))
     req = server.unmask_request()
     for i in (2, far):
         with pytest.raises(SecAggError, match=r"secagg site 1 \('hospital-001'\) did not sign the transcript"):

@@ -1,13 +1,17 @@
-"""Different survivor lists sent to different sites of one secure sum (issue 21: what is still out of reach, and the
+"""Different survivor lists sent to different sites of one secure sum (issue 21: the bound that remains, and the
 site policy's guard against it).
 
-The unmask request's survivor list is not signed by the survivors (no consistency round over U3). Honest share
-holders of site A reveal either a share of A's self-mask seed (told A survived) or of A's mask key (told A dropped),
-never both; a site colluding with the coordinator reveals both. So with c colluding sites the coordinator gets both
-secrets of A, and A's input from that one sum, whenever 2t <= n + c. The first test plays the attack on the real
-state machines (authenticated, so the transcript check is shown not to stop it); the second shows that t = n stops
-it; the third that a site whose policy assumes colluding sites (``privacy.colluding_sites``) refuses, at stage 0, a
-secure sum whose threshold is too low for them, naming the line (through the real site handlers)."""
+Authenticated sums now have the consistency check of Bonawitz et al. 2017 (stage 3a, tests/test_secagg_consistency.py):
+every survivor signs the survivor list U3 once, and a site unmasks only a list it signed that >= t survivors signed.
+Honest share holders of site A reveal either a share of A's self-mask seed (told A survived) or of A's mask key (told A
+dropped), never both; a site colluding with the coordinator signs both lists and reveals both. So the strongest
+coordinator splits the honest sites at stage 3a already (one group signs "A survived", the other "A dropped"); each
+list then needs t signatures, honest sites sign one, and with c colluding sites it still gets both secrets of A, and
+A's input from that one sum, whenever 2t <= n + c: the same bound as without the check (what the check adds is that
+the sites verify the list instead of taking the coordinator's word, and that a second list to a site that signed is
+refused). The first test plays that split on the real state machines; the second shows that 2t > n + c stops it; the
+third that a site whose policy assumes colluding sites (``privacy.colluding_sites``) refuses, at stage 0, a secure
+sum whose threshold is too low for them, naming the line (through the real site handlers)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from magnet_core.federation.secagg import (
     SecAggSetup,
     SecAggSite,
     StatsLayout,
+    SurvivorList,
     UnmaskRequest,
     _pairwise_seed,
     _self_seed,
@@ -39,9 +44,10 @@ FP = 2.0 ** -(DEFAULT_FRAC_BITS + 1)
 
 
 def _two_lists_attack(consortium, n: int, threshold: int, colluder: int, target: int = 1):  # noqa: F811
-    """One authenticated sum over n sites; the coordinator tells the target and some honest sites that everybody
-    survived, the other honest sites that the target dropped; the colluder hands over its shares of both of the
-    target's secrets. Returns (the target's input, what the coordinator recovered or None)."""
+    """One authenticated sum over n sites; at stage 3a the coordinator asks the target and some honest sites to sign
+    "everybody survived", the other honest sites "the target dropped"; the colluder signs both and hands over its
+    shares of both of the target's secrets. Each group is then asked to unmask its own list with the signatures on
+    it. Returns (the target's input, what the coordinator recovered or None)."""
     auth = _auth(consortium, n)
     setup = SecAggSetup(f"r{n}{threshold}", tuple(range(1, n + 1)), threshold, 8)
     sites = {i: SecAggSite(setup, i, auth[i], b"ctx") for i in range(1, n + 1)}
@@ -53,16 +59,31 @@ def _two_lists_attack(consortium, n: int, threshold: int, colluder: int, target:
     for i, s in sites.items():
         masked[i] = s.mask(inboxes[i], x[i])
         server.add_masked(masked[i])
-    full = server.unmask_request()
     honest = [i for i in sites if i != colluder]
     told_survived = [target] + [i for i in honest if i != target][:max(0, threshold - 2)]
     told_dropped = [i for i in honest if i not in told_survived]
-    without = UnmaskRequest(tuple(i for i in full.survivors if i != target), (target,), full.round_id,
-                            {i: g for i, g in full.transcript_signatures.items() if i != target})
+    lists = {"full": server.survivor_list()}
+    lists["without"] = SurvivorList(tuple(i for i in lists["full"].survivors if i != target), (target,),
+                                    setup.round_id)
+    signed: dict[str, dict[int, bytes]] = {"full": {}, "without": {}}
+    for which, group in (("full", told_survived + [colluder]), ("without", told_dropped + [colluder])):
+        for i in group:
+            try:
+                signed[which][i] = sites[i].sign_survivors(lists[which]).signature
+            except SecAggError:
+                pass
+        sites[colluder]._signed_list = None  # the colluder runs modified code: it signs every list it is sent
+    transcripts = server._transcripts  # every survivor signed its transcript at masking
+    full = UnmaskRequest(lists["full"].survivors, (), setup.round_id, dict(transcripts), signed["full"])
+    without = UnmaskRequest(lists["without"].survivors, (target,), setup.round_id,
+                            {i: g for i, g in transcripts.items() if i != target}, signed["without"])
     b_shares = {colluder: sites[colluder]._shares[target][0]}
     s_shares = {colluder: sites[colluder]._shares[target][1]}
     for i in told_survived:
-        b_shares[i] = sites[i].unmask(full).self_shares[target]
+        try:
+            b_shares[i] = sites[i].unmask(full).self_shares[target]
+        except SecAggError:
+            pass
     for i in told_dropped:
         try:
             s_shares[i] = sites[i].unmask(without).key_shares[target]
@@ -81,9 +102,9 @@ def _two_lists_attack(consortium, n: int, threshold: int, colluder: int, target:
 
 
 def test_different_survivor_lists_with_one_colluding_site_unmask_a_sites_input(consortium):  # noqa: F811
-    """What is still out of reach, played: 3 sites, threshold 2 (the preparation's default of one dropout), site 3
-    colluding. Every honest site follows the protocol and checks the transcript signatures, and site 1's input
-    comes back to fixed-point resolution."""
+    """The bound that remains, played: 3 sites, threshold 2 (the preparation's default of one dropout), site 3
+    colluding. Every honest site follows the protocol, checks the transcript signatures and signs one survivor list
+    (the consistency check), and site 1's input still comes back to fixed-point resolution: 2t = 4 <= n + c."""
     x, recovered = _two_lists_attack(consortium, 3, 2, colluder=3)
     assert recovered is not None and np.max(np.abs(recovered - x)) <= FP
 

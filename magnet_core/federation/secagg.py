@@ -13,7 +13,11 @@
 #   stage 3  site -> server    MaskedInput        y_u = enc(x_u) + PRG(b_u) + sum_{v in U2, v > u} PRG(s_uv)
 #                                                 - sum_{v in U2, v < u} PRG(s_uv)   (mod 2^64)
 #            server                               adds y_u into one running sum; senders = U3 (needs |U3| >= t)
-#            server -> sites   UnmaskRequest      U3 (survivors) and U2 \ U3 (dropped before sending y)
+#   stage 3a server -> sites   SurvivorList       authenticated only (the consistency check, Bonawitz et al. 2017
+#                                                 round 3): U3 and U2 \ U3; each survivor signs it with its identity
+#            site -> server    SurvivorSignature  key, once per sum (a second, different list is refused)
+#            server -> sites   UnmaskRequest      U3 (survivors) and U2 \ U3 (dropped before sending y); authenticated:
+#                                                 with >= t survivors' signatures over exactly that list
 #   stage 4  site -> server    UnmaskShares       shares of b_v for v in U3 and of s_v for v dropped; a site never
 #                                                 reveals both for the same v, and refuses if |U3| < t
 #            server                               reconstructs with >= t responses, removes the masks, decodes:
@@ -24,8 +28,11 @@
 # SiteAuth, context), SecAggServer(setup, roster); magnet_core/federation/secagg_auth.py): adverts signed with the
 # enrolled identity key and checked by every site against its own roster, shares signed by their dealer (a bad one
 # names its dealer, who is then excluded: stage 4b ExclusionRequest -> PairwiseSeeds), and a transcript signature
-# (context = global model + round config, key book, U2) checked before unmasking. In that mode the coordinator
-# keeps the masked vectors one by one until the sum is done (to take an excluded dealer's out again).
+# (context = global model + round config, key book, U2) checked before unmasking, and the survivor list U3 signed
+# by the survivors (stage 3a): a site reveals shares only for a U3 it signed itself and that >= t distinct roster
+# sites of U3 signed (neighbourhoods: >= t of its own closed neighbourhood). Unauthenticated sums have no
+# identities to sign with and no stage 3a: there the coordinator's survivor list is trusted. In that mode the
+# coordinator keeps the masked vectors one by one until the sum is done (to take an excluded dealer's out again).
 # Graph: complete (SecAgg, setup.graph_degree == 0, the default) or sparse (SecAgg+, Bell et al. 2020:
 # setup.graph_degree = k > 0). Sparse: the graph is derived by every party from the round id and the sorted site ids
 # (magnet_core/federation/secagg_graph.py); a site gets the key book of its own neighbourhood only and refuses one
@@ -70,6 +77,8 @@ from magnet_core.protocol.secagg import (
     ShareBundle,
     ShareInbox,
     ShareProof,
+    SurvivorList,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
 )
@@ -82,6 +91,7 @@ from .secagg_auth import (
     neighbourhood_transcript_digest,
     seed_commitment,
     share_payload,
+    survivors_payload,
     transcript_digest,
     transcript_payload,
 )
@@ -92,8 +102,8 @@ SHARE_BYTES = 66
 # the messages are imported from magnet_core.protocol.secagg (and re-exported for the sums' callers)
 __all__ = ["DEFAULT_FRAC_BITS", "ExclusionRequest", "KeyAdvert", "KeyBook", "MaskedInput", "PairwiseSeeds",
            "SecAggError", "SecAggServer", "SecAggSetup", "SecAggSite", "ShareBundle", "ShareInbox", "SharesRefuted",
-           "StatsLayout", "UnmaskRequest", "UnmaskShares", "UpdateLayout", "decode_fixed", "encode_fixed", "prg",
-           "run_local", "shamir_combine", "shamir_split"]
+           "StatsLayout", "SurvivorList", "SurvivorSignature", "UnmaskRequest", "UnmaskShares", "UpdateLayout",
+           "consistency_round", "decode_fixed", "encode_fixed", "prg", "run_local", "shamir_combine", "shamir_split"]
 
 
 class SharesRefuted(SecAggError):
@@ -219,6 +229,7 @@ class SecAggSite:
         self._participants: dict[int, str] = {}  # neighbourhood graph: every share dealer (global U2) -> its name
         self._digest = b""
         self._revealed: str = ""  # "" | "masked" | "unmasked" | "excluded"
+        self._signed_list: tuple[list[int], list[int]] | None = None  # stage 3a: the (U3, dropped) it signed
 
     # -- state ------------------------------------------------------------------------------------------
     def to_state(self) -> str:
@@ -233,6 +244,7 @@ class SecAggSite:
                      for k, d in self._book.items()},
             "authenticated": self.auth is not None, "context": self.context.hex(), "digest": self._digest.hex(),
             "u2": self._u2, "revealed": self._revealed,
+            **({"signed-list": [self._signed_list[0], self._signed_list[1]]} if self._signed_list else {}),
             **({"participants": {str(k): v for k, v in self._participants.items()}} if self._participants else {})})
 
     @classmethod
@@ -253,6 +265,8 @@ class SecAggSite:
         site._digest = bytes.fromhex(d.get("digest", ""))
         site._u2, site._revealed = [int(i) for i in d["u2"]], d["revealed"]
         site._participants = {int(k): str(v) for k, v in d.get("participants", {}).items()}
+        signed = d.get("signed-list")
+        site._signed_list = ([int(i) for i in signed[0]], [int(i) for i in signed[1]]) if signed else None
         return site
 
     @staticmethod
@@ -423,11 +437,10 @@ class SecAggSite:
         sig = self.auth.identity.sign(transcript_payload(self.setup.round_id, self.site_id, self._digest))
         return MaskedInput(self.site_id, y, sig)
 
-    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
-        """Stage 4: self-mask shares of survivors, mask-key shares of sites that dropped before masking."""
-        surv, drop = set(request.survivors), set(request.dropped)
+    def _check_survivors(self, surv: set[int], drop: set[int], what: str) -> None:
+        """The checks of a survivor list this site can make alone (before signing it, stage 3a, or unmasking)."""
         if self._revealed != "masked":
-            raise SecAggError(f"site {self.site_id}: asked to unmask before sending its masked input")
+            raise SecAggError(f"site {self.site_id}: asked to {what} before sending its masked input, or again")
         if surv & drop:
             raise SecAggError(f"site {self.site_id}: sites {sorted(surv & drop)} are named both survivors and "
                               "dropped; refusing (it would reveal their input)")
@@ -448,6 +461,69 @@ class SecAggSite:
         if len(surv) < self.setup.threshold:
             raise SecAggError(f"site {self.site_id}: only {len(surv)} sites sent masked input, threshold is "
                               f"{self.setup.threshold}; refusing to help unmask")
+
+    def _signer_name(self, u: int) -> str:
+        return (self._participants.get(u, "") if self.setup.graph_degree else self._book["names"].get(u, ""))
+
+    def _signer_commit(self, u: int) -> bytes:
+        return self._book.get("commits", {}).get(u, b"")
+
+    def sign_survivors(self, request: SurvivorList) -> SurvivorSignature:
+        """Stage 3a (authenticated only; Bonawitz et al. 2017 consistency check): sign the survivor list U3 with
+        this site's identity key. Once per sum: the same list again gets the same answer, a different one is
+        refused (so the coordinator cannot collect signatures on two lists from an honest site)."""
+        if self.auth is None:
+            raise SecAggError(f"site {self.site_id}: the consistency check (signing the survivor list) needs "
+                              "authenticated secure aggregation; this sum has no identities")
+        if request.round_id and request.round_id != self.setup.round_id:
+            raise SecAggError(f"site {self.site_id}: a survivor list of secure sum {request.round_id!r}, this site "
+                              f"is in {self.setup.round_id!r}")
+        surv, drop = sorted(set(request.survivors)), sorted(set(request.dropped))
+        if self._signed_list is not None and self._signed_list != (surv, drop):
+            raise SecAggError(f"site {self.site_id}: consistency check: this site already signed the survivor list "
+                              f"{self._signed_list[0]} (dropped {self._signed_list[1]}) of secure sum "
+                              f"{self.setup.round_id!r}; refusing to sign a second, different list {surv} (dropped "
+                              f"{drop}): two lists could open a site's input")
+        self._check_survivors(set(surv), set(drop), "sign the survivor list")
+        self._signed_list = (surv, drop)
+        payload = survivors_payload(self.setup.round_id, self.site_id, self._signer_commit(self.site_id), surv, drop)
+        return SurvivorSignature(self.site_id, self.auth.identity.sign(payload))
+
+    def _check_consistency(self, surv: set[int], drop: set[int], signatures: Mapping[int, bytes]) -> None:
+        """Before unmasking (authenticated): the list is the one this site signed at stage 3a, and at least t
+        distinct roster sites of U3 (neighbourhoods: of this site's closed neighbourhood) signed exactly it."""
+        mine = (sorted(surv), sorted(drop))
+        if self._signed_list is None:
+            raise SecAggError(f"site {self.site_id}: consistency check: this site has not signed a survivor list of "
+                              f"secure sum {self.setup.round_id!r}; refusing to help unmask")
+        if self._signed_list != mine:
+            raise SecAggError(f"site {self.site_id}: consistency check: the unmask request names survivors "
+                              f"{mine[0]} (dropped {mine[1]}), this site signed {self._signed_list[0]} (dropped "
+                              f"{self._signed_list[1]}); refusing to help unmask")
+        pool = set(surv)
+        if self.setup.graph_degree:
+            pool &= set(self._u2)  # this site and its neighbours that dealt it shares
+        rid, valid, bad = self.setup.round_id, {self.site_id}, []
+        for u in sorted(set(signatures) - {self.site_id}):
+            payload = survivors_payload(rid, u, self._signer_commit(u), mine[0], mine[1])
+            if u in pool and self.auth.roster.verifies(self._signer_name(u), payload, signatures[u]):
+                valid.add(u)
+            else:
+                bad.append(u)
+        t = self.setup.threshold
+        if len(valid) < t:
+            where = "of its neighbourhood " if self.setup.graph_degree else ""
+            raise SecAggError(f"site {self.site_id}: consistency check: only {len(valid)} valid signatures of the "
+                              f"survivor list {mine[0]} from distinct roster sites {where}in it ({sorted(valid)}; "
+                              f"not valid or not counted: {bad}), threshold {t}; refusing to help unmask")
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
+        """Stage 4: self-mask shares of survivors, mask-key shares of sites that dropped before masking.
+        Authenticated: only for the survivor list this site signed at stage 3a and >= t survivors signed."""
+        surv, drop = set(request.survivors), set(request.dropped)
+        self._check_survivors(surv, drop, "unmask")
+        if self.auth is not None:
+            self._check_consistency(surv, drop, request.survivor_signatures)
         if self.auth is not None:  # every input in the sum comes from a site that saw what this site saw
             rid, bad = self.setup.round_id, []
             for u in sorted(surv - {self.site_id}):
@@ -553,6 +629,7 @@ class SecAggServer:
         self._acc = np.zeros(setup.vector_length, dtype=np.uint64)
         self._masked: dict[int, np.ndarray] = {}  # authenticated only: masked vectors (never unmasked alone)
         self._transcripts: dict[int, bytes] = {}
+        self._list_signatures: dict[int, bytes] = {}  # stage 3a: survivor -> its signature over the survivor list
         self._secrets: dict[tuple[str, int], bytes] = {}  # ("self" | "mask", site) -> reconstructed secret
         self.excluded: dict[int, str] = {}  # secagg id -> why it was left out of the sum (bad shares)
         self.blamed: dict[int, str] = {}  # secagg id -> why its unmask reply was discarded
@@ -669,11 +746,40 @@ class SecAggServer:
         self._acc += y
         self.u3.append(item.site_id)
 
-    def unmask_request(self) -> UnmaskRequest:
-        """Stage 4 request, sent to every site of U3 (authenticated: with every survivor's transcript signature)."""
+    def survivor_list(self) -> SurvivorList:
+        """Stage 3a request (authenticated only), sent to every site of U3: U3 and the sites dropped before masking,
+        for each survivor to sign (the consistency check)."""
+        if self.roster is None:
+            raise SecAggError("the consistency check (signed survivor list) needs authenticated secure aggregation")
         self._need(self.u3, "sent their masked input")
+        return SurvivorList(tuple(sorted(self.u3)), tuple(sorted(set(self.u2) - set(self.u3))), self.setup.round_id)
+
+    def add_survivor_signature(self, item: SurvivorSignature) -> None:
+        """Stage 3a: one survivor's signature over the survivor list, checked against the roster's key of its name
+        (a bad one is refused; the site is then not asked to unmask)."""
+        lst = self.survivor_list()
+        u = item.site_id
+        if u not in self.u3 or u in self._list_signatures:
+            raise SecAggError(f"survivor-list signature from site {u}: not a survivor or sent twice")
+        payload = survivors_payload(self.setup.round_id, u, self.book.commits.get(u, b""), lst.survivors, lst.dropped)
+        if not self.roster.verifies(self.book.names.get(u, ""), payload, item.signature):
+            raise SecAggError(f"{self.label(u)}: its survivor-list signature is not valid under its enrolled key")
+        self._list_signatures[u] = item.signature
+
+    @property
+    def list_signers(self) -> list[int]:
+        """The survivors whose signature over the survivor list was accepted (stage 3a): those asked to unmask."""
+        return sorted(self._list_signatures)
+
+    def unmask_request(self) -> UnmaskRequest:
+        """Stage 4 request, sent to every site of U3 (authenticated: to the signers of the survivor list, with every
+        survivor's transcript signature and the survivor-list signatures; needs >= t of those)."""
+        self._need(self.u3, "sent their masked input")
+        if self.roster is not None:
+            self._need(self.list_signers, "signed the survivor list")
         return UnmaskRequest(tuple(sorted(self.u3)), tuple(sorted(set(self.u2) - set(self.u3))), self.setup.round_id,
-                             {u: self._transcripts[u] for u in self.u3 if u in self._transcripts})
+                             {u: self._transcripts[u] for u in self.u3 if u in self._transcripts},
+                             dict(self._list_signatures))
 
     def finish(self, responses: Sequence[UnmaskShares]) -> np.ndarray:
         """Stage 4: reconstruct the secrets from >= t responses, remove every mask, return the float64 sum of the
@@ -822,6 +928,18 @@ class SecAggServer:
         return decode_fixed(acc, self.setup.frac_bits)
 
 
+def consistency_round(server: SecAggServer, sites: Mapping[int, "SecAggSite"], absent: Iterable[int] = ()
+                      ) -> SurvivorList:
+    """Stage 3a in one process (authenticated sums): every survivor not in ``absent`` signs the server's survivor
+    list, the server keeps the signatures. Returns the list."""
+    lst = server.survivor_list()
+    skip = set(absent)
+    for i in lst.survivors:
+        if i not in skip:
+            server.add_survivor_signature(sites[i].sign_survivors(lst))
+    return lst
+
+
 def run_local(setup: SecAggSetup, vectors: Mapping[int, np.ndarray], drop_before_mask: Iterable[int] = (),
               drop_after_mask: Iterable[int] = (), auth: Mapping[int, SiteAuth] | None = None,
               roster: Roster | None = None, context: bytes = b"",
@@ -840,6 +958,8 @@ def run_local(setup: SecAggSetup, vectors: Mapping[int, np.ndarray], drop_before
     for i, s in sites.items():
         if i not in before:
             server.add_masked(s.mask(inboxes[i], vectors[i]))
+    if roster is not None:
+        consistency_round(server, sites, absent=after)
     req = server.unmask_request()
     try:
         total = server.finish([sites[i].unmask(req) for i in req.survivors if i not in after])

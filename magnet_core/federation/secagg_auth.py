@@ -11,7 +11,11 @@
 #   * before it helps unmask, every site checks that every site whose input is in the sum signed the same
 #     transcript (round id, the context the coordinator sent it: the global model and round config, the setup, the
 #     key book with names and commitments, the senders of shares), so different models, key books or participant
-#     lists sent to different sites are refused.
+#     lists sent to different sites are refused;
+#   * consistency check (Bonawitz et al. 2017, round 3): after masking, every survivor signs the survivor list U3
+#     (once per sum: a second, different list is refused) and a site reveals shares only for a U3 that it signed
+#     itself and that at least t distinct roster sites of U3 signed (neighbourhoods: t of its own neighbourhood), so
+#     the coordinator's word on who survived is checked by the sites rather than trusted.
 # Signatures use the key the consortium PKI enrolled for the site (server/pki.py: its node-authentication key,
 # EC P-384, ECDSA with SHA-384; Ed25519 keys are accepted too). Every signed payload starts with its own
 # "magnet-fl/secagg-auth/v1/<kind>" prefix so a signature made here is never valid for another purpose.
@@ -225,6 +229,16 @@ def neighbourhood_transcript_digest(setup: SecAggSetup, context: bytes, particip
 
 def transcript_payload(round_id: str, site_id: int, digest: bytes) -> bytes:
     return _frame("transcript-signature", round_id, site_id, digest)
+
+
+def survivors_payload(round_id: str, site_id: int, b_commit: bytes, survivors: Sequence[int],
+                      dropped: Sequence[int]) -> bytes:
+    """What a survivor signs in the consistency check (stage 3a): the sum (its round id, and the signer's seed
+    commitment from its signed key advert of this sum: fresh in every sum, so a signature never counts in another
+    sum with the same round id; every holder of the signer's shares and the coordinator have it), the signer's
+    secagg id, the sorted survivors U3 and the sorted sites that dropped before masking."""
+    return _frame("survivor-list", round_id, site_id, b_commit, ",".join(str(i) for i in sorted(survivors)),
+                  ",".join(str(i) for i in sorted(dropped)))
 
 
 def context_digest(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 # The protocol version: the coordinator sends it in every round, secure-aggregation and preparation message, the
 # site refuses any other; a site's replies carry it back and the coordinator refuses any other. The site worker
 # link (client/worker_link.py) carries it in every frame. Raise it whenever a message changes.
-PROTOCOL_VERSION = "magnet-fl/3"
+PROTOCOL_VERSION = "magnet-fl/4"
 VERSION_KEY = "protocol"  # the field that carries PROTOCOL_VERSION in a record / a worker frame header
 
 # ------------------------------------------------------------------------------------ records of a message
@@ -36,6 +36,7 @@ SECAGG_ACTION = "secagg"  # train.secagg / evaluate.secagg: stage 0 of a secure 
 SECAGG_SHARE = "secagg_share"  # query.secagg_share / secagg_mask / secagg_unmask: stages 1-3 of any secure sum
 SECAGG_MASK = "secagg_mask"
 SECAGG_UNMASK = "secagg_unmask"
+SECAGG_CONSISTENCY = "secagg_consistency"  # query.secagg_consistency: stage 3a, authenticated only: sign U3
 SECAGG_EXCLUDE = "secagg_exclude"  # query.secagg_exclude: stage 4b, only after a dealer's shares were refuted
 PREPARE_STATS = "prepare_stats"  # query.prepare_*: federated preparation
 PREPARE_SECAGG = "prepare_secagg"

@@ -9,7 +9,10 @@ crypto and both sides' state machines are in magnet_core.federation.secagg.
            site -> server        KeyAdvert
   stage 1  server -> sites       KeyBook            site -> server  ShareBundle
   stage 2  server -> one site    ShareInbox         site -> server  MaskedInput
-  stage 3  server -> survivors   UnmaskRequest      site -> server  UnmaskShares
+  stage 3a server -> survivors   SurvivorList       site -> server  SurvivorSignature   (authenticated only:
+                                 the consistency check, Bonawitz et al. 2017 round 3; each survivor signs U3 once)
+  stage 3  server -> survivors   UnmaskRequest      site -> server  UnmaskShares         (authenticated: with >= t
+                                 survivors' signatures over exactly that U3, checked by every site before it reveals)
 """
 
 from __future__ import annotations
@@ -290,13 +293,51 @@ class MaskedInput:
 
 
 @dataclasses.dataclass(frozen=True)
+class SurvivorList:
+    """Stage 3a (server -> every survivor; authenticated sums only): the consistency check of Bonawitz et al. 2017
+    (round 3 of the malicious-model protocol). Whose input is in the sum (U3) and who dropped before masking; each
+    survivor signs it with its enrolled identity key, once per sum (a second, different list is refused)."""
+
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    round_id: str = ""
+
+    def to_record(self) -> dict:
+        return stamped({"survivors": list(self.survivors), "dropped": list(self.dropped), ROUND_ID: self.round_id})
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "SurvivorList":
+        check_version(r, "survivor list")
+        return cls(tuple(int(i) for i in r["survivors"]), tuple(int(i) for i in r["dropped"]), str(r[ROUND_ID]))
+
+
+@dataclasses.dataclass(frozen=True)
+class SurvivorSignature:
+    """Stage 3a reply (site -> server): the site's identity-key signature over the survivor list it was sent
+    (secagg_auth.survivors_payload: round id, its secagg id, its transcript digest, U3, the dropped sites)."""
+
+    site_id: int
+    signature: bytes
+
+    def to_record(self) -> dict:
+        return stamped({SITE_ID: self.site_id, "signature": self.signature})
+
+    @classmethod
+    def from_record(cls, r: Mapping) -> "SurvivorSignature":
+        check_version(r, "survivor signature")
+        return cls(int(r[SITE_ID]), bytes(r["signature"]))
+
+
+@dataclasses.dataclass(frozen=True)
 class UnmaskRequest:
-    """Stage 3 (server -> surviving sites): whose input is in the sum (U3) and who dropped before masking."""
+    """Stage 3 (server -> surviving sites): whose input is in the sum (U3) and who dropped before masking.
+    Authenticated: every survivor's transcript signature (stage 2) and the survivor-list signatures of stage 3a."""
 
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
     round_id: str = dataclasses.field(default="", compare=False)
     transcript_signatures: dict[int, bytes] = dataclasses.field(default_factory=dict, compare=False)
+    survivor_signatures: dict[int, bytes] = dataclasses.field(default_factory=dict, compare=False)
 
     def to_record(self) -> dict:
         out: dict[str, Any] = {"survivors": list(self.survivors), "dropped": list(self.dropped),
@@ -304,14 +345,18 @@ class UnmaskRequest:
         if self.transcript_signatures:
             ids = _ids(self.transcript_signatures)
             out.update({"signed-by": ids, "transcript-signatures": [self.transcript_signatures[i] for i in ids]})
+        if self.survivor_signatures:
+            ids = _ids(self.survivor_signatures)
+            out.update({"list-signed-by": ids, "survivor-signatures": [self.survivor_signatures[i] for i in ids]})
         return stamped(out)
 
     @classmethod
     def from_record(cls, r: Mapping) -> "UnmaskRequest":
         check_version(r, "unmask request")
         sigs = {int(i): bytes(g) for i, g in zip(r.get("signed-by", []), r.get("transcript-signatures", []))}
+        lists = {int(i): bytes(g) for i, g in zip(r.get("list-signed-by", []), r.get("survivor-signatures", []))}
         return cls(tuple(int(i) for i in r["survivors"]), tuple(int(i) for i in r["dropped"]), str(r[ROUND_ID]),
-                   sigs)
+                   sigs, lists)
 
 
 @dataclasses.dataclass(frozen=True)
