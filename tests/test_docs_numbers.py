@@ -291,6 +291,27 @@ def _secagg_auth_cost(root):
         mb=f"{a5['secure_upload_bytes_per_site'] / 1e6:.2f}", lo=f"{min(extra):.1f}", hi=f"{max(extra):.1f}")
 
 
+def _consistency_cost(root):
+    """benchmarks/results/secagg_consistency_cost.json, its authenticated rows: what the consistency check (stage
+    3a) adds per site (bytes both ways without dropout, 3 and 5 sites) and its CPU time per site and at the
+    coordinator (largest over the rows)."""
+    rows = [r for r in _load_json(root, "benchmarks/results/secagg_consistency_cost.json")["cost"]
+            if r["mode"] == "authenticated"]
+
+    def at(n):
+        return next(r for r in rows if r["sites"] == n and r["dropped_before_masking"] == 0)
+
+    ms = "{:.1f}".format
+    return SimpleNamespace(
+        up3=f"{at(3)['consistency_upload_bytes_per_site']:.0f}",
+        down3=f"{at(3)['consistency_download_bytes_per_site']:.0f}",
+        up5=f"{at(5)['consistency_upload_bytes_per_site']:.0f}",
+        down5=f"{at(5)['consistency_download_bytes_per_site']:.0f}",
+        site=ms(1e3 * max(r["consistency_site_cpu_seconds"] for r in rows)),
+        server=ms(1e3 * max(r["consistency_server_cpu_seconds"] for r in rows)),
+        load=f"{max(_load_json(root, 'benchmarks/results/secagg_consistency_cost.json')['loadavg_before']):.1f}")
+
+
 def _sci(v: float) -> str:
     """7.45e-9, as the documents write a small number."""
     mant, exp = f"{v:.2e}".split("e")
@@ -850,6 +871,10 @@ CLAIMS: list[Claim] = [
     _c(SA, "benchmarks/results/secagg_auth_cost.json",
        "per site +{c.up3} B up and +{c.down3} kB down (3 sites), +{c.up5} kB up and +{c.down5} kB down (5 sites) on a "
        "{c.mb} MB upload; +{c.lo} to +{c.hi} s per site and per round", c=_secagg_auth_cost),
+    _c(SA, "benchmarks/results/secagg_consistency_cost.json",
+       "per site +{c.up3} B up and +{c.down3} B down (3 sites), +{c.up5} B up and +{c.down5} B down (5 sites), and "
+       "at most {c.site} ms of CPU per site and {c.server} ms at the coordinator (load average up to {c.load} before "
+       "the run)", c=_consistency_cost),
     _c(SA, "benchmarks/results/deploy_round_secagg_authenticated.json, deploy_round_secagg_plain.json",
        "Seconds per round (history `seconds`): authenticated {a.sec}; plain {p.sec}. Secure-aggregation part of the "
        "round (`screening.secure_aggregation.seconds`): authenticated {a.sa}; plain {p.sa}. Bytes per site and round: "

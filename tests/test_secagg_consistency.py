@@ -259,3 +259,32 @@ def test_a_second_survivor_list_is_refused_by_the_site_handler_and_logged(hospit
     assert send(2, "query.secagg_unmask", request.to_record()).has_error()
     for sid in (1, 3):  # the others unmask the list they signed; two of three suffice (t = 2)
         answered(send(sid, "query.secagg_unmask", request.to_record()))
+
+
+def test_in_a_neighbourhood_sum_a_site_counts_the_signatures_of_its_own_neighbourhood():
+    """SecAgg+ graph (10 sites, degree 4: neighbourhoods of 5, t = 3): signatures of the right list from sites that
+    do not hold site 1's shares do not count for site 1, however many; its own neighbours' do."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from magnet_core.federation.secagg_auth import SiteAuth
+    from magnet_core.federation.secagg_graph import neighbourhood_graph
+
+    idents = {i: SiteIdentity(f"hospital-{i:03d}", ed25519.Ed25519PrivateKey.generate()) for i in range(1, 11)}
+    roster = Roster(sites={x.name: x.public_text() for x in idents.values()})
+    setup = SecAggSetup.for_neighbourhoods("hood", range(1, 11), 8, 4)
+    sites = {i: SecAggSite(setup, i, SiteAuth(idents[i], roster), b"ctx") for i in range(1, 11)}
+    server = SecAggServer(setup, roster)
+    server.collect_keys([s.advertise() for s in sites.values()])
+    inboxes = server.route_shares([s.share(server.book_for(i)) for i, s in sites.items()])
+    vectors = {i: np.random.default_rng(i).normal(0, 1, 8) for i in sites}
+    for i, s in sites.items():
+        server.add_masked(s.mask(inboxes[i], vectors[i]))
+    consistency_round(server, sites)
+    req = server.unmask_request()
+    hood = neighbourhood_graph(setup.round_id, setup.site_ids, 4)[1]
+    far = {u: g for u, g in req.survivor_signatures.items() if u not in hood and u != 1}
+    assert len(far) >= setup.threshold
+    with pytest.raises(SecAggError, match=rf"site 1: {CHECK}: only 1 valid signatures .* of its neighbourhood"):
+        sites[1].unmask(UnmaskRequest(req.survivors, req.dropped, req.round_id, req.transcript_signatures, far))
+    total = server.finish([sites[i].unmask(req) for i in req.survivors])
+    assert np.max(np.abs(total - sum(vectors.values()))) <= 10 * FP
