@@ -38,8 +38,8 @@ from magnet_core.federation.secagg_graph import choose_degree
 from magnet_core.protocol.keys import MASKED_KEY, SECAGG_KEY
 from magnet_core.protocol.secagg import SecAggStart
 
-STAGES = ("advertise", "share", "mask", "unmask")
-SERVER_STAGES = ("collect_keys", "route_shares", "add_masked", "finish")
+STAGES = ("advertise", "share", "mask", "consistency", "unmask")  # consistency: authenticated only (stage 3a)
+SERVER_STAGES = ("collect_keys", "route_shares", "add_masked", "consistency", "finish")
 
 
 def wire(record: dict, masked: np.ndarray | None = None) -> int:
@@ -108,6 +108,15 @@ def one_sum(n: int, graph: str, length: int, dropout: float, auth, seed: int) ->
         m = site_call("mask", i, lambda i=i: sites[i].mask(inboxes[i], vectors[i]))
         up[i] += wire(m.to_record(), m.masked)
         server_call("add_masked", lambda m=m: server.add_masked(m))
+    if auth:  # stage 3a, the consistency check: every survivor answering signs the survivor list
+        lst = server_call("consistency", server.survivor_list)
+        for i in ids:
+            if i in after:
+                continue
+            down[i] += wire(lst.to_record())
+            sig = site_call("consistency", i, lambda i=i: sites[i].sign_survivors(lst))
+            up[i] += wire(sig.to_record())
+            server_call("consistency", lambda sig=sig: server.add_survivor_signature(sig))
     req = server_call("finish", server.unmask_request)
     replies = []
     for i in ids:
@@ -127,8 +136,8 @@ def one_sum(n: int, graph: str, length: int, dropout: float, auth, seed: int) ->
         "sites": n, "graph": graph, "degree": degree or n - 1, "complete": not degree, "threshold": setup.threshold,
         "authenticated": auth is not None, "vector_length": length, "dropped_after_masking": len(after),
         "sum_equals_plain_sum_of_quantized_updates": exact, "sites_in_sum": len(server.u3),
-        "site_cpu_seconds_mean": {s: statistics.mean(cpu[s][i] for i in (answering if s == "unmask" else ids))
-                                  for s in STAGES},
+        "site_cpu_seconds_mean": {s: statistics.mean(cpu[s][i] for i in (answering if s in ("consistency", "unmask")
+                                                                         else ids)) for s in STAGES},
         "site_cpu_seconds_max": {s: max(cpu[s].values()) for s in STAGES},
         "site_cpu_seconds_total_mean": statistics.mean(sum(cpu[s][i] for s in STAGES) for i in answering),
         "server_cpu_seconds": srv, "server_cpu_seconds_total": sum(srv.values()),
