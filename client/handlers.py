@@ -45,11 +45,18 @@ def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> 
     from magnet_core.consortium.simulated import load_consortium, site_name
 
     pid = int(node_config[NODE_PARTITION_ID])
-    key = ("sim", cfg.data_path, cfg.scenario, cfg.modalities, cfg.seed, pid, preset.name)
+    consortium = ("sim", cfg.data_path, cfg.scenario, cfg.modalities, cfg.seed, preset.name)
+    key = (*consortium, pid)
     if key not in _SITES:
+        # a process simulates one consortium at a time (a study's worker runs many in turn): the sites of others
+        # are dropped, so memory follows the current consortium, not every one this process ever ran
+        for old in [k for k in _SITES if k[0] == "sim" and k[:-1] != consortium]:
+            del _SITES[old]
         _, sites = load_consortium(cfg.data_path, cfg.scenario, cfg.seed, cfg.modalities)
+        # simulated sites share the process's one working model (magnet_core.model.site.scratch_model): each
+        # message loads the weights it carries first, so no site needs a model of its own between messages
         _SITES[key] = SiteRuntime.build(site_name(pid), sites[pid], preset.model, preset.graph.sparsity,
-                                        preset.graph.rule, preset.graph.k)
+                                        preset.graph.rule, preset.graph.k, shared_model=True)
     return _SITES[key]
 
 

@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 from magnet_core.federation.aggregate import (
     ServerOptState,
     SiteUpdate,
+    StepsOnDemand,
     aggregate_updates,
     flat_delta,
     robust_refusal,
@@ -206,7 +207,7 @@ class MagnetFedAvg(FedAvg):
         candidates = checked_replies(replies, ledger, self.names, decode, [
             lambda u: check_train_against(u.reply, self.facts(u.site)),
             lambda u: validate_update(self.current, u.params)], "update", "more than one reply in a round")
-        deltas = {node: flat_delta(self.current, u.params) for node, u in candidates.items()}
+        deltas = StepsOnDemand(self.current, {node: u.params for node, u in candidates.items()})
         decisions = screen_updates(self.current, deltas, self.memory, self.rules,
                                    dp_clip=self.dp.clip_norm if self.dp is not None else None)
         self.report.screening = {

@@ -15,6 +15,11 @@ Each evaluation records, per group (all / paired / unpaired test patients), how 
 (``sites``), how many distinct test patients those sites hold in the group (``patients``), how many models were
 scored (``models``) and how many (model, site) evaluations were summed (``pairs``): a group below k at a site is
 withheld, so groups can be pooled over different sites.
+
+Under secure evaluation (run config ``secure-evaluation = true``, issue 25 item 1) both evaluations are pooled
+as the coordinator pools a federated method's: each site adds up its own counts (over the models scored on its
+test patients), the sites' sums are summed by secure aggregation (:func:`secure_pooled`) and k is applied to the
+consortium's sum, so sites with fewer than k test patients contribute and no per-site release exists.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from magnet_core.federation.privacy import EvalRelease, pool_releases
+from magnet_core.federation.secure_eval import secure_pool_local
+from magnet_core.model.metrics import EvalCounts
 
 CONSORTIUM = "consortium_"
 EVALUATIONS = {"": "own sites' test patients", CONSORTIUM: "consortium test patients"}
@@ -70,3 +77,36 @@ def pooled_as_released(metrics: dict, evaluations: Sequence[tuple[str, EvalRelea
                                           if g in sizes[s].confusion),
                     f"{key}models": 1 if sites else 0, f"{key}pairs": len(sites)})
     return out
+
+
+def add_counts(site: str, parts: Sequence[EvalCounts]) -> EvalCounts:
+    """One site's evaluation counts over several models, added up (what the site itself sums before masking)."""
+    groups = dict.fromkeys(g for c in parts for g in c.confusion)
+    hgroups = dict.fromkeys(g for c in parts for g in c.histogram)
+    return EvalCounts(site, {g: sum(np.asarray(c.confusion[g], dtype=np.int64) for c in parts if g in c.confusion)
+                             for g in groups},
+                      {g: sum(np.asarray(c.histogram[g], dtype=np.int64) for c in parts if g in c.histogram)
+                       for g in hgroups})
+
+
+def secure_pooled(evaluations: Sequence[tuple[str, EvalCounts]], k: int, max_bins: int, prefix: str = ""
+                  ) -> dict[str, float | int | None]:
+    """Metrics of a secure evaluation: ``evaluations`` are (model name, a site's counts of that model on its test
+    patients); each site adds its own counts up, the sites' sums go through secure aggregation
+    (``secure_pool_local``: every protocol stage in this process) and k is applied to the consortium's sum.
+    Coverage per group pooled: the sites in the sum holding patients in it, their distinct test patients, the
+    models scored and the (model, site) pairs summed; 0 for a group withheld from the sum."""
+    by_site: dict[str, list[tuple[str, EvalCounts]]] = {}
+    for model, c in evaluations:
+        by_site.setdefault(c.site, []).append((model, c))
+    sums = [add_counts(site, [c for _, c in pairs]) for site, pairs in by_site.items()]
+    out, _ = secure_pool_local(sums, k, max_bins)
+    result: dict[str, float | int | None] = {f"{prefix}{key}": v for key, v in out["metrics"].items()}
+    for g in GROUPS:
+        key = f"{prefix}{group_prefix(g)}"
+        n = {site: int(np.asarray(pairs[0][1].confusion.get(g, 0)).sum()) for site, pairs in by_site.items()}
+        have = [site for site in by_site if n[site]] if g in out["patients"] else []
+        result.update({f"{key}sites": len(have), f"{key}patients": sum(n[s] for s in have),
+                       f"{key}models": len({m for s in have for m, _ in by_site[s]}),
+                       f"{key}pairs": sum(len(by_site[s]) for s in have)})
+    return result

@@ -23,7 +23,7 @@ from magnet_core.consortium.scenarios import load_scenario
 from magnet_core.consortium.simulated import VALIDATION_PREFIX, load_consortium
 from magnet_core.federation.privacy import DEFAULT_MAX_BINS, EvalRelease, release_eval
 from magnet_core.model.config import PRESETS, Preset, get_preset
-from magnet_core.model.metrics import summarize
+from magnet_core.model.metrics import EvalCounts, summarize
 from magnet_core.model.personalize import personalize_sites
 from magnet_core.model.site import TEST_GRAPHS, SiteRuntime
 from magnet_core.model.train import make_optimizer, train_epochs
@@ -31,7 +31,7 @@ from server.config import FederatedConfig
 
 from .cli import comma_list, existing_dir, parse_seeds, positive_int
 from .outputs import check_output, run_staged
-from .pooled_evaluation import CONSORTIUM, GROUPS, group_prefix, pooled, pooled_as_released
+from .pooled_evaluation import CONSORTIUM, GROUPS, group_prefix, pooled, pooled_as_released, secure_pooled
 from .reporting import console, print_comparison, write_json
 
 
@@ -206,6 +206,14 @@ def fresh_runtime(name: str, cohort: Cohort, preset: Preset, seed: int) -> SiteR
     return SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity, preset.graph.rule, preset.graph.k)
 
 
+def scoring_runtime(name: str, cohort: Cohort, preset: Preset) -> SiteRuntime:
+    """A site's runtime for scoring models it is given (``evaluate_counts`` and personalization load the weights
+    first): it works in the process's shared scratch model (magnet_core.model.site.scratch_model), so n sites do
+    not hold n models."""
+    return SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity, preset.graph.rule, preset.graph.k,
+                             shared_model=True)
+
+
 def release_settings(overrides: dict[str, Any] | None = None) -> tuple[int, int]:
     """(minimum count k, score bins) the sites release their evaluations with in this run (--set may change them)."""
     cfg = method_config("federated", "", "demo-3", 0, overrides)
@@ -217,18 +225,29 @@ def evaluate(pairs: Iterable[tuple[str, SiteRuntime]], params: Mapping[str, dict
     """(model, site) pairs: the model's evaluation counts on the site's test patients, released by that site under
     the minimum count k with at most its cap of score bins (exactly as the federated evaluation is)."""
     k, bins = release
-    return [(model, release_eval(site.evaluate_counts(params[model], test_graph=test_graph), k, bins))
-            for model, site in pairs]
+    return [(model, release_eval(counts, k, bins)) for model, counts in count_pairs(pairs, params, test_graph)]
+
+
+def count_pairs(pairs: Iterable[tuple[str, SiteRuntime]], params: Mapping[str, dict[str, np.ndarray]],
+                test_graph: str) -> list[tuple[str, EvalCounts]]:
+    """(model, site) pairs: the model's evaluation counts on the site's test patients (before any release)."""
+    return [(model, site.evaluate_counts(params[model], test_graph=test_graph)) for model, site in pairs]
 
 
 def evaluated_both_ways(runtimes: list[SiteRuntime], params: Mapping[str, dict[str, np.ndarray]], test_graph: str,
-                        release: tuple[int, int]) -> dict:
+                        release: tuple[int, int], secure: bool = False) -> dict:
     """A method's two evaluations (simulations.pooled_evaluation): ``params`` holds one model per site (keyed by
-    site name) or a single model (any other key)."""
+    site name) or a single model (any other key). ``secure``: both pooled by secure evaluation (k on the sums)."""
     per_site = set(params) == {s.name for s in runtimes}
-    own = evaluate([(s.name if per_site else next(iter(params)), s) for s in runtimes], params, test_graph, release)
-    everyone = own if not per_site else evaluate([(m, s) for m in params for s in runtimes], params, test_graph,
-                                                 release)
+    own_pairs = [(s.name if per_site else next(iter(params)), s) for s in runtimes]
+    every_pairs = [(m, s) for m in params for s in runtimes]
+    if secure:
+        k, bins = release
+        own_counts = count_pairs(own_pairs, params, test_graph)
+        every_counts = own_counts if not per_site else count_pairs(every_pairs, params, test_graph)
+        return {**secure_pooled(own_counts, k, bins), **secure_pooled(every_counts, k, bins, CONSORTIUM)}
+    own = evaluate(own_pairs, params, test_graph, release)
+    everyone = own if not per_site else evaluate(every_pairs, params, test_graph, release)
     return {**pooled(own), **pooled(everyone, CONSORTIUM)}
 
 
@@ -279,9 +298,10 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
     method). ``advance(n)`` is called with the number of rounds (or round-equivalents) completed."""
     preset = get_preset(spec.preset)
     _, sites = load_consortium(spec.data_path, spec.scenario, spec.seed, spec.modalities)
-    runtimes = [fresh_runtime(s.name, s, preset, spec.seed) for s in sites]
+    runtimes = [scoring_runtime(s.name, s, preset) for s in sites]  # scoring only: one shared model
     epochs = spec.rounds * spec.local_epochs
     release = release_settings(spec.overrides)
+    secure = bool(spec.overrides.get("secure_evaluation"))  # every method pooled by secure evaluation (k on sums)
     results: dict[str, dict] = {}
     rounds: list[dict] = []
     seconds: dict[str, float] = {}
@@ -290,7 +310,8 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         t0 = time.perf_counter()
         pooled = fresh_runtime("pooled", concat_cohorts(list(sites)), preset, spec.seed)
         params = train_alone(pooled, preset, epochs, spec.seed)
-        results["centralized"] = evaluated_both_ways(runtimes, {"centralized": params}, spec.test_graph, release)
+        results["centralized"] = evaluated_both_ways(runtimes, {"centralized": params}, spec.test_graph, release,
+                                                     secure)
         seconds["centralized"] = time.perf_counter() - t0
         advance(spec.rounds)
     if "local_only" in methods:
@@ -299,7 +320,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         for s in runtimes:
             alone = fresh_runtime(s.name, s.cohort, preset, spec.seed)
             own[s.name] = train_alone(alone, preset, epochs, spec.seed)
-        results["local_only"] = evaluated_both_ways(runtimes, own, spec.test_graph, release)
+        results["local_only"] = evaluated_both_ways(runtimes, own, spec.test_graph, release, secure)
         seconds["local_only"] = time.perf_counter() - t0
         advance(spec.rounds)
     for method in FEDERATED_METHODS:
@@ -315,7 +336,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         seconds[method] = time.perf_counter() - t0
         write_report(cfg.out_dir)  # each federated run (a simulate seed, a study cell) gets its report once, at the end
         results[method] = federated_evaluation(runtimes, history[-1], final_params(cfg.out_dir), spec.test_graph,
-                                               release)
+                                               release, secure)
         results[method + "_server"] = history[-1].get("server") or {}
         for rec in history:
             g = rec["global"]
@@ -338,7 +359,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
                                          seed=spec.seed)
         write_json(fed_dir / "personalization.json",
                    {"part": spec.personalize_part, "sites": [r.model_dump() for r in records]})
-        results["personalized"] = evaluated_both_ways(runtimes, own, spec.test_graph, release)
+        results["personalized"] = evaluated_both_ways(runtimes, own, spec.test_graph, release, secure)
         seconds["personalized"] = time.perf_counter() - t0
     if spec.record_validation and not spec.data_path.startswith(VALIDATION_PREFIX):
         for method, score in validation_scores(spec, methods).items():
@@ -352,11 +373,12 @@ def final_params(run_dir: str | Path) -> dict[str, np.ndarray]:
 
 
 def federated_evaluation(runtimes: list[SiteRuntime], last: Mapping[str, Any], params: dict[str, np.ndarray],
-                         test_graph: str, release: tuple[int, int]) -> dict:
+                         test_graph: str, release: tuple[int, int], secure: bool = False) -> dict:
     """A federated method's two evaluations: on the sites' own test patients, the coordinator's pooled metrics of
     the last round (over the sites it pooled); on the consortium's test patients, the final global model scored
-    on every site's test patients here, released and pooled the same way."""
-    everyone = evaluate([("global", s) for s in runtimes], {"global": params}, test_graph, release)
+    on every site's test patients here, released and pooled the same way (``secure``: by secure evaluation)."""
+    counts = count_pairs([("global", s) for s in runtimes], {"global": params}, test_graph)
+    everyone = [(m, release_eval(c, *release)) for m, c in counts]
     pooled_over = (last.get("pooled_over") or {}).get("sites") or []
     own = pooled_as_released(last["global"], everyone, pooled_over, last.get("withheld") or {})
     secure = (last.get("screening") or {}).get("secure_evaluation")
@@ -366,6 +388,8 @@ def federated_evaluation(runtimes: list[SiteRuntime], last: Mapping[str, Any], p
             own.update({f"{group_prefix(g)}sites": len(secure["sites"]) if n else 0, f"{group_prefix(g)}patients": n,
                         f"{group_prefix(g)}models": 1 if n else 0, f"{group_prefix(g)}pairs": len(secure["sites"])
                         if n else 0})
+    if secure:
+        return {**own, **secure_pooled(counts, *release, prefix=CONSORTIUM)}
     return {**own, **pooled(everyone, CONSORTIUM)}
 
 

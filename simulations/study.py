@@ -29,7 +29,7 @@ from . import statistics as st
 from .cli import existing_dir
 from .parallel import parse_workers, resolve_workers, run_tasks
 from .reporting import console, write_json
-from .simulate import METHODS, VALIDATION_MCC, RunSpec, run_methods
+from .simulate import METHODS, VALIDATION_MCC, RunSpec, parse_overrides, run_methods
 
 BUILTIN_DIR = Path(__file__).parent / "studies"
 # A study's default seeds: ten, from the one default seed (simulate and centralized keep DEFAULT_SEEDS, five).
@@ -77,6 +77,9 @@ class Cell(BaseModel):
     modalities: list[str] = Field(default_factory=list)
     test_graph: Literal["among-test", "attach-to-train"] | None = Field(
         None, description="test-graph rule of this cell (default: the study's)")
+    settings: dict[str, Any] | None = Field(None, description="run-config settings of this cell's "
+                                     "federated methods and evaluation (kebab-case keys, as `simulate --set`), "
+                                     "e.g. secure-evaluation = true; over the study's")
     scenario: dict[str, Any]
 
 
@@ -137,6 +140,8 @@ class Study(BaseModel):
     best_method: "BestMethodRule" = Field(default_factory=lambda: BestMethodRule(),
                                           description="how a cell's best trained method is chosen, fixed before "
                                           "the runs (never from test results)")
+    settings: dict[str, Any] | None = Field(None, description="run-config settings of every cell "
+                                     "(kebab-case keys, as `simulate --set`); a cell's own settings win")
     cells: list[Cell] = Field(min_length=1)
     contrasts: list[Contrast] = Field(default_factory=list)
 
@@ -158,7 +163,16 @@ class Study(BaseModel):
         if declared is not None and (declared not in self.methods or declared in REFERENCES):
             raise ValueError(f"best_method.method {declared!r} is not a trained method the study runs "
                              f"({[m for m in self.methods if m not in REFERENCES]})")
+        for cell in self.cells:
+            try:
+                self.overrides_of(cell)
+            except ValueError as exc:
+                raise ValueError(f"cell {cell.id!r} settings: {exc}") from None
         return self
+
+    def overrides_of(self, cell: Cell) -> dict[str, Any]:
+        """The cell's run-config settings (the study's, then the cell's) as checked RunSpec overrides."""
+        return parse_overrides(list({**(self.settings or {}), **(cell.settings or {})}.items()), self.methods)
 
     def test_graph_of(self, cell: Cell) -> str:
         return cell.test_graph or self.test_graph
@@ -188,6 +202,25 @@ def rules_note(study: Study) -> str:
     if len(rules) == 1:
         return words[rules.pop()]
     return "given per cell (" + "; ".join(f"{c.id}: `{study.test_graph_of(c)}`" for c in study.cells) + ")"
+
+
+def settings_note(study: Study) -> str:
+    """The cells' run-config settings, for the report's setup line ("" when no cell sets any)."""
+    by_settings: dict[str, list[str]] = {}
+    for c in study.cells:
+        merged = {**(study.settings or {}), **(c.settings or {})}
+        if merged:
+            text = ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in sorted(merged.items()))
+            by_settings.setdefault(text, []).append(c.id)
+    if not by_settings:
+        return ""
+    parts = "; ".join(f"{text} (cells {', '.join(ids)})" for text, ids in by_settings.items())
+    secure = " Under `secure-evaluation = true` every method's evaluation counts (confusion matrices, score " \
+             "histograms; local-only: each site's own model on its own test patients) are summed by secure " \
+             "aggregation before the minimum count k is applied, to the sums: a site with fewer than k test " \
+             "patients still contributes, and no per-site metric is released." if any(
+                 {**(study.settings or {}), **(c.settings or {})}.get("secure-evaluation") for c in study.cells) else ""
+    return f" Run-config settings: {parts}.{secure}"
 
 
 def builtin_studies() -> dict[str, Path]:
@@ -251,7 +284,7 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
     spec = RunSpec(data_path=str(resolve_dataset(data, dataset)), scenario=str(scenario_file), seed=seed,
                    preset=cell.preset or study.preset, rounds=study.rounds, local_epochs=study.local_epochs,
                    modalities=",".join(cell.modalities), engine=engine, out_dir=cell_dir,
-                   test_graph=study.test_graph_of(cell),
+                   test_graph=study.test_graph_of(cell), overrides=study.overrides_of(cell),
                    # the rule "highest-validation-mcc" reads each run's validation MCC (validation-only view, a
                    # second training per method): only a study with a target uses the rule, so only it pays for it
                    record_validation=study.target_gap is not None
@@ -659,7 +692,8 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
            "global metrics come from summed confusion matrices (exactly the pooled predictions). Paired / unpaired "
            "MCC: test patients with all / not all of the cell's modalities after the simulated missingness; a blank "
            "value means every site withheld that split (a site with between 1 and k - 1 test patients in either "
-           "group, k the consortium's minimum count, releases neither, so one cannot be derived from the total).",
+           "group, k the consortium's minimum count, releases neither, so one cannot be derived from the total)."
+           + settings_note(study),
            "",
            f"**Statistics.** {STATISTICS_NOTE} {multiplicity_note(comparisons)}"
            + (f" Best trained method per cell (for the target): {study.best_method.describe()}."

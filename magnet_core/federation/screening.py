@@ -165,8 +165,11 @@ def screen_updates(global_params: Params, deltas: Mapping[int, np.ndarray], memo
         return {node: SiteDecision(n, reasons.get(node), None if node in reasons else float(dp_clip))
                 for node, n in norms.items()}
     past = memory.past_norms()
-    against = opposed(deltas, in_band, memory.direction)
     ref = reference_norm([norms[o] for o in in_band], past)
+    # only a large step can be rejected, so only large steps' directions are judged: the pairwise cosines of all
+    # steps (n^2 dot products of the model's length) would make a round's cost grow with the square of the sites
+    large = [node for node in in_band if ref is not None and norms[node] > rules.peer_ratio * ref]
+    against = opposed(deltas, in_band, memory.direction, candidates=large, norms=norms)
     for node in in_band:
         if node in against and ref is not None and norms[node] > rules.peer_ratio * ref:
             reasons[node] = (f"update is opposed and large: norm {norms[node]:.3g} is {norms[node] / ref:.1f}x the "
@@ -200,18 +203,28 @@ def agreement_trust(deltas: Mapping[int, np.ndarray]) -> dict[int, float]:
     return {i: min(1.0, a / mid) for i, a in agree.items()}
 
 
-def opposed(deltas: Mapping[int, np.ndarray], nodes: Sequence[int], last: np.ndarray | None) -> dict[int, str]:
+def opposed(deltas: Mapping[int, np.ndarray], nodes: Sequence[int], last: np.ndarray | None,
+            candidates: Sequence[int] | None = None, norms: Mapping[int, float] | None = None) -> dict[int, str]:
     """The steps among ``nodes`` that point away from the majority: node -> how. With three or more steps, one
     whose cosine is non-positive with strictly more than half of the ``len(nodes)`` steps (a minority of
     colluders alone can never make a step opposed). With one or two steps no majority exists and the last
     aggregate step joins the references: opposed if no reference (the other step, the last aggregate step) has a
-    positive cosine with it; with no last step and at most one other step, nothing is judged opposed."""
+    positive cosine with it; with no last step and at most one other step, nothing is judged opposed.
+    ``candidates``: judge only these of ``nodes`` (default all; the majority is still over all ``nodes``): the cost
+    is len(candidates) x len(nodes) dot products. ``norms``: the steps' norms if known (node -> norm)."""
     out: dict[int, str] = {}
     n = len(nodes)
-    for node in nodes:
+    norms = norms if norms is not None else {}
+
+    def cos(a: int, b: int) -> float:
+        na = norms[a] if a in norms else float(np.linalg.norm(deltas[a]))
+        nb = norms[b] if b in norms else float(np.linalg.norm(deltas[b]))
+        return float(deltas[a] @ deltas[b] / (na * nb)) if na > 0 and nb > 0 else 0.0
+
+    for node in (nodes if candidates is None else [c for c in nodes if c in set(candidates)]):
         others = [o for o in nodes if o != node]
         if n >= 3:
-            count = sum(_cos(deltas[node], deltas[o]) <= 0 for o in others)
+            count = sum(cos(node, o) <= 0 for o in others)
             if 2 * count > n:
                 out[node] = f"points away from the majority (non-positive cosine with {count} of the {n} steps)"
             continue

@@ -34,9 +34,13 @@ class SiteRuntime:
 
     @classmethod
     def build(cls, name: str, cohort: Cohort, model_cfg: ModelConfig, sparsity: float, graph: str = "auto",
-              k: int = 10) -> "SiteRuntime":
+              k: int = 10, shared_model: bool = False) -> "SiteRuntime":
+        """``shared_model``: work in the process's :func:`scratch_model` instead of a model of its own (simulated
+        sites of one process, which handle one message at a time and load the weights they are sent first)."""
         train, test = split_sets(cohort, sparsity, graph, k)
-        return cls(name, cohort, train, test, MAGNET(in_dims_of(cohort), cohort.num_classes, model_cfg), sparsity, k)
+        model = (scratch_model(cohort, model_cfg) if shared_model
+                 else MAGNET(in_dims_of(cohort), cohort.num_classes, model_cfg))
+        return cls(name, cohort, train, test, model, sparsity, k)
 
     @property
     def modality_counts(self) -> dict[str, int]:
@@ -109,6 +113,23 @@ class SiteRuntime:
             self._reference = Reference.from_patient_set(self.train, self.sparsity)
         rule = default_attach_rule(self.train.n, self.k)  # the rule `magnet-fl predict --attach auto` uses
         return predict_new(self.model, self._reference, self.test.xs, self.test.mask, rule).probs
+
+
+# One working model per (inputs, classes, model settings) in this process (see :func:`scratch_model`).
+_SCRATCH: dict[tuple, MAGNET] = {}
+
+
+def scratch_model(cohort: Cohort, model_cfg: ModelConfig) -> MAGNET:
+    """The process's one working model for sites of ``cohort``'s shape: simulated sites in one process (in-process
+    engine, a Ray actor) hold no model of their own between messages, because every use (``fit``,
+    ``evaluate_counts``) first loads the weights it was sent (all of them: ``load_state_dict(strict=True)``), and
+    the sites of a process run one message at a time. So a consortium of n sites holds one model per process,
+    not n (4.7 MB each for the OV preset). The weights it is built with are never used."""
+    key = (tuple(in_dims_of(cohort).items()), int(cohort.num_classes), model_cfg.model_dump_json())
+    if key not in _SCRATCH:
+        _SCRATCH.clear()  # one shape at a time: a process running another consortium drops the old model
+        _SCRATCH[key] = MAGNET(in_dims_of(cohort), cohort.num_classes, model_cfg)
+    return _SCRATCH[key]
 
 
 def _stable_hash(text: str) -> int:
