@@ -29,9 +29,11 @@ class FederatedConfig(BaseModel):
     local_epochs: int = Field(10, ge=1, le=1000)
     preset: str = DEFAULT_PRESET
     aggregation: Literal["modality-aware", "fedavg"] = "modality-aware"
-    robust: Literal["mean", "trimmed-mean", "median"] = Field(
-        "mean", description="coordinate-wise rule over the clipped updates: the weighted mean, a trimmed mean "
-                            "(unweighted) or the median (unweighted); a round whose sites cannot be trimmed is refused")
+    robust: Literal["auto", "mean", "trimmed-mean", "median", "near-median"] = Field(
+        "auto", description="coordinate-wise rule over the clipped updates: auto (the median of a block held by 3 or "
+                            "more sites, the weighted mean below; the weighted mean under DP and secure aggregation), "
+                            "the weighted mean, a trimmed mean (unweighted) or the median (unweighted); a round whose "
+                            "sites cannot be trimmed is refused")
     trim: float = Field(0.2, ge=0, lt=0.5, description="trimmed-mean: drop b = floor(trim x sites) on each side; "
                                                         "needs b >= 1 (2b + 1 sites)")
     seed: int = Field(DEFAULT_SEED, ge=0, lt=2**31)
@@ -148,10 +150,12 @@ class FederatedConfig(BaseModel):
 
     @model_validator(mode="after")
     def _dp_needs_the_mean(self) -> "FederatedConfig":
-        if self.dp_clip_norm > 0 and self.robust != "mean":
-            raise ValueError("differential privacy bounds each site's influence on a mean: use robust='mean'")
-        if self.secagg and self.robust != "mean":
-            raise ValueError("secure aggregation reveals only the sum: robust aggregation needs individual updates")
+        if self.dp_clip_norm > 0 and self.robust not in ("mean", "auto"):
+            raise ValueError("differential privacy bounds each site's influence on a mean: use robust='mean' (or "
+                             "'auto', which is the mean under DP)")
+        if self.secagg and self.robust not in ("mean", "auto"):
+            raise ValueError("secure aggregation reveals only the sum: robust aggregation needs individual updates "
+                             "(use robust='mean' or 'auto', which is the mean under secure aggregation)")
         if self.secagg_roster and not (self.secagg or self.secure_evaluation):
             raise ValueError("secagg-roster authenticates secure aggregation: set secagg=true (or "
                              "secure-evaluation=true) too")

@@ -21,7 +21,9 @@ from magnet_core.federation.aggregate import (
     SiteUpdate,
     StepsOnDemand,
     aggregate_updates,
+    applied_rule,
     flat_delta,
+    near_median,
     robust_refusal,
     server_opt_step,
     trained_arrays,
@@ -243,15 +245,24 @@ class MagnetFedAvg(FedAvg):
             new = self._dp_aggregate(server_round, updates)
         else:
             refusal = robust_refusal(self.cfg.robust, self.cfg.trim, len(updates))
+            applied, robust, left_out = applied_rule(self.cfg.robust, len(updates)), self.cfg.robust, []
+            if applied == "near-median":  # the n - f accepted steps nearest the median, then their weighted mean
+                kept = near_median(self.current, updates)
+                left_out = [u.site for u in updates if all(u is not k for k in kept)]
+                updates, robust = kept, "mean"
             if refusal is None:
                 try:
                     new = aggregate_updates(self.current, updates,
                                             modality_aware=self.cfg.aggregation == "modality-aware",
-                                            robust=self.cfg.robust, trim=self.cfg.trim)
+                                            robust=robust, trim=self.cfg.trim)
                 except ValueError as exc:  # a block held by too few sites for the trimmed mean
                     refusal = str(exc)
-            self.report.screening["aggregator"] = {"rule": self.cfg.robust, "trim": self.cfg.trim,
-                                                   "sites": len(updates), "refused": refusal}
+            # "applied": the rule of the blocks every accepted site holds (auto: the median from 3 sites, the weighted
+            # mean below; an encoder held by fewer sites may take the mean);
+            # "left_out": accepted sites the near-median rule did not average this round
+            self.report.screening["aggregator"] = {"rule": self.cfg.robust, "applied": applied,
+                                                   "left_out": left_out, "trim": self.cfg.trim,
+                                                   "sites": len(updates) + len(left_out), "refused": refusal}
             if refusal is not None:
                 log(WARNING, "round %d: %s aggregation refused: %s; the global model is unchanged", server_round,
                     self.cfg.robust, refusal)

@@ -148,27 +148,46 @@ def _absent_from_training(instruction: Message, honest: Message, rnd: int) -> Me
     return Message(Error(code=0, reason="not taking part"), reply_to=instruction)
 
 
-def test_one_in_band_model_replacer_of_three_is_clipped_and_the_held_out_mcc_holds(ov_path, tmp_path):
-    """The replacer is kept (in band, not large) but clipped to the round's bound, so its step moves the model no
-    further than an honest site's; by the last round the held-out MCC is within 0.1 of the run whose third site
-    sends no update. Bounded influence is not immunity: measured, held-out MCC 0.0, 0.0, -0.13, 0.20, 0.30 in
-    rounds 1-5 against 0.06, 0.24, 0.17, 0.17, 0.36 without the attacker (before issue 22's first change it was
-    accepted unclipped and the MCC was 0.0 in rounds 1-8; the agreement rule that then rejected it also rejected
-    honest label-skewed steps)."""
-    rounds = 5
-    _, attacked = _ov_run(tmp_path, "attacked", ov_path, 3, {1: _steer_to_one_class}, rounds)
-    _, without = _ov_run(tmp_path, "without", ov_path, 3, {1: _absent_from_training}, rounds)
-    mccs = [(a["server"]["mcc"], w["server"]["mcc"]) for a, w in zip(attacked, without)]
+# The seed of the real-loop bar, fixed before any result of the default rule was seen: OV split 10 (the issue's run).
+BAR_SEEDS = (10,)
+BAR_ROUNDS = 5
+
+
+@pytest.mark.parametrize("seed", BAR_SEEDS)
+def test_one_in_band_model_replacer_of_three_cannot_pull_the_held_out_mcc_below_the_honest_run(ov_path, tmp_path, seed):
+    """Issue 22's in-band replacer on the real loop with the default rule (robust='auto': the coordinate-wise median
+    with 3 sites, Yin et al. 2018). By design, every coordinate of each new global model lies between the two honest
+    sites' clipped values (whatever the replacer sends), and the replacer is kept (in band, not large) and clipped.
+    Measured against the run whose three sites are all honest (same seed, same rule): the held-out MCC is never more
+    than 0.05 below it in a round after the first. One-sided on purpose: the two-sided bar of the issue ("within
+    0.05") is NOT met; the attacked run is often *above* the honest one (seed 10: +0.19, -0.01, +0.01, +0.12 in
+    rounds 2-5), because the per-round MCC on 63 patients moves by 0.1 between rounds of one honest run
+    (benchmarks/results/inband_attacker_ov.json). Before (the weighted mean of the clipped steps) the replacer moved
+    the model by its share of a step toward one class each round: held-out MCC 0.0, 0.0, -0.13, 0.20, 0.30 in
+    rounds 1-5."""
+    grid, attacked = _ov_run(tmp_path, "attacked", ov_path, 3, {1: _steer_to_one_class}, BAR_ROUNDS, seed=seed)
+    _, honest = _ov_run(tmp_path, "honest", ov_path, 3, {}, BAR_ROUNDS, seed=seed)
+    mccs = [(a["server"]["mcc"], h["server"]["mcc"]) for a, h in zip(attacked, honest)]
     honest_max = 0.0  # the longest honest step so far: the bound comes from this and past rounds' honest norms
     for a in attacked:
-        screen = a["screening"]
+        rnd, screen = a["round"], a["screening"]
         honest_max = max(honest_max, screen["step_norms"]["site1"], screen["step_norms"]["site2"])
         assert sorted(a["accepted"]) == ["site0", "site1", "site2"], a["rejected"]
+        assert screen["aggregator"]["rule"] == "auto" and screen["aggregator"]["applied"] == "median"
         assert screen["step_norms"]["site0"] > 5 * screen["step_norms"]["site1"]  # in band, long
         assert screen["step_norms"]["site0"] * screen["clip"]["scale"]["site0"] == pytest.approx(
             screen["clip"]["bound"])
         assert screen["clip"]["bound"] <= honest_max * 1.0001
-    assert abs(mccs[-1][0] - mccs[-1][1]) <= 0.1, mccs
+        if rnd + 1 not in grid.sent:
+            continue
+        sent, new = grid.sent[rnd], grid.sent[rnd + 1]  # the model of this round and the one it produced
+        for k in new:  # between the honest sites' clipped values, coordinate by coordinate (Yin et al. 2018)
+            clipped = np.stack([sent[k] + screen["clip"]["scale"][f"site{n - 1}"] * (grid.trained[(rnd, n)][k]
+                                                                                      - sent[k]) for n in (2, 3)])
+            tol = 1e-6 * (1 + np.abs(clipped).max())
+            assert np.all(new[k] >= clipped.min(axis=0) - tol) and np.all(new[k] <= clipped.max(axis=0) + tol), k
+    assert all(not h["rejected"] for h in honest), [h["rejected"] for h in honest]
+    assert all(a >= h - 0.05 for a, h in mccs[1:]), mccs
 
 
 def _sign_flip(instruction: Message, honest: Message, rnd: int) -> Message:
