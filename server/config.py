@@ -30,7 +30,7 @@ class FederatedConfig(BaseModel):
     preset: str = DEFAULT_PRESET
     aggregation: Literal["modality-aware", "fedavg"] = "modality-aware"
     robust: Literal["auto", "mean", "trimmed-mean", "median", "near-median"] = Field(
-        "auto", description="coordinate-wise rule over the clipped updates: auto (the median of a block held by 3 or "
+        "mean", description="coordinate-wise rule over the clipped updates: auto (the median of a block held by 3 or "
                             "more sites, the weighted mean below; the weighted mean under DP and secure aggregation), "
                             "the weighted mean, a trimmed mean (unweighted) or the median (unweighted); a round whose "
                             "sites cannot be trimmed is refused")

@@ -155,8 +155,8 @@ BAR_ROUNDS = 5
 
 @pytest.mark.parametrize("seed", BAR_SEEDS)
 def test_one_in_band_model_replacer_of_three_cannot_pull_the_held_out_mcc_below_the_honest_run(ov_path, tmp_path, seed):
-    """Issue 22's in-band replacer on the real loop with the default rule (robust='auto': the coordinate-wise median
-    with 3 sites, Yin et al. 2018). By design, every coordinate of each new global model lies between the two honest
+    """Issue 22's in-band replacer on the real loop with robust='auto' (the coordinate-wise median with 3 sites, Yin
+    et al. 2018; opt-in: the default stays 'mean' until auto's honest cost is measured at 5 seeds). By design, every coordinate of each new global model lies between the two honest
     sites' clipped values (whatever the replacer sends), and the replacer is kept (in band, not large) and clipped.
     Measured against the run whose three sites are all honest (same seed, same rule): the held-out MCC is never more
     than 0.05 below it in a round after the first. One-sided on purpose: the two-sided bar of the issue ("within
@@ -165,8 +165,9 @@ def test_one_in_band_model_replacer_of_three_cannot_pull_the_held_out_mcc_below_
     (benchmarks/results/inband_attacker_ov.json). Before (the weighted mean of the clipped steps) the replacer moved
     the model by its share of a step toward one class each round: held-out MCC 0.0, 0.0, -0.13, 0.20, 0.30 in
     rounds 1-5."""
-    grid, attacked = _ov_run(tmp_path, "attacked", ov_path, 3, {1: _steer_to_one_class}, BAR_ROUNDS, seed=seed)
-    _, honest = _ov_run(tmp_path, "honest", ov_path, 3, {}, BAR_ROUNDS, seed=seed)
+    grid, attacked = _ov_run(tmp_path, "attacked", ov_path, 3, {1: _steer_to_one_class}, BAR_ROUNDS, seed=seed,
+                              robust="auto")
+    _, honest = _ov_run(tmp_path, "honest", ov_path, 3, {}, BAR_ROUNDS, seed=seed, robust="auto")
     mccs = [(a["server"]["mcc"], h["server"]["mcc"]) for a, h in zip(attacked, honest)]
     honest_max = 0.0  # the longest honest step so far: the bound comes from this and past rounds' honest norms
     for a in attacked:
