@@ -14,7 +14,8 @@ from magnet_core.model.network import MAGNET
 
 Params = dict[str, np.ndarray]
 Robust = Literal["auto", "mean", "trimmed-mean", "median", "near-median"]
-# "auto" (opt-in; the default stays "mean" until its honest cost is measured): the coordinate-wise median with at least this many accepted sites, the weighted mean below
+# "auto" (opt-in; the default stays "mean" until its honest cost is measured): the coordinate-wise median with at
+# least this many accepted sites, the weighted mean below
 # (with 1-2 sites no median bounds a dishonest site by honest values; the screen's clip bounds each site)
 AUTO_ROBUST_SITES = 3
 
