@@ -470,7 +470,7 @@ def run(args: argparse.Namespace) -> int:
         from magnet_core.cohort.manifest import ConsortiumManifest
         from magnet_core.cohort.validation import validate_site
 
-        from . import handlers  # noqa: F401 - imports magnet_core.model.site, torch_geometric
+        from . import handlers  # noqa: F401 - imports magnet_core.model.site (training)
 
         policy = None
         if args.policy is not None:  # a policy the worker cannot read stops it here, not at the first message

@@ -84,6 +84,10 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Label-skew loss adjustments (magnet_core.model.loss.label_offsets); here, without torch, for the message contract.
+LABEL_ADJUSTMENTS = ("none", "logit-adjust", "fedlc")
+MAX_LABEL_TAU = 10.0  # the papers use tau in 0.5..2 (Menon et al.) and 0.01..1 (FedLC); beyond 10 training stalls
+
 DEFAULT_PRESET = "ov"  # the paper's TCGA-OV settings; every command's default
 
 

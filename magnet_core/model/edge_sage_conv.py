@@ -61,6 +61,16 @@ def in_degree(dst: Tensor, num_nodes: int, dtype: torch.dtype) -> Tensor:
     return torch.bincount(dst, minlength=num_nodes).clamp_min_(1).to(dtype).view(-1, 1)
 
 
+# Bytes of (edges x C) messages per cache block of :class:`MeanEdgeMessages` (1,024 edges x 256 floats = 1 MB): a
+# block is gathered, updated, clipped and scattered while it is in cache, instead of streaming (E x C) tensors through
+# memory once per operation.
+BLOCK_BYTES = 2**20
+
+
+def _block(chunk: int, channels: int) -> int:
+    return max(1, min(chunk, BLOCK_BYTES // (4 * max(1, channels))))
+
+
 class MeanEdgeMessages(torch.autograd.Function):
     r"""``mean_{j -> i} ReLU(proj[j] + w_ji W_e^T)`` for every target i, forward and backward in one step.
 
@@ -70,8 +80,11 @@ class MeanEdgeMessages(torch.autograd.Function):
     :meth:`EdgeSAGEConv.message` with mean aggregation, in the same order per target (so the same result), without
     its per-call bookkeeping and intermediate (E x C) tensors.
 
-    ``chunk``: edges per block. With fewer edges than that, the (E x C) messages are kept for the backward pass;
-    otherwise each block's messages are recomputed there, so memory is O(n x C + chunk x C), never O(E x C).
+    ``chunk``: edges per chunk. With fewer edges than that, the (E x C) messages are kept for the backward pass;
+    otherwise each chunk's messages are recomputed there, so memory is O(n x C + chunk x C), never O(E x C).
+    Within a chunk the edges go in cache blocks of :data:`BLOCK_BYTES` (each block gathered, updated, clipped and
+    scattered while it is in cache); every element sees the same operations in the same order as over the whole
+    chunk at once, so the numbers are the same bit for bit.
     """
 
     @staticmethod
@@ -79,13 +92,14 @@ class MeanEdgeMessages(torch.autograd.Function):
                 count: Tensor, chunk: int) -> Tensor:
         num_edges = src.numel()
         out = proj.new_zeros(count.size(0), proj.size(1))
-        msg = None
-        for e0 in range(0, num_edges, chunk):
-            e1 = min(e0 + chunk, num_edges)
-            msg = edge_messages(proj.index_select(0, src[e0:e1]), edge_weight[e0:e1], w_e)
-            out.index_add_(0, dst[e0:e1], msg)
-        keep = msg if num_edges <= chunk else None
-        ctx.save_for_backward(proj, w_e, edge_weight, src, dst, count, keep)
+        kept = proj.new_empty((num_edges, proj.size(1))) if num_edges <= chunk else None
+        step = _block(chunk, proj.size(1))
+        blocks = zip(src.split(step), dst.split(step), edge_weight.split(step),
+                     kept.split(step) if kept is not None else [None] * -(-num_edges // step))
+        for s, d, w, k in blocks:
+            gathered = proj.index_select(0, s) if k is None else torch.index_select(proj, 0, s, out=k)
+            out.index_add_(0, d, edge_messages(gathered, w, w_e))
+        ctx.save_for_backward(proj, w_e, edge_weight, src, dst, count, kept)
         ctx.chunk = chunk
         return out / count
 
@@ -99,15 +113,23 @@ class MeanEdgeMessages(torch.autograd.Function):
         g_w = None
         g_weight = torch.empty_like(edge_weight) if need_weight else None
         num_edges, chunk = src.numel(), ctx.chunk
+        step = _block(chunk, proj.size(1))
         for e0 in range(0, num_edges, chunk):
             e1 = min(e0 + chunk, num_edges)
-            msg = kept if kept is not None else edge_messages(proj.index_select(0, src[e0:e1]),
-                                                               edge_weight[e0:e1], w_e)
-            g_msg = grad.index_select(0, dst[e0:e1])
-            torch.ops.aten.threshold_backward.grad_input(g_msg, msg, 0, grad_input=g_msg)  # ReLU's gradient
-            if need_proj:
-                g_proj.index_add_(0, src[e0:e1], g_msg)
-            if need_w:
+            # The chunk's per-edge gradient, block by block: the targets' gradient, zeroed where ReLU clipped the
+            # message (kept, or recomputed with the forward pass's arithmetic), scattered into the sources in edge
+            # order (the order of one index_add_ over the chunk).
+            g_msg = grad.new_empty(e1 - e0, grad.size(1))
+            parts = (src[e0:e1].split(step), dst[e0:e1].split(step), edge_weight[e0:e1].split(step),
+                     g_msg.split(step))
+            for i, (s, d, w, g_blk) in enumerate(zip(*parts)):
+                torch.index_select(grad, 0, d, out=g_blk)
+                msg = kept[i * step : i * step + s.numel()] if kept is not None else edge_messages(
+                    proj.index_select(0, s), w, w_e)
+                torch.ops.aten.threshold_backward.grad_input(g_blk, msg, 0, grad_input=g_blk)  # ReLU's gradient
+                if need_proj:
+                    g_proj.index_add_(0, s, g_blk)
+            if need_w:  # one product over the chunk's edges, as without blocks
                 part = edge_weight[e0:e1].T @ g_msg  # (edge_dim, C): the gradient of W_e^T
                 g_w = part if g_w is None else g_w + part
             if need_weight:

@@ -17,7 +17,7 @@ from magnet_core.model.graph import PatientGraph
 from magnet_core.model.graph_topk import DEFAULT_K, NeighbourSampler, build_graph
 from magnet_core.model.loss import magnet_loss
 from magnet_core.model.network import MAGNET, build_model
-from magnet_core.model.optim import skip_dynamo_import
+from magnet_core.model.optim import adam, skip_dynamo_import
 
 Batching = Literal["full", "neighbour", "auto"]
 FUSE_CHUNK = 8192  # patients encoded per (checkpointed) chunk when a sparse graph is larger than this
@@ -72,7 +72,7 @@ def split_sets(cohort: Cohort, sparsity: float, graph: str = "auto", k: int = DE
 def make_optimizer(model: MAGNET, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
     """Adam + StepLR as in the reference."""
     skip_dynamo_import()  # this project never compiles: no ~1.2 s import of torch._dynamo in every process
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # torch.optim.Adam's numbers
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
 
 
