@@ -42,18 +42,17 @@ sys.path.insert(0, str(ROOT / "tests"))  # the attackers live with the tests
 def run_case(case: str, data: str, scenario: str, seed: int, rounds: int, epochs: int, rule: str, preset: str,
              work: Path, extra: dict) -> dict:
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
     from test_adversarial import AttackGrid
     from test_robust import _absent_from_training, _sign_flip, _steer_to_one_class
 
+    from flower_compat.simulation import enter_task_identity
     from server.app import server_main
     from server.config import FederatedConfig
 
     sites = 4 if case.endswith("4") else 3
     attacks = {"attacked3": {1: _steer_to_one_class}, "absent3": {1: _absent_from_training},
                "colluders4": {1: _sign_flip, 2: _sign_flip}}.get(case, {})
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    enter_task_identity()
     toml = work / f"{scenario}-{sites}.toml"
     toml.write_text(f'name = "{scenario}-{sites}"\nnum_sites = {sites}\npartition = "{scenario}"\n'
                     + ("alpha = 0.5\n" if scenario == "label-skew" else ""))
