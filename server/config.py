@@ -11,8 +11,7 @@ from magnet_core.artefacts.run_record import fingerprint
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, DEFAULT_SEED, MIN_COUNT_FLOOR
 from magnet_core.federation.eval_screen import DEFAULT_ALPHA as EVAL_ALPHA
 from magnet_core.federation.privacy import DEFAULT_MAX_BINS
-from magnet_core.model.config import DEFAULT_PRESET
-from magnet_core.model.loss import MAX_LABEL_TAU
+from magnet_core.model.config import DEFAULT_PRESET, MAX_LABEL_TAU
 from magnet_core.protocol.messages import MAX_HISTOGRAM_BINS, MAX_PROXIMAL_MU
 
 

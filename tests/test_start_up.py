@@ -40,3 +40,12 @@ def test_training_does_not_import_the_compiler_stack():
         "opt, sched = make_optimizer(m, p.train); opt.zero_grad(); sd = opt.state_dict(); opt.load_state_dict(sd)\n"
         "print(json.dumps({'dynamo': 'torch._dynamo' in sys.modules}))")
     assert not loaded["dynamo"]
+
+
+def test_the_per_message_client_app_does_not_import_torch():
+    """A deployed SuperNode starts a ClientApp per message that only forwards it to the site's worker
+    (client/worker_link.py): importing the app must not import torch (seconds per message, on every stage of every
+    round)."""
+    loaded = _modules_after("import json, sys\nimport client.app\n"
+                            "print(json.dumps({'torch': 'torch' in sys.modules}))")
+    assert not loaded["torch"]

@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# label-adjustment tau (magnet_core.model.loss); here, without torch, for the wire contract and the server's config
+MAX_LABEL_TAU = 10.0  # the papers use tau in 0.5..2 (Menon et al.) and 0.01..1 (FedLC); beyond 10 training stalls
+
 
 class ModelConfig(BaseModel):
     """Architecture of one MAGNET model (encoders, attention, GNN decoder)."""

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from magnet_core.model.config import MAX_LABEL_TAU
+
 DENSE_GRAM_MAX_NODES = 4096  # the n x n Gram shortcut only for graphs this small ...
 DENSE_GRAM_MIN_DENSITY = 1 / 16  # ... and this dense (edges / n^2); sparse (top-k) graphs always go per edge
 EDGE_CHUNK = 16384  # edges per chunk of the per-edge path: memory O(chunk x d), never O(E x d)
@@ -69,7 +71,6 @@ def similarity_kl_loss(edge_index: Tensor, edge_weight: Tensor, embeddings: Tens
 
 
 LABEL_ADJUSTMENTS = ("none", "logit-adjust", "fedlc")
-MAX_LABEL_TAU = 10.0  # the papers use tau in 0.5..2 (Menon et al.) and 0.01..1 (FedLC); beyond 10 training stalls
 
 
 def label_offsets(counts: Tensor, kind: str, tau: float) -> Tensor | None:

@@ -10,8 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
-from magnet_core.model.config import PRESETS
-from magnet_core.model.loss import MAX_LABEL_TAU
+from magnet_core.model.config import MAX_LABEL_TAU, PRESETS
 from magnet_core.protocol.errors import ContractError
 from magnet_core.protocol.keys import NAME_FIELD, VERSION_KEY
 from magnet_core.protocol.version import check_version, stamped
