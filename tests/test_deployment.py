@@ -435,7 +435,9 @@ def test_deployment_on_loopback(data_root, tmp_path):
         _wait(lambda: all(p.exists() for p in sockets.values()), 300, "the site workers to listen")
 
         out = tmp_path / "run"
-        run_config = (f"num-server-rounds=3 local-epochs=2 min-sites=2 preset='brca' straggler-grace=10.0 "
+        # 10 local epochs: round 3 of this run must still be training when `flwr stop` lands (site-b is offline by
+        # then, so the round does not wait for it); with 2 epochs, on a loaded machine, it finished first
+        run_config = (f"num-server-rounds=3 local-epochs=10 min-sites=2 preset='brca' straggler-grace=10.0 "
                       f"round-timeout=100.0 manifest='{manifest}' out-dir='{out}' "
                       f"site-keys='{pki}/registered_sites.csv'")
         started = _run(["flwr", "run", str(app), "consortium", "--run-config", run_config], env)
