@@ -165,6 +165,26 @@ def _dump_logs(procs: Processes, env: dict, scope: dict) -> None:
             print(f"----- flwr log {var} -----", *shown.stdout.splitlines()[-80:], sep="\n")
 
 
+# `flwr stop RUN consortium` the moment a run's history holds ROUNDS rounds: Flower's own CLI, imported beforehand, so
+# the stop lands within a poll of the round's end (a `flwr stop` process started then needs seconds to import, and
+# the run's next round, with one site offline, may finish first). argv: history.json, ROUNDS, then flwr's arguments.
+STOP_AFTER = """
+import json, sys, time
+from pathlib import Path
+from flwr.cli.app import app
+history, rounds = Path(sys.argv[1]), int(sys.argv[2])
+while True:
+    try:
+        if len(json.loads(history.read_text())) >= rounds:
+            break
+    except (OSError, ValueError):
+        pass
+    time.sleep(0.05)
+sys.argv = ["flwr", *sys.argv[3:]]
+app()
+"""
+
+
 def _pem_blocks(path: Path) -> list[str]:
     """Every private-key block (PEM or OpenSSH) in a file."""
     return re.findall(r"-----BEGIN [A-Z ]*PRIVATE KEY-----", path.read_text(errors="replace"))
@@ -435,14 +455,15 @@ def test_deployment_on_loopback(data_root, tmp_path):
         _wait(lambda: all(p.exists() for p in sockets.values()), 300, "the site workers to listen")
 
         out = tmp_path / "run"
-        # 10 local epochs: round 3 of this run must still be training when `flwr stop` lands (site-b is offline by
-        # then, so the round does not wait for it); with 2 epochs, on a loaded machine, it finished first
-        run_config = (f"num-server-rounds=3 local-epochs=10 min-sites=2 preset='brca' straggler-grace=10.0 "
+        run_config = (f"num-server-rounds=3 local-epochs=2 min-sites=2 preset='brca' straggler-grace=10.0 "
                       f"round-timeout=100.0 manifest='{manifest}' out-dir='{out}' "
                       f"site-keys='{pki}/registered_sites.csv'")
         started = _run(["flwr", "run", str(app), "consortium", "--run-config", run_config], env)
         assert started.returncode == 0, started.stdout + started.stderr
         run_id = re.search(r"run (\d+)", started.stdout).group(1)
+        # the coordinator's run goes down after round 2 (see STOP_AFTER)
+        procs.spawn("stop1", [sys.executable, "-c", STOP_AFTER, str(out / "history.json"), "2", "stop", run_id,
+                              "consortium"], limit=900)
         # a site drops out during round 2: a watcher kills it as soon as round 1's checkpoint appears (a round takes
         # seconds, less than the outsider's attempts below, so the watcher runs beside them)
         dropped = threading.Event()
@@ -461,7 +482,7 @@ def test_deployment_on_loopback(data_root, tmp_path):
         _stamp("site-b dropped", t0)
         assert dropped.is_set(), "round 1 did not finish"
         _wait(lambda: _rounds_done(out) >= 2, 420, "round 2 without site-b")
-        stopped = _run(["flwr", "stop", run_id, "consortium"], env)  # the coordinator's run goes down
+        stopped = procs.result("stop1", timeout=900)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         procs.spawn("log1", ["flwr", "log", run_id, "consortium", "--show"])  # read beside the rejoin
 
