@@ -37,3 +37,22 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def ov_path(data_root: Path) -> Path:
     return data_root / "tcga-ov-magnet"
+
+
+# The slowest test files, slowest first (their seconds on two cores in CI, measured with --durations). With
+# `-n 2 --dist loadfile`, pytest-xdist hands out whole files in collection order, so these start first and the
+# longest file is never the last one left on a worker while the other worker idles. (xdist's own default reorders
+# files by their number of tests, which put the one-test deployment file last: switched off in pytest_configure.)
+SLOW_FILES = ("test_deployment.py", "test_ray_cluster.py", "test_sparse_training.py", "test_parallel.py",
+              "test_deployment_attacks.py", "test_robust.py", "test_prepare_federated.py", "test_training_numbers.py",
+              "test_federated.py", "test_engine_threads.py", "test_study.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the file order set below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: the rest keep their order

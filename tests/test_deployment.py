@@ -67,20 +67,48 @@ class Processes:
     def log(self, name: str) -> str:
         return (self.logdir / f"{name}.log").read_text(errors="replace")
 
+    def spawn(self, name: str, cmd: list[str], env: dict | None = None, limit: int = 120) -> None:
+        """A short command started now and read later with :meth:`result` (its stdout and stderr apart), so that
+        independent steps overlap: every process start here costs seconds (imports) on a loaded machine."""
+        out, err = open(self.logdir / f"{name}.out", "w"), open(self.logdir / f"{name}.err", "w")
+        self.procs[name] = subprocess.Popen(["timeout", str(limit), *cmd], stdout=out, stderr=err,
+                                            env=env or self.env, start_new_session=True, cwd=REPO)
+
+    def result(self, name: str, timeout: float = 150) -> subprocess.CompletedProcess:
+        t = time.monotonic()
+        proc = self.procs.pop(name)
+        code = proc.wait(timeout=timeout)  # `timeout` ends it first
+        _stamp(f"{name} done", t)
+        return subprocess.CompletedProcess(proc.args, code, (self.logdir / f"{name}.out").read_text(errors="replace"),
+                                           (self.logdir / f"{name}.err").read_text(errors="replace"))
+
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.kill(name)
 
 
+_T0 = [time.monotonic()]
+
+
+def _stamp(what: str, since: float) -> None:
+    now = time.monotonic()
+    print(f"TIMING {now - _T0[0]:7.1f} s  (+{now - since:6.1f} s) {what}", flush=True)
+
+
 def _run(cmd: list[str], env: dict, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    t = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    _stamp("run " + " ".join(str(c) for c in cmd[:5])[:100], t)
+    return done
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 1.0):
+def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
+    t = time.monotonic()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
+            _stamp("wait " + what, t)
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
@@ -115,11 +143,11 @@ def _rejoin(procs: Processes, name: str, cmd: list[str], timeout: float) -> None
         while proc.poll() is None and time.monotonic() < attempt_ends:
             if "SuperNode ID:" in procs.log(f"{name}-rejoin{attempt}"):
                 return
-            time.sleep(1)
+            time.sleep(0.2)
         procs.kill(f"{name}-rejoin{attempt}")
         if time.monotonic() >= deadline:
             break
-        time.sleep(5)
+        time.sleep(2)
     pytest.fail(f"{name} did not rejoin within {timeout:.0f} s")
 
 
@@ -135,6 +163,26 @@ def _dump_logs(procs: Processes, env: dict, scope: dict) -> None:
             except subprocess.TimeoutExpired:
                 continue
             print(f"----- flwr log {var} -----", *shown.stdout.splitlines()[-80:], sep="\n")
+
+
+# `flwr stop RUN consortium` the moment a run's history holds ROUNDS rounds: Flower's own CLI, imported beforehand, so
+# the stop lands within a poll of the round's end (a `flwr stop` process started then needs seconds to import, and
+# the run's next round, with one site offline, may finish first). argv: history.json, ROUNDS, then flwr's arguments.
+STOP_AFTER = """
+import json, sys, time
+from pathlib import Path
+from flwr.cli.app import app
+history, rounds = Path(sys.argv[1]), int(sys.argv[2])
+while True:
+    try:
+        if len(json.loads(history.read_text())) >= rounds:
+            break
+    except (OSError, ValueError):
+        pass
+    time.sleep(0.05)
+sys.argv = ["flwr", *sys.argv[3:]]
+app()
+"""
 
 
 def _pem_blocks(path: Path) -> list[str]:
@@ -170,7 +218,7 @@ def _one_line(text: str) -> str:
     return " ".join(re.sub(r"[\u2500-\u257f]|\x1b\[[0-9;]*m", " ", text).split())
 
 
-def _outsider_is_refused(procs: Processes, outsider: Path, env: dict, data: Path, manifest: Path) -> None:
+def _outsider_is_refused(procs: Processes, outsider: Path, env: dict, data: Path, manifest: Path, app: Path) -> None:
     """An outsider with ca.crt and its own fresh key, reaching the Fleet address, cannot register a node, list runs,
     start a run, or join with a SuperNode. Each refusal is printed for the record."""
     from client.deploy_site import supernode_command
@@ -178,7 +226,7 @@ def _outsider_is_refused(procs: Processes, outsider: Path, env: dict, data: Path
     forbidden = "Forbidden: this address serves only the Fleet API"
     attempts = {"register a node": ["flwr", "supernode", "register", str(outsider / "node_auth_key.pub"), "outsider"],
                 "list runs": ["flwr", "ls", "outsider"],
-                "start a run": ["flwr", "run", str(REPO), "outsider"]}
+                "start a run": ["flwr", "run", str(app), "outsider"]}
     for what, cmd in attempts.items():
         tried = _run(cmd, env)
         said = _one_line(tried.stdout + tried.stderr)
@@ -262,23 +310,42 @@ def _prepare_sites(data_root: Path, work: Path) -> tuple[list[Path], Path]:
     return sites, manifest.save(work / "manifest.toml")
 
 
+def _app_source(dst: Path) -> Path:
+    """The app source tree `flwr run` is given: this checkout's files without its git-ignored folders (.venv*, caches,
+    runs). Flower's bundle builder walks and pattern-matches every file under the app folder before filtering, which
+    takes 10-45 s per bundle with a virtualenv inside the checkout (as in CI); the bundle built from this copy is
+    byte-identical (same files, sorted, fixed date), so its sha256 is this checkout's release hash."""
+    import pathspec
+
+    ignored = pathspec.GitIgnoreSpec.from_lines((REPO / ".gitignore").read_text().splitlines())
+    for dirpath, dirnames, filenames in os.walk(REPO):
+        rel = Path(dirpath).relative_to(REPO)
+        dirnames[:] = [d for d in dirnames if d != ".git" and not ignored.match_file(f"{(rel / d).as_posix()}/")]
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            if not (Path(dirpath) / name).is_symlink():
+                shutil.copy2(Path(dirpath) / name, dst / rel / name)
+    return dst
+
+
 def test_deployment_on_loopback(data_root, tmp_path):
     if shutil.which("timeout") is None:
         pytest.fail("coreutils `timeout` is required to bound the processes this test starts")
     t0 = time.monotonic()
+    _T0[0] = t0
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_HOME": str(tmp_path / "flwr-home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     cli = [sys.executable, "-m", "simulations.cli"]
     sites, manifest = _prepare_sites(data_root, tmp_path)
+    _stamp("sites prepared", t0)
 
-    # malformed data at a site: validation fails with a clear message, and its SuperNode refuses to start
+    # malformed data at a site: validation fails with a clear message, and its SuperNode refuses to start (both
+    # checked below, their processes run beside the start-up)
     bad = tmp_path / "bad-site"
     shutil.copytree(sites[0], bad)
     frame = pd.read_csv(bad / "mRNA.csv.gz", index_col=0).astype(object)
     frame.iat[3, 2] = "not-a-number"
     frame.to_csv(bad / "mRNA.csv.gz")
-    checked = _run([*cli, "validate-site", str(bad), "--manifest", str(manifest)], env)
-    assert checked.returncode == 1 and "non-numeric value 'not-a-number'" in checked.stdout
 
     # PKI in-process (its CLI is tested in tests/test_pki.py; a process per call costs seconds here): each site
     # makes its own key pair and sends only the public key; the coordinator registers it and issues the bundle
@@ -295,64 +362,19 @@ def test_deployment_on_loopback(data_root, tmp_path):
         for f in make_site(pki, f"site-{s}", d / "node_auth_key.pub", f"127.0.0.1:{fleet}").iterdir():
             shutil.copy(f, d / f.name)
     _assert_no_site_private_key(pki, site_dirs)
-    # each site approves the app bundle of the release it reviewed (this checkout): the only code its SuperNode runs
-    from client import approved_apps
-    from flower_compat.app_bundle import app_bundle_sha256
-
-    approval = _run([*cli, "deploy", "approve-app", "--bundle", str(site_dirs["a"]), str(REPO)], env)
-    assert approval.returncode == 0, approval.stderr
-    release = app_bundle_sha256(REPO)
-    for d in (site_dirs["b"], site_dirs["c"], tmp_path / "outsider"):
-        approved_apps.approve(d / approved_apps.FILE, release, "this checkout")
-    assert approved_apps.load(site_dirs["a"] / approved_apps.FILE).hashes() == {release}
     default_policy = _site_policies(site_dirs)
     roster = pki / "registered_sites.csv"  # the consortium roster: each site's worker checks the others' keys by it
-
-    # the outsider: on the sites' network (reaches only the Fleet address), holds ca.crt and its own fresh key
-    from server.deploy_cli import write_connection
-
-    outsider = tmp_path / "outsider"
-    make_site_key(outsider, comment="outsider")
-    shutil.copy(site_dirs["a"] / "ca.crt", outsider / "ca.crt")
-    (outsider / "site.toml").write_text(f'site = "outsider"\nsuperlink = "127.0.0.1:{fleet}"\n')
-    outsider_env = {**env, "FLWR_HOME": str(outsider / "flwr-home")}
-    write_connection(outsider / "flwr-home", "outsider", f"127.0.0.1:{fleet}", outsider / "ca.crt")
+    app = _app_source(tmp_path / "app")  # the release the sites reviewed: this checkout's app files
+    _stamp("sites, pki, policies, app", t0)
 
     procs = Processes(tmp_path, env)
     try:
+        # everything that needs no SuperLink starts now, side by side: the SuperLink itself, the site workers of
+        # sites b and c (they load torch and the site's data), site-a's approval of the app bundle, and the two
+        # checks of the malformed site
         procs.start("superlink", [*cli, "deploy", "superlink", "--pki", str(pki / "superlink"),
                                   "--state", str(tmp_path / "state"), "--fleet-address", f"127.0.0.1:{fleet}",
                                   "--control-port", str(control)])
-
-        def listening():
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", fleet)) == 0
-        _wait(listening, 60, "the SuperLink to listen")
-        t_up = time.monotonic() - t0
-        assert _listen_addresses(procs.procs["superlink"].pid, control) == {"127.0.0.1"}  # Control: loopback only
-        assert _run([*cli, "deploy", "connection", "--pki", str(pki / "superlink"), "--address",
-                     f"127.0.0.1:{control}", "--flwr-home", env["FLWR_HOME"]], env).returncode == 0
-        registering = [subprocess.Popen(["timeout", "120", *cli, "deploy", "register", "--bundle", str(site_dirs[s])],
-                                        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                       for s in "abc"]
-        for reg in registering:
-            said, _ = reg.communicate(timeout=150)  # `timeout` ends it first
-            assert reg.returncode == 0, said
-
-        from client.deploy_site import supernode_command
-
-        # site-a is started from the line `deploy supernode --print` prints, pasted into a shell
-        # (with --worker: a persistent site worker holds the data, graphs and torch; the per-message ClientApp only
-        # forwards the message to it over a private Unix socket)
-        printed = _run([*cli, "deploy", "supernode", "--bundle", str(site_dirs["a"]), "--data", str(sites[0]),
-                        "--manifest", str(manifest), "--port", str(_free_port()), "--skip-validation", "--worker",
-                        "--policy", str(site_dirs["a"] / "policy.toml"), "--secagg-roster", str(roster),
-                        "--print"], env)
-        assert printed.returncode == 0, printed.stderr
-        words = shlex.split(printed.stdout)  # the worker's own command line holds the policy, roster and site key
-        for flag, path in (("--policy", "policy.toml"), ("--identity-key", "node_auth_key")):
-            assert words[words.index(flag) + 1] == str((site_dirs["a"] / path).resolve())
-        procs.start("supernode-a", ["bash", "-c", printed.stdout.strip()])
         sockets = {"a": site_dirs["a"] / "worker" / "worker.sock"}
         for i, s in enumerate("bc", start=1):  # sites b and c run their worker as a service of its own
             sockets[s] = tmp_path / f"worker-{s}" / "worker.sock"
@@ -366,52 +388,117 @@ def test_deployment_on_loopback(data_root, tmp_path):
                                         "--manifest", str(manifest), "--site-name", f"site-{s}", *log_c,
                                         "--policy", str(site_dirs[s] / "policy.toml"), "--secagg-roster", str(roster),
                                         "--identity-key", str(site_dirs[s] / "node_auth_key")])
+        # each site approves the app bundle of the release it reviewed: the only code its SuperNode runs
+        procs.spawn("approve-a", [*cli, "deploy", "approve-app", "--bundle", str(site_dirs["a"]), str(app)])
+        procs.spawn("validate-bad", [*cli, "validate-site", str(bad), "--manifest", str(manifest)])
+        procs.spawn("connection", [*cli, "deploy", "connection", "--pki", str(pki / "superlink"), "--address",
+                                   f"127.0.0.1:{control}", "--flwr-home", env["FLWR_HOME"]])
+        from client import approved_apps
+        from flower_compat.app_bundle import app_bundle_sha256
+
+        release = app_bundle_sha256(app)
+        for d in (site_dirs["b"], site_dirs["c"], tmp_path / "outsider"):
+            approved_apps.approve(d / approved_apps.FILE, release, "this checkout")
+
+        # the outsider: on the sites' network (reaches only the Fleet address), holds ca.crt and its own fresh key
+        from server.deploy_cli import write_connection
+
+        outsider = tmp_path / "outsider"
+        make_site_key(outsider, comment="outsider")
+        shutil.copy(site_dirs["a"] / "ca.crt", outsider / "ca.crt")
+        (outsider / "site.toml").write_text(f'site = "outsider"\nsuperlink = "127.0.0.1:{fleet}"\n')
+        outsider_env = {**env, "FLWR_HOME": str(outsider / "flwr-home")}
+        write_connection(outsider / "flwr-home", "outsider", f"127.0.0.1:{fleet}", outsider / "ca.crt")
+
+        approval = procs.result("approve-a")
+        assert approval.returncode == 0, approval.stderr
+        assert approved_apps.load(site_dirs["a"] / approved_apps.FILE).hashes() == {release}
+        # site-a is started from the line `deploy supernode --print` prints, pasted into a shell
+        # (with --worker: a persistent site worker holds the data, graphs and torch; the per-message ClientApp only
+        # forwards the message to it over a private Unix socket)
+        procs.spawn("print-a", [*cli, "deploy", "supernode", "--bundle", str(site_dirs["a"]), "--data",
+                                str(sites[0]), "--manifest", str(manifest), "--port", str(_free_port()),
+                                "--skip-validation", "--worker", "--policy", str(site_dirs["a"] / "policy.toml"),
+                                "--secagg-roster", str(roster), "--print"])
+        procs.spawn("supernode-bad", [*cli, "deploy", "supernode", "--bundle", str(site_dirs["a"]), "--data",
+                                      str(bad), "--manifest", str(manifest)])
+
+        def listening():
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", fleet)) == 0
+        _wait(listening, 60, "the SuperLink to listen")
+        t_up = time.monotonic() - t0
+        assert _listen_addresses(procs.procs["superlink"].pid, control) == {"127.0.0.1"}  # Control: loopback only
+        assert procs.result("connection").returncode == 0
+        for s in "abc":
+            procs.spawn(f"register-{s}", [*cli, "deploy", "register", "--bundle", str(site_dirs[s])])
+        for s in "abc":
+            registered = procs.result(f"register-{s}")
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+
+        from client.deploy_site import supernode_command
+
+        printed = procs.result("print-a")
+        assert printed.returncode == 0, printed.stderr
+        words = shlex.split(printed.stdout)  # the worker's own command line holds the policy, roster and site key
+        for flag, path in (("--policy", "policy.toml"), ("--identity-key", "node_auth_key")):
+            assert words[words.index(flag) + 1] == str((site_dirs["a"] / path).resolve())
+        procs.start("supernode-a", ["bash", "-c", printed.stdout.strip()])
         for i, s in enumerate("bc", start=1):
             extra = {"worker-socket": str(sockets[s])}
             procs.start(f"supernode-{s}", supernode_command(site_dirs[s], sites[i], manifest, _free_port(), extra))
+
+        checked = procs.result("validate-bad")
+        assert checked.returncode == 1 and "non-numeric value 'not-a-number'" in checked.stdout
+        invalid = procs.result("supernode-bad")
+        assert invalid.returncode == 1 and "failed validation" in invalid.stderr
         _wait(lambda: all(p.exists() for p in sockets.values()), 300, "the site workers to listen")
 
-        invalid = _run([*cli, "deploy", "supernode", "--bundle", str(site_dirs["a"]), "--data", str(bad),
-                        "--manifest", str(manifest)], env)
-        assert invalid.returncode == 1 and "failed validation" in invalid.stderr
-
         out = tmp_path / "run"
-        run_config = (f"num-server-rounds=3 local-epochs=10 min-sites=2 preset='brca' straggler-grace=10.0 "
+        run_config = (f"num-server-rounds=3 local-epochs=2 min-sites=2 preset='brca' straggler-grace=10.0 "
                       f"round-timeout=100.0 manifest='{manifest}' out-dir='{out}' "
                       f"site-keys='{pki}/registered_sites.csv'")
-        started = _run(["flwr", "run", str(REPO), "consortium", "--run-config", run_config], env)
+        started = _run(["flwr", "run", str(app), "consortium", "--run-config", run_config], env)
         assert started.returncode == 0, started.stdout + started.stderr
         run_id = re.search(r"run (\d+)", started.stdout).group(1)
+        # the coordinator's run goes down after round 2 (see STOP_AFTER)
+        procs.spawn("stop1", [sys.executable, "-c", STOP_AFTER, str(out / "history.json"), "2", "stop", run_id,
+                              "consortium"], limit=900)
         # a site drops out during round 2: a watcher kills it as soon as round 1's checkpoint appears (a round takes
         # seconds, less than the outsider's attempts below, so the watcher runs beside them)
         dropped = threading.Event()
 
         def drop_site_b() -> None:
             _wait(lambda: _rounds_done(out) >= 1, 360, "round 1", interval=0.05)
+            _stamp("round 1 done", t0)
             procs.kill("supernode-b")
             dropped.set()
 
         watcher = threading.Thread(target=drop_site_b, daemon=True)
         watcher.start()
-        _outsider_is_refused(procs, outsider, outsider_env, sites[0], manifest)  # while the rounds run
+        _outsider_is_refused(procs, outsider, outsider_env, sites[0], manifest, app)  # while the rounds run
+        _stamp("outsider refused", t0)
         watcher.join(timeout=400)
+        _stamp("site-b dropped", t0)
         assert dropped.is_set(), "round 1 did not finish"
         _wait(lambda: _rounds_done(out) >= 2, 420, "round 2 without site-b")
-        stopped = _run(["flwr", "stop", run_id, "consortium"], env)  # the coordinator's run goes down
+        stopped = procs.result("stop1", timeout=900)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        log1 = _run(["flwr", "log", run_id, "consortium", "--show"], env).stdout
+        procs.spawn("log1", ["flwr", "log", run_id, "consortium", "--show"])  # read beside the rejoin
 
         # the killed site rejoins with the same key once the SuperLink has marked it offline (<= ~60 s)
         _rejoin(procs, "supernode-b", supernode_command(site_dirs["b"], sites[1], manifest, _free_port(),
                                                         {"worker-socket": str(sockets["b"])}), 240)
+        _stamp("site-b rejoined", t0)
+        log1 = procs.result("log1").stdout
 
         # all three sites are up again: the resumed run waits for all of them (no straggler cut-off for site-b)
         resumed_config = run_config.replace("min-sites=2", "min-sites=3") + " resume=true"
-        resumed = _run(["flwr", "run", str(REPO), "consortium", "--run-config", resumed_config], env)
+        resumed = _run(["flwr", "run", str(app), "consortium", "--run-config", resumed_config], env)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         run2 = re.search(r"run (\d+)", resumed.stdout).group(1)
         _wait(lambda: _finished(out, 3), 480, "the resumed run to finish")
-        log2 = _run(["flwr", "log", run2, "consortium", "--show"], env).stdout
+        procs.spawn("log2", ["flwr", "log", run2, "consortium", "--show"])  # read beside the secure run
 
         # the same three sites, a short run under authenticated secure aggregation with distributed DP noise: each
         # site clips its update to dp-clip-norm and adds its own noise piece before masking, signs its keys with its
@@ -427,12 +514,13 @@ def test_deployment_on_loopback(data_root, tmp_path):
                          f"site-keys='{roster}' secagg-roster='{roster}' seed=11 "
                          f"dp-clip-norm={DP_CLIP} dp-noise-multiplier={DP_Z}")
         t_secure = time.monotonic()
-        secured = _run(["flwr", "run", str(REPO), "consortium", "--run-config", secure_config], env)
+        secured = _run(["flwr", "run", str(app), "consortium", "--run-config", secure_config], env)
         assert secured.returncode == 0, secured.stdout + secured.stderr
         run3 = re.search(r"run (\d+)", secured.stdout).group(1)
         _wait(lambda: _finished(secure_out, 2), 720, "the secure run to finish")
         t_secure = time.monotonic() - t_secure
         log3 = _run(["flwr", "log", run3, "consortium", "--show"], env).stdout
+        log2 = procs.result("log2").stdout
     except BaseException:
         _dump_logs(procs, env, locals())
         raise

@@ -65,19 +65,21 @@ def ray_head(tmp_path):
 
 
 def test_fifty_sites_on_an_existing_ray_cluster(ray_head, tmp_path):
+    """One round: its 50 trainings and evaluations already run on the cluster's actors, each actor serving many
+    sites in turn; a second round would repeat the same calls."""
     import ray
 
     from simulations.engine import run_flower
 
     scenario = tmp_path / "fifty.toml"
     scenario.write_text('name = "iid-50"\nnum_sites = 50\npartition = "iid"\n')
-    cfg = FederatedConfig(num_server_rounds=2, local_epochs=1, data_path="generated:1500", scenario=str(scenario),
+    cfg = FederatedConfig(num_server_rounds=1, local_epochs=1, data_path="generated:1500", scenario=str(scenario),
                           seed=3, min_sites=50, out_dir=str(tmp_path / "run"))
     try:
         params, history = run_flower(cfg, 50, ray_address=ray_head)
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    assert [r["round"] for r in history] == [1, 2]
-    assert all(len(r["accepted"]) == 50 for r in history)
-    assert sum(s["num"] for s in history[-1]["sites"].values()) > 0
+    assert [r["round"] for r in history] == [1]
+    assert len(history[0]["accepted"]) == 50
+    assert sum(s["num"] for s in history[0]["sites"].values()) > 0
