@@ -43,18 +43,24 @@ NAMES = ["hosp-a", "hosp-b", "hosp-c", "hosp-d"]
 FP = 2.0 ** -(DEFAULT_FRAC_BITS + 1)
 
 
-@pytest.fixture
-def consortium(tmp_path):
-    """Four hospitals, each with its own raw data, identity key (`magnet-fl pki site-key`), copy of the roster and
-    policy (authenticated secure sums only; ``once_per_consortium`` left to its default, true)."""
+def enrolled(tmp_path, names):
+    """Identity keys (`magnet-fl pki site-key`) of ``names`` and the consortium roster that lists them."""
     from server.pki import make_site_key
 
     rows, keys = ["site,public_key"], {}
-    for name in NAMES:
+    for name in names:
         keys[name], pub = make_site_key(tmp_path / "keys" / name, comment=name)
         rows.append(f"{name},{pub.read_text().strip()}")
     roster = tmp_path / "registered_sites.csv"
     roster.write_text("\n".join(rows) + "\n")
+    return keys, roster
+
+
+@pytest.fixture
+def consortium(tmp_path):
+    """Four hospitals, each with its own raw data, identity key (`magnet-fl pki site-key`), copy of the roster and
+    policy (authenticated secure sums only; ``once_per_consortium`` left to its default, true)."""
+    keys, roster = enrolled(tmp_path, NAMES)
     sites = {}
     for i, name in enumerate(NAMES):
         raw = raw_site(tmp_path / "raw" / name, per=40 + 4 * i)

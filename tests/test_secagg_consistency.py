@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 from test_malicious_coordinator import PREP, Site, answered, raw_site
+from test_preparation_sum_names import enrolled
 from test_secagg_auth import _auth, consortium  # noqa: F401  (the fixture: five enrolled sites)
 
 from magnet_core.cohort.preprocess import PrepareConfig
@@ -200,14 +201,7 @@ HOSPITALS = ["hosp-a", "hosp-b", "hosp-c"]
 def hospitals(tmp_path):
     """Three hospitals with raw data, identity keys, a roster and authenticated-only policies (as
     tests/test_preparation_sum_names.py builds them)."""
-    from server.pki import make_site_key
-
-    rows, keys = ["site,public_key"], {}
-    for name in HOSPITALS:
-        keys[name], pub = make_site_key(tmp_path / "keys" / name, comment=name)
-        rows.append(f"{name},{pub.read_text().strip()}")
-    roster = tmp_path / "registered_sites.csv"
-    roster.write_text("\n".join(rows) + "\n")
+    keys, roster = enrolled(tmp_path, HOSPITALS)
     sites = {}
     for name in HOSPITALS:
         site = Site(tmp_path / name, {"raw-dir": str(raw_site(tmp_path / "raw" / name)), "site-name": name,
