@@ -11,6 +11,10 @@ Round 1 also builds every site (data, graphs); the steady per-round figures are 
         --data /work/shared/data/tcga-ov-magnet --sites 5,20,50,100 --engines inprocess,flower \\
         --rounds 3 --local-epochs 1 --out benchmarks/results/many_sites.json
 
+``--patients-per-site N --preset ''`` uses the generated cohort with N patients per site instead of splitting one
+cohort, so the consortium grows with the sites: the cost per patient at a fixed site size (a consortium of many
+hospitals with a few dozen patients each), next to the fixed cohort split ever finer.
+
 ``--label before --code DIR`` runs the children on another checkout's code (PYTHONPATH=DIR), e.g. the code before
 the memory fix, and stores the runs under that label next to the others in the same file. ``--screening`` adds the
 cost of the update screen's direction check alone (pairwise cosines of model-sized steps) old vs new.
@@ -90,12 +94,14 @@ def one(args: argparse.Namespace) -> dict:
     from simulations.simulate import method_config
 
     work = Path(tempfile.mkdtemp(prefix=f"many-{args.engine}-{args.one}-"))
+    data = f"generated:{args.patients_per_site * args.one}" if args.patients_per_site else args.data
     scenario = work / "scenario.toml"
     scenario.write_text(f'name = "iid-{args.one}"\nnum_sites = {args.one}\npartition = "iid"\n')
-    _, sites = load_consortium(args.data, str(scenario), args.seed, "")
+    _, sites = load_consortium(data, str(scenario), args.seed, "")
     train_patients = int(sum((s.split != "test").sum() for s in sites))
-    cfg = method_config("federated", args.data, str(scenario), args.seed, {}, num_server_rounds=args.rounds,
-                        local_epochs=args.local_epochs, preset="ov", min_sites=args.one, overwrite=True,
+    cfg = method_config("federated", data, str(scenario), args.seed, {}, num_server_rounds=args.rounds,
+                        local_epochs=args.local_epochs, min_sites=args.one, overwrite=True,
+                        **({"preset": args.preset} if args.preset else {}),
                         report=False, out_dir=str(work / "run"))
     sampler = TreeSampler()
     marks = [(time.perf_counter(), time.process_time(), 0.0)]
@@ -127,7 +133,8 @@ def one(args: argparse.Namespace) -> dict:
     steady = rounds[1:] or rounds
     cpu = statistics.median(r["cpu_s"] for r in steady)
     return {
-        "engine": args.engine, "sites": args.one, "rounds": args.rounds, "local_epochs": args.local_epochs,
+        "engine": args.engine, "data": data, "preset": args.preset or "default", "sites": args.one,
+        "rounds": args.rounds, "local_epochs": args.local_epochs,
         "seed": args.seed, "train_patients": train_patients,
         "test_patients": int(sum((s.split == "test").sum() for s in sites)),
         "patients_per_site": [int(s.labels.shape[0]) for s in sites],
@@ -186,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=10)
+    p.add_argument("--preset", default="ov", help="model preset ('' for the default; the generated cohort's)")
+    p.add_argument("--patients-per-site", type=int, default=0,
+                   help="instead of splitting --data: the generated cohort with this many patients per site, so the "
+                        "consortium grows with the number of sites (cost per patient at a fixed site size)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/many_sites.json")
     p.add_argument("--label", default="after", help="label of these runs in the result file (e.g. before, after)")
     p.add_argument("--code", default=None, help="run the children on this checkout's code (PYTHONPATH)")
@@ -209,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             load0 = os.getloadavg()
             with tempfile.TemporaryDirectory() as tmp:
                 cmd = [sys.executable, __file__, "--data", args.data, "--one", str(n), "--engine", engine,
-                       "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--seed", str(args.seed)]
+                       "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--seed", str(args.seed),
+                       "--preset", args.preset, "--patients-per-site", str(args.patients_per_site)]
                 # output to files, not pipes: Ray's daemons inherit the child's descriptors
                 with open(f"{tmp}/out", "w") as so, open(f"{tmp}/err", "w") as se:
                     code = subprocess.run(cmd, stdout=so, stderr=se, env=env, check=False).returncode
