@@ -130,6 +130,30 @@ def main() -> None:
     _write(args, rows, load)
 
 
+def noise_floor(rows: list[dict], rounds: int = 5) -> list[dict]:
+    """How far two runs WITHOUT an attacker move apart, per round after the first (the floor under the two-sided bar):
+    all three sites honest vs the attacker's site absent (same rule), and the same honest sites under a rule vs under
+    ``mean``. Per seed: the per-round differences over the first ``rounds`` rounds and whether every one after the
+    first is within 0.05."""
+    by = {(r["case"], r["rule"], r["seed"]): r for r in rows}
+    out = []
+    for (case, rule, seed), r in sorted(by.items()):
+        if case != "honest3":
+            continue
+        pairs = [(("absent3", rule, seed), "honest3 - absent3")]
+        if rule != "mean":
+            pairs.append((("honest3", "mean", seed), f"honest3 {rule} - honest3 mean"))
+        for key, what in pairs:
+            other = by.get(key)
+            if other is None:
+                continue
+            diff = [a - b for a, b in zip(r["server_mcc"][:rounds], other["server_mcc"][:rounds])]
+            out.append({"pair": what, "rule": rule, "seed": seed, "difference": diff,
+                        "max_abs_after_round_1": max(map(abs, diff[1:])),
+                        "within_0.05_every_round_after_the_first": all(abs(d) <= 0.05 for d in diff[1:])})
+    return out
+
+
 def _write(args, rows: list[dict], load: float) -> None:
     by = {(r["case"], r["rule"], r["seed"]): r for r in rows}
     gaps = []
@@ -149,7 +173,7 @@ def _write(args, rows: list[dict], load: float) -> None:
            "command": "MAGNET_FL_THREADS=1 FLWR_TELEMETRY_ENABLED=0 nice -n 19 python " + " ".join(sys.argv),
            "purpose": args.purpose, "seeds": sorted({r["seed"] for r in rows}),
            "threads": os.environ.get("MAGNET_FL_THREADS"), "load_average_start": load,
-           "load_average_end": os.getloadavg()[0], "gaps": gaps,
+           "load_average_end": os.getloadavg()[0], "gaps": gaps, "noise_floor": noise_floor(rows),
            "honest_cost": [c for rule in sorted({r["rule"] for r in rows} - {"mean"}) for metric in
                            ("server_mcc", "global_mcc") if (c := paired_cost(rows, rule, "mean", metric))],
            "runs": rows}
