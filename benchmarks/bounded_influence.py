@@ -16,6 +16,10 @@ the sites' own test patients), bounded minus each other variant, paired by seed;
 seeds (3 seeds: an interval this wide says little; two comparisons, no multiplicity correction).
 
     MAGNET_FL_THREADS=1 FLWR_TELEMETRY_ENABLED=0 python benchmarks/bounded_influence.py --variant bounded
+
+``--scenario``, ``--preset`` and ``--result`` run another data set and scenario into its own file (e.g. BRCA r.jive
+label-skew-3, ``results/bounded_influence_brca_label_skew.json``); seeds already in the file for a variant are kept,
+not rerun, so ``--seeds`` can add seeds to a stored comparison.
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ RESULT = Path(__file__).resolve().parent / "results" / "bounded_influence.json"
 VARIANTS = {"bounded": {}, "unclipped": {"clip_factor": 0.0}, "old-default": {}}
 
 
-def run_one(data: str, seed: int, rounds: int, epochs: int, overrides: dict, out: Path) -> dict:
+def run_one(data: str, seed: int, rounds: int, epochs: int, overrides: dict, out: Path, scenario: str = "iid-3",
+            preset: str = "") -> dict:
     from simulations.engine import run_inprocess
     from simulations.simulate import method_config
 
-    cfg = method_config("federated", data, "iid-3", seed, overrides, num_server_rounds=rounds, local_epochs=epochs,
-                        min_sites=3, overwrite=True, report=False, out_dir=str(out))
+    cfg = method_config("federated", data, scenario, seed, overrides, num_server_rounds=rounds, local_epochs=epochs,
+                        min_sites=3, overwrite=True, report=False, out_dir=str(out),
+                        **({"preset": preset} if preset else {}))
     t0 = time.process_time()
     _, history = run_inprocess(cfg, 3)
     last = history[-1]
@@ -71,12 +77,16 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--code", default="this worktree", help="the commit the code on the path comes from")
     p.add_argument("--out", type=Path, default=Path("/tmp/bounded_influence_runs"))
+    p.add_argument("--scenario", default="iid-3", help="built-in scenario (3 sites), e.g. label-skew-3")
+    p.add_argument("--preset", default="", help="model preset (empty: the data's default), e.g. brca")
+    p.add_argument("--result", type=Path, default=RESULT, help="result file (one per data set and scenario)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = [run_one(args.data, s, args.rounds, args.epochs, VARIANTS[args.variant],
-                    args.out / f"{args.variant}-seed{s}") for s in seeds]
-    result = json.loads(RESULT.read_text()) if RESULT.exists() else {}
-    result.setdefault("settings", {"data": "tcga-ov-magnet", "scenario": "iid-3", "rounds": args.rounds,
+    result = json.loads(args.result.read_text()) if args.result.exists() else {}
+    done = {r["seed"]: r for r in result.get("variants", {}).get(args.variant, {}).get("runs", [])}
+    rows = [done.get(s) or run_one(args.data, s, args.rounds, args.epochs, VARIANTS[args.variant],
+                                   args.out / f"{args.variant}-seed{s}", args.scenario, args.preset) for s in seeds]
+    result.setdefault("settings", {"data": Path(args.data).name, "scenario": args.scenario, "rounds": args.rounds,
                                    "local_epochs": args.epochs, "threads": os.environ.get("MAGNET_FL_THREADS"),
                                    "metric": "final-round pooled test MCC (sites' own test patients)"})
     result.setdefault("variants", {})[args.variant] = {"code": args.code, "overrides": VARIANTS[args.variant],
@@ -86,8 +96,8 @@ def main() -> None:
     v = result["variants"]
     result["paired"] = {f"bounded - {o}": paired(v["bounded"]["runs"], v[o]["runs"])
                         for o in v if o != "bounded" and "bounded" in v}
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    args.result.parent.mkdir(parents=True, exist_ok=True)
+    args.result.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({"variant": args.variant, "mcc": [r["mcc"] for r in rows], "paired": result["paired"]},
                      indent=1))
 
