@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from typing import Any, Mapping, Sequence
 
 from .simulate import (
@@ -79,13 +80,15 @@ def validation_pass(spec: RunSpec, methods: Sequence[str], grids: Mapping[str, M
     errors: dict[str, str] = {}
     for method in tuned_methods:
         settings = settings_of(dict(grids[method]))
+        t0 = time.process_time()
         if method == "personalized":
             values = personalized_scores(spec, [s[PERSONALIZE_KEY] for s in settings])
         else:
             values = [setting_score(spec, method, s, i) for i, s in enumerate(settings)]
         record: dict[str, Any] = {"grid": {k: list(v) for k, v in grids[method].items()},
                                   "settings": [{"setting": s, "val_mcc": v} for s, v in zip(settings, values)],
-                                  "rule": RULE, "choice": None, "choice_index": None}
+                                  "rule": RULE, "choice": None, "choice_index": None,
+                                  "cpu_seconds": time.process_time() - t0}  # this process's CPU for the grid
         try:
             best = choose([[v] for v in values])
         except ValueError as exc:

@@ -354,8 +354,8 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
                    "seconds": seconds.get(method, time.perf_counter() - t0),
                    "seconds_per_round": seconds.get(method, float("nan")) / study.rounds,
                    "modalities": cell.modalities, "test_graph": study.test_graph_of(cell), "split_sizes": sizes,
-                   "run_settings": run_settings(spec, method), "tuned": tuned.get(method),
-                   "error": error or errors.get(method)}
+                   "run_settings": None if error or method in errors else run_settings(spec, method),
+                   "tuned": tuned.get(method), "error": error or errors.get(method)}
         write_json(cell_result_path(out, cell, method, seed), payload)
 
 
