@@ -326,8 +326,9 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
                    preset=cell.preset or study.preset, rounds=study.rounds, local_epochs=study.local_epochs,
                    modalities=",".join(cell.modalities), engine=engine, out_dir=cell_dir,
                    test_graph=study.test_graph_of(cell), overrides=study.overrides_of(cell))
-    # the rule "highest-validation-mcc" reads each run's validation MCC (validation-only view, a second training
-    # per method): only a study with a target uses the rule, so only it pays for it
+    # the rule "highest-validation-mcc" reads each run's validation MCC (validation-only view: a second training per
+    # untuned method; a tuned method's is its chosen setting's): only a study with a target uses the rule, so only
+    # it pays for the untuned methods' second training
     record = study.target_gap is not None and study.best_method.rule == "highest-validation-mcc"
     t0 = time.perf_counter()
     sizes: dict[str, int] = {}
