@@ -261,7 +261,9 @@ def tune_note(study: Study) -> str:
     grids = "; ".join(f"{method_label(m)}: " + ", ".join(f"`{k}` in {json.dumps(v)}" for k, v in grid.items())
                       for m, grid in study.tune.items())
     return (f" Settings chosen per split on validation patients only ({grids}): {TUNE_RULE}. Each run's chosen "
-            f"setting and every grid setting's validation MCC: the tidy CSV's `tuned` column.")
+            f"setting and every grid setting's validation MCC: the tidy CSV's `tuned` column. A tuned method's "
+            f"validation MCC is the highest of its grid's, which favours it under a best-method rule that reads "
+            f"validation MCC; its test MCC is scored after the choice.")
 
 
 def builtin_studies() -> dict[str, Path]:
