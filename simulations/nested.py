@@ -22,6 +22,8 @@ import math
 import time
 from typing import Any, Mapping, Sequence
 
+from server.loop import CHECKPOINT
+
 from .simulate import (
     RunSpec,
     as_validation_view,
@@ -108,6 +110,9 @@ def setting_score(spec: RunSpec, method: str, setting: dict[str, Any], index: in
                                method_overrides={**spec.method_overrides,
                                                  method: {**spec.method_overrides.get(method, {}), **fields}})
     results, _, _ = run_methods(view, [method])
+    # the finished run keeps its final model, history and report; its resume checkpoint (about three times the
+    # model's size, never read again: study runs start over) would make every grid value cost that much disk
+    (view.out_dir / "runs" / f"{method}-seed{view.seed}" / CHECKPOINT).unlink(missing_ok=True)
     return _finite(results.get(method, {}).get("mcc"))
 
 

@@ -99,6 +99,9 @@ def test_chosen_setting_is_the_validation_argmax_and_the_reported_run_uses_it(ba
     mu = records["fedprox"]["tuned"]["choice"]["proximal-mu"]
     state = torch.load(cell_dir / "runs" / "fedprox-seed10" / "checkpoint.pt", weights_only=True)
     assert state["config"]["proximal_mu"] == mu
+    tuning_runs = sorted((cell_dir / "validation").glob("tune-fedprox-*/runs/fedprox-seed10"))
+    assert len(tuning_runs) == 2 and all((d / "model.pt").exists() and not (d / "checkpoint.pt").exists()
+                                         for d in tuning_runs)  # scored, and no resume checkpoint left behind
     part = records["personalized"]["tuned"]["choice"]["personalize-part"]
     assert json.loads((cell_dir / "runs" / "federated-seed10" / "personalization.json").read_text())["part"] == part
     # this budget separates the two mu values (the argmax is not just the first setting by a tie)
