@@ -268,6 +268,9 @@ class RunSpec:
     test_graph: str = FederatedConfig.model_fields["test_graph"].default
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # --set: FederatedConfig field -> value
     personalize_part: str = PERSONALIZE_PART  # what "personalized" fine-tunes (magnet_core.model.personalize.PARTS)
+    # per federated method, FederatedConfig fields over ``overrides`` (a study's settings chosen per split on
+    # validation patients: simulations/nested.py)
+    method_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # also run every method on the validation-only view of the same data and seed and record its score as
     # VALIDATION_MCC (what a best-method rule or a tuner may read; test patients take no part in it)
     record_validation: bool = False
@@ -296,9 +299,7 @@ def as_validation_view(data_path: str) -> str:
 def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tuple[dict, list, dict]:
     """Run the requested methods on the same sites; returns (metrics per method, per-round rows, seconds per
     method). ``advance(n)`` is called with the number of rounds (or round-equivalents) completed."""
-    preset = get_preset(spec.preset)
-    _, sites = load_consortium(spec.data_path, spec.scenario, spec.seed, spec.modalities)
-    runtimes = [scoring_runtime(s.name, s, preset) for s in sites]  # scoring only: one shared model
+    preset, sites, runtimes = consortium_of(spec)
     epochs = spec.rounds * spec.local_epochs
     release = release_settings(spec.overrides)
     secure = bool(spec.overrides.get("secure_evaluation"))  # every method pooled by secure evaluation (k on sums)
@@ -326,7 +327,8 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
     for method in FEDERATED_METHODS:
         if method not in methods:
             continue
-        cfg = method_config(method, spec.data_path, spec.scenario, spec.seed, spec.overrides,
+        cfg = method_config(method, spec.data_path, spec.scenario, spec.seed,
+                            {**spec.overrides, **spec.method_overrides.get(method, {})},
                             num_server_rounds=spec.rounds, local_epochs=spec.local_epochs, preset=preset.name,
                             modalities=spec.modalities, min_sites=len(sites), overwrite=True, report=False,
                             out_dir=str(spec.out_dir / "runs" / f"{method}-seed{spec.seed}"),
@@ -354,17 +356,31 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
                                 modalities=spec.modalities, min_sites=len(sites), overwrite=True, report=False,
                                 out_dir=str(fed_dir), test_graph=spec.test_graph)
             run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1), ray_address=spec.ray_address)
-        global_params = final_params(fed_dir)
-        own, records = personalize_sites(runtimes, global_params, spec.personalize_part, preset.train,
-                                         seed=spec.seed)
-        write_json(fed_dir / "personalization.json",
-                   {"part": spec.personalize_part, "sites": [r.model_dump() for r in records]})
-        results["personalized"] = evaluated_both_ways(runtimes, own, spec.test_graph, release, secure)
+        results["personalized"] = personalized_evaluation(spec, runtimes, final_params(fed_dir), spec.personalize_part,
+                                                          fed_dir / "personalization.json")
         seconds["personalized"] = time.perf_counter() - t0
     if spec.record_validation and not spec.data_path.startswith(VALIDATION_PREFIX):
         for method, score in validation_scores(spec, methods).items():
             results[method][VALIDATION_MCC] = score
     return results, rounds, seconds
+
+
+def consortium_of(spec: RunSpec) -> tuple[Preset, list[Cohort], list[SiteRuntime]]:
+    """The run's preset, its sites' cohorts and their scoring runtimes (one shared model)."""
+    preset = get_preset(spec.preset)
+    _, sites = load_consortium(spec.data_path, spec.scenario, spec.seed, spec.modalities)
+    return preset, list(sites), [scoring_runtime(s.name, s, preset) for s in sites]
+
+
+def personalized_evaluation(spec: RunSpec, runtimes: list[SiteRuntime], global_params: dict[str, np.ndarray],
+                            part: str, record: Path) -> dict:
+    """Every site fine-tunes ``part`` of the global model on its own patients; the personalized models' two
+    evaluations. What each site did is written to ``record``."""
+    preset = get_preset(spec.preset)
+    own, records = personalize_sites(runtimes, global_params, part, preset.train, seed=spec.seed)
+    write_json(record, {"part": part, "sites": [r.model_dump() for r in records]})
+    return evaluated_both_ways(runtimes, own, spec.test_graph, release_settings(spec.overrides),
+                               bool(spec.overrides.get("secure_evaluation")))
 
 
 def final_params(run_dir: str | Path) -> dict[str, np.ndarray]:

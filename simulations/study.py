@@ -27,9 +27,20 @@ from magnet_core.consortium.simulated import load_consortium
 
 from . import statistics as st
 from .cli import existing_dir
+from .nested import RULE as TUNE_RULE
+from .nested import compact, validation_pass
 from .parallel import parse_workers, resolve_workers, run_tasks
 from .reporting import console, write_json
-from .simulate import METHODS, VALIDATION_MCC, RunSpec, parse_overrides, run_methods
+from .simulate import (
+    FEDERATED_METHODS,
+    METHODS,
+    VALIDATION_MCC,
+    RunSpec,
+    method_settings,
+    parse_overrides,
+    run_methods,
+)
+from .tune import PERSONALIZE_KEY, check_grid
 
 BUILTIN_DIR = Path(__file__).parent / "studies"
 # A study's default seeds: ten, from the one default seed (simulate and centralized keep DEFAULT_SEEDS, five).
@@ -142,6 +153,10 @@ class Study(BaseModel):
                                           "the runs (never from test results)")
     settings: dict[str, Any] | None = Field(None, description="run-config settings of every cell "
                                      "(kebab-case keys, as `simulate --set`); a cell's own settings win")
+    tune: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict, description="per method, a grid of one or two settings (kebab-case keys, as "
+        "`magnet-fl tune --grid`), e.g. fedprox = { proximal-mu = [0.01, 0.1, 1.0] }: each (cell, seed) chooses "
+        "the value on its own validation patients (simulations/nested.py) and reports the run with it")
     cells: list[Cell] = Field(min_length=1)
     contrasts: list[Contrast] = Field(default_factory=list)
 
@@ -168,7 +183,23 @@ class Study(BaseModel):
                 self.overrides_of(cell)
             except ValueError as exc:
                 raise ValueError(f"cell {cell.id!r} settings: {exc}") from None
+        self.tune = {method: self._checked_grid(method, grid) for method, grid in self.tune.items()}
         return self
+
+    def _checked_grid(self, method: str, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """One ``[tune]`` entry, checked as ``magnet-fl tune --grid`` is (simulations.tune.check_grid); a setting
+        also fixed by the study's or a cell's ``settings`` is refused (it would be set in two places)."""
+        where = f"[tune] {method}"
+        if method not in self.methods:
+            raise ValueError(f"{where}: not a method the study runs ({self.methods})")
+        checked = check_grid(method, grid, where)
+        for cell in self.cells:
+            fixed = {**(self.settings or {}), **(cell.settings or {})}
+            clash = sorted(k for k in checked if k in fixed or k.replace("-", "_") in fixed)
+            if clash:
+                raise ValueError(f"{where} {clash[0]}: also fixed by the settings of cell {cell.id!r}; give it in "
+                                 f"one place")
+        return checked
 
     def overrides_of(self, cell: Cell) -> dict[str, Any]:
         """The cell's run-config settings (the study's, then the cell's) as checked RunSpec overrides."""
@@ -221,6 +252,18 @@ def settings_note(study: Study) -> str:
              "patients still contributes, and no per-site metric is released." if any(
                  {**(study.settings or {}), **(c.settings or {})}.get("secure-evaluation") for c in study.cells) else ""
     return f" Run-config settings: {parts}.{secure}"
+
+
+def tune_note(study: Study) -> str:
+    """The study's grids and how each run's setting was chosen, for the report's setup line ("" without grids)."""
+    if not study.tune:
+        return ""
+    grids = "; ".join(f"{method_label(m)}: " + ", ".join(f"`{k}` in {json.dumps(v)}" for k, v in grid.items())
+                      for m, grid in study.tune.items())
+    return (f" Settings chosen per split on validation patients only ({grids}): {TUNE_RULE}. Each run's chosen "
+            f"setting and every grid setting's validation MCC: the tidy CSV's `tuned` column. A tuned method's "
+            f"validation MCC is the highest of its grid's, which favours it under a best-method rule that reads "
+            f"validation MCC; its test MCC is scored after the choice.")
 
 
 def builtin_studies() -> dict[str, Path]:
@@ -284,16 +327,25 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
     spec = RunSpec(data_path=str(resolve_dataset(data, dataset)), scenario=str(scenario_file), seed=seed,
                    preset=cell.preset or study.preset, rounds=study.rounds, local_epochs=study.local_epochs,
                    modalities=",".join(cell.modalities), engine=engine, out_dir=cell_dir,
-                   test_graph=study.test_graph_of(cell), overrides=study.overrides_of(cell),
-                   # the rule "highest-validation-mcc" reads each run's validation MCC (validation-only view, a
-                   # second training per method): only a study with a target uses the rule, so only it pays for it
-                   record_validation=study.target_gap is not None
-                   and study.best_method.rule == "highest-validation-mcc")
+                   test_graph=study.test_graph_of(cell), overrides=study.overrides_of(cell))
+    # the rule "highest-validation-mcc" reads each run's validation MCC (validation-only view: a second training per
+    # untuned method; a tuned method's is its chosen setting's): only a study with a target uses the rule, so only
+    # it pays for the untuned methods' second training
+    record = study.target_gap is not None and study.best_method.rule == "highest-validation-mcc"
     t0 = time.perf_counter()
     sizes: dict[str, int] = {}
+    tuned: dict[str, dict] = {}
+    errors: dict[str, str] = {}
     try:
         sizes = split_sizes(spec)
-        results, _, seconds = run_methods(spec, todo, advance=advance)
+        # first the validation-only view (settings chosen, validation MCCs): no test label is read before the
+        # reported runs below
+        checked = validation_pass(spec, todo, {m: g for m, g in study.tune.items() if m in todo}, record)
+        tuned, errors = checked.tuned, checked.errors
+        spec = checked.reported_spec(spec)
+        results, _, seconds = run_methods(spec, [m for m in todo if m not in errors], advance=advance)
+        for method, score in checked.val_mcc.items():
+            results.get(method, {})[VALIDATION_MCC] = score
         error = None
     except Exception as exc:  # a failing cell is a finding, not a crash: record it and go on
         results, seconds, error = {}, {}, f"{type(exc).__name__}: {exc}"
@@ -305,8 +357,18 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
                    "seconds": seconds.get(method, time.perf_counter() - t0),
                    "seconds_per_round": seconds.get(method, float("nan")) / study.rounds,
                    "modalities": cell.modalities, "test_graph": study.test_graph_of(cell), "split_sizes": sizes,
-                   "error": error}
+                   "run_settings": None if error or method in errors else run_settings(spec, method),
+                   "tuned": tuned.get(method), "error": error or errors.get(method)}
         write_json(cell_result_path(out, cell, method, seed), payload)
+
+
+def run_settings(spec: RunSpec, method: str) -> dict[str, Any] | None:
+    """The settings a trained method's reported run used (after nested tuning); None for the references."""
+    if method == "personalized":
+        return {PERSONALIZE_KEY: spec.personalize_part, **method_settings("federated", spec.overrides)}
+    if method not in FEDERATED_METHODS:
+        return None
+    return method_settings(method, {**spec.overrides, **spec.method_overrides.get(method, {})})
 
 
 def split_sizes(spec: RunSpec) -> dict[str, int]:
@@ -387,7 +449,8 @@ def tidy_frame(study: Study, out: Path) -> pd.DataFrame:
                 row.update({k: r["metrics"].get(k) for k in (*METRIC_COLUMNS, VALIDATION_METRIC)})
                 row.update(sizes_columns(r.get("split_sizes")))
                 row.update({"seconds": r["seconds"], "seconds_per_round": r["seconds_per_round"],
-                            "n_modalities": len(r["modalities"]) or None, "error": r["error"] or ""})
+                            "n_modalities": len(r["modalities"]) or None, "tuned": compact(r.get("tuned")),
+                            "error": r["error"] or ""})
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -693,7 +756,7 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
            "MCC: test patients with all / not all of the cell's modalities after the simulated missingness; a blank "
            "value means every site withheld that split (a site with between 1 and k - 1 test patients in either "
            "group, k the consortium's minimum count, releases neither, so one cannot be derived from the total)."
-           + settings_note(study),
+           + settings_note(study) + tune_note(study),
            "",
            f"**Statistics.** {STATISTICS_NOTE} {multiplicity_note(comparisons)}"
            + (f" Best trained method per cell (for the target): {study.best_method.describe()}."
@@ -755,6 +818,7 @@ def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wal
                 "adjustment": {"methods": ["holm", "benjamini-hochberg"],
                                "family_size": int(comparisons["p_value"].map(st.is_finite).sum())},
                 "best_method": {**study.best_method.model_dump(), "chosen": best},
+                "tune": {"grids": study.tune, "rule": TUNE_RULE} if study.tune else None,
                 "rows": summary.to_dict(orient="records"), "comparisons": comparisons.to_dict(orient="records"),
                 "wall_seconds": wall_seconds,  # of this invocation only: a resumed study re-trains nothing
                 "runs_seconds_total": float(pd.to_numeric(df.get("seconds", pd.Series(dtype=float)),
@@ -799,6 +863,7 @@ def select(study: Study, cells: str | None, methods: str | None) -> Study:
             raise ValueError(f"--methods: unknown {unknown or 'none given'}; study {study.name!r} runs "
                              f"{study.methods}")
         update["methods"] = [m for m in study.methods if m in keep]
+        update["tune"] = {m: g for m, g in study.tune.items() if m in keep}
         update["contrasts"] = [k.model_copy(update={"methods": [m for m in k.methods if m in keep]})
                                for k in update.get("contrasts", study.contrasts)
                                if not k.methods or set(k.methods) & set(keep)]

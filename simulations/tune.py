@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import math
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from rich.table import Table
@@ -79,28 +80,57 @@ def parse_grid(texts: Sequence[str], method: str) -> dict[str, list[Any]]:
         raise ValueError("--grid: give at least one, e.g. --grid server-lr=0.01,0.03,0.1")
     if len(texts) > 2:
         raise ValueError(f"--grid: at most two settings at once, got {len(texts)}")
-    allowed = tunables(method)
     grid: dict[str, list[Any]] = {}
     for text in texts:
         key, sep, raw = text.partition("=")
         key = key.strip().replace("_", "-")
         if not sep or not key:
             raise ValueError(f"--grid {text!r}: expected KEY=V1,V2,...")
-        if key not in allowed:
-            raise ValueError(f"--grid {key}: not a setting of method {method!r}; tunable: {', '.join(allowed)}")
-        if key in grid:
-            raise ValueError(f"--grid {key}: given twice")
+        check_key(method, key, grid)
         items = [v.strip() for v in raw.split(",")]
         if not any(items) or "" in items:
             raise ValueError(f"--grid {key}: empty value in {raw!r}; expected comma-separated values")
-        values = [key_value(f"{key}={v}")[1] for v in items]
-        for item, value in zip(items, values):
-            check_value(method, key, value, item)
-        repeated = sorted({items[i] for i, v in enumerate(values) if values.index(v) != i})
-        if repeated:
-            raise ValueError(f"--grid {key}: value {', '.join(repeated)} given more than once")
-        grid[key] = values
+        grid[key] = check_values(method, key, [key_value(f"{key}={v}")[1] for v in items], items)
     return grid
+
+
+def check_grid(method: str, grid: Mapping[str, Any], where: str) -> dict[str, list[Any]]:
+    """A grid given as a table (a study's ``[tune]`` entry for ``method``: {key: [values]}), checked as
+    :func:`parse_grid` checks ``--grid`` options; errors start with ``where`` (e.g. the study file and method)."""
+    if not isinstance(grid, Mapping) or not grid:
+        raise ValueError(f"{where}: expected a table of one or two settings, e.g. {{ server-lr = [0.01, 0.1] }}")
+    if len(grid) > 2:
+        raise ValueError(f"{where}: at most two settings at once, got {len(grid)}")
+    out: dict[str, list[Any]] = {}
+    try:
+        for raw_key, values in grid.items():
+            key = str(raw_key).strip().replace("_", "-")
+            check_key(method, key, out)
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"--grid {key}: expected a non-empty list of values, got {values!r}")
+            out[key] = check_values(method, key, list(values), [json.dumps(v) for v in values])
+    except ValueError as exc:
+        raise ValueError(f"{where}: {str(exc).removeprefix('--grid ')}") from None
+    return out
+
+
+def check_key(method: str, key: str, grid: Mapping[str, Any]) -> None:
+    """Refuse a key ``method`` cannot tune, or one already in ``grid``."""
+    allowed = tunables(method)
+    if key not in allowed:
+        raise ValueError(f"--grid {key}: not a setting of method {method!r}; tunable: {', '.join(allowed)}")
+    if key in grid:
+        raise ValueError(f"--grid {key}: given twice")
+
+
+def check_values(method: str, key: str, values: list[Any], items: Sequence[str]) -> list[Any]:
+    """Every value checked (``items``: how each was written, for the message); no value given twice."""
+    for item, value in zip(items, values):
+        check_value(method, key, value, item)
+    repeated = sorted({items[i] for i, v in enumerate(values) if values.index(v) != i})
+    if repeated:
+        raise ValueError(f"--grid {key}: value {', '.join(repeated)} given more than once")
+    return values
 
 
 def check_value(method: str, key: str, value: Any, text: str) -> None:
