@@ -45,7 +45,7 @@ def ov_path(data_root: Path) -> Path:
 # files by their number of tests, which put the one-test deployment file last: switched off in pytest_configure.)
 SLOW_FILES = ("test_deployment.py", "test_ray_cluster.py", "test_sparse_training.py", "test_parallel.py",
               "test_deployment_attacks.py", "test_robust.py", "test_prepare_federated.py", "test_training_numbers.py",
-              "test_federated.py", "test_engine_threads.py", "test_study.py")
+              "test_federated.py", "test_engine_threads.py", "test_study.py", "test_nested_tune.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
