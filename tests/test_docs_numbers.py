@@ -935,6 +935,17 @@ CLAIMS: list[Claim] = [
        "alpha 1.0", a=_cm("sites", "alpha-0.1", "federated", "centralized"),
        b=_cm("sites", "alpha-0.1", "fedavg_plain", "centralized"),
        c=_cm("sites", "alpha-1.0", "federated", "centralized")),
+    _c(S, "sites_summary.json",
+       "At 20 sites (about 3 test patients per site, fewer than k = 5: only the secure sums give a metric) "
+       "modality-aware FedAvg {a.ms}, plain FedAvg {b.ms}, centralized {c.ms}, local-only {d.ms}",
+       a=_cell("sites", "sites-20", "federated"), b=_cell("sites", "sites-20", "fedavg_plain"),
+       c=_cell("sites", "sites-20", "centralized"), d=_cell("sites", "sites-20", "local_only")),
+    _c(S, "sites_summary.json",
+       "modality-aware FedAvg minus local-only at 20 sites {e.dci}, minus centralized {f.dci}; 20 sites minus 2 "
+       "sites, local-only {g.dci}, modality-aware FedAvg {h.dci}",
+       e=_cm("sites", "sites-20", "federated", "local_only"), f=_cm("sites", "sites-20", "federated", "centralized"),
+       g=_cm("sites", "sites-20", "local_only", "local_only", "sites-2"),
+       h=_cm("sites", "sites-20", "federated", "federated", "sites-2")),
     _c(S, "sites_summary.json", "(smallest Benjamini-Hochberg p {x})", x=_sites_min_bh),
     # ---------------------------------------------------------------- docs/secure-aggregation.md (issue 21's costs)
     _c(SA, "benchmarks/results/secagg_auth_cost.json",
