@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from test_tune import flip_test_labels
 
 import magnet_core.consortium.simulated as simulated
 from client.handlers import forget_sites
@@ -52,17 +53,7 @@ def test_test_labels_take_no_part_in_nested_tuning(baseline, data_root, tmp_path
     """Flipping every test patient's label leaves every grid score, every choice and every val_mcc identical,
     while the reported runs (scored on those test patients) do change: the tuning cannot have read a test label."""
     _, records = baseline
-    real_load = simulated.load_for_seed
-
-    def flipped(path, seed, **kw):
-        cohort = real_load(path, seed, **kw)
-        test = cohort.split_indices("test")
-        labels = cohort.labels.copy()
-        labels[test] = cohort.num_classes - 1 - labels[test]
-        assert (labels[test] != cohort.labels[test]).any()
-        return dataclasses.replace(cohort, labels=labels)
-
-    monkeypatch.setattr(simulated, "load_for_seed", flipped)
+    monkeypatch.setattr(simulated, "load_for_seed", flip_test_labels(simulated.load_for_seed))
     other = _run(data_root, tmp_path / "flipped")
     for method, record in records.items():
         assert record["error"] is None, (method, record["error"])

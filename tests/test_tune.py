@@ -38,11 +38,9 @@ def _tune_ov(ov_path: Path, out: Path) -> dict:
     return tune(spec, "fedadam", parse_grid(["server-lr=0.01,0.3"], "fedadam"), [10])
 
 
-def test_test_patients_take_no_part_in_tuning(ov_path, tmp_path, monkeypatch, cold):
-    """(a) Flipping every test patient's label changes nothing: not one validation MCC and not the choice. Tuning
-    cannot have read a test label. (Removing the test patients is checked on the view itself, below.)"""
-    real_load = simulated.load_for_seed
-    baseline = _tune_ov(ov_path, tmp_path / "a")
+def flip_test_labels(real_load):
+    """``load_for_seed`` with every test patient's label changed (class c -> C - 1 - c): what a tuning that never
+    reads a test label must not notice."""
 
     def flipped(path, seed, **kw):
         cohort = real_load(path, seed, **kw)
@@ -52,8 +50,16 @@ def test_test_patients_take_no_part_in_tuning(ov_path, tmp_path, monkeypatch, co
         assert (labels[test] != cohort.labels[test]).any()
         return dataclasses.replace(cohort, labels=labels)
 
+    return flipped
+
+
+def test_test_patients_take_no_part_in_tuning(ov_path, tmp_path, monkeypatch, cold):
+    """(a) Flipping every test patient's label changes nothing: not one validation MCC and not the choice. Tuning
+    cannot have read a test label. (Removing the test patients is checked on the view itself, below.)"""
+    real_load = simulated.load_for_seed
+    baseline = _tune_ov(ov_path, tmp_path / "a")
     _fresh()
-    monkeypatch.setattr(simulated, "load_for_seed", flipped)
+    monkeypatch.setattr(simulated, "load_for_seed", flip_test_labels(real_load))
     other = _tune_ov(ov_path, tmp_path / "flipped")
     assert [r["val_mcc"] for r in other["settings"]] == [r["val_mcc"] for r in baseline["settings"]]
     assert other["choice"] == baseline["choice"]
