@@ -946,6 +946,15 @@ CLAIMS: list[Claim] = [
        e=_cm("sites", "sites-20", "federated", "local_only"), f=_cm("sites", "sites-20", "federated", "centralized"),
        g=_cm("sites", "sites-20", "local_only", "local_only", "sites-2"),
        h=_cm("sites", "sites-20", "federated", "federated", "sites-2")),
+    _c(S, "sites_summary.json",
+       "At 50 sites (about 1 test patient per site) modality-aware FedAvg {a.ms}, plain FedAvg {b.ms}, centralized "
+       "{c.ms}, local-only {d.ms}; modality-aware FedAvg minus local-only {e.dci}, minus centralized {f.dci}; 50 "
+       "sites minus 2 sites, local-only {g.dci}, modality-aware FedAvg {h.dci}",
+       a=_cell("sites", "sites-50", "federated"), b=_cell("sites", "sites-50", "fedavg_plain"),
+       c=_cell("sites", "sites-50", "centralized"), d=_cell("sites", "sites-50", "local_only"),
+       e=_cm("sites", "sites-50", "federated", "local_only"), f=_cm("sites", "sites-50", "federated", "centralized"),
+       g=_cm("sites", "sites-50", "local_only", "local_only", "sites-2"),
+       h=_cm("sites", "sites-50", "federated", "federated", "sites-2")),
     _c(S, "sites_summary.json", "(smallest Benjamini-Hochberg p {x})", x=_sites_min_bh),
     # ---------------------------------------------------------------- docs/secure-aggregation.md (issue 21's costs)
     _c(SA, "benchmarks/results/secagg_auth_cost.json",
