@@ -36,8 +36,6 @@ STUDIES = ("extensibility", "gap", "heterogeneity", "mnar", "rate", "sites", "st
 DATA_NOTE = "real TCGA data from `../shared/data`"  # what the committed reports were regenerated with
 DOCUMENTS = ("README.md", "docs/studies/README.md", "benchmarks/README.md", "docs/deployment.md",
              "docs/secure-aggregation.md")
-# Documents whose numbers are not tied yet: an entry is removed when its document is tied; the test then covers it.
-NOT_YET_TIED: dict[str, str] = {}
 
 
 # ------------------------------------------------------------------------------------------------ reading results
@@ -1161,29 +1159,9 @@ def claim_problems(root: Path, doc: str | None = None) -> list[str]:
     return problems
 
 
-def section(markdown: str, title: str) -> str:
-    """The section of ``markdown`` under the heading ``title`` (any level), up to the next heading of the same or a
-    higher level; AssertionError when there is not exactly one such heading."""
-    lines = markdown.splitlines()
-    heads = [(i, len(m.group(1))) for i, line in enumerate(lines)
-             if (m := re.match(r"(#{1,6}) (.*)$", line)) and m.group(2).strip() == title]
-    assert len(heads) == 1, f"{len(heads)} headings {title!r}"
-    start, level = heads[0]
-    fenced, end = False, len(lines)
-    for i in range(start + 1, len(lines)):
-        fenced ^= lines[i].startswith("```")
-        m = re.match(r"(#{1,6}) ", lines[i])
-        if m and not fenced and len(m.group(1)) <= level:
-            end = i
-            break
-    return "\n".join(lines[start:end])
-
-
-def uncovered_numbers(root: Path, doc: str, only_section: str | None = None) -> list[str]:
-    """Checked numbers of ``doc`` (or of its section ``only_section``) outside every claim's and allow-listed
-    snippet's text."""
-    text = (root / doc).read_text()
-    text = prose(text if only_section is None else section(text, only_section))
+def uncovered_numbers(root: Path, doc: str) -> list[str]:
+    """Checked numbers of ``doc`` outside every claim's and allow-listed snippet's text."""
+    text = prose((root / doc).read_text())
     covered = np.zeros(len(text), dtype=bool)
     snippets = [_fold(c.render(root)) for c in CLAIMS if c.doc == doc] + [_fold(s) for s in ALLOWED.get(doc, [])]
     for snip in snippets:
@@ -1207,32 +1185,8 @@ def test_every_claim_matches_its_stored_result():
 
 @pytest.mark.parametrize("doc", DOCUMENTS)
 def test_every_number_is_tied_to_a_result_or_allow_listed(doc):
-    if doc in NOT_YET_TIED:
-        pytest.skip(f"{doc}: {NOT_YET_TIED[doc]}")
     problems = uncovered_numbers(ROOT, doc)
     assert not problems, "numbers with no stored source:\n" + "\n".join(problems)
-
-
-# Sections written since issue 23 in documents not tied as a whole: each is checked on its own meanwhile.
-TIED_SECTIONS = {"docs/deployment.md": ["Threat model: a coordinator the site does not trust"],
-                 "docs/secure-aggregation.md": ["Threat model"]}
-
-
-@pytest.mark.parametrize("doc,title", [(d, t) for d, ts in TIED_SECTIONS.items() for t in ts])
-def test_every_number_of_a_tied_section_is_tied(doc, title):
-    problems = uncovered_numbers(ROOT, doc, only_section=title)
-    assert not problems, "numbers with no stored source:\n" + "\n".join(problems)
-
-
-def test_a_planted_untied_number_in_a_tied_section_fails(tmp_path):
-    root = _copy_repo_docs(tmp_path)
-    doc, title = "docs/deployment.md", TIED_SECTIONS["docs/deployment.md"][0]
-    path = root / doc
-    text = path.read_text()
-    heading = next(line for line in text.splitlines() if line.endswith(f" {title}"))
-    path.write_text(text.replace(heading, f"{heading}\n\nA refusal takes 0.4 s.", 1))
-    assert any("'0.4 s'" in p for p in uncovered_numbers(root, doc, only_section=title))
-    assert not uncovered_numbers(ROOT, doc, only_section=title)
 
 
 def test_claims_and_allow_list_name_existing_text():
