@@ -5,10 +5,11 @@ For a method with a grid (a study's ``[tune]`` table, checked by :func:`simulati
 setting of the grid is trained on the validation-only view of THAT cell and seed
 (:func:`magnet_core.consortium.simulated.validation_view`: the split's test patients are dropped before anything
 else, the rest get the view's own train / validation split) and scored on the view's validation patients as the
-coordinator sees them (pooled under k). The setting with the highest validation MCC is chosen (ties: the grid's
-order) and the reported run (the split's training patients, scored on its test patients) uses it; that run's
-validation MCC is the chosen setting's, with no further training. The validation pass runs before the reported
-run: no test label is read before the final evaluation.
+coordinator sees them (pooled under k; the evaluation the study declares, ``RunSpec.validation_metric``: under
+"consortium" a site-specific model is scored on every site's validation patients). The setting with the highest
+validation MCC is chosen (ties: the grid's order) and the reported run (the split's training patients, scored
+on its test patients) uses it; that run's validation MCC is the chosen setting's, with no further training. The
+validation pass runs before the reported run: no test label is read before the final evaluation.
 
 "personalized" tunes only the part each site fine-tunes: the global model it starts from is the same for every
 part, so it is trained once on the view (the modality-aware FedAvg run) and each part fine-tuned from it.
@@ -37,7 +38,8 @@ from .tune import PERSONALIZE_KEY, choose, settings_of
 
 RULE = ("nested per split: for each cell, seed and tuned method, every setting of the method's grid is trained on "
         "the validation-only view of that cell and seed (its test patients dropped first, the rest re-split into "
-        "training and validation patients) and the setting with the highest pooled validation MCC is chosen (ties: "
+        "training and validation patients) and the setting with the highest pooled validation MCC (under the "
+        "study's declared evaluation) is chosen (ties: "
         "the grid's order); the reported run trains on the split's training patients with it and is scored on its "
         "test patients, and its validation MCC is the chosen setting's")
 
@@ -89,7 +91,8 @@ def validation_pass(spec: RunSpec, methods: Sequence[str], grids: Mapping[str, M
             values = [setting_score(spec, method, s, i) for i, s in enumerate(settings)]
         record: dict[str, Any] = {"grid": {k: list(v) for k, v in grids[method].items()},
                                   "settings": [{"setting": s, "val_mcc": v} for s, v in zip(settings, values)],
-                                  "rule": RULE, "choice": None, "choice_index": None,
+                                  "rule": RULE, "validation_metric": spec.validation_metric,
+                                  "choice": None, "choice_index": None,
                                   "cpu_seconds": time.process_time() - t0}  # this process's CPU for the grid
         try:
             best = choose([[v] for v in values])
@@ -113,7 +116,7 @@ def setting_score(spec: RunSpec, method: str, setting: dict[str, Any], index: in
     # the finished run keeps its final model, history and report; its resume checkpoint (about three times the
     # model's size, never read again: study runs start over) would make every grid value cost that much disk
     (view.out_dir / "runs" / f"{method}-seed{view.seed}" / CHECKPOINT).unlink(missing_ok=True)
-    return _finite(results.get(method, {}).get("mcc"))
+    return _finite(results.get(method, {}).get(spec.validation_metric))
 
 
 def personalized_scores(spec: RunSpec, parts: Sequence[str]) -> list[float | None]:
@@ -125,7 +128,8 @@ def personalized_scores(spec: RunSpec, parts: Sequence[str]) -> list[float | Non
     global_params = final_params(fed_dir)
     _, _, runtimes = consortium_of(view)
     return [_finite(personalized_evaluation(view, runtimes, global_params, part,
-                                            fed_dir / f"personalization-{part}.json").get("mcc")) for part in parts]
+                                            fed_dir / f"personalization-{part}.json").get(spec.validation_metric))
+            for part in parts]
 
 
 def compact(record: Mapping[str, Any] | None) -> str:

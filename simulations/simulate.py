@@ -274,6 +274,10 @@ class RunSpec:
     # also run every method on the validation-only view of the same data and seed and record its score as
     # VALIDATION_MCC (what a best-method rule or a tuner may read; test patients take no part in it)
     record_validation: bool = False
+    # which evaluation of the validation-only view is the validation score (simulations/pooled_evaluation.py):
+    # "mcc" (each site's own validation patients) or "consortium_mcc" (every model of the method scores every
+    # site's validation patients: a site-specific model is not rewarded for knowing its own site's label mix)
+    validation_metric: str = "mcc"
 
 
 # a method's validation MCC in its results: pooled over the sites' validation patients of the validation-only view
@@ -288,7 +292,7 @@ def validation_scores(spec: RunSpec, methods: list[str], advance=lambda n: None)
     view = dataclasses.replace(spec, data_path=as_validation_view(spec.data_path), record_validation=False,
                                out_dir=spec.out_dir / "validation")
     results, _, _ = run_methods(view, methods, advance=advance)
-    return {m: results.get(m, {}).get("mcc") for m in methods}
+    return {m: results.get(m, {}).get(spec.validation_metric) for m in methods}
 
 
 def as_validation_view(data_path: str) -> str:

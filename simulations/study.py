@@ -30,6 +30,7 @@ from .cli import existing_dir
 from .nested import RULE as TUNE_RULE
 from .nested import compact, validation_pass
 from .parallel import parse_workers, resolve_workers, run_tasks
+from .pooled_evaluation import CONSORTIUM, EVALUATIONS
 from .reporting import console, write_json
 from .simulate import (
     FEDERATED_METHODS,
@@ -45,13 +46,19 @@ from .tune import PERSONALIZE_KEY, check_grid
 BUILTIN_DIR = Path(__file__).parent / "studies"
 # A study's default seeds: ten, from the one default seed (simulate and centralized keep DEFAULT_SEEDS, five).
 STUDY_SEEDS: tuple[int, ...] = tuple(DEFAULT_SEED + 10 * i for i in range(10))
-METRIC_COLUMNS = ("mcc", "acc", "f1", "auroc", "auprc", "paired_mcc", "unpaired_mcc")
+# Two evaluations per run (simulations/pooled_evaluation.py): own sites' test patients (no prefix) and the
+# consortium's test patients (CONSORTIUM prefix: every model of a method scores every site's test patients).
+OWN_COLUMNS = ("mcc", "acc", "f1", "auroc", "auprc", "paired_mcc", "unpaired_mcc")
+CONSORTIUM_COLUMNS = tuple(CONSORTIUM + k for k in ("mcc", "acc", "paired_mcc", "unpaired_mcc"))
+METRIC_COLUMNS = (*OWN_COLUMNS, *CONSORTIUM_COLUMNS)
 # The validation score the "highest-validation-mcc" rule reads (a run record's metrics key; never a test metric).
 VALIDATION_METRIC = VALIDATION_MCC
 # Per (cell, seed): the consortium's training patients (train + val, what every method fits on) and test patients,
 # counted from the sites the run built; the Nadeau-Bengio correction uses n_test / n_train.
 SIZE_COLUMNS = ("n_train", "n_test")
-SUMMARY_METRICS = ("mcc", "acc", "f1", "paired_mcc", "unpaired_mcc")
+SUMMARY_METRICS = ("mcc", "acc", "f1", "paired_mcc", "unpaired_mcc", *CONSORTIUM_COLUMNS)
+# A study's `evaluation`: which of the two its comparisons, target and figure use (the report shows both).
+EVALUATION_PREFIX = {"own": "", "consortium": CONSORTIUM}
 # Contrast order: each trained method vs local-only, then vs centralized, then vs the baseline strategy.
 REFERENCES = ("local_only", "centralized")
 assert set(REFERENCES) == set(REFERENCE_METHODS)
@@ -148,6 +155,11 @@ class Study(BaseModel):
         "among-test", description="test-graph rule: among-test (the paper's) or attach-to-train (deployment)")
     target_gap: float | None = Field(None, ge=0, description="per cell, report whether the best trained method is at "
                                      "or above local-only and within this MCC of centralized")
+    evaluation: Literal["own", "consortium"] = Field(
+        "own", description="the test evaluation the comparisons, the target and the figure use, declared before "
+        "the runs: own (each site's own test patients, with the model it would use) or consortium (every model of "
+        "a method scores every site's test patients; local-only is then judged on the whole test population, not "
+        "on its own site's label mix). The table and the findings show both, labelled")
     best_method: "BestMethodRule" = Field(default_factory=lambda: BestMethodRule(),
                                           description="how a cell's best trained method is chosen, fixed before "
                                           "the runs (never from test results)")
@@ -200,6 +212,11 @@ class Study(BaseModel):
                 raise ValueError(f"{where} {clash[0]}: also fixed by the settings of cell {cell.id!r}; give it in "
                                  f"one place")
         return checked
+
+    @property
+    def metric(self) -> str:
+        """The MCC column of the study's declared evaluation."""
+        return EVALUATION_PREFIX[self.evaluation] + "mcc"
 
     def overrides_of(self, cell: Cell) -> dict[str, Any]:
         """The cell's run-config settings (the study's, then the cell's) as checked RunSpec overrides."""
@@ -327,7 +344,8 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
     spec = RunSpec(data_path=str(resolve_dataset(data, dataset)), scenario=str(scenario_file), seed=seed,
                    preset=cell.preset or study.preset, rounds=study.rounds, local_epochs=study.local_epochs,
                    modalities=",".join(cell.modalities), engine=engine, out_dir=cell_dir,
-                   test_graph=study.test_graph_of(cell), overrides=study.overrides_of(cell))
+                   test_graph=study.test_graph_of(cell), overrides=study.overrides_of(cell),
+                   validation_metric=study.metric)  # validation scored as the study's test: the same evaluation
     # the rule "highest-validation-mcc" reads each run's validation MCC (validation-only view: a second training per
     # untuned method; a tuned method's is its chosen setting's): only a study with a target uses the rule, so only
     # it pays for the untuned methods' second training
@@ -481,10 +499,13 @@ def method_pairs(methods: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def comparisons_frame(study: Study, df: pd.DataFrame, metric: str = "mcc") -> pd.DataFrame:
-    """Paired differences by seed: between methods within each cell, and between the two cells of each contrast
-    for each method."""
+def comparisons_frame(study: Study, df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """Paired differences by seed of ``metric`` (default: the MCC of the study's declared evaluation): between
+    methods within each cell, and between the two cells of each contrast for each method."""
+    metric = metric or study.metric
     rows: list[dict] = []
+    if metric not in df.columns:
+        df = df.assign(**{metric: np.nan})  # runs that did not record this evaluation: no comparison
 
     def add(kind: str, label: str, cell: str, cell_b: str, method: str, method_b: str, a: pd.DataFrame,
             b: pd.DataFrame) -> None:
@@ -539,9 +560,14 @@ def _cell_stats(row: pd.Series, metric: str = "mcc") -> st.CellStats:
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def _half_width(frame: pd.DataFrame) -> pd.Series:
+def _half_width(frame: pd.DataFrame, metric: str = "mcc") -> pd.Series:
     """Error bar: half the 95% t interval (0 where there is none, e.g. a single seed)."""
-    return (frame["mcc_mean"] - frame["mcc_ci_low"]).fillna(0.0)
+    return (frame[f"{metric}_mean"] - frame[f"{metric}_ci_low"]).fillna(0.0)
+
+
+def evaluation_label(prefix: str) -> str:
+    """"own sites' test patients" / "consortium test patients" (simulations.pooled_evaluation.EVALUATIONS)."""
+    return EVALUATIONS[prefix]
 
 
 def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
@@ -553,6 +579,7 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {m: vocabulary.color(m, cycle[i % len(cycle)]) for i, m in enumerate(study.methods)}
     width = 0.8 / len(study.methods)
+    metric = study.metric
     paths = []
     numeric = pd.to_numeric(summary["x"], errors="coerce").notna().all()
     groups = [g for g in summary["group"].unique()]
@@ -565,12 +592,13 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
             if m.empty:
                 continue
             if numeric:
-                ax.errorbar(pd.to_numeric(m["x"]), m["mcc_mean"], yerr=_half_width(m), marker="o", capsize=3,
+                ax.errorbar(pd.to_numeric(m["x"]), m[f"{metric}_mean"], yerr=_half_width(m, metric), marker="o",
+                            capsize=3,
                             color=colors[method], label=method_label(method))
             else:
                 pos = np.arange(len(cells)) + (i - (len(study.methods) - 1) / 2) * width
-                vals = [m[m["cell"] == c]["mcc_mean"].mean() for c in cells]
-                errs = [_half_width(m[m["cell"] == c]).mean() for c in cells]
+                vals = [m[m["cell"] == c][f"{metric}_mean"].mean() for c in cells]
+                errs = [_half_width(m[m["cell"] == c], metric).mean() for c in cells]
                 ax.bar(pos, vals, width=width, yerr=errs, capsize=3, color=colors[method], label=method_label(method))
         xs_all = pd.to_numeric(sub["x"], errors="coerce")
         if numeric and (xs_all > 0).all() and xs_all.max() / xs_all.min() >= 100:
@@ -582,7 +610,8 @@ def plot_study(study: Study, summary: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_title(group or study.name, fontsize=10)
         ax.axhline(0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"test MCC (mean and 95% CI, {len(study.seeds)} seeds)")
+    axes[0][0].set_ylabel(f"test MCC, {evaluation_label(EVALUATION_PREFIX[study.evaluation])}\n(mean and 95% CI, "
+                          f"{len(study.seeds)} seeds)", fontsize=9)
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{study.name}: {study.description}", fontsize=10)
     fig.tight_layout()
@@ -652,9 +681,8 @@ def headline(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
         sub = summary[summary["cell"] == cell.id].set_index("method")
         if sub.empty:
             continue
-        parts = [f"{method_label(m)} {st.fmt_stats(_cell_stats(sub.loc[m]))}" for m in study.methods if m in sub.index]
         where = f"{study.x_label} = {cell.x}{', ' + cell.group if cell.group else ''}"
-        text = f"- **{cell.id}** ({where}): MCC " + "; ".join(parts)
+        text = f"- **{cell.id}** ({where}): " + evaluations_text(study, sub)
         failures = int(sub["failures"].sum())
         if failures:
             text += f"; **{failures} failed run(s)** (see cells/{cell.id}/error-seed*.txt)"
@@ -676,6 +704,23 @@ def headline(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
                                                          row["cell_b"], _comparison(row), words=CELL_WORDS,
                                                          adjusted=_adjusted(row, comparisons)))
     return lines
+
+
+def evaluations_text(study: Study, sub: pd.DataFrame) -> str:
+    """One cell's MCC per method under both evaluations, labelled, the study's declared one first (the one its
+    comparisons and target use); an evaluation no run of the cell recorded is said to be missing."""
+    primary = EVALUATION_PREFIX[study.evaluation]
+    texts = []
+    for prefix in (primary, *[p for p in EVALUATIONS if p != primary]):
+        metric = prefix + "mcc"
+        label = f"MCC on {evaluation_label(prefix)}" + (" (compared below)" if prefix == primary else "")
+        have = [m for m in study.methods if m in sub.index and f"{metric}_n" in sub and sub.loc[m, f"{metric}_n"] > 0]
+        if not have:
+            texts.append(f"{label}: not recorded by these runs")
+            continue
+        texts.append(f"{label}: " + "; ".join(f"{method_label(m)} {st.fmt_stats(_cell_stats(sub.loc[m], metric))}"
+                                               for m in have))
+    return ". ".join(texts)
 
 
 def best_methods(study: Study, df: pd.DataFrame) -> dict[str, str | None]:
@@ -715,7 +760,7 @@ def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame, compari
     if best is None:
         return (f"target not judged: the study's rule for the best trained method ({rule}) names none, because no "
                 f"run of this cell recorded a validation MCC; no method is picked from test results")
-    if best not in sub.index or not st.is_finite(sub.loc[best, "mcc_mean"]):
+    if best not in sub.index or not st.is_finite(sub.loc[best, f"{study.metric}_mean"]):
         return f"target not judged: {method_label(best)}, named by the rule ({rule}), has no finished run"
     diffs = {}
     for ref in REFERENCES:
@@ -724,7 +769,8 @@ def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame, compari
             return None
         diffs[ref] = (_comparison(row.iloc[0]), _adjusted(row.iloc[0], comparisons))
     met = diffs["local_only"][0].mean_diff >= 0 and diffs["centralized"][0].mean_diff >= -study.target_gap
-    return (f"target (at or above local-only and within {study.target_gap:.2f} of centralized, on the means) "
+    return (f"target (at or above local-only and within {study.target_gap:.2f} of centralized, on the means, MCC "
+            f"on {evaluation_label(EVALUATION_PREFIX[study.evaluation])}) "
             f"{'**met**' if met else '**not met**'} by the best trained method ({rule}), {method_label(best)}: "
             f"vs local-only {st.fmt_difference(*diffs['local_only'][:1], adjusted=diffs['local_only'][1])}; "
             f"vs centralized {st.fmt_difference(*diffs['centralized'][:1], adjusted=diffs['centralized'][1])}")
@@ -734,26 +780,38 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
                  data_note: str, best: dict[str, str | None] | None = None) -> Path:
     table = summary.copy()
     table["method"] = table["method"].map(method_label)
-    table["MCC mean ± sd"] = [f"{_f(a)} ± {_f(b)}" if st.is_finite(a) else "failed"
-                              for a, b in zip(table["mcc_mean"], table["mcc_std"])]
-    table["MCC 95% CI"] = [_interval(lo, hi) for lo, hi in zip(table["mcc_ci_low"], table["mcc_ci_high"])]
-    table["n"] = table["mcc_n"]
-    table["paired MCC"] = table["paired_mcc_mean"].map(_f)
-    table["unpaired MCC"] = table["unpaired_mcc_mean"].map(_f)
-    table["acc"] = table["acc_mean"].map(_f)
+    primary = EVALUATION_PREFIX[study.evaluation]
+    cols = ["cell", "group", "x", "method"]
+    for prefix in (primary, *[p for p in EVALUATIONS if p != primary]):
+        short = "own sites" if prefix == "" else "consortium"
+        table[f"MCC {short} mean ± sd"] = [
+            f"{_f(a)} ± {_f(b)}" if st.is_finite(a) else ("failed" if prefix == "" or failed else "not recorded")
+            for a, b, failed in zip(table[f"{prefix}mcc_mean"], table[f"{prefix}mcc_std"], table["failures"] > 0)]
+        table[f"MCC {short} 95% CI"] = [_interval(lo, hi) for lo, hi in zip(table[f"{prefix}mcc_ci_low"],
+                                                                          table[f"{prefix}mcc_ci_high"])]
+        table[f"n {short}"] = table[f"{prefix}mcc_n"]
+        cols += [f"MCC {short} mean ± sd", f"MCC {short} 95% CI", f"n {short}"]
+    table["paired MCC"] = table[f"{primary}paired_mcc_mean"].map(_f)
+    table["unpaired MCC"] = table[f"{primary}unpaired_mcc_mean"].map(_f)
+    table["acc"] = table[f"{primary}acc_mean"].map(_f)
     table["s/round"] = table["seconds_per_round"].map(lambda v: f"{v:.2f}" if st.is_finite(v) else "")
-    cols = ["cell", "group", "x", "method", "MCC mean ± sd", "MCC 95% CI", "n", "paired MCC", "unpaired MCC", "acc",
-            "failures", "s/round"]
+    cols += ["paired MCC", "unpaired MCC", "acc", "failures", "s/round"]
     md = [f"# Study `{study.name}`", "", study.description, ""]
     if study.question:
         md += [f"**Question.** {study.question}", ""]
     md += [f"**Setup.** Data ({data_note}): {data_sets_note(study)}. {study.rounds} rounds x "
            f"{study.local_epochs} local epochs (centralized and local-only train "
            f"{study.rounds * study.local_epochs} epochs), seeds "
-           f"{study.seeds}. Every method is scored on each site's own test patients with the test-graph rule "
-           f"{rules_note(study)}; "
-           "global metrics come from summed confusion matrices (exactly the pooled predictions). Paired / unpaired "
-           "MCC: test patients with all / not all of the cell's modalities after the simulated missingness; a blank "
+           f"{study.seeds}. Every method is scored twice, with the test-graph rule {rules_note(study)}: on "
+           "**own sites' test patients** (each site scores its own test patients with the model it would use; "
+           "local-only: its own, which rewards a model that has learned which site a patient comes from) and on "
+           "**consortium test patients** (every model of the method scores every site's test patients; one "
+           "global model: the same patients and model). The comparisons, the target and the figure use "
+           f"**{evaluation_label(EVALUATION_PREFIX[study.evaluation])}** (`evaluation = \"{study.evaluation}\"`, "
+           "declared before the runs); the table and the findings show both. "
+           "Global metrics come from summed confusion matrices (exactly the pooled predictions). Paired / unpaired "
+           "MCC (and acc) in the table: the declared evaluation's; test patients with all / not all of the cell's "
+           "modalities after the simulated missingness; a blank "
            "value means every site withheld that split (a site with between 1 and k - 1 test patients in either "
            "group, k the consortium's minimum count, releases neither, so one cannot be derived from the total)."
            + settings_note(study) + tune_note(study),
@@ -776,7 +834,7 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
         comp["corrected 95% CI"] = [_interval(lo, hi, sign=True) for lo, hi in zip(comp["nb_ci_low"],
                                                                                     comp["nb_ci_high"])]
         comp["p corrected"] = comp["nb_p_value"].map(st.fmt_p_cell)
-        md += ["## Paired comparisons (MCC)", "",
+        md += [f"## Paired comparisons (MCC on {evaluation_label(primary)})", "",
                f"Family: the {int(comp['p_value'].map(st.is_finite).sum())} comparisons with a p-value; Holm and "
                "Benjamini-Hochberg adjust within it. Corrected: the Nadeau-Bengio resampling-corrected interval "
                "and p-value (blank where the runs did not record their train/test sizes).", "",
@@ -818,6 +876,8 @@ def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wal
                 "adjustment": {"methods": ["holm", "benjamini-hochberg"],
                                "family_size": int(comparisons["p_value"].map(st.is_finite).sum())},
                 "best_method": {**study.best_method.model_dump(), "chosen": best},
+                "evaluation": {"declared": study.evaluation, "metric": study.metric,
+                               "label": evaluation_label(EVALUATION_PREFIX[study.evaluation])},
                 "tune": {"grids": study.tune, "rule": TUNE_RULE} if study.tune else None,
                 "rows": summary.to_dict(orient="records"), "comparisons": comparisons.to_dict(orient="records"),
                 "wall_seconds": wall_seconds,  # of this invocation only: a resumed study re-trains nothing
@@ -833,6 +893,9 @@ def reanalyse(study: Study, tidy_csv: Path, out: Path, data_note: str, drop_grou
     df = pd.read_csv(tidy_csv, keep_default_na=False, na_values=[""])
     df["error"] = df["error"].fillna("")
     df["group"] = df["group"].fillna("")
+    for column in METRIC_COLUMNS:
+        if column not in df.columns:  # a CSV written before that evaluation was recorded
+            df[column] = np.nan
     if drop_groups:
         df[["paired_mcc", "unpaired_mcc"]] = np.nan
     study = study.model_copy(update={"seeds": sorted(int(s) for s in df["seed"].unique())})

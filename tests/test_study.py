@@ -120,7 +120,8 @@ def test_new_methods_join_comparisons_report_and_figure(tmp_path):
             for c in study.cells for m in methods for s in (10, 20, 30)]
     report = write_outputs(study, pd.DataFrame(rows), tmp_path, "synthetic rows for a wording test").read_text()
     assert "FedProx vs local-only: **helps** (+0.0" in report and "FedProx vs plain FedAvg: **helps**" in report
-    assert "target (at or above local-only and within 0.03 of centralized, on the means) **met** by the best " \
+    assert "target (at or above local-only and within 0.03 of centralized, on the means, MCC on own sites' test " \
+           "patients) **met** by the best " \
            f"trained method ({study.best_method.describe()}), FedProx: vs local-only +0.0" in report
     assert (tmp_path / "tiny_mcc.png").stat().st_size > 1000
     comps = comparisons_frame(study, pd.DataFrame(rows))
