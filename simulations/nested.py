@@ -23,6 +23,7 @@ import math
 import time
 from typing import Any, Mapping, Sequence
 
+from magnet_core.consortium.methods import REFERENCE_METHODS
 from server.loop import CHECKPOINT
 
 from .simulate import (
@@ -71,10 +72,11 @@ class ValidationPass:
 
 def validation_pass(spec: RunSpec, methods: Sequence[str], grids: Mapping[str, Mapping[str, list[Any]]],
                     record_untuned: bool) -> ValidationPass:
-    """Tune every method of ``methods`` that has a grid, and (``record_untuned``) score the others once, all on
+    """Tune every method of ``methods`` that has a grid, and (``record_untuned``) score the other trained methods
+    once (not the references, centralized and local-only: a best-method rule never picks them), all on
     the validation-only view of ``spec``'s data and seed. Reads no test patient: the view has none."""
     tuned_methods = [m for m in methods if m in grids]
-    untuned = [m for m in methods if m not in grids] if record_untuned else []
+    untuned = [m for m in methods if m not in grids and m not in REFERENCE_METHODS] if record_untuned else []
     base = list(untuned)
     if "personalized" in tuned_methods and "federated" not in base:
         base.append("federated")  # the global model every part is fine-tuned from

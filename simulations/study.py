@@ -891,8 +891,8 @@ def reanalyse(study: Study, tidy_csv: Path, out: Path, data_note: str, drop_grou
     """Rewrite summary, figures and report from an existing tidy CSV (no training). ``drop_groups`` blanks the
     paired/unpaired columns, e.g. for runs made before the paired flag was recomputed after missingness."""
     df = pd.read_csv(tidy_csv, keep_default_na=False, na_values=[""])
-    df["error"] = df["error"].fillna("")
-    df["group"] = df["group"].fillna("")
+    for text in ("error", "group"):  # all blank in the CSV: read as float NaN
+        df[text] = df[text].astype(object).where(df[text].notna(), "")
     for column in METRIC_COLUMNS:
         if column not in df.columns:  # a CSV written before that evaluation was recorded
             df[column] = np.nan
