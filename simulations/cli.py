@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulations.simulate", "simulate a federated consortium and compare with centralized/local-only"),
     "study": ("simulations.study", "run a missingness study grid (scenarios x methods x seeds)"),
     "tune": ("simulations.tune", "choose a method's settings on the sites' validation patients (never test)"),
+    "defaults": ("simulations.defaults", "derive the tunables' built-in values from studies' per-split choices"),
     "privacy-study": ("simulations.privacy_study", "compare plain / secure aggregation / DP on the same seeds"),
     "validate-site": ("client.validate_cli", "check a site's data against the consortium manifest"),
     "predict": ("client.predict_cli", "score new patients with a consortium model package"),
