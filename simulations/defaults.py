@@ -3,7 +3,7 @@
 A study with a ``[tune]`` table chooses, for every (cell, seed), each tuned method's setting on that split's own
 validation patients (:mod:`simulations.nested`) and records the choice in the tidy CSV's ``tuned`` column. This
 command pools those choices over the given studies and names, per method, the setting chosen in the most
-cell-seeds (ties: the grid's order, which lists the smallest departure from the plain method first). No test
+cell-seeds (ties: the grid's declared order, smallest value first in the built-in studies). No test
 metric is read: only the ``tuned`` column (choices and validation MCCs) of finished runs.
 
 The procedure was fixed before the studies it will read had finished (issue 23 item 2): the defaults in
@@ -26,8 +26,9 @@ from .reporting import console, write_json
 from .tune import current_defaults
 
 PROCEDURE = ("per tuned method, the setting that the nested validation pass (simulations/nested.py) chose in the most "
-             "cell-seeds, pooled over the studies read; ties: the grid's order (smallest departure from the plain "
-             "method first); only the tidy CSVs' `tuned` column of runs without an error is read, no test metric")
+             "cell-seeds, pooled over the studies read; ties: the grid's declared order (smallest value first in "
+             "the built-in studies); choices made on different validation scores or grids are not pooled; only "
+             "the tidy CSVs' `tuned` column of runs without an error is read, no test metric")
 
 
 def study_choices(folder: Path) -> tuple[str, pd.DataFrame]:
@@ -48,17 +49,19 @@ def study_choices(folder: Path) -> tuple[str, pd.DataFrame]:
             record = json.loads(r["tuned"])
             grid = [{k: v for k, v in g.items() if k != "val_mcc"} for g in record["grid"]]
             choice = record["choice"]
+            metric = record.get("validation_metric", "mcc")
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{csvs[0]} row {i + 2} (method {r['method']!r}, seed {r['seed']}): unreadable `tuned` "
                              f"cell ({exc})") from None
         if choice is None:
             continue  # no setting had a validation score: nothing was chosen
         if choice not in grid:
-            raise ValueError(f"{csvs[0]} row {i + 2}: choice {choice} is not in its grid {grid}")
+            raise ValueError(f"{csvs[0]} row {i + 2} (method {r['method']!r}, seed {r['seed']}): choice {choice} "
+                             f"is not in its grid {grid}")
         rows.append({"cell": r["cell"], "seed": int(r["seed"]), "method": r["method"], "grid": grid,
-                     "choice": choice})
+                     "choice": choice, "metric": metric})
     return csvs[0].name.removesuffix("_tidy.csv"), pd.DataFrame(rows, columns=["cell", "seed", "method", "grid",
-                                                                                "choice"])
+                                                                                "choice", "metric"])
 
 
 def derive(choices: dict[str, pd.DataFrame]) -> dict[str, dict[str, Any]]:
@@ -68,9 +71,11 @@ def derive(choices: dict[str, pd.DataFrame]) -> dict[str, dict[str, Any]]:
     methods = dict.fromkeys(m for df in choices.values() for m in df["method"])
     for method in methods:
         grid: list[dict[str, Any]] | None = None
+        metrics: dict[str, set[str]] = {}
         per_study: dict[str, Counter] = {}
         for study, df in choices.items():
             rows = df[df["method"] == method]
+            metrics.update({study: set(rows["metric"])} if len(rows) else {})
             for g in rows["grid"]:
                 if grid is None:
                     grid = g
@@ -79,10 +84,15 @@ def derive(choices: dict[str, pd.DataFrame]) -> dict[str, dict[str, Any]]:
                                      f"elsewhere: choices from different grids are not pooled")
             per_study[study] = Counter(json.dumps(c, sort_keys=True) for c in rows["choice"])
         assert grid is not None
+        used = set().union(*metrics.values())
+        if len(used) > 1:
+            by_study = {s: sorted(m) for s, m in metrics.items()}
+            raise ValueError(f"method {method!r} was chosen on different validation scores ({by_study}): choices "
+                             f"made on different scores are not pooled")
         total = sum(per_study.values(), Counter())
         counts = [total[json.dumps(s, sort_keys=True)] for s in grid]
         best = max(range(len(grid)), key=lambda i: (counts[i], -i))  # ties: the grid's order
-        out[method] = {"grid": grid, "counts": counts, "cell_seeds": sum(counts),
+        out[method] = {"grid": grid, "counts": counts, "cell_seeds": sum(counts), "validation_metric": used.pop(),
                        "per_study": {s: [c[json.dumps(g, sort_keys=True)] for g in grid] for s, c in per_study.items()},
                        "derived": grid[best]}
     return out

@@ -135,12 +135,13 @@ def personalized_scores(spec: RunSpec, parts: Sequence[str]) -> list[float | Non
 
 
 def compact(record: Mapping[str, Any] | None) -> str:
-    """A tuning record as the tidy CSV's ``tuned`` cell (compact JSON: the choice and each setting's validation
-    MCC, in the grid's order); "" for a method without a grid."""
+    """A tuning record as the tidy CSV's ``tuned`` cell (compact JSON: the choice, each setting's validation MCC in
+    the grid's order, and which validation score chose); "" for a method without a grid."""
     if not record:
         return ""
     grid = [{**r["setting"], "val_mcc": r["val_mcc"]} for r in record["settings"]]
-    return json.dumps({"choice": record["choice"], "grid": grid}, separators=(",", ":"))
+    return json.dumps({"choice": record["choice"], "grid": grid,
+                       "validation_metric": record.get("validation_metric", "mcc")}, separators=(",", ":"))
 
 
 def _finite(v: Any) -> float | None:

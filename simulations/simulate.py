@@ -51,7 +51,9 @@ class FederatedMethod:
 # LOGIT_ADJUST_TAU = 1 is Balanced Softmax (Ren et al. 2020) and FEDLC_TAU = 1 a literature default; neither was
 # tuned on any data of this project.
 # `magnet-fl tune` (simulations/tune.py) re-derives any of them on validation patients only; a default changes
-# only by a recorded decision, never silently.
+# only by a recorded decision, never silently. The declared procedure (issue 23): once the `label-skew` and `gap`
+# studies have run with per-split tuning, `magnet-fl defaults` pools their choices (made on the consortium
+# evaluation of each split's validation patients) and the most-chosen setting becomes the default.
 FEDPROX_MU = 0.1
 FEDADAM_LR = 0.03
 FEDYOGI_LR = 0.01
@@ -279,7 +281,13 @@ class RunSpec:
     # site's validation patients: a site-specific model is not rewarded for knowing its own site's label mix)
     validation_metric: str = "mcc"
 
+    def __post_init__(self) -> None:
+        if self.validation_metric not in VALIDATION_METRICS:
+            raise ValueError(f"validation_metric {self.validation_metric!r}: one of {sorted(VALIDATION_METRICS)}")
 
+
+# the validation scores a run can be chosen by: own sites' or the consortium's validation patients
+VALIDATION_METRICS = frozenset({"mcc", "consortium_mcc"})
 # a method's validation MCC in its results: pooled over the sites' validation patients of the validation-only view
 # (magnet_core.consortium.simulated.validation_view), as the coordinator sees them (under k); never a test score
 VALIDATION_MCC = "val_mcc"

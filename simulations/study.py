@@ -714,13 +714,18 @@ def evaluations_text(study: Study, sub: pd.DataFrame) -> str:
     for prefix in (primary, *[p for p in EVALUATIONS if p != primary]):
         metric = prefix + "mcc"
         label = f"MCC on {evaluation_label(prefix)}" + (" (compared below)" if prefix == primary else "")
-        have = [m for m in study.methods if m in sub.index and f"{metric}_n" in sub and sub.loc[m, f"{metric}_n"] > 0]
-        if not have:
+        listed = [m for m in study.methods if m in sub.index]
+        if not _recorded(sub, metric):
             texts.append(f"{label}: not recorded by these runs")
             continue
         texts.append(f"{label}: " + "; ".join(f"{method_label(m)} {st.fmt_stats(_cell_stats(sub.loc[m], metric))}"
-                                               for m in have))
+                                               for m in listed))
     return ". ".join(texts)
+
+
+def _recorded(sub: pd.DataFrame, metric: str) -> bool:
+    """Whether any run of a cell's summary rows has a value of ``metric`` (False: the runs predate it)."""
+    return f"{metric}_n" in sub and bool((pd.to_numeric(sub[f"{metric}_n"], errors="coerce").fillna(0) > 0).any())
 
 
 def best_methods(study: Study, df: pd.DataFrame) -> dict[str, str | None]:
@@ -760,6 +765,9 @@ def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame, compari
     if best is None:
         return (f"target not judged: the study's rule for the best trained method ({rule}) names none, because no "
                 f"run of this cell recorded a validation MCC; no method is picked from test results")
+    if not _recorded(sub, study.metric):
+        return (f"target not judged: MCC on {evaluation_label(EVALUATION_PREFIX[study.evaluation])}, the study's "
+                f"declared evaluation, is not recorded by these runs")
     if best not in sub.index or not st.is_finite(sub.loc[best, f"{study.metric}_mean"]):
         return f"target not judged: {method_label(best)}, named by the rule ({rule}), has no finished run"
     diffs = {}
@@ -784,9 +792,11 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
     cols = ["cell", "group", "x", "method"]
     for prefix in (primary, *[p for p in EVALUATIONS if p != primary]):
         short = "own sites" if prefix == "" else "consortium"
+        # missing: the run failed (no evaluation at all), or (consortium) these runs predate that evaluation
+        failed = (table["failures"] > 0) & ~(pd.to_numeric(table["mcc_n"], errors="coerce").fillna(0) > 0)
         table[f"MCC {short} mean ± sd"] = [
-            f"{_f(a)} ± {_f(b)}" if st.is_finite(a) else ("failed" if prefix == "" or failed else "not recorded")
-            for a, b, failed in zip(table[f"{prefix}mcc_mean"], table[f"{prefix}mcc_std"], table["failures"] > 0)]
+            f"{_f(a)} ± {_f(b)}" if st.is_finite(a) else ("failed" if prefix == "" or f else "not recorded")
+            for a, b, f in zip(table[f"{prefix}mcc_mean"], table[f"{prefix}mcc_std"], failed)]
         table[f"MCC {short} 95% CI"] = [_interval(lo, hi) for lo, hi in zip(table[f"{prefix}mcc_ci_low"],
                                                                           table[f"{prefix}mcc_ci_high"])]
         table[f"n {short}"] = table[f"{prefix}mcc_n"]

@@ -57,6 +57,9 @@ _ADAPTIVE = ("server_lr", "server_beta1", "server_beta2", "server_tau")
 RULE = ("highest mean validation MCC over the tuning seeds (the sites' validation patients of the validation-only "
         "view, pooled as the coordinator sees them); ties: the setting given first in the grid")
 
+# --evaluation -> the validation score (simulations.simulate.VALIDATION_METRICS)
+EVALUATION_METRIC = {"own": "mcc", "consortium": "consortium_mcc"}
+
 
 def tunables(method: str) -> list[str]:
     """The settings (kebab-case) ``tune`` may vary for ``method``: its tuned defaults (and, for an adaptive server
@@ -184,7 +187,7 @@ def validation_mcc(spec: RunSpec, method: str, setting: dict[str, Any]) -> float
                               overrides={**spec.overrides, **overrides},
                               personalize_part=setting.get(PERSONALIZE_KEY, spec.personalize_part))
     results, _, _ = run_methods(run, [method])
-    score = results[method].get("mcc")
+    score = results[method].get(run.validation_metric)
     return None if score is None or math.isnan(score) else float(score)
 
 
@@ -225,7 +228,7 @@ def tune(spec: RunSpec, method: str, grid: dict[str, list[Any]], seeds: Sequence
         "mode": "tune", "method": method, "data": spec.data_path, "scenario": spec.scenario,
         "view": ("validation-only: each seed's test patients dropped before the view's own stratified split of "
                  "the rest; sites train on its training part and are scored on its validation part"),
-        "seeds": list(seeds), "grid": grid, "rule": RULE,
+        "seeds": list(seeds), "grid": grid, "rule": RULE, "validation_metric": spec.validation_metric,
         "budget": {"rounds": spec.rounds, "local_epochs": spec.local_epochs, "preset": spec.preset,
                    "test_graph": spec.test_graph, "engine": spec.engine},
         "fixed_overrides": {k.replace("_", "-"): v for k, v in spec.overrides.items()},
@@ -274,6 +277,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=RunSpec.preset, choices=sorted(PRESETS))
     p.add_argument("--set", dest="overrides", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                    help="a run-config field held fixed for every setting (as simulate --set)")
+    p.add_argument("--evaluation", choices=sorted(EVALUATION_METRIC), default="own",
+                   help="which validation score chooses: own (each site's own validation patients) or consortium "
+                        "(every model of the method scores every site's validation patients; for personalized, a "
+                        "site's model is not rewarded for knowing its own site's label mix) (default own)")
     p.add_argument("--out", type=Path, required=True, help="the result JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -296,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
         load_consortium(VALIDATION_PREFIX + data_path, scenario, seed, "")
     with tempfile.TemporaryDirectory(prefix="magnet-fl-tune-") as work:
         spec = RunSpec(data_path=data_path, scenario=scenario, seed=args.seeds[0], preset=args.preset,
-                       rounds=args.rounds, local_epochs=args.local_epochs, out_dir=Path(work), overrides=fixed)
+                       rounds=args.rounds, local_epochs=args.local_epochs, out_dir=Path(work), overrides=fixed,
+                       validation_metric=EVALUATION_METRIC[args.evaluation])
         result = tune(spec, method, grid, args.seeds, progress=console.print)
     result = {"command": "magnet-fl " + " ".join(shlex.quote(a) for a in sys.argv[1:]), **result}
     write_json(args.out, result)

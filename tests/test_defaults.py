@@ -16,10 +16,11 @@ MU = [{"proximal-mu": 0.01}, {"proximal-mu": 0.1}, {"proximal-mu": 1.0}]
 PART = [{"personalize-part": "head"}, {"personalize-part": "head+graph"}]
 
 
-def _tuned(grid, choice_index, scores=None):
+def _tuned(grid, choice_index, scores=None, metric="consortium_mcc"):
     scores = scores or [0.1 * i for i in range(len(grid))]
     return json.dumps({"choice": None if choice_index is None else grid[choice_index],
-                       "grid": [{**g, "val_mcc": v} for g, v in zip(grid, scores)]}, separators=(",", ":"))
+                       "grid": [{**g, "val_mcc": v} for g, v in zip(grid, scores)], "validation_metric": metric},
+                      separators=(",", ":"))
 
 
 def _write(folder, name, rows):
@@ -43,6 +44,7 @@ def test_the_most_chosen_setting_wins_pooled_over_studies_ties_to_the_grid_order
     derived = derive(dict([study_choices(a), study_choices(b)]))
     assert derived["fedprox"]["counts"] == [2, 1, 2] and derived["fedprox"]["cell_seeds"] == 5
     assert derived["fedprox"]["derived"] == {"proximal-mu": 0.01}  # 2 vs 2: the grid's first
+    assert derived["fedprox"]["validation_metric"] == "consortium_mcc"
     assert derived["fedprox"]["per_study"] == {"label-skew": [1, 0, 2], "gap": [1, 1, 0]}
     assert derived["personalized"]["derived"] == {"personalize-part": "head"}  # 1 vs 1: the grid's first
     assert set(derived) == {"fedprox", "personalized"}
@@ -71,6 +73,9 @@ def test_bad_records_are_named_by_file_and_row(tmp_path):
     a = _write(tmp_path / "a", "s", [("c", 10, "fedprox", _tuned(MU, 0), "")])
     with pytest.raises(ValueError, match="tuned on grid .* in study 't'.*not pooled"):
         derive(dict([study_choices(a), study_choices(b)]))
+    own = _write(tmp_path / "own", "o", [("c", 10, "fedprox", _tuned(MU, 0, metric="mcc"), "")])
+    with pytest.raises(ValueError, match="'fedprox' was chosen on different validation scores.*not pooled"):
+        derive(dict([study_choices(a), study_choices(own)]))
     with pytest.raises(ValueError, match="expected one <study>_tidy.csv, found none"):
         study_choices(tmp_path / "b" / "nowhere")
 

@@ -278,7 +278,9 @@ def test_runs_without_the_consortium_evaluation_say_so(tmp_path):
     assert "MCC on consortium test patients: not recorded by these runs" in report
     assert "| not recorded |" in report
     assert "modality-aware FedAvg vs local-only: **hurts**" in report  # the own evaluation, as declared
-    declared = study.model_copy(update={"evaluation": "consortium"})
+    declared = study.model_copy(update={"evaluation": "consortium", "target_gap": 0.03})
     report = reanalyse(declared, csv, tmp_path / "consortium", "synthetic rows").read_text()
     assert "MCC on consortium test patients (compared below): not recorded by these runs" in report
     assert "vs local-only:" not in report
+    assert ("target not judged: MCC on consortium test patients, the study's declared evaluation, is not recorded "
+            "by these runs") in report

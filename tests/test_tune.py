@@ -194,3 +194,21 @@ def test_cli_writes_every_setting_the_choice_command_and_seeds(ov_path, tmp_path
     assert means[result["choice_index"]] == max(means)
     assert result["current_defaults"] == {"proximal-mu": 0.1}
     assert pd.notna(means).all()
+
+
+def test_cli_chooses_on_the_declared_evaluation(ov_path, tmp_path, cold):
+    """--evaluation consortium scores each site's personalized model on every site's validation patients; own
+    (the default) on its own site's only. The record says which."""
+    results = {}
+    for evaluation in ("own", "consortium"):
+        out = tmp_path / f"{evaluation}.json"
+        assert main(["tune", "--method", "personalized", "--grid", "personalize-part=head,head+graph", "--data",
+                     str(ov_path), "--seeds", "10", "--rounds", "2", "--local-epochs", "1", "--evaluation",
+                     evaluation, "--out", str(out)]) == 0
+        results[evaluation] = json.loads(out.read_text())
+    assert results["own"]["validation_metric"] == "mcc"
+    assert results["consortium"]["validation_metric"] == "consortium_mcc"
+    scores = {e: [r["val_mcc"]["10"] for r in results[e]["settings"]] for e in results}
+    assert scores["own"] != scores["consortium"]  # site models score differently on the other sites' patients
+    with pytest.raises(ValueError, match="validation_metric 'auroc': one of"):
+        RunSpec(data_path="", scenario="iid-3", seed=1, validation_metric="auroc")
