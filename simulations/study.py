@@ -18,7 +18,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from magnet_core.cohort.data import SPLITS, DataError, detect_layout
+from magnet_core.cohort.data import SPLITS, DataError, available_seeds, detect_layout
 from magnet_core.cohort.manifest import DEFAULT_SEED
 from magnet_core.consortium import methods as vocabulary
 from magnet_core.consortium.methods import BASELINE_METHOD, REFERENCE_METHODS
@@ -423,6 +423,13 @@ def run_cell_seed_task(run: CellSeedRun, advance) -> None:
     run_cell_seed(run.study, run.cell, run.seed, run.data, run.out, run.engine, advance)
 
 
+def shipped_seeds(data: Path, dataset: str) -> list[int] | None:
+    """The seeds a dataset ships splits for (a MAGNET split layout: its numeric sub-folders, each preprocessed on
+    its own training patients); None when any seed can be split (a cohort layout or the generated cohort)."""
+    path = resolve_dataset(data, dataset)
+    return available_seeds(path) if detect_layout(path) == "split" else None
+
+
 def run_grid(study: Study, data: Path, out: Path, engine: str = "inprocess", workers: int | str = 1,
              advance=lambda n: None, describe=lambda text: None) -> int:
     """Run every (cell, seed) of the study that has methods without a result file, seed-major (an interrupted
@@ -430,8 +437,18 @@ def run_grid(study: Study, data: Path, out: Path, engine: str = "inprocess", wor
     see :mod:`simulations.parallel`). ``advance(n)``: rounds done (finished ones counted at once). Returns the
     number of processes used."""
     todo = []
+    shipped = {cell.id: shipped_seeds(data, cell.dataset or study.dataset) for cell in study.cells}
+    for cell in study.cells:
+        missing = [s for s in study.seeds if shipped[cell.id] is not None and s not in shipped[cell.id]]
+        if missing:
+            console.print(f"cell {cell.id}: its data ship splits for seeds {shipped[cell.id]} only; seeds {missing} "
+                          f"are not run (a split made here would reuse the shipped preprocessing, chosen with the "
+                          f"labels of some of its test patients)")
     for seed in study.seeds:
         for cell in study.cells:
+            if shipped[cell.id] is not None and seed not in shipped[cell.id]:
+                advance(len(study.methods) * study.rounds)  # nothing to run: the progress bar still ends
+                continue
             done = [m for m in study.methods if cell_result_path(out, cell, m, seed).exists()]
             advance(len(done) * study.rounds)
             if len(done) < len(study.methods):

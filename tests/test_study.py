@@ -284,3 +284,18 @@ def test_runs_without_the_consortium_evaluation_say_so(tmp_path):
     assert "vs local-only:" not in report
     assert ("target not judged: MCC on consortium test patients, the study's declared evaluation, is not recorded "
             "by these runs") in report
+
+
+def test_seeds_a_split_layout_does_not_ship_are_skipped_not_failed(data_root, tmp_path, monkeypatch, capsys):
+    """tcga-ov-magnet ships splits for seeds 10-50 only, each preprocessed on its own training patients: a study
+    asking for seed 60 runs the seeds the data ship and says which it leaves out, instead of recording failures."""
+    from simulations import study as study_module
+
+    study = load_study_text(tmp_path, STUDY).model_copy(update={"seeds": [10, 60]})
+    ran = []
+    monkeypatch.setattr(study_module, "run_tasks", lambda fn, todo, n, **kw: ran.extend(todo))
+    advanced = []
+    study_module.run_grid(study, data_root, tmp_path / "out", advance=advanced.append)
+    assert sorted({(r.cell.id, r.seed) for r in ran}) == [("no-mirna", 10), ("two-sites", 10)]
+    assert "seeds [60] are not run" in capsys.readouterr().out.replace("\n", " ")
+    assert sum(advanced) == 2 * len(study.methods) * study.rounds  # the skipped cell-seeds still end the bar
