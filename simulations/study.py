@@ -801,8 +801,18 @@ def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame, compari
             f"vs centralized {st.fmt_difference(*diffs['centralized'][:1], adjusted=diffs['centralized'][1])}")
 
 
+def seeds_note(study: Study, df: pd.DataFrame) -> str:
+    """The cells whose rows cover fewer seeds than the study's (a split layout ships fewer, or runs are
+    unfinished), with the seeds they have; empty when every cell has them all."""
+    have = {cell: sorted(int(s) for s in rows["seed"].unique()) for cell, rows in df.groupby("cell", sort=False)}
+    short = {cell: seeds for cell, seeds in have.items() if seeds != sorted(study.seeds)}
+    if not short:
+        return ""
+    return " Cells with fewer seeds: " + "; ".join(f"{cell}: {seeds}" for cell, seeds in short.items()) + "."
+
+
 def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame, figures: list[Path], out: Path,
-                 data_note: str, best: dict[str, str | None] | None = None) -> Path:
+                 data_note: str, best: dict[str, str | None] | None = None, fewer_seeds: str = "") -> Path:
     table = summary.copy()
     table["method"] = table["method"].map(method_label)
     primary = EVALUATION_PREFIX[study.evaluation]
@@ -829,7 +839,8 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
     md += [f"**Setup.** Data ({data_note}): {data_sets_note(study)}. {study.rounds} rounds x "
            f"{study.local_epochs} local epochs (centralized and local-only train "
            f"{study.rounds * study.local_epochs} epochs), seeds "
-           f"{study.seeds}. Every method is scored twice, with the test-graph rule {rules_note(study)}: on "
+           f"{study.seeds}.{fewer_seeds} Every method is scored twice, with the test-graph rule "
+           f"{rules_note(study)}: on "
            "**own sites' test patients** (each site scores its own test patients with the model it would use; "
            "local-only: its own, which rewards a model that has learned which site a patient comes from) and on "
            "**consortium test patients** (every model of the method scores every site's test patients; one "
@@ -911,7 +922,7 @@ def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wal
                 "runs_seconds_total": float(pd.to_numeric(df.get("seconds", pd.Series(dtype=float)),
                                                           errors="coerce").sum())})
     figures = plot_study(study, summary, out)
-    return write_report(study, summary, comparisons, figures, out, data_note, best)
+    return write_report(study, summary, comparisons, figures, out, data_note, best, seeds_note(study, df))
 
 
 def reanalyse(study: Study, tidy_csv: Path, out: Path, data_note: str, drop_groups: bool = False) -> Path:

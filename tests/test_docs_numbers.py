@@ -707,6 +707,39 @@ def _label_skew(cell_id):
     return get
 
 
+
+def _label_skew_overall(root):
+    """docs/studies/label-skew: the sentence over all three cells. OV: seeds per cell and whether each cell's best
+    method is within the target of centralized on the means with no interval ruling a larger loss out; BRCA: seeds,
+    whether every trained federated method is below centralized on the means, the best method's verdict, and
+    whether its loss to centralized excludes 0 on its own interval and after Holm adjustment."""
+    summary = _summary(root, LS)
+    target = tomllib.loads((root / f"docs/studies/{LS}/study.toml").read_text())["target_gap"]
+    rows = {(r["cell"], r["method"]): r for r in summary["rows"]}
+
+    def raw(cell_id, a, b):
+        return next(c for c in summary["comparisons"] if c["cell"] == cell_id == c["cell_b"] and c["method"] == a
+                    and c["method_b"] == b)
+
+    ov = ("alpha-0.1", "alpha-1.0")
+    ov_n = {rows[(c, "centralized")]["consortium_mcc_n"] for c in ov}
+    ov_close = [raw(c, summary["best_method"]["chosen"][c], "centralized") for c in ov]
+    ov_within = all(c["mean_diff"] >= -target for c in ov_close) and all(c["ci_low"] < -target for c in ov_close)
+    br = "rjive-label-skew-3"
+    fed = [m for m in summary["methods"] if m not in ("centralized", "local_only")]
+    below = all(rows[(br, m)]["consortium_mcc_mean"] < rows[(br, "centralized")]["consortium_mcc_mean"] for m in fed)
+    best = raw(br, summary["best_method"]["chosen"][br], "centralized")
+    met = best["mean_diff"] >= -target and raw(br, summary["best_method"]["chosen"][br], "local_only")["mean_diff"] >= 0
+    return SimpleNamespace(
+        ov_n=str(ov_n.pop()) if len(ov_n) == 1 else "MIXED",
+        ov=f"the best method is within {target} of centralized on the means, but no interval rules out a larger loss"
+           if ov_within else "NOT (within on the means and a larger loss not ruled out)",
+        br_n=str(rows[(br, "centralized")]["consortium_mcc_n"]), every="every" if below else "NOT every",
+        met="meets" if met else "misses",
+        excl="excludes" if best["ci_high"] < 0 or best["ci_low"] > 0 else "does not exclude",
+        holm="also" if best["p_holm"] < 0.05 else "not")
+
+
 CLAIMS: list[Claim] = [
     # ---------------------------------------------------------------- README.md
     _c(B, "benchmarks/results/epoch_profile.json",
@@ -994,6 +1027,10 @@ CLAIMS: list[Claim] = [
          "interval {x.rule_out} a loss of more than 0.03", x=_label_skew(cell_id))
       for cell_id in ("alpha-0.1", "alpha-1.0", "rjive-label-skew-3")],
     _c(S, "label-skew_summary.json",
+       "In the two OV cells ({x.ov_n} seeds) {x.ov}. On BRCA ({x.br_n} seeds) {x.every} federated method is below "
+       "centralized on the means, and the method the rule names {x.met} the target. Its loss {x.excl} 0 on its "
+       "own interval, but {x.holm} after Holm adjustment.", x=_label_skew_overall),
+    _c(S, "label-skew_summary.json",
        "(label-skew) The report makes {m.n} comparisons; {m.detected} read \"helps\"/\"hurts\" on their own "
        "interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg",
        m=_m("label-skew")),
@@ -1128,8 +1165,7 @@ ALLOWED: dict[str, list[str]] = {
         "stratified 70/10/20",  # MAGNET's split ratios
         "within 0.03 MCC of centralized",  # the issue's target
         ],
-    S: ["The best method is within 0.03 of centralized on the means",  # label-skew: the declared target
-        "(at or above local-only and within 0.03 MCC of centralized)",  # the declared target
+    S: ["(at or above local-only and within 0.03 MCC of centralized)",  # the declared target
         "(Basal and Her2 80%, the others 24%)", "by site (10/30/80%)",  # scenario settings of the mnar study
         "mRNA missing for 40% of the r.jive", "(logistic, slope 6)",
         "within 0.02 (`tests/test_scenarios.py`)",  # tolerance asserted by that test

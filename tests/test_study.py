@@ -151,6 +151,25 @@ def test_report_names_each_cells_dataset_and_preset_and_adjusted_p_values(tmp_pa
     assert "| p (paired t) | p Holm | p BH | corrected 95% CI | p corrected | verdict |" in report
 
 
+def test_report_names_the_cells_that_have_fewer_seeds(tmp_path):
+    """The label-skew study's OV cells have seeds 10-50 (the splits the data ship) and its BRCA cell 10-100: the
+    setup line lists the study's seeds and then each cell that has fewer, with the seeds it has."""
+    study = load_study_text(tmp_path, STUDY)
+    rows = [{"study": "tiny", "cell": c.id, "group": c.group, "x": c.x, "dataset": study.dataset, "method": m,
+             "seed": s, "mcc": 0.5 + 0.01 * s / 10 + 0.02 * i, "acc": 0.7, "f1": 0.6, "paired_mcc": 0.5,
+             "unpaired_mcc": np.nan, "seconds_per_round": 0.1, "error": ""}
+            for c in study.cells for i, m in enumerate(study.methods)
+            for s in ((10, 20, 30) if c.id == "two-sites" else (10, 20))]
+    full = study.model_copy(update={"seeds": [10, 20, 30]})
+    setup = next(line for line in write_outputs(full, pd.DataFrame(rows), tmp_path, "synthetic rows").read_text()
+                 .splitlines() if line.startswith("**Setup.**"))
+    assert "seeds [10, 20, 30]. Cells with fewer seeds: no-mirna: [10, 20]. Every method" in setup
+    every = [r for r in rows if r["seed"] != 30]
+    setup = next(line for line in write_outputs(study, pd.DataFrame(every), tmp_path, "synthetic rows").read_text()
+                 .splitlines() if line.startswith("**Setup.**"))
+    assert "fewer seeds" not in setup
+
+
 def load_study_text(tmp_path, text):
     path = tmp_path / "study.toml"
     path.write_text(text)
