@@ -376,8 +376,16 @@ def run_cell_seed(study: Study, cell: Cell, seed: int, data: Path, out: Path, en
                    "seconds_per_round": seconds.get(method, float("nan")) / study.rounds,
                    "modalities": cell.modalities, "test_graph": study.test_graph_of(cell), "split_sizes": sizes,
                    "run_settings": None if error or method in errors else run_settings(spec, method),
-                   "tuned": tuned.get(method), "error": error or errors.get(method)}
+                   "tuned": tuned.get(method), "error": error or errors.get(method),
+                   # the thread count changes the order of floating-point sums: part of what reproduces a run
+                   "torch_threads": torch_threads()}
         write_json(cell_result_path(out, cell, method, seed), payload)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def run_settings(spec: RunSpec, method: str) -> dict[str, Any] | None:
@@ -485,7 +493,7 @@ def tidy_frame(study: Study, out: Path) -> pd.DataFrame:
                 row.update(sizes_columns(r.get("split_sizes")))
                 row.update({"seconds": r["seconds"], "seconds_per_round": r["seconds_per_round"],
                             "n_modalities": len(r["modalities"]) or None, "tuned": compact(r.get("tuned")),
-                            "error": r["error"] or ""})
+                            "threads": r.get("torch_threads"), "error": r["error"] or ""})
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -802,17 +810,47 @@ def target_sentence(study: Study, sub: pd.DataFrame, comp: pd.DataFrame, compari
 
 
 def seeds_note(study: Study, df: pd.DataFrame) -> str:
-    """The cells whose rows cover fewer seeds than the study's (a split layout ships fewer, or runs are
-    unfinished), with the seeds they have; empty when every cell has them all."""
-    have = {cell: sorted(int(s) for s in rows["seed"].unique()) for cell, rows in df.groupby("cell", sort=False)}
-    short = {cell: seeds for cell, seeds in have.items() if seeds != sorted(study.seeds)}
-    if not short:
-        return ""
-    return " Cells with fewer seeds: " + "; ".join(f"{cell}: {seeds}" for cell, seeds in short.items()) + "."
+    """The cells whose finished runs (no error, a value of the declared metric) cover other seeds than the
+    study's: a split layout that ships fewer, failed or unfinished runs. Per cell, the seeds it has when all its
+    methods have the same ones, else per method; empty when every cell and method has every seed."""
+    want = sorted(study.seeds)
+    value = pd.to_numeric(df[study.metric], errors="coerce") if study.metric in df.columns else pd.Series(
+        np.nan, index=df.index)
+    error = df["error"].fillna("").astype(str) if "error" in df.columns else pd.Series("", index=df.index)
+    ok = df[(error == "") & value.notna()]
+    if ok.empty:
+        return " No run has the compared metric yet."
+    parts = []
+    for cell in study.cells:
+        rows = ok[ok["cell"] == cell.id]
+        have = {m: sorted(int(s) for s in rows[rows["method"] == m]["seed"].unique()) for m in study.methods}
+        if all(seeds == want for seeds in have.values()):
+            continue
+        if len({tuple(seeds) for seeds in have.values()}) == 1:
+            parts.append(f"{cell.id}: {next(iter(have.values()))}")
+        else:
+            parts.append(f"{cell.id}: " + ", ".join(f"{method_label(m)} {seeds}" for m, seeds in have.items()
+                                                    if seeds != want))
+    return (" Cells whose runs have the compared metric for other seeds than these (a split layout that ships "
+            "fewer, failed or unfinished runs, or every site withholding its evaluation): "
+            + "; ".join(parts) + ".") if parts else ""
+
+
+def threads_note(df: pd.DataFrame) -> str:
+    """The torch thread counts the runs recorded: a run reproduces exactly (same code, seed and machine) only at
+    its own thread count, which changes the order of floating-point sums."""
+    recorded = pd.to_numeric(df["threads"], errors="coerce").dropna() if "threads" in df.columns else pd.Series()
+    if recorded.empty:
+        return (" Torch threads per run: not recorded (runs made before it was); a run reproduces exactly only at "
+                "its own thread count.")
+    counts = ", ".join(f"{int(k)}: {int(v)} runs" for k, v in recorded.value_counts().sort_index().items())
+    missing = len(df) - len(recorded)
+    return (f" Torch threads per run: {counts}" + (f", not recorded: {missing} runs" if missing else "")
+            + "; a run reproduces exactly only at its own thread count.")
 
 
 def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame, figures: list[Path], out: Path,
-                 data_note: str, best: dict[str, str | None] | None = None, fewer_seeds: str = "") -> Path:
+                 data_note: str, best: dict[str, str | None] | None = None, runs_note: str = "") -> Path:
     table = summary.copy()
     table["method"] = table["method"].map(method_label)
     primary = EVALUATION_PREFIX[study.evaluation]
@@ -839,7 +877,7 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
     md += [f"**Setup.** Data ({data_note}): {data_sets_note(study)}. {study.rounds} rounds x "
            f"{study.local_epochs} local epochs (centralized and local-only train "
            f"{study.rounds * study.local_epochs} epochs), seeds "
-           f"{study.seeds}.{fewer_seeds} Every method is scored twice, with the test-graph rule "
+           f"{study.seeds}.{runs_note} Every method is scored twice, with the test-graph rule "
            f"{rules_note(study)}: on "
            "**own sites' test patients** (each site scores its own test patients with the model it would use; "
            "local-only: its own, which rewards a model that has learned which site a patient comes from) and on "
@@ -922,7 +960,8 @@ def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wal
                 "runs_seconds_total": float(pd.to_numeric(df.get("seconds", pd.Series(dtype=float)),
                                                           errors="coerce").sum())})
     figures = plot_study(study, summary, out)
-    return write_report(study, summary, comparisons, figures, out, data_note, best, seeds_note(study, df))
+    return write_report(study, summary, comparisons, figures, out, data_note, best,
+                        seeds_note(study, df) + threads_note(df))
 
 
 def reanalyse(study: Study, tidy_csv: Path, out: Path, data_note: str, drop_groups: bool = False) -> Path:

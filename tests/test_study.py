@@ -53,6 +53,9 @@ def test_study_runs_resumes_and_reruns_from_its_files(data_root, tmp_path):
     assert len(tidy) == 2 * 4 * 2  # cells x methods x seeds, one row per seed
     assert set(tidy["method"]) == {"centralized", "local_only", "fedavg_plain", "federated"}
     assert tidy["error"].isna().all() and tidy["mcc"].notna().all()
+    import torch
+
+    assert (tidy["threads"] == torch.get_num_threads()).all()  # recorded per run: part of what reproduces it
     # site 2 of "no-mirna" has no miRNA: its test patients are unpaired, so the groups differ from "all"
     sub = tidy[tidy["cell"] == "no-mirna"]
     assert sub["unpaired_mcc"].notna().all() and (sub["paired_mcc"] != sub["mcc"]).any()
@@ -163,11 +166,25 @@ def test_report_names_the_cells_that_have_fewer_seeds(tmp_path):
     full = study.model_copy(update={"seeds": [10, 20, 30]})
     setup = next(line for line in write_outputs(full, pd.DataFrame(rows), tmp_path, "synthetic rows").read_text()
                  .splitlines() if line.startswith("**Setup.**"))
-    assert "seeds [10, 20, 30]. Cells with fewer seeds: no-mirna: [10, 20]. Every method" in setup
+    assert ("seeds [10, 20, 30]. Cells whose runs have the compared metric for other seeds than these (a split "
+            "layout that ships fewer, failed or unfinished runs, or every site withholding its evaluation): "
+            "no-mirna: [10, 20]. Torch threads per run: not recorded") in setup
     every = [r for r in rows if r["seed"] != 30]
     setup = next(line for line in write_outputs(study, pd.DataFrame(every), tmp_path, "synthetic rows").read_text()
                  .splitlines() if line.startswith("**Setup.**"))
-    assert "fewer seeds" not in setup
+    assert "other seeds" not in setup
+    # a failed run is not a finished seed; a method with fewer seeds than the others is named
+    failed = [{**r, "error": "RuntimeError: boom", "mcc": np.nan} if (r["cell"], r["method"], r["seed"]) ==
+              ("two-sites", "federated", 20) else r for r in every]
+    setup = next(line for line in write_outputs(study, pd.DataFrame(failed), tmp_path, "synthetic rows").read_text()
+                 .splitlines() if line.startswith("**Setup.**"))
+    assert "evaluation): two-sites: modality-aware FedAvg [10]. Torch threads" in setup
+    # the thread counts the runs recorded (a run reproduces exactly only at its own)
+    threads = [{**r, "threads": 1 if r["seed"] == 10 else 2} for r in every]
+    setup = next(line for line in write_outputs(study, pd.DataFrame(threads), tmp_path, "synthetic rows").read_text()
+                 .splitlines() if line.startswith("**Setup.**"))
+    n = len(threads) // 2
+    assert f"Torch threads per run: 1: {n} runs, 2: {n} runs; a run reproduces exactly only at its own" in setup
 
 
 def load_study_text(tmp_path, text):

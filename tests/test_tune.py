@@ -14,7 +14,7 @@ import pytest
 import magnet_core.consortium.simulated as simulated
 from client.handlers import forget_sites
 from simulations.cli import main
-from simulations.simulate import RunSpec, run_methods
+from simulations.simulate import FEDPROX_MU, RunSpec, run_methods
 from simulations.study import Study, best_methods, run_cell_seed, tidy_frame
 from simulations.tune import choose, parse_grid, settings_of, tune
 
@@ -192,7 +192,7 @@ def test_cli_writes_every_setting_the_choice_command_and_seeds(ov_path, tmp_path
     means = [r["mean"] for r in result["settings"]]
     assert result["choice_index"] == choose([list(r["val_mcc"].values()) for r in result["settings"]])
     assert means[result["choice_index"]] == max(means)
-    assert result["current_defaults"] == {"proximal-mu": 0.1}
+    assert result["current_defaults"] == {"proximal-mu": FEDPROX_MU}
     assert pd.notna(means).all()
 
 
