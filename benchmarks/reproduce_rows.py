@@ -1,7 +1,7 @@
 """Rerun rows of a stored study in fresh processes on this machine and compare them with the stored values.
 
 A stored study row (``docs/studies/<study>/<study>_tidy.csv``: one cell, method and seed) is rerun with the study
-runner itself (``magnet-fl study --cells C --methods M --seeds S`` in a new process, one torch thread), so tuning,
+runner itself (``magnet-fl study --cells C --methods M --seeds S`` in a new process at ``--threads``), so tuning,
 the validation pass and the reported run are the study's own. Each rerun value is compared exactly (every bit) with
 the stored one. ``--set KEY=VALUE`` reruns with a run-config setting added to the study's ``settings`` (e.g.
 ``clip-factor=0``, the default before bounded influence) to test whether a code change explains a difference. The
@@ -109,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"cell": cell, "method": method, "seed": seed, "stored": want, "rerun": got,
                             "same": same})
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True).stdout.strip())
+    tidy = folder / f"{args.study}_tidy.csv"
+    tidy_blob = subprocess.run(["git", "-C", str(ROOT), "hash-object", str(tidy)], capture_output=True,
+                               text=True).stdout.strip()
     write_json(args.result, {"study": args.study, "settings_added": settings, "commit": commit.strip(),
+                             "uncommitted_changes": dirty, "compared_with": {"tidy_csv": str(tidy.relative_to(ROOT)),
+                                                                             "git_blob": tidy_blob},
                              "machine": machine(), "threads": args.threads, "rows": results,
                              "command": "python benchmarks/reproduce_rows.py " + " ".join(sys.argv[1:])})
     print(f"wrote {args.result}")
