@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simulations.reporting import write_json  # noqa: E402
+from simulations.simulate import key_value  # noqa: E402
 from simulations.study import load_study  # noqa: E402
 
 METRICS = ("mcc", "consortium_mcc")
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--study", required=True, help="a stored study under docs/studies/")
     p.add_argument("--rows", required=True, help="CELL:METHOD:SEED,... (rows of the stored tidy CSV)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                    help="a run-config setting added to the study's settings for the rerun (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the rerun (MAGNET_FL_THREADS; default 1): "
                    "the thread count changes the order of floating-point sums, so it is part of what reproduces")
@@ -86,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = ROOT / "docs" / "studies" / args.study
     stored = pd.read_csv(folder / f"{args.study}_tidy.csv")
     study = load_study(folder / "study.toml")
-    settings = {}
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        settings[key] = json.loads(value) if value.replace(".", "", 1).lstrip("-").isdigit() else value
+    settings = dict(args.overrides)  # read as `simulate --set` reads them (a TOML value, or else text)
     if settings:
         study = study.model_copy(update={"settings": {**(study.settings or {}), **settings}})
     results = []

@@ -139,6 +139,17 @@ def _target(root: Path, study: str) -> float:
     return tomllib.loads((root / f"docs/studies/{study}/study.toml").read_text())["target_gap"]
 
 
+def _pair(comps: pd.DataFrame, cell_id: str, method: str, ref: str) -> pd.Series:
+    """The stored paired comparison ``method`` minus ``ref`` in one cell."""
+    return comps[(comps["cell"] == cell_id) & (comps["method"] == method) & (comps["method_b"] == ref)].iloc[0]
+
+
+def _meets(comps: pd.DataFrame, cell_id: str, method: str, target: float) -> bool:
+    """The studies' target on the means: at or above local-only and within ``target`` of centralized."""
+    return (_pair(comps, cell_id, method, "local_only")["mean_diff"] >= 0
+            and _pair(comps, cell_id, method, "centralized")["mean_diff"] >= -target)
+
+
 def gap_tables(root: Path) -> str:
     """The two gap tables of docs/studies/README.md, generated from gap_summary.json: per cell, the method the
     declared rule names (highest mean validation MCC) against the references on the declared evaluation; per
@@ -152,13 +163,6 @@ def gap_tables(root: Path) -> str:
     chosen = s["best_method"]["chosen"]
     trained = [m for m in s["methods"] if m not in REFERENCES]
 
-    def diff(cell_id: str, m: str, ref: str) -> pd.Series:
-        return comps[(comps["cell"] == cell_id) & (comps["method"] == m) & (comps["method_b"] == ref)].iloc[0]
-
-    def meets(cell_id: str, m: str) -> bool:
-        return (diff(cell_id, m, "local_only")["mean_diff"] >= 0
-                and diff(cell_id, m, "centralized")["mean_diff"] >= -target)
-
     def dci(c: pd.Series) -> str:
         return f"{s3(c['mean_diff'])} ({ci(c['ci_low'], c['ci_high'])})"
 
@@ -170,11 +174,12 @@ def gap_tables(root: Path) -> str:
     for c in cells:
         sub = rows[rows["cell"] == c].set_index("method")
         best = chosen[c]
-        lo, ce = diff(c, best, "local_only"), diff(c, best, "centralized")
+        lo, ce = _pair(comps, c, best, "local_only"), _pair(comps, c, best, "centralized")
         ms = {m: f"{f3(sub.loc[m, metric + '_mean'])} ± {f3(sub.loc[m, metric + '_std'])}" for m in sub.index}
         lines.append(f"| {c} | {sub.loc[best, metric + '_n']} | {ms['local_only']} | {ms['centralized']} | "
                      f"{method_names.label(best)} {ms[best]} | {dci(lo)} | {dci(ce)} | {f3(ce['p_holm'])} | "
-                     f"{'met' if meets(c, best) else 'not met'} | {'yes' if ce['nb_ci_low'] >= -target else 'no'} |")
+                     f"{'met' if _meets(comps, c, best, target) else 'not met'} | "
+                     f"{'yes' if ce['nb_ci_low'] >= -target else 'no'} |")
 
     def count(m: str, ref: str, verdict: str) -> str:
         sel = comps[(comps["method"] == m) & (comps["method_b"] == ref) & (comps["verdict"] == verdict)]
@@ -185,7 +190,7 @@ def gap_tables(root: Path) -> str:
               "| below centralized (own interval / Holm) |", "|---|---|---|---|---|---|"]
     for m in trained:
         lines.append(f"| {method_names.label(m)} | {sum(chosen[c] == m for c in cells)} | "
-                     f"{sum(meets(c, m) for c in cells)} | {count(m, 'local_only', 'helps')} | "
+                     f"{sum(_meets(comps, c, m, target) for c in cells)} | {count(m, 'local_only', 'helps')} | "
                      f"{count(m, 'local_only', 'hurts')} | {count(m, 'centralized', 'hurts')} |")
     return "\n".join(lines)
 
@@ -202,13 +207,8 @@ def _gap_brief(root: Path) -> SimpleNamespace:
     comps = pd.DataFrame(s["comparisons"])
     chosen = s["best_method"]["chosen"]
 
-    def diff(cell_id: str, ref: str) -> pd.Series:
-        m = chosen[cell_id]
-        return comps[(comps["cell"] == cell_id) & (comps["method"] == m) & (comps["method_b"] == ref)].iloc[0]
-
-    met = sum(diff(c, "local_only")["mean_diff"] >= 0 and diff(c, "centralized")["mean_diff"] >= -target
-              for c in chosen)
-    ruled = sum(diff(c, "centralized")["nb_ci_low"] >= -target for c in chosen)
+    met = sum(_meets(comps, c, m, target) for c, m in chosen.items())
+    ruled = sum(_pair(comps, c, m, "centralized")["nb_ci_low"] >= -target for c, m in chosen.items())
     counts = pd.Series(list(chosen.values())).value_counts()
     order = sorted(counts.index, key=lambda m: (-counts[m], s["methods"].index(m)))
     named = ", ".join(f"{method_names.label(m)} in {counts[m]}" for m in order)
@@ -319,9 +319,8 @@ def _gap_recommend(root: Path) -> SimpleNamespace:
     comps = pd.DataFrame(s["comparisons"])
     v = versus_federated(root)
     fed = comps[comps["method"] == "federated"]
-    lo, ce = fed[fed["method_b"] == "local_only"], fed[fed["method_b"] == "centralized"]
-    both = lo.merge(ce, on="cell", suffixes=("_lo", "_ce"))
-    meets = int(((both["mean_diff_lo"] >= 0) & (both["mean_diff_ce"] >= -target)).sum())
+    lo = fed[fed["method_b"] == "local_only"]
+    meets = sum(_meets(comps, c, "federated", target) for c in lo["cell"])
     kept = comps[comps["p_holm"] < 0.05]
     only_local = set(kept["method_b"]) <= {"local_only"} and set(kept["verdict"]) <= {"helps"}
     vs_c = comps[comps["method_b"] == "centralized"]
@@ -350,12 +349,8 @@ def gap_findings(root: Path) -> str:
     chosen = s["best_method"]["chosen"]
     cells = list(chosen)
 
-    def diff(cell_id: str, m: str, ref: str) -> pd.Series:
-        return comps[(comps["cell"] == cell_id) & (comps["method"] == m) & (comps["method_b"] == ref)].iloc[0]
-
-    met = [c for c in cells if diff(c, chosen[c], "local_only")["mean_diff"] >= 0
-           and diff(c, chosen[c], "centralized")["mean_diff"] >= -target]
-    ruled = [c for c in cells if diff(c, chosen[c], "centralized")["nb_ci_low"] >= -target]
+    met = [c for c in cells if _meets(comps, c, chosen[c], target)]
+    ruled = [c for c in cells if _pair(comps, c, chosen[c], "centralized")["nb_ci_low"] >= -target]
     label = method_names.label
 
     def named(c: pd.Series) -> str:
@@ -928,14 +923,8 @@ def label_skew_findings(root: Path) -> str:
     tidy = _tidy(root, LS)
     label = method_names.label
 
-    def diff(cell_id: str, m: str, ref: str) -> pd.Series:
-        return comps[(comps["cell"] == cell_id) & (comps["method"] == m) & (comps["method_b"] == ref)].iloc[0]
-
-    def met(cell_id: str, m: str) -> bool:
-        return (diff(cell_id, m, "local_only")["mean_diff"] >= 0
-                and diff(cell_id, m, "centralized")["mean_diff"] >= -target)
-
-    shown = [c for c in chosen if met(c, chosen[c]) and diff(c, chosen[c], "centralized")["nb_ci_low"] >= -target]
+    met = {c: _meets(comps, c, m, target) for c, m in chosen.items()}
+    shown = [c for c, m in chosen.items() if met[c] and _pair(comps, c, m, "centralized")["nb_ci_low"] >= -target]
     lines = [f"* The target is shown (met on the means, and a loss of more than {target} to centralized ruled out by "
              f"the resampling-corrected interval) in {len(shown)} of {len(chosen)} cells"
              + (f": {', '.join(shown)}." if shown else ".")]
@@ -943,12 +932,12 @@ def label_skew_findings(root: Path) -> str:
         val = tidy[tidy["cell"] == c].groupby("method")["val_mcc"].mean()[trained].sort_values(ascending=False,
                                                                                              kind="stable")
         runner = next(m for m in val.index if m != best)
-        ce = diff(c, best, "centralized")
+        ce = _pair(comps, c, best, "centralized")
         below = all(rows.loc[(c, m), f"{metric}_mean"] < rows.loc[(c, "centralized"), f"{metric}_mean"]
                     for m in trained)
         lines.append(
             f"* `{c}` ({ce['n']} seeds): the rule names {label(best)} by mean validation MCC {f3(val[best])} "
-            f"(next: {label(runner)} {f3(val[runner])}); the target is {'met' if met(c, best) else 'not met'} on the "
+            f"(next: {label(runner)} {f3(val[runner])}); the target is {'met' if met[c] else 'not met'} on the "
             f"means; {label(best)} minus centralized {s3(ce['mean_diff'])}, plain 95% CI "
             f"{ci(ce['ci_low'], ce['ci_high'])} ({'excludes' if ce['ci_high'] < 0 or ce['ci_low'] > 0 else 'contains'}"
             f" 0), corrected {ci(ce['nb_ci_low'], ce['nb_ci_high'])} ("
@@ -967,7 +956,7 @@ def label_skew_findings(root: Path) -> str:
              for ref in REFERENCES}
         five_met = d["local_only"] >= 0 and d["centralized"] >= -target
         changed = [w for w, x in (("the named method", pick != chosen[c]), ("the target's reading",
-                                                                           five_met != met(c, chosen[c]))) if x]
+                                                                           five_met != met[c])) if x]
         lines.append(f"* On its first five seeds ({seeds[0]}-{seeds[4]}) alone, `{c}` would have the rule name "
                      f"{label(pick)}, {s3(d['centralized'])} from centralized on the means, and the target "
                      f"{'met' if five_met else 'not met'}; the other seeds changed "
