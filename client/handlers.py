@@ -29,12 +29,13 @@ _SITES: dict[tuple, SiteRuntime] = {}
 
 def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> SiteRuntime:
     """This node's site: a deployment data directory (node_config data-dir) or a simulated partition."""
-    preset = get_preset(cfg.preset)
+    preset = get_preset(cfg.preset, prototypes=cfg.prototype_weight > 0)
     if NODE_DATA_DIR in node_config:
         from magnet_core.cohort.manifest import ConsortiumManifest
         from magnet_core.cohort.validation import load_site_cohort
 
-        key = ("dir", str(node_config[NODE_DATA_DIR]), str(node_config.get(NODE_MANIFEST, "")), cfg.seed, preset.name)
+        key = ("dir", str(node_config[NODE_DATA_DIR]), str(node_config.get(NODE_MANIFEST, "")), cfg.seed, preset.name,
+               preset.model.prototypes)
         if key not in _SITES:
             manifest = ConsortiumManifest.load(str(node_config[NODE_MANIFEST]))
             cohort = load_site_cohort(str(node_config[NODE_DATA_DIR]), manifest, cfg.seed)
@@ -45,7 +46,7 @@ def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> 
     from magnet_core.consortium.simulated import load_consortium, site_name
 
     pid = int(node_config[NODE_PARTITION_ID])
-    consortium = ("sim", cfg.data_path, cfg.scenario, cfg.modalities, cfg.seed, preset.name)
+    consortium = ("sim", cfg.data_path, cfg.scenario, cfg.modalities, cfg.seed, preset.name, preset.model.prototypes)
     key = (*consortium, pid)
     if key not in _SITES:
         # a process simulates one consortium at a time (a study's worker runs many in turn): the sites of others
@@ -87,7 +88,8 @@ def train_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, f
     got, state = received_state(site, cfg, flat, layout)
     new, stats = site.fit(state, get_preset(cfg.preset).train, cfg.local_epochs, cfg.server_round, cfg.seed,
                           proximal_mu=cfg.proximal_mu, label_adjustment=cfg.label_adjustment,
-                          label_tau=cfg.label_tau)
+                          label_tau=cfg.label_tau, prototype_weight=cfg.prototype_weight,
+                          min_count=max(cfg.min_count, site_min_count(node_config)))
     loss = stats.get("loss")
     reply = TrainReply(site=site.name, num_examples=site.train.n, modality_counts=site.modality_counts,
                        loss=float(loss) if loss is not None and math.isfinite(loss) else None)

@@ -9,10 +9,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from magnet_core.cohort.data import DataError
-from magnet_core.model.config import get_preset
 from magnet_core.protocol.enrolment import Enrolment
 
-from .config import FederatedConfig, RunConfigError
+from .config import FederatedConfig, RunConfigError, preset_of
 from .loop import ModelSpec, run_federation
 from .names import SiteNames, read_site_keys
 
@@ -35,7 +34,7 @@ def model_spec_enrolment_and_evaluator(cfg: FederatedConfig):
 
     cohort, sites = load_consortium(cfg.data_path, cfg.scenario, cfg.seed, cfg.modalities)
     spec = ModelSpec({m: int(cohort.X[m].shape[1]) for m in cohort.modalities}, cohort.num_classes)
-    evaluator = held_out_evaluator(cohort, get_preset(cfg.preset)) if cfg.server_eval else None
+    evaluator = held_out_evaluator(cohort, preset_of(cfg)) if cfg.server_eval else None
     from magnet_core.artefacts.model_package import manifest_from_cohort
 
     enrolment = enrolment_of(sites)

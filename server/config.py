@@ -11,7 +11,7 @@ from magnet_core.artefacts.run_record import fingerprint
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, DEFAULT_SEED, MIN_COUNT_FLOOR
 from magnet_core.federation.eval_screen import DEFAULT_ALPHA as EVAL_ALPHA
 from magnet_core.federation.privacy import DEFAULT_MAX_BINS
-from magnet_core.model.config import DEFAULT_PRESET, MAX_LABEL_TAU
+from magnet_core.model.config import DEFAULT_PRESET, MAX_LABEL_TAU, MAX_PROTOTYPE_WEIGHT, Preset, get_preset
 from magnet_core.protocol.messages import MAX_HISTOGRAM_BINS, MAX_PROXIMAL_MU
 
 
@@ -120,6 +120,10 @@ class FederatedConfig(BaseModel):
                             "al. 2022)")
     label_tau: float = Field(0.0, ge=0, le=MAX_LABEL_TAU, allow_inf_nan=False,
                              description="strength tau of label-adjustment (0 = plain cross-entropy)")
+    # class prototypes (FedProto, Tan et al. 2022): sites pull their fused embeddings towards the consortium's class
+    # prototypes, which travel inside the model (magnet_core.model.prototypes), released only for classes >= k
+    prototype_weight: float = Field(0.0, ge=0, le=MAX_PROTOTYPE_WEIGHT, allow_inf_nan=False,
+                                    description="fedproto: weight lambda of the prototype term (0 = off)")
     server_optimizer: Literal["none", "adam", "yogi"] = Field(
         "none", description="none: the aggregate is the new model; adam / yogi: a server step along it")
     server_lr: float = Field(0.01, gt=0, le=10, allow_inf_nan=False, description="server optimizer step size (eta)")
@@ -170,3 +174,9 @@ class FederatedConfig(BaseModel):
 
     def fingerprint(self) -> str:
         return fingerprint(self.identity())
+
+
+def preset_of(cfg: FederatedConfig) -> Preset:
+    """The run's preset, its model carrying the class-prototype buffers when the run shares prototypes (every site
+    builds the same model from the round config it is sent)."""
+    return get_preset(cfg.preset, prototypes=cfg.prototype_weight > 0)

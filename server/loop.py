@@ -18,12 +18,11 @@ from flwr.serverapp import Grid
 
 from magnet_core.artefacts.run_record import RoundRecord
 from magnet_core.federation.screening import ScreenMemory
-from magnet_core.model.config import get_preset
 from magnet_core.model.network import build_model
 from magnet_core.protocol.enrolment import Enrolment
 from magnet_core.protocol.messages import RoundConfig
 
-from .config import FederatedConfig, RunConfigError
+from .config import FederatedConfig, RunConfigError, preset_of
 from .names import SiteNames
 from .secure_strategy import SecureMagnetFedAvg
 from .strategy import MagnetFedAvg
@@ -46,7 +45,7 @@ class ModelSpec:
 
 
 def initial_params(spec: ModelSpec, cfg: FederatedConfig) -> dict[str, np.ndarray]:
-    model = build_model(spec.in_dims, spec.num_classes, get_preset(cfg.preset).model, cfg.seed)
+    model = build_model(spec.in_dims, spec.num_classes, preset_of(cfg).model, cfg.seed)
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
@@ -161,7 +160,7 @@ def round_config(cfg: FederatedConfig, rnd: int, min_count: int) -> ConfigRecord
         server_round=rnd, seed=cfg.seed, preset=cfg.preset, local_epochs=cfg.local_epochs,
         histogram_bins=cfg.histogram_bins, test_graph=cfg.test_graph, min_count=min_count,
         data_path=cfg.data_path, scenario=cfg.scenario, modalities=cfg.modalities, proximal_mu=cfg.proximal_mu,
-        label_adjustment=cfg.label_adjustment, label_tau=cfg.label_tau,
+        label_adjustment=cfg.label_adjustment, label_tau=cfg.label_tau, prototype_weight=cfg.prototype_weight,
         clipping_norm=cfg.dp_clip_norm if cfg.dp_clip_norm > 0 else None).encode())
 
 
@@ -234,7 +233,7 @@ def write_model_package(out: Path, params: dict[str, np.ndarray], history: list[
     round, global metrics, versions (magnet_core.artefacts.model_package); a site verifies it before use."""
     from magnet_core.artefacts.model_package import write_package
 
-    preset = get_preset(cfg.preset)
+    preset = preset_of(cfg)
     last = history[-1] if history else {}
     metrics = {k: v for k, v in (last.get("global") or {}).items() if isinstance(v, (int, float))}
     path = write_package(out / "model.magnet", params, manifest=manifest, preset=cfg.preset, model_cfg=preset.model,

@@ -25,6 +25,7 @@ from magnet_core.federation.privacy import DEFAULT_MAX_BINS, EvalRelease, releas
 from magnet_core.model.config import PRESETS, Preset, get_preset
 from magnet_core.model.metrics import EvalCounts, summarize
 from magnet_core.model.personalize import personalize_sites
+from magnet_core.model.prototypes import prediction_params
 from magnet_core.model.site import TEST_GRAPHS, SiteRuntime
 from magnet_core.model.train import make_optimizer, train_epochs
 from server.config import FederatedConfig
@@ -61,24 +62,35 @@ LOGIT_ADJUST_TAU = 0.5
 FEDLC_TAU = 0.1
 # personalized: the part each site fine-tunes (magnet_core.model.personalize.PARTS)
 PERSONALIZE_PART = "head"
-_PLAIN = {"proximal_mu": 0.0, "server_optimizer": "none", "label_adjustment": "none"}
+# fedproto: the weight lambda of FedProto's prototype term, the value of Tan et al.'s public code (1); not derived
+# from a study of ours yet (the label-skew study tunes it per split on validation patients)
+FEDPROTO_WEIGHT = 1.0
+_NO_PROTO = {"prototype_weight": 0.0}
+_PLAIN = {"proximal_mu": 0.0, "server_optimizer": "none", "label_adjustment": "none", **_NO_PROTO}
 # A new federated method is one entry here plus its entry in magnet_core.consortium.methods.METHODS.
 FEDERATED_METHODS: dict[str, FederatedMethod] = {
     "federated": FederatedMethod({"aggregation": "modality-aware", **_PLAIN}),
     "fedavg_plain": FederatedMethod({"aggregation": "fedavg", **_PLAIN}),
-    "fedprox": FederatedMethod({"server_optimizer": "none", "label_adjustment": "none"},
+    "fedprox": FederatedMethod({"server_optimizer": "none", "label_adjustment": "none", **_NO_PROTO},
                                {"aggregation": "modality-aware", "proximal_mu": FEDPROX_MU}),
-    "fedadam": FederatedMethod({"server_optimizer": "adam", "proximal_mu": 0.0, "label_adjustment": "none"},
+    "fedadam": FederatedMethod({"server_optimizer": "adam", "proximal_mu": 0.0, "label_adjustment": "none",
+                                **_NO_PROTO},
                                {"aggregation": "modality-aware", "server_lr": FEDADAM_LR}),
-    "fedyogi": FederatedMethod({"server_optimizer": "yogi", "proximal_mu": 0.0, "label_adjustment": "none"},
+    "fedyogi": FederatedMethod({"server_optimizer": "yogi", "proximal_mu": 0.0, "label_adjustment": "none",
+                                **_NO_PROTO},
                                {"aggregation": "modality-aware", "server_lr": FEDYOGI_LR}),
     # label skew: each site's local cross-entropy is logit-adjusted by its own training-label counts
     # (magnet_core.model.loss.label_offsets: Menon et al. 2021 / Ren et al. 2020; Zhang et al. 2022)
     "logit_adjusted": FederatedMethod({"server_optimizer": "none", "proximal_mu": 0.0,
-                                       "label_adjustment": "logit-adjust"},
+                                       "label_adjustment": "logit-adjust", **_NO_PROTO},
                                       {"aggregation": "modality-aware", "label_tau": LOGIT_ADJUST_TAU}),
-    "fedlc": FederatedMethod({"server_optimizer": "none", "proximal_mu": 0.0, "label_adjustment": "fedlc"},
+    "fedlc": FederatedMethod({"server_optimizer": "none", "proximal_mu": 0.0, "label_adjustment": "fedlc",
+                              **_NO_PROTO},
                              {"aggregation": "modality-aware", "label_tau": FEDLC_TAU}),
+    # class prototypes of the fused embedding shared under k, FedProto's local term (magnet_core.model.prototypes:
+    # Tan et al. 2022; with a shared model, as FedProc, Mu et al. 2023)
+    "fedproto": FederatedMethod({"server_optimizer": "none", "proximal_mu": 0.0, "label_adjustment": "none"},
+                                {"aggregation": "modality-aware", "prototype_weight": FEDPROTO_WEIGHT}),
 }
 METHODS = METHOD_NAMES
 # Without --data: the generated cohort and scenario of the first run (README "Two commands"), where sites differ
@@ -349,8 +361,8 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
         history = run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1), ray_address=spec.ray_address)
         seconds[method] = time.perf_counter() - t0
         write_report(cfg.out_dir)  # each federated run (a simulate seed, a study cell) gets its report once, at the end
-        results[method] = federated_evaluation(runtimes, history[-1], final_params(cfg.out_dir), spec.test_graph,
-                                               release, secure)
+        results[method] = federated_evaluation(runtimes, history[-1], prediction_params(final_params(cfg.out_dir)),
+                                               spec.test_graph, release, secure)
         results[method + "_server"] = history[-1].get("server") or {}
         for rec in history:
             g = rec["global"]
@@ -425,7 +437,7 @@ def method_settings(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The strategy settings a federated method ran with (kebab-case), for results.json."""
     cfg = method_config(method, "", "demo-3", 0, overrides)
     keys = ("aggregation", "robust", "proximal_mu", "server_optimizer", "server_lr", "server_beta1", "server_beta2",
-            "server_tau", "label_adjustment", "label_tau", *overrides)
+            "server_tau", "label_adjustment", "label_tau", "prototype_weight", *overrides)
     return {k.replace("_", "-"): getattr(cfg, k) for k in dict.fromkeys(keys)}
 
 

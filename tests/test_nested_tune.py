@@ -182,7 +182,7 @@ def test_label_skew_study_is_declared_before_it_runs():
     study = load_study("label-skew")
     assert study.target_gap == 0.03 and study.best_method.rule == "highest-validation-mcc"
     assert len(study.seeds) == 10 and "fedadam" not in study.methods and "fedyogi" not in study.methods
-    assert set(study.tune) == {"fedprox", "logit_adjusted", "fedlc", "personalized"}
+    assert set(study.tune) == {"fedprox", "logit_adjusted", "fedlc", "fedproto", "personalized"}
     assert all(len(v) in (2, 3) for grid in study.tune.values() for v in grid.values())
     rjive = next(c for c in study.cells if c.dataset == "tcga-brca-rjive")
     builtin = load_scenario("label-skew-3").model_dump(exclude={"name", "description"})

@@ -38,6 +38,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "tab:olive", "federated"),
     Method("fedlc", "FedLC", "federated, modality-aware FedAvg with FedLC logits calibration (Zhang et al. 2022)",
            "black", "federated"),
+    Method("fedproto", "FedProto",
+           "federated, modality-aware FedAvg with class prototypes shared under the minimum count (FedProto, Tan et "
+           "al. 2022)", "tab:gray", "federated"),
     Method("personalized", "personalized", "personalized (modality-aware FedAvg, then site fine-tuning)", "tab:cyan",
            "federated"),
     Method("centralized", "centralized", "centralized (the training patients of all sites pooled)", "tab:green",

@@ -195,7 +195,8 @@ def server_opt_step(global_params: Params, aggregated: Params, state: ServerOptS
 
     Arrays not in ``active`` (no site trained them this round, e.g. the encoder of a modality no contributing
     site holds) are left exactly as they are, moments and step count included: their zero pseudo-gradient must
-    not let old momentum move them. Non-float arrays take the aggregate. Pure: inputs are not modified."""
+    not let old momentum move them. Non-float arrays and statistics (the class prototypes,
+    :meth:`MAGNET.is_statistic`) take the aggregate. Pure: inputs are not modified."""
     if rule not in ("adam", "yogi"):
         raise ValueError(f"unknown server optimizer {rule!r}; choose adam or yogi")
     new: Params = {}
@@ -204,7 +205,7 @@ def server_opt_step(global_params: Params, aggregated: Params, state: ServerOptS
         if active is not None and name not in active:
             new[name] = current.copy()
             continue
-        if not np.issubdtype(current.dtype, np.floating):
+        if not np.issubdtype(current.dtype, np.floating) or MAGNET.is_statistic(name):
             new[name] = np.array(aggregated[name], copy=True)
             continue
         g = current.astype(np.float64)

@@ -17,6 +17,9 @@ class ModelConfig(BaseModel):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout in encoders and decoder")
     gnn_layers: int = Field(2, ge=1)
     negative_slope: float = Field(0.2, ge=0.0, description="LeakyReLU slope in the encoders")
+    prototypes: bool = Field(False, description="carry the consortium's class prototypes of the fused embedding "
+                             "(buffers prototype_sum / prototype_mass, magnet_core.model.prototypes): the fedproto "
+                             "method; they never change a prediction")
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "ModelConfig":
@@ -88,12 +91,19 @@ PRESETS: dict[str, Preset] = {
 LABEL_ADJUSTMENTS = ("none", "logit-adjust", "fedlc")
 MAX_LABEL_TAU = 10.0  # the papers use tau in 0.5..2 (Menon et al.) and 0.01..1 (FedLC); beyond 10 training stalls
 
+MAX_PROTOTYPE_WEIGHT = 100.0  # the prototype pull's weight lambda (FedProto uses 1); beyond this it swamps the task
+
 DEFAULT_PRESET = "ov"  # the paper's TCGA-OV settings; every command's default
 
 
-def get_preset(name: str) -> Preset:
-    """Return a preset by (case-insensitive) name, with a clear error for unknown names."""
+def get_preset(name: str, prototypes: bool = False) -> Preset:
+    """Return a preset by (case-insensitive) name, with a clear error for unknown names. ``prototypes``: its model
+    carries the class-prototype buffers (a run with prototype weight > 0; the server and every site build the same
+    model from the same round config, and the site checks the layout it is sent against its own)."""
     key = name.lower()
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[key]
+    preset = PRESETS[key]
+    if prototypes:
+        preset = preset.model_copy(update={"model": preset.model.model_copy(update={"prototypes": True})})
+    return preset

@@ -84,6 +84,9 @@ class MAGNET(nn.Module):
         self.convs = nn.ModuleList([EdgeSAGEConv(h, h) for _ in range(cfg.gnn_layers)])
         self.head_hidden = glorot_linear(h, h)
         self.head_out = glorot_linear(h, num_classes)
+        if cfg.prototypes:  # the consortium's class prototypes (magnet_core.model.prototypes); never in a prediction
+            self.register_buffer("prototype_sum", torch.zeros(num_classes, h))
+            self.register_buffer("prototype_mass", torch.zeros(num_classes))
 
     def fuse(self, xs: Sequence[Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
         """Encode each available modality and fuse per patient: (n, hidden), attention (n, heads, M)."""
@@ -111,6 +114,14 @@ class MAGNET(nn.Module):
         return self.decode(fused, edge_index, edge_weight, edge_chunk), fused
 
     # --- helpers for federated aggregation -------------------------------------------------------------
+    PROTOTYPE_ARRAYS = ("prototype_sum", "prototype_mass")
+
+    @staticmethod
+    def is_statistic(param_name: str) -> bool:
+        """True for the class-prototype buffers: averaged like any shared array, never stepped by a server
+        optimizer (they are statistics, not weights) and never used by a prediction."""
+        return param_name in MAGNET.PROTOTYPE_ARRAYS
+
     @staticmethod
     def encoder_modality(param_name: str) -> str | None:
         """``"encoders.<m>.…"`` -> m; None for shared parameters (attention, GNN, head)."""

@@ -13,7 +13,17 @@ from magnet_core.model.config import ModelConfig, TrainConfig
 from magnet_core.model.loss import label_offsets
 from magnet_core.model.metrics import DEFAULT_BINS, EvalCounts, confusion_counts, score_histogram
 from magnet_core.model.network import MAGNET
-from magnet_core.model.train import PatientSet, in_dims_of, make_optimizer, predict_proba, split_sets, train_epochs
+from magnet_core.model.prototypes import class_means, global_prototypes, site_release
+from magnet_core.model.train import (
+    PatientSet,
+    PrototypePull,
+    fused_embeddings,
+    in_dims_of,
+    make_optimizer,
+    predict_proba,
+    split_sets,
+    train_epochs,
+)
 
 TestGraph = Literal["among-test", "attach-to-train"]
 TEST_GRAPHS = ("among-test", "attach-to-train")
@@ -59,12 +69,16 @@ class SiteRuntime:
 
     def fit(self, params: Mapping[str, np.ndarray | torch.Tensor], cfg: TrainConfig, local_epochs: int,
             server_round: int, seed: int, proximal_mu: float = 0.0, label_adjustment: str = "none",
-            label_tau: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+            label_tau: float = 0.0, prototype_weight: float = 0.0, min_count: int | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Train ``local_epochs`` from the global ``params``. The learning rate follows the global StepLR
         schedule ((round - 1) * local_epochs epochs done so far); the RNG is seeded by (seed, round, site).
         ``proximal_mu`` > 0: FedProx, the local loss gains (mu / 2) * ||w - params||^2. ``label_adjustment`` /
         ``label_tau``: logit offsets from this site's own training-label counts (:meth:`label_counts`; nothing
-        about them leaves the site) inside the local cross-entropy (:func:`~magnet_core.model.loss.label_offsets`)."""
+        about them leaves the site) inside the local cross-entropy (:func:`~magnet_core.model.loss.label_offsets`).
+        ``prototype_weight`` > 0: FedProto's pull towards the received class prototypes; a model with prototype
+        buffers then gets this site's class means, for the classes with at least ``min_count`` (k) training
+        patients only (:mod:`magnet_core.model.prototypes`)."""
         self.set_params(params)
         done = (server_round - 1) * local_epochs
         lr = cfg.lr * cfg.lr_gamma ** (done // cfg.lr_step)
@@ -73,8 +87,25 @@ class SiteRuntime:
         if self.train.n == 0:
             return self.get_state(), {"loss": float("nan")}
         offsets = label_offsets(self.label_counts(), label_adjustment, label_tau)
+        carries = hasattr(self.model, "prototype_sum")
+        if prototype_weight > 0 and not carries:
+            raise ValueError("prototype_weight > 0 needs a model with class-prototype buffers (get_preset(..., "
+                             "prototypes=True))")
+        pull = None
+        if carries and prototype_weight > 0:
+            protos, defined = global_prototypes(self.model.prototype_sum, self.model.prototype_mass)
+            pull = PrototypePull(protos, defined, float(prototype_weight))
         stats = train_epochs(self.model, self.train, cfg, local_epochs, optimizer=opt, scheduler=None,
-                             proximal_mu=proximal_mu, offsets=offsets)
+                             proximal_mu=proximal_mu, offsets=offsets, pull=pull)
+        if pull is not None:
+            if min_count is None:
+                raise ValueError("class prototypes are released only under a minimum count k: give min_count")
+            means, held = class_means(fused_embeddings(self.model, self.train), self.train.y,
+                                      self.cohort.num_classes, min_count)
+            new_sum, new_mass = site_release(self.model.prototype_sum, self.model.prototype_mass, means, held)
+            self.model.prototype_sum.copy_(new_sum)
+            self.model.prototype_mass.copy_(new_mass)
+            stats = {**stats, "prototype_classes": float(held.sum())}
         return self.get_state(), stats
 
     def label_counts(self) -> torch.Tensor:

@@ -18,6 +18,7 @@ from magnet_core.model.graph_topk import DEFAULT_K, NeighbourSampler, build_grap
 from magnet_core.model.loss import magnet_loss
 from magnet_core.model.network import MAGNET, build_model
 from magnet_core.model.optim import adam, skip_dynamo_import
+from magnet_core.model.prototypes import prototype_loss
 
 Batching = Literal["full", "neighbour", "auto"]
 FUSE_CHUNK = 8192  # patients encoded per (checkpointed) chunk when a sparse graph is larger than this
@@ -146,6 +147,7 @@ def train_epochs(
     memory_budget: int = MEMORY_BUDGET_BYTES,
     proximal_mu: float = 0.0,
     offsets: Tensor | None = None,
+    pull: "PrototypePull | None" = None,
 ) -> dict[str, float]:
     """Train for ``epochs`` epochs; returns the last epoch's losses (mean over its mini-batches).
 
@@ -156,6 +158,8 @@ def train_epochs(
 
 ``offsets`` (C,): per-class logit offsets inside the cross-entropy (label-skew methods, see
 :func:`magnet_core.model.loss.label_offsets`); None = plain cross-entropy.
+
+    ``pull``: FedProto's prototype term on the fused embeddings (:class:`PrototypePull`), reported as "prototype".
 
     ``batching``: "full" = one step per epoch on the whole graph; "neighbour" = mini-batches of ``batch_size``
     seed patients with sampled neighbourhoods (``fanouts`` per layer, default 10 each; cross-entropy on the
@@ -174,9 +178,9 @@ def train_epochs(
     stats: dict[str, float] = {}
     for epoch in range(epochs):
         if sampler is None:
-            stats = _step(model, data, cfg, optimizer, prox=prox, offsets=offsets)
+            stats = _step(model, data, cfg, optimizer, prox=prox, offsets=offsets, pull=pull)
         else:
-            stats = _neighbour_epoch(model, data, cfg, optimizer, sampler, batch_size, prox, offsets)
+            stats = _neighbour_epoch(model, data, cfg, optimizer, sampler, batch_size, prox, offsets, pull)
         if scheduler is not None:
             scheduler.step()
         if on_epoch is not None:
@@ -208,17 +212,36 @@ class Proximal:
         return 0.5 * self.mu * total
 
 
+@dataclasses.dataclass(frozen=True)
+class PrototypePull:
+    """FedProto's local term ``weight`` x :func:`~magnet_core.model.prototypes.prototype_loss` towards the
+    consortium's class ``prototypes`` (C, d) for the classes ``defined`` (C,) bool."""
+
+    prototypes: Tensor
+    defined: Tensor
+    weight: float
+
+    def __post_init__(self) -> None:
+        if not (self.weight >= 0 and np.isfinite(self.weight)):
+            raise ValueError(f"prototype weight must be a finite number >= 0, got {self.weight}")
+
+
 def _step(model: MAGNET, data: PatientSet, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-          num_seeds: int | None = None, prox: Proximal | None = None, offsets: Tensor | None = None
-          ) -> dict[str, float]:
+          num_seeds: int | None = None, prox: Proximal | None = None, offsets: Tensor | None = None,
+          pull: PrototypePull | None = None) -> dict[str, float]:
     """One optimiser step on ``data`` (cross-entropy on its first ``num_seeds`` patients, default all); with
-    ``prox``, FedProx's proximal gradient is added before the step."""
+    ``prox``, FedProx's proximal gradient is added before the step; with ``pull``, the prototype term on the same
+    patients' fused embeddings."""
     optimizer.zero_grad(set_to_none=True)
     g = data.graph
     logits, fused = forward(model, data)
     seeds = slice(0, num_seeds if num_seeds is not None else data.n)
     loss, stats = magnet_loss(logits[seeds], data.y[seeds], g.edge_index, g.edge_weight, fused, cfg.kl_weight,
                                offsets)
+    if pull is not None and pull.weight > 0:
+        term = prototype_loss(fused[seeds], data.y[seeds], pull.prototypes, pull.defined)
+        loss = loss + pull.weight * term
+        stats = {**stats, "prototype": float(term.detach())}  # "loss" stays the task loss, as for "proximal"
     loss.backward()
     if prox is not None:
         stats = {**stats, "proximal": prox.add_gradient(model)}
@@ -228,7 +251,7 @@ def _step(model: MAGNET, data: PatientSet, cfg: TrainConfig, optimizer: torch.op
 
 def _neighbour_epoch(model: MAGNET, data: PatientSet, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                      sampler: NeighbourSampler, batch_size: int, prox: Proximal | None = None,
-                     offsets: Tensor | None = None) -> dict[str, float]:
+                     offsets: Tensor | None = None, pull: PrototypePull | None = None) -> dict[str, float]:
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))  # from the (seeded) global RNG
     order = torch.randperm(data.n, generator=gen)
     totals: dict[str, float] = {}
@@ -237,11 +260,20 @@ def _neighbour_epoch(model: MAGNET, data: PatientSet, cfg: TrainConfig, optimize
         seeds = order[s : s + batch_size]
         nodes, sub = sampler.sample(seeds, gen)
         stats = _step(model, data.subset(nodes, sub), cfg, optimizer, num_seeds=len(seeds), prox=prox,
-                      offsets=offsets)
+                      offsets=offsets, pull=pull)
         for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + value
         batches += 1
     return {key: value / batches for key, value in totals.items()}
+
+
+@torch.no_grad()
+def fused_embeddings(model: MAGNET, data: PatientSet, chunk: int = FUSE_CHUNK) -> Tensor:
+    """The fused embeddings (n, hidden) of ``data``'s patients in eval mode (no dropout), in chunks of patients
+    (the fusion is per patient: no graph is needed)."""
+    model.eval()
+    return torch.cat([model.fuse([x[s : s + chunk] for x in data.xs], data.mask[s : s + chunk])[0]
+                      for s in range(0, data.n, chunk)]) if data.n else torch.zeros(0, model.cfg.hidden)
 
 
 @torch.no_grad()

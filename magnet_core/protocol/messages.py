@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from magnet_core.cohort.manifest import DEFAULT_MIN_COUNT, MIN_COUNT_FLOOR
-from magnet_core.model.config import MAX_LABEL_TAU, PRESETS
+from magnet_core.model.config import MAX_LABEL_TAU, MAX_PROTOTYPE_WEIGHT, PRESETS
 from magnet_core.protocol.errors import ContractError
 from magnet_core.protocol.keys import NAME_FIELD, VERSION_KEY
 from magnet_core.protocol.version import check_version, stamped
@@ -76,6 +76,11 @@ class RoundConfig(BaseModel):
                             "its local cross-entropy (magnet_core.model.loss.label_offsets)")
     label_tau: float = Field(0.0, ge=0, le=MAX_LABEL_TAU, allow_inf_nan=False,
                              description="strength tau of label-adjustment (0 = plain cross-entropy)")
+    prototype_weight: float = Field(0.0, ge=0, le=MAX_PROTOTYPE_WEIGHT, allow_inf_nan=False,
+                                    description="fedproto: the pull towards the consortium's class prototypes (0 = "
+                                                "off); > 0: the model carries them, and the site returns its class "
+                                                "means for classes with >= k training patients "
+                                                "(magnet_core.model.prototypes)")
     histogram_bins: StrictInt = Field(ge=2, le=MAX_HISTOGRAM_BINS, description="score-histogram bins (binary tasks)")
     test_graph: Literal["among-test", "attach-to-train"] = Field(
         "among-test", description="evaluation: a graph among the test patients (paper) or attached to training ones")
