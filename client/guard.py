@@ -162,6 +162,7 @@ def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None,
         cfg = RoundConfig.decode(content[CONFIG_KEY])
         fields: dict[str, Any] = dict(round=cfg.server_round, local_epochs=cfg.local_epochs,
                                       histogram_bins=cfg.histogram_bins, min_count=cfg.min_count,
+                                      prototype_weight=cfg.prototype_weight,
                                       model_sha256=model_sha256(content))
         if kind == SECURE_TRAIN:
             start = SecAggStart.from_record(content[SECAGG_KEY], training=True)
@@ -270,5 +271,10 @@ def screened(msg: Message, context: Context, answer: Callable[[], Message]) -> M
         append(folder, exchange_entry(msg, reply, decision="refused", rule=exc.rule, where=exc.where, **audit))
         return reply
     reply = answer()
-    append(folder, exchange_entry(msg, reply, decision="failed" if reply.has_error() else "answered", **audit))
+    entry = exchange_entry(msg, reply, decision="failed" if reply.has_error() else "answered", **audit)
+    if req.training and req.prototype_weight and not reply.has_error():
+        # what the update carries besides weights: class means of the classes with >= k training patients
+        entry["class_prototypes"] = {"k": max(req.min_count or 0, policy.min_count),
+                                     "weight": req.prototype_weight}
+    append(folder, entry)
     return reply

@@ -140,6 +140,9 @@ class SitePolicy(BaseModel):
     state_dir: str = Field("site-state", description="the site's own folder (audit log, privacy spent, memory); "
                                                      "relative to the policy file")
     min_count: int = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR, description="k: the site's own minimum count")
+    release_class_prototypes: bool = Field(
+        False, description="answer fedproto rounds: return, inside the update, the mean fused embedding of each class "
+        "with at least k training patients (magnet_core.model.prototypes); false: such a round is refused")
     secure_aggregation: SecureAggregation = Field(default_factory=SecureAggregation)
     privacy: Privacy = Field(default_factory=Privacy)
     ranges: Ranges = Field(default_factory=Ranges)
@@ -238,6 +241,7 @@ class SiteRequest(BaseModel):
     local_epochs: int | None = None
     histogram_bins: int | None = None
     min_count: int | None = None
+    prototype_weight: float | None = Field(None, description="training: > 0 asks for the class prototypes")
     dp_noise_multiplier: float | None = Field(None, description="the site's own noise (distributed DP) if any")
     secagg_threshold: int | None = None
     secagg_holders: int | None = Field(None, description="secure sums, stage 0: the sites holding shares of one "
@@ -375,9 +379,17 @@ def check_ranges(policy: SitePolicy, req: SiteRequest) -> None:
 
 
 def check_min_count(policy: SitePolicy, req: SiteRequest) -> None:
-    if (req.evaluation or req.preparation) and req.min_count is not None and req.min_count < policy.min_count:
+    releases_counts = req.evaluation or req.preparation or (req.training and bool(req.prototype_weight))
+    if releases_counts and req.min_count is not None and req.min_count < policy.min_count:
         raise PolicyRefusal(policy, "min_count", f"the request asks for k = {req.min_count}, below this site's "
                             f"minimum count {policy.min_count} (the larger of the site's and the consortium's holds)")
+
+
+def check_prototypes(policy: SitePolicy, req: SiteRequest) -> None:
+    if req.training and req.prototype_weight and not policy.release_class_prototypes:
+        raise PolicyRefusal(policy, "release_class_prototypes", f"the round asks for class prototypes (prototype "
+                            f"weight {req.prototype_weight:g}): this site releases no per-class statistic of its "
+                            "training patients")
 
 
 def check_rounds(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory) -> None:
@@ -509,6 +521,7 @@ def check_request(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory
     check_threshold(policy, req)
     check_ranges(policy, req)
     check_min_count(policy, req)
+    check_prototypes(policy, req)
     check_preparation(policy, req, memory)
     check_preparation_sum(policy, req, memory)
     check_rounds(policy, req, memory)
@@ -560,6 +573,7 @@ TEMPLATE = """\
 consortium = {consortium}    # the consortium this policy is for; budgets and memory are kept per consortium
 state_dir = {state_dir}    # this site's own folder: audit log, privacy spent, round memory (relative to this file)
 min_count = {min_count}    # k: no release describes fewer patients; the larger of this and the consortium's holds
+release_class_prototypes = false    # true: answer fedproto rounds (class means of >= k patients, inside the update)
 
 [secure_aggregation]
 train = true    # training only inside a secure sum: a plain 'train' message is refused

@@ -153,6 +153,10 @@ class FederatedConfig(BaseModel):
 
     @model_validator(mode="after")
     def _dp_needs_the_mean(self) -> "FederatedConfig":
+        if self.prototype_weight > 0 and (self.secagg or self.dp_clip_norm > 0):
+            raise ValueError("prototype-weight > 0 (fedproto) aggregates in the clear only: its class prototypes would "
+                             "share the update's clip (and DP noise) with the weights, and a secure sum hides them "
+                             "from the coordinator's prototype check; use secagg=false and dp-clip-norm=0")
         if self.dp_clip_norm > 0 and self.robust not in ("mean", "auto"):
             raise ValueError("differential privacy bounds each site's influence on a mean: use robust='mean' (or "
                              "'auto', which is the mean under DP)")

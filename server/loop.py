@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 
 from magnet_core.artefacts.run_record import RoundRecord
 from magnet_core.federation.screening import ScreenMemory
+from magnet_core.model.config import get_preset
 from magnet_core.model.network import build_model
 from magnet_core.protocol.enrolment import Enrolment
 from magnet_core.protocol.messages import RoundConfig
@@ -232,8 +233,10 @@ def write_model_package(out: Path, params: dict[str, np.ndarray], history: list[
     """The signed, self-describing model package: weights, manifest, classes, preset, run settings and fingerprint,
     round, global metrics, versions (magnet_core.artefacts.model_package); a site verifies it before use."""
     from magnet_core.artefacts.model_package import write_package
+    from magnet_core.model.prototypes import prediction_params
 
-    preset = preset_of(cfg)
+    preset = get_preset(cfg.preset)  # a package carries no class prototypes (sites released them to the coordinator)
+    params = prediction_params(params)
     last = history[-1] if history else {}
     metrics = {k: v for k, v in (last.get("global") or {}).items() if isinstance(v, (int, float))}
     path = write_package(out / "model.magnet", params, manifest=manifest, preset=cfg.preset, model_cfg=preset.model,

@@ -24,6 +24,7 @@ from magnet_core.federation.aggregate import (
     applied_rule,
     flat_delta,
     near_median,
+    prototype_outliers,
     robust_refusal,
     server_opt_step,
     trained_arrays,
@@ -209,6 +210,9 @@ class MagnetFedAvg(FedAvg):
         candidates = checked_replies(replies, ledger, self.names, decode, [
             lambda u: check_train_against(u.reply, self.facts(u.site)),
             lambda u: validate_update(self.current, u.params)], "update", "more than one reply in a round")
+        for node, reason in prototype_outliers(self.current, {n: u.params for n, u in candidates.items()}).items():
+            ledger.reject(node, reason, "update")
+            del candidates[node]
         deltas = StepsOnDemand(self.current, {node: u.params for node, u in candidates.items()})
         decisions = screen_updates(self.current, deltas, self.memory, self.rules,
                                    dp_clip=self.dp.clip_norm if self.dp is not None else None)

@@ -31,11 +31,12 @@ SITE = 0  # partition 0 of the simulated consortium: the site under attack
 
 
 def policy_text(*, secure_train: bool = True, secure_prepare: bool = True, min_noise: float = 1.0,
-                budget: float | None = 10.0, min_count: int = 5, split_seed: int = 10) -> str:
+                budget: float | None = 10.0, min_count: int = 5, split_seed: int = 10, prototypes: bool = False) -> str:
     return f"""\
 consortium = "ov-test"
 state_dir = "state"
 min_count = {min_count}
+release_class_prototypes = {str(prototypes).lower()}
 
 [secure_aggregation]
 train = {str(secure_train).lower()}
@@ -316,6 +317,38 @@ def site_audit(capsys, monkeypatch):
         return code, capsys.readouterr().out
 
     return run
+
+
+def test_class_prototypes_are_released_only_where_the_policy_allows_them(tmp_path):
+    """fedproto asks each site for its class means (inside the update). A site whose policy does not allow it
+    refuses the round, naming the line; a site that allows it answers, and its reply changes no class it holds
+    fewer than k training patients of (the coordinator planted values there: they come back unchanged)."""
+    from client.handlers import forget_sites, site_for
+    from magnet_core.protocol.wire import Layout, flat_of, unpack
+
+    cfg = RoundConfig(server_round=1, seed=0, preset="ov", local_epochs=1, histogram_bins=10, min_count=5,
+                      prototype_weight=1.0, **DATA)
+    forget_sites()
+    runtime = site_for(cfg, {"partition-id": SITE}, SITE)
+    model = {k: v.detach().numpy().copy() for k, v in runtime.model.state_dict().items()}
+    model["prototype_sum"] = np.full_like(model["prototype_sum"], 0.25)
+    model["prototype_mass"] = np.full_like(model["prototype_mass"], 0.5)
+    counts = runtime.label_counts().numpy()
+    k = int(counts[counts > 0].min()) + 1
+    refusing = Site(tmp_path / "a", {"partition-id": SITE}, **PLAIN, min_count=k)
+    refused(refusing, train(refusing, model, 1, prototype_weight=1.0, min_count=k), "release_class_prototypes")
+    allowing = Site(tmp_path / "b", {"partition-id": SITE}, **PLAIN, prototypes=True, min_count=k)
+    # a coordinator that lowers k below the site's own is refused: the policy's k holds for class means too
+    refused(allowing, train(allowing, model, 1, prototype_weight=1.0, min_count=k - 1), "min_count")
+    reply = train(allowing, model, 1, prototype_weight=1.0, min_count=k)
+    answered(reply)
+    assert allowing.audit()[-1]["class_prototypes"] == {"k": k, "weight": 1.0}  # the site's record of the release
+    back = unpack(flat_of(reply.content["arrays"]), Layout.from_params(model))
+    below = counts < k
+    assert below.any() and (~below).any()
+    assert np.array_equal(back["prototype_sum"][below], model["prototype_sum"][below])
+    assert np.array_equal(back["prototype_mass"][below], model["prototype_mass"][below])
+    assert np.all(back["prototype_mass"][~below] == 1.0)
 
 
 def test_the_audit_chain_verifies_and_a_tampered_line_is_detected(tmp_path, global_model, site_audit):

@@ -205,6 +205,9 @@ def test_fedproto_runs_end_to_end_and_is_reproducible(tmp_path):
     assert res["method_settings"]["fedproto"]["prototype-weight"] == 1.0
     assert res["method_settings"]["federated"]["prototype-weight"] == 0.0
     assert res["results"]["fedproto"]["mcc"]["per_seed"][0] is not None
+    rounds = (runs[0] / "rounds.csv").read_text().splitlines()
+    rejected = rounds[0].split(",").index("sites_rejected")
+    assert all(line.split(",")[rejected] == "0" for line in rounds[1:])  # honest releases pass the coordinator's check
     models = [torch.load(r / "runs" / "fedproto-seed10" / "model.pt", weights_only=True) for r in runs]
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])  # same seed, same model
     mass = models[0]["prototype_mass"]
@@ -212,3 +215,79 @@ def test_fedproto_runs_end_to_end_and_is_reproducible(tmp_path):
     fed = torch.load(runs[0] / "runs" / "federated-seed10" / "model.pt", weights_only=True)
     assert "prototype_sum" not in fed
     assert any(not torch.equal(models[0][k], fed[k]) for k in fed)  # the term changed training
+
+
+def _honest_release(c: int = 3, d: int = 4):
+    rng = np.random.default_rng(2)
+    g = {"prototype_sum": rng.normal(size=(c, d)).astype(np.float32),
+         "prototype_mass": np.array([0.0, 0.5, 1.0], np.float32)[:c]}
+    s, m = site_release(torch.from_numpy(g["prototype_sum"]), torch.from_numpy(g["prototype_mass"]),
+                        torch.from_numpy(rng.normal(size=(c, d)).astype(np.float32)), torch.tensor([True, False, True]))
+    return g, {"prototype_sum": s.numpy(), "prototype_mass": m.numpy()}
+
+
+def test_the_coordinator_accepts_honest_releases():
+    from magnet_core.federation.aggregate import prototype_problems, released_means
+
+    g, new = _honest_release()
+    assert prototype_problems(g, new) == []
+    assert released_means(g, new).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("forge,match", [
+    (lambda n: n["prototype_mass"].__setitem__(1, 0.9), "neither the received ones nor 1"),  # weight it never had
+    (lambda n: n["prototype_sum"].__setitem__(1, n["prototype_sum"][1] + 5), "changed while their mass"),
+    (lambda n: n["prototype_mass"].__setitem__(0, 50.0), "neither the received ones nor 1"),
+    (lambda n: n["prototype_mass"].__setitem__(0, -0.5), "neither the received ones nor 1"),
+])
+def test_a_dishonest_site_cannot_forge_prototype_weight(forge, match):
+    """Replies no honest site can send are rejected by the coordinator's shared update check."""
+    from magnet_core.federation.aggregate import validate_update
+
+    g, new = _honest_release()
+    forge(new)
+    problems = validate_update(g, new)
+    assert problems and match in problems[0]
+
+
+def test_an_out_of_scale_class_mean_is_refused_and_honest_ones_are_not():
+    from magnet_core.federation.aggregate import prototype_outliers
+
+    g, _ = _honest_release()
+    honest = {i: _honest_release()[1] for i in range(3)}
+    assert prototype_outliers(g, honest) == {}
+    poisoned = {**honest, 3: {"prototype_sum": honest[0]["prototype_sum"] * 1000,
+                              "prototype_mass": honest[0]["prototype_mass"]}}
+    out = prototype_outliers(g, poisoned)
+    assert set(out) == {3} and "released class mean" in out[3]
+    assert prototype_outliers({"w": np.zeros(2)}, {0: {"w": np.ones(2)}}) == {}  # no prototypes: nothing to check
+
+
+def test_prototypes_are_no_step_for_the_screen_and_always_averaged():
+    """The screen's norms, clip and direction read the weights only (a prototype's size cannot widen the band a
+    dishonest weight step must fit in), the clip leaves the prototypes as sent, and a robust rule still averages
+    them (a coordinate-wise median of sums and masses is no prototype)."""
+    from magnet_core.federation.aggregate import flat_delta
+    from magnet_core.federation.screening import model_norm, shrink
+
+    g = {"w": np.zeros(2), "prototype_sum": np.zeros((2, 2)), "prototype_mass": np.zeros(2)}
+    u = {"w": np.array([3.0, 4.0]), "prototype_sum": np.full((2, 2), 100.0), "prototype_mass": np.ones(2)}
+    assert np.linalg.norm(flat_delta(g, u)) == pytest.approx(5.0)
+    assert model_norm(u) == pytest.approx(5.0)
+    clipped = shrink(g, u, 0.5)
+    assert clipped["w"].tolist() == [1.5, 2.0] and np.array_equal(clipped["prototype_sum"], u["prototype_sum"])
+    ups = [SiteUpdate(f"s{i}", {"w": np.full(2, float(i)), "prototype_sum": np.full((2, 2), float(i)),
+                                "prototype_mass": np.array([1.0, 1.0 if i == 0 else 0.0])}, 10, {})
+           for i in range(3)]
+    new = aggregate_updates(g, ups, robust="median")
+    assert new["w"].tolist() == [1.0, 1.0]
+    assert new["prototype_mass"].tolist() == pytest.approx([1.0, 1 / 3])  # the mean, not the median (0)
+
+
+def test_prototypes_are_refused_with_secure_aggregation_or_dp():
+    from server.config import FederatedConfig, RunConfigError
+
+    for extra in ({"secagg": True}, {"dp-clip-norm": 0.5, "dp-noise-multiplier": 1.0}):
+        with pytest.raises(RunConfigError, match="aggregates in the clear only"):
+            FederatedConfig.from_run_config({"prototype-weight": 1.0, **extra})
+    assert FederatedConfig.from_run_config({"prototype-weight": 1.0}).prototype_weight == 1.0

@@ -16,8 +16,10 @@ from magnet_core.federation.dp import rdp_epsilon
 
 def test_a_bad_value_is_named_with_its_file_line_and_key(tmp_path):
     path = tmp_path / "policy.toml"
-    path.write_text(template("ov").replace("local_epochs = [1, 20]", "local_epochs = [20, 1]"))
-    with pytest.raises(PolicyError, match=r"policy.toml line 22: ranges.local_epochs: .*low 20 is above high 1"):
+    text = template("ov").replace("local_epochs = [1, 20]", "local_epochs = [20, 1]")
+    path.write_text(text)
+    line = text.splitlines().index("local_epochs = [20, 1]") + 1
+    with pytest.raises(PolicyError, match=rf"policy.toml line {line}: ranges.local_epochs: .*low 20 is above high 1"):
         load_policy(path)
     path.write_text(template("ov") + "\n[privacy]\nnoise = 2\n")
     with pytest.raises(PolicyError, match="not valid TOML"):
@@ -30,9 +32,12 @@ def test_a_refusal_names_the_line_of_the_rule(tmp_path):
     path = tmp_path / "policy.toml"
     path.write_text(template("ov"))
     policy = load_policy(path)
-    assert policy.where("privacy.epsilon_budget") == f"{path} line 15: privacy.epsilon_budget = 10.0"
-    assert policy.where("ranges.rounds") == f"{path} line 21: ranges.rounds = [1, 100]"
+    assert policy.where("privacy.epsilon_budget") == f"{path} line 16: privacy.epsilon_budget = 10.0"
+    assert policy.where("ranges.rounds") == f"{path} line 22: ranges.rounds = [1, 100]"
     assert parse_policy('consortium = "ov"\n', str(path)).where("min_count").endswith("(default): min_count = 5")
+    # a policy written before the rule existed releases no class prototypes
+    assert parse_policy('consortium = "ov"\n', str(path)).release_class_prototypes is False
+    assert policy.where("release_class_prototypes") == f"{path} line 6: release_class_prototypes = False"
 
 
 def test_a_state_folder_open_to_others_is_refused(tmp_path):

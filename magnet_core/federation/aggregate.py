@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -101,6 +101,9 @@ def aggregate_updates(
         updates, robust = near_median(global_params, updates), "mean"
     out: Params = {}
     for name, current in global_params.items():
+        # statistics (class prototypes) always take the weighted mean: a coordinate-wise median of sums and masses
+        # is no prototype, and a class held by a minority of sites would never get one
+        rule: Robust = "mean" if MAGNET.is_statistic(name) else robust
         modality = MAGNET.encoder_modality(name)
         if modality_aware and modality is not None:
             contrib = [(u, u.modality_counts.get(modality, 0) * u.trust) for u in updates]
@@ -112,7 +115,7 @@ def aggregate_updates(
             continue
         stack = np.stack([u.params[name].astype(np.float64) for u, _ in contrib])
         weights = np.array([c for _, c in contrib], dtype=np.float64)
-        out[name] = _combine(stack, weights, robust, trim).astype(current.dtype)
+        out[name] = _combine(stack, weights, rule, trim).astype(current.dtype)
     return out
 
 
@@ -251,13 +254,72 @@ def validate_update(global_params: Params, params: Mapping[str, np.ndarray]) -> 
             problems.append(f"array {name!r} has shape {tuple(a.shape)}, expected {tuple(g.shape)}")
         elif not np.all(np.isfinite(a)):
             problems.append(f"array {name!r} has {int((~np.isfinite(a)).sum())} non-finite values")
+    if not problems and "prototype_mass" in global_params:
+        problems += prototype_problems(global_params, params)
     return problems
 
 
+PROTOTYPE_PEER_RATIO = 10.0  # a released class mean longer than this x the round's median released norm is refused
+
+
+def prototype_problems(global_params: Params, params: Mapping[str, np.ndarray]) -> list[str]:
+    """What an honest site cannot have sent in the class-prototype buffers (magnet_core.model.prototypes): for each
+    class it either returns the received (sum, mass) exactly, or releases its class mean with mass exactly 1
+    (prototype runs aggregate in the clear, without DP or secure sums: server/config.py refuses those, so no clip
+    touches a reply). So every mass is the received one or 1, and a class below mass 1 that the site did not release
+    has its sum unchanged: a site cannot give itself weight in a class it did not release, nor move a prototype
+    without owning its mass. (What a released mean holds is bounded by :func:`prototype_outliers`.)"""
+    g_mass, mass = np.asarray(global_params["prototype_mass"]), np.asarray(params["prototype_mass"])
+    g_sum, s = np.asarray(global_params["prototype_sum"]), np.asarray(params["prototype_sum"])
+    problems = []
+    bad_mass = (mass != g_mass) & (mass != 1)
+    if bad_mass.any():
+        problems.append(f"class prototypes: masses {mass[bad_mass].tolist()} of class(es) "
+                        f"{np.flatnonzero(bad_mass).tolist()} are neither the received ones nor 1 (a released class)")
+    moved = (mass == g_mass) & (g_mass != 1) & np.any(s != g_sum, axis=1)
+    if moved.any():
+        problems.append(f"class prototypes: the sum of class(es) {np.flatnonzero(moved).tolist()} changed while "
+                        "their mass did not (an honest site returns a class it does not release exactly as received)")
+    return problems
+
+
+def released_means(global_params: Params, params: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The classes an update released (mass 1 and a changed sum, or a mass that became 1), as a (C,) bool mask."""
+    g_mass, mass = np.asarray(global_params["prototype_mass"]), np.asarray(params["prototype_mass"])
+    changed = np.any(np.asarray(params["prototype_sum"]) != np.asarray(global_params["prototype_sum"]), axis=1)
+    return (mass == 1) & (changed | (g_mass != 1))
+
+
+def prototype_outliers(global_params: Params, updates: Mapping[Any, Mapping[str, np.ndarray]],
+                       ratio: float = PROTOTYPE_PEER_RATIO) -> dict[Any, str]:
+    """Updates whose released class means are out of scale: any released mean longer than ``ratio`` x the lower
+    median of every released mean's norm this round and of the current prototypes' norms (so sites sending long
+    means, up to half of all of them, cannot lift the reference). {update key: reason}; empty without prototypes."""
+    if "prototype_mass" not in global_params:
+        return {}
+    from magnet_core.federation.screening import lower_median
+
+    g_mass = np.asarray(global_params["prototype_mass"], np.float64)
+    g_sum = np.asarray(global_params["prototype_sum"], np.float64)
+    defined = g_mass >= 0.05
+    current = list(np.linalg.norm(g_sum[defined] / g_mass[defined, None], axis=1)) if defined.any() else []
+    norms = {key: np.linalg.norm(np.asarray(p["prototype_sum"], np.float64)[released_means(global_params, p)], axis=1)
+             for key, p in updates.items()}
+    pool = [float(v) for n in norms.values() for v in n] + [float(v) for v in current]
+    if not pool:
+        return {}
+    ref = lower_median(pool)
+    return {key: f"class prototypes: a released class mean of norm {float(n.max()):.3g} is more than {ratio:g}x the "
+                 f"round's reference norm {ref:.3g}"
+            for key, n in norms.items() if n.size and float(n.max()) > ratio * max(ref, 1e-12)}
+
+
 def flat_delta(global_params: Params, params: Mapping[str, np.ndarray]) -> np.ndarray:
-    """(update - global) over all arrays, as one float64 vector in sorted-name order."""
+    """(update - global) over the weights, as one float64 vector in sorted-name order: the step every norm, screen
+    and direction reads. Statistics (the class prototypes, :meth:`MAGNET.is_statistic`) are not a step: they have
+    their own check (:func:`prototype_problems`, :func:`prototype_outliers`)."""
     return np.concatenate([(np.asarray(params[k], np.float64) - global_params[k]).ravel()
-                           for k in sorted(global_params)])
+                           for k in sorted(global_params) if not MAGNET.is_statistic(k)])
 
 
 class StepsOnDemand(collections.abc.Mapping):

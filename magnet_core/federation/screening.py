@@ -26,6 +26,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from magnet_core.model.network import MAGNET
+
 Params = dict[str, np.ndarray]
 
 
@@ -90,7 +92,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def model_norm(params: Mapping[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(float((np.asarray(v, np.float64) ** 2).sum()) for v in params.values())))
+    """The weights' L2 norm (statistics, the class prototypes, are not weights: see aggregate.flat_delta)."""
+    return float(np.sqrt(sum(float((np.asarray(v, np.float64) ** 2).sum()) for k, v in params.items()
+                             if not MAGNET.is_statistic(k))))
 
 
 def _band(norm: float, gnorm: float, rules: ScreenRules) -> str | None:
@@ -238,8 +242,14 @@ def opposed(deltas: Mapping[int, np.ndarray], nodes: Sequence[int], last: np.nda
 
 
 def shrink(global_params: Params, params: Mapping[str, np.ndarray], scale: float) -> Params:
-    """``params`` with its step from ``global_params`` multiplied by ``scale`` (the clip the screen decided)."""
+    """``params`` with its step from ``global_params`` multiplied by ``scale`` (the clip the screen decided); the
+    statistics (class prototypes) as sent: they are no step (checked by aggregate.prototype_problems instead)."""
     if scale >= 1.0:
         return dict(params)
-    return {k: (np.asarray(g, np.float64) + scale * (np.asarray(params[k], np.float64) - g)).astype(np.asarray(g).dtype)
+
+    def step(k: str, g: np.ndarray) -> np.ndarray:
+        out = np.asarray(g, np.float64) + scale * (np.asarray(params[k], np.float64) - g)
+        return out.astype(np.asarray(g).dtype)
+
+    return {k: np.array(params[k], copy=True) if MAGNET.is_statistic(k) else step(k, g)
             for k, g in global_params.items()}
