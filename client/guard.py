@@ -162,7 +162,7 @@ def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None,
         cfg = RoundConfig.decode(content[CONFIG_KEY])
         fields: dict[str, Any] = dict(round=cfg.server_round, local_epochs=cfg.local_epochs,
                                       histogram_bins=cfg.histogram_bins, min_count=cfg.min_count,
-                                      prototype_weight=cfg.prototype_weight,
+                                      prototype_weight=cfg.prototype_weight, run_seed=cfg.seed,
                                       model_sha256=model_sha256(content))
         if kind == SECURE_TRAIN:
             start = SecAggStart.from_record(content[SECAGG_KEY], training=True)

@@ -242,6 +242,8 @@ class SiteRequest(BaseModel):
     histogram_bins: int | None = None
     min_count: int | None = None
     prototype_weight: float | None = Field(None, description="training: > 0 asks for the class prototypes")
+    run_seed: int | None = Field(None, description="training and evaluation: the run's seed (a site without its own "
+                                 "split file splits its patients with it)")
     dp_noise_multiplier: float | None = Field(None, description="the site's own noise (distributed DP) if any")
     secagg_threshold: int | None = None
     secagg_holders: int | None = Field(None, description="secure sums, stage 0: the sites holding shares of one "
@@ -390,6 +392,12 @@ def check_prototypes(policy: SitePolicy, req: SiteRequest) -> None:
         raise PolicyRefusal(policy, "release_class_prototypes", f"the round asks for class prototypes (prototype "
                             f"weight {req.prototype_weight:g}): this site releases no per-class statistic of its "
                             "training patients")
+    seed = policy.preparation.split_seed
+    if req.training and req.prototype_weight and req.run_seed is not None and req.run_seed != seed:
+        raise PolicyRefusal(policy, "preparation.split_seed", f"a class-prototype round at run seed {req.run_seed}: "
+                            f"this site releases class means only over its own split (seed {seed}), so that two runs "
+                            "never average two different sets of its patients (their difference would describe "
+                            "the few patients between them)")
 
 
 def check_rounds(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory) -> None:

@@ -482,3 +482,32 @@ def test_damaged_and_foreign_checkpoints_are_refused_with_a_clear_message(tmp_pa
     assert [r["round"] for r in history] == [1, 2]
     _, _, history = _run(tmp_path, 2, {}, rounds=1, overwrite=True)  # or is replaced when asked
     assert [r["round"] for r in history] == [1]
+
+
+def _prototypes(kind: str) -> Attack:
+    """A fedproto site that keeps its honest weights but forges its class prototypes."""
+    def attack(instruction: Message, honest: Message, rnd: int) -> Message:
+        if instruction.metadata.message_type != "train":
+            return honest
+        mine = _arrays(honest, instruction)
+        forged = dict(mine)
+        if kind == "huge-means":  # released class means 1e4 x: would drag every site's embedding away
+            forged["prototype_sum"] = (mine["prototype_sum"] * np.float32(1e4)).astype(np.float32)
+        elif kind == "stolen-weight":  # mass in every class, means not released: weight in classes it never had
+            forged["prototype_mass"] = np.full_like(mine["prototype_mass"], 0.9)
+        else:
+            raise AssertionError(kind)
+        return _forge(instruction, honest, arrays=_record(forged, instruction))
+
+    return attack
+
+
+@pytest.mark.parametrize("kind", ["huge-means", "stolen-weight"])
+def test_forged_class_prototypes_are_rejected_by_the_coordinator(tmp_path, kind):
+    """fedproto (prototype-weight > 0) over 3 sites: a site forging its prototypes is rejected and named every
+    round, and the consortium's prototypes stay within the honest sites' values."""
+    grid, params, history = _run(tmp_path, 3, {1: _prototypes(kind)}, rounds=2, prototype_weight=1.0)
+    for record in history:
+        assert "class prototypes" in _named(record, 1)
+        assert len(record["accepted"]) == 2
+    _within_honest_range(grid, params, 2, {1})

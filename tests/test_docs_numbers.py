@@ -305,6 +305,7 @@ def _derived(root: Path) -> SimpleNamespace:
                            lr=lr.pop() if len(lr) == 1 else f"{m['fedadam']['derived']['server-lr']} / "
                                                              f"{m['fedyogi']['derived']['server-lr']}",
                            la=m["logit_adjusted"]["derived"]["label-tau"], lc=m["fedlc"]["derived"]["label-tau"],
+                           fp=m["fedproto"]["derived"]["prototype-weight"],
                            part={"head": "the classifier head", "head+graph": "the classifier head and the last "
                                  "graph layer"}[m["personalized"]["derived"]["personalize-part"]],
                            tie=" and ".join(tie))
@@ -1070,7 +1071,12 @@ CLAIMS: list[Claim] = [
        "`fedprox` (a proximal term at the sites, mu = {x.mu}), `fedadam` and `fedyogi` (a server-side Adam / Yogi step "
        "on the modality-aware aggregate, Reddi et al. 2021; server lr {x.lr}; an encoder no site trained that round "
        "does not move), `logit_adjusted` and `fedlc` (for label skew: each site's cross-entropy corrected by its own "
-       "training-label counts, Menon et al. 2021 with tau = {x.la} and Zhang et al. 2022 with tau = {x.lc}) and "
+       "training-label counts, Menon et al. 2021 with tau = {x.la} and Zhang et al. 2022 with tau = {x.lc}), "
+       "`fedproto` (modality-aware FedAvg whose sites also pull each patient's fused embedding towards the "
+       "consortium's prototype of its class, FedProto's local term, Tan et al. 2022, with lambda = {x.fp}; the "
+       "prototypes travel inside the model, a site releases a class mean only for a class with at least k training "
+       "patients and only if its policy sets `release_class_prototypes = true`, and such runs aggregate in the clear, "
+       "without secure sums or DP) and "
        "`personalized` (modality-aware FedAvg, then each site fine-tunes {x.part} on its own training patients",
        x=_derived),
     _c(R, "benchmarks/results/derived_defaults.json",

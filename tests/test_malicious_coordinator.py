@@ -337,7 +337,9 @@ def test_class_prototypes_are_released_only_where_the_policy_allows_them(tmp_pat
     k = int(counts[counts > 0].min()) + 1
     refusing = Site(tmp_path / "a", {"partition-id": SITE}, **PLAIN, min_count=k)
     refused(refusing, train(refusing, model, 1, prototype_weight=1.0, min_count=k), "release_class_prototypes")
-    allowing = Site(tmp_path / "b", {"partition-id": SITE}, **PLAIN, prototypes=True, min_count=k)
+    allowing = Site(tmp_path / "b", {"partition-id": SITE}, **PLAIN, prototypes=True, min_count=k, split_seed=0)
+    # another run seed would split the site's patients differently: two class means over two sets of patients
+    refused(allowing, train(allowing, model, 1, prototype_weight=1.0, min_count=k, seed=7), "preparation.split_seed")
     # a coordinator that lowers k below the site's own is refused: the policy's k holds for class means too
     refused(allowing, train(allowing, model, 1, prototype_weight=1.0, min_count=k - 1), "min_count")
     reply = train(allowing, model, 1, prototype_weight=1.0, min_count=k)
