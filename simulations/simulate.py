@@ -62,9 +62,9 @@ LOGIT_ADJUST_TAU = 0.5
 FEDLC_TAU = 0.1
 # personalized: the part each site fine-tunes (magnet_core.model.personalize.PARTS)
 PERSONALIZE_PART = "head"
-# fedproto: the weight lambda of FedProto's prototype term, the value of Tan et al.'s public code (1); not derived
-# from a study of ours yet (the label-skew study tunes it per split on validation patients)
-FEDPROTO_WEIGHT = 1.0
+# fedproto: the weight lambda of FedProto's prototype term (Tan et al.'s public code uses 1), derived as the others
+# from the label-skew study's per-split choices on validation patients (it is not in the gap study)
+FEDPROTO_WEIGHT = 0.1
 _NO_PROTO = {"prototype_weight": 0.0}
 _PLAIN = {"proximal_mu": 0.0, "server_optimizer": "none", "label_adjustment": "none", **_NO_PROTO}
 # A new federated method is one entry here plus its entry in magnet_core.consortium.methods.METHODS.

@@ -25,6 +25,7 @@ from magnet_core.model.prototypes import (
 from magnet_core.protocol.errors import ContractError
 from magnet_core.protocol.messages import RoundConfig
 from magnet_core.protocol.wire import Layout, pack
+from simulations.simulate import FEDPROTO_WEIGHT
 
 DATA = dict(data_path="generated:160", scenario="label-skew-3")
 
@@ -202,7 +203,7 @@ def test_fedproto_runs_end_to_end_and_is_reproducible(tmp_path):
         assert code == 0
         runs.append(out)
     res = json.loads((runs[0] / "results.json").read_text())
-    assert res["method_settings"]["fedproto"]["prototype-weight"] == 1.0
+    assert res["method_settings"]["fedproto"]["prototype-weight"] == FEDPROTO_WEIGHT
     assert res["method_settings"]["federated"]["prototype-weight"] == 0.0
     assert res["results"]["fedproto"]["mcc"]["per_seed"][0] is not None
     rounds = (runs[0] / "rounds.csv").read_text().splitlines()
