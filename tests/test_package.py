@@ -284,3 +284,28 @@ def test_a_federated_run_writes_a_signed_package_a_site_can_verify(tmp_path):
     assert package.metadata.metrics["mcc"] == history[-1]["global"]["mcc"]
     for k, v in params.items():
         np.testing.assert_array_equal(package.params[k], v)
+
+
+def test_a_fedproto_package_carries_no_class_prototypes(tmp_path):
+    """The sites released their class means to the coordinator, not to every package user: the package holds the
+    weights only (the prototypes never change a prediction) and builds a model without them."""
+    from magnet_core.artefacts.model_package import read_package
+    from server.config import FederatedConfig
+    from server.pki import init_ca, issue_signing_key
+    from simulations.engine import run_inprocess
+
+    pki = tmp_path / "pki"
+    init_ca(pki)
+    key, cert = issue_signing_key(pki)
+    cfg = FederatedConfig(num_server_rounds=1, local_epochs=1, data_path="generated:120", scenario="iid-2",
+                          server_eval=False, out_dir=str(tmp_path / "run"), signing_key=str(key),
+                          signing_cert=str(cert), prototype_weight=1.0)
+    params, _ = run_inprocess(cfg, 2)
+    assert "prototype_sum" in params and float(np.max(params["prototype_mass"])) == 1.0
+    package = read_package(tmp_path / "run" / "model.magnet", ca_cert=pki / "ca" / "ca.crt")
+    assert not any("prototype" in k for k in package.params)
+    assert not package.metadata.model.prototypes
+    model = package.build_model()
+    for k, v in package.params.items():
+        np.testing.assert_array_equal(v, params[k])
+    assert set(model.state_dict()) == set(package.params)
