@@ -765,6 +765,56 @@ def best_methods(study: Study, df: pd.DataFrame) -> dict[str, str | None]:
             for cell in study.cells}
 
 
+def held_out_validation(df: pd.DataFrame) -> pd.DataFrame:
+    """``df``'s rows with each tuned run's validation MCC replaced by its grid's validation MCC at the setting chosen
+    on the cell's *other* seeds (highest mean over them, ties: the grid's order; leave one seed out), so that a
+    tuned method's score is no longer the best of its grid's on the very patients it is read on. Untuned rows keep
+    their validation MCC; a tuned row without a grid record, or whose cell has no other seed with one, gets NaN.
+    A sensitivity of the best-method rule, not the rule: the reported runs keep their per-split choice."""
+    out = df.copy()
+    if "tuned" not in out.columns or VALIDATION_METRIC not in out.columns:
+        return out
+    grids: dict[int, list[tuple[str, float]]] = {}
+    for i, text in out["tuned"].items():
+        if isinstance(text, str) and text.strip():
+            record = json.loads(text)
+            grids[i] = [(json.dumps({k: v for k, v in g.items() if k != "val_mcc"}, sort_keys=True),
+                         float(g["val_mcc"]) if g.get("val_mcc") is not None else np.nan)
+                        for g in record.get("grid") or []]
+    for (cell, method), rows in out.loc[list(grids)].groupby(["cell", "method"]) if grids else []:
+        for i in rows.index:
+            others = [grids[j] for j in rows.index if j != i and grids[j]]
+            settings = [s for s, _ in grids[i]]
+            if not others or not settings:
+                out.loc[i, VALIDATION_METRIC] = np.nan
+                continue
+            mean = {s: np.nanmean([dict(g).get(s, np.nan) for g in others]) for s in settings}
+            pick = max(settings, key=lambda s: (mean[s] if np.isfinite(mean[s]) else -np.inf, -settings.index(s)))
+            out.loc[i, VALIDATION_METRIC] = dict(grids[i])[pick]
+    return out
+
+
+def held_out_best(study: Study, df: pd.DataFrame) -> dict[str, str | None] | None:
+    """The rule applied to :func:`held_out_validation`'s scores (None: the rule reads no validation MCC, or no run
+    was tuned)."""
+    tuned = df["tuned"].map(lambda t: isinstance(t, str) and bool(t.strip())) if "tuned" in df.columns else None
+    if study.best_method.rule != "highest-validation-mcc" or tuned is None or not tuned.any():
+        return None
+    return best_methods(study, held_out_validation(df))
+
+
+def held_out_note(best: dict[str, str | None], held_out: dict[str, str | None] | None) -> str:
+    """The report's sentence on the rule's sensitivity to tuned methods' max-over-grid validation MCC."""
+    if held_out is None:
+        return ""
+    differ = [c for c in best if held_out.get(c) != best[c]]
+    names = "; ".join(f"{c}: {method_label(held_out[c]) if held_out.get(c) else 'none'}" for c in best)
+    return (" Sensitivity of that rule (not the rule): a tuned method's validation MCC is the best of its grid's on "
+            "the patients it is read on; read instead at the setting its grid chose on the cell's other seeds (leave "
+            f"one seed out), the rule would name {names}; {len(differ)} of {len(best)} cells differ from the rule's "
+            "choice" + (f" ({', '.join(differ)})." if differ else "."))
+
+
 def choose_best(rule: BestMethodRule, trained: list[str], validation: pd.DataFrame) -> str | None:
     """The rule applied to one cell's rows (method, seed and at most the validation MCC)."""
     if rule.rule == "declared":
@@ -850,7 +900,8 @@ def threads_note(df: pd.DataFrame) -> str:
 
 
 def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame, figures: list[Path], out: Path,
-                 data_note: str, best: dict[str, str | None] | None = None, runs_note: str = "") -> Path:
+                 data_note: str, best: dict[str, str | None] | None = None, runs_note: str = "",
+                 held_out: dict[str, str | None] | None = None) -> Path:
     table = summary.copy()
     table["method"] = table["method"].map(method_label)
     primary = EVALUATION_PREFIX[study.evaluation]
@@ -894,7 +945,7 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
            "",
            f"**Statistics.** {STATISTICS_NOTE} {multiplicity_note(comparisons)}"
            + (f" Best trained method per cell (for the target): {study.best_method.describe()}."
-              if study.target_gap is not None else ""), "", FINDINGS, ""]
+              if study.target_gap is not None else "") + held_out_note(best or {}, held_out), "", FINDINGS, ""]
     md += headline(study, summary, comparisons, best) + [""]
     md += [f"![{p.stem}]({p.name})" for p in figures] + [""]
     md += ["## Table", "", _markdown_table(table[cols]), ""]
@@ -947,11 +998,13 @@ def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wal
     summary = summary_frame(df)
     comparisons = comparisons_frame(study, df)
     best = best_methods(study, df)
+    held_out = held_out_best(study, df)
     write_json(out / f"{study.name}_summary.json",
                {"study": study.name, "seeds": study.seeds, "methods": study.methods, "statistics": STATISTICS_NOTE,
                 "adjustment": {"methods": ["holm", "benjamini-hochberg"],
                                "family_size": int(comparisons["p_value"].map(st.is_finite).sum())},
-                "best_method": {**study.best_method.model_dump(), "chosen": best},
+                "best_method": {**study.best_method.model_dump(), "chosen": best,
+                                **({"held_out_chosen": held_out} if held_out is not None else {})},
                 "evaluation": {"declared": study.evaluation, "metric": study.metric,
                                "label": evaluation_label(EVALUATION_PREFIX[study.evaluation])},
                 "tune": {"grids": study.tune, "rule": TUNE_RULE} if study.tune else None,
@@ -961,7 +1014,7 @@ def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wal
                                                           errors="coerce").sum())})
     figures = plot_study(study, summary, out)
     return write_report(study, summary, comparisons, figures, out, data_note, best,
-                        seeds_note(study, df) + threads_note(df))
+                        seeds_note(study, df) + threads_note(df), held_out)
 
 
 def reanalyse(study: Study, tidy_csv: Path, out: Path, data_note: str, drop_groups: bool = False) -> Path:

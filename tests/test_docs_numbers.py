@@ -965,6 +965,26 @@ def label_skew_findings(root: Path) -> str:
     return "\n".join(lines)
 
 
+def held_out_names(study: str):
+    """docs/studies/README.md's sentence on the best-method rule's leave-one-seed-out sensitivity, generated from the
+    study's summary (``best_method.held_out_chosen``, written by simulations.study.held_out_best): the method the
+    rule would name per cell, whether that method meets the target on the means, and how many cells differ."""
+    def get(root: Path) -> str:
+        s = _summary(root, study)
+        target = _target(root, study)
+        comps = pd.DataFrame(s["comparisons"])
+        chosen, held = s["best_method"]["chosen"], s["best_method"]["held_out_chosen"]
+        differ = [c for c in chosen if held[c] != chosen[c]]
+        names = "; ".join(f"`{c}` {method_names.label(m)} (target {'met' if _meets(comps, c, m, target) else 'not met'}"
+                          " on the means)" for c, m in held.items())
+        return (f"* ({study}) Sensitivity of the best-method rule, not the rule: with each tuned method's validation "
+                f"MCC read at the setting its grid chose on the cell's other seeds (leave one seed out; the report "
+                f"says how), the rule would name {names}; {len(differ)} of {len(chosen)} cells differ from the "
+                f"declared rule's names.")
+
+    return get
+
+
 CLAIMS: list[Claim] = [
     # ---------------------------------------------------------------- README.md
     _c(B, "benchmarks/results/epoch_profile.json",
@@ -1115,6 +1135,7 @@ CLAIMS: list[Claim] = [
        m=_m("test-graph")),
     Claim(S, "{t}", "gap_summary.json (generated tables)", (("t", gap_tables),)),
     Claim(S, "{t}", "gap_summary.json, gap_tidy.csv (generated findings)", (("t", gap_findings),)),
+    Claim(S, "{t}", "gap_summary.json (generated sensitivity)", (("t", held_out_names("gap")),)),
     # heterogeneity
     _c(S, "heterogeneity_summary.json",
        "modality-aware FedAvg vs local-only: no difference detected ({a.dci}); plain FedAvg likewise ({b.dci})",
@@ -1236,6 +1257,7 @@ CLAIMS: list[Claim] = [
          "resampling-corrected interval {x.rule_out} a loss of more than {x.target}", x=_label_skew(cell_id))
       for cell_id in ("alpha-0.1", "alpha-1.0", "rjive-label-skew-3")],
     Claim(S, "{t}", "label-skew_summary.json, label-skew_tidy.csv (generated findings)", (("t", label_skew_findings),)),
+    Claim(S, "{t}", "label-skew_summary.json (generated sensitivity)", (("t", held_out_names("label-skew")),)),
     _c(S, "label-skew_summary.json",
        "(label-skew) The report makes {m.n} comparisons; {m.detected} read \"helps\"/\"hurts\" on their own "
        "interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg",

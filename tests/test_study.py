@@ -335,3 +335,27 @@ def test_seeds_a_split_layout_does_not_ship_are_skipped_not_failed(data_root, tm
     assert sorted({(r.cell.id, r.seed) for r in ran}) == [("no-mirna", 10), ("two-sites", 10)]
     assert "seeds [60] are not run" in capsys.readouterr().out.replace("\n", " ")
     assert sum(advanced) == 2 * len(study.methods) * study.rounds  # the skipped cell-seeds still end the bar
+
+
+def test_the_rules_held_out_sensitivity_reads_each_tuned_seed_at_the_other_seeds_choice():
+    """A tuned method's validation MCC is the best of its grid's on the patients it is read on; the sensitivity
+    reads each seed at the setting the other seeds chose. Here the grid's best setting flips between seeds, so the
+    tuned method wins the declared rule (its per-seed maxima) and loses the held-out reading to an untuned one."""
+    from simulations.study import BestMethodRule, choose_best, held_out_validation
+
+    def tuned(a, b):
+        return json.dumps({"choice": None, "grid": [{"k": "a", "val_mcc": a}, {"k": "b", "val_mcc": b}]})
+
+    grid = {1: (0.9, 0.1), 2: (0.2, 0.5), 3: (0.3, 0.6)}
+    rows = [{"cell": "c", "method": "m", "seed": s, "val_mcc": max(a, b), "tuned": tuned(a, b)}
+            for s, (a, b) in grid.items()]
+    rows += [{"cell": "c", "method": "u", "seed": s, "val_mcc": 0.4, "tuned": ""} for s in grid]
+    df = pd.DataFrame(rows)
+    held = held_out_validation(df)
+    # seed 1: the others prefer b (0.55 vs 0.25) -> 0.1; seed 2: a (0.6 vs 0.35) -> 0.2; seed 3: a -> 0.3
+    assert held[held["method"] == "m"]["val_mcc"].tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert held[held["method"] == "u"]["val_mcc"].tolist() == [0.4, 0.4, 0.4]
+    rule = BestMethodRule()
+    assert choose_best(rule, ["m", "u"], df[["method", "seed", "val_mcc"]]) == "m"
+    assert choose_best(rule, ["m", "u"], held[["method", "seed", "val_mcc"]]) == "u"
+    assert df["val_mcc"].tolist()[:3] == [0.9, 0.5, 0.6]  # the input is not modified
