@@ -768,29 +768,39 @@ def best_methods(study: Study, df: pd.DataFrame) -> dict[str, str | None]:
 def held_out_validation(df: pd.DataFrame) -> pd.DataFrame:
     """``df``'s rows with each tuned run's validation MCC replaced by its grid's validation MCC at the setting chosen
     on the cell's *other* seeds (highest mean over them, ties: the grid's order; leave one seed out), so that a
-    tuned method's score is no longer the best of its grid's on the very patients it is read on. Untuned rows keep
-    their validation MCC; a tuned row without a grid record, or whose cell has no other seed with one, gets NaN.
-    A sensitivity of the best-method rule, not the rule: the reported runs keep their per-split choice."""
+    tuned method's score is no longer the best of its grid's on the very split it is read on. Seeds re-split the
+    same patients, so the other seeds' validation patients overlap this seed's: the optimism is reduced, not removed.
+    Untuned rows keep their validation MCC. NaN for a tuned row whose run failed or has no validation MCC, without a
+    grid record, whose cell has no other seed with one, whose grid differs from another seed's, or whose other
+    seeds score no setting. A sensitivity of the best-method rule, not the rule: the reported runs keep their
+    per-split choice."""
     out = df.copy()
     if "tuned" not in out.columns or VALIDATION_METRIC not in out.columns:
         return out
-    grids: dict[int, list[tuple[str, float]]] = {}
+    failed = out["error"].map(lambda e: isinstance(e, str) and bool(e.strip())) if "error" in out.columns \
+        else pd.Series(False, index=out.index)
+    grids: dict[Any, dict[str, float]] = {}
     for i, text in out["tuned"].items():
         if isinstance(text, str) and text.strip():
             record = json.loads(text)
-            grids[i] = [(json.dumps({k: v for k, v in g.items() if k != "val_mcc"}, sort_keys=True),
-                         float(g["val_mcc"]) if g.get("val_mcc") is not None else np.nan)
-                        for g in record.get("grid") or []]
-    for (cell, method), rows in out.loc[list(grids)].groupby(["cell", "method"]) if grids else []:
+            grids[i] = {json.dumps({k: v for k, v in g.items() if k != "val_mcc"}, sort_keys=True):
+                        float(g["val_mcc"]) if g.get("val_mcc") is not None else np.nan
+                        for g in record.get("grid") or []}
+    for _, rows in out.loc[list(grids)].groupby(["cell", "method"]) if grids else []:
         for i in rows.index:
-            others = [grids[j] for j in rows.index if j != i and grids[j]]
-            settings = [s for s, _ in grids[i]]
-            if not others or not settings:
-                out.loc[i, VALIDATION_METRIC] = np.nan
-                continue
-            mean = {s: np.nanmean([dict(g).get(s, np.nan) for g in others]) for s in settings}
-            pick = max(settings, key=lambda s: (mean[s] if np.isfinite(mean[s]) else -np.inf, -settings.index(s)))
-            out.loc[i, VALIDATION_METRIC] = dict(grids[i])[pick]
+            own = grids[i]
+            others = [grids[j] for j in rows.index if rows.loc[j, "seed"] != rows.loc[i, "seed"] and grids[j]]
+            score = np.nan
+            usable = (own and others and not failed[i] and np.isfinite(pd.to_numeric(out.loc[i, VALIDATION_METRIC],
+                                                                                       errors="coerce"))
+                      and all(list(g) == list(own) for g in others))
+            if usable:
+                settings = list(own)
+                mean = {s: np.mean(v) if (v := [g[s] for g in others if np.isfinite(g[s])]) else -np.inf
+                        for s in settings}
+                pick = max(settings, key=lambda s: (mean[s], -settings.index(s)))
+                score = own[pick] if np.isfinite(mean[pick]) else np.nan
+            out.loc[i, VALIDATION_METRIC] = score
     return out
 
 
@@ -803,16 +813,38 @@ def held_out_best(study: Study, df: pd.DataFrame) -> dict[str, str | None] | Non
     return best_methods(study, held_out_validation(df))
 
 
-def held_out_note(best: dict[str, str | None], held_out: dict[str, str | None] | None) -> str:
+def held_out_ties(study: Study, df: pd.DataFrame, named: dict[str, str | None]) -> dict[str, list[str]]:
+    """Per cell, the trained methods whose mean held-out validation MCC equals the named method's exactly (the
+    rule's tie-break, the study's method order, then decided the name); cells without a tie are left out."""
+    held = held_out_validation(df)
+    out = {}
+    for cell, name in named.items():
+        sub = held[held["cell"] == cell]
+        means = pd.to_numeric(sub[VALIDATION_METRIC], errors="coerce").groupby(sub["method"]).mean()
+        if name is None or name not in means or not np.isfinite(means[name]):
+            continue
+        tied = [m for m in study.methods if m not in REFERENCES and m != name and m in means
+                and means[m] == means[name]]
+        if tied:
+            out[cell] = tied
+    return out
+
+
+def held_out_note(best: dict[str, str | None], held_out: dict[str, str | None] | None,
+                  ties: dict[str, list[str]] | None = None) -> str:
     """The report's sentence on the rule's sensitivity to tuned methods' max-over-grid validation MCC."""
     if held_out is None:
         return ""
+    ties = ties or {}
     differ = [c for c in best if held_out.get(c) != best[c]]
-    names = "; ".join(f"{c}: {method_label(held_out[c]) if held_out.get(c) else 'none'}" for c in best)
+    names = "; ".join(f"{c}: {method_label(held_out[c]) if held_out.get(c) else 'none'}"
+                      + (f" (tied with {', '.join(map(method_label, ties[c]))}; named by the study's method order)"
+                         if c in ties else "") for c in best)
     return (" Sensitivity of that rule (not the rule): a tuned method's validation MCC is the best of its grid's on "
-            "the patients it is read on; read instead at the setting its grid chose on the cell's other seeds (leave "
-            f"one seed out), the rule would name {names}; {len(differ)} of {len(best)} cells differ from the rule's "
-            "choice" + (f" ({', '.join(differ)})." if differ else "."))
+            "the split it is read on; read instead at the setting its grid chose on the cell's other seeds (leave "
+            "one seed out; seeds re-split the same patients, so this reduces that advantage without removing it), "
+            f"the rule would name {names}; {len(differ)} of {len(best)} cells differ from the rule's choice"
+            + (f" ({', '.join(differ)})." if differ else "."))
 
 
 def choose_best(rule: BestMethodRule, trained: list[str], validation: pd.DataFrame) -> str | None:
@@ -901,7 +933,7 @@ def threads_note(df: pd.DataFrame) -> str:
 
 def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame, figures: list[Path], out: Path,
                  data_note: str, best: dict[str, str | None] | None = None, runs_note: str = "",
-                 held_out: dict[str, str | None] | None = None) -> Path:
+                 held_out: dict[str, str | None] | None = None, ties: dict[str, list[str]] | None = None) -> Path:
     table = summary.copy()
     table["method"] = table["method"].map(method_label)
     primary = EVALUATION_PREFIX[study.evaluation]
@@ -945,7 +977,7 @@ def write_report(study: Study, summary: pd.DataFrame, comparisons: pd.DataFrame,
            "",
            f"**Statistics.** {STATISTICS_NOTE} {multiplicity_note(comparisons)}"
            + (f" Best trained method per cell (for the target): {study.best_method.describe()}."
-              if study.target_gap is not None else "") + held_out_note(best or {}, held_out), "", FINDINGS, ""]
+              if study.target_gap is not None else "") + held_out_note(best or {}, held_out, ties), "", FINDINGS, ""]
     md += headline(study, summary, comparisons, best) + [""]
     md += [f"![{p.stem}]({p.name})" for p in figures] + [""]
     md += ["## Table", "", _markdown_table(table[cols]), ""]
@@ -999,12 +1031,14 @@ def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wal
     comparisons = comparisons_frame(study, df)
     best = best_methods(study, df)
     held_out = held_out_best(study, df)
+    ties = held_out_ties(study, df, held_out) if held_out is not None else {}
     write_json(out / f"{study.name}_summary.json",
                {"study": study.name, "seeds": study.seeds, "methods": study.methods, "statistics": STATISTICS_NOTE,
                 "adjustment": {"methods": ["holm", "benjamini-hochberg"],
                                "family_size": int(comparisons["p_value"].map(st.is_finite).sum())},
                 "best_method": {**study.best_method.model_dump(), "chosen": best,
-                                **({"held_out_chosen": held_out} if held_out is not None else {})},
+                                **({"held_out_chosen": held_out, "held_out_ties": ties}
+                                   if held_out is not None else {})},
                 "evaluation": {"declared": study.evaluation, "metric": study.metric,
                                "label": evaluation_label(EVALUATION_PREFIX[study.evaluation])},
                 "tune": {"grids": study.tune, "rule": TUNE_RULE} if study.tune else None,
@@ -1014,7 +1048,7 @@ def write_outputs(study: Study, df: pd.DataFrame, out: Path, data_note: str, wal
                                                           errors="coerce").sum())})
     figures = plot_study(study, summary, out)
     return write_report(study, summary, comparisons, figures, out, data_note, best,
-                        seeds_note(study, df) + threads_note(df), held_out)
+                        seeds_note(study, df) + threads_note(df), held_out, ties)
 
 
 def reanalyse(study: Study, tidy_csv: Path, out: Path, data_note: str, drop_groups: bool = False) -> Path:

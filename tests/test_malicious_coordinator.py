@@ -344,7 +344,7 @@ def test_class_prototypes_are_released_only_where_the_policy_allows_them(tmp_pat
     refused(allowing, train(allowing, model, 1, prototype_weight=1.0, min_count=k - 1), "min_count")
     reply = train(allowing, model, 1, prototype_weight=1.0, min_count=k)
     answered(reply)
-    assert allowing.audit()[-1]["class_prototypes"] == {"k": k, "weight": 1.0}  # the site's record of the release
+    assert allowing.audit()[-1]["class_prototypes"] == {"k": k, "weight": 1.0, "run_seed": 0}  # the site's record
     back = unpack(flat_of(reply.content["arrays"]), Layout.from_params(model))
     below = counts < k
     assert below.any() and (~below).any()

@@ -292,3 +292,20 @@ def test_prototypes_are_refused_with_secure_aggregation_or_dp():
         with pytest.raises(RunConfigError, match="aggregates in the clear only"):
             FederatedConfig.from_run_config({"prototype-weight": 1.0, **extra})
     assert FederatedConfig.from_run_config({"prototype-weight": 1.0}).prototype_weight == 1.0
+
+
+def test_one_site_releasing_every_class_cannot_outvote_the_others():
+    """Per-site votes: a dishonest site releasing all C classes at 1e4 x, against honest sites that each release
+    one class, is flagged in the first round (no current prototypes yet)."""
+    from magnet_core.federation.aggregate import prototype_outliers
+
+    c, d = 5, 3
+    g = {"prototype_sum": np.zeros((c, d), np.float32), "prototype_mass": np.zeros(c, np.float32)}
+    honest = {}
+    for i in range(2):
+        s, m = g["prototype_sum"].copy(), g["prototype_mass"].copy()
+        s[i], m[i] = 1.0, 1.0
+        honest[i] = {"prototype_sum": s, "prototype_mass": m}
+    attacker = {"prototype_sum": np.full((c, d), 2e4, np.float32), "prototype_mass": np.ones(c, np.float32)}
+    assert set(prototype_outliers(g, {**honest, "x": attacker})) == {"x"}
+    assert prototype_outliers(g, honest) == {}

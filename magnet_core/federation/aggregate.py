@@ -292,23 +292,28 @@ def released_means(global_params: Params, params: Mapping[str, np.ndarray]) -> n
 
 def prototype_outliers(global_params: Params, updates: Mapping[Any, Mapping[str, np.ndarray]],
                        ratio: float = PROTOTYPE_PEER_RATIO) -> dict[Any, str]:
-    """Updates whose released class means are out of scale: any released mean longer than ``ratio`` x the lower
-    median of every released mean's norm this round and of the current prototypes' norms (so sites sending long
-    means, up to half of all of them, cannot lift the reference). {update key: reason}; empty without prototypes."""
+    """Updates whose released class means are out of scale: any released mean longer than ``ratio`` x the reference,
+    the lower median of one vote per releasing site (the median norm of its released means) and one for the current
+    prototypes (their median norm, once any exists). One vote per site, not per mean: a site releasing every class
+    cannot outvote sites that hold k patients of fewer classes; up to half of the votes long cannot lift the
+    reference. A site releasing alone in the first round has no reference to be held to (its means are then the
+    only ones of their classes). {update key: reason}; empty without prototypes."""
     if "prototype_mass" not in global_params:
         return {}
     from magnet_core.federation.screening import lower_median
+    from magnet_core.model.prototypes import MIN_MASS
 
     g_mass = np.asarray(global_params["prototype_mass"], np.float64)
     g_sum = np.asarray(global_params["prototype_sum"], np.float64)
-    defined = g_mass >= 0.05
-    current = list(np.linalg.norm(g_sum[defined] / g_mass[defined, None], axis=1)) if defined.any() else []
+    defined = g_mass >= MIN_MASS
     norms = {key: np.linalg.norm(np.asarray(p["prototype_sum"], np.float64)[released_means(global_params, p)], axis=1)
              for key, p in updates.items()}
-    pool = [float(v) for n in norms.values() for v in n] + [float(v) for v in current]
-    if not pool:
+    votes = [float(np.median(n)) for n in norms.values() if n.size]
+    if defined.any():
+        votes.append(float(np.median(np.linalg.norm(g_sum[defined] / g_mass[defined, None], axis=1))))
+    if not votes:
         return {}
-    ref = lower_median(pool)
+    ref = lower_median(votes)
     return {key: f"class prototypes: a released class mean of norm {float(n.max()):.3g} is more than {ratio:g}x the "
                  f"round's reference norm {ref:.3g}"
             for key, n in norms.items() if n.size and float(n.max()) > ratio * max(ref, 1e-12)}
