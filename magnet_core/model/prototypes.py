@@ -14,21 +14,24 @@ I the training patients whose class has a prototype, d the embedding width (FedP
 term ties each site's embedding of a class to the consortium's, so a site with few patients of a class does not
 drift its own way, and the shared decoder sees one geometry per class.
 
-**What leaves a site, and when.** The prototypes travel inside the model, as two buffers (``prototype_sum``
-(C, d), ``prototype_mass`` (C,)): so every protection of an update (the site's DP clipping and noise, secure
-aggregation, the coordinator's screen and bounded influence, the site's record of what it sent) covers them with no
-new message. After local training a site replaces, for each class c with **at least k training patients**
+**What leaves a site, and when.** The prototypes travel inside the model, as two buffers (``prototype_sum`` (C, d),
+``prototype_mass`` (C,)), so they need no new message and the site's record of what it sent covers them. They are
+statistics, not weights: the coordinator screens and clips the weights without them and checks them on their own
+(``magnet_core.federation.aggregate.prototype_problems`` / ``prototype_outliers``); a run with them aggregates in
+the clear (``server/config.py`` refuses them with secure aggregation or DP, which would clip them with the weights),
+and a site answers such a round only if its policy sets ``release_class_prototypes``, at its own k and split seed
+(``client/policy.py``). After local training a site replaces, for each class c with **at least k training patients**
 (k: the larger of the consortium's and its own minimum count), the received pair by its own class mean and mass 1:
-``(mean_c, 1)``; for every other class it returns exactly what it received. The coordinator's weighted average
-(by training patients, as for every shared array) then holds, for each class, :math:`S_c = \sum_s w_s S_{s,c}` and
+``(mean_c, 1)``; for every other class it returns exactly what it received. The coordinator's weighted average (by
+training patients, as for every shared array) then holds, for each class, :math:`S_c = \sum_s w_s S_{s,c}` and
 :math:`m_c = \sum_s w_s m_{s,c}`, and the prototype is :math:`\bar C^{(c)} = S_c / m_c`: in the first round the
-weighted mean of the contributing sites' class means, later a running mix with the previous prototype for the
-sites that hold fewer than k of the class. A released class mean describes at least k patients; a site with fewer
-than k patients of a class releases nothing about them beyond the weights themselves. (Like any update, a class
-mean is a function the coordinator's weights choose: the k rule bounds whom it averages, not what a crafted
-encoder extracts; DP noise is the protection against that, as for the weights.)
+weighted mean of the contributing sites' class means, later a running mix with the previous prototype for the sites
+that hold fewer than k of the class. A released class mean describes at least k patients; a site with fewer than k
+patients of a class releases nothing about them beyond the weights themselves. (Like any update, a class mean is a
+function the coordinator's weights choose: the k rule bounds whom it averages, not what a crafted encoder extracts;
+only DP noise would bound that, and prototype runs have none yet.)
 
-A class whose mass is below :data:`MIN_MASS` has no prototype (no site held k of it, or noise swamped it).
+A class whose mass is below :data:`MIN_MASS` has no prototype (no site held k of it).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from torch import Tensor
 
 from magnet_core.model.network import MAGNET
 
-MIN_MASS = 0.05  # below this share of the consortium's weight a prototype is noise (DP) or absent: not used
+MIN_MASS = 0.05  # below this share of the consortium's weight a received prototype is not used (a guard: honest
+# masses are 0 or at least the smallest contributing site's weight share)
 
 
 def class_means(fused: Tensor, y: Tensor, num_classes: int, min_count: int) -> tuple[Tensor, Tensor]:
