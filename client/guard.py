@@ -275,9 +275,9 @@ def screened(msg: Message, context: Context, answer: Callable[[], Message]) -> M
     if req.training and req.prototype_weight and not reply.has_error():
         # what the update carries besides weights: class means of the classes with >= k training patients (k as
         # the site's training handler applies it: the request's, the policy's and its manifest's, the largest)
-        from .handlers import site_min_count
+        from .handlers import release_min_count
 
-        k = max(req.min_count or 0, policy.min_count, site_min_count(context.node_config))
+        k = release_min_count(max(req.min_count or 0, policy.min_count), context.node_config)
         entry["class_prototypes"] = {"k": k, "weight": req.prototype_weight, "run_seed": req.run_seed}
     append(folder, entry)
     return reply

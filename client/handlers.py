@@ -89,7 +89,7 @@ def train_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, f
     new, stats = site.fit(state, get_preset(cfg.preset).train, cfg.local_epochs, cfg.server_round, cfg.seed,
                           proximal_mu=cfg.proximal_mu, label_adjustment=cfg.label_adjustment,
                           label_tau=cfg.label_tau, prototype_weight=cfg.prototype_weight,
-                          min_count=max(cfg.min_count, site_min_count(node_config)))
+                          min_count=release_min_count(cfg.min_count, node_config))
     loss = stats.get("loss")
     reply = TrainReply(site=site.name, num_examples=site.train.n, modality_counts=site.modality_counts,
                        loss=float(loss) if loss is not None and math.isfinite(loss) else None)
@@ -105,7 +105,7 @@ def evaluate_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int
     site = site_for(cfg, node_config, node_id)
     _, state = received_state(site, cfg, flat, layout)
     counts = site.evaluate_counts(state, DEFAULT_BINS, cfg.test_graph)
-    k = max(cfg.min_count, site_min_count(node_config))
+    k = release_min_count(cfg.min_count, node_config)
     release = release_eval(counts, k, max_bins=min(cfg.histogram_bins, SITE_MAX_BINS))
     return EvalReply.from_release(release).encode()
 
@@ -117,6 +117,12 @@ def evaluation_counts(cfg: RoundConfig, node_config: Mapping[str, Any], node_id:
     site = site_for(cfg, node_config, node_id)
     _, state = received_state(site, cfg, flat, layout)
     return site.name, site.evaluate_counts(state, DEFAULT_BINS, cfg.test_graph)
+
+
+def release_min_count(requested: int, node_config: Mapping[str, Any]) -> int:
+    """The k a release of this site applies: the larger of the request's and the site's manifest's (the site's
+    policy refuses a request below its own k before this point, client/policy.py)."""
+    return max(requested, site_min_count(node_config))
 
 
 def site_min_count(node_config: Mapping[str, Any]) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from .nested import expand
 from .reporting import console, write_json
 from .tune import current_defaults
 
@@ -50,11 +51,7 @@ def study_choices(folder: Path) -> tuple[str, pd.DataFrame]:
         if not isinstance(r["tuned"], str) or not r["tuned"] or (isinstance(r.get("error"), str) and r["error"]):
             continue
         try:
-            record = json.loads(r["tuned"])
-            grid = [{k: v for k, v in g.items() if k != "val_mcc"} for g in record["grid"]]
-            scores = [g.get("val_mcc") for g in record["grid"]]
-            choice = record["choice"]
-            metric = record.get("validation_metric", "mcc")
+            grid, scores, choice, metric = expand(r["tuned"])
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{csvs[0]} row {i + 2} (method {r['method']!r}, seed {r['seed']}): unreadable `tuned` "
                              f"cell ({exc})") from None

@@ -144,5 +144,13 @@ def compact(record: Mapping[str, Any] | None) -> str:
                        "validation_metric": record.get("validation_metric", "mcc")}, separators=(",", ":"))
 
 
+def expand(text: str) -> tuple[list[dict[str, Any]], list[float | None], Any, str]:
+    """The inverse of :func:`compact`: (the grid's settings in order, their validation scores, the choice, the
+    validation metric). Raises json.JSONDecodeError / KeyError / TypeError / AttributeError on a malformed cell."""
+    record = json.loads(text)
+    grid = [{k: v for k, v in g.items() if k != "val_mcc"} for g in record["grid"]]
+    return grid, [g.get("val_mcc") for g in record["grid"]], record["choice"], record.get("validation_metric", "mcc")
+
+
 def _finite(v: Any) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)

@@ -28,7 +28,7 @@ from magnet_core.consortium.simulated import load_consortium
 from . import statistics as st
 from .cli import existing_dir
 from .nested import RULE as TUNE_RULE
-from .nested import compact, validation_pass
+from .nested import compact, expand, validation_pass
 from .parallel import parse_workers, resolve_workers, run_tasks
 from .pooled_evaluation import CONSORTIUM, EVALUATIONS
 from .reporting import console, write_json
@@ -782,10 +782,9 @@ def held_out_validation(df: pd.DataFrame) -> pd.DataFrame:
     grids: dict[Any, dict[str, float]] = {}
     for i, text in out["tuned"].items():
         if isinstance(text, str) and text.strip():
-            record = json.loads(text)
-            grids[i] = {json.dumps({k: v for k, v in g.items() if k != "val_mcc"}, sort_keys=True):
-                        float(g["val_mcc"]) if g.get("val_mcc") is not None else np.nan
-                        for g in record.get("grid") or []}
+            settings, scores, _, _ = expand(text)
+            grids[i] = {json.dumps(g, sort_keys=True): float(v) if v is not None else np.nan
+                        for g, v in zip(settings, scores)}
     for _, rows in out.loc[list(grids)].groupby(["cell", "method"]) if grids else []:
         for i in rows.index:
             own = grids[i]
