@@ -20,6 +20,7 @@ from magnet_core.protocol.keys import (
     CONFIG_KEY,
     EVALUATE,
     LAYOUT_KEY,
+    NODE_DATA_DIR,
     NODE_PARTITION_ID,
     NODE_SECAGG_IDENTITY_KEY,
     NODE_SECAGG_ROSTER,
@@ -163,6 +164,7 @@ def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None,
         fields: dict[str, Any] = dict(round=cfg.server_round, local_epochs=cfg.local_epochs,
                                       histogram_bins=cfg.histogram_bins, min_count=cfg.min_count,
                                       prototype_weight=cfg.prototype_weight, run_seed=cfg.seed,
+                                      split_follows_run=NODE_DATA_DIR not in (node_config or {}),
                                       model_sha256=model_sha256(content))
         if kind == SECURE_TRAIN:
             start = SecAggStart.from_record(content[SECAGG_KEY], training=True)
@@ -278,6 +280,8 @@ def screened(msg: Message, context: Context, answer: Callable[[], Message]) -> M
         from .handlers import release_min_count
 
         k = release_min_count(max(req.min_count or 0, policy.min_count), context.node_config)
-        entry["class_prototypes"] = {"k": k, "weight": req.prototype_weight, "run_seed": req.run_seed}
+        split_seed = req.run_seed if req.split_follows_run else policy.preparation.split_seed
+        entry["class_prototypes"] = {"k": k, "weight": req.prototype_weight, "run_seed": req.run_seed,
+                                     "split_seed": split_seed}
     append(folder, entry)
     return reply

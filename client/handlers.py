@@ -34,11 +34,12 @@ def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> 
         from magnet_core.cohort.manifest import ConsortiumManifest
         from magnet_core.cohort.validation import load_site_cohort
 
-        key = ("dir", str(node_config[NODE_DATA_DIR]), str(node_config.get(NODE_MANIFEST, "")), cfg.seed, preset.name,
-               preset.model.prototypes)
+        split = own_split(node_config, cfg.seed)
+        key = ("dir", str(node_config[NODE_DATA_DIR]), str(node_config.get(NODE_MANIFEST, "")),
+               tuple(split.values()), preset.name, preset.model.prototypes)
         if key not in _SITES:
             manifest = ConsortiumManifest.load(str(node_config[NODE_MANIFEST]))
-            cohort = load_site_cohort(str(node_config[NODE_DATA_DIR]), manifest, cfg.seed)
+            cohort = load_site_cohort(str(node_config[NODE_DATA_DIR]), manifest, **split)
             name = str(node_config.get(NODE_SITE_NAME, f"node{node_id}"))
             _SITES[key] = SiteRuntime.build(name, cohort, preset.model, preset.graph.sparsity, preset.graph.rule,
                                             preset.graph.k)
@@ -59,6 +60,20 @@ def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> 
         _SITES[key] = SiteRuntime.build(site_name(pid), sites[pid], preset.model, preset.graph.sparsity,
                                         preset.graph.rule, preset.graph.k, shared_model=True)
     return _SITES[key]
+
+
+def own_split(node_config: Mapping[str, Any], run_seed: int) -> dict[str, Any]:
+    """The split a deployed site trains, validates and evaluates on (keyword arguments of ``load_site_cohort``):
+    its policy's (``preparation.split_seed``, ``split_ratios``, ``use_split_file``) when its node config names one,
+    so that no run's seed moves its patients between training, validation and test (a coordinator varying the seed
+    would otherwise have a site train on the patients it tested on in another run, and evaluate on test sets that
+    differ by a few patients); without a policy the site follows the run's seed."""
+    from .guard import policy_of
+
+    policy = policy_of(node_config)
+    if policy is None:
+        return dict(seed=run_seed, ratios=(0.7, 0.1, 0.2), use_split_file=True)
+    return policy.preparation.split()
 
 
 def forget_sites() -> None:

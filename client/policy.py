@@ -115,6 +115,11 @@ class Preparation(BaseModel):
     split_seed: int = Field(DEFAULT_SEED, description="the seed of this site's own train/val/test split")
     split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
     use_split_file: bool = Field(True, description="the site's split.csv, when it has one, wins over the seed")
+    def split(self) -> dict[str, Any]:
+        """This site's own split as :func:`magnet_core.cohort.validation.load_site_cohort` takes it (seed, ratios,
+        use_split_file): the split it prepares, trains, validates and evaluates on, whatever a run's seed."""
+        return dict(seed=self.split_seed, ratios=tuple(self.split_ratios), use_split_file=self.use_split_file)
+
     once_per_consortium: bool = Field(
         True, description="release preparation statistics (clear or secure) to a consortium once: only the very same "
         "request again (same participants, layout, split and thresholds, by hash) is answered, so a retry works; "
@@ -242,8 +247,10 @@ class SiteRequest(BaseModel):
     histogram_bins: int | None = None
     min_count: int | None = None
     prototype_weight: float | None = Field(None, description="training: > 0 asks for the class prototypes")
-    run_seed: int | None = Field(None, description="training and evaluation: the run's seed (a site without its own "
-                                 "split file splits its patients with it)")
+    run_seed: int | None = Field(None, description="training and evaluation: the run's seed")
+    split_follows_run: bool = Field(True, description="training and evaluation: the site's patients are split by "
+                                    "the run's seed (a simulated site); a deployed site (node config data-dir) splits "
+                                    "by its own preparation lines instead (client/handlers.py own_split)")
     dp_noise_multiplier: float | None = Field(None, description="the site's own noise (distributed DP) if any")
     secagg_threshold: int | None = None
     secagg_holders: int | None = Field(None, description="secure sums, stage 0: the sites holding shares of one "
@@ -393,7 +400,8 @@ def check_prototypes(policy: SitePolicy, req: SiteRequest) -> None:
                             f"weight {req.prototype_weight:g}): this site releases no per-class statistic of its "
                             "training patients")
     seed = policy.preparation.split_seed
-    if req.training and req.prototype_weight and req.run_seed is not None and req.run_seed != seed:
+    if req.training and req.prototype_weight and req.split_follows_run and req.run_seed is not None \
+            and req.run_seed != seed:
         raise PolicyRefusal(policy, "preparation.split_seed", f"a class-prototype round at run seed {req.run_seed}: "
                             f"this site releases class means only over its own split (seed {seed}), so that two runs "
                             "never average two different sets of its patients (their difference would describe "
@@ -612,7 +620,7 @@ next_train_from_evaluated = true    # the next round must train from the model e
 max_per_consortium = 1000    # evaluations answered per consortium, all runs together
 
 [preparation]
-split_seed = {split_seed}    # this site's own split: the coordinator's seed and ratios are refused
+split_seed = {split_seed}    # this site's own split, for preparation, training and evaluation, whatever the run's seed
 split_ratios = [0.7, 0.1, 0.2]
 use_split_file = true
 once_per_consortium = true    # release preparation statistics once per consortium; only the same request again

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -59,8 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", type=Path, help="this site's manifest; the package must have been trained for it")
     p.add_argument("--split", choices=("train", "val", "test"),
                    help="score only the patients of this split of a labelled --patients folder (e.g. test)")
-    p.add_argument("--seed", type=int, help="split seed of a site without split.csv (default: the package's run "
-                                            "seed, i.e. the split the site trained with)")
+    p.add_argument("--policy", type=Path, help="this site's policy file: its preparation lines (split seed, ratios, "
+                                              "split.csv rule) give the split the site trained with, as its site "
+                                              "worker applied them")
+    p.add_argument("--seed", type=int, help="split seed of a site without split.csv and without --policy (default: "
+                                            "the package's run seed, the split of a site that ran without a policy)")
     p.add_argument("--attach", choices=("auto", "quantile", "topk"), default="auto",
                    help="how new patients are linked to reference patients: quantile (MAGNET's rule with the "
                         "reference graph's threshold), topk (--k most similar); auto = quantile up to "
@@ -109,10 +113,24 @@ def align_to_manifest(cohort: Cohort, manifest: ConsortiumManifest, source: Path
                                paired=mask.all(axis=1))
 
 
-def load_labelled(folder: Path, manifest: ConsortiumManifest, seed: int) -> Cohort:
-    """A site folder (labels.csv, validated like validate-site) or a MAGNET split seed folder, in manifest order."""
+def site_split_rule(args: argparse.Namespace, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """How a labelled site folder is split: by the site's policy (``--policy``; ``--seed`` cannot override it), by
+    ``--seed``, or by the package's run seed (a site that ran without a policy split by it)."""
+    if args.policy is not None:
+        from .policy import load_policy
+
+        if args.seed is not None:
+            raise ValueError("--seed and --policy both name the split: the policy's preparation lines are the split "
+                             "the site trained with; pass one of them")
+        return load_policy(str(args.policy)).preparation.split()
+    return dict(seed=args.seed if args.seed is not None else int(run_config.get("seed", 0)))
+
+
+def load_labelled(folder: Path, manifest: ConsortiumManifest, split_rule: Mapping[str, Any]) -> Cohort:
+    """A site folder (labels.csv, validated like validate-site; split by ``split_rule``, the keyword arguments of
+    ``load_site_cohort``) or a MAGNET split seed folder, in manifest order."""
     if _has_labels(folder):
-        return load_site_cohort(folder, manifest, seed)
+        return load_site_cohort(folder, manifest, **split_rule)
     if _is_magnet_split(folder):
         if not folder.name.isdigit():
             raise DataError(f"{folder}: a MAGNET split folder must be named by its seed (e.g. .../10)")
@@ -126,11 +144,11 @@ def load_labelled(folder: Path, manifest: ConsortiumManifest, seed: int) -> Coho
     raise DataError(f"{folder}: not a site folder (labels.csv + one file per modality) nor a MAGNET split folder")
 
 
-def load_reference(folder: Path, manifest: ConsortiumManifest, seed: int) -> Cohort:
+def load_reference(folder: Path, manifest: ConsortiumManifest, split_rule: Mapping[str, Any]) -> Cohort:
     """The site's reference patients: its training patients (train + val) with the split it trained with."""
     if not folder.is_dir():
         raise DataError(f"{folder}: no such directory (--reference is the site's prepared data folder)")
-    return reference_patients(load_labelled(folder, manifest, seed), folder)
+    return reference_patients(load_labelled(folder, manifest, split_rule), folder)
 
 
 def reference_patients(cohort: Cohort, source: Path | str = "site") -> Cohort:
@@ -200,12 +218,13 @@ def read_tables(paths: list[Path], manifest: ConsortiumManifest, log) -> NewPati
     return NewPatients(np.asarray(ids, dtype=str), X, mask)
 
 
-def load_patients(path: Path, manifest: ConsortiumManifest, seed: int, split: str | None, log) -> NewPatients:
+def load_patients(path: Path, manifest: ConsortiumManifest, split_rule: Mapping[str, Any], split: str | None,
+                  log) -> NewPatients:
     """New patients from a labelled site/split folder (optionally one split), a folder of tables, or one table."""
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     if path.is_dir() and (_has_labels(path) or _is_magnet_split(path)):
-        cohort = load_labelled(path, manifest, seed)
+        cohort = load_labelled(path, manifest, split_rule)
         unscored = _labelled_without_data(path, cohort, manifest)
         if unscored:
             log(f"note: {len(unscored)} labelled patient(s) of {path} have no value for any modality and are not "
@@ -321,10 +340,10 @@ def run(args: argparse.Namespace) -> int:
     stamp = PackageStamp.of(meta, hashlib.sha256(Path(args.package).read_bytes()).hexdigest())
     log(f"package {args.package}: {meta.method} model, signed by {pkg.signer!r} (verified against {args.ca}); "
         f"{stamp.describe()}; run settings {meta.run_fingerprint[:12]}")
-    seed = args.seed if args.seed is not None else int(meta.run_config.get("seed", 0))
+    split_rule = site_split_rule(args, meta.run_config)
     pkg.build_model()  # the weights must fit the described model before any data is read
-    ref = load_reference(args.reference, pkg.manifest, seed)
-    patients = load_patients(args.patients, pkg.manifest, seed, args.split, log)
+    ref = load_reference(args.reference, pkg.manifest, split_rule)
+    patients = load_patients(args.patients, pkg.manifest, split_rule, args.split, log)
     if len(patients.ids) == 0:
         raise DataError(f"{args.patients}: no patient to score" + (f" in split {args.split!r}" if args.split else ""))
     no_data = ~patients.mask.any(axis=1)

@@ -329,11 +329,11 @@ def test_predict_reads_new_patients_within_the_package_manifests_limits(tmp_path
     site = _site(tmp_path, n=12)
     log = []
     manifest = ConsortiumManifest.model_validate(_manifest(max_rows=12))
-    patients = load_patients(site / "mRNA.csv.gz", manifest, 0, None, log.append)
+    patients = load_patients(site / "mRNA.csv.gz", manifest, {"seed": 0}, None, log.append)
     assert len(patients.ids) == 12
     with pytest.raises(DataError, match=r"mRNA\.csv\.gz: more than 11 rows below the header.*max_rows = 11"):
-        load_patients(site / "mRNA.csv.gz", ConsortiumManifest.model_validate(_manifest(max_rows=11)), 0, None,
-                      log.append)
+        load_patients(site / "mRNA.csv.gz", ConsortiumManifest.model_validate(_manifest(max_rows=11)), {"seed": 0},
+                      None, log.append)
 
 
 # ----------------------------------------------------------------------------------------- no reader left unbounded

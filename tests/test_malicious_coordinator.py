@@ -344,13 +344,63 @@ def test_class_prototypes_are_released_only_where_the_policy_allows_them(tmp_pat
     refused(allowing, train(allowing, model, 1, prototype_weight=1.0, min_count=k - 1), "min_count")
     reply = train(allowing, model, 1, prototype_weight=1.0, min_count=k)
     answered(reply)
-    assert allowing.audit()[-1]["class_prototypes"] == {"k": k, "weight": 1.0, "run_seed": 0}  # the site's record
+    record = {"k": k, "weight": 1.0, "run_seed": 0, "split_seed": 0}  # the site's record: a simulated site's split
+    assert allowing.audit()[-1]["class_prototypes"] == record  # follows the run seed
     back = unpack(flat_of(reply.content["arrays"]), Layout.from_params(model))
     below = counts < k
     assert below.any() and (~below).any()
     assert np.array_equal(back["prototype_sum"][below], model["prototype_sum"][below])
     assert np.array_equal(back["prototype_mass"][below], model["prototype_mass"][below])
     assert np.all(back["prototype_mass"][~below] == 1.0)
+
+
+def _deployed_site(root: Path, n: int = 120) -> dict:
+    """A deployed site's node config: a prepared data folder without split.csv (labels.csv and one table per
+    modality, written from the generated cohort) and the consortium manifest."""
+    from magnet_core.cohort.generated import generated_cohort
+    from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
+
+    cohort = generated_cohort("default", n=n, seed=0)
+    data = root / "data"
+    data.mkdir(parents=True)
+    ids = pd.Index(cohort.sample_ids, name="sampleID")
+    pd.DataFrame({"Class": cohort.labels}, index=ids).to_csv(data / "labels.csv")
+    specs = []
+    for j, m in enumerate(cohort.modalities):
+        has = cohort.mask[:, j]
+        pd.DataFrame(cohort.X[m][has], index=pd.Index(cohort.sample_ids[has], name="sampleID"),
+                     columns=cohort.features[m]).to_csv(data / f"{m}.csv")
+        specs.append(ModalitySpec(name=m, features=list(cohort.features[m])))
+    manifest = ConsortiumManifest(name="gen", classes=["a", "b"], modalities=specs).save(root / "manifest.toml")
+    return {"data-dir": str(data), "manifest": str(manifest), "site-name": "h0"}
+
+
+def test_a_deployed_site_trains_and_evaluates_on_its_own_split_whatever_the_run_seed(tmp_path):
+    """A deployed site without split.csv splits its patients by its policy's preparation lines, not by the seed the
+    coordinator's round config names: a coordinator that varies the seed across runs would otherwise have the site
+    train on the patients it tested on in another run, and evaluate on test sets that differ by a few patients. So
+    the site's class-prototype rounds need no particular run seed either, and its audit records the split seed."""
+    from client.handlers import forget_sites, site_for
+    from magnet_core.cohort.manifest import ConsortiumManifest
+    from magnet_core.cohort.validation import load_site_cohort
+
+    node = _deployed_site(tmp_path)
+    site = Site(tmp_path / "site", node, **PLAIN, prototypes=True, min_count=3, split_seed=4)
+    manifest = ConsortiumManifest.load(node["manifest"])
+    own = load_site_cohort(node["data-dir"], manifest, seed=4).split
+    forget_sites()
+    for seed in (0, 7):
+        cfg = RoundConfig(server_round=1, seed=seed, preset="ov", local_epochs=1, histogram_bins=10, **DATA)
+        assert np.array_equal(site_for(cfg, site.node, SITE).cohort.split, own), seed
+        # without a policy the site follows the run's seed (it trusts the coordinator): another split
+        unguarded = site_for(cfg, node, SITE).cohort.split
+        assert np.array_equal(unguarded, own) == (seed == 4)
+    cfg = RoundConfig(server_round=1, seed=7, preset="ov", local_epochs=1, histogram_bins=10, min_count=3,
+                      prototype_weight=1.0, **DATA)
+    model = {k: v.detach().numpy().copy() for k, v in site_for(cfg, site.node, SITE).model.state_dict().items()}
+    answered(train(site, model, 1, prototype_weight=1.0, min_count=3, seed=7))
+    assert site.audit()[-1]["class_prototypes"] == {"k": 5, "weight": 1.0, "run_seed": 7, "split_seed": 4}
+    forget_sites()
 
 
 def test_the_audit_chain_verifies_and_a_tampered_line_is_detected(tmp_path, global_model, site_audit):

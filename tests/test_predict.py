@@ -217,6 +217,41 @@ def test_predict_cli_reads_a_prepared_site_folder(tmp_path, capsys):
     np.testing.assert_allclose(frame[["prob_low", "prob_high"]].to_numpy(), direct.probs, atol=2e-6)
 
 
+def test_predict_splits_a_site_without_split_csv_as_its_policy_does(tmp_path, capsys):
+    """A deployed site without split.csv trained on its policy's split (client/handlers.py own_split); ``--policy``
+    scores exactly that split's test patients against that split's training patients. ``--seed`` with it is
+    refused: two names for one split."""
+    from test_package import _package, small_manifest
+
+    from client.policy import template
+    from magnet_core.cohort.validation import load_site_cohort
+
+    rng = np.random.default_rng(1)
+    manifest = small_manifest()
+    ids = [f"P{i:03d}" for i in range(60)]
+    site = tmp_path / "site"
+    site.mkdir()
+    pd.DataFrame({"Class": np.arange(60) % 2}, index=pd.Index(ids, name="sampleID")).to_csv(site / "labels.csv")
+    for spec in manifest.modalities:
+        pd.DataFrame(rng.random((60, len(spec.features))), index=pd.Index(ids, name="sampleID"),
+                     columns=spec.features).to_csv(site / f"{spec.name}.csv")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(template("c", split_seed=4))
+    pki = make_pki(tmp_path)
+    path, _ = _package(tmp_path, pki)  # its run seed is not 4
+    out = tmp_path / "p.csv"
+    args = ("--package", path, "--ca", pki[0], "--reference", site, "--patients", site, "--split", "test", "--attach",
+            "topk", "--k", "3")
+    assert _predict(*args, "--policy", policy, "--out", out) == 0, capsys.readouterr().err
+    own = load_site_cohort(site, manifest, seed=4)
+    assert pd.read_csv(out)["sample_id"].tolist() == sorted(own.sample_ids[own.split == "test"].tolist())
+    other = load_site_cohort(site, manifest, seed=10)  # the package's run seed: another split (the test can fail)
+    assert sorted(other.sample_ids[other.split == "test"]) != sorted(own.sample_ids[own.split == "test"])
+    capsys.readouterr()
+    assert _predict(*args, "--policy", policy, "--seed", "4", "--out", tmp_path / "q.csv") != 0
+    assert "--seed and --policy both name the split" in capsys.readouterr().err
+
+
 def test_predict_reproduces_the_federated_evaluation_of_every_site(tmp_path):
     """A short federated run evaluated with attach-to-train: predict (signed package, library path of the CLI) on
     each site's held-out patients gives the same classes and the same per-site and pooled metrics as the run

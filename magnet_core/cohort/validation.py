@@ -300,12 +300,13 @@ def manifest_fill_values(spec: ModalitySpec) -> np.ndarray:
     return (mean - lo) / np.where(hi > lo, hi - lo, 1.0)
 
 
-def load_site_cohort(folder: str | Path, manifest: ConsortiumManifest, seed: int) -> Cohort:
+def load_site_cohort(folder: str | Path, manifest: ConsortiumManifest, seed: int,
+                     ratios: tuple[float, float, float] = (0.7, 0.1, 0.2), use_split_file: bool = True) -> Cohort:
     """Validate, then build the site's Cohort with the manifest's modalities and feature order.
 
     Absent features are filled from the manifest (when it allows it); the split comes from split.csv when the site
-    has one, else :func:`magnet_core.cohort.data.stratified_split` with ``seed``. Raises DataError listing every
-    problem."""
+    has one and ``use_split_file``, else :func:`magnet_core.cohort.data.stratified_split` with ``seed`` and
+    ``ratios``. Raises DataError listing every problem."""
     report, tables = validate_site(folder, manifest)
     if not report.ok:
         raise DataError(f"site data in {folder} failed validation:\n- " + "\n- ".join(report.errors))
@@ -325,7 +326,7 @@ def load_site_cohort(folder: str | Path, manifest: ConsortiumManifest, seed: int
     cohort = Cohort(sample_ids=labels.index.to_numpy(dtype=str), labels=labels.to_numpy(dtype=np.int64),
                     modalities=[s.name for s in specs], features={s.name: list(s.features) for s in specs}, X=X,
                     mask=mask, num_classes=manifest.num_classes, name=Path(folder).name)
-    if "__split__" not in tables:
-        return stratified_split(cohort, seed)
+    if "__split__" not in tables or not use_split_file:
+        return stratified_split(cohort, seed, tuple(ratios))
     cohort.split = tables["__split__"].to_numpy(dtype=str)
     return cohort
