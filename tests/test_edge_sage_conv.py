@@ -63,7 +63,11 @@ def test_edge_blocks_with_recomputation_equal_the_whole_edge_list():
     whole, g_whole = _grads(conv, x, ei, w)
     for chunk in (1, 7, 300, 301, 10_000):
         out, grads = _grads(conv, x, ei, w, edge_chunk=chunk)
-        assert torch.equal(out, whole)  # same order of additions per target
+        if chunk >= ei.size(1):  # one chunk: the same blocks and kernels as the whole edge list
+            assert torch.equal(out, whole)
+        # same additions per target in the same order; the rank-1 update is one GEMM per block, whose kernel may
+        # depend on the block's size (MKL rounds a one-edge block differently by an ulp on AMX-era Xeons)
+        torch.testing.assert_close(out, whole, rtol=1e-14, atol=1e-15)
         for a, b in zip(grads, g_whole):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 

@@ -84,7 +84,10 @@ class MeanEdgeMessages(torch.autograd.Function):
     otherwise each chunk's messages are recomputed there, so memory is O(n x C + chunk x C), never O(E x C).
     Within a chunk the edges go in cache blocks of :data:`BLOCK_BYTES` (each block gathered, updated, clipped and
     scattered while it is in cache); every element sees the same operations in the same order as over the whole
-    chunk at once, so the numbers are the same bit for bit.
+    chunk at once. The rank-1 update is one GEMM per block, and the kernel MKL picks may depend on the block's size:
+    on some CPUs (AMX-era Xeons) a block of a few edges rounds differently by an ulp, so chunked and whole agree to
+    the last bit or within a few ulps (``tests/test_edge_sage_conv.py``); a given chunk size always gives the same
+    numbers.
     """
 
     @staticmethod
