@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  "this process's; the stored rows' own count reproduces them)")
     p.add_argument("--result", type=Path, required=True)
     args = p.parse_args(argv)
+    from magnet_core.model.threads import apply_thread_policy
+
+    apply_thread_policy()  # MAGNET_FL_THREADS (else the machine's default); --threads overrides it per cell
     threads = {k: int(v) for k, v in (item.split("=") for item in args.threads.split(",") if item)}
     study = load_study(args.study / "study.toml")
     tidy = pd.read_csv(next(args.study.glob("*_tidy.csv")))
