@@ -40,3 +40,20 @@ def test_site_graphs_side_by_side_give_each_site_the_outputs_it_gets_alone():
         alone = torch.cat([forward(model, s)[0] for s in sets])
     torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-6)
     assert torch.equal(joined.y, torch.cat([s.y for s in sets]))
+
+
+def test_the_two_stored_runs_agree_where_their_settings_agree():
+    """docs/studies/README.md says the OV cells' numbers are identical in the two stored runs (both at 2 threads,
+    on one machine); the BRCA cell ran at 2 and then 1 thread."""
+    import json
+
+    results = ROOT / "benchmarks" / "results"
+    first = json.loads((results / "graph_partition_label_skew.json").read_text())["cells"]
+    second = json.loads((results / "graph_partition_label_skew_brca_1_thread.json").read_text())["cells"]
+    assert (first["rjive-label-skew-3"]["threads"], second["rjive-label-skew-3"]["threads"]) == (2, 1)
+    for cell in ("alpha-0.1", "alpha-1.0"):
+        assert first[cell]["threads"] == second[cell]["threads"] == 2
+        assert first[cell]["seeds"].keys() == second[cell]["seeds"].keys()
+        for seed, run in first[cell]["seeds"].items():
+            for model in ("centralized", "site_graphs"):
+                assert run[model]["consortium_mcc"] == second[cell]["seeds"][seed][model]["consortium_mcc"]
