@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_thread_policy()  # MAGNET_FL_THREADS (else the machine's default); --threads overrides it per cell
     threads = {k: int(v) for k, v in (item.split("=") for item in args.threads.split(",") if item)}
+    default_threads = torch.get_num_threads()  # a cell not named in --threads, whatever ran before it
     study = load_study(args.study / "study.toml")
     tidy = pd.read_csv(next(args.study.glob("*_tidy.csv")))
     summary = json.loads(next(args.study.glob("*_summary.json")).read_text())
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="graph-partition-"))
     for cid in args.cells.split(","):
         cell = cells[cid]
-        torch.set_num_threads(threads.get(cid, torch.get_num_threads()))
+        torch.set_num_threads(threads.get(cid, default_threads))
         scenario_file = tmp / f"{cid}.toml"
         scenario_file.write_text(tomli_w.dumps(study.scenario_of(cell).model_dump(mode="json", exclude_none=True)))
         rows = tidy[tidy["cell"] == cid]

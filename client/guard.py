@@ -204,6 +204,16 @@ def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None,
     raise ContractError(f"message type {kind!r} is not one this site answers")
 
 
+def split_record(req: SiteRequest, policy: SitePolicy, node_config: Mapping[str, Any]) -> int | str:
+    """What split the class means were taken over, for the audit entry: the run's seed (a simulated site),
+    "split.csv" (a deployed site's prepared folder has one), or the policy's split seed."""
+    if req.split_follows_run:
+        return int(req.run_seed) if req.run_seed is not None else "run seed"
+    if (Path(str(node_config[NODE_DATA_DIR])) / "split.csv").exists():
+        return "split.csv"
+    return policy.preparation.split_seed
+
+
 def admit(policy: SitePolicy, req: SiteRequest, folder: Path) -> None:
     """Check ``req`` against the policy and the site's memory; if it passes, remember it and charge its privacy
     (under the state folder's lock, before any work). PolicyRefusal otherwise, with nothing recorded."""
@@ -280,8 +290,7 @@ def screened(msg: Message, context: Context, answer: Callable[[], Message]) -> M
         from .handlers import release_min_count
 
         k = release_min_count(max(req.min_count or 0, policy.min_count), context.node_config)
-        split_seed = req.run_seed if req.split_follows_run else policy.preparation.split_seed
         entry["class_prototypes"] = {"k": k, "weight": req.prototype_weight, "run_seed": req.run_seed,
-                                     "split_seed": split_seed}
+                                     "split": split_record(req, policy, context.node_config)}
     append(folder, entry)
     return reply

@@ -114,11 +114,16 @@ class Preparation(BaseModel):
 
     split_seed: int = Field(DEFAULT_SEED, description="the seed of this site's own train/val/test split")
     split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    use_split_file: bool = Field(True, description="the site's split.csv, when it has one, wins over the seed")
+    use_split_file: bool = Field(True, description="preparation: the site's raw split.csv, when it has one, wins over "
+                                 "the seed (the prepared folder's split.csv, written by the preparation, is the split "
+                                 "the site then trains and evaluates on)")
     def split(self) -> dict[str, Any]:
-        """This site's own split as :func:`magnet_core.cohort.validation.load_site_cohort` takes it (seed, ratios,
-        use_split_file): the split it prepares, trains, validates and evaluates on, whatever a run's seed."""
-        return dict(seed=self.split_seed, ratios=tuple(self.split_ratios), use_split_file=self.use_split_file)
+        """This site's own split of its prepared data folder, as :func:`magnet_core.cohort.validation.
+        load_site_cohort` takes it: the folder's split.csv when it has one (the preparation wrote it from these
+        lines: ``use_split_file`` chose there between a raw split.csv and the seed, and the raw patients' own
+        modalities grouped them), else ``split_seed`` and ``split_ratios``. The split it trains, validates and
+        evaluates on, whatever a run's seed."""
+        return dict(seed=self.split_seed, ratios=tuple(self.split_ratios), use_split_file=True)
 
     once_per_consortium: bool = Field(
         True, description="release preparation statistics (clear or secure) to a consortium once: only the very same "

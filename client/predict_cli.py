@@ -341,6 +341,12 @@ def run(args: argparse.Namespace) -> int:
     log(f"package {args.package}: {meta.method} model, signed by {pkg.signer!r} (verified against {args.ca}); "
         f"{stamp.describe()}; run settings {meta.run_fingerprint[:12]}")
     split_rule = site_split_rule(args, meta.run_config)
+    unsplit = [f for f in (args.reference, args.patients) if f.is_dir() and _has_labels(f)
+               and not (f / "split.csv").exists()]
+    if args.policy is None and unsplit:
+        log(f"note: {', '.join(map(str, unsplit))} has no split.csv: split by seed {split_rule['seed']} "
+            "(--seed, else the package's run seed); a site that trained under a policy trained on its policy's "
+            "split: pass --policy")
     pkg.build_model()  # the weights must fit the described model before any data is read
     ref = load_reference(args.reference, pkg.manifest, split_rule)
     patients = load_patients(args.patients, pkg.manifest, split_rule, args.split, log)

@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enrol", metavar="SITE_NAME", default=None,
                    help="also print this site's enrolment entry for the manifest ([sites.SITE_NAME]: patient "
                         "counts the coordinator bounds the site's replies by; counts only, no patient data)")
+    p.add_argument("--policy", type=Path, default=None,
+                   help="with --enrol: this site's policy file, whose preparation lines split a folder without "
+                        "split.csv (the split the site will train on); without it, the default split")
 
 
 def summary_table(report: SiteReport, manifest: ConsortiumManifest, title: str) -> Table:
@@ -58,12 +61,19 @@ def run(args: argparse.Namespace) -> int:
         return 1
     console.print("[green]site data are consistent with the manifest[/]")
     if args.enrol:
-        console.print(enrolment_entry(args.dir, manifest, args.enrol), markup=False)
+        split = None
+        if args.policy is not None:
+            from .policy import load_policy
+
+            split = load_policy(str(args.policy)).preparation.split()
+        console.print(enrolment_entry(args.dir, manifest, args.enrol, split), markup=False)
     return 0
 
 
-def enrolment_entry(folder: Path, manifest: ConsortiumManifest, name: str) -> str:
-    """The manifest lines that enrol this site: training/test sizes and per-modality bounds, valid for any seed."""
+def enrolment_entry(folder: Path, manifest: ConsortiumManifest, name: str, split: dict | None = None) -> str:
+    """The manifest lines that enrol this site: training/test sizes (of the split the site trains on: its
+    split.csv, else ``split``, the keyword arguments of ``load_site_cohort`` from its policy, else the default
+    ratios) and per-modality bounds, valid for any seed."""
     import tomli_w
 
     from magnet_core.cohort.validation import load_site_cohort
@@ -73,5 +83,5 @@ def enrolment_entry(folder: Path, manifest: ConsortiumManifest, name: str) -> st
     if not SITE_NAME.match(name):
         raise ValueError(f"--enrol: site name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ - "
                          "(starting alphanumeric)")
-    facts = enrolled_site(load_site_cohort(folder, manifest, seed=0), any_seed=True)
+    facts = enrolled_site(load_site_cohort(folder, manifest, **(split or {"seed": 0})), any_seed=True)
     return "# add to the consortium manifest:\n" + tomli_w.dumps({"sites": {name: facts.model_dump()}})

@@ -42,3 +42,38 @@ def test_validate_site_prints_an_enrolment_entry_the_server_bounds_replies_by(tm
                           modality_counts={"mRNA": 100, "miRNA": 10 * facts["train"]})
     assert any("exceeds" in p for p in check_train_against(inflated, bounds))
     assert main(["validate-site", str(site), "--manifest", str(path), "--enrol", "bad name!"]) == 2
+
+
+def test_enrolment_counts_the_training_patients_of_the_sites_own_split(tmp_path, capsys):
+    """A site without split.csv trains on its policy's split (client/handlers.py own_split): --policy enrols the
+    training size of that split, so the coordinator does not reject the site's honest replies as inflated."""
+    from client.policy import template
+    from magnet_core.cohort.generated import generated_cohort
+
+    cohort = generated_cohort("default", n=80, seed=0)
+    site = tmp_path / "site"
+    site.mkdir()
+    ids = pd.Index(cohort.sample_ids, name="sampleID")
+    pd.DataFrame({"Class": cohort.labels}, index=ids).to_csv(site / "labels.csv")
+    specs = []
+    for j, m in enumerate(cohort.modalities):
+        has = cohort.mask[:, j]
+        pd.DataFrame(cohort.X[m][has], index=ids[has], columns=cohort.features[m]).to_csv(site / f"{m}.csv")
+        specs.append(ModalitySpec(name=m, features=list(cohort.features[m])))
+    path = ConsortiumManifest(name="gen", classes=["a", "b"], modalities=specs).save(tmp_path / "manifest.toml")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(template("gen").replace("split_ratios = [0.7, 0.1, 0.2]", "split_ratios = [0.8, 0.1, 0.1]"))
+
+    def trained(*extra) -> int:
+        assert main(["validate-site", str(site), "--manifest", str(path), "--enrol", "h", *extra]) == 0
+        out = capsys.readouterr().out
+        return tomllib.loads(out[out.index("[sites.h]"):])["sites"]["h"]["train"]
+
+    from client.handlers import forget_sites, site_for
+    from magnet_core.protocol.messages import RoundConfig
+
+    forget_sites()
+    cfg = RoundConfig(server_round=1, seed=3, preset="ov", local_epochs=1, histogram_bins=10)
+    node = {"data-dir": str(site), "manifest": str(path), "site-policy": str(policy)}
+    assert trained("--policy", str(policy)) == site_for(cfg, node, 0).train.n > trained()
+    forget_sites()

@@ -344,7 +344,7 @@ def test_class_prototypes_are_released_only_where_the_policy_allows_them(tmp_pat
     refused(allowing, train(allowing, model, 1, prototype_weight=1.0, min_count=k - 1), "min_count")
     reply = train(allowing, model, 1, prototype_weight=1.0, min_count=k)
     answered(reply)
-    record = {"k": k, "weight": 1.0, "run_seed": 0, "split_seed": 0}  # the site's record: a simulated site's split
+    record = {"k": k, "weight": 1.0, "run_seed": 0, "split": 0}  # the site's record: a simulated site's split
     assert allowing.audit()[-1]["class_prototypes"] == record  # follows the run seed
     back = unpack(flat_of(reply.content["arrays"]), Layout.from_params(model))
     below = counts < k
@@ -399,7 +399,13 @@ def test_a_deployed_site_trains_and_evaluates_on_its_own_split_whatever_the_run_
                       prototype_weight=1.0, **DATA)
     model = {k: v.detach().numpy().copy() for k, v in site_for(cfg, site.node, SITE).model.state_dict().items()}
     answered(train(site, model, 1, prototype_weight=1.0, min_count=3, seed=7))
-    assert site.audit()[-1]["class_prototypes"] == {"k": 5, "weight": 1.0, "run_seed": 7, "split_seed": 4}
+    assert site.audit()[-1]["class_prototypes"] == {"k": 5, "weight": 1.0, "run_seed": 7, "split": 4}
+    # a prepared folder's split.csv (the preparation wrote it from the policy's lines) is the split, and the record
+    pd.DataFrame({"split": own}, index=pd.Index(load_site_cohort(node["data-dir"], manifest, seed=4).sample_ids,
+                                                name="sampleID")).to_csv(Path(node["data-dir"]) / "split.csv")
+    forget_sites()
+    answered(train(site, shifted(model, 0.01), 2, prototype_weight=1.0, min_count=3, seed=7))
+    assert site.audit()[-1]["class_prototypes"]["split"] == "split.csv"
     forget_sites()
 
 

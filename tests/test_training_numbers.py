@@ -71,7 +71,7 @@ def _before(seed: int) -> dict[str, dict]:
 
 def loss_mismatch(new: list[dict], old: list[dict]) -> str | None:
     """The first epoch loss (loss, CE, KL) of ``new`` outside float32 tolerance of ``old``; None if all agree."""
-    if len(new) > len(old):
+    if len(new) != len(old):
         return f"{len(new)} epochs, the record has {len(old)}"
     for epoch, (a, b) in enumerate(zip(new, old)):
         for key in ("loss", "ce", "kl"):
@@ -117,6 +117,7 @@ def test_a_changed_number_matches_no_record():
     flipped = {**old, "pred": [1 - old["pred"][0], *old["pred"][1:]]}
     assert whole_run_mismatch(flipped, old) == "predicted classes differ"
     assert whole_run_mismatch(old, old) is None
+    assert loss_mismatch([], old["losses"]) is not None  # no epoch reported compares nothing: a mismatch
     with pytest.raises(AssertionError, match="equal to no record"):
         assert_matches_a_record(whole_run_mismatch, flipped, {name: old})
 
