@@ -135,16 +135,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", help="comma-separated (default: the study's seeds)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--result", type=Path, required=True)
+    p.add_argument("--analyse-only", action="store_true", help="recompute the means and comparisons of --result's "
+                                                               "stored per-seed values (nothing is trained)")
     args = p.parse_args(argv)
+    if args.analyse_only:
+        import json
+
+        from simulations.reporting import write_json
+
+        write_json(args.result, analyse(json.loads(args.result.read_text())))
+        return 0
     from magnet_core.model.threads import apply_thread_policy
 
     apply_thread_policy()
     import tomli_w
     import torch
 
+    from magnet_core.cohort.errors import DataError
     from magnet_core.consortium.simulated import VALIDATION_PREFIX, load_consortium
     from magnet_core.model.config import get_preset
-    from simulations import statistics as st
     from simulations.reporting import write_json
     from simulations.study import load_study, resolve_dataset
 
@@ -160,12 +169,26 @@ def main(argv: list[str] | None = None) -> int:
               "rounds": study.rounds, "local_epochs": study.local_epochs, "evaluation": "pooled validation patients",
               "seeds": {}}
     for seed in seeds:
-        _, sites = load_consortium(data_path, str(scenario), seed, ",".join(cell.modalities))
+        try:
+            _, sites = load_consortium(data_path, str(scenario), seed, ",".join(cell.modalities))
+        except DataError as exc:  # e.g. the OV data ship splits 10-50 only: say so, and go on
+            print(f"seed {seed}: skipped ({exc})", flush=True)
+            result.setdefault("skipped", {})[str(seed)] = str(exc)
+            continue
         result["seeds"][str(seed)] = row = {}
         for v in variants:
             row[v] = run_variant(v, list(sites), preset, study.rounds, study.local_epochs, seed)
         print(f"seed {seed}: " + ", ".join(f"{v} {row[v]:.4f}" for v in variants), flush=True)
         write_json(args.result, result)
+    write_json(args.result, analyse(result))
+    return 0
+
+
+def analyse(result: dict) -> dict:
+    """``result`` with each variant's mean and each variant minus ``fedavg`` (paired by seed, Holm over variants)."""
+    from simulations import statistics as st
+
+    variants = list(next(iter(result["seeds"].values())))
     by = {v: {s: r[v] for s, r in result["seeds"].items()} for v in variants}
     result["means"] = {v: float(np.mean(list(by[v].values()))) for v in variants}
     others = [v for v in variants if v != "fedavg"]
@@ -174,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         for v, adj in zip(others, st.holm([comps[v]["p_value"] for v in others])):
             comps[v]["holm_p"] = float(adj)
         result["minus_fedavg"] = comps
-    write_json(args.result, result)
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -219,6 +219,28 @@ def graph_partition_lines(root: Path, rel: str = GP) -> str:
     return "\n".join(lines)
 
 
+DRIFT = ("benchmarks/results/drift_probe_brca.json", "benchmarks/results/drift_probe_ov_alpha01.json")
+DRIFT_LABELS = {"scaffold": "SCAFFOLD", "stateful": "local Adam kept across rounds",
+                "fedavg_1_epoch": "1 local epoch x 10 times the rounds",
+                "site_graphs": "one optimiser on site-local graphs"}
+
+
+def drift_probe_lines(root: Path) -> str:
+    """benchmarks/drift_probe.py's results (validation patients only), one line per cell, from its result files."""
+    lines = []
+    for rel in DRIFT:
+        r = _load_json(root, rel)
+        parts = []
+        for v, label in DRIFT_LABELS.items():
+            c = r["minus_fedavg"][v]
+            parts.append(f"{label} {f3(r['means'][v])} ({s3(c['mean_diff'])}, 95% CI {ci(c['ci_low'], c['ci_high'])}, "
+                         f"Holm p {f3(c['holm_p'])})")
+        lines.append(f"* `{r['cell']}` ({len(r['seeds'])} seeds, {r['threads']} torch thread"
+                     f"{'s' if r['threads'] > 1 else ''}): FedAvg {f3(r['means']['fedavg'])}; minus FedAvg: "
+                     + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
 def _listed(items: list[str]) -> str:
     return "none" if not items else "; ".join(items)
 
@@ -1146,6 +1168,7 @@ CLAIMS: list[Claim] = [
     Claim(S, "{t}", "benchmarks/results/derived_defaults.json (generated table)", (("t", defaults_table),)),
     Claim(S, "{t}", GP + " (generated lines)", (("t", graph_partition_lines),)),
     Claim(S, "{t}", GP1 + " (generated lines)", (("t", lambda root: graph_partition_lines(root, GP1)),)),
+    Claim(S, "{t}", ", ".join(DRIFT) + " (generated lines)", (("t", drift_probe_lines),)),
     _c(S, "benchmarks/results/reproduce_stress_clip0.json",
        "with `clip-factor = 0` added to the study's settings, this session's code reproduces the stress study's stored "
        "values exactly in {x}", x=_stress_clip0),
