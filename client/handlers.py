@@ -64,7 +64,8 @@ def site_for(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int) -> 
 
 def own_split(node_config: Mapping[str, Any], run_seed: int) -> dict[str, Any]:
     """The split a deployed site trains, validates and evaluates on (keyword arguments of ``load_site_cohort``):
-    its policy's (``preparation.split_seed``, ``split_ratios``, ``use_split_file``) when its node config names one,
+    when its node config names a policy, its prepared folder's split.csv (the preparation wrote it from the
+    policy's lines), else the policy's ``preparation.split_seed`` and ``split_ratios`` (``Preparation.split``),
     so that no run's seed moves its patients between training, validation and test (a coordinator varying the seed
     would otherwise have a site train on the patients it tested on in another run, and evaluate on test sets that
     differ by a few patients); without a policy the site follows the run's seed."""
