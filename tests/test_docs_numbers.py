@@ -219,6 +219,21 @@ def graph_partition_lines(root: Path, rel: str = GP) -> str:
     return "\n".join(lines)
 
 
+GP3 = "benchmarks/results/graph_partition_label_skew_test_edges.json"  # run 2's settings, plus the tertiary
+
+
+def edgeless_lines(root: Path) -> str:
+    """The tertiary comparison of benchmarks/graph_partition.py (every test-graph edge removed), one line per cell."""
+    r = _load_json(root, GP3)
+    lines = []
+    for cid, c in r["cells"].items():
+        p, t = c["primary"], c["tertiary"]
+        lines.append(f"* `{cid}`: with every test-graph edge removed, site-local graphs minus centralized "
+                     f"{s3(t['mean_diff'])} (95% CI {ci(t['ci_low'], t['ci_high'])}, Holm p {f3(t['holm_p'])}); with "
+                     f"the test graph, {s3(p['mean_diff'])}.")
+    return "\n".join(lines)
+
+
 DRIFT = ("benchmarks/results/drift_probe_brca.json", "benchmarks/results/drift_probe_ov_alpha01.json")
 DRIFT_LABELS = {"scaffold": "SCAFFOLD", "stateful": "local Adam kept across rounds",
                 "fedavg_1_epoch": "1 local epoch x 10 times the rounds",
@@ -1169,6 +1184,7 @@ CLAIMS: list[Claim] = [
     Claim(S, "{t}", GP + " (generated lines)", (("t", graph_partition_lines),)),
     Claim(S, "{t}", GP1 + " (generated lines)", (("t", lambda root: graph_partition_lines(root, GP1)),)),
     Claim(S, "{t}", ", ".join(DRIFT) + " (generated lines)", (("t", drift_probe_lines),)),
+    Claim(S, "{t}", GP3 + " (generated lines)", (("t", edgeless_lines),)),
     _c(S, "benchmarks/results/reproduce_stress_clip0.json",
        "with `clip-factor = 0` added to the study's settings, this session's code reproduces the stress study's stored "
        "values exactly in {x}", x=_stress_clip0),
