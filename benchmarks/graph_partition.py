@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 from magnet_core.consortium.simulated import load_consortium  # noqa: E402
 from magnet_core.model.config import get_preset  # noqa: E402
 from magnet_core.model.graph import PatientGraph  # noqa: E402
+from magnet_core.model.site import isolated  # noqa: E402
 from magnet_core.model.train import PatientSet, split_sets  # noqa: E402
 from simulations import statistics as st  # noqa: E402
 from simulations.pooled_evaluation import CONSORTIUM  # noqa: E402
@@ -95,11 +96,9 @@ def block_diagonal(parts: list[PatientSet]) -> PatientSet:
 
 
 def without_test_edges(runtime):
-    """``runtime`` with its test patients' graph emptied: each test patient is scored alone."""
-    test = runtime.test
-    empty = PatientGraph(torch.zeros((2, 0), dtype=torch.long), torch.zeros(0, dtype=test.graph.edge_weight.dtype),
-                         test.n, test.graph.rule)
-    return dataclasses.replace(runtime, test=dataclasses.replace(test, graph=empty))
+    """``runtime`` with its test patients' graph emptied: each test patient is scored alone (what the test-graph
+    rule "isolated" scores, :func:`magnet_core.model.site.isolated`)."""
+    return dataclasses.replace(runtime, test=isolated(runtime.test))
 
 
 def run_pair(study, cell, seed: int, data: Path, scenario_file: Path) -> dict:

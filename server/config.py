@@ -54,8 +54,9 @@ class FederatedConfig(BaseModel):
     eval_flag_alpha: float = Field(EVAL_ALPHA, ge=0, lt=1, description="flag a site whose evaluation has more "
                                    "correct predictions than the others' recall makes plausible (p < this; 0 = off)")
     eval_exclude_flagged: bool = Field(False, description="leave flagged sites out of the pooled (global) metric")
-    test_graph: Literal["among-test", "attach-to-train"] = Field(
-        "among-test", description="test-graph rule of the sites' evaluation (reported in every result)")
+    test_graph: Literal["among-test", "attach-to-train", "isolated"] = Field(
+        "among-test", description="test-graph rule of the sites' evaluation (reported in every result): among-test, "
+        "attach-to-train, or isolated (no edge: no neighbour brings a site's label mix into a prediction)")
     min_count: int = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,
                            description="k (simulation; a deployment takes it from the manifest)")
     # simulation: where sites come from (empty data-path = generated cohort)

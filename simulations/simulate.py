@@ -121,7 +121,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=parse_seeds, default=list(DEFAULT_SEEDS))
     p.add_argument("--preset", default=RunSpec.preset, choices=sorted(PRESETS))
     p.add_argument("--test-graph", choices=TEST_GRAPHS, default=RunSpec.test_graph,
-                   help="evaluation graph: among-test (the paper's) or attach-to-train (deployment rule)")
+                   help="evaluation graph: among-test (the paper's), attach-to-train (deployment rule) or isolated "
+                        "(each test patient scored alone: no neighbour brings its site's label mix in)")
     p.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
                    help="flower: Flower's simulation engine (Ray); inprocess: same code, no transport")
     p.add_argument("--ray-address", default=None,

@@ -93,7 +93,7 @@ class Cell(BaseModel):
     dataset: str | None = None
     preset: str | None = None
     modalities: list[str] = Field(default_factory=list)
-    test_graph: Literal["among-test", "attach-to-train"] | None = Field(
+    test_graph: Literal["among-test", "attach-to-train", "isolated"] | None = Field(
         None, description="test-graph rule of this cell (default: the study's)")
     settings: dict[str, Any] | None = Field(None, description="run-config settings of this cell's "
                                      "federated methods and evaluation (kebab-case keys, as `simulate --set`), "
@@ -151,8 +151,9 @@ class Study(BaseModel):
     methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1,
                                description="names from magnet_core.consortium.methods.METHODS")
     x_label: str = "x"
-    test_graph: Literal["among-test", "attach-to-train"] = Field(
-        "among-test", description="test-graph rule: among-test (the paper's) or attach-to-train (deployment)")
+    test_graph: Literal["among-test", "attach-to-train", "isolated"] = Field(
+        "among-test", description="test-graph rule: among-test (the paper's), attach-to-train (deployment) or "
+        "isolated (each test patient scored alone: no neighbour brings its site's label mix in)")
     target_gap: float | None = Field(None, ge=0, description="per cell, report whether the best trained method is at "
                                      "or above local-only and within this MCC of centralized")
     evaluation: Literal["own", "consortium"] = Field(
@@ -246,7 +247,8 @@ def rules_note(study: Study) -> str:
     rules = {study.test_graph_of(c) for c in study.cells}
     words = {"among-test": "`among-test` (each site's test patients among themselves, the paper's rule)",
              "attach-to-train": "`attach-to-train` (each test patient attached to the site's training patients, "
-                                "as `predict` does)"}
+                                "as `predict` does)",
+             "isolated": "`isolated` (each test patient scored alone, without neighbours)"}
     if len(rules) == 1:
         return words[rules.pop()]
     return "given per cell (" + "; ".join(f"{c.id}: `{study.test_graph_of(c)}`" for c in study.cells) + ")"

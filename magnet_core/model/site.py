@@ -10,6 +10,7 @@ import torch
 
 from magnet_core.cohort.data import Cohort
 from magnet_core.model.config import ModelConfig, TrainConfig
+from magnet_core.model.graph import PatientGraph
 from magnet_core.model.loss import label_offsets
 from magnet_core.model.metrics import DEFAULT_BINS, EvalCounts, confusion_counts, score_histogram
 from magnet_core.model.network import MAGNET
@@ -25,8 +26,8 @@ from magnet_core.model.train import (
     train_epochs,
 )
 
-TestGraph = Literal["among-test", "attach-to-train"]
-TEST_GRAPHS = ("among-test", "attach-to-train")
+TestGraph = Literal["among-test", "attach-to-train", "isolated"]
+TEST_GRAPHS = ("among-test", "attach-to-train", "isolated")
 
 
 @dataclasses.dataclass
@@ -117,6 +118,8 @@ class SiteRuntime:
         """Confusion matrices (all / paired / unpaired test patients) and binary score histograms (log-odds bins).
 
         ``test_graph``: "among-test" (the paper's rule: one graph among the site's test patients) or
+        "isolated" (no edge: each test patient scored alone, so no neighbour brings the site's label mix into a
+        prediction; the graph layers see only the patient itself) or
         "attach-to-train" (the deployment rule: each test patient attached to the site's training patients by the
         same masked cosine and quantile rule, never changing their edges; see magnet_core.model.inductive)."""
         self.set_params(params)
@@ -138,12 +141,23 @@ class SiteRuntime:
         """Class probabilities of the site's test patients under the current weights."""
         if test_graph == "among-test":
             return predict_proba(self.model, self.test).numpy()
+        if test_graph == "isolated":
+            return predict_proba(self.model, isolated(self.test)).numpy()
+        if test_graph != "attach-to-train":
+            raise ValueError(f"test graph {test_graph!r}: choose one of {', '.join(TEST_GRAPHS)}")
         from magnet_core.model.inductive import Reference, default_attach_rule, predict_new
 
         if self._reference is None:
             self._reference = Reference.from_patient_set(self.train, self.sparsity)
         rule = default_attach_rule(self.train.n, self.k)  # the rule `magnet-fl predict --attach auto` uses
         return predict_new(self.model, self._reference, self.test.xs, self.test.mask, rule).probs
+
+
+def isolated(patients: PatientSet) -> PatientSet:
+    """``patients`` without a single edge: each is scored alone (test graph "isolated")."""
+    g = patients.graph
+    empty = PatientGraph(g.edge_index.new_zeros((2, 0)), g.edge_weight.new_zeros(0), patients.n, g.rule)
+    return dataclasses.replace(patients, graph=empty)
 
 
 # One working model per (inputs, classes, model settings) in this process (see :func:`scratch_model`).

@@ -82,8 +82,9 @@ class RoundConfig(BaseModel):
                                                 "means for classes with >= k training patients "
                                                 "(magnet_core.model.prototypes)")
     histogram_bins: StrictInt = Field(ge=2, le=MAX_HISTOGRAM_BINS, description="score-histogram bins (binary tasks)")
-    test_graph: Literal["among-test", "attach-to-train"] = Field(
-        "among-test", description="evaluation: a graph among the test patients (paper) or attached to training ones")
+    test_graph: Literal["among-test", "attach-to-train", "isolated"] = Field(
+        "among-test", description="evaluation: a graph among the test patients (paper), attached to training ones, "
+        "or none (isolated: each test patient scored alone)")
     min_count: StrictInt = Field(DEFAULT_MIN_COUNT, ge=MIN_COUNT_FLOOR,
                                  description="k: no released statistic may describe fewer than k patients")
     # simulation only: where a simulated site finds its partition (a deployed site reads its node config instead)
