@@ -34,7 +34,8 @@ from magnet_core.consortium import methods as method_names
 from simulations import statistics as st
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ("extensibility", "gap", "heterogeneity", "label-skew", "mnar", "rate", "sites", "stress", "test-graph")
+STUDIES = ("extensibility", "gap", "heterogeneity", "label-skew", "label-skew-isolated", "mnar", "rate", "sites",
+           "stress", "test-graph")
 DATA_NOTE = "real TCGA data from `../shared/data`"  # what the committed reports were regenerated with
 DOCUMENTS = ("README.md", "docs/studies/README.md", "benchmarks/README.md", "docs/deployment.md",
              "docs/secure-aggregation.md")
@@ -937,9 +938,10 @@ def _inband(root):
 
 
 LS = "label-skew"
+LSI = "label-skew-isolated"  # the same BRCA cell, every patient scored alone (test graph isolated)
 
 
-def _label_skew(cell_id):
+def _label_skew(cell_id, study=LS):
     """docs/studies/label-skew (issue 23): the cell's best trained method as the study's declared rule named it
     (highest mean validation MCC; the summary's ``best_method.chosen``), its MCC on the consortium's test patients
     (the declared evaluation) against centralized and local-only with the report's paired comparisons, whether the
@@ -947,18 +949,18 @@ def _label_skew(cell_id):
     on both evaluations."""
 
     def get(root):
-        summary = _summary(root, LS)
+        summary = _summary(root, study)
         best = summary["best_method"]["chosen"][cell_id]
         raw = {b: next(c for c in summary["comparisons"] if c["cell"] == cell_id and c["cell_b"] == cell_id
                        and c["method"] == best and c["method_b"] == b) for b in ("centralized", "local_only")}
         assert summary["evaluation"]["metric"] == "consortium_mcc"
-        target = tomllib.loads((root / f"docs/studies/{LS}/study.toml").read_text())["target_gap"]
+        target = tomllib.loads((root / f"docs/studies/{study}/study.toml").read_text())["target_gap"]
         met = raw["local_only"]["mean_diff"] >= 0 and raw["centralized"]["mean_diff"] >= -target
-        vc, vl = cmp(root, LS, cell_id, best, "centralized"), cmp(root, LS, cell_id, best, "local_only")
+        vc, vl = cmp(root, study, cell_id, best, "centralized"), cmp(root, study, cell_id, best, "local_only")
         return SimpleNamespace(
-            best=method_names.label(best), b=cell(root, LS, cell_id, best, "consortium_mcc"),
-            c=cell(root, LS, cell_id, "centralized", "consortium_mcc"),
-            lc=cell(root, LS, cell_id, "local_only", "consortium_mcc"), lo=cell(root, LS, cell_id, "local_only"),
+            best=method_names.label(best), b=cell(root, study, cell_id, best, "consortium_mcc"),
+            c=cell(root, study, cell_id, "centralized", "consortium_mcc"),
+            lc=cell(root, study, cell_id, "local_only", "consortium_mcc"), lo=cell(root, study, cell_id, "local_only"),
             vc=vc, vl=vl, hc=f"{vc.holm:.3f}", hl=f"{vl.holm:.3f}", met="met" if met else "not met",
             rule_out="rules out" if raw["centralized"]["nb_ci_low"] >= -target else "does not rule out",
             target=target)
@@ -967,7 +969,7 @@ def _label_skew(cell_id):
 
 
 
-def label_skew_findings(root: Path) -> str:
+def label_skew_findings(root: Path, study_name: str = LS) -> str:
     """docs/studies/label-skew's counted findings, generated: in how many cells the target is shown (met on the means
     and a larger loss ruled out by the resampling-corrected interval); per cell, the rule's pick with its mean
     validation MCC and the runner-up's, whether every trained federated method is below centralized on the means,
@@ -975,14 +977,14 @@ def label_skew_findings(root: Path) -> str:
     and, where a cell has more than five seeds, what the rule and the target read on its first five alone."""
     from simulations.study import best_methods, load_study
 
-    s = _summary(root, LS)
-    target = _target(root, LS)
+    s = _summary(root, study_name)
+    target = _target(root, study_name)
     metric = s["evaluation"]["metric"]
     comps = pd.DataFrame(s["comparisons"])
     rows = pd.DataFrame(s["rows"]).set_index(["cell", "method"])
     chosen = s["best_method"]["chosen"]
     trained = [m for m in s["methods"] if m not in REFERENCES]
-    tidy = _tidy(root, LS)
+    tidy = _tidy(root, study_name)
     label = method_names.label
 
     met = {c: _meets(comps, c, m, target) for c, m in chosen.items()}
@@ -1006,7 +1008,7 @@ def label_skew_findings(root: Path) -> str:
             f"{'excludes' if ce['nb_ci_high'] < 0 or ce['nb_ci_low'] > 0 else 'contains'} 0), Holm p "
             f"{f3(ce['p_holm'])}, Benjamini-Hochberg p {f3(ce['p_bh'])}"
             + ("; every trained federated method is below centralized on the means." if below else "."))
-    study = load_study(root / f"docs/studies/{LS}/study.toml")
+    study = load_study(root / f"docs/studies/{study_name}/study.toml")
     for c in chosen:
         seeds = sorted(tidy[tidy["cell"] == c]["seed"].unique())
         if len(seeds) <= 5:
@@ -1334,6 +1336,19 @@ CLAIMS: list[Claim] = [
        "(label-skew) The report makes {m.n} comparisons; {m.detected} read \"helps\"/\"hurts\" on their own "
        "interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg",
        m=_m("label-skew")),
+    # the label-skew BRCA cell with every patient scored alone (test graph isolated)
+    _c(S, "label-skew-isolated_summary.json",
+       "`rjive-label-skew-3`: the rule names {x.best}, {x.b.ms} on the consortium's test patients, each scored alone "
+       "(centralized {x.c.ms}; local-only {x.lc.ms}, and {x.lo.ms} on its own sites' test patients); {x.best} minus "
+       "centralized {x.vc.dci} (Holm p {x.hc}), minus local-only {x.vl.dci}; the target is {x.met} on the means, and "
+       "the resampling-corrected interval {x.rule_out} a loss of more than {x.target}",
+       x=_label_skew("rjive-label-skew-3", LSI)),
+    Claim(S, "{t}", "label-skew-isolated_summary.json, label-skew-isolated_tidy.csv (generated findings)",
+          (("t", lambda root: label_skew_findings(root, LSI)),)),
+    Claim(S, "{t}", "label-skew-isolated_summary.json (generated sensitivity)", (("t", held_out_names(LSI)),)),
+    _c(S, "label-skew-isolated_summary.json",
+       "(label-skew-isolated) The report makes {m.n} comparisons; {m.detected} read \"helps\"/\"hurts\" on their "
+       "own interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg", m=_m(LSI)),
     # ---------------------------------------------------------------- docs/secure-aggregation.md (issue 21's costs)
     _c(SA, "benchmarks/results/secagg_auth_cost.json",
        "per site +{c.up3} B up and +{c.down3} kB down (3 sites), +{c.up5} kB up and +{c.down5} kB down (5 sites) on a "
