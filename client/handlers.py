@@ -73,7 +73,7 @@ def own_split(node_config: Mapping[str, Any], run_seed: int) -> dict[str, Any]:
 
     policy = policy_of(node_config)
     if policy is None:
-        return dict(seed=run_seed, ratios=(0.7, 0.1, 0.2), use_split_file=True)
+        return dict(seed=run_seed)
     return policy.preparation.split()
 
 

@@ -969,6 +969,16 @@ def _label_skew(cell_id, study=LS):
 
 
 
+def _label_skew_claim(study: str, cell_id: str, scored: str = "") -> Claim:
+    """docs/studies/README.md's line for one cell of a label-skew study (``scored``: how its patients were scored)."""
+    return _c(S, f"{study}_summary.json",
+              f"`{cell_id}`: the rule names {{x.best}}, {{x.b.ms}} on the consortium's test patients{scored} "
+              "(centralized {x.c.ms}; local-only {x.lc.ms}, and {x.lo.ms} on its own sites' test patients); {x.best} "
+              "minus centralized {x.vc.dci} (Holm p {x.hc}), minus local-only {x.vl.dci}; the target is {x.met} on "
+              "the means, and the resampling-corrected interval {x.rule_out} a loss of more than {x.target}",
+              x=_label_skew(cell_id, study))
+
+
 def label_skew_findings(root: Path, study_name: str = LS) -> str:
     """docs/studies/label-skew's counted findings, generated: in how many cells the target is shown (met on the means
     and a larger loss ruled out by the resampling-corrected interval); per cell, the rule's pick with its mean
@@ -1324,12 +1334,7 @@ CLAIMS: list[Claim] = [
        g=_cm("sites", "sites-50", "local_only", "local_only", "sites-2"),
        h=_cm("sites", "sites-50", "federated", "federated", "sites-2")),
     _c(S, "sites_summary.json", "(smallest Benjamini-Hochberg p {x})", x=_sites_min_bh),
-    *[_c(S, "label-skew_summary.json",
-         f"`{cell_id}`: the rule names {{x.best}}, {{x.b.ms}} on the consortium's test patients (centralized "
-         "{x.c.ms}; local-only {x.lc.ms}, and {x.lo.ms} on its own sites' test patients); {x.best} minus centralized "
-         "{x.vc.dci} (Holm p {x.hc}), minus local-only {x.vl.dci}; the target is {x.met} on the means, and the "
-         "resampling-corrected interval {x.rule_out} a loss of more than {x.target}", x=_label_skew(cell_id))
-      for cell_id in ("alpha-0.1", "alpha-1.0", "rjive-label-skew-3")],
+    *[_label_skew_claim(LS, cell_id) for cell_id in ("alpha-0.1", "alpha-1.0", "rjive-label-skew-3")],
     Claim(S, "{t}", "label-skew_summary.json, label-skew_tidy.csv (generated findings)", (("t", label_skew_findings),)),
     Claim(S, "{t}", "label-skew_summary.json (generated sensitivity)", (("t", held_out_names("label-skew")),)),
     _c(S, "label-skew_summary.json",
@@ -1337,12 +1342,7 @@ CLAIMS: list[Claim] = [
        "interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg",
        m=_m("label-skew")),
     # the label-skew BRCA cell with every patient scored alone (test graph isolated)
-    _c(S, "label-skew-isolated_summary.json",
-       "`rjive-label-skew-3`: the rule names {x.best}, {x.b.ms} on the consortium's test patients, each scored alone "
-       "(centralized {x.c.ms}; local-only {x.lc.ms}, and {x.lo.ms} on its own sites' test patients); {x.best} minus "
-       "centralized {x.vc.dci} (Holm p {x.hc}), minus local-only {x.vl.dci}; the target is {x.met} on the means, and "
-       "the resampling-corrected interval {x.rule_out} a loss of more than {x.target}",
-       x=_label_skew("rjive-label-skew-3", LSI)),
+    _label_skew_claim(LSI, "rjive-label-skew-3", ", each scored alone"),
     Claim(S, "{t}", "label-skew-isolated_summary.json, label-skew-isolated_tidy.csv (generated findings)",
           (("t", lambda root: label_skew_findings(root, LSI)),)),
     Claim(S, "{t}", "label-skew-isolated_summary.json (generated sensitivity)", (("t", held_out_names(LSI)),)),

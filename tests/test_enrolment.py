@@ -47,20 +47,12 @@ def test_validate_site_prints_an_enrolment_entry_the_server_bounds_replies_by(tm
 def test_enrolment_counts_the_training_patients_of_the_sites_own_split(tmp_path, capsys):
     """A site without split.csv trains on its policy's split (client/handlers.py own_split): --policy enrols the
     training size of that split, so the coordinator does not reject the site's honest replies as inflated."""
-    from client.policy import template
-    from magnet_core.cohort.generated import generated_cohort
+    from site_folders import generated_site
 
-    cohort = generated_cohort("default", n=80, seed=0)
+    from client.policy import template
+
     site = tmp_path / "site"
-    site.mkdir()
-    ids = pd.Index(cohort.sample_ids, name="sampleID")
-    pd.DataFrame({"Class": cohort.labels}, index=ids).to_csv(site / "labels.csv")
-    specs = []
-    for j, m in enumerate(cohort.modalities):
-        has = cohort.mask[:, j]
-        pd.DataFrame(cohort.X[m][has], index=ids[has], columns=cohort.features[m]).to_csv(site / f"{m}.csv")
-        specs.append(ModalitySpec(name=m, features=list(cohort.features[m])))
-    path = ConsortiumManifest(name="gen", classes=["a", "b"], modalities=specs).save(tmp_path / "manifest.toml")
+    path = generated_site(site, tmp_path / "manifest.toml", 80)
     policy = tmp_path / "policy.toml"
     policy.write_text(template("gen").replace("split_ratios = [0.7, 0.1, 0.2]", "split_ratios = [0.8, 0.1, 0.1]"))
 

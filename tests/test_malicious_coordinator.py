@@ -355,24 +355,11 @@ def test_class_prototypes_are_released_only_where_the_policy_allows_them(tmp_pat
 
 
 def _deployed_site(root: Path, n: int = 120) -> dict:
-    """A deployed site's node config: a prepared data folder without split.csv (labels.csv and one table per
-    modality, written from the generated cohort) and the consortium manifest."""
-    from magnet_core.cohort.generated import generated_cohort
-    from magnet_core.cohort.manifest import ConsortiumManifest, ModalitySpec
+    """A deployed site's node config: a prepared data folder without split.csv and the consortium manifest."""
+    from site_folders import generated_site
 
-    cohort = generated_cohort("default", n=n, seed=0)
-    data = root / "data"
-    data.mkdir(parents=True)
-    ids = pd.Index(cohort.sample_ids, name="sampleID")
-    pd.DataFrame({"Class": cohort.labels}, index=ids).to_csv(data / "labels.csv")
-    specs = []
-    for j, m in enumerate(cohort.modalities):
-        has = cohort.mask[:, j]
-        pd.DataFrame(cohort.X[m][has], index=pd.Index(cohort.sample_ids[has], name="sampleID"),
-                     columns=cohort.features[m]).to_csv(data / f"{m}.csv")
-        specs.append(ModalitySpec(name=m, features=list(cohort.features[m])))
-    manifest = ConsortiumManifest(name="gen", classes=["a", "b"], modalities=specs).save(root / "manifest.toml")
-    return {"data-dir": str(data), "manifest": str(manifest), "site-name": "h0"}
+    manifest = generated_site(root / "data", root / "manifest.toml", n)
+    return {"data-dir": str(root / "data"), "manifest": str(manifest), "site-name": "h0"}
 
 
 def test_a_deployed_site_trains_and_evaluates_on_its_own_split_whatever_the_run_seed(tmp_path):
