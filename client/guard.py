@@ -162,6 +162,7 @@ def decode_request(msg: Message, node_config: Mapping[str, Any] | None = None,
     if kind in ROUND_KINDS:
         cfg = RoundConfig.decode(content[CONFIG_KEY])
         fields: dict[str, Any] = dict(round=cfg.server_round, local_epochs=cfg.local_epochs,
+                                      local_update=cfg.local_update,
                                       histogram_bins=cfg.histogram_bins, min_count=cfg.min_count,
                                       prototype_weight=cfg.prototype_weight, run_seed=cfg.seed,
                                       split_follows_run=NODE_DATA_DIR not in (node_config or {}),
@@ -292,5 +293,8 @@ def screened(msg: Message, context: Context, answer: Callable[[], Message]) -> M
         k = release_min_count(max(req.min_count or 0, policy.min_count), context.node_config)
         entry["class_prototypes"] = {"k": k, "weight": req.prototype_weight, "run_seed": req.run_seed,
                                      "split": split_record(req, policy, context.node_config)}
+    if req.training and req.local_update == "gradient" and not reply.has_error():
+        # what the update is: minus this site's gradient over all its training patients at the received model
+        entry["local_update"] = "gradient"
     append(folder, entry)
     return reply

@@ -105,7 +105,7 @@ def train_site(cfg: RoundConfig, node_config: Mapping[str, Any], node_id: int, f
     new, stats = site.fit(state, get_preset(cfg.preset).train, cfg.local_epochs, cfg.server_round, cfg.seed,
                           proximal_mu=cfg.proximal_mu, label_adjustment=cfg.label_adjustment,
                           label_tau=cfg.label_tau, prototype_weight=cfg.prototype_weight,
-                          min_count=release_min_count(cfg.min_count, node_config))
+                          min_count=release_min_count(cfg.min_count, node_config), local_update=cfg.local_update)
     loss = stats.get("loss")
     reply = TrainReply(site=site.name, num_examples=site.train.n, modality_counts=site.modality_counts,
                        loss=float(loss) if loss is not None and math.isfinite(loss) else None)

@@ -153,6 +153,11 @@ class SitePolicy(BaseModel):
     release_class_prototypes: bool = Field(
         False, description="answer fedproto rounds: return, inside the update, the mean fused embedding of each class "
         "with at least k training patients (magnet_core.model.prototypes); false: such a round is refused")
+    release_gradients: bool = Field(
+        False, description="answer fedsgd rounds (local update 'gradient'): return one full-batch gradient step, "
+        "whose update is this site's exact gradient at the model the coordinator sent. A coordinator that crafts "
+        "that model can read more from one gradient than from epochs of local training (Fowl et al., ICLR 2022; "
+        "Boenisch et al., EuroS&P 2023), and fedsgd asks for one every epoch; false: such a round is refused")
     secure_aggregation: SecureAggregation = Field(default_factory=SecureAggregation)
     privacy: Privacy = Field(default_factory=Privacy)
     ranges: Ranges = Field(default_factory=Ranges)
@@ -249,6 +254,7 @@ class SiteRequest(BaseModel):
     round: int | None = None
     secure: bool = False
     local_epochs: int | None = None
+    local_update: str | None = Field(None, description="training: epochs (local training) or gradient (fedsgd)")
     histogram_bins: int | None = None
     min_count: int | None = None
     prototype_weight: float | None = Field(None, description="training: > 0 asks for the class prototypes")
@@ -413,6 +419,12 @@ def check_prototypes(policy: SitePolicy, req: SiteRequest) -> None:
                             "the few patients between them)")
 
 
+def check_gradients(policy: SitePolicy, req: SiteRequest) -> None:
+    if req.training and req.local_update == "gradient" and not policy.release_gradients:
+        raise PolicyRefusal(policy, "release_gradients", "the round asks for one full-batch gradient step (fedsgd): "
+                            "its update would be this site's exact gradient at a model the coordinator chose")
+
+
 def check_rounds(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory) -> None:
     rules = policy.rounds
     if rules.never_repeat and req.secure_round_id is not None and req.secure_round_id in memory.secure_round_ids:
@@ -543,6 +555,7 @@ def check_request(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory
     check_ranges(policy, req)
     check_min_count(policy, req)
     check_prototypes(policy, req)
+    check_gradients(policy, req)
     check_preparation(policy, req, memory)
     check_preparation_sum(policy, req, memory)
     check_rounds(policy, req, memory)
@@ -595,6 +608,7 @@ consortium = {consortium}    # the consortium this policy is for; budgets and me
 state_dir = {state_dir}    # this site's own folder: audit log, privacy spent, round memory (relative to this file)
 min_count = {min_count}    # k: no release describes fewer patients; the larger of this and the consortium's holds
 release_class_prototypes = false    # true: answer fedproto rounds (class means of >= k patients, inside the update)
+release_gradients = false    # true: answer fedsgd rounds (the update is this site's exact full-batch gradient)
 
 [secure_aggregation]
 train = true    # training only inside a secure sum: a plain 'train' message is refused

@@ -125,8 +125,16 @@ class FederatedConfig(BaseModel):
     # prototypes, which travel inside the model (magnet_core.model.prototypes), released only for classes >= k
     prototype_weight: float = Field(0.0, ge=0, le=MAX_PROTOTYPE_WEIGHT, allow_inf_nan=False,
                                     description="fedproto: weight lambda of the prototype term (0 = off)")
-    server_optimizer: Literal["none", "adam", "yogi"] = Field(
-        "none", description="none: the aggregate is the new model; adam / yogi: a server step along it")
+    # fedsgd (McMahan et al. 2017; with the centralized optimiser at the coordinator, Reddi et al. 2021): each site
+    # returns one full-batch gradient step and the coordinator runs the preset's own Adam and schedule on their mean
+    local_update: Literal["epochs", "gradient"] = Field(
+        "epochs", description="epochs: sites train local-epochs of Adam; gradient: one full-batch step of size 1 "
+                              "(the update is minus the site's gradient; needs local-epochs = 1)")
+    server_optimizer: Literal["none", "adam", "yogi", "preset-adam"] = Field(
+        "none", description="none: the aggregate is the new model; adam / yogi: a server step along it (server-lr, "
+                            "betas, tau); preset-adam: the preset's training optimiser (Adam, its learning rate and "
+                            "StepLR schedule counted in rounds, betas 0.9 / 0.999, eps 1e-8) along the mean update, "
+                            "as centralized training steps along its gradient (server-lr, betas and tau unused)")
     server_lr: float = Field(0.01, gt=0, le=10, allow_inf_nan=False, description="server optimizer step size (eta)")
     server_beta1: float = Field(0.9, ge=0, lt=1, description="server optimizer first-moment decay")
     server_beta2: float = Field(0.99, ge=0, lt=1, description="server optimizer second-moment decay")
@@ -154,6 +162,9 @@ class FederatedConfig(BaseModel):
 
     @model_validator(mode="after")
     def _dp_needs_the_mean(self) -> "FederatedConfig":
+        if self.local_update == "gradient" and (self.local_epochs != 1 or self.prototype_weight > 0):
+            raise ValueError("local-update='gradient' is one full-batch step per round: use local-epochs=1 and "
+                             "prototype-weight=0")
         if self.prototype_weight > 0 and (self.secagg or self.dp_clip_norm > 0):
             raise ValueError("prototype-weight > 0 (fedproto) aggregates in the clear only: its class prototypes would "
                              "share the update's clip (and DP noise) with the weights, and a secure sum hides them "

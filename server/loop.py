@@ -162,7 +162,7 @@ def round_config(cfg: FederatedConfig, rnd: int, min_count: int) -> ConfigRecord
         histogram_bins=cfg.histogram_bins, test_graph=cfg.test_graph, min_count=min_count,
         data_path=cfg.data_path, scenario=cfg.scenario, modalities=cfg.modalities, proximal_mu=cfg.proximal_mu,
         label_adjustment=cfg.label_adjustment, label_tau=cfg.label_tau, prototype_weight=cfg.prototype_weight,
-        clipping_norm=cfg.dp_clip_norm if cfg.dp_clip_norm > 0 else None).encode())
+        local_update=cfg.local_update, clipping_norm=cfg.dp_clip_norm if cfg.dp_clip_norm > 0 else None).encode())
 
 
 def run_federation(

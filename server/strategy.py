@@ -17,6 +17,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from magnet_core.federation.aggregate import (
+    TORCH_ADAM_BETAS,
+    TORCH_ADAM_EPS,
     ServerOptState,
     SiteUpdate,
     StepsOnDemand,
@@ -27,6 +29,7 @@ from magnet_core.federation.aggregate import (
     prototype_outliers,
     robust_refusal,
     server_opt_step,
+    step_lr,
     trained_arrays,
     validate_update,
 )
@@ -39,7 +42,7 @@ from magnet_core.protocol.messages import EvalReply, TrainReply
 from magnet_core.protocol.wire import Layout, flat_of, pack, unpack
 
 from .collect import collect
-from .config import FederatedConfig
+from .config import FederatedConfig, preset_of
 from .ledger import Ledger, RoundReport
 from .names import SiteNames
 from .replies import checked_replies
@@ -289,9 +292,14 @@ class MagnetFedAvg(FedAvg):
         if self.server_opt is None:
             return aggregated
         c = self.cfg
-        new, self.server_opt = server_opt_step(current, aggregated, self.server_opt, c.server_optimizer,
-                                               c.server_lr, c.server_beta1, c.server_beta2, c.server_tau, trained)
-        info = {"rule": c.server_optimizer, "lr": c.server_lr,
+        rule, lr, (beta1, beta2), tau = c.server_optimizer, c.server_lr, (c.server_beta1, c.server_beta2), c.server_tau
+        if rule == "preset-adam":  # the preset's own Adam and schedule (fedsgd): as centralized training steps
+            t = preset_of(c).train
+            rule, lr, (beta1, beta2), tau = ("torch-adam", step_lr(t.lr, t.lr_step, t.lr_gamma, server_round),
+                                             TORCH_ADAM_BETAS, TORCH_ADAM_EPS)
+        new, self.server_opt = server_opt_step(current, aggregated, self.server_opt, rule, lr, beta1, beta2, tau,
+                                               trained)
+        info = {"rule": c.server_optimizer, "lr": lr,
                 "pseudo_gradient_norm": float(np.linalg.norm(flat_delta(current, aggregated))),
                 "step_norm": float(np.linalg.norm(flat_delta(current, new))),
                 "arrays_held": sorted(k for k in current if k not in trained)}

@@ -44,6 +44,13 @@ class FederatedMethod:
 
     fixed: dict[str, Any]
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # one full-batch step per round (fedsgd): the run has rounds x local epochs rounds of one epoch each, the same
+    # number of epochs of gradient computation as every other method and centralized training
+    one_step: bool = False
+
+    def schedule(self, rounds: int, local_epochs: int) -> tuple[int, int]:
+        """(server rounds, local epochs) of a run with the study's ``rounds`` x ``local_epochs`` budget."""
+        return (rounds * local_epochs, 1) if self.one_step else (rounds, local_epochs)
 
 
 # The tunables' built-in values, derived by the procedure declared before the studies it reads had finished (issue
@@ -91,6 +98,11 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
     # Tan et al. 2022; with a shared model, as FedProc, Mu et al. 2023)
     "fedproto": FederatedMethod({"server_optimizer": "none", "proximal_mu": 0.0, "label_adjustment": "none"},
                                 {"aggregation": "modality-aware", "prototype_weight": FEDPROTO_WEIGHT}),
+    # one full-batch gradient per site and round, averaged by training patients, the centralized optimiser (the
+    # preset's Adam and StepLR schedule) at the coordinator (FedSGD, McMahan et al. 2017; server-side optimiser,
+    # Reddi et al. 2021): one optimiser over the sites' own graphs, with ten times the rounds; nothing to tune
+    "fedsgd": FederatedMethod({"aggregation": "fedavg", "local_update": "gradient", "server_optimizer": "preset-adam",
+                               "proximal_mu": 0.0, "label_adjustment": "none", **_NO_PROTO}, one_step=True),
 }
 METHODS = METHOD_NAMES
 # Without --data: the generated cohort and scenario of the first run (README "Two commands"), where sites differ
@@ -187,6 +199,11 @@ def method_config(method: str, data_path: str, scenario: str, seed: int, overrid
     """The FederatedConfig of a federated method: ``settings`` (rounds, preset, ...), then the method's tuned
     defaults, then --set ``overrides``, then the settings that define the method."""
     m = FEDERATED_METHODS[method]
+    if m.one_step:  # the same budget of epochs, one per round
+        defaults = FederatedConfig.model_fields
+        rounds, epochs = m.schedule(settings.get("num_server_rounds", defaults["num_server_rounds"].default),
+                                    settings.get("local_epochs", defaults["local_epochs"].default))
+        settings = {**settings, "num_server_rounds": rounds, "local_epochs": epochs}
     data = {"data_path": data_path, "scenario": scenario, "seed": seed, **settings, **m.defaults,
             **(overrides or {}), **m.fixed}
     return FederatedConfig.from_run_config({k.replace("_", "-"): v for k, v in data.items()})
@@ -359,7 +376,9 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
                             out_dir=str(spec.out_dir / "runs" / f"{method}-seed{spec.seed}"),
                             test_graph=spec.test_graph)
         t0 = time.perf_counter()
-        history = run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(1), ray_address=spec.ray_address)
+        share = spec.rounds / cfg.num_server_rounds  # progress in the study's rounds
+        history = run_engine(spec.engine, cfg, len(sites), on_round=lambda r: advance(share),
+                             ray_address=spec.ray_address)
         seconds[method] = time.perf_counter() - t0
         write_report(cfg.out_dir)  # each federated run (a simulate seed, a study cell) gets its report once, at the end
         results[method] = federated_evaluation(runtimes, history[-1], prediction_params(final_params(cfg.out_dir)),
@@ -437,7 +456,8 @@ def federated_evaluation(runtimes: list[SiteRuntime], last: Mapping[str, Any], p
 def method_settings(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The strategy settings a federated method ran with (kebab-case), for results.json."""
     cfg = method_config(method, "", "demo-3", 0, overrides)
-    keys = ("aggregation", "robust", "proximal_mu", "server_optimizer", "server_lr", "server_beta1", "server_beta2",
+    keys = ("aggregation", "robust", "local_update", "proximal_mu", "server_optimizer", "server_lr", "server_beta1",
+            "server_beta2",
             "server_tau", "label_adjustment", "label_tau", "prototype_weight", *overrides)
     return {k.replace("_", "-"): getattr(cfg, k) for k in dict.fromkeys(keys)}
 

@@ -71,7 +71,7 @@ def tunables(method: str) -> list[str]:
                          f"{sorted([*FEDERATED_METHODS, 'personalized'])}")
     m = FEDERATED_METHODS[method]
     names = list(m.defaults)
-    if m.fixed.get("server_optimizer", "none") != "none":
+    if m.fixed.get("server_optimizer", "none") in ("adam", "yogi"):  # preset-adam takes the preset's settings
         names += [n for n in _ADAPTIVE if n not in names]
     return [n.replace("_", "-") for n in names]
 

@@ -56,6 +56,7 @@ class AttackGrid(InProcessGrid):
         super().__init__(client_app, num_nodes, run_config)
         self.attacks = attacks
         self.trained: dict[tuple[int, int], dict[str, np.ndarray]] = {}  # (round, node) -> honest weights
+        self.examples: dict[tuple[int, int], int] = {}  # (round, node) -> the honest reply's training patients
         self.sent: dict[int, dict[str, np.ndarray]] = {}  # round -> global weights sent for training
 
     def push_messages(self, messages):
@@ -68,6 +69,7 @@ class AttackGrid(InProcessGrid):
             if msg.metadata.message_type == "train" and not reply.has_error():
                 self.sent[rnd] = _arrays(msg)
                 self.trained[(rnd, node)] = _arrays(reply, msg)
+                self.examples[(rnd, node)] = int(reply.content["metrics"]["num-examples"])
             if node in self.attacks:
                 reply = self.attacks[node](msg, reply, rnd)
             self._replies[msg.metadata.message_id] = reply
@@ -511,3 +513,59 @@ def test_forged_class_prototypes_are_rejected_by_the_coordinator(tmp_path, kind)
         assert "class prototypes" in _named(record, 1)
         assert len(record["accepted"]) == 2
     _within_honest_range(grid, params, 2, {1})
+
+
+# ---------------------------------------------------------------------------------------------- fedsgd
+
+
+FEDSGD = dict(local_update="gradient", server_optimizer="preset-adam", aggregation="fedavg")
+
+
+def test_fedsgd_steps_torch_adam_on_the_sites_mean_gradient(tmp_path):
+    """fedsgd over 3 honest sites, 3 rounds: every global model is (to float32 rounding) torch's Adam with the
+    preset's learning rate, schedule and constants, stepped from the model sent along the training-patient weighted
+    mean of the sites' updates (each minus its full-batch gradient), recomputed here from what the sites returned.
+    The coordinator's bounded-influence clip applies as to every method (a gradient longer than the round's bound,
+    the lower median norm, is shortened to it), by the factor the round's record states."""
+    from magnet_core.federation.aggregate import TORCH_ADAM_BETAS, TORCH_ADAM_EPS, ServerOptState, server_opt_step
+    from magnet_core.model.config import get_preset
+
+    grid, params, history = _run(tmp_path, 3, {}, rounds=3, **FEDSGD)
+    assert all(len(r["accepted"]) == 3 for r in history)
+    train = get_preset("ov").train
+    state, models = ServerOptState(), [*(grid.sent[r] for r in (2, 3)), params]
+    for rnd in (1, 2, 3):
+        sent = {k: v.astype(np.float64) for k, v in grid.sent[rnd].items()}
+        updates = [grid.trained[(rnd, node)] for node in (1, 2, 3)]
+        weights = np.asarray([grid.examples[(rnd, node)] for node in (1, 2, 3)], float)
+        scale = [history[rnd - 1]["screening"]["clip"]["scale"][f"site{node - 1}"] for node in (1, 2, 3)]
+        assert min(scale) > 0.5 and max(scale) == 1.0  # honest gradients: at most shortened, never dropped
+        mean = {k: sent[k] + sum(w * c * (u[k].astype(np.float64) - sent[k])
+                                 for w, c, u in zip(weights / weights.sum(), scale, updates)) for k in sent}
+        lr = train.lr * train.lr_gamma ** ((rnd - 1) // train.lr_step)
+        active = {k for k in sent if any(not np.array_equal(u[k], grid.sent[rnd][k]) for u in updates)}
+        expected, state = server_opt_step(sent, mean, state, "torch-adam", lr, *TORCH_ADAM_BETAS, TORCH_ADAM_EPS,
+                                          active)
+        got = models[rnd - 1]
+        # Adam divides each element's step by that element's gradient, and the sites send weights (float32): where
+        # a gradient is below ~1e-5 of its weight, the rounding of w - g is a visible part of it and may flip its
+        # step. Everywhere else the step must agree to 2% of one learning rate; those elements are nearly all.
+        resolved = total = 0
+        for k in expected:
+            d = np.abs(mean[k] - sent[k])
+            ok = d > 1e-5 * np.maximum(np.abs(sent[k]), 1e-3)
+            np.testing.assert_allclose(got[k][ok], expected[k][ok], rtol=0, atol=0.02 * lr,
+                                       err_msg=f"round {rnd}: {k}")
+            resolved, total = resolved + int(ok.sum()), total + ok.size
+        assert resolved > 0.95 * total, (rnd, resolved, total)
+        assert history[rnd - 1]["screening"]["server_optimizer"]["lr"] == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("kind", ["scaled", "zero"])
+def test_a_forged_gradient_does_not_reach_the_coordinators_optimiser(tmp_path, kind):
+    """fedsgd over 5 sites: a site returning a 1e4-times gradient, or none (the model sent back), is rejected and
+    named every round, and the new model is the coordinator's step along the honest sites' gradients only."""
+    grid, params, history = _run(tmp_path, 5, {1: _update(kind)}, rounds=2, **FEDSGD)
+    for record in history:
+        _named(record, 1)
+        assert "site0" not in record["accepted"] and len(record["accepted"]) == 4

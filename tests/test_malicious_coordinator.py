@@ -31,12 +31,14 @@ SITE = 0  # partition 0 of the simulated consortium: the site under attack
 
 
 def policy_text(*, secure_train: bool = True, secure_prepare: bool = True, min_noise: float = 1.0,
-                budget: float | None = 10.0, min_count: int = 5, split_seed: int = 10, prototypes: bool = False) -> str:
+                budget: float | None = 10.0, min_count: int = 5, split_seed: int = 10, prototypes: bool = False,
+                gradients: bool = False) -> str:
     return f"""\
 consortium = "ov-test"
 state_dir = "state"
 min_count = {min_count}
 release_class_prototypes = {str(prototypes).lower()}
+release_gradients = {str(gradients).lower()}
 
 [secure_aggregation]
 train = {str(secure_train).lower()}
@@ -352,6 +354,56 @@ def test_class_prototypes_are_released_only_where_the_policy_allows_them(tmp_pat
     assert np.array_equal(back["prototype_sum"][below], model["prototype_sum"][below])
     assert np.array_equal(back["prototype_mass"][below], model["prototype_mass"][below])
     assert np.all(back["prototype_mass"][~below] == 1.0)
+
+
+def test_a_full_batch_gradient_is_released_only_where_the_policy_allows_it(tmp_path, global_model):
+    """fedsgd asks each site for one full-batch gradient step at the model the coordinator sent, so its update is the
+    site's exact gradient there. A site whose policy does not allow it refuses, naming the line; a site that allows
+    it answers with exactly minus its gradient (weight decay included), recomputed here from the site's own
+    patients, and its audit entry says the update was a gradient. A malformed request (a gradient of more than one
+    epoch) is refused as unreadable before any policy rule."""
+    import torch
+
+    from client.handlers import forget_sites, site_for
+    from magnet_core.model.config import get_preset
+    from magnet_core.model.loss import magnet_loss
+    from magnet_core.model.site import _stable_hash
+    from magnet_core.model.train import forward
+    from magnet_core.protocol.wire import Layout, flat_of, unpack
+
+    refusing = Site(tmp_path / "a", {"partition-id": SITE}, **PLAIN)
+    refused(refusing, train(refusing, global_model, 1, local_update="gradient"), "release_gradients")
+    allowing = Site(tmp_path / "b", {"partition-id": SITE}, **PLAIN, gradients=True)
+    reply = train(allowing, global_model, 1, local_update="gradient")
+    answered(reply)
+    assert allowing.audit()[-1]["local_update"] == "gradient"
+    back = unpack(flat_of(reply.content["arrays"]), Layout.from_params(global_model))
+
+    forget_sites()
+    cfg = RoundConfig(server_round=1, seed=0, preset="ov", local_epochs=1, histogram_bins=10, **DATA)
+    runtime = site_for(cfg, allowing.node, SITE)  # the site as its policy splits it
+    runtime.set_params(global_model)
+    runtime.model.zero_grad(set_to_none=True)
+    torch.manual_seed(0 * 100_003 + 1 * 1_009 + _stable_hash(runtime.name))  # the site's RNG for round 1
+    model, data, train_cfg = runtime.model, runtime.train, get_preset("ov").train
+    model.train()
+    logits, fused = forward(model, data)
+    loss, _ = magnet_loss(logits, data.y, data.graph.edge_index, data.graph.edge_weight, fused, train_cfg.kl_weight)
+    loss.backward()
+    moved = 0
+    for name, p in model.named_parameters():
+        expected = global_model[name] if p.grad is None else \
+            (torch.from_numpy(global_model[name]) - (p.grad + train_cfg.weight_decay * p.detach())).numpy()
+        assert np.allclose(back[name], expected, rtol=1e-5, atol=1e-7), name
+        moved += int(p.grad is not None and not np.array_equal(back[name], global_model[name]))
+    assert moved > 0
+    # a "gradient" over several epochs is not a gradient: the request itself is refused as malformed
+    bad = {k.replace("_", "-"): v for k, v in dict(server_round=2, seed=0, preset="ov", local_epochs=3,
+                                                   histogram_bins=10, min_count=5, local_update="gradient",
+                                                   **DATA).items()}
+    reply = allowing.send("train", {"config": ConfigRecord(stamped(bad)), **model_records(global_model)})
+    assert reply.has_error() and "local-update 'gradient'" in reply.error.reason, reply.error.reason
+    assert allowing.audit()[-1]["decision"] == "refused"
 
 
 def _deployed_site(root: Path, n: int = 120) -> dict:

@@ -41,6 +41,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fedproto", "FedProto",
            "federated, modality-aware FedAvg with class prototypes shared under the minimum count (FedProto, Tan et "
            "al. 2022)", "tab:gray", "federated"),
+    Method("fedsgd", "FedSGD",
+           "federated, one full-batch gradient per site and round with the centralized optimiser at the coordinator "
+           "(FedSGD, McMahan et al. 2017; server optimiser as Reddi et al. 2021)", "darkgoldenrod", "federated"),
     Method("personalized", "personalized", "personalized (modality-aware FedAvg, then site fine-tuning)", "tab:cyan",
            "federated"),
     Method("centralized", "centralized", "centralized (the training patients of all sites pooled)", "tab:green",

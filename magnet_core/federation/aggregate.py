@@ -147,7 +147,16 @@ def near_median(global_params: Params, updates: Sequence[SiteUpdate]) -> list[Si
 
 # ------------------------------------------------------------------------------- server-side adaptive optimizer
 
-ServerRule = Literal["adam", "yogi"]
+ServerRule = Literal["adam", "yogi", "torch-adam"]
+# torch.optim.Adam's defaults, what centralized training uses (magnet_core.model.train.make_optimizer)
+TORCH_ADAM_BETAS, TORCH_ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+def step_lr(lr: float, lr_step: int, lr_gamma: float, server_round: int) -> float:
+    """The learning rate torch's StepLR gives epoch ``server_round - 1`` (one epoch per round): what the
+    coordinator's "preset-adam" steps with in round ``server_round``, so that fedsgd follows centralized training's
+    schedule."""
+    return lr * lr_gamma ** ((server_round - 1) // lr_step)
 
 
 @dataclasses.dataclass
@@ -195,13 +204,16 @@ def server_opt_step(global_params: Params, aggregated: Params, state: ServerOptS
               eta_t = eta sqrt(1 - beta2^t) / (1 - beta1^t), t = the array's step count (1 at its first step;
               Flower's FedAdam uses t = server_round + 1)
         yogi: v = v - (1 - beta2) d^2 sign(v - d^2);          w = w + eta m / (sqrt(v) + tau)
+        torch-adam: as adam, with torch.optim.Adam's placement of the constant:
+              w = w + (eta / (1 - beta1^t)) m / (sqrt(v) / sqrt(1 - beta2^t) + tau)
+              (with d minus a gradient, beta1 0.9, beta2 0.999, tau 1e-8: torch's Adam step on that gradient)
 
     Arrays not in ``active`` (no site trained them this round, e.g. the encoder of a modality no contributing
     site holds) are left exactly as they are, moments and step count included: their zero pseudo-gradient must
     not let old momentum move them. Non-float arrays and statistics (the class prototypes,
     :meth:`MAGNET.is_statistic`) take the aggregate. Pure: inputs are not modified."""
-    if rule not in ("adam", "yogi"):
-        raise ValueError(f"unknown server optimizer {rule!r}; choose adam or yogi")
+    if rule not in ("adam", "yogi", "torch-adam"):
+        raise ValueError(f"unknown server optimizer {rule!r}; choose adam, yogi or torch-adam")
     new: Params = {}
     out = ServerOptState(dict(state.m), dict(state.v), dict(state.steps))
     for name, current in global_params.items():
@@ -216,13 +228,16 @@ def server_opt_step(global_params: Params, aggregated: Params, state: ServerOptS
         m = beta1 * state.m.get(name, np.zeros_like(g)) + (1 - beta1) * d
         v_prev = state.v.get(name, np.zeros_like(g))
         t = state.steps.get(name, 0) + 1
-        if rule == "adam":
+        if rule == "torch-adam":
             v = beta2 * v_prev + (1 - beta2) * d**2
-            lr = eta * np.sqrt(1 - beta2**t) / (1 - beta1**t)
+            step = (eta / (1 - beta1**t)) * m / (np.sqrt(v) / np.sqrt(1 - beta2**t) + tau)
+        elif rule == "adam":
+            v = beta2 * v_prev + (1 - beta2) * d**2
+            step = eta * np.sqrt(1 - beta2**t) / (1 - beta1**t) * m / (np.sqrt(v) + tau)
         else:
             v = v_prev - (1 - beta2) * d**2 * np.sign(v_prev - d**2)
-            lr = eta
-        new[name] = (g + lr * m / (np.sqrt(v) + tau)).astype(current.dtype)
+            step = eta * m / (np.sqrt(v) + tau)
+        new[name] = (g + step).astype(current.dtype)
         out.m[name], out.v[name], out.steps[name] = m, v, t
     return new, out
 

@@ -107,3 +107,25 @@ def adam(params, lr: float, weight_decay: float = 0.0):
     if _adam_class is None:
         _adam_class = _make_adam()
     return _adam_class(params, lr=lr, weight_decay=weight_decay)
+
+
+class GradientStep:
+    """One step of plain gradient descent of size 1 with coupled weight decay: ``p -= grad + weight_decay * p`` for
+    every parameter the loss reached (torch.optim.SGD(lr=1, weight_decay=...)'s numbers, without its step wrapper).
+    After one step from ``w`` the update is minus the full-batch gradient at ``w`` (fedsgd's site update)."""
+
+    def __init__(self, params, weight_decay: float = 0.0):
+        self.params = [p for p in params]
+        self.weight_decay = float(weight_decay)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is not None:
+                    p.sub_(p.grad.add(p, alpha=self.weight_decay) if self.weight_decay else p.grad)

@@ -14,6 +14,7 @@ from magnet_core.model.graph import PatientGraph
 from magnet_core.model.loss import label_offsets
 from magnet_core.model.metrics import DEFAULT_BINS, EvalCounts, confusion_counts, score_histogram
 from magnet_core.model.network import MAGNET
+from magnet_core.model.optim import GradientStep
 from magnet_core.model.prototypes import class_means, global_prototypes, site_release
 from magnet_core.model.train import (
     PatientSet,
@@ -70,8 +71,8 @@ class SiteRuntime:
 
     def fit(self, params: Mapping[str, np.ndarray | torch.Tensor], cfg: TrainConfig, local_epochs: int,
             server_round: int, seed: int, proximal_mu: float = 0.0, label_adjustment: str = "none",
-            label_tau: float = 0.0, prototype_weight: float = 0.0, min_count: int | None = None
-            ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+            label_tau: float = 0.0, prototype_weight: float = 0.0, min_count: int | None = None,
+            local_update: str = "epochs") -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Train ``local_epochs`` from the global ``params``. The learning rate follows the global StepLR
         schedule ((round - 1) * local_epochs epochs done so far); the RNG is seeded by (seed, round, site).
         ``proximal_mu`` > 0: FedProx, the local loss gains (mu / 2) * ||w - params||^2. ``label_adjustment`` /
@@ -79,7 +80,14 @@ class SiteRuntime:
         about them leaves the site) inside the local cross-entropy (:func:`~magnet_core.model.loss.label_offsets`).
         ``prototype_weight`` > 0: FedProto's pull towards the received class prototypes; a model with prototype
         buffers then gets this site's class means, for the classes with at least ``min_count`` (k) training
-        patients only (:mod:`magnet_core.model.prototypes`)."""
+        patients only (:mod:`magnet_core.model.prototypes`).
+
+        ``local_update`` "gradient" (fedsgd): instead of local epochs, one step of plain gradient descent of size 1
+        on the whole training graph, so the update (new - params) is minus this site's full-batch gradient at
+        ``params`` (coupled weight decay included, as centralized training's Adam adds it); the coordinator runs
+        the optimiser (server.config ``server-optimizer`` preset-adam)."""
+        if local_update not in ("epochs", "gradient"):
+            raise ValueError(f"unknown local update {local_update!r}; choose epochs or gradient")
         self.set_params(params)
         done = (server_round - 1) * local_epochs
         lr = cfg.lr * cfg.lr_gamma ** (done // cfg.lr_step)
@@ -87,6 +95,14 @@ class SiteRuntime:
         torch.manual_seed(seed * 100_003 + server_round * 1_009 + _stable_hash(self.name))
         if self.train.n == 0:
             return self.get_state(), {"loss": float("nan")}
+        if local_update == "gradient":
+            if prototype_weight > 0 or local_epochs != 1:
+                raise ValueError("a gradient update is one full-batch step: local_epochs = 1, no class prototypes")
+            step = GradientStep(self.model.parameters(), cfg.weight_decay)
+            stats = train_epochs(self.model, self.train, cfg, 1, optimizer=step, scheduler=None, batching="full",
+                                 proximal_mu=proximal_mu,
+                                 offsets=label_offsets(self.label_counts(), label_adjustment, label_tau))
+            return self.get_state(), stats
         offsets = label_offsets(self.label_counts(), label_adjustment, label_tau)
         carries = hasattr(self.model, "prototype_sum")
         if prototype_weight > 0 and not carries:

@@ -10,7 +10,7 @@ from __future__ import annotations
 # The protocol version: the coordinator sends it in every round, secure-aggregation and preparation message, the
 # site refuses any other; a site's replies carry it back and the coordinator refuses any other. The site worker
 # link (client/worker_link.py) carries it in every frame. Raise it whenever a message changes.
-PROTOCOL_VERSION = "magnet-fl/5"
+PROTOCOL_VERSION = "magnet-fl/6"
 VERSION_KEY = "protocol"  # the field that carries PROTOCOL_VERSION in a record / a worker frame header
 
 # ------------------------------------------------------------------------------------ records of a message

@@ -81,6 +81,10 @@ class RoundConfig(BaseModel):
                                                 "off); > 0: the model carries them, and the site returns its class "
                                                 "means for classes with >= k training patients "
                                                 "(magnet_core.model.prototypes)")
+    local_update: Literal["epochs", "gradient"] = Field(
+        "epochs", description="training: epochs = local_epochs of Adam from the global model; gradient = one "
+                              "full-batch step of size 1 (fedsgd): the update is minus the site's gradient at the "
+                              "global model, weight decay included, and the coordinator runs the optimiser")
     histogram_bins: StrictInt = Field(ge=2, le=MAX_HISTOGRAM_BINS, description="score-histogram bins (binary tasks)")
     test_graph: Literal["among-test", "attach-to-train", "isolated"] = Field(
         "among-test", description="evaluation: a graph among the test patients (paper), attached to training ones, "
@@ -99,6 +103,13 @@ class RoundConfig(BaseModel):
         if v.lower() not in PRESETS:
             raise ValueError(f"unknown preset {v!r}; known: {sorted(PRESETS)}")
         return v.lower()
+
+    @model_validator(mode="after")
+    def _one_step(self) -> "RoundConfig":
+        if self.local_update == "gradient" and (self.local_epochs != 1 or self.prototype_weight > 0):
+            raise ValueError("local-update 'gradient' is one full-batch step: it needs local-epochs = 1 and no class "
+                             "prototypes")
+        return self
 
     def encode(self) -> Flat:
         """The config record, stamped with the protocol version."""

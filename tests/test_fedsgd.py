@@ -1,0 +1,106 @@
+"""fedsgd: each site's update is one full-batch gradient step, the coordinator runs centralized training's optimiser
+(torch's Adam with the preset's learning rate and StepLR schedule) on their mean. The pieces are checked against
+torch itself; the coordinator's side against recomputation in tests/test_adversarial.py, the site's policy in
+tests/test_malicious_coordinator.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from magnet_core.federation.aggregate import (
+    TORCH_ADAM_BETAS,
+    TORCH_ADAM_EPS,
+    ServerOptState,
+    server_opt_step,
+    step_lr,
+)
+from magnet_core.model.optim import GradientStep
+from server.config import FederatedConfig
+
+
+def test_the_coordinators_torch_adam_is_torch_adam():
+    """Five steps along given gradients (spanning six decades, as a model's do): the same weights as
+    torch.optim.Adam with the same learning rate, to float64 rounding."""
+    rng = np.random.default_rng(0)
+    w = {"a": rng.normal(size=(4, 3)), "b": rng.normal(size=5)}
+    params = [torch.tensor(w[k], requires_grad=True) for k in "ab"]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    state, current = ServerOptState(), {k: v.copy() for k, v in w.items()}
+    for _ in range(5):
+        grads = {k: rng.normal(size=v.shape) * 10.0 ** rng.integers(-6, 0) for k, v in w.items()}
+        for p, k in zip(params, "ab"):
+            p.grad = torch.tensor(grads[k])
+        opt.step()
+        aggregated = {k: current[k] - grads[k] for k in current}  # the sites' mean update: minus the gradient
+        current, state = server_opt_step(current, aggregated, state, "torch-adam", 1e-3, *TORCH_ADAM_BETAS,
+                                         TORCH_ADAM_EPS)
+    for p, k in zip(params, "ab"):
+        np.testing.assert_allclose(current[k], p.detach().numpy(), rtol=0, atol=1e-15)
+    # the other rule places its constant elsewhere: not the same numbers (so the test above can fail)
+    other, _ = server_opt_step(w, {k: w[k] - 1e-7 for k in w}, ServerOptState(), "adam", 1e-3, 0.9, 0.999, 1e-8)
+    mine, _ = server_opt_step(w, {k: w[k] - 1e-7 for k in w}, ServerOptState(), "torch-adam", 1e-3, 0.9, 0.999, 1e-8)
+    assert not np.allclose(other["a"], mine["a"], rtol=0, atol=1e-6)
+
+
+def test_the_coordinators_schedule_is_centralized_trainings_steplr():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.8)
+    for epoch in range(65):
+        assert step_lr(0.5, 20, 0.8, epoch + 1) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), epoch
+        opt.step()
+        sched.step()
+
+
+def test_a_gradient_step_is_sgd_of_size_one_with_weight_decay():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(7, 5)
+    mine, ref = GradientStep(a.parameters(), 1e-3), torch.optim.SGD(b.parameters(), lr=1.0, weight_decay=1e-3)
+    for model, opt in ((a, mine), (b, ref)):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_gradient_round_is_one_epoch_and_shares_no_prototypes():
+    with pytest.raises(ValueError, match="local-epochs=1"):
+        FederatedConfig(local_update="gradient", local_epochs=2)
+    with pytest.raises(ValueError, match="local-epochs=1"):
+        FederatedConfig(local_update="gradient", local_epochs=1, prototype_weight=1.0)
+    FederatedConfig(local_update="gradient", local_epochs=1)
+
+
+def test_fedsgd_has_nothing_to_tune():
+    from simulations.tune import tunables
+
+    assert tunables("fedsgd") == []
+    assert "server-lr" in tunables("fedadam")
+
+
+def test_simulate_fedsgd_runs_rounds_times_epochs_rounds_of_one_step(tmp_path):
+    """`simulate --methods fedsgd --rounds 2 --local-epochs 3`: 6 rounds of one epoch, the settings recorded, the
+    coordinator's learning rate the preset's, every round's model moved."""
+    from magnet_core.model.config import get_preset
+    from simulations.cli import main
+
+    out = tmp_path / "sim"
+    assert main(["simulate", "--scenario", "iid-3", "--rounds", "2", "--local-epochs", "3", "--seeds", "10",
+                 "--engine", "inprocess", "--methods", "fedsgd,centralized", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    settings = res["method_settings"]["fedsgd"]
+    assert (settings["local-update"], settings["server-optimizer"], settings["aggregation"]) == \
+        ("gradient", "preset-adam", "fedavg")
+    history = json.loads((out / "runs" / "fedsgd-seed10" / "history.json").read_text())
+    assert [r["round"] for r in history] == [1, 2, 3, 4, 5, 6]
+    lr = get_preset("ov").train.lr
+    assert all(r["screening"]["server_optimizer"]["lr"] == pytest.approx(lr) for r in history)
+    assert all(r["screening"]["server_optimizer"]["step_norm"] > 0 for r in history)
+    assert res["results"]["fedsgd"]["mcc"]["per_seed"][0] is not None
