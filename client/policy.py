@@ -154,10 +154,11 @@ class SitePolicy(BaseModel):
         False, description="answer fedproto rounds: return, inside the update, the mean fused embedding of each class "
         "with at least k training patients (magnet_core.model.prototypes); false: such a round is refused")
     release_gradients: bool = Field(
-        False, description="answer fedsgd rounds (local update 'gradient'): return one full-batch gradient step, "
-        "whose update is this site's exact gradient at the model the coordinator sent. A coordinator that crafts "
-        "that model can read more from one gradient than from epochs of local training (Fowl et al., ICLR 2022; "
-        "Boenisch et al., EuroS&P 2023), and fedsgd asks for one every epoch; false: such a round is refused")
+        False, description="answer single-step rounds: fedsgd (local update 'gradient': one full-batch gradient "
+        "step, whose update is this site's exact gradient at the model the coordinator sent) and, in the clear, one "
+        "local epoch (a fresh Adam's one step: the gradient's signs, and its size where it is near Adam's eps). A "
+        "coordinator that crafts that model can read more from one gradient than from epochs of local training "
+        "(Fowl et al., ICLR 2022; Boenisch et al., EuroS&P 2023); false: such a round is refused")
     secure_aggregation: SecureAggregation = Field(default_factory=SecureAggregation)
     privacy: Privacy = Field(default_factory=Privacy)
     ranges: Ranges = Field(default_factory=Ranges)
@@ -420,9 +421,16 @@ def check_prototypes(policy: SitePolicy, req: SiteRequest) -> None:
 
 
 def check_gradients(policy: SitePolicy, req: SiteRequest) -> None:
-    if req.training and req.local_update == "gradient" and not policy.release_gradients:
+    if not req.training or policy.release_gradients:
+        return
+    if req.local_update == "gradient":
         raise PolicyRefusal(policy, "release_gradients", "the round asks for one full-batch gradient step (fedsgd): "
                             "its update would be this site's exact gradient at a model the coordinator chose")
+    if not req.secure and req.local_epochs == 1:
+        raise PolicyRefusal(policy, "release_gradients", "one local epoch in the clear is one full-batch step of a "
+                            "fresh Adam, whose update gives back the signs of this site's gradient at a model the "
+                            "coordinator chose and, where the gradient is near Adam's eps (a crafted model can make it "
+                            "so), its size; ask for 2 or more local epochs, or for a secure sum")
 
 
 def check_rounds(policy: SitePolicy, req: SiteRequest, memory: ConsortiumMemory) -> None:
@@ -608,7 +616,7 @@ consortium = {consortium}    # the consortium this policy is for; budgets and me
 state_dir = {state_dir}    # this site's own folder: audit log, privacy spent, round memory (relative to this file)
 min_count = {min_count}    # k: no release describes fewer patients; the larger of this and the consortium's holds
 release_class_prototypes = false    # true: answer fedproto rounds (class means of >= k patients, inside the update)
-release_gradients = false    # true: answer fedsgd rounds (the update is this site's exact full-batch gradient)
+release_gradients = false    # true: answer single-step rounds (fedsgd's gradient; one local epoch in the clear)
 
 [secure_aggregation]
 train = true    # training only inside a secure sum: a plain 'train' message is refused

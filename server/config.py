@@ -165,6 +165,9 @@ class FederatedConfig(BaseModel):
         if self.local_update == "gradient" and (self.local_epochs != 1 or self.prototype_weight > 0):
             raise ValueError("local-update='gradient' is one full-batch step per round: use local-epochs=1 and "
                              "prototype-weight=0")
+        if self.local_update == "gradient" and self.server_optimizer == "none":
+            raise ValueError("local-update='gradient' returns gradients, not trained weights: averaging them as the "
+                             "new model is a gradient step of size 1; use server-optimizer='preset-adam' (fedsgd)")
         if self.prototype_weight > 0 and (self.secagg or self.dp_clip_norm > 0):
             raise ValueError("prototype-weight > 0 (fedproto) aggregates in the clear only: its class prototypes would "
                              "share the update's clip (and DP noise) with the weights, and a secure sum hides them "

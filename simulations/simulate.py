@@ -456,9 +456,11 @@ def federated_evaluation(runtimes: list[SiteRuntime], last: Mapping[str, Any], p
 def method_settings(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The strategy settings a federated method ran with (kebab-case), for results.json."""
     cfg = method_config(method, "", "demo-3", 0, overrides)
-    keys = ("aggregation", "robust", "local_update", "proximal_mu", "server_optimizer", "server_lr", "server_beta1",
-            "server_beta2",
-            "server_tau", "label_adjustment", "label_tau", "prototype_weight", *overrides)
+    # preset-adam takes its step size, betas and constant from the preset, not from the server-* settings
+    server = ("server_lr", "server_beta1", "server_beta2", "server_tau") if cfg.server_optimizer != "preset-adam" \
+        else ()
+    keys = ("aggregation", "robust", "local_update", "proximal_mu", "server_optimizer", *server, "label_adjustment",
+            "label_tau", "prototype_weight", *overrides)
     return {k.replace("_", "-"): getattr(cfg, k) for k in dict.fromkeys(keys)}
 
 

@@ -75,7 +75,9 @@ def test_a_gradient_round_is_one_epoch_and_shares_no_prototypes():
         FederatedConfig(local_update="gradient", local_epochs=2)
     with pytest.raises(ValueError, match="local-epochs=1"):
         FederatedConfig(local_update="gradient", local_epochs=1, prototype_weight=1.0)
-    FederatedConfig(local_update="gradient", local_epochs=1)
+    with pytest.raises(ValueError, match="preset-adam"):  # gradients averaged as the model: a step of size 1
+        FederatedConfig(local_update="gradient", local_epochs=1)
+    FederatedConfig(local_update="gradient", local_epochs=1, server_optimizer="preset-adam")
 
 
 def test_fedsgd_has_nothing_to_tune():
@@ -98,6 +100,7 @@ def test_simulate_fedsgd_runs_rounds_times_epochs_rounds_of_one_step(tmp_path):
     settings = res["method_settings"]["fedsgd"]
     assert (settings["local-update"], settings["server-optimizer"], settings["aggregation"]) == \
         ("gradient", "preset-adam", "fedavg")
+    assert "server-lr" not in settings  # preset-adam's step size is the preset's, recorded per round below
     history = json.loads((out / "runs" / "fedsgd-seed10" / "history.json").read_text())
     assert [r["round"] for r in history] == [1, 2, 3, 4, 5, 6]
     lr = get_preset("ov").train.lr

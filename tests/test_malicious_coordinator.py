@@ -104,7 +104,8 @@ class Site:
 
 
 def round_config(rnd: int, **kw) -> ConfigRecord:
-    base = dict(server_round=rnd, seed=0, preset="ov", local_epochs=1, histogram_bins=10, min_count=5, **DATA)
+    # 2 local epochs: one epoch in the clear is a single step, which only release_gradients allows
+    base = dict(server_round=rnd, seed=0, preset="ov", local_epochs=2, histogram_bins=10, min_count=5, **DATA)
     return ConfigRecord(RoundConfig(**{**base, **kw}).encode())
 
 
@@ -358,7 +359,9 @@ def test_class_prototypes_are_released_only_where_the_policy_allows_them(tmp_pat
 
 def test_a_full_batch_gradient_is_released_only_where_the_policy_allows_it(tmp_path, global_model):
     """fedsgd asks each site for one full-batch gradient step at the model the coordinator sent, so its update is the
-    site's exact gradient there. A site whose policy does not allow it refuses, naming the line; a site that allows
+    site's exact gradient there; one local epoch of a fresh Adam is one step too, whose update gives the gradient
+    back where it is small. A site whose policy does not allow single steps refuses both, naming the line (and
+    answers two epochs); a site that allows
     it answers with exactly minus its gradient (weight decay included), recomputed here from the site's own
     patients, and its audit entry says the update was a gradient. A malformed request (a gradient of more than one
     epoch) is refused as unreadable before any policy rule."""
@@ -372,9 +375,12 @@ def test_a_full_batch_gradient_is_released_only_where_the_policy_allows_it(tmp_p
     from magnet_core.protocol.wire import Layout, flat_of, unpack
 
     refusing = Site(tmp_path / "a", {"partition-id": SITE}, **PLAIN)
-    refused(refusing, train(refusing, global_model, 1, local_update="gradient"), "release_gradients")
+    refused(refusing, train(refusing, global_model, 1, local_update="gradient", local_epochs=1), "release_gradients")
+    # nor one local epoch in the clear: a fresh Adam's single step, from which the gradient can be read back
+    refused(refusing, train(refusing, global_model, 1, local_epochs=1), "release_gradients")
+    answered(train(refusing, global_model, 1, local_epochs=2))
     allowing = Site(tmp_path / "b", {"partition-id": SITE}, **PLAIN, gradients=True)
-    reply = train(allowing, global_model, 1, local_update="gradient")
+    reply = train(allowing, global_model, 1, local_update="gradient", local_epochs=1)
     answered(reply)
     assert allowing.audit()[-1]["local_update"] == "gradient"
     back = unpack(flat_of(reply.content["arrays"]), Layout.from_params(global_model))

@@ -32,12 +32,15 @@ def test_a_refusal_names_the_line_of_the_rule(tmp_path):
     path = tmp_path / "policy.toml"
     path.write_text(template("ov"))
     policy = load_policy(path)
-    assert policy.where("privacy.epsilon_budget") == f"{path} line 16: privacy.epsilon_budget = 10.0"
-    assert policy.where("ranges.rounds") == f"{path} line 22: ranges.rounds = [1, 100]"
+    assert policy.where("privacy.epsilon_budget") == f"{path} line 17: privacy.epsilon_budget = 10.0"
+    assert policy.where("ranges.rounds") == f"{path} line 23: ranges.rounds = [1, 100]"
     assert parse_policy('consortium = "ov"\n', str(path)).where("min_count").endswith("(default): min_count = 5")
     # a policy written before the rule existed releases no class prototypes
     assert parse_policy('consortium = "ov"\n', str(path)).release_class_prototypes is False
     assert policy.where("release_class_prototypes") == f"{path} line 6: release_class_prototypes = False"
+    # nor single-step updates (fedsgd's gradient, one local epoch in the clear)
+    assert parse_policy('consortium = "ov"\n', str(path)).release_gradients is False
+    assert policy.where("release_gradients") == f"{path} line 7: release_gradients = False"
 
 
 def test_a_state_folder_open_to_others_is_refused(tmp_path):

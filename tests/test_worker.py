@@ -376,11 +376,12 @@ def test_a_bundle_that_skips_the_policy_check_is_refused_by_the_site_worker(guar
     w = guarded_worker
     ctx = Context(run_id=1, node_id=7, node_config={"worker-socket": str(w.sock), "site-name": "site-a"},
                   state=RecordDict(), run_config={})
-    first = client_app(_message("train"), ctx)
+    # 2 local epochs: one epoch in the clear is a single step, which only release_gradients allows
+    first = client_app(_message("train", local_epochs=2), ctx)
     assert not first.has_error(), first.error.reason  # the policy allows a plain round 1
     assert [e["decision"] for e in _audit(w)] == ["answered"] and _audit(w)[0]["kind"] == "train"
     # the same round again (a repeated round gives the site's update by difference)
-    _refused_in_worker(w, client_app(_message("train"), ctx), "rounds.never_repeat")
+    _refused_in_worker(w, client_app(_message("train", local_epochs=2), ctx), "rounds.never_repeat")
     # an evaluation asking for more score bins than the site releases
     _refused_in_worker(w, client_app(_message("evaluate"), ctx), "ranges.histogram_bins")
     assert "rounds.never_repeat" in w.text() and not (tmp_path / "state").exists()

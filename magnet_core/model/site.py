@@ -85,7 +85,8 @@ class SiteRuntime:
         ``local_update`` "gradient" (fedsgd): instead of local epochs, one step of plain gradient descent of size 1
         on the whole training graph, so the update (new - params) is minus this site's full-batch gradient at
         ``params`` (coupled weight decay included, as centralized training's Adam adds it); the coordinator runs
-        the optimiser (server.config ``server-optimizer`` preset-adam)."""
+        the optimiser (server.config ``server-optimizer`` preset-adam). The gradient is taken over the whole
+        training graph in one pass (no neighbour sampling), so a site too large for that fails the round."""
         if local_update not in ("epochs", "gradient"):
             raise ValueError(f"unknown local update {local_update!r}; choose epochs or gradient")
         self.set_params(params)
