@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def reason_kind(text: str) -> str:
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = [c.strip() for c in args.cells.split(",")] if args.cells else \
         sorted(d.name for d in (args.study_out / "cells").iterdir() if d.is_dir())
     result = {"study_out": str(args.study_out), "command": "python benchmarks/screening_record.py " + " ".join(
-        argv if argv is not None else __import__("sys").argv[1:]), "cells": {}}
+        argv if argv is not None else sys.argv[1:]), "cells": {}}
     for cell in cells:
         folder = args.study_out / "cells" / cell
         if not (folder / "runs").is_dir():
@@ -73,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cell} {method}: {r['runs']} runs, mean clip factor {r['mean_clip_factor']:.3f} (min "
                   f"{r['min_clip_factor']:.3f}), {r['share_shortened_over_10pct']:.1%} shortened > 10 %, "
                   f"{r['rejected_site_rounds']} of {r['site_rounds']} site-rounds rejected")
-    args.result.parent.mkdir(parents=True, exist_ok=True)
-    args.result.write_text(json.dumps(result, indent=1) + "\n")
+    from simulations.reporting import write_json
+
+    write_json(args.result, result)
     return 0
 
 

@@ -600,8 +600,10 @@ def _assert_site_policies_enforced(site_dirs: dict[str, Path], secure_run: int) 
     spent = {}
     for s, d in site_dirs.items():
         policy = load_policy(d / "policy.toml")
-        assert policy.where("secure_aggregation.authenticated").endswith("line 12: secure_aggregation.authenticated "
-                                                                         "= True")
+        line = next(n for n, text in enumerate((d / "policy.toml").read_text().splitlines(), 1)
+                    if text.startswith("authenticated = true"))
+        assert policy.where("secure_aggregation.authenticated").endswith(
+            f"line {line}: secure_aggregation.authenticated = True")
         assert policy.secure_aggregation.train and policy.privacy.min_noise_multiplier == DP_Z
         folder = policy.state_path()
         assert folder.resolve() == (d / "site-state").resolve()

@@ -34,8 +34,8 @@ from magnet_core.consortium import methods as method_names
 from simulations import statistics as st
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ("extensibility", "gap", "heterogeneity", "label-skew", "label-skew-isolated", "mnar", "rate", "sites",
-           "stress", "test-graph")
+STUDIES = ("extensibility", "gap", "heterogeneity", "label-skew", "label-skew-fedsgd", "label-skew-isolated", "mnar",
+           "rate", "sites", "stress", "test-graph")
 DATA_NOTE = "real TCGA data from `../shared/data`"  # what the committed reports were regenerated with
 DOCUMENTS = ("README.md", "docs/studies/README.md", "benchmarks/README.md", "docs/deployment.md",
              "docs/secure-aggregation.md")
@@ -1038,6 +1038,100 @@ def label_skew_findings(root: Path, study_name: str = LS) -> str:
     return "\n".join(lines)
 
 
+LSF = "label-skew-fedsgd"  # the label-skew cells scored alone, with fedsgd among the methods
+SCREEN = "benchmarks/results/screening_label_skew_fedsgd.json"
+
+
+def fedsgd_lines(root: Path) -> str:
+    """docs/studies/README.md's declared first reading of label-skew-fedsgd, one line per cell: FedSGD against
+    centralized (plain and corrected intervals, adjusted p) and plain FedAvg, and where its mean validation MCC ranks
+    among the trained methods (what the best-method rule reads)."""
+    s = _summary(root, LSF)
+    comps = pd.DataFrame(s["comparisons"])
+    tidy = _tidy(root, LSF)
+    trained = [m for m in s["methods"] if m not in REFERENCES]
+    lines = []
+    for cid in s["best_method"]["chosen"]:
+        ce, pf = _pair(comps, cid, "fedsgd", "centralized"), _pair(comps, cid, "fedsgd", "fedavg_plain")
+        val = tidy[tidy["cell"] == cid].groupby("method")["val_mcc"].mean()[trained].sort_values(ascending=False,
+                                                                                               kind="stable")
+        f, c = cell(root, LSF, cid, "fedsgd", "consortium_mcc"), cell(root, LSF, cid, "centralized", "consortium_mcc")
+        lines.append(f"* `{cid}` ({ce['n']} seeds): FedSGD {f.ms} (centralized {c.ms}); FedSGD minus centralized "
+                     f"{s3(ce['mean_diff'])}, 95% CI {ci(ce['ci_low'], ce['ci_high'])}, corrected "
+                     f"{ci(ce['nb_ci_low'], ce['nb_ci_high'])}, Holm p {f3(ce['p_holm'])}, Benjamini-Hochberg p "
+                     f"{f3(ce['p_bh'])}; minus plain FedAvg {s3(pf['mean_diff'])}, 95% CI "
+                     f"{ci(pf['ci_low'], pf['ci_high'])}; its mean validation MCC {f3(val['fedsgd'])} ranks "
+                     f"{list(val.index).index('fedsgd') + 1} of {len(val)} trained methods.")
+    return "\n".join(lines)
+
+
+def screening_lines(root: Path) -> str:
+    """benchmarks/results/screening_label_skew_fedsgd.json: per cell, what the coordinator's update screen did to
+    FedSGD's honest gradients against the other federated methods' honest updates."""
+    r = _load_json(root, SCREEN)
+    lines = []
+    for cid, methods in r["cells"].items():
+        g = methods["fedsgd"]
+        others = {m: v for m, v in methods.items() if m != "fedsgd"}
+        lowest = min(v["mean_clip_factor"] for v in others.values())
+        share = max(v["share_shortened_over_10pct"] for v in others.values())
+        rej = sum(v["rejected_site_rounds"] for v in others.values())
+        rounds = sum(v["site_rounds"] for v in others.values())
+        lines.append(f"* `{cid}`: FedSGD's gradients ({g['runs']} runs, {g['site_rounds']} site-rounds): mean clip "
+                     f"factor {f3(g['mean_clip_factor'])} (smallest {f3(g['min_clip_factor'])}), "
+                     f"{g['share_shortened_over_10pct']:.0%} shortened by more than 10 %, "
+                     f"{g['rejected_site_rounds']} site-rounds rejected; the {len(others)} other federated methods' "
+                     f"updates ({rounds} site-rounds): mean clip factor {f3(lowest)} or higher, at most "
+                     f"{share:.0%} shortened by more than 10 %, {rej} rejected.")
+    return "\n".join(lines)
+
+
+CLIP_PROBE = "benchmarks/results/fedsgd_clip_probe_brca.json"
+
+
+def clip_probe_line(root: Path) -> str:
+    """benchmarks/fedsgd_clip_probe.py (validation patients only): FedSGD with the clip off minus with it, paired by
+    seed, and whether the check seed reproduced the stored validation MCC."""
+    r = _load_json(root, CLIP_PROBE)
+    c, chk = r["clip_off_minus_on"], r["check"]
+    return (f"on validation patients (`benchmarks/fedsgd_clip_probe.py`, `{r['cell']}`, {c['n']} seeds), FedSGD with "
+            f"the clip off scores {f3(r['means']['clip_off'])} against {f3(r['means']['clip_on'])} with it, a paired "
+            f"difference of {s3(c['mean_diff'])} (95% CI {ci(c['ci_low'], c['ci_high'])}); a rerun of seed "
+            f"{chk['seed']} with the clip gave {'the stored' if chk['equals_stored'] else 'NOT the stored'} "
+            "validation MCC")
+
+
+def fedsgd_vs_one_optimiser(root: Path) -> str:
+    """Exploratory, chosen after both results were read: FedSGD (label-skew-fedsgd, BRCA) minus the graph-partition
+    diagnostic's one optimiser on site-local graphs scored with every test edge removed (the same patients scored
+    alone), paired by seed, and whether the two runs' centralized references agree on every seed."""
+    seeds = _load_json(root, GP3)["cells"]["rjive-label-skew-3"]["seeds"]
+    tidy = _tidy(root, LSF)
+    cell_rows = tidy[tidy["cell"] == "rjive-label-skew-3"]
+    fed = cell_rows[cell_rows["method"] == "fedsgd"].set_index("seed")["consortium_mcc"]
+    cen = cell_rows[cell_rows["method"] == "centralized"].set_index("seed")["consortium_mcc"]
+    one = {int(k): v["site_graphs"]["consortium_mcc_no_test_edges"] for k, v in seeds.items()}
+    same = all(v["centralized"]["consortium_mcc_no_test_edges"] == cen[int(k)] for k, v in seeds.items())
+    c = st.paired_comparison({k: fed[k] for k in one}, one)
+    return (f"FedSGD minus the diagnostic's one optimiser on site-local graphs, scored with every test edge removed "
+            f"(paired by seed over {c.n} seeds; a comparison chosen after both results were read): "
+            f"{s3(c.mean_diff)}, 95% CI {ci(c.ci_low, c.ci_high)}; the two runs' centralized references "
+            f"{'are equal on every seed' if same else 'DIFFER'}")
+
+
+def corrected_margin_sentence(root: Path) -> str:
+    """label-skew-fedsgd's BRCA cell: the named method's resampling-corrected half-width against the target's margin,
+    and what that means for showing the target (the lower bound mean - h >= -margin needs mean >= h - margin)."""
+    s = _summary(root, LSF)
+    best = s["best_method"]["chosen"]["rjive-label-skew-3"]
+    c = _pair(pd.DataFrame(s["comparisons"]), "rjive-label-skew-3", best, "centralized")
+    h, margin = (c["nb_ci_high"] - c["nb_ci_low"]) / 2, _target(root, LSF)
+    need = "above" if h > margin else "at least within the margin minus the half-width of"
+    return (f"With ten seeds the resampling-corrected interval of the named method is {f3(h)} wide on each side, "
+            f"against the target's margin of {margin}, so a named method with this spread would have to score "
+            f"{need} centralized on the means (by at least {f3(h - margin)}) for the target to be shown")
+
+
 def held_out_names(study: str):
     """docs/studies/README.md's sentence on the best-method rule's leave-one-seed-out sensitivity, generated from the
     study's summary (``best_method.held_out_chosen``, written by simulations.study.held_out_best): the method the
@@ -1349,6 +1443,23 @@ CLAIMS: list[Claim] = [
     _c(S, "label-skew-isolated_summary.json",
        "(label-skew-isolated) The report makes {m.n} comparisons; {m.detected} read \"helps\"/\"hurts\" on their "
        "own interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg", m=_m(LSI)),
+    # the label-skew cells scored alone, with fedsgd among the methods
+    Claim(S, "{t}", "label-skew-fedsgd_summary.json (generated per-cell lines)",
+          (("t", lambda root: "\n".join("* " + _label_skew_claim(LSF, c, ", each scored alone").render(root) + "."
+                                         for c in _summary(root, LSF)["best_method"]["chosen"])),)),
+    Claim(S, "{t}", "label-skew-fedsgd_summary.json, label-skew-fedsgd_tidy.csv (generated FedSGD lines)",
+          (("t", fedsgd_lines),)),
+    Claim(S, "{t}", "benchmarks/results/screening_label_skew_fedsgd.json (generated)", (("t", screening_lines),)),
+    Claim(S, "{t}", "benchmarks/results/fedsgd_clip_probe_brca.json (generated)", (("t", clip_probe_line),)),
+    Claim(S, "{t}", "label-skew-fedsgd_tidy.csv, graph_partition_label_skew_test_edges.json (generated)",
+          (("t", fedsgd_vs_one_optimiser),)),
+    Claim(S, "{t}", "label-skew-fedsgd_summary.json (generated)", (("t", corrected_margin_sentence),)),
+    Claim(S, "{t}", "label-skew-fedsgd_summary.json, label-skew-fedsgd_tidy.csv (generated findings)",
+          (("t", lambda root: label_skew_findings(root, LSF)),)),
+    Claim(S, "{t}", "label-skew-fedsgd_summary.json (generated sensitivity)", (("t", held_out_names(LSF)),)),
+    _c(S, "label-skew-fedsgd_summary.json",
+       "(label-skew-fedsgd) The report makes {m.n} comparisons; {m.detected} read \"helps\"/\"hurts\" on their own "
+       "interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg", m=_m(LSF)),
     # ---------------------------------------------------------------- docs/secure-aggregation.md (issue 21's costs)
     _c(SA, "benchmarks/results/secagg_auth_cost.json",
        "per site +{c.up3} B up and +{c.down3} kB down (3 sites), +{c.up5} kB up and +{c.down5} kB down (5 sites) on a "
