@@ -114,7 +114,7 @@ MANAGED_KEYS = frozenset({"num_server_rounds", "local_epochs", "seed", "preset",
                           "min_sites", "out_dir", "overwrite", "resume", "test_graph", "report", "manifest",
                           "signing_key", "signing_cert"})
 ROUND_FIELDS = ("method", "seed", "round", "mcc", "acc", "f1", "auroc", "auroc_low", "auroc_high", "server_mcc",
-                "train_loss", "sites_aggregated", "sites_rejected", "seconds")
+                "train_loss", "sites_aggregated", "sites_rejected", "seconds", "local_epochs_done")
 TABLE_CAPTION = ("Own sites' test patients: each site scores its own test patients with the model it would use "
                  "(local-only: its own). Consortium test patients: every model of the method scores every site's "
                  "test patients. Pooled over: test sites, their distinct test patients (and models scored), per seed.")
@@ -390,7 +390,7 @@ def run_methods(spec: RunSpec, methods: list[str], advance=lambda n: None) -> tu
                            **{k: g.get(k) for k in ("mcc", "acc", "f1", "auroc", "auroc_low", "auroc_high")},
                            "server_mcc": (rec.get("server") or {}).get("mcc"), "train_loss": rec.get("train_loss"),
                            "sites_aggregated": len(rec["accepted"]), "sites_rejected": len(rec["rejected"]),
-                           "seconds": rec["seconds"]})
+                           "seconds": rec["seconds"], "local_epochs_done": rec["round"] * cfg.local_epochs})
     if "personalized" in methods:  # each site fine-tunes the final modality-aware global model on its own patients
         t0 = time.perf_counter()
         fed_dir = spec.out_dir / "runs" / f"federated-seed{spec.seed}"
@@ -523,11 +523,12 @@ def plot_rounds(path: Path, rounds: list[dict], results: dict, title: str) -> No
         rows = [r for r in rounds if r["method"] == method and r["mcc"] is not None]
         if not rows:
             continue
-        rs = sorted({r["round"] for r in rows})
-        by_round = [[r["mcc"] for r in rows if r["round"] == k] for k in rs]
+        # x: local epochs done per site, so that fedsgd's rounds of one epoch line up with the others' rounds
+        rs = sorted({r["local_epochs_done"] for r in rows})
+        by_round = [[r["mcc"] for r in rows if r["local_epochs_done"] == k] for k in rs]
         mean = np.array([np.mean(v) for v in by_round])
         std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in by_round])  # sample std
-        ax.plot(rs, mean, marker="o", ms=3, color=color, label=vocabulary.label(method))
+        ax.plot(rs, mean, marker="o" if len(rs) <= 50 else None, ms=3, color=color, label=vocabulary.label(method))
         ax.fill_between(rs, mean - std, mean + std, color=color, alpha=0.15)
     for method in REFERENCE_METHODS:
         stat = results.get(method, {}).get("mcc")
@@ -537,7 +538,7 @@ def plot_rounds(path: Path, rounds: list[dict], results: dict, title: str) -> No
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
+    ax.set_xlabel("local epochs per site (rounds x local epochs)")
     ax.set_ylabel("global test MCC (pooled exactly)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

@@ -5,6 +5,7 @@ tests/test_malicious_coordinator.py."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -95,7 +96,7 @@ def test_simulate_fedsgd_runs_rounds_times_epochs_rounds_of_one_step(tmp_path):
 
     out = tmp_path / "sim"
     assert main(["simulate", "--scenario", "iid-3", "--rounds", "2", "--local-epochs", "3", "--seeds", "10",
-                 "--engine", "inprocess", "--methods", "fedsgd,centralized", "--out", str(out)]) == 0
+                 "--engine", "inprocess", "--methods", "fedsgd,federated", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     settings = res["method_settings"]["fedsgd"]
     assert (settings["local-update"], settings["server-optimizer"], settings["aggregation"]) == \
@@ -107,3 +108,8 @@ def test_simulate_fedsgd_runs_rounds_times_epochs_rounds_of_one_step(tmp_path):
     assert all(r["screening"]["server_optimizer"]["lr"] == pytest.approx(lr) for r in history)
     assert all(r["screening"]["server_optimizer"]["step_norm"] > 0 for r in history)
     assert res["results"]["fedsgd"]["mcc"]["per_seed"][0] is not None
+    # rounds.csv puts both on one axis, local epochs per site: fedsgd's 6 rounds of 1, FedAvg's 2 rounds of 3
+    with (out / "rounds.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    done = {m: [int(r["local_epochs_done"]) for r in rows if r["method"] == m] for m in ("fedsgd", "federated")}
+    assert done == {"fedsgd": [1, 2, 3, 4, 5, 6], "federated": [3, 6]}
