@@ -1,0 +1,55 @@
+"""benchmarks/screening_record.py: what the coordinator's screen did to a study's federated runs, read back from the
+runs' own per-round records: clip factors over accepted site-rounds, rejected site-rounds and their rules."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("screening_record", ROOT / "benchmarks" / "screening_record.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _history(folder: Path, rounds: list[dict]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "history.json").write_text(json.dumps(rounds))
+
+
+def test_clip_factors_and_rejections_are_counted_per_method(tmp_path):
+    sr = _module()
+    cell = tmp_path / "cells" / "c"
+    _history(cell / "runs" / "fedsgd-seed10", [
+        {"accepted": ["site0", "site1"], "rejected": {},
+         "screening": {"clip": {"scale": {"site0": 1.0, "site1": 0.5}}}},
+        {"accepted": ["site0"], "rejected": {"site1": "node 2: update is opposed and large: norm 11.9 is 10.5x"},
+         "screening": {"clip": {"scale": {"site0": 0.8}}}},
+    ])
+    _history(cell / "runs" / "fedsgd-seed20", [
+        {"accepted": ["site0", "site1"], "rejected": {}, "screening": {"clip": {"scale": {"site0": 1.0,
+                                                                                         "site1": 1.0}}}}])
+    _history(cell / "runs" / "federated-seed10", [
+        {"accepted": ["site0", "site1"], "rejected": {}, "screening": {"clip": {"scale": {"site0": 1.0,
+                                                                                         "site1": 1.0}}}}])
+    record = sr.cell_record(cell)
+    g = record["fedsgd"]
+    assert (g["runs"], g["site_rounds"], g["accepted_site_rounds"], g["rejected_site_rounds"]) == (2, 6, 5, 1)
+    assert g["mean_clip_factor"] == pytest.approx((1.0 + 0.5 + 0.8 + 1.0 + 1.0) / 5)
+    assert (g["min_clip_factor"], g["share_shortened_over_10pct"]) == (0.5, pytest.approx(2 / 5))
+    assert g["rejection_reasons"] == {"update is opposed and large: norm # is #": 1}
+    assert record["federated"]["mean_clip_factor"] == 1.0 and record["federated"]["rejected_site_rounds"] == 0
+
+
+def test_a_cell_without_runs_is_named(tmp_path):
+    sr = _module()
+    (tmp_path / "cells" / "c").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no federated runs of cell 'c'"):
+        sr.main(["--study-out", str(tmp_path), "--cells", "c", "--result", str(tmp_path / "r.json")])
