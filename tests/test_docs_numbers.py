@@ -1162,6 +1162,18 @@ def corrected_margin_sentence(root: Path) -> str:
             f"however many seeds are run")
 
 
+def label_skew_study_claims(study: str) -> list[Claim]:
+    """A label-skew study's generated findings, its best-method rule's sensitivity and its multiplicity line."""
+    return [
+        Claim(S, "{t}", f"{study}_summary.json, {study}_tidy.csv (generated findings)",
+              (("t", lambda root: label_skew_findings(root, study)),)),
+        Claim(S, "{t}", f"{study}_summary.json (generated sensitivity)", (("t", held_out_names(study)),)),
+        _c(S, f"{study}_summary.json",
+           f"({study}) The report makes {{m.n}} comparisons; {{m.detected}} read \"helps\"/\"hurts\" on their own "
+           "interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg", m=_m(study)),
+    ]
+
+
 def held_out_names(study: str):
     """docs/studies/README.md's sentence on the best-method rule's leave-one-seed-out sensitivity, generated from the
     study's summary (``best_method.held_out_chosen``, written by simulations.study.held_out_best): the method the
@@ -1459,20 +1471,10 @@ CLAIMS: list[Claim] = [
        h=_cm("sites", "sites-50", "federated", "federated", "sites-2")),
     _c(S, "sites_summary.json", "(smallest Benjamini-Hochberg p {x})", x=_sites_min_bh),
     *[_label_skew_claim(LS, cell_id) for cell_id in ("alpha-0.1", "alpha-1.0", "rjive-label-skew-3")],
-    Claim(S, "{t}", "label-skew_summary.json, label-skew_tidy.csv (generated findings)", (("t", label_skew_findings),)),
-    Claim(S, "{t}", "label-skew_summary.json (generated sensitivity)", (("t", held_out_names("label-skew")),)),
-    _c(S, "label-skew_summary.json",
-       "(label-skew) The report makes {m.n} comparisons; {m.detected} read \"helps\"/\"hurts\" on their own "
-       "interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg",
-       m=_m("label-skew")),
+    *label_skew_study_claims(LS),
     # the label-skew BRCA cell with every patient scored alone (test graph isolated)
     _label_skew_claim(LSI, "rjive-label-skew-3", ", each scored alone"),
-    Claim(S, "{t}", "label-skew-isolated_summary.json, label-skew-isolated_tidy.csv (generated findings)",
-          (("t", lambda root: label_skew_findings(root, LSI)),)),
-    Claim(S, "{t}", "label-skew-isolated_summary.json (generated sensitivity)", (("t", held_out_names(LSI)),)),
-    _c(S, "label-skew-isolated_summary.json",
-       "(label-skew-isolated) The report makes {m.n} comparisons; {m.detected} read \"helps\"/\"hurts\" on their "
-       "own interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg", m=_m(LSI)),
+    *label_skew_study_claims(LSI),
     # the label-skew cells scored alone, with fedsgd among the methods
     Claim(S, "{t}", "label-skew-fedsgd_summary.json (generated per-cell lines)",
           (("t", lambda root: "\n".join("* " + _label_skew_claim(LSF, c, ", each scored alone").render(root) + "."
@@ -1485,12 +1487,7 @@ CLAIMS: list[Claim] = [
           (("t", fedsgd_vs_one_optimiser),)),
     Claim(S, "{t}", "label-skew-fedsgd_summary.json (generated)", (("t", corrected_margin_sentence),)),
     Claim(S, "{t}", "benchmarks/results/reproduce_label_skew_isolated_reuse.json (generated)", (("t", reuse_check),)),
-    Claim(S, "{t}", "label-skew-fedsgd_summary.json, label-skew-fedsgd_tidy.csv (generated findings)",
-          (("t", lambda root: label_skew_findings(root, LSF)),)),
-    Claim(S, "{t}", "label-skew-fedsgd_summary.json (generated sensitivity)", (("t", held_out_names(LSF)),)),
-    _c(S, "label-skew-fedsgd_summary.json",
-       "(label-skew-fedsgd) The report makes {m.n} comparisons; {m.detected} read \"helps\"/\"hurts\" on their own "
-       "interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg", m=_m(LSF)),
+    *label_skew_study_claims(LSF),
     # ---------------------------------------------------------------- docs/secure-aggregation.md (issue 21's costs)
     _c(SA, "benchmarks/results/secagg_auth_cost.json",
        "per site +{c.up3} B up and +{c.down3} kB down (3 sites), +{c.up5} kB up and +{c.down5} kB down (5 sites) on a "

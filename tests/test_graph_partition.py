@@ -3,11 +3,11 @@ is exactly the sites' own graphs side by side (each site's patients see only the
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchmark_module import benchmark
 
 from magnet_core.cohort.generated import generated_cohort
 from magnet_core.model.config import get_preset
@@ -16,15 +16,8 @@ from magnet_core.model.train import PatientSet, build_model, forward, in_dims_of
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("graph_partition", ROOT / "benchmarks" / "graph_partition.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_site_graphs_side_by_side_give_each_site_the_outputs_it_gets_alone():
-    gp = _module()
+    gp = benchmark("graph_partition")
     cohort = generated_cohort("default", n=90, seed=1)
     parts = [cohort.subset(np.arange(0, 40)), cohort.subset(np.arange(40, 90))]
     sets = [PatientSet.from_cohort(c, 0.8, "dense") for c in parts]
@@ -73,7 +66,7 @@ def test_without_test_edges_scores_each_test_patient_alone():
     from magnet_core.model.site import SiteRuntime
     from magnet_core.model.train import predict_proba
 
-    gp = _module()
+    gp = benchmark("graph_partition")
     cohort = generated_cohort("default", n=60, seed=2)
     preset = get_preset("ov")
     site = SiteRuntime.build("s", cohort, preset.model, 0.8, "dense")

@@ -3,20 +3,11 @@ runs' own per-round records: clip factors over accepted site-rounds, rejected si
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("screening_record", ROOT / "benchmarks" / "screening_record.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_module import benchmark
 
 
 def _history(folder: Path, rounds: list[dict]) -> None:
@@ -25,7 +16,7 @@ def _history(folder: Path, rounds: list[dict]) -> None:
 
 
 def test_clip_factors_and_rejections_are_counted_per_method(tmp_path):
-    sr = _module()
+    sr = benchmark("screening_record")
     cell = tmp_path / "cells" / "c"
     _history(cell / "runs" / "fedsgd-seed10", [
         {"accepted": ["site0", "site1"], "rejected": {},
@@ -49,7 +40,7 @@ def test_clip_factors_and_rejections_are_counted_per_method(tmp_path):
 
 
 def test_a_cell_without_runs_is_named(tmp_path):
-    sr = _module()
+    sr = benchmark("screening_record")
     (tmp_path / "cells" / "c").mkdir(parents=True)
     with pytest.raises(SystemExit, match="no federated runs of cell 'c'"):
         sr.main(["--study-out", str(tmp_path), "--cells", "c", "--result", str(tmp_path / "r.json")])
