@@ -33,28 +33,30 @@ def reason_kind(text: str) -> str:
     return re.sub(r"[-+]?\d[\d.e+-]*x?", "#", text)[:80]
 
 
+def record_of(files: list[Path]) -> dict:
+    """The screen's record over the given runs' ``history.json`` files (one method)."""
+    scales, rejected, reasons, site_rounds = [], 0, Counter(), 0
+    for f in files:
+        for record in json.loads(f.read_text()):
+            scale = (record.get("screening") or {}).get("clip", {}).get("scale") or {}
+            scales.extend(float(v) for v in scale.values())
+            rejected += len(record.get("rejected") or {})
+            reasons.update(reason_kind(r) for r in (record.get("rejected") or {}).values())
+            site_rounds += len(record.get("accepted") or []) + len(record.get("rejected") or {})
+    s = np.asarray(scales, float)
+    return {"runs": len(files), "site_rounds": site_rounds, "accepted_site_rounds": int(s.size),
+            "mean_clip_factor": float(s.mean()) if s.size else None,
+            "min_clip_factor": float(s.min()) if s.size else None,
+            "share_shortened_over_10pct": float((s < 0.9).mean()) if s.size else None,
+            "rejected_site_rounds": rejected, "rejection_reasons": dict(reasons.most_common())}
+
+
 def cell_record(cell_dir: Path) -> dict[str, dict]:
     runs: dict[str, list[Path]] = {}
     for history in sorted((cell_dir / "runs").glob("*-seed*/history.json")):
         method = history.parent.name.rsplit("-seed", 1)[0]
         runs.setdefault(method, []).append(history)
-    out = {}
-    for method, files in sorted(runs.items()):
-        scales, rejected, reasons, site_rounds = [], 0, Counter(), 0
-        for f in files:
-            for record in json.loads(f.read_text()):
-                scale = (record.get("screening") or {}).get("clip", {}).get("scale") or {}
-                scales.extend(float(v) for v in scale.values())
-                rejected += len(record.get("rejected") or {})
-                reasons.update(reason_kind(r) for r in (record.get("rejected") or {}).values())
-                site_rounds += len(record.get("accepted") or []) + len(record.get("rejected") or {})
-        s = np.asarray(scales, float)
-        out[method] = {"runs": len(files), "site_rounds": site_rounds, "accepted_site_rounds": int(s.size),
-                       "mean_clip_factor": float(s.mean()) if s.size else None,
-                       "min_clip_factor": float(s.min()) if s.size else None,
-                       "share_shortened_over_10pct": float((s < 0.9).mean()) if s.size else None,
-                       "rejected_site_rounds": rejected, "rejection_reasons": dict(reasons.most_common())}
-    return out
+    return {method: record_of(files) for method, files in sorted(runs.items())}
 
 
 def main(argv: list[str] | None = None) -> int:

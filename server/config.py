@@ -47,6 +47,14 @@ class FederatedConfig(BaseModel):
     clip_factor: float = Field(1.0, ge=0, allow_inf_nan=False,
                                description="clip every accepted step to this x the lower median step norm of this and "
                                            "past rounds before weighting (0 = off; DP clips to dp-clip-norm)")
+    update_screen: Literal["auto", "step", "gradient"] = Field(
+        "auto", description="the coordinator's per-site update screen: step (local-Adam steps: a band against the "
+                            "global model's norm, opposed-and-large rejection, clip-factor), gradient (fedsgd's "
+                            "gradients: lower band only, no direction rule, gradient-clip-factor), or auto (gradient "
+                            "for local-update='gradient', else step)")
+    gradient_clip_factor: float = Field(10.0, ge=0, allow_inf_nan=False,
+                                        description="gradient screen: clip every gradient to this x the lower median "
+                                                    "gradient norm of this round (0 = off; DP clips to dp-clip-norm)")
     trust_weighting: bool = Field(False, description="with 3+ sites, scale each site's weight by its steps' agreement "
                                                      "with the others (raises the others' share; off under DP)")
     histogram_bins: int = Field(DEFAULT_MAX_BINS, ge=2, le=MAX_HISTOGRAM_BINS,
@@ -168,6 +176,10 @@ class FederatedConfig(BaseModel):
         if self.local_update == "gradient" and self.server_optimizer == "none":
             raise ValueError("local-update='gradient' returns gradients, not trained weights: averaging them as the "
                              "new model is a gradient step of size 1; use server-optimizer='preset-adam' (fedsgd)")
+        if self.screen == "gradient" and (self.local_update != "gradient" or self.trust_weighting):
+            raise ValueError("the gradient update screen (update-screen='gradient', or 'auto' with "
+                             "local-update='gradient') judges gradients and weights every accepted one by its "
+                             "patients: local-update='epochs' and trust-weighting need update-screen='step'")
         if self.prototype_weight > 0 and (self.secagg or self.dp_clip_norm > 0):
             raise ValueError("prototype-weight > 0 (fedproto) aggregates in the clear only: its class prototypes would "
                              "share the update's clip (and DP noise) with the weights, and a secure sum hides them "
@@ -187,6 +199,13 @@ class FederatedConfig(BaseModel):
         if self.secagg_graph_degree and (self.secagg_graph != "neighbourhood" or self.secagg_graph_degree % 2):
             raise ValueError("secagg-graph-degree needs secagg-graph='neighbourhood' and must be even")
         return self
+
+    @property
+    def screen(self) -> str:
+        """The update screen the coordinator applies: 'step' or 'gradient' (``update_screen`` resolved)."""
+        if self.update_screen != "auto":
+            return self.update_screen
+        return "gradient" if self.local_update == "gradient" else "step"
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if k not in self.RESUMABLE_CHANGES}

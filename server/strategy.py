@@ -35,7 +35,8 @@ from magnet_core.federation.aggregate import (
 )
 from magnet_core.federation.eval_screen import screen_evaluations
 from magnet_core.federation.privacy import check_eval_release, pool_releases
-from magnet_core.federation.screening import ScreenMemory, ScreenRules, model_norm, screen_updates, shrink
+from magnet_core.federation.screening import (ScreenMemory, ScreenRules, model_norm, screen_gradients, screen_updates,
+                                              shrink)
 from magnet_core.protocol.enrolment import Enrolment, SiteFacts, check_eval_against, check_train_against
 from magnet_core.protocol.keys import ARRAYS_KEY, LAYOUT_KEY, METRICS_KEY, MODEL_KEY, SITE_KEY
 from magnet_core.protocol.messages import EvalReply, TrainReply
@@ -93,7 +94,7 @@ class MagnetFedAvg(FedAvg):
         self.memory = memory or ScreenMemory()
         self.rules = ScreenRules(max_to_global=cfg.update_max_ratio, min_to_global=cfg.update_min_ratio,
                                  peer_ratio=cfg.norm_ratio, clip_factor=cfg.clip_factor,
-                                 trust=cfg.trust_weighting)
+                                 trust=cfg.trust_weighting, gradient_clip_factor=cfg.gradient_clip_factor)
         # node id -> site name, bound from the enrolment (server/names.py); without one, at first contact
         self.names = names if names is not None else SiteNames.at_first_contact()
         self.dp = None
@@ -217,15 +218,19 @@ class MagnetFedAvg(FedAvg):
             ledger.reject(node, reason, "update")
             del candidates[node]
         deltas = StepsOnDemand(self.current, {node: u.params for node, u in candidates.items()})
-        decisions = screen_updates(self.current, deltas, self.memory, self.rules,
-                                   dp_clip=self.dp.clip_norm if self.dp is not None else None)
+        dp_clip = self.dp.clip_norm if self.dp is not None else None
+        gradients = self.cfg.screen == "gradient"
+        decisions = (screen_gradients(self.current, deltas, self.rules, dp_clip=dp_clip) if gradients
+                     else screen_updates(self.current, deltas, self.memory, self.rules, dp_clip=dp_clip))
         self.report.screening = {
             "global_norm": model_norm(self.current),
             "step_norms": {self.names.label(n): d.norm for n, d in decisions.items()},
-            "direction_reference": self.memory.direction is not None and self.dp is None,
+            "screen": self.cfg.screen,
+            "direction_reference": self.memory.direction is not None and self.dp is None and not gradients,
             "clip": {"bound": next((d.bound for d in decisions.values() if d.accepted), None),
                      "scale": {self.names.label(n): d.scale for n, d in decisions.items() if d.accepted},
                      "rule": "dp-clip-norm" if self.dp is not None
+                     else f"{self.rules.gradient_clip_factor:g} x lower median norm of this round" if gradients
                      else f"{self.rules.clip_factor:g} x lower median norm"},
             "trust": {self.names.label(n): d.trust for n, d in decisions.items() if d.accepted},
         }

@@ -525,13 +525,13 @@ def test_fedsgd_steps_torch_adam_on_the_sites_mean_gradient(tmp_path):
     """fedsgd over 3 honest sites, 3 rounds: every global model is (to float32 rounding) torch's Adam with the
     preset's learning rate, schedule and constants, stepped from the model sent along the training-patient weighted
     mean of the sites' updates (each minus its full-batch gradient), recomputed here from what the sites returned.
-    The coordinator's bounded-influence clip applies as to every method (a gradient longer than the round's bound,
-    the lower median norm, is shortened to it), by the factor the round's record states."""
+    The coordinator's gradient screen applies (a gradient longer than the round's bound, 10x the lower median
+    norm, is shortened to it), by the factor the round's record states."""
     from magnet_core.federation.aggregate import TORCH_ADAM_BETAS, TORCH_ADAM_EPS, ServerOptState, server_opt_step
     from magnet_core.model.config import get_preset
 
     grid, params, history = _run(tmp_path, 3, {}, rounds=3, **FEDSGD)
-    assert all(len(r["accepted"]) == 3 for r in history)
+    assert all(len(r["accepted"]) == 3 and r["screening"]["screen"] == "gradient" for r in history)
     train = get_preset("ov").train
     state, models = ServerOptState(), [*(grid.sent[r] for r in (2, 3)), params]
     for rnd in (1, 2, 3):
@@ -563,11 +563,36 @@ def test_fedsgd_steps_torch_adam_on_the_sites_mean_gradient(tmp_path):
 
 @pytest.mark.parametrize("kind", ["gradient x 1e4", "weights x 1e4", "zero"])
 def test_a_forged_gradient_does_not_reach_the_coordinators_optimiser(tmp_path, kind):
-    """fedsgd over 5 sites: a site returning its gradient 1e4 times as long, its weights 1e4 times, or no gradient
-    (the model sent back) is rejected and named every round. (An update of honest length is kept, clipped: see
-    README, "What the coordinator believes", on in-band updates and the coordinator's Adam.)"""
+    """fedsgd over 5 sites, the gradient screen (its default): a site returning no gradient (the model sent back)
+    is rejected and named every round; one returning its gradient reversed and 1e4 times as long, or its weights
+    1e4 times, is kept at the round's bound, 10x the lower median gradient norm, which the four honest sites set:
+    its share of the mean gradient is at most its share x that bound, and no honest gradient is shortened. (An
+    update within the bound is kept as is: see README, "What the coordinator believes", on in-band updates and the
+    coordinator's Adam.)"""
     attack = {"gradient x 1e4": _flip(-1e4), "weights x 1e4": _update("scaled"), "zero": _update("zero")}[kind]
     grid, params, history = _run(tmp_path, 5, {1: attack}, rounds=2, **FEDSGD)
+    for rnd, record in enumerate(history, start=1):
+        screening = record["screening"]
+        assert screening["screen"] == "gradient"
+        if kind == "zero":
+            assert "barely differs from zero" in _named(record, 1)
+            assert "site0" not in record["accepted"] and len(record["accepted"]) == 4
+            continue
+        assert len(record["accepted"]) == 5 and not record["rejected"]
+        norms, scale, bound = screening["step_norms"], screening["clip"]["scale"], screening["clip"]["bound"]
+        honest = [norms[f"site{n}"] for n in range(1, 5)]
+        assert 10 * min(honest) <= bound <= 10 * max(honest)
+        assert norms["site0"] * scale["site0"] == pytest.approx(bound) and norms["site0"] > 100 * bound
+        assert all(scale[f"site{n}"] == 1.0 for n in range(1, 5))
+
+
+@pytest.mark.parametrize("kind", ["gradient x 1e4", "weights x 1e4", "zero"])
+def test_the_step_screen_on_gradients_rejects_a_forged_gradient(tmp_path, kind):
+    """fedsgd with ``update-screen = "step"`` (what label-skew-fedsgd ran with, pinned there): the same forged
+    gradients are rejected and named every round, out of band against the model's norm or as the model sent back."""
+    attack = {"gradient x 1e4": _flip(-1e4), "weights x 1e4": _update("scaled"), "zero": _update("zero")}[kind]
+    grid, params, history = _run(tmp_path, 5, {1: attack}, rounds=2, update_screen="step", **FEDSGD)
     for record in history:
+        assert record["screening"]["screen"] == "step"
         _named(record, 1)
         assert "site0" not in record["accepted"] and len(record["accepted"]) == 4

@@ -81,6 +81,75 @@ def test_a_gradient_round_is_one_epoch_and_shares_no_prototypes():
     FederatedConfig(local_update="gradient", local_epochs=1, server_optimizer="preset-adam")
 
 
+GRADIENT = dict(local_update="gradient", local_epochs=1, server_optimizer="preset-adam")
+
+
+def test_gradients_get_the_gradient_screen_unless_the_config_says_step():
+    assert FederatedConfig(**GRADIENT).screen == "gradient"
+    assert FederatedConfig(**GRADIENT, update_screen="step").screen == "step"
+    assert FederatedConfig().screen == "step"
+    with pytest.raises(ValueError, match="update-screen='step'"):  # local-Adam steps keep the band against the model
+        FederatedConfig(update_screen="gradient")
+    with pytest.raises(ValueError, match="update-screen='step'"):  # agreement weighting would drop skewed sites
+        FederatedConfig(**GRADIENT, trust_weighting=True)
+    FederatedConfig(**GRADIENT, trust_weighting=True, update_screen="step")
+
+
+def _gradients(norms: list[float], seed: int = 0) -> dict[int, np.ndarray]:
+    """One gradient per site with the given norms, directions drawn at random (opposed pairs included)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for node, n in enumerate(norms):
+        d = rng.normal(size=50)
+        out[node] = n * d / np.linalg.norm(d) * (-1 if node % 2 else 1)
+    return out
+
+
+def test_the_gradient_screen_keeps_honest_gradients_of_any_direction_and_a_wide_spread_of_norms():
+    """Under label skew honest full-batch gradients differ in length and point apart (tcga-ov-magnet, 5 sites,
+    Dirichlet 0.1: longer than the model's norm at times, and longer than 10x the round's lower median in about
+    one site-round in ten; benchmarks/results/screening_label_skew_fedsgd.json). The step screen rejects or
+    shortens them; the gradient screen keeps every one and shortens only those beyond 10x the lower median."""
+    from magnet_core.federation.screening import ScreenMemory, screen_gradients, screen_updates
+
+    model = {"w": np.full(50, 0.1)}  # norm ~0.71: some gradients are longer than the model
+    deltas = _gradients([0.05, 0.2, 0.4, 1.5, 3.0])
+    gradient = screen_gradients(model, deltas)
+    assert all(d.accepted for d in gradient.values())
+    assert gradient[4].bound == pytest.approx(4.0)  # 10 x the lower median (0.4)
+    assert [d.scale for d in gradient.values()] == [1.0] * 5
+    step = screen_updates(model, deltas, ScreenMemory())
+    assert not step[3].accepted and not step[4].accepted  # longer than half the model's norm
+    far = screen_gradients(model, _gradients([0.05, 0.2, 0.4, 1.5, 40.0]))
+    assert far[4].accepted and far[4].scale == pytest.approx(0.1)  # clipped to 4.0, kept
+
+
+@pytest.mark.parametrize("forged", [1e6, 1e-3])
+def test_two_of_five_sites_cannot_move_the_gradient_screens_bound_outside_the_honest_norms(forged):
+    """Two sites sending gradients 1e6 long (to lift the bound) or barely above the band (to pull it down and
+    shorten honest gradients): the bound stays within 10x the honest sites' norms, so a forged gradient moves the
+    mean by at most its share x 10 x the longest honest norm, and no honest gradient is shortened below 10x the
+    shortest honest one."""
+    from magnet_core.federation.screening import screen_gradients
+
+    honest = [0.3, 0.5, 0.8]
+    decisions = screen_gradients({"w": np.ones(50)}, _gradients([*honest, forged, forged], seed=1))
+    bound = decisions[0].bound
+    assert 10 * min(honest) <= bound <= 10 * max(honest)
+    assert all(decisions[i].scale == 1.0 for i in range(3))
+    if forged > bound:
+        assert decisions[3].norm * decisions[3].scale == pytest.approx(bound)
+
+
+def test_the_gradient_screen_rejects_no_gradient_and_clips_to_the_dp_norm_under_dp():
+    from magnet_core.federation.screening import screen_gradients
+
+    deltas = {**_gradients([0.5, 2.0]), 2: np.zeros(50)}
+    decisions = screen_gradients({"w": np.ones(50)}, deltas, dp_clip=1.0)
+    assert "barely differs from zero" in decisions[2].reason
+    assert decisions[0].scale == 1.0 and decisions[1].scale == pytest.approx(0.5)
+
+
 def test_fedsgd_has_nothing_to_tune():
     from simulations.tune import tunables
 
