@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = RunSpec(data_path=str(resolve_dataset(args.data, cell.dataset or study.dataset)),
                            scenario=str(scenario), seed=seed, preset=cell.preset or study.preset,
                            rounds=study.rounds, local_epochs=study.local_epochs, modalities=",".join(cell.modalities),
-                           out_dir=runs / f"seed{seed}-{'check' if not overrides else args.variant}", test_graph=study.test_graph_of(cell),
+                           out_dir=runs / f"seed{seed}-{args.variant if overrides else 'check'}",
+                           test_graph=study.test_graph_of(cell),
                            overrides={**study.overrides_of(cell), **overrides}, validation_metric=study.metric)
             return float(validation_scores(spec, ["fedsgd"])["fedsgd"])
 

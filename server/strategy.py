@@ -35,8 +35,14 @@ from magnet_core.federation.aggregate import (
 )
 from magnet_core.federation.eval_screen import screen_evaluations
 from magnet_core.federation.privacy import check_eval_release, pool_releases
-from magnet_core.federation.screening import (ScreenMemory, ScreenRules, model_norm, screen_gradients, screen_updates,
-                                              shrink)
+from magnet_core.federation.screening import (
+    ScreenMemory,
+    ScreenRules,
+    model_norm,
+    screen_gradients,
+    screen_updates,
+    shrink,
+)
 from magnet_core.protocol.enrolment import Enrolment, SiteFacts, check_eval_against, check_train_against
 from magnet_core.protocol.keys import ARRAYS_KEY, LAYOUT_KEY, METRICS_KEY, MODEL_KEY, SITE_KEY
 from magnet_core.protocol.messages import EvalReply, TrainReply
