@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         check = score(args.check_seed, {})
         result["check"] = {"seed": args.check_seed, "clip_on_rerun": check,
                            "equals_stored": check == result["clip_on_stored"][args.check_seed]}
-        print(f"seed {args.check_seed}, clip on, rerun {check:.4f} (stored {stored[args.check_seed]:.4f})", flush=True)
+        print(f"seed {args.check_seed}, the study's settings, rerun {check:.4f} "
+              f"(stored {stored[args.check_seed]:.4f})", flush=True)
         for seed in seeds:
             result[key][seed] = score(seed, VARIANTS[args.variant])
             print(f"seed {seed}: {args.variant} {result[key][seed]:.4f}, stored {stored[seed]:.4f} "

@@ -52,7 +52,7 @@ class FederatedConfig(BaseModel):
                             "global model's norm, opposed-and-large rejection, clip-factor), gradient (fedsgd's "
                             "gradients: lower band only, no direction rule, gradient-clip-factor), or auto (gradient "
                             "for local-update='gradient', else step)")
-    gradient_clip_factor: float = Field(10.0, ge=0, allow_inf_nan=False,
+    gradient_clip_factor: float = Field(1.0, ge=0, allow_inf_nan=False,
                                         description="gradient screen: clip every gradient to this x the lower median "
                                                     "gradient norm of this round (0 = off; DP clips to dp-clip-norm)")
     trust_weighting: bool = Field(False, description="with 3+ sites, scale each site's weight by its steps' agreement "
@@ -173,6 +173,11 @@ class FederatedConfig(BaseModel):
         if self.local_update == "gradient" and (self.local_epochs != 1 or self.prototype_weight > 0):
             raise ValueError("local-update='gradient' is one full-batch step per round: use local-epochs=1 and "
                              "prototype-weight=0")
+        if self.local_update == "gradient" and (self.aggregation != "fedavg" or self.robust != "mean"):
+            raise ValueError("local-update='gradient' (fedsgd) averages every site's gradient by its training "
+                             "patients: use aggregation='fedavg' (per-modality weights would give a site that alone "
+                             "holds a modality that encoder's whole step) and robust='mean' (a median drops honest "
+                             "gradients of sites with a different label mix)")
         if self.local_update == "gradient" and self.server_optimizer == "none":
             raise ValueError("local-update='gradient' returns gradients, not trained weights: averaging them as the "
                              "new model is a gradient step of size 1; use server-optimizer='preset-adam' (fedsgd)")

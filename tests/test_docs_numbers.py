@@ -1106,6 +1106,31 @@ def clip_probe_line(root: Path) -> str:
             "validation MCC")
 
 
+GRADIENT_SCREEN = {"alpha-0.1": "benchmarks/results/fedsgd_gradient_screen_alpha-0.1.json",
+                   "alpha-1.0": "benchmarks/results/fedsgd_gradient_screen_alpha-1.0.json",
+                   "rjive-label-skew-3": "benchmarks/results/fedsgd_gradient_screen_brca.json"}
+
+
+def gradient_screen_lines(root: Path) -> str:
+    """benchmarks/fedsgd_clip_probe.py --variant gradient-screen (validation patients only), one line per cell: what
+    the gradient screen did to FedSGD's honest gradients, its validation MCC paired with the study's (step screen),
+    and whether the check seed reproduced the stored validation MCC under the study's settings."""
+    lines = []
+    for cell, path in GRADIENT_SCREEN.items():
+        r = _load_json(root, path)
+        assert r["cell"] == cell and r["variant"] == "gradient-screen", path
+        g, c, chk = r["screening"], r["gradient_screen_minus_on"], r["check"]
+        lines.append(f"* `{cell}` ({c['n']} seeds, {g['site_rounds']} site-rounds): the gradient screen rejected "
+                     f"{g['rejected_site_rounds']} and shortened {g['share_shortened_over_10pct']:.0%} by more than "
+                     f"10 % (mean clip factor {f3(g['mean_clip_factor'])}, smallest {f3(g['min_clip_factor'])}); "
+                     f"FedSGD's validation MCC {f3(r['means']['gradient_screen'])} against "
+                     f"{f3(r['means']['clip_on'])} under the step screen, a paired difference of "
+                     f"{s3(c['mean_diff'])} (95% CI {ci(c['ci_low'], c['ci_high'])}); a rerun of seed {chk['seed']} "
+                     f"with the study's settings gave {'the stored' if chk['equals_stored'] else 'NOT the stored'} "
+                     "validation MCC.")
+    return "\n".join(lines)
+
+
 def fedsgd_vs_one_optimiser(root: Path) -> str:
     """Exploratory, chosen after both results were read: FedSGD (label-skew-fedsgd, BRCA) minus the graph-partition
     diagnostic's one optimiser on site-local graphs scored with every test edge removed (the same patients scored
@@ -1483,6 +1508,7 @@ CLAIMS: list[Claim] = [
           (("t", fedsgd_lines),)),
     Claim(S, "{t}", "benchmarks/results/screening_label_skew_fedsgd.json (generated)", (("t", screening_lines),)),
     Claim(S, "{t}", "benchmarks/results/fedsgd_clip_probe_brca.json (generated)", (("t", clip_probe_line),)),
+    Claim(S, "{t}", "benchmarks/results/fedsgd_gradient_screen_*.json (generated)", (("t", gradient_screen_lines),)),
     Claim(S, "{t}", "label-skew-fedsgd_tidy.csv, graph_partition_label_skew_test_edges.json (generated)",
           (("t", fedsgd_vs_one_optimiser),)),
     Claim(S, "{t}", "label-skew-fedsgd_summary.json (generated)", (("t", corrected_margin_sentence),)),

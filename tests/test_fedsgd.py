@@ -71,17 +71,28 @@ def test_a_gradient_step_is_sgd_of_size_one_with_weight_decay():
         assert torch.equal(p, q)
 
 
+GRADIENT = dict(local_update="gradient", local_epochs=1, server_optimizer="preset-adam", aggregation="fedavg")
+
+
 def test_a_gradient_round_is_one_epoch_and_shares_no_prototypes():
     with pytest.raises(ValueError, match="local-epochs=1"):
         FederatedConfig(local_update="gradient", local_epochs=2)
     with pytest.raises(ValueError, match="local-epochs=1"):
         FederatedConfig(local_update="gradient", local_epochs=1, prototype_weight=1.0)
     with pytest.raises(ValueError, match="preset-adam"):  # gradients averaged as the model: a step of size 1
-        FederatedConfig(local_update="gradient", local_epochs=1)
-    FederatedConfig(local_update="gradient", local_epochs=1, server_optimizer="preset-adam")
+        FederatedConfig(local_update="gradient", local_epochs=1, aggregation="fedavg")
+    FederatedConfig(local_update="gradient", local_epochs=1, server_optimizer="preset-adam", aggregation="fedavg")
 
 
-GRADIENT = dict(local_update="gradient", local_epochs=1, server_optimizer="preset-adam")
+@pytest.mark.parametrize("other", [{"aggregation": "modality-aware"}, {"robust": "median"},
+                                   {"robust": "auto"}, {"robust": "trimmed-mean"}])
+def test_gradients_are_averaged_by_training_patients_only(other):
+    """Per-modality weights would give a site that alone holds a modality that encoder's whole step; a median or
+    trimmed mean drops the honest gradients of sites with a different label mix."""
+    with pytest.raises(ValueError, match="aggregation='fedavg'"):
+        FederatedConfig(**{**GRADIENT, **other})
+
+
 
 
 def test_gradients_get_the_gradient_screen_unless_the_config_says_step():
@@ -105,49 +116,66 @@ def _gradients(norms: list[float], seed: int = 0) -> dict[int, np.ndarray]:
     return out
 
 
-def test_the_gradient_screen_keeps_honest_gradients_of_any_direction_and_a_wide_spread_of_norms():
+def test_the_gradient_screen_keeps_honest_gradients_of_any_direction_and_length():
     """Under label skew honest full-batch gradients differ in length and point apart (tcga-ov-magnet, 5 sites,
-    Dirichlet 0.1: longer than the model's norm at times, and longer than 10x the round's lower median in about
-    one site-round in ten; benchmarks/results/screening_label_skew_fedsgd.json). The step screen rejects or
-    shortens them; the gradient screen keeps every one and shortens only those beyond 10x the lower median."""
-    from magnet_core.federation.screening import ScreenMemory, screen_gradients, screen_updates
+    Dirichlet 0.1: at times longer than the model's norm; benchmarks/results/screening_label_skew_fedsgd.json). The
+    step screen rejects them; the gradient screen keeps every one, shortening those beyond the bound (the lower
+    median norm x gradient-clip-factor)."""
+    from magnet_core.federation.screening import ScreenMemory, ScreenRules, screen_gradients, screen_updates
 
     model = {"w": np.full(50, 0.1)}  # norm ~0.71: some gradients are longer than the model
     deltas = _gradients([0.05, 0.2, 0.4, 1.5, 3.0])
     gradient = screen_gradients(model, deltas)
     assert all(d.accepted for d in gradient.values())
-    assert gradient[4].bound == pytest.approx(4.0)  # 10 x the lower median (0.4)
-    assert [d.scale for d in gradient.values()] == [1.0] * 5
+    assert gradient[4].bound == pytest.approx(0.4)  # the lower median
+    assert [d.scale for d in gradient.values()] == pytest.approx([1.0, 1.0, 1.0, 0.4 / 1.5, 0.4 / 3.0])
     step = screen_updates(model, deltas, ScreenMemory())
     assert not step[3].accepted and not step[4].accepted  # longer than half the model's norm
-    far = screen_gradients(model, _gradients([0.05, 0.2, 0.4, 1.5, 40.0]))
-    assert far[4].accepted and far[4].scale == pytest.approx(0.1)  # clipped to 4.0, kept
+    wide = screen_gradients(model, deltas, ScreenRules(gradient_clip_factor=10.0))
+    assert [d.scale for d in wide.values()] == [1.0] * 5
 
 
 @pytest.mark.parametrize("forged", [1e6, 1e-3])
 def test_two_of_five_sites_cannot_move_the_gradient_screens_bound_outside_the_honest_norms(forged):
-    """Two sites sending gradients 1e6 long (to lift the bound) or barely above the band (to pull it down and
-    shorten honest gradients): the bound stays within 10x the honest sites' norms, so a forged gradient moves the
-    mean by at most its share x 10 x the longest honest norm, and no honest gradient is shortened below 10x the
-    shortest honest one."""
+    """Two sites sending gradients 1e6 long (to lift the bound) or barely above the band (to pull it down): the
+    bound stays within the honest sites' norms, so a forged gradient moves the mean by at most its share x the
+    longest honest norm, and no honest gradient is shortened below the shortest honest one."""
     from magnet_core.federation.screening import screen_gradients
 
     honest = [0.3, 0.5, 0.8]
     decisions = screen_gradients({"w": np.ones(50)}, _gradients([*honest, forged, forged], seed=1))
     bound = decisions[0].bound
-    assert 10 * min(honest) <= bound <= 10 * max(honest)
-    assert all(decisions[i].scale == 1.0 for i in range(3))
+    assert min(honest) <= bound <= max(honest)
+    assert all(decisions[i].norm * decisions[i].scale >= min(honest) - 1e-12 for i in range(3))
     if forged > bound:
         assert decisions[3].norm * decisions[3].scale == pytest.approx(bound)
 
 
-def test_the_gradient_screen_rejects_no_gradient_and_clips_to_the_dp_norm_under_dp():
+def test_half_of_an_even_number_of_sites_can_shorten_the_honest_gradients_but_not_turn_them():
+    """As screen_gradients says: two of four sites sending short gradients set the lower median, so the honest
+    gradients are shortened to it (the run slows); every honest gradient is still accepted and keeps its direction.
+    One of three cannot."""
     from magnet_core.federation.screening import screen_gradients
+
+    honest = [0.5, 0.8]
+    even = screen_gradients({"w": np.ones(50)}, _gradients([*honest, 1e-3, 1e-3], seed=2))
+    assert even[0].bound == pytest.approx(1e-3)
+    assert all(even[i].accepted and 0 < even[i].scale < 1 for i in range(2))
+    odd = screen_gradients({"w": np.ones(50)}, _gradients([*honest, 1e-3], seed=2))
+    assert odd[0].bound == pytest.approx(0.5)
+
+
+def test_the_gradient_screen_rejects_no_gradient_and_clips_to_the_dp_norm_under_dp():
+    """A zero gradient is rejected even with update-min-ratio = 0 (else it could set a zero bound and stop the run);
+    under DP every gradient is clipped to the public clip norm, whatever the others sent."""
+    from magnet_core.federation.screening import ScreenRules, screen_gradients
 
     deltas = {**_gradients([0.5, 2.0]), 2: np.zeros(50)}
     decisions = screen_gradients({"w": np.ones(50)}, deltas, dp_clip=1.0)
     assert "barely differs from zero" in decisions[2].reason
     assert decisions[0].scale == 1.0 and decisions[1].scale == pytest.approx(0.5)
+    no_band = screen_gradients({"w": np.ones(50)}, deltas, ScreenRules(min_to_global=0.0))
+    assert not no_band[2].accepted and no_band[0].bound == pytest.approx(0.5)
 
 
 def test_fedsgd_has_nothing_to_tune():

@@ -21,11 +21,14 @@ Two modes:
 Gradients (``local-update = "gradient"``, fedsgd) get their own screen, :func:`screen_gradients`: a site's update is
 then minus its full-batch gradient, not a move of the model, so its length says nothing against the model's norm,
 and under label skew honest gradients differ in length by orders of magnitude and point apart (the sites' losses
-pull towards different classes). The step screen, calibrated on local-Adam steps, rejected and shortened such
-honest gradients (``benchmarks/screening_record.py``). The gradient screen keeps the lower band, rejects nothing
-for its direction, and clips each gradient to ``gradient_clip_factor`` x the lower median of this round's gradient
-norms only: the coordinator's optimiser, not the gradient's length, sets the step, and past rounds' norms (larger
-early in training) would set this round's bound.
+pull towards different classes). The step screen, calibrated on local-Adam steps, rejected such honest gradients
+(``benchmarks/screening_record.py``). The gradient screen rejects only a missing gradient, nothing for its length
+against the model or its direction, and clips each gradient to ``gradient_clip_factor`` x the lower median of this
+round's gradient norms only (past rounds' norms, larger early in training, would set this round's bound). The
+bound is the step screen's influence bound: one site moves the mean gradient by at most its share x the lower
+median norm, in any direction, so it can turn the coordinator's step where the honest sites' mean gradient is
+shorter than that (their gradients pointing apart); a larger factor keeps more of long honest gradients and gives
+such a site more (``tests/test_adversarial.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class ScreenRules:
     history_rounds: int = 5  # accepted norms of this many past rounds join the reference
     clip_factor: float = 1.0  # clip accepted steps to this x the lower median norm (0 = no clipping)
     trust: bool = False  # with 3+ sites, weight each step by its agreement with the others (``agreement_trust``)
-    gradient_clip_factor: float = 10.0  # gradient screen: clip to this x this round's lower median norm (0 = no clip)
+    gradient_clip_factor: float = 1.0  # gradient screen: clip to this x this round's lower median norm (0 = no clip)
 
 
 @dataclasses.dataclass
@@ -200,21 +203,24 @@ def screen_gradients(global_params: Params, deltas: Mapping[int, np.ndarray], ru
                      dp_clip: float | None = None) -> dict[int, SiteDecision]:
     """The decision on every site's gradient (node id -> flat update = minus the site's full-batch gradient).
 
-    1. Lower band only: a gradient shorter than ``min_to_global`` x the global model's norm is rejected (the site
-       returned (nearly) nothing). No upper band: a gradient is not a move of the model (the coordinator's
-       optimiser sets the step), and honest gradients longer than the model's norm occur under label skew.
+    1. Lower band only: a gradient of norm 0 or shorter than ``min_to_global`` x the global model's norm is
+       rejected (the site returned (nearly) nothing). No upper band: a gradient is not a move of the model (the
+       coordinator's optimiser sets the step), and honest gradients longer than the model's norm occur under label
+       skew.
     2. No direction rule: honest gradients of sites with different label mixes point apart, and their mean is the
        consortium's gradient only if every one counts.
     3. Clip (``dp_clip`` under DP, else ``gradient_clip_factor`` x the lower median of this round's accepted
-       gradient norms; 0 = no clip): a site of weight share s moves the mean gradient by at most s x that bound, and
-       up to half of the sites (sending long or short gradients) cannot move the lower median outside the others'
-       norms. Only this round's norms count: gradients shrink as training proceeds.
+       gradient norms; 0 = no clip): a site of weight share s moves the mean gradient by at most s x that bound, in
+       any direction. Up to half of the sites sending long gradients cannot lift the lower median above the
+       others' norms; fewer than half sending short ones cannot pull it below them (half of an even number can:
+       they then shorten every honest gradient, slowing the run, not steering it). Only this round's norms count:
+       gradients shrink as training proceeds.
     """
     gnorm = model_norm(global_params)
     norms = {node: float(np.linalg.norm(d)) for node, d in deltas.items()}
     reasons = {node: f"gradient barely differs from zero (norm {n:.3g}, {n / gnorm if gnorm else 0:.2g} of the "
                      f"model's norm {gnorm:.3g})"
-               for node, n in norms.items() if n < rules.min_to_global * gnorm}
+               for node, n in norms.items() if n == 0 or n < rules.min_to_global * gnorm}
     accepted = [node for node in norms if node not in reasons]
     if dp_clip is not None:
         bound: float | None = float(dp_clip)
