@@ -7,7 +7,7 @@ study scores a method's validation MCC (``simulations.simulate.validation_scores
 patient first), and pairs it by seed with the study's stored validation MCC of fedsgd under the step screen:
 
 * ``clip-off``: the step screen with its clip off (``clip-factor = 0``; its rejections stay);
-* ``gradient-screen``: the gradient screen, fedsgd's default since (``update-screen = "gradient"``,
+* ``gradient-screen``: the gradient screen, fedsgd's default since (``update-screen = "auto"``,
   ``magnet_core/federation/screening.py screen_gradients``).
 
 Seed ``--check-seed`` is also rerun with the study's own settings, to show the stored value is reproduced. With
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-VARIANTS = {"clip-off": {"clip_factor": 0.0}, "gradient-screen": {"update_screen": "gradient"}}
+VARIANTS = {"clip-off": {"clip_factor": 0.0}, "gradient-screen": {"update_screen": "auto"}}
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
