@@ -51,9 +51,12 @@ def record_of(files: list[Path]) -> dict:
             "rejected_site_rounds": rejected, "rejection_reasons": dict(reasons.most_common())}
 
 
-def cell_record(cell_dir: Path) -> dict[str, dict]:
+VIEWS = {"test": "runs", "validation": "validation/runs"}  # a cell's reported runs; its validation-only view's runs
+
+
+def cell_record(cell_dir: Path, view: str = "test") -> dict[str, dict]:
     runs: dict[str, list[Path]] = {}
-    for history in sorted((cell_dir / "runs").glob("*-seed*/history.json")):
+    for history in sorted((cell_dir / VIEWS[view]).glob("*-seed*/history.json")):
         method = history.parent.name.rsplit("-seed", 1)[0]
         runs.setdefault(method, []).append(history)
     return {method: record_of(files) for method, files in sorted(runs.items())}
@@ -63,17 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--study-out", type=Path, required=True, help="a study's --out folder (cells/<cell>/runs/...)")
     p.add_argument("--cells", default=None, help="comma-separated cell ids (default: every cell folder)")
+    p.add_argument("--view", choices=sorted(VIEWS), default="test",
+                   help="test: the reported runs (training patients of each split); validation: the runs of the "
+                        "validation-only view that scored each method's validation MCC")
     p.add_argument("--result", type=Path, required=True)
     args = p.parse_args(argv)
     cells = [c.strip() for c in args.cells.split(",")] if args.cells else \
         sorted(d.name for d in (args.study_out / "cells").iterdir() if d.is_dir())
     result = {"study_out": str(args.study_out), "command": "python benchmarks/screening_record.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]), "cells": {}}
+        argv if argv is not None else sys.argv[1:]), "view": args.view, "cells": {}}
     for cell in cells:
         folder = args.study_out / "cells" / cell
-        if not (folder / "runs").is_dir():
-            raise SystemExit(f"{folder / 'runs'}: no federated runs of cell {cell!r} in this study folder")
-        result["cells"][cell] = cell_record(folder)
+        if not (folder / VIEWS[args.view]).is_dir():
+            raise SystemExit(f"{folder / VIEWS[args.view]}: no federated runs of cell {cell!r} in this study folder")
+        result["cells"][cell] = cell_record(folder, args.view)
         for method, r in result["cells"][cell].items():
             print(f"{cell} {method}: {r['runs']} runs, mean clip factor {r['mean_clip_factor']:.3f} (min "
                   f"{r['min_clip_factor']:.3f}), {r['share_shortened_over_10pct']:.1%} shortened > 10 %, "

@@ -44,3 +44,23 @@ def test_a_cell_without_runs_is_named(tmp_path):
     (tmp_path / "cells" / "c").mkdir(parents=True)
     with pytest.raises(SystemExit, match="no federated runs of cell 'c'"):
         sr.main(["--study-out", str(tmp_path), "--cells", "c", "--result", str(tmp_path / "r.json")])
+
+
+def test_the_validation_view_reads_the_validation_runs_only(tmp_path):
+    """--view validation reads the runs of a cell's validation-only view (cells/<cell>/validation/runs), not its
+    reported runs, and says so in the result."""
+    sr = benchmark("screening_record")
+    cell = tmp_path / "cells" / "c"
+    _history(cell / "runs" / "fedsgd-seed10", [
+        {"accepted": ["site0"], "rejected": {"site1": "node 2: gradient barely differs from zero"},
+         "screening": {"clip": {"scale": {"site0": 0.5}}}}])
+    _history(cell / "validation" / "runs" / "fedsgd-seed10", [
+        {"accepted": ["site0", "site1"], "rejected": {}, "screening": {"clip": {"scale": {"site0": 1.0,
+                                                                                         "site1": 0.25}}}}])
+    sr.main(["--study-out", str(tmp_path), "--cells", "c", "--view", "validation",
+             "--result", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    g = result["cells"]["c"]["fedsgd"]
+    assert result["view"] == "validation"
+    assert (g["site_rounds"], g["rejected_site_rounds"], g["min_clip_factor"]) == (2, 0, 0.25)
+    assert sr.cell_record(cell)["fedsgd"]["rejected_site_rounds"] == 1  # the reported runs: the default view
