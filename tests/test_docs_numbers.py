@@ -1560,7 +1560,8 @@ CLAIMS: list[Claim] = [
     Claim(S, "{t}", "fedsgd-gradient-screen_summary.json (generated per-cell lines)",
           (("t", lambda root: "\n".join("* " + _label_skew_claim(FGS, c, ", each scored alone").render(root) + "."
                                          for c in _summary(root, FGS)["best_method"]["chosen"])),)),
-    Claim(S, "{t}", "fedsgd-gradient-screen_tidy.csv, label-skew-fedsgd_tidy.csv (generated)", (("t", fgs_references),)),
+    Claim(S, "{t}", "fedsgd-gradient-screen_tidy.csv, label-skew-fedsgd_tidy.csv (generated)",
+          (("t", fgs_references),)),
     Claim(S, "{t}", "fedsgd-gradient-screen_summary.json (generated)", (("t", fgs_reading),)),
     _c(S, "fedsgd-gradient-screen_summary.json",
        "(fedsgd-gradient-screen) The report makes {m.n} comparisons; {m.detected} read \"helps\"/\"hurts\" on their "
