@@ -525,8 +525,8 @@ def test_fedsgd_steps_torch_adam_on_the_sites_mean_gradient(tmp_path):
     """fedsgd over 3 honest sites, 3 rounds: every global model is (to float32 rounding) torch's Adam with the
     preset's learning rate, schedule and constants, stepped from the model sent along the training-patient weighted
     mean of the sites' updates (each minus its full-batch gradient), recomputed here from what the sites returned.
-    The coordinator's gradient screen applies (a gradient longer than the round's bound, 10x the lower median
-    norm, is shortened to it), by the factor the round's record states."""
+    The coordinator's gradient screen applies (a gradient longer than the round's bound, the lower median norm x
+    gradient-clip-factor (1), is shortened to it), by the factor the round's record states."""
     from magnet_core.federation.aggregate import TORCH_ADAM_BETAS, TORCH_ADAM_EPS, ServerOptState, server_opt_step
     from magnet_core.model.config import get_preset
 
