@@ -1250,10 +1250,22 @@ def label_skew_study_claims(study: str) -> list[Claim]:
         Claim(S, "{t}", f"{study}_summary.json, {study}_tidy.csv (generated findings)",
               (("t", lambda root: label_skew_findings(root, study)),)),
         Claim(S, "{t}", f"{study}_summary.json (generated sensitivity)", (("t", held_out_names(study)),)),
-        _c(S, f"{study}_summary.json",
-           f"({study}) The report makes {{m.n}} comparisons; {{m.detected}} read \"helps\"/\"hurts\" on their own "
-           "interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg", m=_m(study)),
+        multiplicity_claim(study),
     ]
+
+
+def multiplicity_claim(study: str) -> Claim:
+    """A study's multiplicity line: comparisons made, read on their own interval, kept after Holm and BH."""
+    return _c(S, f"{study}_summary.json",
+              f"({study}) The report makes {{m.n}} comparisons; {{m.detected}} read \"helps\"/\"hurts\" on their own "
+              "interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg", m=_m(study))
+
+
+def scored_alone_cells(study: str) -> Claim:
+    """One generated line per cell of a label-skew study scored alone (test graph isolated): the rule's method."""
+    return Claim(S, "{t}", f"{study}_summary.json (generated per-cell lines)",
+                 (("t", lambda root: "\n".join("* " + _label_skew_claim(study, c, ", each scored alone").render(root)
+                                                + "." for c in _summary(root, study)["best_method"]["chosen"])),))
 
 
 def held_out_names(study: str):
@@ -1558,9 +1570,7 @@ CLAIMS: list[Claim] = [
     _label_skew_claim(LSI, "rjive-label-skew-3", ", each scored alone"),
     *label_skew_study_claims(LSI),
     # the label-skew cells scored alone, with fedsgd among the methods
-    Claim(S, "{t}", "label-skew-fedsgd_summary.json (generated per-cell lines)",
-          (("t", lambda root: "\n".join("* " + _label_skew_claim(LSF, c, ", each scored alone").render(root) + "."
-                                         for c in _summary(root, LSF)["best_method"]["chosen"])),)),
+    scored_alone_cells(LSF),
     Claim(S, "{t}", "label-skew-fedsgd_summary.json, label-skew-fedsgd_tidy.csv (generated FedSGD lines)",
           (("t", fedsgd_lines),)),
     Claim(S, "{t}", "benchmarks/results/screening_label_skew_fedsgd.json (generated)", (("t", screening_lines),)),
@@ -1573,16 +1583,12 @@ CLAIMS: list[Claim] = [
     Claim(S, "{t}", "benchmarks/results/reproduce_label_skew_isolated_reuse.json (generated)", (("t", reuse_check),)),
     *label_skew_study_claims(LSF),
     # the default fedsgd (gradient screen) in the label-skew cells
-    Claim(S, "{t}", "fedsgd-gradient-screen_summary.json (generated per-cell lines)",
-          (("t", lambda root: "\n".join("* " + _label_skew_claim(FGS, c, ", each scored alone").render(root) + "."
-                                         for c in _summary(root, FGS)["best_method"]["chosen"])),)),
+    scored_alone_cells(FGS),
     Claim(S, "{t}", "fedsgd-gradient-screen_tidy.csv, label-skew-fedsgd_tidy.csv (generated)",
           (("t", fgs_references),)),
     Claim(S, "{t}", "fedsgd-gradient-screen_summary.json (generated)", (("t", fgs_reading),)),
     Claim(S, "{t}", "benchmarks/results/screening_fedsgd_gradient_screen.json (generated)", (("t", fgs_screen_line),)),
-    _c(S, "fedsgd-gradient-screen_summary.json",
-       "(fedsgd-gradient-screen) The report makes {m.n} comparisons; {m.detected} read \"helps\"/\"hurts\" on their "
-       "own interval, {m.holm} keep p < 0.05 after Holm adjustment and {m.bh} after Benjamini-Hochberg", m=_m(FGS)),
+    multiplicity_claim(FGS),
     # ---------------------------------------------------------------- docs/secure-aggregation.md (issue 21's costs)
     _c(SA, "benchmarks/results/secagg_auth_cost.json",
        "per site +{c.up3} B up and +{c.down3} kB down (3 sites), +{c.up5} kB up and +{c.down5} kB down (5 sites) on a "
