@@ -22,12 +22,12 @@ Gradients (``local-update = "gradient"``, fedsgd) get their own screen, :func:`s
 then minus its full-batch gradient, not a move of the model, so its length says nothing against the model's norm.
 Under label skew the step screen, calibrated on local-Adam steps, rejected and shortened honest gradients
 (``benchmarks/screening_record.py``; why is not tested). The gradient screen rejects only a missing gradient (norm 0
-or below ``min_to_global`` x the model's norm), nothing for being long or for its direction, and clips each
-gradient to ``gradient_clip_factor`` x the lower median of this round's gradient norms only (past rounds' norms,
-larger early in training, would set this round's bound). The bound is the step screen's influence bound: one site moves the mean gradient by at most its share x the lower
-median norm, in any direction, so it can turn the coordinator's step where the honest sites' mean gradient is
-shorter than that (their gradients pointing apart); a larger factor keeps more of long honest gradients and gives
-such a site more (``tests/test_adversarial.py``).
+or below ``min_to_global`` x the model's norm), nothing for being long or for its direction, and clips each gradient
+to ``gradient_clip_factor`` x the lower median of this round's gradient norms only (past rounds' norms, larger early
+in training, would set this round's bound). The bound is the step screen's influence bound: one site moves the mean
+gradient by at most its share x the lower median norm, in any direction, so it can turn the coordinator's step where
+the honest sites' mean gradient is shorter than that (their gradients pointing apart); a larger factor keeps more of
+long honest gradients and gives such a site more (``tests/test_adversarial.py``).
 """
 
 from __future__ import annotations
