@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     result["means"] = {key: sum(result[key].values()) / len(seeds),
                        "clip_on": sum(result["clip_on_stored"][s] for s in seeds) / len(seeds)}
     write_json(args.result, result)  # strict JSON: a value that is not a number is null
-    print(json.dumps(result["means"]), json.dumps(result["clip_off_minus_on"]))
+    print(json.dumps(result["means"]), json.dumps(result[f"{key}_minus_on"]))
     return 0
 
 

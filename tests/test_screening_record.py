@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from benchmark_module import benchmark
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _history(folder: Path, rounds: list[dict]) -> None:
     folder.mkdir(parents=True)
@@ -64,3 +66,30 @@ def test_the_validation_view_reads_the_validation_runs_only(tmp_path):
     assert result["view"] == "validation"
     assert (g["site_rounds"], g["rejected_site_rounds"], g["min_clip_factor"]) == (2, 0, 0.25)
     assert sr.cell_record(cell)["fedsgd"]["rejected_site_rounds"] == 1  # the reported runs: the default view
+
+
+def test_the_clip_probe_pairs_each_variant_with_the_stored_step_screen_scores(tmp_path, data_root, monkeypatch):
+    """benchmarks/fedsgd_clip_probe.py, with training replaced by a recorder: the check seed runs with the study's
+    own settings (the pinned step screen), every other seed with the variant's overrides, and the result pairs the
+    variant with the stored validation MCCs under its own keys (both variants)."""
+    import simulations.simulate as simulate
+
+    probe = benchmark("fedsgd_clip_probe")
+    seen = []
+
+    def fake(spec, methods):
+        seen.append((spec.seed, spec.overrides.get("update_screen"), spec.overrides.get("clip_factor")))
+        return {"fedsgd": 0.5}
+
+    monkeypatch.setattr(simulate, "validation_scores", fake)
+    for variant, key, override in (("gradient-screen", "gradient_screen", ("auto", None)),
+                                   ("clip-off", "clip_off", ("step", 0.0))):
+        seen.clear()
+        out = tmp_path / f"{key}.json"
+        assert probe.main(["--data", str(data_root), "--study", str(ROOT / "docs/studies/label-skew-fedsgd"),
+                           "--cell", "rjive-label-skew-3", "--seeds", "10,20", "--variant", variant,
+                           "--result", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert seen == [(10, "step", None), (10, *override), (20, *override)]
+        assert r[key] == {"10": 0.5, "20": 0.5} and r[f"{key}_minus_on"]["n"] == 2
+        assert r["means"]["clip_on"] == pytest.approx((r["clip_on_stored"]["10"] + r["clip_on_stored"]["20"]) / 2)
